@@ -1,0 +1,90 @@
+"""ashard: async-first sharded parallel work on supervised worker processes.
+
+    result = await ashard.shard_map(1_000_000, fn, borrow={"X": X})
+
+Names are loaded on first use, so that a worker process (which imports this package
+to reach `ashard._worker`) starts without loading the supervisor.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "Diagnostics",
+    "Pool",
+    "PoolStats",
+    "Shard",
+    "ShardDone",
+    "ShardError",
+    "ShardFailed",
+    "ShardMapError",
+    "ShardResult",
+    "ShardStream",
+    "ShardTimeout",
+    "Shards",
+    "WorkerCrashed",
+    "WorkerStartError",
+    "call",
+    "default_pool",
+    "map",
+    "shard_map",
+    "shard_stream",
+    "shards",
+    "shutdown",
+]
+
+_WHERE = {
+    "Diagnostics": "ashard.results",
+    "Pool": "ashard.pool",
+    "PoolStats": "ashard.pool",
+    "Shard": "ashard.shards",
+    "ShardDone": "ashard.results",
+    "ShardError": "ashard.errors",
+    "ShardFailed": "ashard.errors",
+    "ShardMapError": "ashard.errors",
+    "ShardResult": "ashard.results",
+    "ShardStream": "ashard._stream",
+    "ShardTimeout": "ashard.errors",
+    "Shards": "ashard.shards",
+    "WorkerCrashed": "ashard.errors",
+    "WorkerStartError": "ashard.errors",
+    "call": "ashard.api",
+    "default_pool": "ashard.api",
+    "map": "ashard.api",
+    "shard_map": "ashard.api",
+    "shard_stream": "ashard.api",
+    "shards": "ashard.shards",
+    "shutdown": "ashard.api",
+}
+
+if TYPE_CHECKING:
+    from ashard._stream import ShardStream
+    from ashard.api import call, default_pool, map, shard_map, shard_stream, shutdown
+    from ashard.errors import (
+        ShardError,
+        ShardFailed,
+        ShardMapError,
+        ShardTimeout,
+        WorkerCrashed,
+        WorkerStartError,
+    )
+    from ashard.pool import Pool, PoolStats
+    from ashard.results import Diagnostics, ShardDone, ShardResult
+    from ashard.shards import Shard, Shards, shards
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ashard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

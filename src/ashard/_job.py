@@ -1,0 +1,516 @@
+"""Bookkeeping of one call: which positions are queued, in flight, resolved.
+
+A position is a shard id (`shard_map`) or an item index (`map`). Work leaves as
+`Chunk`s of consecutive positions (retries leave alone, as chunks of one). Invariants:
+
+* every position is resolved exactly once: a value, or a permanent failure;
+* a position is in at most one place: queued, in one in-flight chunk, or resolved;
+* results come back per chunk in order, so a chunk's undelivered positions are always
+  its tail ``first + done ..``.
+
+When a worker dies, the chunk it was running is the oldest it holds. Its undelivered
+positions are charged an attempt if the culprit is known (a chunk of one, or a
+timeout, where the worker reports each shard as it ends); otherwise they are retried
+one by one, uncharged, so the next crash names the culprit and innocent shards are
+never charged for it. Chunks queued behind it never started and go back uncharged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Literal
+
+import anyio
+
+from ashard import _seeding
+from ashard._progress import Progress
+from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT, JobSpec
+from ashard._serialize import decode_exception
+from ashard.errors import (
+    RemoteTraceback,
+    ShardError,
+    ShardFailed,
+    ShardTimeout,
+    WorkerCrashed,
+    describe_exit,
+)
+from ashard.results import Diagnostics, ShardDone, ShardResult
+from ashard.shards import Shard, Shards
+
+TARGET_CHUNK_SECONDS = 0.01
+"""`chunk_size="auto"` aims for chunks of about this much work."""
+LONG_CHUNK_SECONDS = 0.005
+"""Chunks at least this long go one at a time per worker (balance over latency)."""
+HIDE_LATENCY_SECONDS = 0.001
+MAX_WINDOW = 8
+MAX_GROWTH = 8
+CRASHED = -1
+"""Failure kind for a worker death (the protocol kinds come from the worker itself)."""
+
+
+@dataclass(slots=True, eq=False)
+class Chunk:
+    """Consecutive positions ``first .. first+count-1`` sent to one worker as one message."""
+
+    seq: int
+    job: Job
+    first: int
+    count: int
+    attempts: list[int] | None
+    items: list[Any] | None
+    done: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    """The per-call options that shape scheduling and failure handling."""
+
+    chunk_size: int | Literal["auto"] = "auto"
+    timeout: float | None = None
+    max_retries: int = 3
+    retry_errors: bool = False
+    seed: int | None = None
+    errors: Literal["raise", "collect"] = "raise"
+
+
+class StreamBuffer:
+    """Finished shards waiting for a `shard_stream` consumer, in completion or shard order."""
+
+    def __init__(self, ordered: bool, max_pending: int) -> None:
+        self.ordered = ordered
+        self.max_pending = max_pending
+        self.ready: deque[ShardDone] = deque()
+        self._held: dict[int, ShardDone] = {}
+        self._next = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self.ready) + len(self._held)
+
+    def push(self, done: ShardDone) -> None:
+        if not self.ordered:
+            self.ready.append(done)
+            return
+        self._held[done.shard.id] = done
+        while self._next in self._held:
+            self.ready.append(self._held.pop(self._next))
+            self._next += 1
+
+
+class Job:
+    """One `shard_map`, `shard_stream` or `map` call as the scheduler sees it."""
+
+    def __init__(
+        self,
+        *,
+        key: int,
+        spec: JobSpec,
+        opts: JobOptions,
+        layout: Shards | None,
+        sequence: Sequence[Any] | None,
+        items: Iterator[Any] | None,
+        total: int | None,
+        workers: int,
+        stream: StreamBuffer | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.key = key
+        self.spec = spec
+        self.opts = opts
+        self.kind = spec.kind
+        self.noun = "shard" if spec.kind == SHARDS else "item"
+        self.layout = layout
+        self.sequence = sequence
+        self._items = items
+        self.total = total
+        self.workers = workers
+        self.stream = stream
+        self.progress = progress
+        self.results: list[Any] = [None] * total if spec.kind == SHARDS and total else []
+        self._resolved = bytearray(len(self.results))
+        self.n_resolved = 0
+        self.attempts: dict[int, int] = {}
+        self.failures: dict[int, ShardError] = {}
+        self._retry: deque[int] = deque()
+        self._retry_items: dict[int, Any] = {}
+        self.next_pos = 0
+        self.exhausted = spec.kind == SHARDS
+        self.inflight_shards = 0
+        self.leased = 0
+        self.registered: set[Any] = set()
+        self.aborted = False
+        self.fatal: BaseException | None = None
+        self.per_shard: float | None = None
+        self._last_size = 1
+        self.encode_in_thread = False
+        self.chunks = self.retries = self.timeouts = self.crashes = 0
+        self.pids: set[int] = set()
+        self.t0 = time.perf_counter()
+        self._changed: anyio.Event | None = None
+
+    # -- notification -----------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Wake everyone waiting for this job to change."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def wait_change(self) -> None:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        if self.kind == SHARDS:
+            return self.n_resolved == self.total
+        return self.exhausted and not self._retry and self.n_resolved == self.next_pos
+
+    @property
+    def over(self) -> bool:
+        """Nothing more will be dispatched: finished, aborted or failed."""
+        return self.finished or self.aborted or self.fatal is not None
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Stop dispatching; `exc` (if given) is raised to the caller."""
+        self.aborted = True
+        if exc is not None and self.fatal is None:
+            self.fatal = exc
+        self.notify()
+
+    def has_work(self) -> bool:
+        """Could a chunk be dispatched now?"""
+        if self.aborted or self._budget() <= 0:
+            return False
+        if self._retry:
+            return True
+        if self.kind == SHARDS:
+            return self.next_pos < (self.total or 0)
+        return not self.exhausted
+
+    def _budget(self) -> int:
+        if self.stream is None:
+            return 1 << 62
+        return self.stream.max_pending - self.stream.pending - self.inflight_shards
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    def window(self) -> int:
+        """How many chunks a worker should hold at once."""
+        if self.per_shard is None:
+            return 2
+        chunk_time = self.per_shard * self._last_size
+        if chunk_time >= LONG_CHUNK_SECONDS:
+            return 1
+        return min(MAX_WINDOW, max(2, 1 + math.ceil(HIDE_LATENCY_SECONDS / max(chunk_time, 1e-6))))
+
+    def _next_size(self) -> int:
+        size = self.opts.chunk_size
+        if size != "auto":
+            return size
+        if self.per_shard is None:
+            auto = 1
+        else:
+            want = TARGET_CHUNK_SECONDS / max(self.per_shard, 1e-9)
+            auto = max(1, min(int(want), self._last_size * MAX_GROWTH))
+        if self.total is not None:
+            remaining = self.total - self.next_pos
+            auto = min(auto, max(1, math.ceil(remaining / (2 * self.workers))))
+        self._last_size = auto
+        return auto
+
+    def take_chunk(self, seq: int) -> Chunk | None:
+        """The next chunk to send, or None."""
+        if not self.has_work():
+            return None
+        if self._retry:
+            pos = self._retry.popleft()
+            items = [self._item_at(pos)] if self._has_items else None
+            chunk = Chunk(seq, self, pos, 1, [self.attempts.get(pos, 1)], items)
+        else:
+            new = self._take_new(seq, min(self._next_size(), self._budget()))
+            if new is None:
+                return None
+            chunk = new
+        self.inflight_shards += chunk.count
+        self.chunks += 1
+        return chunk
+
+    @property
+    def _has_items(self) -> bool:
+        return self.kind != SHARDS or self.sequence is not None
+
+    def _item_at(self, pos: int) -> Any:
+        if self.kind == SHARDS:
+            assert self.layout is not None
+            return self.layout.items_of(self.sequence, pos)
+        return self._retry_items.pop(pos)
+
+    def _take_new(self, seq: int, size: int) -> Chunk | None:
+        first = self.next_pos
+        if self.kind == SHARDS:
+            count = min(size, (self.total or 0) - first)
+            items = None
+            if self.sequence is not None:
+                assert self.layout is not None
+                items = [
+                    self.layout.items_of(self.sequence, p) for p in range(first, first + count)
+                ]
+        else:
+            assert self._items is not None
+            try:
+                items = list(islice(self._items, size))
+            except Exception as exc:  # the caller's iterable raised: that is the call's error
+                self.exhausted = True
+                self.abort(exc)
+                return None
+            count = len(items)
+            if count < size:
+                self.exhausted = True
+                self.notify()
+            if not count:
+                return None
+            self.results.extend([None] * count)
+            self._resolved.extend(bytes(count))
+        self.next_pos += count
+        return Chunk(seq, self, first, count, None, items)
+
+    # -- outcomes ---------------------------------------------------------------------
+
+    def deliver(
+        self,
+        chunk: Chunk,
+        k0: int,
+        values: list[Any],
+        errors: list[Any],
+        elapsed: Any,
+        final: bool,
+        pid: int,
+    ) -> None:
+        """Record a RESULT message for `chunk` (positions ``k0 ..`` of it)."""
+        n = len(values)
+        base = chunk.first + k0
+        self.inflight_shards -= n
+        chunk.done = k0 + n
+        self.pids.add(pid)
+        self._learn(n, elapsed)
+        if not errors:
+            self._store(base, values, chunk, k0, elapsed, pid)
+        else:
+            self._store_mixed(base, values, errors, chunk, k0, elapsed, pid)
+        if final and chunk.done < chunk.count:  # the worker stopped early (interrupted)
+            self._requeue_rest(chunk, chunk.done)
+        self.notify()
+
+    def _learn(self, n: int, elapsed: Any) -> None:
+        if not n or elapsed is None:
+            return
+        took = elapsed if isinstance(elapsed, float) else sum(elapsed)
+        sample = took / n
+        self.per_shard = sample if self.per_shard is None else 0.5 * (self.per_shard + sample)
+
+    def _store(
+        self, base: int, values: list[Any], chunk: Chunk, k0: int, elapsed: Any, pid: int
+    ) -> None:
+        n = len(values)
+        end = base + n
+        if self._resolved.find(1, base, end) != -1:
+            raise RuntimeError(f"ashard internal error: {self.noun} result delivered twice")
+        self.results[base:end] = values
+        self._resolved[base:end] = b"\x01" * n
+        self.n_resolved += n
+        if self.progress is not None:
+            self.progress.update(n)
+        if self.stream is not None:
+            for k, value in enumerate(values):
+                self._emit(base + k, value, None, chunk, k0 + k, elapsed, k, pid)
+
+    def _store_mixed(
+        self,
+        base: int,
+        values: list[Any],
+        errors: list[Any],
+        chunk: Chunk,
+        k0: int,
+        elapsed: Any,
+        pid: int,
+    ) -> None:
+        by_k = {e[0]: e for e in errors}
+        for k, value in enumerate(values):
+            err = by_k.get(k)
+            if err is None:
+                self._store(base + k, [value], chunk, k0 + k, _pick(elapsed, k), pid)
+            elif err[1] == RAISED:
+                self._charge(base + k, chunk, k0 + k, RAISED, err[2], pid)
+            elif err[1] == TIMEOUT:
+                self._charge(base + k, chunk, k0 + k, TIMEOUT, err[2], pid)
+        tail = by_k.get(len(values))
+        if tail is not None and tail[1] != INTERRUPTED:
+            raise RuntimeError(f"ashard internal error: unexpected error record {tail!r}")
+
+    def _emit(
+        self,
+        pos: int,
+        value: Any,
+        error: ShardError | None,
+        chunk: Chunk,
+        k: int,
+        elapsed: Any,
+        j: int,
+        pid: int,
+    ) -> None:
+        assert self.stream is not None
+        took = _pick(elapsed, j)
+        attempts = self.attempts.get(pos, 1)
+        shard = error.shard if error is not None and error.shard else self.shard_at(pos, chunk, k)
+        self.stream.push(ShardDone(shard, value, error, attempts, pid, took))
+
+    def shard_at(self, pos: int, chunk: Chunk | None = None, k: int = 0) -> Shard:
+        """The `Shard` for a position, as `fn` saw it on its last attempt."""
+        attempt = self.attempts.get(pos, 1)
+        rng = None
+        if self.opts.seed is not None and self.kind == SHARDS:
+            rng = _seeding.shard_rng(self.opts.seed, pos)
+        if self.kind == SHARDS:
+            assert self.layout is not None
+            items = None
+            if self.sequence is not None:
+                items = self.layout.items_of(self.sequence, pos)
+            return Shard(pos, self.layout.indices(pos), items, rng, attempt)
+        item = chunk.items[k] if chunk is not None and chunk.items is not None else None
+        return Shard(pos, range(pos, pos + 1), [item], None, attempt)
+
+    def _charge(self, pos: int, chunk: Chunk, k: int, kind: int, detail: Any, pid: int) -> None:
+        """A failed attempt at `pos`: retry it, or record the permanent failure."""
+        attempt = self.attempts.get(pos, 1)
+        if kind == TIMEOUT:
+            self.timeouts += 1
+        retry = attempt <= self.opts.max_retries and (kind != RAISED or self.opts.retry_errors)
+        if retry and not self.aborted:
+            self.attempts[pos] = attempt + 1
+            self.retries += 1
+            self._push_retry(pos, chunk, k)
+            return
+        error = self._error(pos, chunk, k, kind, detail, attempt, pid)
+        self._fail(pos, error, chunk, k, pid)
+
+    def _push_retry(self, pos: int, chunk: Chunk, k: int) -> None:
+        if self.kind != SHARDS:
+            assert chunk.items is not None
+            self._retry_items[pos] = chunk.items[k]
+        self._retry.append(pos)
+
+    def _error(
+        self, pos: int, chunk: Chunk, k: int, kind: int, detail: Any, attempts: int, pid: int
+    ) -> ShardError:
+        shard = self.shard_at(pos, chunk, k)
+        where = f"{self.noun} {pos}"
+        tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+        if kind == RAISED:
+            exc = decode_exception(detail)
+            if exc.__cause__ is None:
+                exc.__cause__ = RemoteTraceback(detail[3])
+            err: ShardError = ShardFailed(
+                f"{where} failed: {type(exc).__name__}: {exc}",
+                shard=shard,
+                attempts=attempts,
+                remote_traceback=detail[3],
+            )
+            err.__cause__ = exc
+            return err
+        if kind == TIMEOUT:
+            return ShardTimeout(
+                f"{where} ran past its timeout of {self.opts.timeout} s ({tries})",
+                shard=shard,
+                attempts=attempts,
+            )
+        exitcode, signum = detail
+        return WorkerCrashed(
+            f"{where}: {describe_exit(pid, exitcode, signum)} ({tries})",
+            shard=shard,
+            attempts=attempts,
+            exitcode=exitcode,
+            signal=signum,
+        )
+
+    def _fail(self, pos: int, error: ShardError, chunk: Chunk, k: int, pid: int) -> None:
+        if self._resolved[pos]:
+            raise RuntimeError(f"ashard internal error: {self.noun} {pos} resolved twice")
+        self._resolved[pos] = 1
+        self.n_resolved += 1
+        self.failures[pos] = error
+        if self.progress is not None:
+            self.progress.update(1)
+        if self.stream is not None:
+            self._emit(pos, None, error, chunk, k, None, 0, pid)
+        if self.opts.errors == "raise":
+            self.abort()
+
+    def _requeue_rest(self, chunk: Chunk, start: int) -> None:
+        """Positions ``start ..`` of `chunk` never ran: queue them again, uncharged."""
+        rest = chunk.count - start
+        self.inflight_shards -= rest
+        if not self.aborted:
+            for k in range(start, chunk.count):
+                self._push_retry(chunk.first + k, chunk, k)
+        chunk.done = chunk.count
+
+    def worker_lost(
+        self, chunks: Sequence[Chunk], *, pid: int, timed_out: bool, exit_info: tuple[Any, Any]
+    ) -> None:
+        """The worker holding `chunks` (oldest first) died or was killed."""
+        if not timed_out:
+            self.crashes += 1
+        for i, chunk in enumerate(chunks):
+            start = chunk.done
+            if i > 0 or start >= chunk.count:
+                self._requeue_rest(chunk, start)
+                continue
+            undelivered = chunk.count - start
+            if timed_out or undelivered == 1:
+                self.inflight_shards -= 1
+                chunk.done = start + 1
+                kind = TIMEOUT if timed_out else CRASHED
+                detail = self.opts.timeout if timed_out else exit_info
+                self._charge(chunk.first + start, chunk, start, kind, detail, pid)
+                self._requeue_rest(chunk, start + 1)
+            else:
+                self._requeue_rest(chunk, start)
+        self.notify()
+
+    # -- result -----------------------------------------------------------------------
+
+    def diagnostics(self, cancelled: bool = False) -> Diagnostics:
+        return Diagnostics(
+            shards=self.total if self.total is not None else self.next_pos,
+            duration=time.perf_counter() - self.t0,
+            workers=tuple(sorted(self.pids)),
+            chunks=self.chunks,
+            retries=self.retries,
+            timeouts=self.timeouts,
+            crashes=self.crashes,
+            failures=len(self.failures),
+            cancelled=cancelled,
+        )
+
+    def failure_list(self) -> list[ShardError]:
+        return [self.failures[p] for p in sorted(self.failures)]
+
+    def result(self, shards: Sequence[Shard]) -> ShardResult:
+        return ShardResult(self.results, self.failure_list(), shards, self.diagnostics())
+
+
+def _pick(elapsed: Any, k: int) -> float:
+    if elapsed is None:
+        return 0.0
+    if isinstance(elapsed, float):
+        return elapsed
+    return float(elapsed[k]) if k < len(elapsed) else 0.0

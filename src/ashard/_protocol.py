@@ -1,0 +1,57 @@
+"""Message kinds on the worker channel. Messages are tuples whose first field is one of
+these codes; the comments give the rest of each tuple.
+
+parent -> worker::
+
+    HELLO   sys_path, init payload | None
+    JOB     key, JobSpec                      register fn and borrow for a call
+    RUN     key, seq, first, count, attempts | None, items | None
+    CALL    seq, fn, args, kwargs, timeout    one-shot call, no job registration
+    CANCEL  key                               drop queued chunks of a job (+ SIGUSR1)
+    FORGET  key                               the job is over: free its fn and borrow
+    EXIT
+
+worker -> parent::
+
+    READY        pid
+    INIT_FAILED  exception record
+    RESULT       seq, k0, values, errors, elapsed, final
+
+`errors` in RESULT is a list of ``(k, kind, detail)`` for chunk positions k: RAISED
+(detail: exception record), TIMEOUT (detail: seconds run) or INTERRUPTED (positions
+from k on never ran; the chunk ends there).
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any, NamedTuple
+
+HELLO, JOB, RUN, CALL, CANCEL, FORGET, EXIT = range(7)
+READY, INIT_FAILED, RESULT = range(100, 103)
+
+RAISED, TIMEOUT, INTERRUPTED = range(3)
+
+ITEMS, SHARDS = range(2)
+
+INTERRUPT_SIGNAL = signal.SIGUSR1
+"""Sent by the parent to stop the shard a worker is running (cancellation)."""
+
+
+class Payload(NamedTuple):
+    """User objects pickled once in the parent, shipped as-is to every worker."""
+
+    data: bytes
+    buffers: list[Any]
+
+
+class JobSpec(NamedTuple):
+    """What a worker needs to run chunks of one job."""
+
+    kind: int
+    fn: Payload
+    borrow: dict[str, Payload] | None
+    timeout: float | None
+    seed: int | None
+    layout: Any  # ashard.Shards for SHARDS jobs, else None
+    sys_path: list[str]

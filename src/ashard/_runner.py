@@ -1,0 +1,244 @@
+"""Worker side: run the shards of one chunk and report their outcomes.
+
+Interruption is signal-driven. While user code runs, `_state.running` is true; the
+SIGALRM (per-shard timeout) and SIGUSR1 (cancellation) handlers then raise
+`Interrupted` into it. A handler clears the flag before raising, so at most one
+interruption lands per call, and never outside the guarded region.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ashard import _seeding
+from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT
+from ashard._serialize import encode_exception
+from ashard.shards import Shard, Shards
+
+FLUSH_INTERVAL = 0.02
+"""Seconds of finished shards a worker may hold before reporting them."""
+
+Send = Callable[[int, int, list[Any], list[Any], Any, bool], None]
+
+
+class Interrupted(BaseException):
+    """Raised into user code by a signal handler; a BaseException so `except Exception`
+    in user code does not swallow it."""
+
+    def __init__(self, timeout: bool) -> None:
+        super().__init__("timeout" if timeout else "interrupted")
+        self.timeout = timeout
+
+
+class _State:
+    running = False
+    control_pending = False
+
+
+_state = _State()
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    if _state.running:
+        _state.running = False
+        raise Interrupted(timeout=True)
+
+
+def _on_interrupt(signum: int, frame: object) -> None:
+    _state.control_pending = True
+    if _state.running:
+        _state.running = False
+        raise Interrupted(timeout=False)
+
+
+def install_handlers(interrupt_signal: int) -> None:
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(interrupt_signal, _on_interrupt)
+
+
+def take_control_pending() -> bool:
+    """True once after the parent signalled that control messages wait."""
+    pending, _state.control_pending = _state.control_pending, False
+    return pending
+
+
+@dataclass(slots=True)
+class JobContext:
+    """A registered job, as the worker holds it."""
+
+    kind: int
+    fn: Callable[..., Any]
+    kwargs: dict[str, Any]
+    timeout: float | None
+    seed: int | None
+    layout: Shards | None
+
+
+_OK, _ERR, _SIG = 0, 1, 2
+
+
+def _guarded(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """(status, value or exception) of one user call, with interruption enabled."""
+    try:
+        try:
+            _state.running = True
+            return _OK, fn(*args, **kwargs)
+        finally:
+            _state.running = False
+    except Interrupted as exc:
+        return _SIG, exc
+    except BaseException as exc:  # user code: SystemExit and KeyboardInterrupt are outcomes too
+        return _ERR, exc
+
+
+def _arm(timeout: float | None) -> None:
+    if timeout is not None:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+
+
+def _disarm(timeout: float | None) -> None:
+    if timeout is not None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def run_chunk(
+    ctx: JobContext,
+    seq: int,
+    first: int,
+    count: int,
+    attempts: list[int] | None,
+    items: list[Any] | None,
+    send: Send,
+) -> None:
+    """Run chunk positions 0..count-1 and report them through `send`."""
+    if ctx.kind != SHARDS and ctx.timeout is None and ctx.seed is None:
+        _run_items_fast(ctx, seq, count, items or [], send)
+    else:
+        _run_each(ctx, seq, first, count, attempts, items, send)
+
+
+def _run_items_fast(ctx: JobContext, seq: int, count: int, items: list[Any], send: Send) -> None:
+    """The `map` path with no timeout or seed: a tight loop, errors recorded in place."""
+    fn, kwargs = ctx.fn, ctx.kwargs
+    values: list[Any] = []
+    errors: list[Any] = []
+    append = values.append
+    it = iter(items)
+    t0 = time.perf_counter()
+    while True:
+        try:
+            try:
+                _state.running = True
+                if kwargs:
+                    for x in it:
+                        append(fn(x, **kwargs))
+                else:
+                    for x in it:
+                        append(fn(x))
+                break
+            finally:
+                _state.running = False
+        except Interrupted:
+            errors.append((len(values), INTERRUPTED, None))
+            break
+        except BaseException as exc:  # user code failed on this item; go on with the next
+            errors.append((len(values), RAISED, encode_exception(exc)))
+            append(None)
+    send(seq, 0, values, errors, time.perf_counter() - t0, True)
+
+
+def _run_each(
+    ctx: JobContext,
+    seq: int,
+    first: int,
+    count: int,
+    attempts: list[int] | None,
+    items: list[Any] | None,
+    send: Send,
+) -> None:
+    """One guarded call per position: timeouts, seeds, shards; flushes every so often."""
+    shards = ctx.kind == SHARDS
+    timeout = ctx.timeout
+    values: list[Any] = []
+    errors: list[Any] = []
+    elapsed: list[float] = []
+    k0 = 0
+    last_flush = time.perf_counter()
+    for k in range(count):
+        pos = first + k
+        attempt = attempts[k] if attempts else 1
+        item = items[k] if items is not None else None
+        if shards:
+            assert ctx.layout is not None
+            rng = None
+            if ctx.seed is not None:
+                rng = _seeding.shard_rng(ctx.seed, pos)
+            args: tuple[Any, ...] = (Shard(pos, ctx.layout.indices(pos), item, rng, attempt),)
+        else:
+            args = (item,)
+        if ctx.seed is not None:
+            _seeding.seed_globals(ctx.seed, pos)
+        t0 = time.perf_counter()
+        _arm(timeout)
+        status, out = _guarded(ctx.fn, args, ctx.kwargs)
+        _disarm(timeout)
+        t1 = time.perf_counter()
+        took = t1 - t0
+        if status == _OK:
+            values.append(out)
+        else:
+            values.append(None)
+            if status == _ERR:
+                errors.append((k - k0, RAISED, encode_exception(out)))
+            elif out.timeout:
+                errors.append((k - k0, TIMEOUT, took))
+            else:
+                errors.append((k - k0, INTERRUPTED, None))
+                values.pop()
+                send(seq, k0, values, errors, elapsed if shards else sum(elapsed), True)
+                return
+        elapsed.append(took)
+        last = k == count - 1
+        if last or timeout is not None or t1 - last_flush >= FLUSH_INTERVAL:
+            send(seq, k0, values, errors, elapsed if shards else sum(elapsed), last)
+            k0 = k + 1
+            values, errors, elapsed = [], [], []
+            last_flush = t1
+
+
+def run_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    timeout: float | None,
+    seq: int,
+    send: Send,
+) -> None:
+    """One `ashard.call`."""
+    t0 = time.perf_counter()
+    _arm(timeout)
+    status, out = _guarded(fn, args, kwargs)
+    _disarm(timeout)
+    took = time.perf_counter() - t0
+    if status == _OK:
+        send(seq, 0, [out], [], [took], True)
+    elif status == _ERR:
+        send(seq, 0, [None], [(0, RAISED, encode_exception(out))], [took], True)
+    elif out.timeout:
+        send(seq, 0, [None], [(0, TIMEOUT, took)], [took], True)
+    else:
+        send(seq, 0, [], [(0, INTERRUPTED, None)], [], True)
+
+
+def flush_stdio() -> None:
+    """User prints reach the parent's terminal promptly even when stdout is a file."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()

@@ -1,0 +1,525 @@
+"""The supervisor: leases workers to jobs and drives chunks through them.
+
+::
+
+    caller task ── Scheduler.run(job) ── task group ──┬── lease loop: acquire workers
+                                                      ├── drive(worker 1) ─┐
+                                                      └── drive(worker N) ─┤
+                        Job (bookkeeping) <── deliver / worker_lost ───────┘
+                                                           ⇅ Channel (socketpair)
+                                                      worker process
+
+A worker is leased to one job (or one `call`) at a time, so a channel only ever
+carries one job's chunks and its stream can be settled on its own. A drive keeps a
+small window of chunks in flight on its worker, reads results, and refills. When a
+job of another caller waits with fewer workers than this job holds, the drive lets
+its window drain and hands the worker over: workers are shared fairly.
+
+No task outlives the call that started it, and nothing here belongs to an event loop:
+a pool's workers can serve one loop after another (Jupyter, pytest, `anyio.run`).
+
+On the way out (job done, aborted, or the caller cancelled) each drive *settles* its
+worker, shielded: a worker still running chunks is told to drop them (CANCEL, then
+SIGUSR1 to interrupt the running shard) and killed if it does not within
+`CANCEL_GRACE`. A worker goes back to the pool only with an empty, clean channel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+
+from ashard._channel import ChannelClosed, RawFrame, encode, encode_many
+from ashard._handle import WorkerConfig, WorkerHandle
+from ashard._job import Job
+from ashard._protocol import (
+    CALL,
+    CANCEL,
+    FORGET,
+    INTERRUPTED,
+    JOB,
+    RAISED,
+    RESULT,
+    RUN,
+    TIMEOUT,
+)
+from ashard._serialize import decode_exception
+from ashard.errors import RemoteTraceback, ShardTimeout, WorkerCrashed, describe_exit
+
+CANCEL_GRACE = 1.0
+"""Seconds a worker gets to stop a cancelled shard before it is killed."""
+KILL_GRACE = 0.5
+"""Past `timeout`, seconds the parent waits for the worker's own timer before killing."""
+ENCODE_INLINE_SECONDS = 0.002
+"""Chunks that took longer than this to pickle are pickled off the event loop next time."""
+
+
+class Tenant(Protocol):
+    """Whatever holds leases: a `Job`, or one `call`."""
+
+    leased: int
+
+
+@dataclass(eq=False)
+class _CallTenant:
+    leased: int = 0
+
+
+@dataclass(eq=False)
+class _Waiter:
+    tenant: Tenant
+    event: anyio.Event = field(default_factory=anyio.Event)
+    worker: WorkerHandle | None = None
+    spawn: bool = False
+
+
+class _Hung(Exception):
+    """The worker said nothing for longer than the timeout allows."""
+
+
+@dataclass
+class SchedulerStats:
+    started: int = 0
+    crashed: int = 0
+    timed_out: int = 0
+    recycled: int = 0
+    shards_done: int = 0
+
+
+class Scheduler:
+    """Owns the worker processes of one `Pool`; runs jobs and calls on them."""
+
+    def __init__(self, size: int, config: WorkerConfig) -> None:
+        self.size = size
+        self.config = config
+        self.stats = SchedulerStats()
+        self.closed = False
+        self._workers: set[WorkerHandle] = set()
+        self._starting = 0
+        self._idle: list[WorkerHandle] = []
+        self._waiters: list[_Waiter] = []
+        self._retired: list[WorkerHandle] = []
+        self._seq = itertools.count()
+        self.keys = itertools.count()
+
+    # -- leasing ----------------------------------------------------------------------
+
+    @property
+    def workers(self) -> list[WorkerHandle]:
+        return list(self._workers)
+
+    def _capacity(self) -> int:
+        return self.size - len(self._workers) - self._starting
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this ashard.Pool is closed")
+
+    def _retire(self, w: WorkerHandle) -> None:
+        """Let a worker go without waiting: closing its channel makes it exit."""
+        self._workers.discard(w)
+        w.channel.close()
+        self._retired.append(w)
+        self._retired = [r for r in self._retired if r.proc.poll() is None]
+
+    def _pop_idle(self) -> WorkerHandle | None:
+        while self._idle:
+            w = self._idle.pop()
+            if w.alive:
+                return w
+            self._workers.discard(w)
+            self.stats.crashed += 1
+        return None
+
+    async def acquire(self, tenant: Tenant) -> WorkerHandle:
+        """A worker for `tenant`: an idle one, a new one, or the next one released."""
+        while True:
+            self._check_open()
+            if not self._waiters:
+                w = self._pop_idle()
+                if w is not None:
+                    tenant.leased += 1
+                    return w
+                if self._capacity() > 0:
+                    return await self._spawn_for(tenant)
+            waiter = _Waiter(tenant)
+            self._waiters.append(waiter)
+            try:
+                await waiter.event.wait()
+            except BaseException:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                elif waiter.worker is not None:
+                    self.release(waiter.worker, tenant)
+                elif waiter.spawn:
+                    self._wake_for_capacity()
+                raise
+            if waiter.worker is not None:
+                return waiter.worker
+            if waiter.spawn and self._capacity() > 0:
+                return await self._spawn_for(tenant)
+
+    async def _spawn_for(self, tenant: Tenant) -> WorkerHandle:
+        self._starting += 1
+        try:
+            with anyio.CancelScope(shield=True):
+                w = await WorkerHandle.start(self.config)
+        finally:
+            self._starting -= 1
+        if self.closed:
+            await w.stop(1.0)
+            self._check_open()
+        self._workers.add(w)
+        self.stats.started += 1
+        tenant.leased += 1
+        return w
+
+    async def start_all(self) -> None:
+        """Bring the pool up to size (for a warm `async with Pool(...)`)."""
+        tenant = _CallTenant()
+        async with anyio.create_task_group() as tg:
+            for _ in range(self._capacity()):
+                tg.start_soon(self._start_one, tenant)
+
+    async def _start_one(self, tenant: Tenant) -> None:
+        w = await self._spawn_for(tenant)
+        self.release(w, tenant)
+
+    def release(self, w: WorkerHandle, tenant: Tenant) -> None:
+        """Give a settled worker back: to the fairest waiter, else to the idle list."""
+        tenant.leased -= 1
+        if self.closed or len(self._workers) > self.size:
+            self._retire(w)
+            return
+        if self._waiters:
+            waiter = min(self._waiters, key=lambda wt: wt.tenant.leased)
+            self._waiters.remove(waiter)
+            waiter.worker = w
+            waiter.tenant.leased += 1
+            waiter.event.set()
+            return
+        self._idle.append(w)
+
+    def discard(self, w: WorkerHandle, tenant: Tenant) -> None:
+        """Forget a dead worker; a waiter may start a replacement."""
+        tenant.leased -= 1
+        self._workers.discard(w)
+        self._wake_for_capacity()
+
+    def _wake_for_capacity(self) -> None:
+        if self._waiters and self._capacity() > 0:
+            waiter = min(self._waiters, key=lambda wt: wt.tenant.leased)
+            self._waiters.remove(waiter)
+            waiter.spawn = True
+            waiter.event.set()
+
+    def should_yield(self, tenant: Tenant) -> bool:
+        """Is another caller waiting with fewer workers than `tenant` holds?"""
+        return any(
+            w.tenant is not tenant and w.tenant.leased < tenant.leased for w in self._waiters
+        )
+
+    def resize(self, size: int) -> None:
+        """Grow or shrink the pool; extra workers leave as they become idle."""
+        self.size = size
+        while len(self._workers) > size and self._idle:
+            self._retire(self._idle.pop())
+        self._wake_for_capacity()
+
+    async def aclose(self, grace: float = 2.0) -> None:
+        """Stop every worker: idle ones are asked to exit, busy ones are killed (the
+        calls using them fail with "pool is closed")."""
+        self.closed = True
+        for waiter in self._waiters:
+            waiter.event.set()
+        idle = self._idle
+        busy = [w for w in self._workers if w not in idle]
+        retired = self._retired
+        self._idle, self._retired = [], []
+        self._workers.clear()
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for w in idle + retired:
+                    tg.start_soon(w.stop, grace)
+                for w in busy:
+                    tg.start_soon(w.kill)
+
+    # -- jobs -------------------------------------------------------------------------
+
+    async def run(self, job: Job) -> None:
+        """Run `job` until every position is resolved, it aborts, or the caller cancels."""
+        try:
+            async with anyio.create_task_group() as tg:
+                lease_scope = anyio.CancelScope()
+                tg.start_soon(self._lease_loop, job, tg, lease_scope)
+                while not job.over:
+                    await job.wait_change()
+                lease_scope.cancel()
+                if not job.finished:
+                    tg.cancel_scope.cancel()
+        except BaseException:
+            job.abort()
+            raise
+        finally:
+            if job.progress is not None:
+                job.progress.close()
+
+    async def _lease_loop(
+        self, job: Job, tg: anyio.abc.TaskGroup, scope: anyio.CancelScope
+    ) -> None:
+        with scope:
+            try:
+                while not job.over:
+                    if job.has_work() and job.leased < self.size:
+                        w = await self.acquire(job)
+                        await tg.start(self._drive, job, w)
+                    else:
+                        await job.wait_change()
+            except Exception as exc:  # no worker could be had: the job cannot go on
+                job.abort(exc)
+
+    async def _drive(
+        self, job: Job, w: WorkerHandle, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        started = False
+        lost: bool | None = None  # None: worker fine; False: died; True: hung past timeout
+        try:
+            try:
+                await self._fill(job, w)
+                task_status.started()
+                started = True
+                while True:
+                    if w.inflight:
+                        self._handle(job, w, await self._receive(job, w))
+                    if not self.should_yield(job):
+                        await self._fill(job, w)
+                    if not w.inflight:
+                        break
+            except ChannelClosed:
+                lost = False
+            except _Hung:
+                lost = True
+        finally:
+            if not started:
+                task_status.started()
+            with anyio.CancelScope(shield=True):
+                if lost is None:
+                    await self._settle(job, w)
+                else:
+                    await self._lose(job, w, timed_out=lost)
+
+    async def _fill(self, job: Job, w: WorkerHandle) -> None:
+        """Top up `w`'s window with `job`'s chunks, in one send."""
+        msgs: list[Any] = [(FORGET, k) for k in w.forget]
+        w.forget.clear()
+        was_idle = not w.inflight
+        window = job.window()
+        while len(w.inflight) < window:
+            chunk = job.take_chunk(next(self._seq))
+            if chunk is None:
+                break
+            if job.key not in w.jobs:
+                w.jobs.add(job.key)
+                job.registered.add(w)
+                msgs.append((JOB, job.key, job.spec))
+            msgs.append(
+                (RUN, job.key, chunk.seq, chunk.first, chunk.count, chunk.attempts, chunk.items)
+            )
+            w.inflight.append(chunk)
+        if not msgs:
+            return
+        if was_idle:
+            w.last_heard = time.monotonic()
+        await w.channel.send(await self._encode(job, msgs))
+
+    async def _encode(self, job: Job, msgs: list[Any]) -> list[Any]:
+        if job.encode_in_thread:
+            return await anyio.to_thread.run_sync(encode_many, msgs)
+        t0 = time.perf_counter()
+        parts = encode_many(msgs)
+        if time.perf_counter() - t0 > ENCODE_INLINE_SECONDS:
+            job.encode_in_thread = True
+        return parts
+
+    async def _receive(self, job: Job, w: WorkerHandle) -> list[Any]:
+        timeout = job.opts.timeout
+        if timeout is None:
+            return await _receive(w)
+        wait = w.last_heard + timeout + KILL_GRACE - time.monotonic()
+        with anyio.move_on_after(max(wait, 0.0)):
+            return await _receive(w)
+        raise _Hung
+
+    def _handle(self, job: Job, w: WorkerHandle, msgs: list[Any]) -> None:
+        w.last_heard = time.monotonic()
+        for msg in msgs:
+            if msg[0] != RESULT:
+                raise RuntimeError(f"ashard internal error: unexpected message {msg[0]!r}")
+            _, seq, k0, values, errors, elapsed, final = msg
+            chunk = w.inflight[0]
+            if chunk.seq != seq:
+                raise RuntimeError("ashard internal error: results out of order")
+            job.deliver(chunk, k0, values, errors, elapsed, final, w.pid)
+            n = len(values)
+            w.shards_done += n
+            self.stats.shards_done += n
+            if final:
+                w.inflight.popleft()
+
+    async def _settle(self, job: Job, w: WorkerHandle) -> None:
+        """Make `w` clean (nothing in flight) and give it back; kill it if it won't be."""
+        if w.inflight and not w.channel.broken:
+            job.abort()
+            try:
+                await w.channel.send(encode((CANCEL, job.key)))
+                w.interrupt()
+                with anyio.move_on_after(CANCEL_GRACE):
+                    while w.inflight:
+                        self._handle(job, w, await _receive(w))
+            except ChannelClosed:
+                pass
+        if w.inflight or not w.alive:
+            w.inflight.clear()
+            await w.kill()
+            self.discard(w, job)
+            return
+        self.release(w, job)
+
+    async def _lose(self, job: Job, w: WorkerHandle, *, timed_out: bool) -> None:
+        """`w` died or hung: account for its chunks and forget it."""
+        if timed_out:
+            self.stats.timed_out += 1
+            await w.kill()
+        else:
+            self.stats.crashed += 1
+            if await w.wait_exit(1.0) is None:
+                await w.kill()
+        chunks = list(w.inflight)
+        w.inflight.clear()
+        job.worker_lost(chunks, pid=w.pid, timed_out=timed_out, exit_info=w.exit_info())
+        self.discard(w, job)
+
+    def forget(self, job: Job) -> None:
+        """The job is over: workers that loaded it may drop its fn and borrow."""
+        for w in job.registered:
+            w.jobs.discard(job.key)
+            w.forget.append(job.key)
+        job.registered.clear()
+
+    # -- one-shot calls ---------------------------------------------------------------
+
+    async def call(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+    ) -> Any:
+        """Run ``fn(*args, **kwargs)`` on a worker; raise what it raises."""
+        seq = next(self._seq)
+        parts = encode((CALL, seq, fn, args, kwargs, timeout))
+        tenant = _CallTenant()
+        w = await self.acquire(tenant)
+        if w.forget:
+            parts = encode_many([(FORGET, k) for k in w.forget]) + parts
+            w.forget.clear()
+        msg = None
+        lost: bool | None = None
+        try:
+            try:
+                w.last_heard = time.monotonic()
+                await w.channel.send(parts)
+                msg = await self._receive_call(w, timeout)
+            except ChannelClosed:
+                lost = False
+            except _Hung:
+                lost = True
+        finally:
+            with anyio.CancelScope(shield=True):
+                if lost is not None:
+                    await self._lose_call(w, tenant, lost)
+                elif msg is None:
+                    await self._settle_call(w, tenant)
+                else:
+                    self.release(w, tenant)
+        if lost is not None:
+            raise self._call_lost_error(w, timeout, lost)
+        assert msg is not None
+        return _call_outcome(msg, timeout)
+
+    async def _receive_call(self, w: WorkerHandle, timeout: float | None) -> Any:
+        if timeout is None:
+            return (await _receive(w))[0]
+        with anyio.move_on_after(timeout + KILL_GRACE):
+            return (await _receive(w))[0]
+        raise _Hung
+
+    async def _settle_call(self, w: WorkerHandle, tenant: Tenant) -> None:
+        """The caller was cancelled mid-call: interrupt, wait briefly, else kill."""
+        if not w.channel.broken and w.alive:
+            w.interrupt()
+            with anyio.move_on_after(CANCEL_GRACE):
+                try:
+                    await _receive(w)
+                except ChannelClosed:
+                    pass
+                else:
+                    self.release(w, tenant)
+                    return
+        await w.kill()
+        self.discard(w, tenant)
+
+    async def _lose_call(self, w: WorkerHandle, tenant: Tenant, timed_out: bool) -> None:
+        if timed_out:
+            self.stats.timed_out += 1
+            await w.kill()
+        else:
+            self.stats.crashed += 1
+            if await w.wait_exit(1.0) is None:
+                await w.kill()
+        self.discard(w, tenant)
+
+    def _call_lost_error(
+        self, w: WorkerHandle, timeout: float | None, timed_out: bool
+    ) -> Exception:
+        if timed_out:
+            return ShardTimeout(f"call ran past its timeout of {timeout} s", shard=None, attempts=1)
+        exitcode, signum = w.exit_info()
+        return WorkerCrashed(
+            f"call: {describe_exit(w.pid, exitcode, signum)}",
+            shard=None,
+            attempts=1,
+            exitcode=exitcode,
+            signal=signum,
+        )
+
+
+async def _receive(w: WorkerHandle) -> list[Any]:
+    """Messages from `w`; large frames are unpickled off the event loop."""
+    msgs = await w.channel.receive()
+    for i, m in enumerate(msgs):
+        if isinstance(m, RawFrame):
+            msgs[i] = await anyio.to_thread.run_sync(m.decode)
+    return msgs
+
+
+def _call_outcome(msg: Any, timeout: float | None) -> Any:
+    _, _, _, values, errors, _, _ = msg
+    if not errors:
+        return values[0]
+    _, kind, detail = errors[0]
+    if kind == RAISED:
+        exc = decode_exception(detail)
+        if exc.__cause__ is None:
+            exc.__cause__ = RemoteTraceback(detail[3])
+        raise exc
+    if kind == TIMEOUT:
+        raise ShardTimeout(f"call ran past its timeout of {timeout} s", shard=None, attempts=1)
+    assert kind == INTERRUPTED
+    raise RuntimeError("ashard internal error: call interrupted without cancellation")

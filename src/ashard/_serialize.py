@@ -1,0 +1,89 @@
+"""Pickling of user objects (functions, items, results, exceptions) for the channel.
+
+The C pickler is tried first: it is the fastest and handles importable functions by
+reference. Anything it cannot pickle, or that refers to `__main__` (which a worker
+cannot import), goes through cloudpickle, which pickles such objects by value.
+Buffers (numpy arrays) travel out of band, uncopied.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Any
+
+__all__ = ["decode_exception", "dumps", "dumps_named", "encode_exception", "loads"]
+
+PROTOCOL = 5
+_MAIN = b"__main__"
+
+
+def dumps(obj: Any, buffers: list[pickle.PickleBuffer]) -> bytes:
+    """Pickle `obj`, appending its out-of-band buffers to `buffers`."""
+    oob: list[pickle.PickleBuffer] = []
+    try:
+        data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=oob.append)
+    except Exception:
+        pass
+    else:
+        if _MAIN not in data:
+            buffers.extend(oob)
+            return data
+    import cloudpickle
+
+    oob.clear()
+    by_value: bytes = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=oob.append)
+    buffers.extend(oob)
+    return by_value
+
+
+def dumps_named(obj: Any, what: str, buffers: list[pickle.PickleBuffer]) -> bytes:
+    """`dumps`, with a `TypeError` naming `what` if the object cannot be pickled."""
+    try:
+        return dumps(obj, buffers)
+    except Exception as exc:
+        raise TypeError(
+            f"{what} cannot be sent to a worker process: it could not be pickled "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def loads(data: Any, buffers: Any = ()) -> Any:
+    """Unpickle what `dumps` produced."""
+    return pickle.loads(data, buffers=buffers)
+
+
+class RemoteError(Exception):
+    """Stands in for a worker exception whose own type could not be pickled back."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+
+
+ExcRecord = tuple[bytes | None, str, str, str]
+
+
+def encode_exception(exc: BaseException) -> ExcRecord:
+    """(pickled exception or None, type name, message, traceback text) for the parent."""
+    tb = "".join(traceback.format_exception(exc))
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        blob: bytes | None = dumps(exc, [])
+        pickle.loads(blob or b"")  # types that pickle but do not unpickle are common
+    except Exception:
+        blob = None
+    return blob, name, str(exc), tb
+
+
+def decode_exception(record: ExcRecord) -> BaseException:
+    """Rebuild the worker's exception, keeping its type where it unpickles."""
+    blob, name, message, _tb = record
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+            if isinstance(exc, BaseException):
+                return exc
+        except Exception:
+            pass
+    return RemoteError(name, message)

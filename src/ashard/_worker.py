@@ -1,0 +1,222 @@
+"""The worker process: ``python -m ashard._worker FD PARENT_PID``.
+
+Receives messages on the inherited socket FD, runs chunks, sends results back. It keeps
+its imports light (no anyio, numpy or cloudpickle until a job needs them) so a pool is
+ready quickly. It exits on EOF (the parent is gone), on EXIT, and - on Linux - when the
+parent dies, through the kernel's parent-death signal.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from typing import Any
+
+from ashard import _runner
+from ashard._channel import FrameReader, RawFrame, encode, send_frames
+from ashard._protocol import (
+    CALL,
+    CANCEL,
+    EXIT,
+    FORGET,
+    HELLO,
+    INIT_FAILED,
+    INTERRUPT_SIGNAL,
+    INTERRUPTED,
+    JOB,
+    RAISED,
+    READY,
+    RESULT,
+    RUN,
+    JobSpec,
+    Payload,
+)
+from ashard._serialize import dumps, encode_exception, loads
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class Worker:
+    """The message loop. Control messages (CANCEL) take effect as soon as they are read,
+    ahead of chunks queued before them."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = FrameReader()
+        self.queue: deque[Any] = deque()
+        self.jobs: dict[int, _runner.JobContext | BaseException] = {}
+
+    def send(self, msg: Any) -> None:
+        send_frames(self.sock, encode(msg))
+
+    def send_result(
+        self, seq: int, k0: int, values: list[Any], errors: list[Any], elapsed: Any, final: bool
+    ) -> None:
+        _runner.flush_stdio()
+        msg = (RESULT, seq, k0, values, errors, elapsed, final)
+        try:
+            parts = encode(msg)
+        except Exception:
+            values, errors = _drop_unpicklable(values, errors)
+            parts = encode((RESULT, seq, k0, values, errors, elapsed, final))
+        send_frames(self.sock, parts)
+
+    def read(self, block: bool) -> bool:
+        """Take in what the socket holds; False at end of stream."""
+        while True:
+            try:
+                n = self.reader.fill(self.sock, 0 if block else socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return True
+            if n == 0:
+                return False
+            for msg in self.reader.messages():
+                self._ingest(msg)
+            if block and self.queue:
+                return True
+
+    def _ingest(self, msg: Any) -> None:
+        if isinstance(msg, RawFrame):
+            msg = msg.decode()
+        if msg[0] == CANCEL:
+            self._cancel(msg[1])
+        else:
+            self.queue.append(msg)
+
+    def _cancel(self, key: int) -> None:
+        kept: deque[Any] = deque()
+        for msg in self.queue:
+            if msg[0] == RUN and msg[1] == key:
+                self.send_result(msg[2], 0, [], [(0, INTERRUPTED, None)], None, True)
+            else:
+                kept.append(msg)
+        self.queue = kept
+
+    def serve(self) -> None:
+        while True:
+            if not self.queue:
+                if not self.read(block=True):
+                    return
+                continue
+            if _runner.take_control_pending() and not self.read(block=False):
+                return
+            if not self.queue:
+                continue
+            msg = self.queue.popleft()
+            op = msg[0]
+            if op == RUN:
+                self._run(*msg[1:])
+            elif op == CALL:
+                _, seq, fn, args, kwargs, timeout = msg
+                _runner.run_call(fn, args, kwargs, timeout, seq, self.send_result)
+            elif op == JOB:
+                self.jobs[msg[1]] = _load_job(msg[2])
+            elif op == FORGET:
+                self.jobs.pop(msg[1], None)
+            elif op == EXIT:
+                return
+
+    def _run(
+        self,
+        key: int,
+        seq: int,
+        first: int,
+        count: int,
+        attempts: list[int] | None,
+        items: list[Any] | None,
+    ) -> None:
+        ctx = self.jobs.get(key)
+        if isinstance(ctx, _runner.JobContext):
+            _runner.run_chunk(ctx, seq, first, count, attempts, items, self.send_result)
+            return
+        exc = ctx if ctx is not None else RuntimeError(f"job {key} is not registered")
+        record = encode_exception(exc)
+        errors = [(k, RAISED, record) for k in range(count)]
+        self.send_result(seq, 0, [None] * count, errors, [0.0] * count, True)
+
+
+def _load_job(spec: JobSpec) -> _runner.JobContext | BaseException:
+    """Unpickle a job's function and borrowed objects; the error, if that fails."""
+    if spec.sys_path != sys.path:
+        sys.path[:] = spec.sys_path
+    try:
+        fn = _load(spec.fn)
+        kwargs = {name: _load(p) for name, p in (spec.borrow or {}).items()}
+    except Exception as exc:
+        return exc
+    return _runner.JobContext(spec.kind, fn, kwargs, spec.timeout, spec.seed, spec.layout)
+
+
+def _load(payload: Payload) -> Any:
+    return loads(payload.data, payload.buffers)
+
+
+def _drop_unpicklable(values: list[Any], errors: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Replace results that cannot be pickled by errors that say so."""
+    out = list(values)
+    errs = list(errors)
+    for k, value in enumerate(values):
+        try:
+            dumps(value, [])
+        except Exception as exc:
+            out[k] = None
+            msg = (
+                f"the result of fn (a {type(value).__module__}.{type(value).__qualname__}) "
+                f"cannot be sent back to the parent: it could not be pickled "
+                f"({type(exc).__name__}: {exc})"
+            )
+            errs.append((k, RAISED, encode_exception(TypeError(msg))))
+    errs.sort(key=lambda e: e[0])
+    return out, errs
+
+
+def _handshake(worker: Worker) -> bool:
+    """Apply HELLO (sys.path, init) and answer READY; False if the worker must stop."""
+    if not worker.read(block=True):
+        return False
+    hello = worker.queue.popleft()
+    assert hello[0] == HELLO, hello
+    _, sys_path, init = hello
+    sys.path[:] = sys_path
+    if init is not None:
+        try:
+            _load(init)()
+        except BaseException as exc:  # reported to the parent, which fails the pool start
+            worker.send((INIT_FAILED, encode_exception(exc)))
+            return False
+    worker.send((READY, os.getpid()))
+    return True
+
+
+def main(argv: list[str]) -> None:
+    fd, parent_pid = int(argv[1]), int(argv[2])
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _runner.install_handlers(INTERRUPT_SIGNAL)
+    faulthandler.enable()
+    sock = socket.socket(fileno=fd)
+    worker = Worker(sock)
+    try:
+        if _handshake(worker):
+            worker.serve()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        _runner.flush_stdio()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,156 @@
+"""The module-level API: `shard_map`, `shard_stream`, `map`, `call` on the default pool
+(or the `pool=` given), plus `default_pool()` and `shutdown()`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+from ashard._options import check_positive_int
+from ashard.pool import Pool, _StreamContext
+from ashard.results import ShardResult
+from ashard.shards import Shards
+
+__all__ = ["call", "default_pool", "map", "shard_map", "shard_stream", "shutdown"]
+
+_default: Pool | None = None
+
+
+def default_pool() -> Pool:
+    """The pool the module-level functions use, created (not yet started) on first use.
+    Its workers are loop-independent: it serves one event loop after another."""
+    global _default
+    if _default is None or _default.closed:
+        _default = Pool()
+    return _default
+
+
+async def shutdown() -> None:
+    """Stop the default pool's workers. A later call starts a fresh default pool."""
+    global _default
+    pool, _default = _default, None
+    if pool is not None:
+        await pool.aclose()
+
+
+def _pool(pool: Pool | None, workers: int | None) -> Pool:
+    if pool is not None:
+        if not isinstance(pool, Pool):
+            raise TypeError(f"pool must be an ashard.Pool or None, got {type(pool).__name__}")
+        if workers is not None and workers != pool.workers:
+            raise ValueError(
+                f"workers={workers} sizes the default pool; pool= was given too (with "
+                f"{pool.workers} workers): pass one of them"
+            )
+        return pool
+    size = check_positive_int("workers", workers, allow_none=True)
+    target = default_pool()
+    if size is not None and size != target.workers:
+        target._resize(size)
+    return target
+
+
+async def shard_map(
+    shards: int | Shards | Sequence[Any],
+    fn: Callable[..., Any],
+    *,
+    borrow: Mapping[str, Any] | None = None,
+    out: Mapping[str, Any] | None = None,
+    pool: Pool | None = None,
+    workers: int | None = None,
+    chunk_size: int | Literal["auto"] = "auto",
+    timeout: float | None = None,
+    max_retries: int = 3,
+    retry_errors: bool = False,
+    seed: int | None = None,
+    cow: Literal["deny", "audit", "allow"] = "deny",
+    errors: Literal["raise", "collect"] = "raise",
+    progress: bool = False,
+) -> ShardResult:
+    """Run ``fn(shard, **borrow)`` for every shard on worker processes.
+
+    `shards` is an item count (split by `ashard.shards`), an `ashard.Shards`, or a
+    sequence (each shard's `items` is its slice). Results come back in shard order.
+    A shard whose worker crashes or that runs past `timeout` is retried up to
+    `max_retries` times (and one whose `fn` raised, with `retry_errors=True`). Under
+    ``errors="raise"`` the first permanent failure cancels the rest and raises
+    `ShardMapError`; under ``"collect"`` every shard runs and failures are listed.
+    """
+    return await _pool(pool, workers).shard_map(
+        shards, fn, borrow=borrow, out=out, chunk_size=chunk_size, timeout=timeout,
+        max_retries=max_retries, retry_errors=retry_errors, seed=seed, cow=cow,
+        errors=errors, progress=progress,
+    )  # fmt: skip
+
+
+def shard_stream(
+    shards: int | Shards | Sequence[Any],
+    fn: Callable[..., Any],
+    *,
+    borrow: Mapping[str, Any] | None = None,
+    out: Mapping[str, Any] | None = None,
+    pool: Pool | None = None,
+    workers: int | None = None,
+    chunk_size: int | Literal["auto"] = "auto",
+    timeout: float | None = None,
+    max_retries: int = 3,
+    retry_errors: bool = False,
+    seed: int | None = None,
+    cow: Literal["deny", "audit", "allow"] = "deny",
+    errors: Literal["raise", "collect"] = "raise",
+    progress: bool = False,
+    ordered: bool = False,
+    max_pending: int | None = None,
+) -> _StreamContext:
+    """Like `shard_map`, but yields an `ashard.ShardDone` per shard as it finishes::
+
+        async with ashard.shard_stream(100, fn) as stream:
+            async for done in stream:
+                ...
+
+    `ordered=True` yields in shard order. At most `max_pending` finished shards wait
+    for the consumer (default 1024); a slow consumer pauses dispatch. Leaving the
+    block early cancels the shards still running.
+    """
+    return _pool(pool, workers).shard_stream(
+        shards, fn, borrow=borrow, out=out, chunk_size=chunk_size, timeout=timeout,
+        max_retries=max_retries, retry_errors=retry_errors, seed=seed, cow=cow,
+        errors=errors, progress=progress, ordered=ordered, max_pending=max_pending,
+    )  # fmt: skip
+
+
+async def map(
+    fn: Callable[..., Any],
+    items: Iterable[Any],
+    *,
+    borrow: Mapping[str, Any] | None = None,
+    pool: Pool | None = None,
+    workers: int | None = None,
+    chunk_size: int | Literal["auto"] = "auto",
+    timeout: float | None = None,
+    max_retries: int = 3,
+    retry_errors: bool = False,
+    seed: int | None = None,
+    errors: Literal["raise", "collect"] = "raise",
+    progress: bool = False,
+) -> list[Any]:
+    """``[fn(item, **borrow) for item in items]`` on worker processes, in order.
+
+    `items` is read lazily, a bounded amount ahead of the workers, so a huge generator
+    is never materialised. Under ``errors="collect"`` a failed item's slot holds its
+    `ShardError` instead of a value.
+    """
+    return await _pool(pool, workers).map(
+        fn, items, borrow=borrow, chunk_size=chunk_size, timeout=timeout,
+        max_retries=max_retries, retry_errors=retry_errors, seed=seed, errors=errors,
+        progress=progress,
+    )  # fmt: skip
+
+
+async def call(
+    fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any
+) -> Any:
+    """``fn(*args, **kwargs)`` on a warm worker of the default pool. Raises what `fn`
+    raises (with the worker's traceback as its cause), `ShardTimeout` past `timeout`,
+    `WorkerCrashed` if the worker dies. A call is not retried."""
+    return await default_pool().call(fn, *args, timeout=timeout, **kwargs)

@@ -1,0 +1,147 @@
+"""The exceptions ashard raises.
+
+Shard outcomes share one base so callers can catch them together::
+
+    Exception
+     ├── ShardError                 one shard failed for good (.shard, .attempts)
+     │    ├── ShardFailed           fn raised; __cause__ is the original exception
+     │    ├── ShardTimeout          ran past `timeout` (also a TimeoutError)
+     │    └── WorkerCrashed         the worker process died (.exitcode, .signal)
+     ├── ExceptionGroup
+     │    └── ShardMapError         errors="raise": the failures, plus .result
+     └── RuntimeError
+          └── WorkerStartError      a worker could not start (bad interpreter, init failed)
+
+Bad arguments raise the builtin `TypeError` / `ValueError` before any worker runs.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Self
+
+if TYPE_CHECKING:
+    from ashard.results import ShardResult
+    from ashard.shards import Shard
+
+__all__ = [
+    "ShardError",
+    "ShardFailed",
+    "ShardMapError",
+    "ShardTimeout",
+    "WorkerCrashed",
+    "WorkerStartError",
+]
+
+
+class ShardError(Exception):
+    """A shard that failed permanently: `shard` is the `Shard`, `attempts` how often it ran."""
+
+    def __init__(self, message: str, *, shard: Shard | None, attempts: int) -> None:
+        super().__init__(message)
+        self.shard = shard
+        self.attempts = attempts
+
+    @property
+    def shard_id(self) -> int | None:
+        """The failed shard's id, or None for `ashard.call`."""
+        return None if self.shard is None else self.shard.id
+
+
+class ShardFailed(ShardError):
+    """`fn` raised. The original exception is `__cause__`; the worker's traceback text is
+    in `remote_traceback`."""
+
+    def __init__(
+        self, message: str, *, shard: Shard | None, attempts: int, remote_traceback: str
+    ) -> None:
+        super().__init__(message, shard=shard, attempts=attempts)
+        self.remote_traceback = remote_traceback
+
+
+class ShardTimeout(ShardError, TimeoutError):
+    """The shard ran past `timeout` seconds on every attempt."""
+
+
+class WorkerCrashed(ShardError):
+    """The worker running the shard died: `exitcode` (if it exited) or `signal` (if killed)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        shard: Shard | None,
+        attempts: int,
+        exitcode: int | None,
+        signal: int | None,
+    ) -> None:
+        super().__init__(message, shard=shard, attempts=attempts)
+        self.exitcode = exitcode
+        self.signal = signal
+
+
+class WorkerStartError(RuntimeError):
+    """A worker process could not be started or did not report ready."""
+
+
+class ShardMapError(ExceptionGroup[ShardError]):
+    """Raised under ``errors="raise"``: the permanent failures, with the partial
+    `ShardResult` in `result` (``None`` in the slots of unfinished shards)."""
+
+    result: ShardResult | None
+
+    def __new__(
+        cls, message: str, exceptions: Sequence[ShardError], result: ShardResult | None = None
+    ) -> Self:
+        self = super().__new__(cls, message, exceptions)
+        self.result = result
+        return self
+
+    def __init__(
+        self, message: str, exceptions: Sequence[ShardError], result: ShardResult | None = None
+    ) -> None:
+        super().__init__(message, exceptions)
+
+    def derive(self, excs: Sequence[ShardError]) -> ShardMapError:  # type: ignore[override]
+        return ShardMapError(self.message, excs, self.result)
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker's traceback text as the `__cause__` of a re-raised user exception,
+    so a printed traceback shows where in the worker the error happened."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n\n" + self.text.rstrip()
+
+
+_SIGNAL_HINTS: dict[int, str] = {
+    _signal.SIGKILL: "killed from outside, often by the kernel's out-of-memory killer",
+    _signal.SIGSEGV: "a segmentation fault: a bug in C code, or a stack overflow",
+    _signal.SIGBUS: "a bus error: bad memory access, often a truncated memory-mapped file",
+    _signal.SIGABRT: "aborted: a failed assertion or fatal error in C code",
+    _signal.SIGFPE: "a floating-point exception in C code",
+    _signal.SIGILL: "an illegal instruction: a binary built for another CPU",
+    _signal.SIGTERM: "terminated from outside",
+}
+
+
+def describe_exit(pid: int, exitcode: int | None, signum: int | None) -> str:
+    """Words for how a worker ended, with the likely cause."""
+    if signum is not None:
+        try:
+            name = _signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        hint = _SIGNAL_HINTS.get(signum, "killed by a signal")
+        return f"worker {pid} was killed by {name} ({hint})"
+    if exitcode is None:
+        return f"worker {pid} stopped answering (its channel closed)"
+    return (
+        f"worker {pid} exited with code {exitcode} "
+        "(sys.exit or os._exit in fn, or a fatal interpreter error; its stderr may say more)"
+    )

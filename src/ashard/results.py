@@ -1,0 +1,80 @@
+"""What a call hands back: `ShardResult` for `shard_map`, `ShardDone` per streamed shard,
+and `Diagnostics` describing how the run went."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ashard.errors import ShardError, ShardMapError
+from ashard.shards import Shard
+
+__all__ = ["Diagnostics", "ShardDone", "ShardResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostics:
+    """How a call ran: counts, timing and the workers involved."""
+
+    shards: int
+    duration: float
+    workers: tuple[int, ...]
+    chunks: int
+    retries: int
+    timeouts: int
+    crashes: int
+    failures: int
+    cancelled: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    def summary(self) -> str:
+        """One line for humans."""
+        return (
+            f"{self.shards} shards on {len(self.workers)} workers in {self.duration:.3f} s "
+            f"({self.chunks} dispatches, {self.retries} retries, {self.timeouts} timeouts, "
+            f"{self.crashes} worker crashes, {self.failures} failures)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ShardDone:
+    """One finished shard from `shard_stream`: its value, or the error under
+    ``errors="collect"``; the attempts it took, the worker pid and its run time."""
+
+    shard: Shard
+    value: Any
+    error: ShardError | None
+    attempts: int
+    worker: int | None
+    elapsed: float
+
+
+@dataclass(frozen=True, slots=True)
+class ShardResult:
+    """The outcome of `shard_map`: `results` in shard order (`None` where a shard
+    failed or never ran), the permanent `failures`, the `shards` and `diagnostics`."""
+
+    results: list[Any]
+    failures: list[ShardError]
+    shards: Sequence[Shard]
+    diagnostics: Diagnostics
+
+    @property
+    def ok(self) -> bool:
+        """True when no shard failed."""
+        return not self.failures
+
+    def raise_for_failures(self) -> None:
+        """Raise `ShardMapError` holding the failures, if there are any."""
+        if self.failures:
+            raise ShardMapError(_failure_message(self.failures), self.failures, self)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+
+def _failure_message(failures: Sequence[ShardError]) -> str:
+    first = failures[0]
+    more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+    return f"{len(failures)} shard(s) failed; first: {first}{more}"

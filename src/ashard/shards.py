@@ -1,0 +1,150 @@
+"""Shards: how the items of a job are split into units of work.
+
+`Shards` is a cheap, picklable description (item count, block size, strategy); a
+`Shard` is built on demand from it, in the parent and again in the worker, so a job
+never ships a list of index arrays.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["Shard", "Shards", "shards"]
+
+Strategy = Literal["contiguous", "strided"]
+_STRATEGIES = ("contiguous", "strided")
+SHARDS_PER_WORKER = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One unit of work handed to `fn`.
+
+    `id` is the 0-based position in `Shards`; `idx` the global item indices (a `range`
+    for contiguous shards, an int ndarray for strided ones); `items` the matching slice
+    of the input sequence, if one was given; `rng` a per-shard generator when a seed was
+    given; `attempt` counts tries from 1.
+    """
+
+    id: int
+    idx: range | np.ndarray[Any, Any]
+    items: Any = None
+    rng: np.random.Generator | None = None
+    attempt: int = 1
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+
+class Shards(Sequence[Shard]):
+    """A sequence of `Shard` over `n` items, made by `ashard.shards()`."""
+
+    __slots__ = ("_count", "block_size", "n", "strategy")
+
+    def __init__(self, n: int, block_size: int, strategy: Strategy) -> None:
+        self.n = n
+        self.block_size = block_size
+        self.strategy = strategy
+        self._count = math.ceil(n / block_size)
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, i: int) -> Shard: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Shard]: ...
+    def __getitem__(self, i: int | slice) -> Shard | list[Shard]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._count))]
+        k = i + self._count if i < 0 else i
+        if not 0 <= k < self._count:
+            raise IndexError(f"shard index {i} out of range for {self._count} shards")
+        return Shard(k, self.indices(k))
+
+    def __iter__(self) -> Iterator[Shard]:
+        return (Shard(k, self.indices(k)) for k in range(self._count))
+
+    def __repr__(self) -> str:
+        return (
+            f"Shards(n={self.n}, block_size={self.block_size}, "
+            f"strategy={self.strategy!r}, count={self._count})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Shards):
+            return NotImplemented
+        return (self.n, self.block_size, self.strategy) == (
+            other.n,
+            other.block_size,
+            other.strategy,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.n, self.block_size, self.strategy))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Shards, (self.n, self.block_size, self.strategy))
+
+    def indices(self, k: int) -> range | np.ndarray[Any, Any]:
+        """The global item indices of shard `k`."""
+        if self.strategy == "contiguous":
+            start = k * self.block_size
+            return range(start, min(start + self.block_size, self.n))
+        import numpy as np
+
+        return np.arange(k, self.n, self._count)
+
+    def items_of(self, seq: Any, k: int) -> Any:
+        """The items of shard `k` taken from `seq` (slicing when the sequence allows it)."""
+        if self.strategy == "contiguous":
+            start = k * self.block_size
+            return _take(seq, slice(start, min(start + self.block_size, self.n)))
+        return _take(seq, slice(k, self.n, self._count))
+
+
+def _take(seq: Any, sl: slice) -> Any:
+    try:
+        return seq[sl]
+    except (TypeError, KeyError, IndexError):
+        return [seq[i] for i in range(*sl.indices(len(seq)))]
+
+
+def shards(
+    n: int,
+    *,
+    block_size: int | None = None,
+    workers: int | None = None,
+    strategy: Strategy = "contiguous",
+) -> Shards:
+    """Split `n` items into shards.
+
+    `strategy="contiguous"` gives blocks of consecutive indices; `"strided"` gives shard
+    k the indices k, k+S, k+2S, ... for S shards. Without `block_size`, one is chosen so
+    that each of `workers` (default: the CPU count) gets several shards.
+    """
+    _check_positive_int("n", n)
+    if block_size is not None:
+        _check_positive_int("block_size", block_size)
+    if workers is not None:
+        _check_positive_int("workers", workers)
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy must be 'contiguous' or 'strided', got {strategy!r}")
+    if block_size is None:
+        w = workers or os.cpu_count() or 1
+        block_size = max(1, math.ceil(n / (w * SHARDS_PER_WORKER)))
+    return Shards(n, block_size, strategy)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
