@@ -2,8 +2,8 @@
 
     result = await ashard.shard_map(1_000_000, fn, borrow={"X": X})
 
-Names are loaded on first use, so that a worker process (which imports this package
-to reach `ashard._worker`) starts without loading the supervisor.
+The supervisor (anyio and up) is loaded on first use, so that a worker process, which
+imports this package to reach `ashard._worker`, starts without it.
 """
 
 from __future__ import annotations
@@ -37,48 +37,37 @@ __all__ = [
     "shutdown",
 ]
 
-_WHERE = {
-    "Diagnostics": "ashard.results",
+from ashard.errors import (
+    ShardError,
+    ShardFailed,
+    ShardMapError,
+    ShardTimeout,
+    WorkerCrashed,
+    WorkerStartError,
+)
+from ashard.results import Diagnostics, ShardDone, ShardResult
+from ashard.shards import Shard, Shards, shards
+
+_LAZY = {
     "Pool": "ashard.pool",
     "PoolStats": "ashard.pool",
-    "Shard": "ashard.shards",
-    "ShardDone": "ashard.results",
-    "ShardError": "ashard.errors",
-    "ShardFailed": "ashard.errors",
-    "ShardMapError": "ashard.errors",
-    "ShardResult": "ashard.results",
     "ShardStream": "ashard._stream",
-    "ShardTimeout": "ashard.errors",
-    "Shards": "ashard.shards",
-    "WorkerCrashed": "ashard.errors",
-    "WorkerStartError": "ashard.errors",
     "call": "ashard.api",
     "default_pool": "ashard.api",
     "map": "ashard.api",
     "shard_map": "ashard.api",
     "shard_stream": "ashard.api",
-    "shards": "ashard.shards",
     "shutdown": "ashard.api",
 }
 
 if TYPE_CHECKING:
     from ashard._stream import ShardStream
     from ashard.api import call, default_pool, map, shard_map, shard_stream, shutdown
-    from ashard.errors import (
-        ShardError,
-        ShardFailed,
-        ShardMapError,
-        ShardTimeout,
-        WorkerCrashed,
-        WorkerStartError,
-    )
     from ashard.pool import Pool, PoolStats
-    from ashard.results import Diagnostics, ShardDone, ShardResult
-    from ashard.shards import Shard, Shards, shards
 
 
 def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
+    module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'ashard' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)

@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 START_TIMEOUT = 60.0
 """Seconds a new worker may take to import and run `init` before it counts as broken."""
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _spawner: ThreadPoolExecutor | None = None
 _live: weakref.WeakSet[WorkerHandle] = weakref.WeakSet()
 
@@ -53,7 +52,8 @@ def _popen(child_fd: int, config: WorkerConfig) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env.update(config.env)
     path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + path if path else "")
+    package_root = str(Path(__file__).resolve().parent.parent)  # so `-m ashard._worker` works
+    env["PYTHONPATH"] = package_root + (os.pathsep + path if path else "")
     cmd = [sys.executable, "-m", "ashard._worker", str(child_fd), str(os.getpid())]
     return subprocess.Popen(
         cmd, pass_fds=(child_fd,), stdin=subprocess.DEVNULL, cwd=os.getcwd(), env=env

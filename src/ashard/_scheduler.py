@@ -180,6 +180,13 @@ class Scheduler:
         tenant.leased += 1
         return w
 
+    async def replenish(self) -> None:
+        """Start a replacement for a worker that died, so the pool stays at its size."""
+        if self.closed or self._capacity() <= 0:
+            return
+        tenant = _CallTenant()
+        self.release(await self._spawn_for(tenant), tenant)
+
     async def start_all(self) -> None:
         """Bring the pool up to size (for a warm `async with Pool(...)`)."""
         tenant = _CallTenant()
@@ -404,6 +411,7 @@ class Scheduler:
         w.inflight.clear()
         job.worker_lost(chunks, pid=w.pid, timed_out=timed_out, exit_info=w.exit_info())
         self.discard(w, job)
+        await self.replenish()
 
     def forget(self, job: Job) -> None:
         """The job is over: workers that loaded it may drop its fn and borrow."""
@@ -484,6 +492,7 @@ class Scheduler:
             if await w.wait_exit(1.0) is None:
                 await w.kill()
         self.discard(w, tenant)
+        await self.replenish()
 
     def _call_lost_error(
         self, w: WorkerHandle, timeout: float | None, timed_out: bool

@@ -1,0 +1,62 @@
+"""Shared fixtures: the anyio backend, the leak check that runs after every test, and
+blockbuster, which fails a test that makes a blocking call on the event loop."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import anyio
+import psutil
+import pytest
+
+import ashard
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _children() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
+
+
+def _shm_segments() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if "ashard" in n}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail any test that leaves a child process or a shared-memory segment behind."""
+    before = {p.pid for p in _children()}
+    shm_before = _shm_segments()
+    yield
+    anyio.run(ashard.shutdown)
+    deadline = time.monotonic() + 5.0
+    while True:
+        left = [p for p in _children() if p.pid not in before]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    for p in left:
+        p.kill()
+    assert not left, f"test left child processes behind: {[p.pid for p in left]}"
+    leaked = _shm_segments() - shm_before
+    assert not leaked, f"test left shared-memory segments behind: {leaked}"
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_calls(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Blocking calls on the event loop thread raise during async tests (asyncio)."""
+    if request.node.get_closest_marker("anyio") is None:
+        yield
+        return
+    from blockbuster import blockbuster_ctx
+
+    with blockbuster_ctx():
+        yield

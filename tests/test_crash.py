@@ -1,0 +1,101 @@
+"""Workers that die: every shard's result still appears exactly once."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import pytest
+import workloads
+
+import ashard
+
+pytestmark = pytest.mark.anyio
+
+HOW = ["sigkill", "exit", "segfault"]
+
+
+@pytest.mark.parametrize("how", HOW)
+async def test_crash_is_retried_on_a_live_worker(how: str) -> None:
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(
+            ashard.shards(12, block_size=1), functools.partial(workloads.die_first_attempt, how=how)
+        )
+        assert res.results == [i * 10 for i in range(12)]
+        assert res.ok
+        assert res.diagnostics.crashes >= 1
+        assert res.diagnostics.retries >= 1
+        stats = pool.stats
+        assert stats.crashed >= 1
+        assert stats.started >= 3  # a replacement was started
+        assert await pool.call(os.getpid) in pool.pids
+
+
+@pytest.mark.parametrize("how", HOW)
+async def test_crash_past_max_retries_fails_with_worker_crashed(how: str) -> None:
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(
+            ashard.shards(8, block_size=1),
+            functools.partial(workloads.die_always, how=how),
+            max_retries=2,
+            errors="collect",
+        )
+    assert [f.shard_id for f in res.failures] == [2]
+    err = res.failures[0]
+    assert isinstance(err, ashard.WorkerCrashed)
+    assert err.attempts == 3
+    if how == "exit":
+        assert (err.exitcode, err.signal) == (3, None)
+    else:
+        expected = signal.SIGKILL if how == "sigkill" else signal.SIGSEGV
+        assert (err.exitcode, err.signal) == (None, expected)
+        assert signal.Signals(expected).name in str(err)
+    assert res.results[:2] == [0, 10] and res.results[3:] == [30, 40, 50, 60, 70]
+
+
+async def test_crash_with_no_retries_fails_only_the_culprit() -> None:
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(
+            ashard.shards(64, block_size=1), workloads.die_always, max_retries=0, errors="collect"
+        )
+    assert [f.shard_id for f in res.failures] == [2]
+    assert sum(r is not None for r in res.results) == 63
+
+
+async def test_worker_killed_from_outside_mid_run() -> None:
+    async with ashard.Pool(2) as pool:
+        victims = list(pool.pids)
+
+        async def kill_soon() -> None:
+            await anyio.sleep(0.3)
+            os.kill(victims[0], signal.SIGKILL)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kill_soon)
+            res = await pool.shard_map(ashard.shards(40, block_size=1), workloads.sleep_shard)
+        assert res.results == list(range(40))
+        assert victims[0] not in pool.pids
+        assert pool.stats.crashed == 1
+
+
+async def test_map_survives_crashes(tmp_path: Path) -> None:
+    marker = str(tmp_path / "crashed-once")
+
+    def maybe_die(x: int) -> int:
+        if x == 500 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(7)
+        return x + 1
+
+    out = await ashard.map(maybe_die, range(2000), workers=2)
+    assert out == list(range(1, 2001))
+
+
+async def test_call_reports_a_crash() -> None:
+    with pytest.raises(ashard.WorkerCrashed) as info:
+        await ashard.call(workloads.die, "exit")
+    assert info.value.exitcode == 3
+    assert await ashard.call(abs, -1) == 1  # the pool goes on

@@ -1,0 +1,118 @@
+"""User code that fails: `ShardFailed` with the original exception, `errors=` modes."""
+
+from __future__ import annotations
+
+import pytest
+import workloads
+
+import ashard
+from ashard._serialize import RemoteError
+
+pytestmark = pytest.mark.anyio
+
+ONE_EACH = ashard.shards(8, block_size=1)
+
+
+async def test_exception_becomes_shard_failed_with_original_cause() -> None:
+    res = await ashard.shard_map(ONE_EACH, workloads.fail_on, errors="collect", workers=2)
+    assert not res.ok
+    assert [f.shard_id for f in res.failures] == [3]
+    err = res.failures[0]
+    assert isinstance(err, ashard.ShardFailed)
+    assert isinstance(err.__cause__, ValueError)
+    assert str(err.__cause__) == "shard 3 is bad"
+    assert "in fail_on" in err.remote_traceback
+    assert "raise ValueError" in err.remote_traceback
+    assert err.attempts == 1
+    assert err.shard is not None and list(err.shard.idx) == [3]
+    assert res.results[3] is None
+    assert res.results[:3] == [0, 1, 2] and res.results[4:] == [4, 5, 6, 7]
+
+
+async def test_custom_exception_keeps_its_type_and_fields() -> None:
+    res = await ashard.shard_map(
+        ashard.shards(2, block_size=1), workloads.raise_custom, errors="collect", workers=1
+    )
+    causes = [f.__cause__ for f in res.failures]
+    assert all(isinstance(c, workloads.CustomError) for c in causes)
+    assert [c.code for c in causes] == [0, 1]  # type: ignore[union-attr]
+
+
+async def test_exception_that_cannot_travel_still_reports_type_and_message() -> None:
+    res = await ashard.shard_map(
+        ashard.shards(1, block_size=1), workloads.raise_unpicklable, errors="collect", workers=1
+    )
+    cause = res.failures[0].__cause__
+    assert isinstance(cause, RemoteError)
+    assert "UnpicklableError" in str(cause) and "cannot travel" in str(cause)
+
+
+async def test_raise_mode_stops_at_first_failure_with_partial_result() -> None:
+    with pytest.raises(ashard.ShardMapError) as info:
+        await ashard.shard_map(ONE_EACH, workloads.fail_on, workers=2)
+    group = info.value
+    assert isinstance(group, ExceptionGroup)
+    assert all(isinstance(e, ashard.ShardFailed) for e in group.exceptions)
+    assert [e.shard_id for e in group.exceptions] == [3]
+    assert group.result is not None
+    assert group.result.results[3] is None
+    assert len(group.result.results) == len(ONE_EACH)
+    done = [r for r in group.result.results if r is not None]
+    assert set(done) <= {0, 1, 2, 4, 5, 6, 7}
+
+
+async def test_raise_mode_cancels_the_remaining_shards() -> None:
+    many = ashard.shards(200, block_size=1)
+    with pytest.raises(ashard.ShardMapError) as info:
+        await ashard.shard_map(
+            many, lambda sh: workloads.fail_on(sh, bad=0) + workloads.sleep_for(0.05), workers=2
+        )
+    result = info.value.result
+    assert result is not None
+    assert sum(r is not None for r in result.results) < 20  # nowhere near all 200 ran
+
+
+async def test_except_star_splits_the_group() -> None:
+    try:
+        await ashard.shard_map(ONE_EACH, workloads.fail_on, workers=2)
+    except* ashard.ShardFailed as group:
+        assert isinstance(group, ashard.ShardMapError)
+        assert group.result is not None
+
+
+async def test_collect_runs_every_shard() -> None:
+    res = await ashard.shard_map(
+        ashard.shards(20, block_size=1),
+        lambda sh: 1 // (sh.id % 4),
+        errors="collect",
+        workers=2,
+    )
+    assert [f.shard_id for f in res.failures] == [0, 4, 8, 12, 16]
+    assert all(isinstance(f.__cause__, ZeroDivisionError) for f in res.failures)
+    assert sum(r is not None for r in res.results) == 15
+    with pytest.raises(ashard.ShardMapError):
+        res.raise_for_failures()
+
+
+async def test_retry_errors_retries_raising_shards() -> None:
+    res = await ashard.shard_map(
+        ONE_EACH, workloads.fail_on, errors="collect", retry_errors=True, max_retries=2, workers=2
+    )
+    assert res.failures[0].attempts == 3
+    assert res.diagnostics.retries == 2
+
+
+async def test_map_raises_and_collects() -> None:
+    with pytest.raises(ashard.ShardMapError) as info:
+        await ashard.map(lambda x: 10 // x, [5, 2, 0, 1], workers=2)
+    assert isinstance(info.value.exceptions[0].__cause__, ZeroDivisionError)
+    out = await ashard.map(lambda x: 10 // x, [5, 2, 0, 1], errors="collect", workers=2)
+    assert out[:2] == [2, 5] and out[3] == 10
+    assert isinstance(out[2], ashard.ShardFailed)
+    assert isinstance(out[2].__cause__, ZeroDivisionError)
+
+
+async def test_call_raises_the_original_exception_with_remote_traceback() -> None:
+    with pytest.raises(ZeroDivisionError) as info:
+        await ashard.call(divmod, 1, 0)
+    assert "ZeroDivisionError" in str(info.value.__cause__)

@@ -1,0 +1,174 @@
+"""`shard_map` end to end on real workers: order, inputs, functions of every kind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import anyio
+import pytest
+import workloads
+
+import ashard
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_results_come_back_in_shard_order() -> None:
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(ashard.shards(40, block_size=1), workloads.sleep_shard)
+    assert res.results == list(range(40))
+    assert res.ok and res.failures == []
+    assert len(res.shards) == 40
+    assert res.diagnostics.shards == 40
+
+
+async def test_int_means_shards_of_n() -> None:
+    res = await ashard.shard_map(100, workloads.shard_ids, workers=2)
+    expected = ashard.shards(100)
+    assert [r[0] for r in res.results] == list(range(len(expected)))
+    assert [r[1] for r in res.results] == [list(s.idx) for s in expected]
+    assert sorted(i for r in res.results for i in r[1]) == list(range(100))
+
+
+async def test_strided_shards_on_workers() -> None:
+    s = ashard.shards(11, block_size=3, strategy="strided")
+    res = await ashard.shard_map(s, workloads.shard_ids, workers=2)
+    assert [r[1] for r in res.results] == [sh.idx.tolist() for sh in s]
+
+
+async def test_sequence_items_are_the_shard_slices() -> None:
+    words = [f"w{i}" for i in range(23)]
+    res = await ashard.shard_map(words, workloads.shard_items, workers=2)
+    layout = ashard.shards(len(words))
+    assert res.results == [words[s.idx.start : s.idx.stop] for s in layout]
+    assert [w for chunk in res.results for w in chunk] == words
+
+
+async def test_empty_sequence_gives_empty_result() -> None:
+    res = await ashard.shard_map([], workloads.shard_items, workers=2)
+    assert res.results == [] and res.ok
+
+
+async def test_lambdas_and_closures_run_on_workers() -> None:
+    offset = 1000
+
+    def add_offset(shard: ashard.Shard) -> int:
+        return shard.id + offset
+
+    async with ashard.Pool(2) as pool:
+        s = ashard.shards(6, block_size=1)
+        assert (await pool.shard_map(s, lambda sh: sh.id * 2)).results == [0, 2, 4, 6, 8, 10]
+        assert (await pool.shard_map(s, add_offset)).results == [1000 + i for i in range(6)]
+
+
+async def test_borrow_reaches_fn_as_keyword_arguments() -> None:
+    table = {"a": 1, "b": 2}
+    res = await ashard.shard_map(
+        ashard.shards(4, block_size=1),
+        lambda sh, table, scale: table["b"] * scale + sh.id,
+        borrow={"table": table, "scale": 10},
+        workers=2,
+    )
+    assert res.results == [20, 21, 22, 23]
+
+
+class _CountsLoads:
+    """Appends the unpickling process id to a file: counts how often it was sent."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_record_load, (self.path,))
+
+
+def _record_load(path: str) -> _CountsLoads:
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return _CountsLoads(path)
+
+
+async def test_borrow_is_sent_once_per_worker_not_per_shard(tmp_path: Path) -> None:
+    log = tmp_path / "loads.txt"
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(
+            ashard.shards(64, block_size=1),
+            lambda sh, obj: sh.id,
+            borrow={"obj": _CountsLoads(str(log))},
+            chunk_size=1,
+        )
+        assert res.results == list(range(64))
+        pids = (await anyio.Path(log).read_text()).split()
+        assert len(pids) == len(set(pids)) <= 2  # one load per worker for the whole call
+
+
+def test_function_defined_in_main_script(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import anyio, ashard
+
+            def in_main(shard):
+                return [i * i for i in shard.idx]
+
+            async def main():
+                res = await ashard.shard_map(6, in_main, workers=2)
+                print(sum(sum(r) for r in res.results))
+                await ashard.shutdown()
+
+            anyio.run(main)
+            """
+        )
+    )
+    out = run_script(script)
+    assert out.strip() == str(sum(i * i for i in range(6)))
+
+
+def test_worker_finds_modules_next_to_the_script(tmp_path: Path) -> None:
+    (tmp_path / "helper_mod.py").write_text("def triple(shard):\n    return shard.id * 3\n")
+    script = tmp_path / "main.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import anyio, ashard, helper_mod
+
+            async def main():
+                res = await ashard.shard_map(ashard.shards(3, block_size=1), helper_mod.triple,
+                                             workers=1)
+                print(res.results)
+                await ashard.shutdown()
+
+            anyio.run(main)
+            """
+        )
+    )
+    out = run_script(script)
+    assert out.strip() == "[0, 3, 6]"
+
+
+def run_script(script: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=script.parent, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_sync_code_can_drive_anyio_run() -> None:
+    """The default pool serves one event loop after another."""
+    import anyio
+
+    for _ in range(2):
+        res = anyio.run(ashard.shard_map, 8, workloads.shard_sum)
+        assert sum(res.results) == sum(range(8))
+
+
+def test_subprocess_isolation_from_fork_state() -> None:
+    code = "import ashard, anyio; print(anyio.run(ashard.call, abs, -4))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "4"

@@ -1,0 +1,154 @@
+"""Functions the tests run on workers. They live in an importable module, as user code
+usually does; tests of closures, lambdas and `__main__` functions build their own."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import signal
+import time
+from typing import Any
+
+import numpy as np
+
+from ashard import Shard
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def shard_sum(shard: Shard) -> int:
+    return int(sum(shard.idx))
+
+
+def shard_ids(shard: Shard) -> tuple[int, list[int]]:
+    return shard.id, list(shard.idx)
+
+
+def shard_items(shard: Shard) -> Any:
+    return shard.items
+
+
+def pid_of(shard: Shard) -> int:
+    return os.getpid()
+
+
+def sleep_for(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def sleep_shard(shard: Shard, seconds: float = 0.05) -> int:
+    time.sleep(seconds)
+    return shard.id
+
+
+def busy(seconds: float) -> float:
+    end = time.thread_time() + seconds
+    x = 0
+    while time.thread_time() < end:
+        x += 1
+    return seconds
+
+
+def fail_on(shard: Shard, bad: int = 3) -> int:
+    if shard.id == bad:
+        raise ValueError(f"shard {shard.id} is bad")
+    return shard.id
+
+
+class CustomError(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(f"custom failure {code}")
+        self.code = code
+
+
+class UnpicklableError(Exception):
+    def __reduce__(self) -> Any:
+        raise TypeError("this exception refuses to be pickled")
+
+
+def raise_custom(shard: Shard) -> None:
+    raise CustomError(shard.id)
+
+
+def raise_unpicklable(shard: Shard) -> None:
+    raise UnpicklableError("cannot travel")
+
+
+def die(how: str) -> None:
+    """End the calling worker process the way `how` says."""
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif how == "exit":
+        os._exit(3)
+    elif how == "segfault":
+        ctypes.string_at(0)
+    elif how == "hang":
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
+        time.sleep(3600)
+    elif how == "oom":
+        blocks = []
+        while True:  # the test caps the address space, so this ends in MemoryError or a kill
+            blocks.append(np.ones(1 << 27, dtype=np.uint8))
+    raise AssertionError(how)
+
+
+def die_first_attempt(shard: Shard, how: str = "sigkill", victim: int = 2) -> int:
+    if shard.id == victim and shard.attempt == 1:
+        die(how)
+    return shard.id * 10
+
+
+def die_always(shard: Shard, how: str = "sigkill", victim: int = 2) -> int:
+    if shard.id == victim:
+        die(how)
+    return shard.id * 10
+
+
+def random_draws(shard: Shard) -> tuple[list[float], float, float]:
+    assert shard.rng is not None
+    return shard.rng.random(3).tolist(), random.random(), float(np.random.random())
+
+
+def random_draws_crash_once(shard: Shard) -> tuple[list[float], float, float]:
+    if shard.id == 1 and shard.attempt == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return random_draws(shard)
+
+
+def blocked_sleep(shard: Shard, victim: int = 1) -> int:
+    """Shard `victim` sleeps with every signal blocked: only SIGKILL can stop it."""
+    if shard.id == victim:
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL})
+        time.sleep(60)
+    return shard.id
+
+
+def python_sleep(shard: Shard, victim: int = 1) -> int:
+    if shard.id == victim:
+        time.sleep(60)
+    return shard.id
+
+
+def chatty(shard: Shard) -> int:
+    for i in range(50):
+        print(f"chatty {shard.id} line {i}", flush=(i % 7 == 0))
+    os.write(1, b"raw bytes straight to fd 1 \x00\xff\n")
+    os.write(2, b"raw bytes straight to fd 2\n")
+    return shard.id
+
+
+def return_lock(shard: Shard) -> Any:
+    import threading
+
+    if shard.id == 1:
+        return threading.Lock()
+    return shard.id
+
+
+def timestamps(x: int) -> tuple[int, float]:
+    time.sleep(0.002)
+    return x, time.monotonic()
