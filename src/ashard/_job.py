@@ -206,7 +206,7 @@ class Job:
     def window(self) -> int:
         """How many chunks a worker should hold at once."""
         if self.per_shard is None:
-            return 2
+            return 1  # until a first result says how long shards take
         chunk_time = self.per_shard * self._last_size
         if chunk_time >= LONG_CHUNK_SECONDS:
             return 1

@@ -49,7 +49,7 @@ from ashard._protocol import (
     RUN,
     TIMEOUT,
 )
-from ashard._serialize import decode_exception
+from ashard._serialize import decode_exception, dumps_named
 from ashard.errors import RemoteTraceback, ShardTimeout, WorkerCrashed, describe_exit
 
 CANCEL_GRACE = 1.0
@@ -431,7 +431,11 @@ class Scheduler:
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` on a worker; raise what it raises."""
         seq = next(self._seq)
-        parts = encode((CALL, seq, fn, args, kwargs, timeout))
+        try:
+            parts = encode((CALL, seq, fn, args, kwargs, timeout))
+        except Exception:
+            _name_unpicklable(fn, args, kwargs)
+            raise
         tenant = _CallTenant()
         w = await self.acquire(tenant)
         if w.forget:
@@ -516,6 +520,15 @@ async def _receive(w: WorkerHandle) -> list[Any]:
         if isinstance(m, RawFrame):
             msgs[i] = await anyio.to_thread.run_sync(m.decode)
     return msgs
+
+
+def _name_unpicklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise a `TypeError` naming the first part of a call that cannot be pickled."""
+    dumps_named(fn, "fn", [])
+    for i, arg in enumerate(args):
+        dumps_named(arg, f"argument {i} of the call", [])
+    for name, value in kwargs.items():
+        dumps_named(value, f"keyword argument {name!r} of the call", [])
 
 
 def _call_outcome(msg: Any, timeout: float | None) -> Any:

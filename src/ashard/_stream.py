@@ -52,7 +52,10 @@ class ShardStream:
         if not self._job.over:
             self._job.abort()
             self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(exc_type, exc, tb)
+        # The consumer's own exception (ShardMapError, a break, cancellation) goes on
+        # unwrapped: the task group is closed as if the body had ended normally.
+        await self._tg.__aexit__(None, None, None)
+        return None
 
     async def _run(self) -> None:
         try:

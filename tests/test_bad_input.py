@@ -1,0 +1,107 @@
+"""Bad input: a clear error naming the argument, before any worker runs."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import workloads
+
+import ashard
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(
+    ("shards", "fn", "options", "exc", "words"),
+    [
+        (4, 42, {}, TypeError, "fn must be callable, got int 42"),
+        (0, workloads.shard_sum, {}, ValueError, "shards must be a positive number"),
+        (-5, workloads.shard_sum, {}, ValueError, "shards must be a positive number"),
+        (True, workloads.shard_sum, {}, TypeError, "shards must be"),
+        ("abc", workloads.shard_sum, {}, TypeError, "wrap it in a list"),
+        (iter([1, 2]), workloads.shard_sum, {}, TypeError, "for other iterables use ashard.map"),
+        (4, workloads.shard_sum, {"errors": "ignore"}, ValueError, "errors must be one of"),
+        (4, workloads.shard_sum, {"cow": "maybe"}, ValueError, "cow must be one of"),
+        (4, workloads.shard_sum, {"chunk_size": 0}, ValueError, "chunk_size must be a positive"),
+        (4, workloads.shard_sum, {"chunk_size": "big"}, ValueError, "chunk_size must be"),
+        (4, workloads.shard_sum, {"timeout": -1}, ValueError, "timeout must be a positive"),
+        (4, workloads.shard_sum, {"timeout": "1s"}, TypeError, "timeout must be a positive"),
+        (4, workloads.shard_sum, {"max_retries": -1}, ValueError, "max_retries must be"),
+        (4, workloads.shard_sum, {"seed": 1.5}, TypeError, "seed must be"),
+        (4, workloads.shard_sum, {"seed": -1}, ValueError, "seed must be"),
+        (4, workloads.shard_sum, {"retry_errors": "yes"}, TypeError, "retry_errors must be"),
+        (4, workloads.shard_sum, {"progress": 1}, TypeError, "progress must be"),
+        (4, workloads.shard_sum, {"borrow": [1, 2]}, TypeError, "borrow must be a mapping"),
+        (4, workloads.shard_sum, {"borrow": {"not valid": 1}}, TypeError, "valid identifiers"),
+    ],
+)
+async def test_shard_map_refuses_bad_arguments(
+    shards: Any, fn: Any, options: dict[str, Any], exc: type[Exception], words: str
+) -> None:
+    pool = ashard.Pool(1)
+    with pytest.raises(exc, match=words):
+        await pool.shard_map(shards, fn, **options)
+    assert pool.stats.started == 0  # no worker ran
+    await pool.aclose()
+
+
+async def test_unpicklable_fn_is_named() -> None:
+    lock = threading.Lock()
+    pool = ashard.Pool(1)
+    with pytest.raises(TypeError, match=r"fn cannot be sent to a worker process.*lock"):
+        await pool.shard_map(3, lambda sh: lock)
+    assert pool.stats.started == 0
+    await pool.aclose()
+
+
+async def test_unpicklable_borrow_is_named() -> None:
+    pool = ashard.Pool(1)
+    with pytest.raises(TypeError, match=r"borrow\['guard'\] cannot be sent"):
+        await pool.shard_map(3, workloads.shard_sum, borrow={"ok": 1, "guard": threading.Lock()})
+    assert pool.stats.started == 0
+    await pool.aclose()
+
+
+async def test_unpicklable_call_argument_is_named() -> None:
+    with pytest.raises(TypeError, match="argument 1 of the call cannot be sent"):
+        await ashard.call(workloads.square, 1, threading.Lock())
+
+
+async def test_unpicklable_result_fails_that_shard_only() -> None:
+    res = await ashard.shard_map(
+        ashard.shards(4, block_size=1), workloads.return_lock, errors="collect", workers=2
+    )
+    assert [f.shard_id for f in res.failures] == [1]
+    cause = res.failures[0].__cause__
+    assert isinstance(cause, TypeError)
+    assert "_thread.lock" in str(cause) and "could not be pickled" in str(cause)
+    assert res.results == [0, None, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "words"),
+    [
+        ({"workers": 0}, ValueError, "workers must be a positive int"),
+        ({"workers": "2"}, TypeError, "workers must be a positive int"),
+        ({"init": 3}, TypeError, "init must be callable"),
+        ({"env": {"A": 1}}, TypeError, "env must map str to str"),
+    ],
+)
+def test_pool_refuses_bad_arguments(kwargs: dict[str, Any], exc: type[Exception], words: str) -> None:
+    with pytest.raises(exc, match=words):
+        ashard.Pool(**kwargs)
+
+
+async def test_stream_and_map_refuse_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="max_pending must be a positive int"):
+        async with ashard.shard_stream(4, workloads.shard_sum, max_pending=0):
+            pass
+    with pytest.raises(TypeError, match="ordered must be True or False"):
+        async with ashard.shard_stream(4, workloads.shard_sum, ordered="yes"):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(TypeError, match="items must be iterable"):
+        await ashard.map(abs, 5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="pool must be an ashard.Pool"):
+        await ashard.shard_map(4, workloads.shard_sum, pool="default")  # type: ignore[arg-type]

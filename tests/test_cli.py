@@ -1,0 +1,27 @@
+"""`python -m ashard demo | info`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_demo_runs_a_real_workload_and_prints_diagnostics() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ashard", "demo", "--items", "200", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "pi ~ 3.1" in out.stdout
+    assert "shards on 2 workers" in out.stdout
+    assert "retries" in out.stdout
+
+
+def test_info_prints_versions_and_cpu_count() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ashard", "info"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "cpu count" in out.stdout and "anyio" in out.stdout and "start method" in out.stdout

@@ -1,0 +1,61 @@
+"""Several calls on one pool at once: each makes progress."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+import workloads
+
+import ashard
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_two_concurrent_shard_maps_both_progress() -> None:
+    finished: dict[str, float] = {}
+    async with ashard.Pool(2) as pool:
+
+        async def run(name: str, n: int, seconds: float) -> None:
+            res = await pool.shard_map(
+                ashard.shards(n, block_size=1), lambda sh: workloads.sleep_for(seconds)
+            )
+            assert len(res.results) == n
+            finished[name] = time.monotonic()
+
+        t0 = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "long", 30, 0.1)  # 1.5 s of work on 2 workers
+            await anyio.sleep(0.2)
+            tg.start_soon(run, "short", 4, 0.1)
+    # the short job did not wait for the long one to finish
+    assert finished["short"] < finished["long"]
+    assert finished["short"] - t0 < 1.2
+
+
+async def test_many_concurrent_calls() -> None:
+    async with ashard.Pool(2) as pool:
+        results: list[int] = []
+
+        async def one(i: int) -> None:
+            results.append(await pool.call(workloads.square, i))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(one, i)
+    assert sorted(results) == sorted(i * i for i in range(50))
+
+
+async def test_map_and_calls_interleave() -> None:
+    async with ashard.Pool(2) as pool:
+        async with anyio.create_task_group() as tg:
+            out: list[object] = []
+
+            async def mapper() -> None:
+                out.append(await pool.map(workloads.square, range(5000)))
+
+            tg.start_soon(mapper)
+            for _ in range(20):
+                assert await pool.call(abs, -1) == 1
+        assert out[0] == [i * i for i in range(5000)]

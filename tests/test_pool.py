@@ -1,0 +1,111 @@
+"""`Pool`: warm reuse, statistics, lifecycle, default pool, init and env."""
+
+from __future__ import annotations
+
+import os
+
+import anyio
+import pytest
+import workloads
+
+import ashard
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_warm_pool_reuses_its_workers() -> None:
+    async with ashard.Pool(2) as pool:
+        pids = pool.pids
+        assert len(pids) == 2
+        res = await pool.shard_map(ashard.shards(20, block_size=1), workloads.pid_of)
+        assert set(res.results) <= set(pids)
+        await pool.map(workloads.square, range(100))
+        assert pool.pids == pids
+        stats = pool.stats
+        assert (stats.alive, stats.started, stats.crashed) == (2, 2, 0)
+        assert stats.shards_done == 120
+    assert pool.closed
+    assert pool.pids == []
+    with pytest.raises(RuntimeError, match="closed"):
+        await pool.call(abs, 1)
+
+
+async def test_pool_without_context_manager_starts_on_demand() -> None:
+    pool = ashard.Pool(1)
+    assert pool.pids == []
+    assert await pool.call(os.getpid) == pool.pids[0]
+    await pool.aclose()
+
+
+async def test_default_pool_is_shared_and_resizable() -> None:
+    p = ashard.default_pool()
+    assert p is ashard.default_pool()
+    await ashard.map(abs, range(10), workers=1)
+    assert p.workers == 1 and len(p.pids) == 1
+    await ashard.shard_map(ashard.shards(8, block_size=1), workloads.sleep_shard, workers=2)
+    assert p.workers == 2 and len(p.pids) == 2
+    await ashard.map(abs, range(10), workers=1)
+    assert len(p.pids) == 1  # the extra worker left when it went idle
+    await ashard.shutdown()
+    assert p.closed and ashard.default_pool() is not p
+
+
+async def test_workers_and_pool_together_must_agree() -> None:
+    async with ashard.Pool(1) as pool:
+        with pytest.raises(ValueError, match="pass one of them"):
+            await ashard.map(abs, [1], pool=pool, workers=2)
+        assert await ashard.map(abs, [-1], pool=pool, workers=1) == [1]
+
+
+def _set_flag() -> None:
+    os.environ["ASHARD_INIT_RAN"] = str(int(os.environ.get("ASHARD_INIT_RAN", "0")) + 1)
+
+
+def _read_env(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+async def test_init_runs_once_per_worker_and_env_is_set() -> None:
+    async with ashard.Pool(2, init=_set_flag, env={"ASHARD_TEST_VAR": "hello"}) as pool:
+        values = await pool.map(_read_env, ["ASHARD_INIT_RAN"] * 20, chunk_size=1)
+        assert set(values) == {"1"}
+        assert await pool.call(_read_env, "ASHARD_TEST_VAR") == "hello"
+
+
+def _broken_init() -> None:
+    raise RuntimeError("cannot initialise")
+
+
+async def test_failing_init_fails_the_pool_start() -> None:
+    with anyio.fail_after(30):
+        with pytest.raises(ashard.WorkerStartError, match="cannot initialise") as info:
+            async with ashard.Pool(2, init=_broken_init):
+                pass
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+async def test_map_reads_its_input_lazily() -> None:
+    pulled: list[float] = []
+
+    def source():  # type: ignore[no-untyped-def]
+        import time
+
+        for i in range(400):
+            pulled.append(time.monotonic())
+            yield i
+
+    async with ashard.Pool(2) as pool:
+        out = await pool.map(workloads.timestamps, source(), chunk_size=4)
+    assert [x for x, _ in out] == list(range(400))
+    finished = sorted(t for _, t in out)
+    # when item k was pulled, at most a bounded number of items were unfinished
+    import bisect
+
+    ahead = [k - bisect.bisect_left(finished, t) for k, t in enumerate(pulled)]
+    assert max(ahead) <= 2 * 8 * 4 + 4
+
+
+async def test_call_round_trip_and_kwargs() -> None:
+    async with ashard.Pool(1) as pool:
+        assert await pool.call(divmod, 17, 5) == (3, 2)
+        assert await pool.call(int, "ff", base=16) == 255

@@ -1,0 +1,51 @@
+"""`seed=`: per-shard streams that depend on (seed, shard id) only."""
+
+from __future__ import annotations
+
+import pytest
+import workloads
+
+import ashard
+
+pytestmark = pytest.mark.anyio
+
+SHARDS = ashard.shards(12, block_size=1)
+
+
+async def _draws(workers: int, chunk_size: int | str, fn: object = workloads.random_draws) -> list:
+    async with ashard.Pool(workers) as pool:
+        res = await pool.shard_map(SHARDS, fn, seed=42, chunk_size=chunk_size)  # type: ignore[arg-type]
+    return res.results
+
+
+async def test_same_seed_same_results_whatever_the_workers_and_chunking() -> None:
+    reference = await _draws(1, 1)
+    assert await _draws(2, "auto") == reference
+    assert await _draws(2, 1) == reference
+    assert await _draws(1, 5) == reference
+
+
+async def test_results_survive_a_forced_retry() -> None:
+    reference = await _draws(2, 1)
+    assert await _draws(2, "auto", workloads.random_draws_crash_once) == reference
+
+
+async def test_different_seeds_and_shards_differ() -> None:
+    a = await _draws(2, "auto")
+    async with ashard.Pool(2) as pool:
+        b = (await pool.shard_map(SHARDS, workloads.random_draws, seed=7)).results
+    assert a != b
+    assert len({tuple(r[0]) for r in a}) == len(a)  # every shard its own stream
+
+
+async def test_map_seed_is_per_item() -> None:
+    import random
+
+    out1 = await ashard.map(lambda x: random.random(), range(20), seed=3, workers=2)
+    out2 = await ashard.map(lambda x: random.random(), range(20), seed=3, workers=1, chunk_size=7)
+    assert out1 == out2 and len(set(out1)) == 20
+
+
+async def test_no_seed_means_no_rng() -> None:
+    res = await ashard.shard_map(ashard.shards(2, block_size=1), lambda sh: sh.rng, workers=1)
+    assert res.results == [None, None]
