@@ -59,3 +59,15 @@ async def test_map_and_calls_interleave() -> None:
             for _ in range(20):
                 assert await pool.call(abs, -1) == 1
         assert out[0] == [i * i for i in range(5000)]
+
+
+@pytest.mark.parametrize("item_bytes", [2_000, 20_000])
+async def test_large_inputs_and_results_in_flight_both_ways_do_not_deadlock(
+    item_bytes: int,
+) -> None:
+    # Chunks and results larger than a socket buffer, several in flight per worker: the
+    # parent must keep reading results while it is still writing the next chunk.
+    items = [bytes([i % 256]) * item_bytes for i in range(3000)]
+    with anyio.fail_after(60):
+        out = await ashard.map(workloads.identity, items, workers=2, chunk_size=100)
+    assert out == items

@@ -22,6 +22,7 @@ class Channel:
         self._sock = sock
         self._reader = FrameReader()
         self._eof = False
+        self._early: list[Any] = []  # messages read while a send was waiting
         self.broken = False
 
     def fileno(self) -> int:
@@ -41,7 +42,7 @@ class Channel:
     async def _send_rest(self, parts: list[Buffer]) -> None:
         self.broken = True
         while parts:
-            await anyio.wait_writable(self._sock)
+            await self._wait_writable_draining()
             try:
                 parts = advance(parts, self._sock.sendmsg(parts))
             except BlockingIOError:
@@ -49,6 +50,31 @@ class Channel:
             except OSError as exc:
                 raise ChannelClosed(str(exc)) from exc
         self.broken = False
+
+    async def _wait_writable_draining(self) -> None:
+        """Wait until the socket takes more bytes, reading what arrives meanwhile.
+
+        A worker blocked writing its results reads nothing, so a parent that only
+        waited to write while the worker only waited to write would deadlock.
+        """
+        if self._eof:
+            await anyio.wait_writable(self._sock)
+            return
+        readable = False
+        async with anyio.create_task_group() as tg:
+
+            async def wait_readable() -> None:
+                nonlocal readable
+                await anyio.wait_readable(self._sock)
+                readable = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait_readable)
+            await anyio.wait_writable(self._sock)
+            tg.cancel_scope.cancel()
+        if readable:
+            with contextlib.suppress(ChannelClosed):  # the next send or receive reports it
+                self._early.extend(self._read_available())
 
     async def receive(self) -> list[Any]:
         """At least one message; raises `ChannelClosed` once the stream has ended."""
@@ -63,24 +89,32 @@ class Channel:
 
     def receive_nowait(self) -> list[Any]:
         """Whatever complete messages can be read without waiting (maybe none)."""
+        if self._early:
+            msgs, self._early = self._early, []
+            return msgs
+        return self._read_available()
+
+    def _read_available(self) -> list[Any]:
         if self._eof or self._sock.fileno() < 0:
             raise ChannelClosed("worker channel closed")
+        msgs: list[Any] = []
         while True:
             try:
                 n = self._reader.fill(self._sock)
             except BlockingIOError:
                 break
             except OSError as exc:  # ECONNRESET when the worker died mid-write
-                self._eof = True
-                if msgs := self._reader.messages():
-                    return msgs
-                raise ChannelClosed(str(exc)) from exc
+                n = 0
+                reason = str(exc)
+            else:
+                reason = "worker channel closed"
+            msgs.extend(self._reader.messages())
             if n == 0:
                 self._eof = True
-                if msgs := self._reader.messages():
+                if msgs:
                     return msgs
-                raise ChannelClosed("worker channel closed")
-        return self._reader.messages()
+                raise ChannelClosed(reason)
+        return msgs
 
     def close(self) -> None:
         """Close the socket (waking any task waiting on it)."""

@@ -39,6 +39,7 @@ __all__ = [
 _HEAD = struct.Struct("<QI")
 _SCRATCH = 1 << 18
 _BIG = 1 << 20
+_MIN_READ = 1 << 12
 INLINE_DECODE_LIMIT = 1 << 19
 """Payloads larger than this are left as `RawFrame`s for the parent to unpickle in a thread."""
 Buffer = bytes | bytearray | memoryview
@@ -96,23 +97,29 @@ class FrameReader:
         self._hi = 0
         self._big: bytearray | None = None
         self._big_fill = 0
+        self._done: list[Any] = []  # big frames completed by `fill`, not yet handed out
 
     def fill(self, sock: socket.socket, flags: int = 0) -> int:
         """One `recv_into`; returns the byte count (0 at end of stream). May raise
         `BlockingIOError` on a non-blocking socket."""
         if self._big is not None:
-            n = sock.recv_into(memoryview(self._big)[self._big_fill :], 0, flags)
-            self._big_fill += n
-            return n
-        if len(self._buf) - self._hi < 4096:
+            if self._big_fill < len(self._big):
+                n = sock.recv_into(memoryview(self._big)[self._big_fill :], 0, flags)
+                self._big_fill += n
+                return n
+            self._done.append(_decode_whole(self._big))  # complete: back to the scratch
+            self._big = None
+        if len(self._buf) - self._hi < _MIN_READ:
             self._compact()
+            if len(self._buf) - self._hi < _MIN_READ:  # full of unread messages: grow
+                self._compact(self._hi + _SCRATCH)
         n = sock.recv_into(self._view[self._hi :], 0, flags)
         self._hi += n
         return n
 
     def messages(self) -> list[Any]:
         """Every complete message received so far."""
-        out: list[Any] = []
+        out, self._done = self._done, []
         if self._big is not None:
             if self._big_fill < len(self._big):
                 return out

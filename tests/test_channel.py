@@ -1,0 +1,51 @@
+"""The frame reader on a real socketpair, read the way the parent drains a worker: many
+reads in a row before the messages are taken out."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+from typing import Any
+
+from ashard._channel import FrameReader, RawFrame, encode_many, send_frames
+
+
+def _drain(msgs: list[Any]) -> tuple[list[Any], int]:
+    """Send `msgs` from a thread; read them back calling `messages()` only when the
+    socket runs dry. Returns the messages and how many reads returned 0 bytes."""
+    a, b = socket.socketpair()
+    with a, b:
+        sender = threading.Thread(target=send_frames, args=(a, encode_many(msgs)))
+        sender.start()
+        reader = FrameReader()
+        got: list[Any] = []
+        zero_reads = 0
+        while len(got) < len(msgs) and zero_reads == 0:
+            try:
+                while True:
+                    zero_reads += reader.fill(b, socket.MSG_DONTWAIT) == 0
+                    if zero_reads:
+                        break
+            except BlockingIOError:
+                pass
+            got.extend(reader.messages())
+            if len(got) < len(msgs) and not select.select([b], [], [], 10)[0]:
+                break  # nothing more arrives: the reader lost track of a frame
+    sender.join()  # closing the sockets unblocks a sender that was left waiting
+    return [m.decode() if isinstance(m, RawFrame) else m for m in got], zero_reads
+
+
+def test_many_unread_small_messages_never_read_as_end_of_stream() -> None:
+    msgs = [("m", i, bytes(3000)) for i in range(400)]  # ~1.2 MB of small frames
+    got, zero_reads = _drain(msgs)
+    assert zero_reads == 0
+    assert [m[1] for m in got] == list(range(400))
+
+
+def test_a_completed_big_frame_never_reads_as_end_of_stream_and_order_is_kept() -> None:
+    msgs = [("small", 0), ("big", bytes(3 << 20)), ("small", 1), ("big", b"x" * (2 << 20))]
+    got, zero_reads = _drain(msgs)
+    assert zero_reads == 0
+    assert [m[0] for m in got] == ["small", "big", "small", "big"]
+    assert got[1][1] == bytes(3 << 20) and got[3][1] == b"x" * (2 << 20)
