@@ -194,10 +194,13 @@ def run_anyio(main: Callable[[], Awaitable[T]]) -> T:
 
 
 @contextlib.contextmanager
-def ppe_pool() -> Iterator[ProcessPoolExecutor]:
+def ppe_pool(context: str | None = None) -> Iterator[ProcessPoolExecutor]:
+    """A warm ProcessPoolExecutor: the platform's default start method, or `context`."""
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    executor = ProcessPoolExecutor(WORKERS)
+    ctx = multiprocessing.get_context(context) if context else None
+    executor = ProcessPoolExecutor(WORKERS, mp_context=ctx)
     try:
         list(executor.map(fns.noop, range(WARM_ITEMS)))
         yield executor
@@ -295,9 +298,9 @@ def tiny_mp(cfg: Config) -> Row:
     return per_item_row(seconds, n)
 
 
-def tiny_ppe(cfg: Config, chunksize: int) -> Row:
+def tiny_ppe(cfg: Config, chunksize: int, context: str | None = None) -> Row:
     n = cfg.tiny_n
-    with ppe_pool() as ex:
+    with ppe_pool(context) as ex:
         run = lambda: list(ex.map(fns.noop, range(n), chunksize=chunksize))
         seconds = repeat(lambda: timed(run, n), cfg)
     return per_item_row(seconds, n)
@@ -317,7 +320,21 @@ def bench_tiny(cfg: Config) -> dict[str, Row]:
         f"ProcessPoolExecutor.map (chunksize={chunk})": guarded(
             f"PPE chunksize={chunk}", lambda: tiny_ppe(cfg, chunk)
         ),
+        f"ProcessPoolExecutor.map (forkserver, chunksize={chunk})": guarded(
+            f"PPE forkserver chunksize={chunk}", lambda: tiny_ppe(cfg, chunk, "forkserver")
+        ),
+        f"pebble ProcessPool.map (chunksize={chunk})": guarded(
+            "pebble", lambda: tiny_pebble(cfg, chunk)
+        ),
     }
+
+
+def tiny_pebble(cfg: Config, chunksize: int) -> Row:
+    n = cfg.tiny_n
+    with pebble_pool() as pool:
+        run = lambda: list(pool.map(fns.noop, range(n), chunksize=chunksize).result())
+        seconds = repeat(lambda: timed(run, n), cfg)
+    return per_item_row(seconds, n)
 
 
 # -- workload: chunk1 -------------------------------------------------------------------
@@ -342,9 +359,9 @@ def chunk1_mp(cfg: Config) -> Row:
     return per_item_row(seconds, n)
 
 
-def chunk1_ppe(cfg: Config) -> Row:
+def chunk1_ppe(cfg: Config, context: str | None = None) -> Row:
     n = cfg.chunk1_n
-    with ppe_pool() as ex:
+    with ppe_pool(context) as ex:
         run = lambda: list(ex.map(fns.noop, range(n), chunksize=1))
         seconds = repeat(lambda: timed(run, n), cfg)
     return per_item_row(seconds, n)
@@ -362,6 +379,9 @@ def bench_chunk1(cfg: Config) -> dict[str, Row]:
         "ashard Pool.map (chunk_size=1)": guarded("ashard", lambda: chunk1_ashard(cfg)),
         "multiprocessing.Pool.map (chunksize=1)": guarded("mp.Pool", lambda: chunk1_mp(cfg)),
         "ProcessPoolExecutor.map (chunksize=1)": guarded("PPE", lambda: chunk1_ppe(cfg)),
+        "ProcessPoolExecutor.map (forkserver, chunksize=1)": guarded(
+            "PPE forkserver", lambda: chunk1_ppe(cfg, "forkserver")
+        ),
         "pebble ProcessPool.schedule": guarded("pebble", lambda: chunk1_pebble(cfg)),
     }
 
@@ -426,8 +446,8 @@ def latency_ashard_default(cfg: Config) -> Row:
     return latency_row(run_anyio(main))
 
 
-def latency_ppe(cfg: Config) -> Row:
-    with ppe_pool() as ex:
+def latency_ppe(cfg: Config, context: str | None = None) -> Row:
+    with ppe_pool(context) as ex:
         return latency_sync(lambda: ex.submit(fns.noop).result(), cfg)
 
 
@@ -507,6 +527,9 @@ def bench_latency(cfg: Config) -> dict[str, Row]:
             "ashard.call", lambda: latency_ashard_default(cfg)
         ),
         "ProcessPoolExecutor submit().result()": guarded("PPE", lambda: latency_ppe(cfg)),
+        "ProcessPoolExecutor (forkserver) submit().result()": guarded(
+            "PPE forkserver", lambda: latency_ppe(cfg, "forkserver")
+        ),
         "asyncio run_in_executor(ProcessPoolExecutor)": guarded(
             "PPE asyncio", lambda: latency_ppe_asyncio(cfg)
         ),
@@ -580,8 +603,11 @@ def cpu_ashard_map(cfg: Config, loops: int) -> Row:
 def cpu_ashard_shard_map(cfg: Config, loops: int) -> Row:
     n = cfg.cpu_tasks
 
+    import ashard
+
     async def run(pool: ashard.Pool) -> Sequence[float]:
-        result = await pool.shard_map(n, fns.busy_shard, borrow={"loops": loops})
+        shards = ashard.shards(n, block_size=1)  # n shards of one task each
+        result = await pool.shard_map(shards, fns.busy_shard, borrow={"loops": loops})
         return result.results
 
     async def main() -> list[tuple[float, float]]:
@@ -591,9 +617,9 @@ def cpu_ashard_shard_map(cfg: Config, loops: int) -> Row:
     return cpu_row(run_anyio(main))
 
 
-def cpu_ppe(cfg: Config, loops: int) -> Row:
+def cpu_ppe(cfg: Config, loops: int, context: str | None = None) -> Row:
     n = cfg.cpu_tasks
-    with ppe_pool() as ex:
+    with ppe_pool(context) as ex:
         run = lambda: checked(list(ex.map(fns.busy, [loops] * n)), n)
         return cpu_row(repeat(lambda: cpu_sample(run), cfg))
 
@@ -605,6 +631,13 @@ def cpu_mp(cfg: Config, loops: int) -> Row:
         return cpu_row(repeat(lambda: cpu_sample(run), cfg))
 
 
+def cpu_pebble(cfg: Config, loops: int) -> Row:
+    n = cfg.cpu_tasks
+    with pebble_pool() as pool:
+        run = lambda: checked(list(pool.map(fns.busy, [loops] * n).result()), n)
+        return cpu_row(repeat(lambda: cpu_sample(run), cfg))
+
+
 def bench_cpu(cfg: Config) -> tuple[dict[str, Row], dict[str, Any]]:
     loops = calibrate(cfg.cpu_task_s)
     start = time.perf_counter()
@@ -612,10 +645,14 @@ def bench_cpu(cfg: Config) -> tuple[dict[str, Row], dict[str, Any]]:
     params = {"loops": loops, "one_task_s_in_parent": time.perf_counter() - start}
     rows = {
         "ashard Pool.map (auto)": guarded("ashard map", lambda: cpu_ashard_map(cfg, loops)),
-        "ashard Pool.shard_map (auto)": guarded(
+        "ashard Pool.shard_map (40 shards)": guarded(
             "ashard shard_map", lambda: cpu_ashard_shard_map(cfg, loops)
         ),
         "ProcessPoolExecutor.map (chunksize=1)": guarded("PPE", lambda: cpu_ppe(cfg, loops)),
+        "ProcessPoolExecutor.map (forkserver, chunksize=1)": guarded(
+            "PPE forkserver", lambda: cpu_ppe(cfg, loops, "forkserver")
+        ),
+        "pebble ProcessPool.map (chunksize=1)": guarded("pebble", lambda: cpu_pebble(cfg, loops)),
         "multiprocessing.Pool.map (auto)": guarded("mp.Pool", lambda: cpu_mp(cfg, loops)),
     }
     return rows, params

@@ -6,9 +6,9 @@ import time
 
 import anyio
 import pytest
-import workloads
 
 import ashard
+import workloads
 
 pytestmark = pytest.mark.anyio
 

@@ -6,9 +6,9 @@ import time
 
 import anyio
 import pytest
-import workloads
 
 import ashard
+import workloads
 
 pytestmark = pytest.mark.anyio
 
@@ -25,15 +25,12 @@ async def test_ticker_keeps_ticking_during_cpu_heavy_shard_map() -> None:
             gaps.append(now - last)
             last = now
 
-    async with ashard.Pool(2) as pool:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ticker)
-            await anyio.sleep(0.05)
-            res = await pool.shard_map(
-                ashard.shards(40, block_size=1), lambda sh: workloads.busy(0.05)
-            )
-            res2 = await pool.map(workloads.square, range(200_000))
-            done.set()
+    async with ashard.Pool(2) as pool, anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.sleep(0.05)
+        res = await pool.shard_map(ashard.shards(40, block_size=1), lambda sh: workloads.busy(0.05))
+        res2 = await pool.map(workloads.square, range(200_000))
+        done.set()
     assert len(res.results) == 40 and res2[-1] == 199_999**2
     assert len(gaps) > 100
     assert max(gaps) < 0.05, f"event loop stalled for {max(gaps) * 1000:.1f} ms"

@@ -6,9 +6,9 @@ import os
 
 import anyio
 import pytest
-import workloads
 
 import ashard
+import workloads
 
 pytestmark = pytest.mark.anyio
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import workloads
 
 import ashard
+import workloads
 
 pytestmark = pytest.mark.anyio
 

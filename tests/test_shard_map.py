@@ -10,9 +10,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-import workloads
 
 import ashard
+import workloads
 
 pytestmark = pytest.mark.anyio
 

@@ -6,9 +6,9 @@ import time
 
 import anyio
 import pytest
-import workloads
 
 import ashard
+import workloads
 
 pytestmark = pytest.mark.anyio
 
@@ -55,7 +55,7 @@ async def test_slow_consumer_holds_at_most_max_pending() -> None:
         workers=2,
         max_pending=max_pending,
     ) as s:
-        async for done in s:
+        async for _ in s:
             held.append(s.pending)
             await anyio.sleep(0.02)
     assert len(held) == 40

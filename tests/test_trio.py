@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
-import workloads
 
 import ashard
+import workloads
 
 pytestmark = pytest.mark.anyio
 

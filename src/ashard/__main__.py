@@ -62,7 +62,8 @@ def _info() -> None:
     print("start method: exec of a fresh interpreter (python -m ashard._worker), no fork")
     for name, version in _versions().items():
         print(f"  {name:12s} {version}")
-    print(f"one worker, cold start to first result: {anyio.run(_worker_start_seconds) * 1000:.0f} ms")
+    cold_ms = anyio.run(_worker_start_seconds) * 1000
+    print(f"one worker, cold start to first result: {cold_ms:.0f} ms")
 
 
 def _bench(argv: list[str]) -> int:

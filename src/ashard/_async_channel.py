@@ -76,16 +76,25 @@ class Channel:
             with contextlib.suppress(ChannelClosed):  # the next send or receive reports it
                 self._early.extend(self._read_available())
 
-    async def receive(self) -> list[Any]:
-        """At least one message; raises `ChannelClosed` once the stream has ended."""
+    async def receive(self, *, wait_first: bool = False) -> list[Any]:
+        """At least one message; raises `ChannelClosed` once the stream has ended.
+
+        `wait_first` skips the read attempt that would only find the socket empty
+        (right after sending a request, say).
+        """
+        if wait_first and not self._early:
+            await self._wait_readable()
         while True:
             msgs = self.receive_nowait()
             if msgs:
                 return msgs
-            try:
-                await anyio.wait_readable(self._sock)
-            except (anyio.ClosedResourceError, OSError) as exc:
-                raise ChannelClosed("worker channel closed") from exc
+            await self._wait_readable()
+
+    async def _wait_readable(self) -> None:
+        try:
+            await anyio.wait_readable(self._sock)
+        except (anyio.ClosedResourceError, OSError) as exc:
+            raise ChannelClosed("worker channel closed") from exc
 
     def receive_nowait(self) -> list[Any]:
         """Whatever complete messages can be read without waiting (maybe none)."""
@@ -114,6 +123,8 @@ class Channel:
                 if msgs:
                     return msgs
                 raise ChannelClosed(reason)
+            if self._reader.drained and msgs:
+                break  # a short read emptied the socket; waiting again will say if not
         return msgs
 
     def close(self) -> None:

@@ -98,14 +98,17 @@ class FrameReader:
         self._big: bytearray | None = None
         self._big_fill = 0
         self._done: list[Any] = []  # big frames completed by `fill`, not yet handed out
+        self.drained = False  # the last `fill` got less than it asked for: likely no more
 
     def fill(self, sock: socket.socket, flags: int = 0) -> int:
         """One `recv_into`; returns the byte count (0 at end of stream). May raise
         `BlockingIOError` on a non-blocking socket."""
         if self._big is not None:
             if self._big_fill < len(self._big):
+                want = len(self._big) - self._big_fill
                 n = sock.recv_into(memoryview(self._big)[self._big_fill :], 0, flags)
                 self._big_fill += n
+                self.drained = n < want
                 return n
             self._done.append(_decode_whole(self._big))  # complete: back to the scratch
             self._big = None
@@ -113,8 +116,10 @@ class FrameReader:
             self._compact()
             if len(self._buf) - self._hi < _MIN_READ:  # full of unread messages: grow
                 self._compact(self._hi + _SCRATCH)
+        want = len(self._buf) - self._hi
         n = sock.recv_into(self._view[self._hi :], 0, flags)
         self._hi += n
+        self.drained = n < want
         return n
 
     def messages(self) -> list[Any]:

@@ -190,9 +190,13 @@ class Scheduler:
     async def start_all(self) -> None:
         """Bring the pool up to size (for a warm `async with Pool(...)`)."""
         tenant = _CallTenant()
-        async with anyio.create_task_group() as tg:
-            for _ in range(self._capacity()):
-                tg.start_soon(self._start_one, tenant)
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(self._capacity()):
+                    tg.start_soon(self._start_one, tenant)
+        except BaseExceptionGroup as group:
+            first = _first_error(group)
+            raise first from first.__cause__
 
     async def _start_one(self, tenant: Tenant) -> None:
         w = await self._spawn_for(tenant)
@@ -467,9 +471,9 @@ class Scheduler:
 
     async def _receive_call(self, w: WorkerHandle, timeout: float | None) -> Any:
         if timeout is None:
-            return (await _receive(w))[0]
+            return (await _receive(w, wait_first=True))[0]
         with anyio.move_on_after(timeout + KILL_GRACE):
-            return (await _receive(w))[0]
+            return (await _receive(w, wait_first=True))[0]
         raise _Hung
 
     async def _settle_call(self, w: WorkerHandle, tenant: Tenant) -> None:
@@ -513,9 +517,19 @@ class Scheduler:
         )
 
 
-async def _receive(w: WorkerHandle) -> list[Any]:
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first real error in a task group's failure (the others are its echoes)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, anyio.get_cancelled_exc_class()):
+            return exc
+    return group
+
+
+async def _receive(w: WorkerHandle, *, wait_first: bool = False) -> list[Any]:
     """Messages from `w`; large frames are unpickled off the event loop."""
-    msgs = await w.channel.receive()
+    msgs = await w.channel.receive(wait_first=wait_first)
     for i, m in enumerate(msgs):
         if isinstance(m, RawFrame):
             msgs[i] = await anyio.to_thread.run_sync(m.decode)

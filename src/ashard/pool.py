@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
+import anyio
+
 from ashard import _calls
 from ashard._handle import WorkerConfig, kill_all_now
 from ashard._options import check_fn, check_positive_int, pickle_payload
@@ -76,7 +78,12 @@ class Pool:
     # -- lifecycle --------------------------------------------------------------------
 
     async def __aenter__(self) -> Pool:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+            raise
         return self
 
     async def __aexit__(
