@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Buffer",
     "Diagnostics",
     "Pool",
     "PoolStats",
@@ -26,14 +27,17 @@ __all__ = [
     "ShardStream",
     "ShardTimeout",
     "Shards",
+    "SharedArray",
     "WorkerCrashed",
     "WorkerStartError",
+    "buffer",
     "call",
     "default_pool",
     "map",
     "shard_map",
     "shard_stream",
     "shards",
+    "share",
     "shutdown",
 ]
 
@@ -49,6 +53,10 @@ from ashard.results import Diagnostics, ShardDone, ShardResult
 from ashard.shards import Shard, Shards, shards
 
 _LAZY = {
+    "Buffer": "ashard.buffers",
+    "SharedArray": "ashard.shared",
+    "buffer": "ashard.buffers",
+    "share": "ashard.shared",
     "Pool": "ashard.pool",
     "PoolStats": "ashard.pool",
     "ShardStream": "ashard._stream",
@@ -63,7 +71,9 @@ _LAZY = {
 if TYPE_CHECKING:
     from ashard._stream import ShardStream
     from ashard.api import call, default_pool, map, shard_map, shard_stream, shutdown
+    from ashard.buffers import Buffer, buffer
     from ashard.pool import Pool, PoolStats
+    from ashard.shared import SharedArray, share
 
 
 def __getattr__(name: str) -> Any:

@@ -3,8 +3,10 @@ works under asyncio, uvloop and trio alike, and belongs to no particular event l
 
 from __future__ import annotations
 
+import array
 import contextlib
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -23,28 +25,48 @@ class Channel:
         self._reader = FrameReader()
         self._eof = False
         self._early: list[Any] = []  # messages read while a send was waiting
+        self._backlog: list[Buffer] = []  # the rest of a `post` the socket did not take
         self.broken = False
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    async def send(self, parts: list[Buffer]) -> None:
-        """Send whole frames; if cancelled halfway the channel is marked `broken`."""
+    async def send(self, parts: list[Buffer], fds: Sequence[int] = ()) -> None:
+        """Send whole frames, and `fds` with their first byte (SCM_RIGHTS); if cancelled
+        halfway the channel is marked `broken`."""
+        if self._backlog:
+            parts, self._backlog = self._backlog + parts, []
+        anc = _rights(fds)
         try:
-            parts = advance(parts, self._sock.sendmsg(parts))
+            parts = advance(parts, self._sock.sendmsg(parts, anc))
+            anc = []
         except BlockingIOError:
             pass
         except OSError as exc:
             raise ChannelClosed(str(exc)) from exc
         if parts:
-            await self._send_rest(parts)
+            await self._send_rest(parts, anc)
 
-    async def _send_rest(self, parts: list[Buffer]) -> None:
+    def post(self, parts: list[Buffer]) -> bool:
+        """Send small control frames now, from synchronous code, if no send is under way;
+        what the socket does not take goes out first with the next `send`."""
+        if self.broken or self._backlog or self._sock.fileno() < 0:
+            return False
+        try:
+            self._backlog = advance(parts, self._sock.sendmsg(parts))
+        except BlockingIOError:
+            self._backlog = list(parts)
+        except OSError:
+            return False
+        return True
+
+    async def _send_rest(self, parts: list[Buffer], anc: list[Any]) -> None:
         self.broken = True
         while parts:
             await self._wait_writable_draining()
             try:
-                parts = advance(parts, self._sock.sendmsg(parts))
+                parts = advance(parts, self._sock.sendmsg(parts, anc))
+                anc = []
             except BlockingIOError:
                 continue
             except OSError as exc:
@@ -134,3 +156,9 @@ class Channel:
         with contextlib.suppress(Exception):  # no event loop at interpreter exit
             anyio.notify_closing(self._sock)
         self._sock.close()
+
+
+def _rights(fds: Sequence[int]) -> list[Any]:
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]

@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 
+from ashard._export import Exported, export
 from ashard._job import Job, JobOptions, StreamBuffer
 from ashard._options import (
     check_borrow,
@@ -17,12 +18,11 @@ from ashard._options import (
     check_stream,
     check_timeout,
     job_options,
-    pickle_borrow,
     pickle_payload,
     resolve_shards,
 )
 from ashard._progress import Progress
-from ashard._protocol import ITEMS, SHARDS, JobSpec, Payload
+from ashard._protocol import ITEMS, SHARDS, JobSpec
 from ashard._scheduler import Scheduler
 from ashard._stream import ShardStream
 from ashard.errors import ShardError, ShardMapError
@@ -33,10 +33,22 @@ DEFAULT_MAX_PENDING = 1024
 """Finished shards a stream holds for a slow consumer when `max_pending` is None."""
 
 
-async def _pickle_borrow(borrow: dict[str, Any]) -> dict[str, Payload] | None:
-    if not borrow:
+async def _export(inputs: dict[str, Any], outputs: dict[str, Any], cow: str) -> Exported | None:
+    """Share or pickle borrow and out off the event loop; nothing leaks if cancelled."""
+    if not inputs and not outputs:
         return None
-    return await anyio.to_thread.run_sync(pickle_borrow, borrow)
+    made: list[Exported] = []
+
+    def run() -> Exported:
+        made.append(export(inputs, outputs, cow))
+        return made[-1]
+
+    try:
+        return await anyio.to_thread.run_sync(run)
+    except BaseException:
+        for exported in made:
+            exported.close()
+        raise
 
 
 async def _shard_job(
@@ -51,12 +63,13 @@ async def _shard_job(
     fn = check_fn(fn)
     opts = job_options(**options)
     layout, sequence = resolve_shards(shards)
-    kwargs = check_borrow(borrow, out)
+    inputs, outputs = check_borrow(borrow, out)
     fn_payload = pickle_payload(fn, "fn")
+    exported = await _export(inputs, outputs, opts.cow)
     spec = JobSpec(
         SHARDS,
         fn_payload,
-        await _pickle_borrow(kwargs),
+        exported.kwargs if exported else None,
         opts.timeout,
         opts.seed,
         layout,
@@ -75,6 +88,7 @@ async def _shard_job(
         stream=stream,
         progress=progress,
     )
+    job.exported = exported
     return job, layout
 
 
@@ -129,12 +143,14 @@ async def map_items(
     fn = check_fn(fn)
     opts: JobOptions = job_options(**options)
     iterable: Iterable[Any] = check_items(items)
-    kwargs = check_borrow(borrow, None)
+    inputs, _ = check_borrow(borrow, None)
     total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+    fn_payload = pickle_payload(fn, "fn")
+    exported = await _export(inputs, {}, opts.cow)
     spec = JobSpec(
         ITEMS,
-        pickle_payload(fn, "fn"),
-        await _pickle_borrow(kwargs),
+        fn_payload,
+        exported.kwargs if exported else None,
         opts.timeout,
         opts.seed,
         None,
@@ -151,6 +167,7 @@ async def map_items(
         workers=scheduler.size,
         progress=Progress(total, "items") if options["progress"] else None,
     )
+    job.exported = exported
     await _run(scheduler, job)
     n = job.next_pos
     if job.failures and opts.errors == "raise":

@@ -18,13 +18,15 @@ a worker starts light.
 
 from __future__ import annotations
 
+import array
 import pickle
 import socket
 import struct
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from ashard._protocol import CANCEL, EXIT, FORGET, HELLO, JOB
+from ashard._protocol import CANCEL, DROP, EXIT, FORGET, HELLO, JOB, SEGMENTS
 from ashard._serialize import dumps, loads
 
 __all__ = [
@@ -40,10 +42,13 @@ _HEAD = struct.Struct("<QI")
 _SCRATCH = 1 << 18
 _BIG = 1 << 20
 _MIN_READ = 1 << 12
+MAX_FDS = 200
+"""File descriptors sent with one message at most (the kernel's limit is 253)."""
+_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 INLINE_DECODE_LIMIT = 1 << 19
 """Payloads larger than this are left as `RawFrame`s for the parent to unpickle in a thread."""
 Buffer = bytes | bytearray | memoryview
-_CONTROL = frozenset({HELLO, JOB, CANCEL, FORGET, EXIT})
+_CONTROL = frozenset({HELLO, JOB, CANCEL, FORGET, EXIT, SEGMENTS, DROP})
 
 
 class ChannelClosed(EOFError):
@@ -90,7 +95,8 @@ def send_frames(sock: socket.socket, parts: list[Buffer]) -> None:
 class FrameReader:
     """Accumulates bytes from a socket and cuts them into decoded messages."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, accept_fds: bool = False) -> None:
+        self.fds: deque[int] | None = deque() if accept_fds else None  # SCM_RIGHTS, in order
         self._buf = bytearray(_SCRATCH)
         self._view = memoryview(self._buf)
         self._lo = 0
@@ -106,7 +112,7 @@ class FrameReader:
         if self._big is not None:
             if self._big_fill < len(self._big):
                 want = len(self._big) - self._big_fill
-                n = sock.recv_into(memoryview(self._big)[self._big_fill :], 0, flags)
+                n = self._recv(sock, memoryview(self._big)[self._big_fill :], flags)
                 self._big_fill += n
                 self.drained = n < want
                 return n
@@ -117,9 +123,22 @@ class FrameReader:
             if len(self._buf) - self._hi < _MIN_READ:  # full of unread messages: grow
                 self._compact(self._hi + _SCRATCH)
         want = len(self._buf) - self._hi
-        n = sock.recv_into(self._view[self._hi :], 0, flags)
+        n = self._recv(sock, self._view[self._hi :], flags)
         self._hi += n
         self.drained = n < want
+        return n
+
+    def _recv(self, sock: socket.socket, into: memoryview, flags: int) -> int:
+        if self.fds is None:
+            return sock.recv_into(into, 0, flags)
+        n, ancdata, msg_flags, _ = sock.recvmsg_into([into], _ANC_SPACE, flags)
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self.fds.extend(fds)
+        if msg_flags & socket.MSG_CTRUNC:
+            raise RuntimeError("ashard internal error: file descriptors were truncated")
         return n
 
     def messages(self) -> list[Any]:

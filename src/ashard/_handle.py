@@ -20,13 +20,13 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ashard._async_channel import Channel
-from ashard._channel import ChannelClosed, encode
-from ashard._protocol import HELLO, INIT_FAILED, INTERRUPT_SIGNAL, READY, Payload
+from ashard._channel import ChannelClosed, encode, encode_many
+from ashard._protocol import DROP, FORGET, HELLO, INIT_FAILED, INTERRUPT_SIGNAL, READY, Payload
 from ashard._serialize import decode_exception
 from ashard.errors import RemoteTraceback, WorkerStartError
 
@@ -76,7 +76,9 @@ class WorkerHandle:
         self.channel = channel
         self.inflight: deque[Chunk] = deque()
         self.jobs: set[int] = set()
-        self.forget: list[int] = []
+        self.forget: list[int] = []  # jobs the worker may drop
+        self.segments: set[int] = set()  # shared-memory segments the worker holds
+        self.drops: list[int] = []  # segments the worker should close
         self.last_heard = 0.0
         self.shards_done = 0
         self.started_at = time.monotonic()
@@ -123,6 +125,30 @@ class WorkerHandle:
             raise WorkerStartError(f"init failed in worker {self.pid}: {exc!r}") from exc
         if reply[0] != READY:
             raise WorkerStartError(f"worker {self.pid} sent {reply[0]!r} instead of READY")
+
+    def take_control(self) -> list[Any]:
+        """The FORGET and DROP messages that wait for the next send to this worker."""
+        msgs: list[Any] = [(FORGET, k) for k in self.forget]
+        if self.drops:
+            msgs.append((DROP, self.drops))
+        self.forget, self.drops = [], []
+        return msgs
+
+    def flush_control(self) -> None:
+        """Send waiting FORGET/DROP messages now, unless a send is under way (then they
+        go with the next one): an idle worker should not hold memory of a finished call."""
+        if (self.forget or self.drops) and self.proc.returncode is None:
+            msgs = self.take_control()
+            if not self.channel.post(encode_many(msgs)):
+                self.forget = [m[1] for m in msgs if m[0] == FORGET] + self.forget
+                self.drops = [i for m in msgs if m[0] == DROP for i in m[1]] + self.drops
+
+    def drop_segment(self, seg_id: int) -> None:
+        """The parent closed segment `seg_id`: the worker should close it too."""
+        if seg_id in self.segments:
+            self.segments.discard(seg_id)
+            self.drops.append(seg_id)
+            self.flush_control()
 
     @property
     def alive(self) -> bool:

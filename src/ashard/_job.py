@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
@@ -41,6 +41,9 @@ from ashard.errors import (
 )
 from ashard.results import Diagnostics, ShardDone, ShardResult
 from ashard.shards import Shard, Shards
+
+if TYPE_CHECKING:
+    from ashard._export import Exported
 
 TARGET_CHUNK_SECONDS = 0.01
 """`chunk_size="auto"` aims for chunks of about this much work."""
@@ -76,6 +79,7 @@ class JobOptions:
     retry_errors: bool = False
     seed: int | None = None
     errors: Literal["raise", "collect"] = "raise"
+    cow: Literal["deny", "audit", "allow"] = "deny"
 
 
 class StreamBuffer:
@@ -143,6 +147,8 @@ class Job:
         self.inflight_shards = 0
         self.leased = 0
         self.registered: set[Any] = set()
+        self.cow_writes: set[tuple[int, str]] = set()  # (shard id, borrow name), cow="audit"
+        self.exported: Exported | None = None  # shared memory this call holds
         self.aborted = False
         self.fatal: BaseException | None = None
         self.per_shard: float | None = None
@@ -294,10 +300,13 @@ class Job:
         elapsed: Any,
         final: bool,
         pid: int,
+        writes: list[tuple[int, str]] | None = None,
     ) -> None:
         """Record a RESULT message for `chunk` (positions ``k0 ..`` of it)."""
         n = len(values)
         base = chunk.first + k0
+        if writes:
+            self.cow_writes.update((base + k, name) for k, name in writes)
         self.inflight_shards -= n
         chunk.done = k0 + n
         self.pids.add(pid)
@@ -499,6 +508,7 @@ class Job:
             crashes=self.crashes,
             failures=len(self.failures),
             cancelled=cancelled,
+            cow_writes=tuple(sorted(self.cow_writes)),
         )
 
     def failure_list(self) -> list[ShardError]:

@@ -89,7 +89,6 @@ def job_options(
             raise TypeError(f"seed must be a non-negative int or None, got {_show(seed)}")
         if seed < 0:
             raise ValueError(f"seed must be a non-negative int or None, got {seed}")
-    check_choice("cow", cow, _COW)
     check_bool("retry_errors", retry_errors)
     check_bool("progress", progress)
     return JobOptions(
@@ -99,6 +98,7 @@ def job_options(
         retry_errors=bool(retry_errors),
         seed=None if seed is None else int(seed),
         errors=check_choice("errors", errors, _ERRORS),
+        cow=check_choice("cow", cow, _COW),
     )
 
 
@@ -141,24 +141,40 @@ def check_items(items: object) -> Iterable[Any]:
     return items  # type: ignore[return-value]
 
 
-def check_borrow(borrow: object, out: object) -> dict[str, Any]:
-    """The borrowed objects, as keyword arguments for `fn`."""
-    if out is not None and out != {}:
-        raise NotImplementedError(
-            "out= (shared output buffers) is not available yet: it arrives with "
-            "ashard.buffer() and shared memory"
-        )
-    if borrow is None:
+def check_borrow(borrow: object, out: object) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The borrowed objects and the output buffers, as keyword arguments for `fn`."""
+    from ashard.buffers import Buffer
+    from ashard.shared import SharedArray
+
+    inputs = _check_names("borrow", borrow)
+    outputs = _check_names("out", out)
+    for name, value in inputs.items():
+        if isinstance(value, SharedArray | Buffer) and value.closed:
+            raise ValueError(f"borrow[{name!r}] is a closed {type(value).__name__}")
+    for name, value in outputs.items():
+        if not isinstance(value, Buffer):
+            raise TypeError(
+                f"out[{name!r}] must be an ashard.Buffer (from ashard.buffer()), got {_show(value)}"
+            )
+        if value.closed:
+            raise ValueError(f"out[{name!r}] is a closed Buffer")
+        if name in inputs:
+            raise ValueError(f"{name!r} is both in borrow and in out: fn takes each name once")
+    return inputs, outputs
+
+
+def _check_names(what: str, value: object) -> dict[str, Any]:
+    if value is None:
         return {}
-    if not isinstance(borrow, Mapping):
-        raise TypeError(f"borrow must be a mapping of names to objects, got {_show(borrow)}")
-    for name in borrow:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a mapping of names to objects, got {_show(value)}")
+    for name in value:
         if not isinstance(name, str) or not name.isidentifier():
             raise TypeError(
-                f"borrow keys are passed to fn as keyword arguments and must be valid "
+                f"{what} keys are passed to fn as keyword arguments and must be valid "
                 f"identifiers, got {name!r}"
             )
-    return dict(borrow)
+    return dict(value)
 
 
 def pickle_payload(obj: object, what: str) -> Payload:
@@ -166,10 +182,6 @@ def pickle_payload(obj: object, what: str) -> Payload:
     buffers: list[Any] = []
     data = dumps_named(obj, what, buffers)
     return Payload(data, buffers)
-
-
-def pickle_borrow(borrow: dict[str, Any]) -> dict[str, Payload]:
-    return {name: pickle_payload(value, f"borrow[{name!r}]") for name, value in borrow.items()}
 
 
 ErrorsMode = Literal["raise", "collect"]

@@ -9,13 +9,15 @@ parent -> worker::
     CALL    seq, fn, args, kwargs, timeout    one-shot call, no job registration
     CANCEL  key                               drop queued chunks of a job (+ SIGUSR1)
     FORGET  key                               the job is over: free its fn and borrow
+    SEGMENTS seg_ids                          shared-memory fds ride along (SCM_RIGHTS)
+    DROP    seg_ids                           close those segments
     EXIT
 
 worker -> parent::
 
     READY        pid
     INIT_FAILED  exception record
-    RESULT       seq, k0, values, errors, elapsed, final
+    RESULT       seq, k0, values, errors, elapsed, final, writes
 
 `errors` in RESULT is a list of ``(k, kind, detail)`` for chunk positions k: RAISED
 (detail: exception record), TIMEOUT (detail: seconds run) or INTERRUPTED (positions
@@ -27,7 +29,7 @@ from __future__ import annotations
 import signal
 from typing import Any, NamedTuple
 
-HELLO, JOB, RUN, CALL, CANCEL, FORGET, EXIT = range(7)
+HELLO, JOB, RUN, CALL, CANCEL, FORGET, EXIT, SEGMENTS, DROP = range(9)
 READY, INIT_FAILED, RESULT = range(100, 103)
 
 RAISED, TIMEOUT, INTERRUPTED = range(3)
@@ -45,12 +47,24 @@ class Payload(NamedTuple):
     buffers: list[Any]
 
 
+class ArrayRef(NamedTuple):
+    """A shared array as it crosses the channel; the segment's fd travels beside it
+    (SEGMENTS message). `mode`: "ro" read-only, "cow" private copy-on-write,
+    "audit" copy-on-write with writes reported, "rw" shared writable (outputs)."""
+
+    seg_id: int
+    size: int
+    dtype: str
+    shape: tuple[int, ...]
+    mode: str
+
+
 class JobSpec(NamedTuple):
     """What a worker needs to run chunks of one job."""
 
     kind: int
     fn: Payload
-    borrow: dict[str, Payload] | None
+    borrow: dict[str, Payload | ArrayRef] | None
     timeout: float | None
     seed: int | None
     layout: Any  # ashard.Shards for SHARDS jobs, else None

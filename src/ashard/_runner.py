@@ -13,10 +13,11 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from ashard import _seeding
+from ashard._attach import Audited
 from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT
 from ashard._serialize import encode_exception
 from ashard.shards import Shard, Shards
@@ -24,7 +25,20 @@ from ashard.shards import Shard, Shards
 FLUSH_INTERVAL = 0.02
 """Seconds of finished shards a worker may hold before reporting them."""
 
-Send = Callable[[int, int, list[Any], list[Any], Any, bool], None]
+
+class Send(Protocol):
+    """Reports finished positions of a chunk to the parent (`Worker.send_result`)."""
+
+    def __call__(
+        self,
+        seq: int,
+        k0: int,
+        values: list[Any],
+        errors: list[Any],
+        elapsed: Any,
+        final: bool,
+        writes: list[tuple[int, str]] | None = None,
+    ) -> None: ...
 
 
 class Interrupted(BaseException):
@@ -78,6 +92,8 @@ class JobContext:
     timeout: float | None
     seed: int | None
     layout: Shards | None
+    audit: list[Audited] = field(default_factory=list)
+    """Arrays borrowed under cow="audit"."""
 
 
 _OK, _ERR, _SIG = 0, 1, 2
@@ -117,7 +133,7 @@ def run_chunk(
     send: Send,
 ) -> None:
     """Run chunk positions 0..count-1 and report them through `send`."""
-    if ctx.kind != SHARDS and ctx.timeout is None and ctx.seed is None:
+    if ctx.kind != SHARDS and ctx.timeout is None and ctx.seed is None and not ctx.audit:
         _run_items_fast(ctx, seq, count, items or [], send)
     else:
         _run_each(ctx, seq, first, count, attempts, items, send)
@@ -168,6 +184,7 @@ def _run_each(
     values: list[Any] = []
     errors: list[Any] = []
     elapsed: list[float] = []
+    writes: list[tuple[int, str]] = []
     k0 = 0
     last_flush = time.perf_counter()
     for k in range(count):
@@ -184,11 +201,16 @@ def _run_each(
             args = (item,)
         if ctx.seed is not None:
             _seeding.seed_globals(ctx.seed, pos)
+        dirty = [a.dirty() for a in ctx.audit]
         t0 = time.perf_counter()
         _arm(timeout)
         status, out = _guarded(ctx.fn, args, ctx.kwargs)
         _disarm(timeout)
         t1 = time.perf_counter()
+        for audited, before in zip(ctx.audit, dirty, strict=True):
+            if audited.dirty() > before:
+                writes.append((k - k0, audited.name))
+                ctx.kwargs[audited.name] = audited.refresh()
         took = t1 - t0
         if status == _OK:
             values.append(out)
@@ -201,14 +223,14 @@ def _run_each(
             else:
                 errors.append((k - k0, INTERRUPTED, None))
                 values.pop()
-                send(seq, k0, values, errors, elapsed if shards else sum(elapsed), True)
+                send(seq, k0, values, errors, elapsed if shards else sum(elapsed), True, writes)
                 return
         elapsed.append(took)
         last = k == count - 1
         if last or timeout is not None or t1 - last_flush >= FLUSH_INTERVAL:
-            send(seq, k0, values, errors, elapsed if shards else sum(elapsed), last)
+            send(seq, k0, values, errors, elapsed if shards else sum(elapsed), last, writes)
             k0 = k + 1
-            values, errors, elapsed = [], [], []
+            values, errors, elapsed, writes = [], [], [], []
             last_flush = t1
 
 

@@ -41,12 +41,12 @@ from ashard._job import Job
 from ashard._protocol import (
     CALL,
     CANCEL,
-    FORGET,
     INTERRUPTED,
     JOB,
     RAISED,
     RESULT,
     RUN,
+    SEGMENTS,
     TIMEOUT,
 )
 from ashard._serialize import decode_exception, dumps_named
@@ -327,8 +327,8 @@ class Scheduler:
 
     async def _fill(self, job: Job, w: WorkerHandle) -> None:
         """Top up `w`'s window with `job`'s chunks, in one send."""
-        msgs: list[Any] = [(FORGET, k) for k in w.forget]
-        w.forget.clear()
+        msgs = w.take_control()
+        fds: list[int] = []
         was_idle = not w.inflight
         window = job.window()
         while len(w.inflight) < window:
@@ -338,6 +338,7 @@ class Scheduler:
             if job.key not in w.jobs:
                 w.jobs.add(job.key)
                 job.registered.add(w)
+                fds += _segments_for(job, w, msgs)
                 msgs.append((JOB, job.key, job.spec))
             msgs.append(
                 (RUN, job.key, chunk.seq, chunk.first, chunk.count, chunk.attempts, chunk.items)
@@ -347,7 +348,7 @@ class Scheduler:
             return
         if was_idle:
             w.last_heard = time.monotonic()
-        await w.channel.send(await self._encode(job, msgs))
+        await w.channel.send(await self._encode(job, msgs), fds)
 
     async def _encode(self, job: Job, msgs: list[Any]) -> list[Any]:
         if job.encode_in_thread:
@@ -372,11 +373,11 @@ class Scheduler:
         for msg in msgs:
             if msg[0] != RESULT:
                 raise RuntimeError(f"ashard internal error: unexpected message {msg[0]!r}")
-            _, seq, k0, values, errors, elapsed, final = msg
+            _, seq, k0, values, errors, elapsed, final, writes = msg
             chunk = w.inflight[0]
             if chunk.seq != seq:
                 raise RuntimeError("ashard internal error: results out of order")
-            job.deliver(chunk, k0, values, errors, elapsed, final, w.pid)
+            job.deliver(chunk, k0, values, errors, elapsed, final, w.pid, writes)
             n = len(values)
             w.shards_done += n
             self.stats.shards_done += n
@@ -418,10 +419,15 @@ class Scheduler:
         await self.replenish()
 
     def forget(self, job: Job) -> None:
-        """The job is over: workers that loaded it may drop its fn and borrow."""
+        """The job is over: workers that loaded it drop its fn and borrow, and the
+        shared memory made for it alone is let go."""
         for w in job.registered:
             w.jobs.discard(job.key)
             w.forget.append(job.key)
+        if job.exported is not None:
+            job.exported.close()  # tells holders to DROP what this call shared
+        for w in job.registered:
+            w.flush_control()
         job.registered.clear()
 
     # -- one-shot calls ---------------------------------------------------------------
@@ -442,9 +448,8 @@ class Scheduler:
             raise
         tenant = _CallTenant()
         w = await self.acquire(tenant)
-        if w.forget:
-            parts = encode_many([(FORGET, k) for k in w.forget]) + parts
-            w.forget.clear()
+        if w.forget or w.drops:
+            parts = encode_many(w.take_control()) + parts
         msg = None
         lost: bool | None = None
         try:
@@ -517,6 +522,21 @@ class Scheduler:
         )
 
 
+def _segments_for(job: Job, w: WorkerHandle, msgs: list[Any]) -> list[int]:
+    """Queue SEGMENTS messages for the shared memory of `job` that `w` lacks (a new or
+    replacement worker); return the fds to send with them."""
+    if job.exported is None:
+        return []
+    new = [seg for seg in job.exported.segments if seg.id not in w.segments]
+    if not new:
+        return []
+    msgs.append((SEGMENTS, [seg.id for seg in new]))
+    for seg in new:
+        w.segments.add(seg.id)
+        seg.holders.add(w)
+    return [seg.fd for seg in new]
+
+
 def _first_error(group: BaseExceptionGroup) -> BaseException:
     """The first real error in a task group's failure (the others are its echoes)."""
     for exc in group.exceptions:
@@ -546,7 +566,7 @@ def _name_unpicklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 
 
 def _call_outcome(msg: Any, timeout: float | None) -> Any:
-    _, _, _, values, errors, _, _ = msg
+    values, errors = msg[3], msg[4]
     if not errors:
         return values[0]
     _, kind, detail = errors[0]

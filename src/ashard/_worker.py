@@ -17,10 +17,12 @@ from collections import deque
 from typing import Any
 
 from ashard import _runner
+from ashard._attach import Audited, Segments
 from ashard._channel import FrameReader, RawFrame, encode, send_frames
 from ashard._protocol import (
     CALL,
     CANCEL,
+    DROP,
     EXIT,
     FORGET,
     HELLO,
@@ -32,6 +34,8 @@ from ashard._protocol import (
     READY,
     RESULT,
     RUN,
+    SEGMENTS,
+    ArrayRef,
     JobSpec,
     Payload,
 )
@@ -54,7 +58,8 @@ class Worker:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.reader = FrameReader()
+        self.reader = FrameReader(accept_fds=True)
+        self.segments = Segments()
         self.queue: deque[Any] = deque()
         self.jobs: dict[int, _runner.JobContext | BaseException] = {}
 
@@ -62,15 +67,22 @@ class Worker:
         send_frames(self.sock, encode(msg))
 
     def send_result(
-        self, seq: int, k0: int, values: list[Any], errors: list[Any], elapsed: Any, final: bool
+        self,
+        seq: int,
+        k0: int,
+        values: list[Any],
+        errors: list[Any],
+        elapsed: Any,
+        final: bool,
+        writes: list[tuple[int, str]] | None = None,
     ) -> None:
         _runner.flush_stdio()
-        msg = (RESULT, seq, k0, values, errors, elapsed, final)
+        msg = (RESULT, seq, k0, values, errors, elapsed, final, writes)
         try:
             parts = encode(msg)
         except Exception:
             values, errors = _drop_unpicklable(values, errors)
-            parts = encode((RESULT, seq, k0, values, errors, elapsed, final))
+            parts = encode((RESULT, seq, k0, values, errors, elapsed, final, writes))
         send_frames(self.sock, parts)
 
     def read(self, block: bool) -> bool:
@@ -122,9 +134,15 @@ class Worker:
                 _, seq, fn, args, kwargs, timeout = msg
                 _runner.run_call(fn, args, kwargs, timeout, seq, self.send_result)
             elif op == JOB:
-                self.jobs[msg[1]] = _load_job(msg[2])
+                self.jobs[msg[1]] = _load_job(msg[2], self.segments)
             elif op == FORGET:
                 self.jobs.pop(msg[1], None)
+            elif op == SEGMENTS:
+                fds = self.reader.fds
+                assert fds is not None
+                self.segments.add(msg[1], [fds.popleft() for _ in msg[1]])
+            elif op == DROP:
+                self.segments.drop(msg[1])
             elif op == EXIT:
                 return
 
@@ -147,16 +165,26 @@ class Worker:
         self.send_result(seq, 0, [None] * count, errors, [0.0] * count, True)
 
 
-def _load_job(spec: JobSpec) -> _runner.JobContext | BaseException:
-    """Unpickle a job's function and borrowed objects; the error, if that fails."""
+def _load_job(spec: JobSpec, segments: Segments) -> _runner.JobContext | BaseException:
+    """Unpickle a job's function and borrowed objects, map its shared arrays; the
+    error, if that fails."""
     if spec.sys_path != sys.path:
         sys.path[:] = spec.sys_path
+    kwargs: dict[str, Any] = {}
+    audit: list[Audited] = []
     try:
         fn = _load(spec.fn)
-        kwargs = {name: _load(p) for name, p in (spec.borrow or {}).items()}
+        for name, value in (spec.borrow or {}).items():
+            if isinstance(value, ArrayRef) and value.mode == "audit" and value.size:
+                audit.append(Audited(name, segments, value))
+                kwargs[name] = audit[-1].array
+            elif isinstance(value, ArrayRef):
+                kwargs[name] = segments.view(value)
+            else:
+                kwargs[name] = _load(value)
     except Exception as exc:
         return exc
-    return _runner.JobContext(spec.kind, fn, kwargs, spec.timeout, spec.seed, spec.layout)
+    return _runner.JobContext(spec.kind, fn, kwargs, spec.timeout, spec.seed, spec.layout, audit)
 
 
 def _load(payload: Payload) -> Any:

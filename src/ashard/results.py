@@ -27,6 +27,9 @@ class Diagnostics:
     failures: int
     cancelled: bool = False
     notes: tuple[str, ...] = field(default=())
+    cow_writes: tuple[tuple[int, str], ...] = field(default=())
+    """Under ``cow="audit"``: (shard id, borrow name) for each shard that wrote to a
+    borrowed array (privately: the write was never seen elsewhere)."""
 
     def summary(self) -> str:
         """One line for humans."""

@@ -1,0 +1,74 @@
+"""Turn a call's ``borrow=`` and ``out=`` into what workers receive: arrays become
+descriptors of shared-memory segments, anything else is pickled once.
+
+Runs in a worker thread: copying a large array into shared memory or pickling a large
+object must not stall the event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ashard._channel import MAX_FDS
+from ashard._memfd import Segment
+from ashard._options import pickle_payload
+from ashard._protocol import ArrayRef, Payload
+from ashard.buffers import Buffer
+from ashard.shared import SHAREABLE_KINDS, SharedArray, copy_into_segment
+
+__all__ = ["Exported", "export"]
+
+_BORROW_MODE = {"deny": "ro", "allow": "cow", "audit": "audit"}
+
+
+@dataclass
+class Exported:
+    """A call's shared inputs and outputs, ready for `JobSpec.borrow`."""
+
+    kwargs: dict[str, Payload | ArrayRef] = field(default_factory=dict)
+    segments: list[Segment] = field(default_factory=list)  # fds every worker needs
+    owned: list[SharedArray] = field(default_factory=list)  # made for this call only
+
+    def close(self) -> None:
+        """Release what this call shared on its own (not `share()`d or `Buffer`s)."""
+        for shared in self.owned:
+            shared.close()
+        self.owned.clear()
+
+
+def export(borrow: dict[str, Any], out: dict[str, Any], cow: str) -> Exported:
+    """Share or pickle every borrowed and output value; undo everything on failure."""
+    exported = Exported()
+    try:
+        for name, value in borrow.items():
+            exported.kwargs[name] = _export_borrow(exported, name, value, _BORROW_MODE[cow])
+        for name, value in out.items():
+            exported.kwargs[name] = _ref(exported, value.segment, value, "rw")
+        if len(exported.segments) > MAX_FDS:
+            raise ValueError(
+                f"a call can share at most {MAX_FDS} arrays through borrow and out, "
+                f"got {len(exported.segments)}"
+            )
+    except BaseException:
+        exported.close()
+        raise
+    return exported
+
+
+def _export_borrow(exported: Exported, name: str, value: Any, mode: str) -> Payload | ArrayRef:
+    if isinstance(value, SharedArray | Buffer):
+        return _ref(exported, value.segment, value, mode)
+    if isinstance(value, np.ndarray) and value.dtype.kind in SHAREABLE_KINDS:
+        shared = copy_into_segment(value)
+        exported.owned.append(shared)
+        return _ref(exported, shared.segment, shared, mode)
+    return pickle_payload(value, f"borrow[{name!r}]")
+
+
+def _ref(exported: Exported, segment: Segment, array: SharedArray | Buffer, mode: str) -> ArrayRef:
+    if segment not in exported.segments:
+        exported.segments.append(segment)
+    return ArrayRef(segment.id, segment.size, array.dtype.str, array.shape, mode)
