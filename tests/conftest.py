@@ -3,6 +3,7 @@ blockbuster, which fails a test that makes a blocking call on the event loop."""
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Iterator
@@ -24,10 +25,23 @@ def _children() -> list[psutil.Process]:
 
 
 def _shm_segments() -> set[str]:
+    """Named segments in /dev/shm, and the anonymous memfd segments this process holds
+    (as descriptors or mappings)."""
     try:
-        return {n for n in os.listdir("/dev/shm") if "ashard" in n}
+        named = {n for n in os.listdir("/dev/shm") if "ashard" in n}
     except FileNotFoundError:
-        return set()
+        named = set()
+    with open("/proc/self/maps") as f:
+        mapped = {line.split(None, 5)[-1].strip() for line in f if "memfd:ashard" in line}
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "memfd:ashard" in target:
+            fds.add(target)
+    return named | mapped | fds
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +60,7 @@ def no_leaks() -> Iterator[None]:
     for p in left:
         p.kill()
     assert not left, f"test left child processes behind: {[p.pid for p in left]}"
+    gc.collect()  # views the test held are gone with its frame; cycles may keep some
     leaked = _shm_segments() - shm_before
     assert not leaked, f"test left shared-memory segments behind: {leaked}"
 

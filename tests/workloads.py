@@ -156,3 +156,14 @@ def timestamps(x: int) -> tuple[int, float]:
 
 def identity(x: Any) -> Any:
     return x
+
+
+def die_first_attempt_sum(shard: Shard, X: np.ndarray, victim: int = 2) -> int:
+    """The sum of the borrowed X; shard `victim` kills its worker on the first attempt."""
+    if shard.id == victim and shard.attempt == 1:
+        die("sigkill")
+    return int(X.sum())
+
+
+def shard_sum_plus(shard: Shard, offset: int, table: dict[str, int]) -> int:
+    return sum(shard.idx) + offset + table["a"]

@@ -46,7 +46,7 @@ class Segment:
             flags = mmap.MAP_SHARED
             if populate and hasattr(mmap, "MAP_POPULATE"):
                 flags |= mmap.MAP_POPULATE  # fault every page in now, in one go
-            self.mmap: mmap.mmap | None = mmap.mmap(self.fd, max(size, 1), flags=flags)
+            self.mmap: mmap.mmap | None = mmap.mmap(self.fd, size, flags=flags) if size else None
         except BaseException:
             os.close(self.fd)
             raise

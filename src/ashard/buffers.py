@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ashard._memfd import Segment
-from ashard.shared import SHAREABLE_KINDS, _view
+from ashard.shared import _CLOSED, SHAREABLE_KINDS, _view
 
 __all__ = ["Buffer", "buffer"]
 
@@ -53,6 +53,7 @@ class Buffer:
     def close(self) -> None:
         """Let the memory go once no view of `array` remains."""
         self._segment.close()
+        self._array = _CLOSED  # the mapping (and its fd) goes with the last view
 
     def __enter__(self) -> Buffer:
         return self

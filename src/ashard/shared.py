@@ -15,6 +15,8 @@ from ashard._memfd import Segment
 
 __all__ = ["SharedArray", "share"]
 
+_CLOSED: np.ndarray[Any, Any] = np.empty(0)
+
 SHAREABLE_KINDS = "biufc?"
 """numpy dtype kinds shared through memory: bool, integers, floats, complex."""
 
@@ -61,7 +63,9 @@ class SharedArray:
         return self._segment.closed
 
     def close(self) -> None:
+        """Let the memory go once no view of `array` remains."""
         self._segment.close()
+        self._array = _CLOSED  # the mapping (and its fd) goes with the last view
 
     def __enter__(self) -> SharedArray:
         return self

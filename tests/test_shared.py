@@ -1,0 +1,258 @@
+"""Shared inputs and outputs: zero-copy borrow, share(), buffer(), cow modes, lifetime."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+import numpy as np
+import psutil
+import pytest
+
+import ashard
+import workloads
+
+pytestmark = pytest.mark.anyio
+
+GiB = 1 << 30
+
+
+def slice_sum_and_uss(shard: ashard.Shard, X: np.ndarray) -> tuple[int, int]:
+    total = int(X[shard.idx.start : shard.idx.stop].sum())
+    return total, psutil.Process().memory_full_info().uss
+
+
+def worker_uss() -> int:
+    return psutil.Process().memory_full_info().uss
+
+
+def first_then_write(shard: ashard.Shard, X: np.ndarray) -> int:
+    first = int(X[0])
+    X[0] = -1
+    return first
+
+
+def read_first(shard: ashard.Shard, X: np.ndarray) -> int:
+    return int(X[0])
+
+
+def write_if_even(shard: ashard.Shard, X: np.ndarray) -> int:
+    if shard.id % 2 == 0:
+        X[shard.id] = 99
+    return int(X[shard.id])
+
+
+def fill_my_slice(shard: ashard.Shard, out: np.ndarray) -> None:
+    out[shard.idx.start : shard.idx.stop] = np.arange(shard.idx.start, shard.idx.stop) * 3
+
+
+def describe(shard: ashard.Shard, X: np.ndarray) -> tuple[str, tuple[int, ...], bool, float]:
+    return str(X.dtype), X.shape, bool(X.flags.c_contiguous), float(np.real(X.sum()))
+
+
+def count_memfds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += "memfd:ashard" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return n
+
+
+async def test_borrowing_a_gib_array_costs_workers_no_copy() -> None:
+    n = GiB // 8
+    X = np.arange(n, dtype=np.int64)
+    async with ashard.Pool(2) as pool:
+        before = {}
+        for _ in range(4):  # both workers, psutil imported in each
+            before[await pool.call(os.getpid)] = await pool.call(worker_uss)
+        layout = ashard.shards(n, block_size=n // 8)
+        res = await pool.shard_map(layout, slice_sum_and_uss, borrow={"X": X})
+    for shard, (total, _) in zip(res.shards, res.results, strict=True):
+        lo, hi = shard.idx.start, shard.idx.stop
+        assert total == (lo + hi - 1) * (hi - lo) // 2
+    growth = max(uss for _, uss in res.results) - max(before.values())
+    assert growth < 64 << 20, f"a worker's unique memory grew by {growth >> 20} MiB"
+
+
+async def test_borrowed_arrays_are_read_only_under_deny() -> None:
+    X = np.zeros(10)
+    res = await ashard.shard_map(2, first_then_write, borrow={"X": X}, errors="collect", workers=2)
+    assert len(res.failures) == 2
+    for failure in res.failures:
+        assert isinstance(failure.__cause__, ValueError)
+        assert "read-only" in str(failure.__cause__)
+    assert X[0] == 0
+
+
+async def test_allow_writes_stay_private_to_the_worker() -> None:
+    X = np.arange(10, dtype=np.int64)
+    with ashard.share(X) as shared:
+        async with ashard.Pool(2) as pool:
+            res = await pool.shard_map(
+                ashard.shards(20, block_size=1), first_then_write, borrow={"X": shared}, cow="allow"
+            )
+            assert set(res.results) <= {0, -1}  # a worker may see its own earlier write
+            seen = await pool.shard_map(
+                ashard.shards(20, block_size=1), read_first, borrow={"X": shared}
+            )
+        assert seen.results == [0] * 20  # no other call, worker or the parent saw it
+        assert shared.array[0] == 0
+    assert X[0] == 0
+
+
+async def test_audit_lists_each_shard_that_wrote() -> None:
+    X = np.zeros(40, dtype=np.int64)
+    res = await ashard.shard_map(
+        ashard.shards(40, block_size=1), write_if_even, borrow={"X": X}, cow="audit", workers=2
+    )
+    assert res.results == [99 if k % 2 == 0 else 0 for k in range(40)]
+    assert res.diagnostics.cow_writes == tuple((k, "X") for k in range(0, 40, 2))
+    assert not X.any()
+
+
+async def test_out_buffer_collects_disjoint_writes_without_a_copy() -> None:
+    n = 100_000
+    with ashard.buffer(np.int64, n, fill=-1) as buf:
+        view = buf.array
+        res = await ashard.shard_map(
+            ashard.shards(n, block_size=1000), fill_my_slice, out={"out": buf}, workers=2
+        )
+        assert res.ok
+        assert len(res.diagnostics.workers) == 2
+        assert np.array_equal(view, np.arange(n) * 3)  # the view taken before the call
+
+
+async def test_a_buffer_in_borrow_is_shared_as_is() -> None:
+    with ashard.buffer("f8", (100, 100)) as buf:
+        buf.array[:] = np.arange(10_000).reshape(100, 100)
+        memfds = await anyio.to_thread.run_sync(count_memfds)
+
+        async def run() -> ashard.ShardResult:
+            return await ashard.shard_map(4, describe, borrow={"X": buf}, workers=2)
+
+        async with anyio.create_task_group() as tg:
+            results: list[ashard.ShardResult] = []
+
+            async def go() -> None:
+                results.append(await run())
+
+            tg.start_soon(go)
+            while not results:
+                # no new segment: nothing was copied
+                assert await anyio.to_thread.run_sync(count_memfds) == memfds
+                await anyio.sleep(0.005)
+    assert results[0].results == [("float64", (100, 100), True, float(np.arange(10_000).sum()))] * 4
+
+
+async def test_shared_array_is_reused_across_calls_and_closes() -> None:
+    X = np.arange(1000, dtype=np.float32)
+    shared = ashard.share(X)
+    async with ashard.Pool(2) as pool:
+        for _ in range(3):
+            res = await pool.shard_map(2, describe, borrow={"X": shared})
+            assert res.results[0] == ("float32", (1000,), True, float(X.sum()))
+        shared.close()
+        shared.close()  # twice is fine
+        with pytest.raises(ValueError, match=r"borrow\['X'\] is a closed SharedArray"):
+            await pool.shard_map(2, describe, borrow={"X": shared})
+    assert shared.closed and await anyio.to_thread.run_sync(count_memfds) == 0
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(24, dtype=np.int8).reshape(2, 3, 4),
+        np.array([True, False, True]),
+        np.arange(6, dtype=np.complex128) * 1j,
+        np.arange(100, dtype=np.float64)[::3],  # not contiguous
+        np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        np.zeros((0, 5)),
+    ],
+    ids=["int8-3d", "bool", "complex", "strided", "fortran", "empty"],
+)
+async def test_any_numeric_dtype_and_shape_arrives_intact(array: np.ndarray) -> None:
+    res = await ashard.shard_map(1, describe, borrow={"X": array}, workers=1)
+    assert res.results == [(str(array.dtype), array.shape, True, float(np.real(array.sum())))]
+
+
+async def test_replacement_worker_gets_the_shared_inputs() -> None:
+    X = np.arange(1000, dtype=np.int64)
+    res = await ashard.shard_map(
+        ashard.shards(8, block_size=1), workloads.die_first_attempt_sum, borrow={"X": X}, workers=2
+    )
+    assert res.results == [int(X.sum())] * 8
+    assert res.diagnostics.crashes >= 1
+
+
+async def test_objects_that_are_not_arrays_are_still_pickled() -> None:
+    res = await ashard.shard_map(
+        2, workloads.shard_sum_plus, borrow={"offset": 5, "table": {"a": 1}}, workers=1
+    )
+    assert res.ok
+
+
+async def test_bad_shared_arguments_are_refused_before_running() -> None:
+    X = np.zeros(4)
+    with ashard.buffer("i4", 4) as buf:
+        with pytest.raises(ValueError, match="'X' is both in borrow and in out"):
+            await ashard.shard_map(2, describe, borrow={"X": X}, out={"X": buf})
+        with pytest.raises(TypeError, match=r"out\['y'\] must be an ashard.Buffer"):
+            await ashard.shard_map(2, describe, borrow={"X": X}, out={"y": X})
+    with pytest.raises(ValueError, match=r"out\['y'\] is a closed Buffer"):
+        await ashard.shard_map(2, describe, borrow={"X": X}, out={"y": buf})
+    with pytest.raises(TypeError, match="buffer dtype must be numeric or bool"):
+        ashard.buffer(object, 3)
+    with pytest.raises(ValueError, match="buffer shape must not be negative"):
+        ashard.buffer("f8", (3, -1))
+    with pytest.raises(TypeError, match="numeric or bool dtype"):
+        ashard.share(np.array(["a", "b"], dtype=object))
+
+
+def test_parent_killed_mid_call_leaves_no_worker_and_no_segment(tmp_path: Path) -> None:
+    script = tmp_path / "victim.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys, time
+            import anyio, numpy as np
+            import ashard
+
+            def slow(shard, X):
+                time.sleep(60)
+
+            async def main():
+                async with ashard.Pool(2) as pool:
+                    print(" ".join(map(str, pool.pids)), flush=True)
+                    await pool.shard_map(4, slow, borrow={"X": np.ones(50_000_000 // 8)})
+
+            anyio.run(main)
+            """
+        )
+    )
+    shm_before = set(os.listdir("/dev/shm"))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        time.sleep(1.0)  # the call is running: the array is shared and mapped
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):
+            time.sleep(0.05)
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+        assert not alive, f"workers outlived their parent: {alive}"
+        assert set(os.listdir("/dev/shm")) - shm_before == set()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
