@@ -45,3 +45,26 @@ def echo_serve(fd: int) -> None:
     with socket.socket(fileno=fd) as sock:
         while data := sock.recv(4096):
             sock.sendall(data)
+
+
+TASKS = 20
+"""Tasks of the shared-input benchmark: task k sums the strided slice X[k::TASKS]."""
+_X: Any = None
+
+
+def set_x(X: Any) -> None:
+    """Pool initializer: keep the array for `strided_sum`."""
+    global _X
+    _X = X
+
+
+def strided_sum(k: int) -> float:
+    return float(_X[k::TASKS].sum())
+
+
+def strided_sum_of(X: Any, k: int) -> float:
+    return float(X[k::TASKS].sum())
+
+
+def strided_shard(shard: Shard, X: Any) -> float:
+    return float(X[shard.id :: TASKS].sum())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -56,13 +57,33 @@ def describe(shard: ashard.Shard, X: np.ndarray) -> tuple[str, tuple[int, ...], 
     return str(X.dtype), X.shape, bool(X.flags.c_contiguous), float(np.real(X.sum()))
 
 
+def table_summary(shard: ashard.Shard, T: object) -> tuple[str, int, float, bool]:
+    """The table's type, rows, a column sum, and whether its data lies in an ashard memfd."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    assert isinstance(T, pa.Table | pa.RecordBatch)
+    column = T.column("x")
+    chunk = column.chunk(0) if isinstance(column, pa.ChunkedArray) else column
+    address = chunk.buffers()[1].address
+    return type(T).__name__, T.num_rows, float(pc.sum(column).as_py()), in_memfd(address)
+
+
+def in_memfd(address: int) -> bool:
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span = line.split()[0]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= address < hi:
+                return "memfd:ashard" in line
+    return False
+
+
 def count_memfds() -> int:
     n = 0
     for fd in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):
             n += "memfd:ashard" in os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            pass
     return n
 
 
@@ -181,6 +202,39 @@ async def test_shared_array_is_reused_across_calls_and_closes() -> None:
 async def test_any_numeric_dtype_and_shape_arrives_intact(array: np.ndarray) -> None:
     res = await ashard.shard_map(1, describe, borrow={"X": array}, workers=1)
     assert res.results == [(str(array.dtype), array.shape, True, float(np.real(array.sum())))]
+
+
+async def test_arrow_tables_and_batches_are_mapped_zero_copy() -> None:
+    import pyarrow as pa
+
+    x = np.arange(100_000, dtype=np.float64)
+    table = pa.table({"x": x, "name": [str(k) for k in range(len(x))]})
+    batch = pa.record_batch({"x": x})
+    async with ashard.Pool(2) as pool:
+        for data, kind in [(table, "Table"), (batch, "RecordBatch")]:
+            res = await pool.shard_map(4, table_summary, borrow={"T": data})
+            assert res.results == [(kind, len(x), float(x.sum()), True)] * 4
+    assert await anyio.to_thread.run_sync(count_memfds) == 0  # auto-shared, then released
+
+
+async def test_shared_table_is_reused_across_calls_and_closes() -> None:
+    import pyarrow as pa
+
+    table = pa.table({"x": np.arange(1000, dtype=np.int64)})
+    shared = ashard.share(table)
+    assert isinstance(shared, ashard.SharedTable)
+    assert shared.table.equals(table)
+    async with ashard.Pool(2) as pool:
+        for _ in range(3):
+            res = await pool.shard_map(2, table_summary, borrow={"T": shared})
+            assert res.results == [("Table", 1000, float(np.arange(1000).sum()), True)] * 2
+        with shared:
+            pass
+        with pytest.raises(ValueError, match=r"borrow\['T'\] is a closed SharedTable"):
+            await pool.shard_map(2, table_summary, borrow={"T": shared})
+    assert shared.closed and await anyio.to_thread.run_sync(count_memfds) == 0
+    with pytest.raises(TypeError, match="numpy array or a pyarrow Table"):
+        ashard.share([1, 2, 3])
 
 
 async def test_replacement_worker_gets_the_shared_inputs() -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "ShardTimeout",
     "Shards",
     "SharedArray",
+    "SharedTable",
     "WorkerCrashed",
     "WorkerStartError",
     "buffer",
@@ -55,6 +56,7 @@ from ashard.shards import Shard, Shards, shards
 _LAZY = {
     "Buffer": "ashard.buffers",
     "SharedArray": "ashard.shared",
+    "SharedTable": "ashard.shared",
     "buffer": "ashard.buffers",
     "share": "ashard.shared",
     "Pool": "ashard.pool",
@@ -73,7 +75,7 @@ if TYPE_CHECKING:
     from ashard.api import call, default_pool, map, shard_map, shard_stream, shutdown
     from ashard.buffers import Buffer, buffer
     from ashard.pool import Pool, PoolStats
-    from ashard.shared import SharedArray, share
+    from ashard.shared import SharedArray, SharedTable, share
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,7 @@ import mmap
 import os
 from typing import Any
 
-from ashard._protocol import ArrayRef
+from ashard._protocol import ArrayRef, TableRef
 
 __all__ = ["Audited", "Segments"]
 
@@ -36,6 +36,17 @@ class Segments:
                 os.close(fd)
             for mode in _PROT:
                 self._shared.pop((seg_id, mode), None)
+
+    def table(self, ref: TableRef) -> Any:
+        """The Table or RecordBatch in the segment, read without copying."""
+        from ashard.shared import open_ipc
+
+        key = (ref.seg_id, "ro")
+        mm = self._shared.get(key)
+        if mm is None:
+            fd = self._fds[ref.seg_id]
+            mm = self._shared[key] = mmap.mmap(fd, ref.size, prot=mmap.PROT_READ)
+        return open_ipc(mm, ref.kind)
 
     def view(self, ref: ArrayRef) -> Any:
         """An ndarray over the segment: read-only, private copy-on-write or shared rw."""

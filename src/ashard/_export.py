@@ -15,9 +15,15 @@ import numpy as np
 from ashard._channel import MAX_FDS
 from ashard._memfd import Segment
 from ashard._options import pickle_payload
-from ashard._protocol import ArrayRef, Payload
+from ashard._protocol import ArrayRef, Payload, TableRef
 from ashard.buffers import Buffer
-from ashard.shared import SHAREABLE_KINDS, SharedArray, copy_into_segment
+from ashard.shared import (
+    SHAREABLE_KINDS,
+    SharedArray,
+    SharedTable,
+    copy_into_segment,
+    is_arrow,
+)
 
 __all__ = ["Exported", "export"]
 
@@ -28,9 +34,9 @@ _BORROW_MODE = {"deny": "ro", "allow": "cow", "audit": "audit"}
 class Exported:
     """A call's shared inputs and outputs, ready for `JobSpec.borrow`."""
 
-    kwargs: dict[str, Payload | ArrayRef] = field(default_factory=dict)
+    kwargs: dict[str, Payload | ArrayRef | TableRef] = field(default_factory=dict)
     segments: list[Segment] = field(default_factory=list)  # fds every worker needs
-    owned: list[SharedArray] = field(default_factory=list)  # made for this call only
+    owned: list[SharedArray | SharedTable] = field(default_factory=list)  # for this call only
 
     def close(self) -> None:
         """Release what this call shared on its own (not `share()`d or `Buffer`s)."""
@@ -58,13 +64,23 @@ def export(borrow: dict[str, Any], out: dict[str, Any], cow: str) -> Exported:
     return exported
 
 
-def _export_borrow(exported: Exported, name: str, value: Any, mode: str) -> Payload | ArrayRef:
+def _export_borrow(
+    exported: Exported, name: str, value: Any, mode: str
+) -> Payload | ArrayRef | TableRef:
     if isinstance(value, SharedArray | Buffer):
         return _ref(exported, value.segment, value, mode)
     if isinstance(value, np.ndarray) and value.dtype.kind in SHAREABLE_KINDS:
         shared = copy_into_segment(value)
         exported.owned.append(shared)
         return _ref(exported, shared.segment, shared, mode)
+    if is_arrow(value):
+        value = SharedTable.write(value)
+        exported.owned.append(value)
+    if isinstance(value, SharedTable):
+        segment = value.segment
+        if segment not in exported.segments:
+            exported.segments.append(segment)
+        return TableRef(segment.id, segment.size, value.kind)  # immutable: no cow modes
     return pickle_payload(value, f"borrow[{name!r}]")
 
 

@@ -59,12 +59,20 @@ class ArrayRef(NamedTuple):
     mode: str
 
 
+class TableRef(NamedTuple):
+    """A pyarrow Table or RecordBatch as Arrow IPC in a segment, opened zero-copy."""
+
+    seg_id: int
+    size: int
+    kind: str  # "table" | "batch"
+
+
 class JobSpec(NamedTuple):
     """What a worker needs to run chunks of one job."""
 
     kind: int
     fn: Payload
-    borrow: dict[str, Payload | ArrayRef] | None
+    borrow: dict[str, Payload | ArrayRef | TableRef] | None
     timeout: float | None
     seed: int | None
     layout: Any  # ashard.Shards for SHARDS jobs, else None

@@ -38,6 +38,7 @@ from ashard._protocol import (
     ArrayRef,
     JobSpec,
     Payload,
+    TableRef,
 )
 from ashard._serialize import dumps, encode_exception, loads
 
@@ -180,6 +181,8 @@ def _load_job(spec: JobSpec, segments: Segments) -> _runner.JobContext | BaseExc
                 kwargs[name] = audit[-1].array
             elif isinstance(value, ArrayRef):
                 kwargs[name] = segments.view(value)
+            elif isinstance(value, TableRef):
+                kwargs[name] = segments.table(value)
             else:
                 kwargs[name] = _load(value)
     except Exception as exc:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ashard._memfd import Segment
 
-__all__ = ["SharedArray", "share"]
+__all__ = ["SharedArray", "SharedTable", "share"]
 
 _CLOSED: np.ndarray[Any, Any] = np.empty(0)
 
@@ -88,17 +88,116 @@ class SharedArray:
         return f"<ashard.SharedArray {self.dtype} {self.shape}, {state}>"
 
 
-def share(obj: Any) -> SharedArray:
-    """Copy a numeric or bool array into shared memory once, to borrow in many calls.
+def share(obj: Any) -> SharedArray | SharedTable:
+    """Copy a numeric or bool array, or a pyarrow Table or RecordBatch, into shared
+    memory once, to borrow in many calls.
 
-    Non-contiguous input is made contiguous in the copy. This copies in the calling
-    thread: from async code with a large array, use
-    ``await anyio.to_thread.run_sync(ashard.share, array)``.
+    Non-contiguous arrays are made contiguous in the copy. This copies in the calling
+    thread: from async code with large data, use
+    ``await anyio.to_thread.run_sync(ashard.share, data)``.
     """
-    if not isinstance(obj, np.ndarray):
-        raise TypeError(f"share() takes a numpy array, got {type(obj).__name__}")
-    check_shareable(obj, "share()'s array")
-    return copy_into_segment(obj)
+    if isinstance(obj, np.ndarray):
+        check_shareable(obj, "share()'s array")
+        return copy_into_segment(obj)
+    if is_arrow(obj):
+        return SharedTable.write(obj)
+    raise TypeError(
+        f"share() takes a numpy array or a pyarrow Table or RecordBatch, got {type(obj).__name__}"
+    )
+
+
+def is_arrow(obj: Any) -> bool:
+    """True for a pyarrow Table or RecordBatch (without importing pyarrow)."""
+    module = type(obj).__module__
+    return module.startswith("pyarrow") and type(obj).__name__ in ("Table", "RecordBatch")
+
+
+class SharedTable:
+    """A pyarrow Table or RecordBatch as Arrow IPC in shared memory (see `ashard.share`).
+
+    Workers open it as a zero-copy view of the same memory; `table` is the parent's.
+    """
+
+    def __init__(self, segment: Segment, kind: str) -> None:
+        self._segment = segment
+        self.kind = kind
+
+    @classmethod
+    def write(cls, data: Any) -> SharedTable:
+        import pyarrow as pa
+
+        sink = pa.MockOutputStream()
+        _write_ipc(sink, data)
+        segment = Segment(sink.size())
+        try:
+            assert segment.mmap is not None
+            _write_ipc(pa.FixedSizeBufferWriter(pa.py_buffer(segment.mmap)), data)
+        except BaseException:
+            segment.close()
+            raise
+        return cls(segment, "table" if isinstance(data, pa.Table) else "batch")
+
+    @property
+    def segment(self) -> Segment:
+        if self._segment.closed:
+            raise ValueError("this SharedTable is closed")
+        return self._segment
+
+    @property
+    def table(self) -> Any:
+        """The shared data, read zero-copy from the segment."""
+        return open_ipc(self.segment.mmap, self.kind)
+
+    @property
+    def nbytes(self) -> int:
+        return self._segment.size
+
+    @property
+    def closed(self) -> bool:
+        return self._segment.closed
+
+    def close(self) -> None:
+        """Let the memory go once no table read from it remains."""
+        self._segment.close()
+
+    def __enter__(self) -> SharedTable:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a SharedTable is passed to workers through borrow=, not pickled")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.nbytes:,} bytes"
+        return f"<ashard.SharedTable ({self.kind}), {state}>"
+
+
+def _write_ipc(sink: Any, data: Any) -> None:
+    import pyarrow as pa
+
+    with pa.ipc.new_stream(sink, data.schema) as writer:
+        if isinstance(data, pa.Table):
+            writer.write_table(data)
+        else:
+            writer.write_batch(data)
+
+
+def open_ipc(memory: Any, kind: str) -> Any:
+    """A Table or RecordBatch over Arrow IPC bytes in `memory`, without copying them."""
+    import pyarrow as pa
+
+    reader = pa.ipc.open_stream(pa.py_buffer(memory))
+    if kind == "table":
+        return reader.read_all()
+    batches = list(reader)
+    return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=reader.schema)
 
 
 def copy_into_segment(array: np.ndarray[Any, Any]) -> SharedArray:
