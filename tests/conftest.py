@@ -25,21 +25,25 @@ def _children() -> list[psutil.Process]:
 
 
 def _shm_segments() -> set[str]:
-    """Named segments in /dev/shm, and the anonymous memfd segments this process holds
+    """Named segments in /dev/shm, and the segments (memfd, or unlinked named) this process holds
     (as descriptors or mappings)."""
     try:
         named = {n for n in os.listdir("/dev/shm") if "ashard" in n}
     except FileNotFoundError:
         named = set()
     with open("/proc/self/maps") as f:
-        mapped = {line.split(None, 5)[-1].strip() for line in f if "memfd:ashard" in line}
+        mapped = {
+            line.split(None, 5)[-1].strip()
+            for line in f
+            if "memfd:ashard" in line or "/dev/shm/ashard-" in line
+        }
     fds = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        if "memfd:ashard" in target:
+        if "memfd:ashard" in target or "/dev/shm/ashard-" in target:
             fds.add(target)
     return named | mapped | fds
 

@@ -58,7 +58,7 @@ def describe(shard: ashard.Shard, X: np.ndarray) -> tuple[str, tuple[int, ...], 
 
 
 def table_summary(shard: ashard.Shard, T: object) -> tuple[str, int, float, bool]:
-    """The table's type, rows, a column sum, and whether its data lies in an ashard memfd."""
+    """The table's type, rows, a column sum, and whether its data lies in an ashard segment."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -66,16 +66,21 @@ def table_summary(shard: ashard.Shard, T: object) -> tuple[str, int, float, bool
     column = T.column("x")
     chunk = column.chunk(0) if isinstance(column, pa.ChunkedArray) else column
     address = chunk.buffers()[1].address
-    return type(T).__name__, T.num_rows, float(pc.sum(column).as_py()), in_memfd(address)
+    return type(T).__name__, T.num_rows, float(pc.sum(column).as_py()), in_segment(address)
 
 
-def in_memfd(address: int) -> bool:
+def is_segment(name: str) -> bool:
+    """A descriptor or mapping of an ashard segment: memfd, or the named fallback."""
+    return "memfd:ashard-" in name or "/dev/shm/ashard-" in name
+
+
+def in_segment(address: int) -> bool:
     with open("/proc/self/maps") as maps:
         for line in maps:
             span = line.split()[0]
             lo, hi = (int(x, 16) for x in span.split("-"))
             if lo <= address < hi:
-                return "memfd:ashard" in line
+                return is_segment(line)
     return False
 
 
@@ -83,7 +88,7 @@ def count_memfds() -> int:
     n = 0
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):
-            n += "memfd:ashard" in os.readlink(f"/proc/self/fd/{fd}")
+            n += is_segment(os.readlink(f"/proc/self/fd/{fd}"))
     return n
 
 
@@ -237,6 +242,35 @@ async def test_shared_table_is_reused_across_calls_and_closes() -> None:
         ashard.share([1, 2, 3])
 
 
+def named_in_dev_shm() -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if "ashard" in n]
+
+
+def mapped_segment_names(shard: ashard.Shard, X: np.ndarray, out: np.ndarray) -> list[str]:
+    with open("/proc/self/maps") as maps:
+        return sorted({line.split(None, 5)[-1].strip() for line in maps if is_segment(line)})
+
+
+async def test_named_fallback_is_unlinked_while_workers_map_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ASHARD_SHM", "named")
+    X = np.arange(100_000, dtype=np.int64)
+    async with ashard.Pool(2) as pool:
+        with ashard.share(X) as shared, ashard.buffer(np.int64, 1000) as buf:
+            assert not await anyio.to_thread.run_sync(named_in_dev_shm)
+            res = await pool.shard_map(
+                4, mapped_segment_names, borrow={"X": shared}, out={"out": buf}
+            )
+            for names in res.results:
+                assert len(names) == 2  # the borrowed array and the out buffer
+                assert all(n.startswith("/dev/shm/ashard-") and "(deleted)" in n for n in names)
+            layout = ashard.shards(len(X), block_size=25_000)
+            total = await pool.shard_map(layout, slice_sum_and_uss, borrow={"X": shared})
+            assert sum(t for t, _ in total.results) == int(X.sum())
+    assert await anyio.to_thread.run_sync(count_memfds) == 0
+
+
 async def test_replacement_worker_gets_the_shared_inputs() -> None:
     X = np.arange(1000, dtype=np.int64)
     res = await ashard.shard_map(
@@ -270,7 +304,10 @@ async def test_bad_shared_arguments_are_refused_before_running() -> None:
         ashard.share(np.array(["a", "b"], dtype=object))
 
 
-def test_parent_killed_mid_call_leaves_no_worker_and_no_segment(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["memfd", "named"])
+def test_parent_killed_mid_call_leaves_no_worker_and_no_segment(
+    tmp_path: Path, backend: str
+) -> None:
     script = tmp_path / "victim.py"
     script.write_text(
         textwrap.dedent(
@@ -292,7 +329,10 @@ def test_parent_killed_mid_call_leaves_no_worker_and_no_segment(tmp_path: Path) 
         )
     )
     shm_before = set(os.listdir("/dev/shm"))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "ASHARD_SHM": backend}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert proc.stdout is not None
         pids = [int(p) for p in proc.stdout.readline().split()]

@@ -3,6 +3,10 @@ workers as a file descriptor over their socketpair (SCM_RIGHTS).
 
 A memfd has no name in /dev/shm: the kernel frees it when the last descriptor and
 mapping are gone, so nothing outlives the parent and its workers, even after SIGKILL.
+
+Elsewhere (or with ``ASHARD_SHM=named``) a segment is a POSIX named segment that is
+unlinked the moment it is opened: only its descriptor travels, so it is as
+leak-proof as a memfd except for the instant between ``shm_open`` and ``shm_unlink``.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ import contextlib
 import itertools
 import mmap
 import os
+import secrets
 import sys
 import weakref
 from typing import Any
 
-__all__ = ["Segment", "available"]
+__all__ = ["Segment", "available", "backend"]
 
 _ids = itertools.count(1)
 
@@ -25,8 +30,34 @@ def available() -> bool:
     return hasattr(os, "memfd_create") and sys.platform.startswith("linux")
 
 
+def backend() -> str:
+    """ "memfd" where available, else "named"; ``ASHARD_SHM=named`` forces the fallback."""
+    choice = os.environ.get("ASHARD_SHM", "").strip().lower()
+    if choice not in ("", "memfd", "named"):
+        raise ValueError(f"ASHARD_SHM must be 'memfd' or 'named', got {choice!r}")
+    if choice == "named" or not available():
+        return "named"
+    return "memfd"
+
+
+def _open_fd(name: str) -> int:
+    if backend() == "memfd":
+        return os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        import _posixshmem
+    except ImportError:
+        raise NotImplementedError(
+            "ashard shared memory needs Linux memfd or POSIX shared memory (shm_open)"
+        ) from None
+    path = f"/{name}-{secrets.token_hex(4)}"
+    fd: int = _posixshmem.shm_open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    _posixshmem.shm_unlink(path)  # from now on only descriptors keep it alive
+    return fd
+
+
 class Segment:
-    """A memfd of `size` bytes and the parent's shared, writable mapping of it.
+    """A memfd (or unlinked named segment) of `size` bytes and the parent's shared,
+    writable mapping of it.
 
     `close()` drops ashard's hold: the descriptor is closed and workers are told to let
     go; the memory itself lives until the last mapping (including numpy views the
@@ -34,13 +65,9 @@ class Segment:
     """
 
     def __init__(self, size: int, *, populate: bool = True) -> None:
-        if not available():
-            raise NotImplementedError(
-                "ashard shared memory needs Linux memfd segments (os.memfd_create)"
-            )
         self.id = next(_ids)
         self.size = size
-        self.fd = os.memfd_create(f"ashard-{os.getpid()}-{self.id}", os.MFD_CLOEXEC)
+        self.fd = _open_fd(f"ashard-{os.getpid()}-{self.id}")
         try:
             os.ftruncate(self.fd, size)
             flags = mmap.MAP_SHARED
