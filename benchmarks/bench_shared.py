@@ -7,9 +7,10 @@ slice ``X[k::20]`` (every task touches every page). Each peer runs in a fresh
 interpreter, once per repetition. Memory: the orchestrator samples the machine's memory
 in use (MemTotal - MemAvailable, shared memory included) every 5 ms while the timed
 region runs, relative to just before the interpreter started (so the original array,
-interpreters and every copy count). Summing per-process PSS instead over-counts while
-workers map a segment: a page's share changes between one process's reading and the
-next.
+interpreters and every copy count). It also sums PSS over the process tree (taken only
+when two consecutive sums agree: a page's share moves while workers map a segment):
+the peak, and the peak minus the sum when the timed region starts (the memory the
+call itself adds, with interpreters and the original array already counted).
 
 Timed region ("handing over the array to results, sharing included"):
 
@@ -282,6 +283,7 @@ def measure(peer: str, mb: int) -> dict[str, Any]:
     done = threading.Event()
     peak = [0]
     peak_pss = [0]
+    start_pss = [0]
 
     def sample() -> None:
         while not done.is_set():
@@ -297,6 +299,10 @@ def measure(peer: str, mb: int) -> dict[str, Any]:
     for line in proc.stdout:
         line = line.strip()
         if line == "START":
+            for _ in range(100):
+                start_pss[0] = stable_pss(ps) or 0
+                if start_pss[0]:
+                    break
             timing.set()
         elif line == "END":
             peak[0] = max(peak[0], memory_in_use() - baseline)
@@ -308,6 +314,7 @@ def measure(peer: str, mb: int) -> dict[str, Any]:
         raise RuntimeError(f"{peer} exited with {proc.returncode}")
     result["peak_mem_x"] = peak[0] / (mb * 1e6)
     result["peak_pss_x"] = peak_pss[0] / (mb * 1e6)
+    result["added_pss_x"] = (peak_pss[0] - start_pss[0]) / (mb * 1e6)
     return result
 
 
@@ -324,17 +331,21 @@ def main() -> None:
     print(f"# shared input: {args.mb} MB float64, {TASKS} strided-sum tasks, {WORKERS} workers")
     print(f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, cpu_count={os.cpu_count()}")
     print(f"- median of {args.reps} runs, each in a fresh interpreter\n")
-    print("| peer | wall s | peak PSS / array | peak machine memory / array | notes |")
-    print("|---|---:|---:|---:|---|")
+    print(
+        "| peer | wall s | peak PSS / array | PSS added by the call / array"
+        " | peak machine memory / array | notes |"
+    )
+    print("|---|---:|---:|---:|---:|---|")
     for peer in args.only or PEERS:
         try:
             runs = [measure(peer, args.mb) for _ in range(args.reps)]
         except Exception as exc:
-            print(f"| {PEERS[peer]} | error | | | {exc} |", flush=True)
+            print(f"| {PEERS[peer]} | error | | | | {exc} |", flush=True)
             continue
         wall = statistics.median(r["wall_s"] for r in runs)
         mem = statistics.median(r["peak_mem_x"] for r in runs)
         pss = statistics.median(r["peak_pss_x"] for r in runs)
+        added = statistics.median(r["added_pss_x"] for r in runs)
         notes = []
         if "init_s" in runs[0]:
             notes.append(f"ray.init {statistics.median(r['init_s'] for r in runs):.1f} s")
@@ -345,7 +356,8 @@ def main() -> None:
             value = statistics.median(r["memfd_populated_GBps"] for r in runs)
             notes.append(f"memfd_populated_GBps {value:.2f}")
         print(
-            f"| {PEERS[peer]} | {wall:.3f} | {pss:.2f} | {mem:.2f} | {'; '.join(notes)} |",
+            f"| {PEERS[peer]} | {wall:.3f} | {pss:.2f} | {added:.2f} | {mem:.2f}"
+            f" | {'; '.join(notes)} |",
             flush=True,
         )
 
