@@ -30,6 +30,7 @@ __all__ = [
     "SharedArray",
     "SharedTable",
     "WorkerCrashed",
+    "WorkerRow",
     "WorkerStartError",
     "buffer",
     "call",
@@ -50,7 +51,7 @@ from ashard.errors import (
     WorkerCrashed,
     WorkerStartError,
 )
-from ashard.results import Diagnostics, ShardDone, ShardResult
+from ashard.results import Diagnostics, ShardDone, ShardResult, WorkerRow
 from ashard.shards import Shard, Shards, shards
 
 _LAZY = {

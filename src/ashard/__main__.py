@@ -35,6 +35,8 @@ async def _demo_run(workers: int | None, items: int) -> None:
     print(f"  pool start: {started * 1000:.0f} ms for {stats.started} workers")
     print(f"  {d.summary()}")
     print(f"  throughput: {points / d.duration / 1e6:.1f} M points/s")
+    print("  workers:")
+    print("\n".join("    " + line for line in d.table().splitlines()))
 
 
 def _versions() -> dict[str, str]:

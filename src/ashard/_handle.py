@@ -82,7 +82,33 @@ class WorkerHandle:
         self.last_heard = 0.0
         self.shards_done = 0
         self.started_at = time.monotonic()
+        self.tasks = 0  # shards and calls handed to it (for max_tasks)
+        self.busy = 0.0  # seconds spent running shards
+        self.rss = self.peak_rss = self.baseline_rss = 0  # private memory, bytes
+        self.idle_since = self.started_at
+        self.recycle_reason: str | None = None  # replace it once its work is done
+        self.end_reason: str | None = None  # why it ended, once it has
+        self._ps: Any = None
         _live.add(self)
+
+    def observe(self, rss: int) -> None:
+        """Record a reading of the worker's private resident memory."""
+        if rss > 0:
+            self.rss = rss
+            self.peak_rss = max(self.peak_rss, rss)
+
+    def read_rss(self) -> int:
+        """Private resident memory (RSS minus shared pages) read with psutil; 0 if the
+        process is gone. Blocking (a /proc read): call it off the event loop."""
+        import psutil
+
+        try:
+            if self._ps is None:
+                self._ps = psutil.Process(self.pid)
+            info = self._ps.memory_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return 0
+        return int(info.rss - getattr(info, "shared", 0))
 
     @classmethod
     async def start(cls, config: WorkerConfig) -> WorkerHandle:
@@ -125,6 +151,8 @@ class WorkerHandle:
             raise WorkerStartError(f"init failed in worker {self.pid}: {exc!r}") from exc
         if reply[0] != READY:
             raise WorkerStartError(f"worker {self.pid} sent {reply[0]!r} instead of READY")
+        self.baseline_rss = reply[2]
+        self.observe(reply[2])
 
     def take_control(self) -> list[Any]:
         """The FORGET and DROP messages that wait for the next send to this worker."""
@@ -158,10 +186,22 @@ class WorkerHandle:
         """Ask the worker to stop the shard it runs (it checks control messages)."""
         self._signal(INTERRUPT_SIGNAL)
 
-    def _signal(self, signum: int) -> None:
+    def signal(self, signum: int) -> None:
+        """Send `signum` to the worker if it has not been reaped."""
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signum)
+
+    _signal = signal
+
+    def reap(self, timeout: float) -> bool:
+        """Wait (blocking: not on the event loop) for the process to exit."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        _live.discard(self)
+        return True
 
     async def wait_exit(self, timeout: float) -> int | None:
         """The exit status (negative: killed by that signal), polled without blocking;

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from ashard import _seeding
+from ashard._health import PROFILES
 from ashard._progress import Progress
 from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT, JobSpec
 from ashard._serialize import decode_exception
@@ -39,11 +40,12 @@ from ashard.errors import (
     WorkerCrashed,
     describe_exit,
 )
-from ashard.results import Diagnostics, ShardDone, ShardResult
+from ashard.results import Diagnostics, ShardDone, ShardResult, WorkerRow
 from ashard.shards import Shard, Shards
 
 if TYPE_CHECKING:
     from ashard._export import Exported
+    from ashard._handle import WorkerHandle
 
 TARGET_CHUNK_SECONDS = 0.01
 """`chunk_size="auto"` aims for chunks of about this much work."""
@@ -80,6 +82,7 @@ class JobOptions:
     seed: int | None = None
     errors: Literal["raise", "collect"] = "raise"
     cow: Literal["deny", "audit", "allow"] = "deny"
+    profile: Literal["default", "memory", "speed"] = "default"
 
 
 class StreamBuffer:
@@ -156,6 +159,9 @@ class Job:
         self.encode_in_thread = False
         self.chunks = self.retries = self.timeouts = self.crashes = 0
         self.pids: set[int] = set()
+        self.handles: dict[int, WorkerHandle] = {}  # every worker the job ran on, by pid
+        self._per_pid: dict[int, list[float]] = {}  # pid -> [shards, busy seconds]
+        self._target = TARGET_CHUNK_SECONDS * PROFILES[opts.profile].chunk
         self.t0 = time.perf_counter()
         self._changed: anyio.Event | None = None
 
@@ -225,7 +231,7 @@ class Job:
         if self.per_shard is None:
             auto = 1
         else:
-            want = TARGET_CHUNK_SECONDS / max(self.per_shard, 1e-9)
+            want = self._target / max(self.per_shard, 1e-9)
             auto = max(1, min(int(want), self._last_size * MAX_GROWTH))
         if self.total is not None:
             remaining = self.total - self.next_pos
@@ -233,8 +239,8 @@ class Job:
         self._last_size = auto
         return auto
 
-    def take_chunk(self, seq: int) -> Chunk | None:
-        """The next chunk to send, or None."""
+    def take_chunk(self, seq: int, limit: int | None = None) -> Chunk | None:
+        """The next chunk to send (at most `limit` positions), or None."""
         if not self.has_work():
             return None
         if self._retry:
@@ -242,7 +248,8 @@ class Job:
             items = [self._item_at(pos)] if self._has_items else None
             chunk = Chunk(seq, self, pos, 1, [self.attempts.get(pos, 1)], items)
         else:
-            new = self._take_new(seq, min(self._next_size(), self._budget()))
+            size = min(self._next_size(), self._budget())
+            new = self._take_new(seq, size if limit is None else min(size, limit))
             if new is None:
                 return None
             chunk = new
@@ -301,8 +308,9 @@ class Job:
         final: bool,
         pid: int,
         writes: list[tuple[int, str]] | None = None,
-    ) -> None:
-        """Record a RESULT message for `chunk` (positions ``k0 ..`` of it)."""
+    ) -> float:
+        """Record a RESULT message for `chunk` (positions ``k0 ..`` of it); returns the
+        seconds those shards ran."""
         n = len(values)
         base = chunk.first + k0
         if writes:
@@ -310,6 +318,10 @@ class Job:
         self.inflight_shards -= n
         chunk.done = k0 + n
         self.pids.add(pid)
+        busy = _total(elapsed)
+        row = self._per_pid.setdefault(pid, [0, 0.0])
+        row[0] += n
+        row[1] += busy
         self._learn(n, elapsed)
         if not errors:
             self._store(base, values, chunk, k0, elapsed, pid)
@@ -318,6 +330,7 @@ class Job:
         if final and chunk.done < chunk.count:  # the worker stopped early (interrupted)
             self._requeue_rest(chunk, chunk.done)
         self.notify()
+        return busy
 
     def _learn(self, n: int, elapsed: Any) -> None:
         if not n or elapsed is None:
@@ -441,9 +454,10 @@ class Job:
                 shard=shard,
                 attempts=attempts,
             )
-        exitcode, signum = detail
+        exitcode, signum, reason = detail
+        note = f"; {reason}" if reason else ""
         return WorkerCrashed(
-            f"{where}: {describe_exit(pid, exitcode, signum)} ({tries})",
+            f"{where}: {describe_exit(pid, exitcode, signum)}{note} ({tries})",
             shard=shard,
             attempts=attempts,
             exitcode=exitcode,
@@ -473,9 +487,16 @@ class Job:
         chunk.done = chunk.count
 
     def worker_lost(
-        self, chunks: Sequence[Chunk], *, pid: int, timed_out: bool, exit_info: tuple[Any, Any]
+        self,
+        chunks: Sequence[Chunk],
+        *,
+        pid: int,
+        timed_out: bool,
+        exit_info: tuple[Any, Any],
+        reason: str | None = None,
     ) -> None:
-        """The worker holding `chunks` (oldest first) died or was killed."""
+        """The worker holding `chunks` (oldest first) died or was killed (`reason`: why,
+        when ashard killed it)."""
         if not timed_out:
             self.crashes += 1
         for i, chunk in enumerate(chunks):
@@ -488,7 +509,7 @@ class Job:
                 self.inflight_shards -= 1
                 chunk.done = start + 1
                 kind = TIMEOUT if timed_out else CRASHED
-                detail = self.opts.timeout if timed_out else exit_info
+                detail = self.opts.timeout if timed_out else (*exit_info, reason)
                 self._charge(chunk.first + start, chunk, start, kind, detail, pid)
                 self._requeue_rest(chunk, start + 1)
             else:
@@ -509,13 +530,30 @@ class Job:
             failures=len(self.failures),
             cancelled=cancelled,
             cow_writes=tuple(sorted(self.cow_writes)),
+            per_worker=tuple(self._worker_row(pid) for pid in sorted(self.handles)),
         )
+
+    def _worker_row(self, pid: int) -> WorkerRow:
+        w = self.handles[pid]
+        shards, busy = self._per_pid.get(pid, (0, 0.0))
+        ended = w.end_reason if w.end_reason is not None or not w.alive else None
+        if ended is None and not w.alive:
+            ended = "exited"
+        return WorkerRow(pid, int(shards), busy, w.peak_rss, ended)
 
     def failure_list(self) -> list[ShardError]:
         return [self.failures[p] for p in sorted(self.failures)]
 
     def result(self, shards: Sequence[Shard]) -> ShardResult:
         return ShardResult(self.results, self.failure_list(), shards, self.diagnostics())
+
+
+def _total(elapsed: Any) -> float:
+    if elapsed is None:
+        return 0.0
+    if isinstance(elapsed, float):
+        return elapsed
+    return float(sum(elapsed))
 
 
 def _pick(elapsed: Any, k: int) -> float:

@@ -15,6 +15,7 @@ from ashard.shards import Shards, shards
 
 _ERRORS = ("raise", "collect")
 _COW = ("deny", "audit", "allow")
+_PROFILES = ("default", "memory", "speed")
 
 
 def _show(value: object) -> str:
@@ -74,6 +75,7 @@ def job_options(
     cow: object,
     errors: object,
     progress: object,
+    profile: object = "default",
 ) -> JobOptions:
     """Check the options shared by `shard_map`, `shard_stream` and `map`."""
     if chunk_size != "auto":
@@ -99,6 +101,7 @@ def job_options(
         seed=None if seed is None else int(seed),
         errors=check_choice("errors", errors, _ERRORS),
         cow=check_choice("cow", cow, _COW),
+        profile=check_choice("profile", profile, _PROFILES),
     )
 
 

@@ -15,9 +15,9 @@ parent -> worker::
 
 worker -> parent::
 
-    READY        pid
+    READY        pid, private rss after init (bytes)
     INIT_FAILED  exception record
-    RESULT       seq, k0, values, errors, elapsed, final, writes
+    RESULT       seq, k0, values, errors, elapsed, final, writes, rss (final: bytes)
 
 `errors` in RESULT is a list of ``(k, kind, detail)`` for chunk positions k: RAISED
 (detail: exception record), TIMEOUT (detail: seconds run) or INTERRUPTED (positions

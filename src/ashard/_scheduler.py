@@ -27,7 +27,9 @@ SIGUSR1 to interrupt the running shard) and killed if it does not within
 from __future__ import annotations
 
 import itertools
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,7 +39,9 @@ import anyio.abc
 
 from ashard._channel import ChannelClosed, RawFrame, encode, encode_many
 from ashard._handle import WorkerConfig, WorkerHandle
+from ashard._health import PROFILES, HealthPolicy
 from ashard._job import Job
+from ashard._monitor import Monitor
 from ashard._protocol import (
     CALL,
     CANCEL,
@@ -58,6 +62,18 @@ KILL_GRACE = 0.5
 """Past `timeout`, seconds the parent waits for the worker's own timer before killing."""
 ENCODE_INLINE_SECONDS = 0.002
 """Chunks that took longer than this to pickle are pickled off the event loop next time."""
+BACKOFF_FREE_CRASHES = 2
+"""Crashes in a row that are replaced at once; after that, spawns back off."""
+BACKOFF_MAX = 0.5
+"""Seconds: the longest pause before spawning a replacement in a crash storm."""
+
+
+def spawn_delay(streak: int) -> float:
+    """Pause before a spawn after `streak` worker deaths with no result in between:
+    none for the first few, then doubling from 50 ms up to `BACKOFF_MAX`."""
+    if streak <= BACKOFF_FREE_CRASHES:
+        return 0.0
+    return min(BACKOFF_MAX, 0.05 * 2.0 ** (streak - BACKOFF_FREE_CRASHES - 1))
 
 
 class Tenant(Protocol):
@@ -88,18 +104,27 @@ class SchedulerStats:
     started: int = 0
     crashed: int = 0
     timed_out: int = 0
-    recycled: int = 0
     shards_done: int = 0
+    recycled_by: Counter[str] = field(default_factory=Counter)  # reason -> workers
+
+    @property
+    def recycled(self) -> int:
+        return sum(self.recycled_by.values())
 
 
 class Scheduler:
     """Owns the worker processes of one `Pool`; runs jobs and calls on them."""
 
-    def __init__(self, size: int, config: WorkerConfig) -> None:
+    def __init__(self, size: int, config: WorkerConfig, policy: HealthPolicy | None = None) -> None:
         self.size = size
         self.config = config
+        self.policy = policy or HealthPolicy()
         self.stats = SchedulerStats()
         self.closed = False
+        self._lock = threading.Lock()  # _idle and _workers, shared with the monitor
+        self._monitor: Monitor | None = None
+        self._profiles: Counter[str] = Counter()  # profiles of the jobs running now
+        self._crash_streak = 0
         self._workers: set[WorkerHandle] = set()
         self._starting = 0
         self._idle: list[WorkerHandle] = []
@@ -123,19 +148,76 @@ class Scheduler:
 
     def _retire(self, w: WorkerHandle) -> None:
         """Let a worker go without waiting: closing its channel makes it exit."""
-        self._workers.discard(w)
+        with self._lock:
+            self._workers.discard(w)
         w.channel.close()
         self._retired.append(w)
         self._retired = [r for r in self._retired if r.proc.poll() is None]
 
     def _pop_idle(self) -> WorkerHandle | None:
-        while self._idle:
-            w = self._idle.pop()
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                w = self._idle.pop()
             if w.alive:
                 return w
-            self._workers.discard(w)
+            with self._lock:
+                self._workers.discard(w)
+            self._count_death(w, timed_out=False)
+
+    def _count_death(self, w: WorkerHandle, *, timed_out: bool) -> None:
+        if timed_out:
+            self.stats.timed_out += 1
+        elif w.end_reason == "mem_hard":
+            self.stats.recycled_by["mem_hard"] += 1
+        else:
             self.stats.crashed += 1
-        return None
+            w.end_reason = "crashed"
+        if w.end_reason is None:
+            w.end_reason = "timed out"
+        self._crash_streak += 1
+
+    def _recycle(self, w: WorkerHandle, tenant: Tenant) -> None:
+        """Replace `w` (clean, nothing in flight): it exits, a new one starts on demand."""
+        tenant.leased -= 1
+        reason = w.recycle_reason or "recycled"
+        self.stats.recycled_by[reason] += 1
+        w.end_reason = reason
+        self._retire(w)
+        self._wake_for_capacity()
+
+    # -- health -----------------------------------------------------------------------
+
+    def check_interval(self) -> float:
+        """Seconds between the monitor's rounds: the pool's interval, scaled by the
+        most watchful profile among the calls running now."""
+        factors = [PROFILES[p].interval for p, n in self._profiles.items() if n > 0]
+        return self.policy.interval * min(factors, default=1.0)
+
+    def health_targets(self) -> list[WorkerHandle]:
+        """Workers the monitor should read (called from its thread)."""
+        with self._lock:
+            return [w for w in self._workers if w.proc.returncode is None]
+
+    def reap_idle(self, now: float) -> list[WorkerHandle]:
+        """Take idle workers past `idle_timeout` out of the pool (monitor thread); the
+        caller closes and reaps them."""
+        limit = self.policy.idle_timeout
+        if limit is None or self.closed:
+            return []
+        with self._lock:
+            expired = [w for w in self._idle if now - w.idle_since >= limit and not w.drops]
+            for w in expired:
+                self._idle.remove(w)
+                self._workers.discard(w)
+                w.end_reason = "idle"
+                self.stats.recycled_by["idle"] += 1
+        return expired
+
+    def _ensure_monitor(self) -> None:
+        if self._monitor is None or not self._monitor.running:
+            self._monitor = Monitor(self)
 
     async def acquire(self, tenant: Tenant) -> WorkerHandle:
         """A worker for `tenant`: an idle one, a new one, or the next one released."""
@@ -168,6 +250,9 @@ class Scheduler:
     async def _spawn_for(self, tenant: Tenant) -> WorkerHandle:
         self._starting += 1
         try:
+            delay = spawn_delay(self._crash_streak)
+            if delay:
+                await anyio.sleep(delay)  # workers keep dying: no hot respawn loop
             with anyio.CancelScope(shield=True):
                 w = await WorkerHandle.start(self.config)
         finally:
@@ -175,9 +260,11 @@ class Scheduler:
         if self.closed:
             await w.stop(1.0)
             self._check_open()
-        self._workers.add(w)
+        with self._lock:
+            self._workers.add(w)
         self.stats.started += 1
         tenant.leased += 1
+        self._ensure_monitor()
         return w
 
     async def replenish(self) -> None:
@@ -204,6 +291,9 @@ class Scheduler:
 
     def release(self, w: WorkerHandle, tenant: Tenant) -> None:
         """Give a settled worker back: to the fairest waiter, else to the idle list."""
+        if w.recycle_reason is not None and not self.closed:
+            self._recycle(w, tenant)
+            return
         tenant.leased -= 1
         if self.closed or len(self._workers) > self.size:
             self._retire(w)
@@ -215,12 +305,15 @@ class Scheduler:
             waiter.tenant.leased += 1
             waiter.event.set()
             return
-        self._idle.append(w)
+        w.idle_since = time.monotonic()
+        with self._lock:
+            self._idle.append(w)
 
     def discard(self, w: WorkerHandle, tenant: Tenant) -> None:
         """Forget a dead worker; a waiter may start a replacement."""
         tenant.leased -= 1
-        self._workers.discard(w)
+        with self._lock:
+            self._workers.discard(w)
         self._wake_for_capacity()
 
     def _wake_for_capacity(self) -> None:
@@ -240,20 +333,25 @@ class Scheduler:
         """Grow or shrink the pool; extra workers leave as they become idle."""
         self.size = size
         while len(self._workers) > size and self._idle:
-            self._retire(self._idle.pop())
+            with self._lock:
+                w = self._idle.pop()
+            self._retire(w)
         self._wake_for_capacity()
 
     async def aclose(self, grace: float = 2.0) -> None:
         """Stop every worker: idle ones are asked to exit, busy ones are killed (the
         calls using them fail with "pool is closed")."""
         self.closed = True
+        if self._monitor is not None:
+            self._monitor.stop()
         for waiter in self._waiters:
             waiter.event.set()
-        idle = self._idle
-        busy = [w for w in self._workers if w not in idle]
-        retired = self._retired
-        self._idle, self._retired = [], []
-        self._workers.clear()
+        with self._lock:
+            idle = self._idle
+            busy = [w for w in self._workers if w not in idle]
+            retired = self._retired
+            self._idle, self._retired = [], []
+            self._workers.clear()
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 for w in idle + retired:
@@ -265,6 +363,7 @@ class Scheduler:
 
     async def run(self, job: Job) -> None:
         """Run `job` until every position is resolved, it aborts, or the caller cancels."""
+        self._profiles[job.opts.profile] += 1
         try:
             async with anyio.create_task_group() as tg:
                 lease_scope = anyio.CancelScope()
@@ -278,6 +377,7 @@ class Scheduler:
             job.abort()
             raise
         finally:
+            self._profiles[job.opts.profile] -= 1
             if job.progress is not None:
                 job.progress.close()
 
@@ -300,6 +400,7 @@ class Scheduler:
     ) -> None:
         started = False
         lost: bool | None = None  # None: worker fine; False: died; True: hung past timeout
+        job.handles[w.pid] = w
         try:
             try:
                 await self._fill(job, w)
@@ -330,11 +431,16 @@ class Scheduler:
         msgs = w.take_control()
         fds: list[int] = []
         was_idle = not w.inflight
-        window = job.window()
+        window = 0 if w.recycle_reason else job.window()
+        max_tasks = self.policy.max_tasks
         while len(w.inflight) < window:
-            chunk = job.take_chunk(next(self._seq))
+            limit = None if max_tasks is None else max_tasks - w.tasks
+            if limit is not None and limit <= 0:
+                break
+            chunk = job.take_chunk(next(self._seq), limit)
             if chunk is None:
                 break
+            w.tasks += chunk.count
             if job.key not in w.jobs:
                 w.jobs.add(job.key)
                 job.registered.add(w)
@@ -373,16 +479,22 @@ class Scheduler:
         for msg in msgs:
             if msg[0] != RESULT:
                 raise RuntimeError(f"ashard internal error: unexpected message {msg[0]!r}")
-            _, seq, k0, values, errors, elapsed, final, writes = msg
+            _, seq, k0, values, errors, elapsed, final, writes, rss = msg
             chunk = w.inflight[0]
             if chunk.seq != seq:
                 raise RuntimeError("ashard internal error: results out of order")
-            job.deliver(chunk, k0, values, errors, elapsed, final, w.pid, writes)
+            busy = job.deliver(chunk, k0, values, errors, elapsed, final, w.pid, writes)
             n = len(values)
             w.shards_done += n
+            w.busy += busy
             self.stats.shards_done += n
             if final:
                 w.inflight.popleft()
+                w.observe(rss)
+                if w.recycle_reason is None:
+                    w.recycle_reason = self.policy.soft_reason(w, PROFILES[job.opts.profile])
+        if msgs:
+            self._crash_streak = 0
 
     async def _settle(self, job: Job, w: WorkerHandle) -> None:
         """Make `w` clean (nothing in flight) and give it back; kill it if it won't be."""
@@ -405,18 +517,29 @@ class Scheduler:
 
     async def _lose(self, job: Job, w: WorkerHandle, *, timed_out: bool) -> None:
         """`w` died or hung: account for its chunks and forget it."""
-        if timed_out:
-            self.stats.timed_out += 1
+        if timed_out or await w.wait_exit(1.0) is None:
             await w.kill()
-        else:
-            self.stats.crashed += 1
-            if await w.wait_exit(1.0) is None:
-                await w.kill()
+        self._count_death(w, timed_out=timed_out)
         chunks = list(w.inflight)
         w.inflight.clear()
-        job.worker_lost(chunks, pid=w.pid, timed_out=timed_out, exit_info=w.exit_info())
+        job.worker_lost(
+            chunks,
+            pid=w.pid,
+            timed_out=timed_out,
+            exit_info=w.exit_info(),
+            reason=self._memory_note(w),
+        )
         self.discard(w, job)
         await self.replenish()
+
+    def _memory_note(self, w: WorkerHandle) -> str | None:
+        if w.end_reason != "mem_hard":
+            return None
+        hard = self.policy.hard_cap or 0
+        return (
+            f"killed by ashard: its private memory reached {w.peak_rss / 2**20:.0f} MiB, "
+            f"past the hard limit of {hard / 2**20:.0f} MiB (mem_cap x {self.policy.hard_factor})"
+        )
 
     def forget(self, job: Job) -> None:
         """The job is over: workers that loaded it drop its fn and borrow, and the
@@ -452,11 +575,16 @@ class Scheduler:
             parts = encode_many(w.take_control()) + parts
         msg = None
         lost: bool | None = None
+        w.tasks += 1
         try:
             try:
                 w.last_heard = time.monotonic()
                 await w.channel.send(parts)
                 msg = await self._receive_call(w, timeout)
+                w.observe(msg[8])
+                self._crash_streak = 0
+                if w.recycle_reason is None:
+                    w.recycle_reason = self.policy.soft_reason(w, PROFILES["default"])
             except ChannelClosed:
                 lost = False
             except _Hung:
@@ -497,13 +625,9 @@ class Scheduler:
         self.discard(w, tenant)
 
     async def _lose_call(self, w: WorkerHandle, tenant: Tenant, timed_out: bool) -> None:
-        if timed_out:
-            self.stats.timed_out += 1
+        if timed_out or await w.wait_exit(1.0) is None:
             await w.kill()
-        else:
-            self.stats.crashed += 1
-            if await w.wait_exit(1.0) is None:
-                await w.kill()
+        self._count_death(w, timed_out=timed_out)
         self.discard(w, tenant)
         await self.replenish()
 
@@ -513,8 +637,9 @@ class Scheduler:
         if timed_out:
             return ShardTimeout(f"call ran past its timeout of {timeout} s", shard=None, attempts=1)
         exitcode, signum = w.exit_info()
+        note = self._memory_note(w)
         return WorkerCrashed(
-            f"call: {describe_exit(w.pid, exitcode, signum)}",
+            f"call: {describe_exit(w.pid, exitcode, signum)}" + (f"; {note}" if note else ""),
             shard=None,
             attempts=1,
             exitcode=exitcode,

@@ -66,6 +66,7 @@ async def shard_map(
     cow: Literal["deny", "audit", "allow"] = "deny",
     errors: Literal["raise", "collect"] = "raise",
     progress: bool = False,
+    profile: Literal["default", "memory", "speed"] = "default",
 ) -> ShardResult:
     """Run ``fn(shard, **borrow)`` for every shard on worker processes.
 
@@ -79,7 +80,7 @@ async def shard_map(
     return await _pool(pool, workers).shard_map(
         shards, fn, borrow=borrow, out=out, chunk_size=chunk_size, timeout=timeout,
         max_retries=max_retries, retry_errors=retry_errors, seed=seed, cow=cow,
-        errors=errors, progress=progress,
+        errors=errors, progress=progress, profile=profile,
     )  # fmt: skip
 
 
@@ -99,6 +100,7 @@ def shard_stream(
     cow: Literal["deny", "audit", "allow"] = "deny",
     errors: Literal["raise", "collect"] = "raise",
     progress: bool = False,
+    profile: Literal["default", "memory", "speed"] = "default",
     ordered: bool = False,
     max_pending: int | None = None,
 ) -> _StreamContext:
@@ -115,7 +117,8 @@ def shard_stream(
     return _pool(pool, workers).shard_stream(
         shards, fn, borrow=borrow, out=out, chunk_size=chunk_size, timeout=timeout,
         max_retries=max_retries, retry_errors=retry_errors, seed=seed, cow=cow,
-        errors=errors, progress=progress, ordered=ordered, max_pending=max_pending,
+        errors=errors, progress=progress, profile=profile, ordered=ordered,
+        max_pending=max_pending,
     )  # fmt: skip
 
 
@@ -133,6 +136,7 @@ async def map(
     seed: int | None = None,
     errors: Literal["raise", "collect"] = "raise",
     progress: bool = False,
+    profile: Literal["default", "memory", "speed"] = "default",
 ) -> list[Any]:
     """``[fn(item, **borrow) for item in items]`` on worker processes, in order.
 
@@ -143,7 +147,7 @@ async def map(
     return await _pool(pool, workers).map(
         fn, items, borrow=borrow, chunk_size=chunk_size, timeout=timeout,
         max_retries=max_retries, retry_errors=retry_errors, seed=seed, errors=errors,
-        progress=progress,
+        progress=progress, profile=profile,
     )  # fmt: skip
 
 

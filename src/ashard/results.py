@@ -10,7 +10,20 @@ from typing import Any
 from ashard.errors import ShardError, ShardMapError
 from ashard.shards import Shard
 
-__all__ = ["Diagnostics", "ShardDone", "ShardResult"]
+__all__ = ["Diagnostics", "ShardDone", "ShardResult", "WorkerRow"]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """One worker's part in a call: the shards it ran, the seconds it spent in them,
+    its peak private memory (bytes) and why it ended (None while it lives): "mem_cap",
+    "mem_hard", "drift", "max_tasks", "idle", "crashed", "timed out", ..."""
+
+    pid: int
+    shards: int
+    busy: float
+    peak_rss: int
+    ended: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +43,8 @@ class Diagnostics:
     cow_writes: tuple[tuple[int, str], ...] = field(default=())
     """Under ``cow="audit"``: (shard id, borrow name) for each shard that wrote to a
     borrowed array (privately: the write was never seen elsewhere)."""
+    per_worker: tuple[WorkerRow, ...] = field(default=())
+    """A row per worker that ran shards of the call, by pid."""
 
     def summary(self) -> str:
         """One line for humans."""
@@ -38,6 +53,16 @@ class Diagnostics:
             f"({self.chunks} dispatches, {self.retries} retries, {self.timeouts} timeouts, "
             f"{self.crashes} worker crashes, {self.failures} failures)"
         )
+
+    def table(self) -> str:
+        """The per-worker rows as an aligned text table."""
+        lines = [f"{'pid':>8} {'shards':>7} {'busy s':>8} {'peak MiB':>9}  ended"]
+        for row in self.per_worker:
+            lines.append(
+                f"{row.pid:>8} {row.shards:>7} {row.busy:>8.3f} "
+                f"{row.peak_rss / 2**20:>9.1f}  {row.ended or '-'}"
+            )
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True, slots=True)
