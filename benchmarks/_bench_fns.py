@@ -1,8 +1,8 @@
-"""Functions that `bench_core.py` runs on worker processes.
+"""Functions the benchmarks run on worker processes.
 
 They live in their own importable module (not in the script's ``__main__``) so that every
 pool under test can reach them by name: fork- and forkserver-based pools, spawned
-interpreters (ashard, anyio), and pebble.
+interpreters (ashard, anyio, loky, Dask, Ray).
 """
 
 from __future__ import annotations
@@ -68,3 +68,58 @@ def strided_sum_of(X: Any, k: int) -> float:
 
 def strided_shard(shard: Shard, X: Any) -> float:
     return float(X[shard.id :: TASKS].sum())
+
+
+# -- the benchmark suite (benchmarks/suite.py) -------------------------------------------
+
+
+async def anoop(x: Any = None) -> Any:
+    """`noop` as a coroutine, for peers that run coroutines (aiomultiprocess)."""
+    return x
+
+
+async def abusy(loops: int) -> float:
+    return busy(loops)
+
+
+def stride_sum(X: Any, k: int, tasks: int) -> float:
+    """Task k of the broadcast workload: sum the strided slice X[k::tasks]."""
+    return float(X[k::tasks].sum())
+
+
+def stride_sum_global(k: int, tasks: int) -> float:
+    """`stride_sum` over the array a pool initializer (or fork) left in `_X`."""
+    return float(_X[k::tasks].sum())
+
+
+def stride_shard(shard: Shard, X: Any, tasks: int) -> float:
+    return float(X[shard.id :: tasks].sum())
+
+
+def sleep_or_die(k: int, victim: int, marker: str, seconds: float = 0.05) -> tuple[int, float]:
+    """Sleep `seconds`; task `victim` SIGKILLs its own worker the first time it runs (it
+    records the kill time in `marker`). Returns (k, wall-clock time it finished)."""
+    import os
+    import signal
+
+    if k == victim:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pass
+        else:
+            os.write(fd, repr(time.time()).encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(seconds)
+    return k, time.time()
+
+
+async def asleep_or_die(k: int, victim: int, marker: str) -> tuple[int, float]:
+    return sleep_or_die(k, victim, marker)
+
+
+def apply(pair: tuple[Any, tuple[Any, ...]]) -> Any:
+    """``fn(*args)`` for a ``(fn, args)`` pair: a starmap over a plain map."""
+    fn, args = pair
+    return fn(*args)

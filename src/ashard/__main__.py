@@ -69,7 +69,7 @@ def _info() -> None:
 
 
 def _bench(argv: list[str]) -> int:
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_core.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "suite.py"
     if not script.exists():
         print(
             "the benchmark suite lives in the source checkout (benchmarks/); "
@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workers", type=int, default=None)
     demo.add_argument("--items", type=int, default=2000)
     sub.add_parser("info", help="print versions, CPU count and start method")
-    sub.add_parser("bench", help="run the benchmark suite (extra arguments go to it)")
+    sub.add_parser(
+        "bench", help="run the benchmark suite against the peers (extra arguments go to it)"
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         anyio.run(_demo_run, args.workers, args.items)
