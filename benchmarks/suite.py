@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", help=f"peers, of {','.join(peers.PEERS)}")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--record", action="store_true", help="write into RESULTS.md")
+    parser.add_argument("--limit", type=float, help="seconds per case (default: per workload)")
     args = parser.parse_args(argv)
     workloads = args.only.split(",") if args.only else WORKLOADS
     names = args.peers.split(",") if args.peers else list(peers.PEERS)
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             reps = 1 if workload.REPS_IN_PROCESS else reps
             t0 = time.perf_counter()
             logs = [args.out / "logs" / f"{name}-{peer}-{i}.log" for i in range(reps)]
-            runs = [run_case(name, peer, args.quick, workload.LIMIT_S, log) for log in logs]
+            limit = args.limit or workload.LIMIT_S
+            runs = [run_case(name, peer, args.quick, limit, log) for log in logs]
             results[peer] = merge(runs)
             print(f"  {peer:18s} {time.perf_counter() - t0:6.1f} s  {results[peer]}", flush=True)
         targets = workload.targets(results)
