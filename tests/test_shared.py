@@ -84,6 +84,12 @@ def in_segment(address: int) -> bool:
     return False
 
 
+def weighted_sum(shard: ashard.Shard, X: np.ndarray) -> tuple[tuple[int, ...], int]:
+    """Shape and an order-sensitive checksum: a misplaced chunk changes it."""
+    flat = X.reshape(-1)
+    return X.shape, int((flat * (np.arange(flat.size) % 7)).sum())
+
+
 def count_memfds() -> int:
     n = 0
     for fd in os.listdir("/proc/self/fd"):
@@ -269,6 +275,17 @@ async def test_named_fallback_is_unlinked_while_workers_map_it(
             total = await pool.shard_map(layout, slice_sum_and_uss, borrow={"X": shared})
             assert sum(t for t, _ in total.results) == int(X.sum())
     assert await anyio.to_thread.run_sync(count_memfds) == 0
+
+
+@pytest.mark.parametrize("layout", ["strided", "fortran"])
+async def test_large_arrays_copied_by_several_threads_arrive_intact(layout: str) -> None:
+    from ashard.shared import PARALLEL_COPY_BYTES
+
+    base = np.arange(3 * PARALLEL_COPY_BYTES // 8, dtype=np.int64)
+    array = base[::2] if layout == "strided" else np.asfortranarray(base.reshape(-1, 3))
+    assert array.nbytes >= PARALLEL_COPY_BYTES and not array.flags.c_contiguous
+    res = await ashard.shard_map(1, weighted_sum, borrow={"X": array}, workers=1)
+    assert res.results == [weighted_sum(None, np.ascontiguousarray(array))]  # type: ignore[arg-type]
 
 
 async def test_replacement_worker_gets_the_shared_inputs() -> None:
