@@ -39,12 +39,16 @@ __all__ = [
 ]
 
 _HEAD = struct.Struct("<QI")
+_HEAD_SIZE = _HEAD.size
 _SCRATCH = 1 << 18
 _BIG = 1 << 20
 _MIN_READ = 1 << 12
 MAX_FDS = 200
 """File descriptors sent with one message at most (the kernel's limit is 253)."""
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag arithmetic is slow per message
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
 INLINE_DECODE_LIMIT = 1 << 19
 """Payloads larger than this are left as `RawFrame`s for the parent to unpickle in a thread."""
 Buffer = bytes | bytearray | memoryview
@@ -133,11 +137,11 @@ class FrameReader:
             return sock.recv_into(into, 0, flags)
         n, ancdata, msg_flags, _ = sock.recvmsg_into([into], _ANC_SPACE, flags)
         for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
                 self.fds.extend(fds)
-        if msg_flags & socket.MSG_CTRUNC:
+        if msg_flags & _CTRUNC:
             raise RuntimeError("ashard internal error: file descriptors were truncated")
         return n
 
@@ -160,11 +164,12 @@ class FrameReader:
         if avail < _HEAD.size:
             return _INCOMPLETE
         plen, nbuf = _HEAD.unpack_from(self._buf, self._lo)
-        hlen = _HEAD.size + 8 * nbuf
+        hlen = _HEAD_SIZE + 8 * nbuf
         if avail < hlen:
             return _INCOMPLETE
-        blens = struct.unpack_from(f"<{nbuf}Q", self._buf, self._lo + _HEAD.size)
-        total = hlen + plen + sum(blens)
+        total = hlen + plen
+        if nbuf:
+            total += sum(struct.unpack_from(f"<{nbuf}Q", self._buf, self._lo + _HEAD_SIZE))
         if avail < total:
             self._reserve(total)
             return _INCOMPLETE

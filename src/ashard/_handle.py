@@ -54,7 +54,8 @@ def _popen(child_fd: int, config: WorkerConfig) -> subprocess.Popen[bytes]:
     path = env.get("PYTHONPATH")
     package_root = str(Path(__file__).resolve().parent.parent)  # so `-m ashard._worker` works
     env["PYTHONPATH"] = package_root + (os.pathsep + path if path else "")
-    cmd = [sys.executable, "-m", "ashard._worker", str(child_fd), str(os.getpid())]
+    # -u: user prints go straight out (no flush per result, nothing lost on a crash)
+    cmd = [sys.executable, "-u", "-m", "ashard._worker", str(child_fd), str(os.getpid())]
     return subprocess.Popen(
         cmd, pass_fds=(child_fd,), stdin=subprocess.DEVNULL, cwd=os.getcwd(), env=env
     )

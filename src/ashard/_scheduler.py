@@ -590,13 +590,14 @@ class Scheduler:
             except _Hung:
                 lost = True
         finally:
-            with anyio.CancelScope(shield=True):
-                if lost is not None:
-                    await self._lose_call(w, tenant, lost)
-                elif msg is None:
-                    await self._settle_call(w, tenant)
-                else:
-                    self.release(w, tenant)
+            if lost is None and msg is not None:
+                self.release(w, tenant)  # the common case: no shielded scope to pay for
+            else:
+                with anyio.CancelScope(shield=True):
+                    if lost is not None:
+                        await self._lose_call(w, tenant, lost)
+                    else:
+                        await self._settle_call(w, tenant)
         if lost is not None:
             raise self._call_lost_error(w, timeout, lost)
         assert msg is not None

@@ -63,6 +63,7 @@ class Worker:
         self.segments = Segments()
         self.queue: deque[Any] = deque()
         self.jobs: dict[int, _runner.JobContext | BaseException] = {}
+        self.report_rss = True  # memory with chunk results; calls skip it (latency)
 
     def send(self, msg: Any) -> None:
         send_frames(self.sock, encode(msg))
@@ -77,8 +78,7 @@ class Worker:
         final: bool,
         writes: list[tuple[int, str]] | None = None,
     ) -> None:
-        _runner.flush_stdio()
-        rss = private_rss() if final else 0
+        rss = private_rss() if final and self.report_rss else 0
         msg = (RESULT, seq, k0, values, errors, elapsed, final, writes, rss)
         try:
             parts = encode(msg)
@@ -134,7 +134,9 @@ class Worker:
                 self._run(*msg[1:])
             elif op == CALL:
                 _, seq, fn, args, kwargs, timeout = msg
+                self.report_rss = False
                 _runner.run_call(fn, args, kwargs, timeout, seq, self.send_result)
+                self.report_rss = True
             elif op == JOB:
                 self.jobs[msg[1]] = _load_job(msg[2], self.segments)
             elif op == FORGET:
