@@ -17,10 +17,16 @@ import mmap
 import os
 import secrets
 import sys
+import time
 import weakref
 from typing import Any
 
-__all__ = ["Segment", "available", "backend"]
+__all__ = ["Segment", "available", "backend", "release_later"]
+
+RELEASE_IN_THREAD_BYTES = 32 << 20
+"""Mappings at least this large are unmapped on a helper thread: freeing a GiB of
+pages takes ~150 ms, too long for the caller's event loop."""
+_releaser: Any = None
 
 _ids = itertools.count(1)
 
@@ -91,7 +97,27 @@ class Segment:
             for holder in list(self.holders):
                 holder.drop_segment(self.id)
             self.holders.clear()
-        self.mmap = None  # numpy views keep the mapping alive; nothing else does
+        mapping, self.mmap = self.mmap, None  # numpy views keep it alive; nothing else
+        release_later(mapping, self.size)
+
+
+def release_later(obj: Any, size: int) -> None:
+    """Drop the caller's reference to `obj` (a mapping, or a view of one) on a helper
+    thread when it is large, so that unmapping it, if this was the last reference,
+    does not stall the caller. The caller must hold no other reference."""
+    global _releaser
+    if obj is None or size < RELEASE_IN_THREAD_BYTES:
+        return
+    if _releaser is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _releaser = ThreadPoolExecutor(1, thread_name_prefix="ashard-release")
+    _releaser.submit(_drop, [obj])
+
+
+def _drop(box: list[Any]) -> None:
+    time.sleep(0.01)  # let the submitting frame let go of its temporary reference first
+    box.clear()
 
 
 def _close_fd(fd: int) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ashard._memfd import Segment
+from ashard._memfd import Segment, release_later
 from ashard.shared import _CLOSED, SHAREABLE_KINDS, _view
 
 __all__ = ["Buffer", "buffer"]
@@ -53,7 +53,9 @@ class Buffer:
     def close(self) -> None:
         """Let the memory go once no view of `array` remains."""
         self._segment.close()
-        self._array = _CLOSED  # the mapping (and its fd) goes with the last view
+        array, self._array = self._array, _CLOSED
+        release_later(array, self._segment.size)
+        del array  # the mapping (and its fd) goes with the last view
 
     def __enter__(self) -> Buffer:
         return self

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ashard._memfd import Segment
+from ashard._memfd import Segment, release_later
 
 __all__ = ["SharedArray", "SharedTable", "share"]
 
@@ -67,7 +67,9 @@ class SharedArray:
     def close(self) -> None:
         """Let the memory go once no view of `array` remains."""
         self._segment.close()
-        self._array = _CLOSED  # the mapping (and its fd) goes with the last view
+        array, self._array = self._array, _CLOSED
+        release_later(array, self._segment.size)
+        del array  # the mapping (and its fd) goes with the last view
 
     def __enter__(self) -> SharedArray:
         return self
@@ -204,7 +206,10 @@ def open_ipc(memory: Any, kind: str) -> Any:
 
 PARALLEL_COPY_BYTES = 64 << 20
 """Arrays at least this large are copied into shared memory by several threads."""
-_COPY_CHUNK_BYTES = 32 << 20
+_COPY_CHUNK_BYTES = 16 << 20
+COPY_THREADS = 8
+"""Threads for a large copy, even on few cores: the work is waiting on page faults
+(on a VM, the host's as well), and more of them in flight finish sooner."""
 _copier: ThreadPoolExecutor | None = None
 
 
@@ -234,7 +239,7 @@ def copy_into_segment(array: np.ndarray[Any, Any]) -> SharedArray:
 def _parallel_copy(target: np.ndarray[Any, Any], source: np.ndarray[Any, Any]) -> None:
     global _copier
     if _copier is None:
-        threads = min(4, os.cpu_count() or 1)
+        threads = min(16, max(COPY_THREADS, os.cpu_count() or 1))
         _copier = ThreadPoolExecutor(threads, thread_name_prefix="ashard-copy")
     if source.flags.c_contiguous:
         target, source = target.reshape(-1), source.reshape(-1)
