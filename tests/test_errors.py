@@ -116,3 +116,22 @@ async def test_call_raises_the_original_exception_with_remote_traceback() -> Non
     with pytest.raises(ZeroDivisionError) as info:
         await ashard.call(divmod, 1, 0)
     assert "ZeroDivisionError" in str(info.value.__cause__)
+
+
+def _fail_on_sevens(x: int, *, offset: int) -> int:
+    if x % 50 == 7:
+        raise ValueError(f"bad item {x}")
+    return x + offset
+
+
+async def test_map_keeps_going_after_failures_inside_one_chunk() -> None:
+    out = await ashard.map(
+        _fail_on_sevens, range(300), borrow={"offset": 1000}, chunk_size=100,
+        errors="collect", workers=2,
+    )  # fmt: skip
+    for x, value in enumerate(out):
+        if x % 50 == 7:
+            assert isinstance(value, ashard.ShardFailed)
+            assert str(value.__cause__) == f"bad item {x}"
+        else:
+            assert value == x + 1000

@@ -16,7 +16,7 @@ import _bench_fns as fns
 from workloads import Config, maybe, median, row_of
 
 TITLE = "tiny: map(noop, items) - µs per item"
-COLUMNS = [("us_per_item", "µs per item", "{:.2f}"), ("items", "items", "{:,}")]
+COLUMNS = [("us_per_item", "µs per item", "{:.3f}"), ("items", "items", "{:,}")]
 RATIO = ["us_per_item"]
 CHART = "us_per_item"
 LIMIT_S = 300.0

@@ -9,6 +9,7 @@ interruption lands per call, and never outside the guarded region.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import sys
 import time
@@ -141,22 +142,18 @@ def run_chunk(
 
 def _run_items_fast(ctx: JobContext, seq: int, count: int, items: list[Any], send: Send) -> None:
     """The `map` path with no timeout or seed: a tight loop, errors recorded in place."""
-    fn, kwargs = ctx.fn, ctx.kwargs
+    fn = functools.partial(ctx.fn, **ctx.kwargs) if ctx.kwargs else ctx.fn
     values: list[Any] = []
     errors: list[Any] = []
-    append = values.append
     it = iter(items)
     t0 = time.perf_counter()
     while True:
         try:
             try:
                 _state.running = True
-                if kwargs:
-                    for x in it:
-                        append(fn(x, **kwargs))
-                else:
-                    for x in it:
-                        append(fn(x))
+                # The loop runs in C; on an exception `extend` keeps what came before
+                # and `it` has moved past the failed item, so the rest can go on.
+                values.extend(map(fn, it))
                 break
             finally:
                 _state.running = False
@@ -165,7 +162,7 @@ def _run_items_fast(ctx: JobContext, seq: int, count: int, items: list[Any], sen
             break
         except BaseException as exc:  # user code failed on this item; go on with the next
             errors.append((len(values), RAISED, encode_exception(exc)))
-            append(None)
+            values.append(None)
     send(seq, 0, values, errors, time.perf_counter() - t0, True)
 
 
