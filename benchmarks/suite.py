@@ -57,11 +57,34 @@ def kill_leftovers() -> int:
     return len(left)
 
 
+def shm_entries() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()
+
+
+def remove_new_shm(before: set[str]) -> None:
+    """Remove what appeared in /dev/shm during a case: a peer killed with its case
+    (joblib's memmapping folders, multiprocessing semaphores) cannot clean up itself.
+    Cases run one at a time, so whatever is new is theirs."""
+    import shutil
+
+    for name in shm_entries() - before:
+        path = os.path.join("/dev/shm", name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
 def run_case(workload: str, peer: str, quick: bool, limit: float, log: Path) -> dict[str, Any]:
     cmd = [sys.executable, str(BENCH_DIR / "case.py"), workload, peer] + (["--quick"] * quick)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
     out_path = log.with_suffix(".out")
+    shm_before = shm_entries()
     # Files, not pipes: processes a peer leaves behind must not hold the suite up.
     with open(log, "w") as err, open(out_path, "w") as out:
         proc = subprocess.Popen(cmd, cwd=BENCH_DIR, env=env, stdout=out, stderr=err,
@@ -77,6 +100,7 @@ def run_case(workload: str, peer: str, quick: bool, limit: float, log: Path) -> 
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    remove_new_shm(shm_before)
     for line in out_path.read_text().splitlines():
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT ") :])
