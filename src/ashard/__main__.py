@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--items", type=int, default=2000)
     sub.add_parser("info", help="print versions, CPU count and start method")
     sub.add_parser(
-        "bench", help="run the benchmark suite against the peers (extra arguments go to it)"
+        "bench",
+        help="run the benchmark suite against the peers (extra arguments go to it)",
+        add_help=False,  # `bench --help` shows the suite's own options
     )
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
