@@ -147,12 +147,12 @@ def check_items(items: object) -> Iterable[Any]:
 def check_borrow(borrow: object, out: object) -> tuple[dict[str, Any], dict[str, Any]]:
     """The borrowed objects and the output buffers, as keyword arguments for `fn`."""
     from ashard.buffers import Buffer
-    from ashard.shared import SharedArray, SharedTable
+    from ashard.shared import SegmentBacked
 
     inputs = _check_names("borrow", borrow)
     outputs = _check_names("out", out)
     for name, value in inputs.items():
-        if isinstance(value, SharedArray | SharedTable | Buffer) and value.closed:
+        if isinstance(value, SegmentBacked) and value.closed:
             raise ValueError(f"borrow[{name!r}] is a closed {type(value).__name__}")
     for name, value in outputs.items():
         if not isinstance(value, Buffer):

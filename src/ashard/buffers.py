@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from ashard._memfd import Segment, release_later
-from ashard.shared import _CLOSED, SHAREABLE_KINDS, _view
+from ashard._memfd import Segment
+from ashard.shared import SHAREABLE_KINDS, SegmentBacked, _view
 
 __all__ = ["Buffer", "buffer"]
 
 
-class Buffer:
+class Buffer(SegmentBacked):
     """A writable array in shared memory (see `ashard.buffer`)."""
+
+    _passed_through = "out= or borrow="
 
     def __init__(self, segment: Segment, dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
         self._segment = segment
@@ -30,53 +31,12 @@ class Buffer:
         self._array = _view(segment, dtype, shape, writable=True)
 
     @property
-    def segment(self) -> Segment:
-        if self._segment.closed:
-            raise ValueError("this Buffer is closed")
-        return self._segment
-
-    @property
     def array(self) -> np.ndarray[Any, Any]:
         """The shared data: the parent's writable view of what workers wrote."""
-        if self._segment.closed:
-            raise ValueError("this Buffer is closed")
-        return self._array
+        return self._checked_array()
 
-    @property
-    def nbytes(self) -> int:
-        return self._segment.size
-
-    @property
-    def closed(self) -> bool:
-        return self._segment.closed
-
-    def close(self) -> None:
-        """Let the memory go once no view of `array` remains."""
-        self._segment.close()
-        array, self._array = self._array, _CLOSED
-        release_later(array, self._segment.size)
-        del array  # the mapping (and its fd) goes with the last view
-
-    def __enter__(self) -> Buffer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __reduce__(self) -> Any:
-        raise TypeError(
-            "a Buffer is passed to workers through out= or borrow=, not pickled inside "
-            "another object"
-        )
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{self.nbytes:,} bytes"
-        return f"<ashard.Buffer {self.dtype} {self.shape}, {state}>"
+    def _describe(self) -> str:
+        return f"{self.dtype} {self.shape}"
 
 
 def buffer(dtype: Any, shape: int | Sequence[int], fill: Any = None) -> Buffer:

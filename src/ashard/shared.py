@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -30,7 +30,68 @@ def check_shareable(array: np.ndarray[Any, Any], what: str) -> None:
         )
 
 
-class SharedArray:
+class SegmentBacked:
+    """What `SharedArray`, `SharedTable` and `Buffer` share: a segment that can be
+    closed (also by leaving ``with``), a size, and no pickling (they travel through
+    ``borrow=``/``out=`` as descriptors). `_array` is the parent's view, if any."""
+
+    _segment: Segment
+    _array: np.ndarray[Any, Any] | None = None
+    _passed_through = "borrow="
+
+    @property
+    def segment(self) -> Segment:
+        if self._segment.closed:
+            raise ValueError(f"this {type(self).__name__} is closed")
+        return self._segment
+
+    @property
+    def nbytes(self) -> int:
+        return self._segment.size
+
+    @property
+    def closed(self) -> bool:
+        return self._segment.closed
+
+    def _checked_array(self) -> np.ndarray[Any, Any]:
+        if self._segment.closed or self._array is None:
+            raise ValueError(f"this {type(self).__name__} is closed")
+        return self._array
+
+    def close(self) -> None:
+        """Let the memory go once no view of it remains."""
+        self._segment.close()
+        if self._array is not None:
+            array, self._array = self._array, _CLOSED
+            release_later(array, self._segment.size)
+            del array  # the mapping (and its fd) goes with the last view
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"a {type(self).__name__} is passed to workers through {self._passed_through}, "
+            "not pickled inside another object"
+        )
+
+    def _describe(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.nbytes:,} bytes"
+        return f"<ashard.{type(self).__name__} {self._describe()}, {state}>"
+
+
+class SharedArray(SegmentBacked):
     """An array in an anonymous shared-memory segment (see `ashard.share`).
 
     `array` is the parent's view, read-only: workers map the same memory. `close()` (or
@@ -44,52 +105,12 @@ class SharedArray:
         self._array = _view(segment, dtype, shape, writable=False)
 
     @property
-    def segment(self) -> Segment:
-        if self._segment.closed:
-            raise ValueError("this SharedArray is closed")
-        return self._segment
-
-    @property
     def array(self) -> np.ndarray[Any, Any]:
         """The shared data, read-only."""
-        if self._segment.closed:
-            raise ValueError("this SharedArray is closed")
-        return self._array
+        return self._checked_array()
 
-    @property
-    def nbytes(self) -> int:
-        return self._segment.size
-
-    @property
-    def closed(self) -> bool:
-        return self._segment.closed
-
-    def close(self) -> None:
-        """Let the memory go once no view of `array` remains."""
-        self._segment.close()
-        array, self._array = self._array, _CLOSED
-        release_later(array, self._segment.size)
-        del array  # the mapping (and its fd) goes with the last view
-
-    def __enter__(self) -> SharedArray:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __reduce__(self) -> Any:
-        raise TypeError(
-            "a SharedArray is passed to workers through borrow=, not pickled inside another object"
-        )
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{self.nbytes:,} bytes"
-        return f"<ashard.SharedArray {self.dtype} {self.shape}, {state}>"
+    def _describe(self) -> str:
+        return f"{self.dtype} {self.shape}"
 
 
 def share(obj: Any) -> SharedArray | SharedTable:
@@ -116,7 +137,7 @@ def is_arrow(obj: Any) -> bool:
     return module.startswith("pyarrow") and type(obj).__name__ in ("Table", "RecordBatch")
 
 
-class SharedTable:
+class SharedTable(SegmentBacked):
     """A pyarrow Table or RecordBatch as Arrow IPC in shared memory (see `ashard.share`).
 
     Workers open it as a zero-copy view of the same memory; `table` is the parent's.
@@ -142,45 +163,12 @@ class SharedTable:
         return cls(segment, "table" if isinstance(data, pa.Table) else "batch")
 
     @property
-    def segment(self) -> Segment:
-        if self._segment.closed:
-            raise ValueError("this SharedTable is closed")
-        return self._segment
-
-    @property
     def table(self) -> Any:
         """The shared data, read zero-copy from the segment."""
         return open_ipc(self.segment.mmap, self.kind)
 
-    @property
-    def nbytes(self) -> int:
-        return self._segment.size
-
-    @property
-    def closed(self) -> bool:
-        return self._segment.closed
-
-    def close(self) -> None:
-        """Let the memory go once no table read from it remains."""
-        self._segment.close()
-
-    def __enter__(self) -> SharedTable:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __reduce__(self) -> Any:
-        raise TypeError("a SharedTable is passed to workers through borrow=, not pickled")
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{self.nbytes:,} bytes"
-        return f"<ashard.SharedTable ({self.kind}), {state}>"
+    def _describe(self) -> str:
+        return f"({self.kind})"
 
 
 def _write_ipc(sink: Any, data: Any) -> None:
