@@ -52,6 +52,7 @@ if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
 from _bench_fns import TASKS, set_x, strided_shard, strided_sum, strided_sum_of  # noqa: E402
+from workloads.broadcast import memory_in_use  # noqa: E402
 
 WORKERS = 2
 PEERS = {
@@ -261,16 +262,6 @@ def stable_pss(proc: psutil.Process) -> int | None:
     first = tree_pss(proc)
     second = tree_pss(proc)
     return second if abs(second - first) <= 0.01 * max(first, 1) else None
-
-
-def memory_in_use() -> int:
-    """Bytes in use on the machine: MemTotal - MemAvailable (shared memory included)."""
-    fields = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, value = line.split(":", 1)
-            fields[key] = int(value.split()[0]) * 1024
-    return fields["MemTotal"] - fields["MemAvailable"]
 
 
 def measure(peer: str, mb: int) -> dict[str, Any]:
