@@ -169,13 +169,12 @@ class Scheduler:
     def _count_death(self, w: WorkerHandle, *, timed_out: bool) -> None:
         if timed_out:
             self.stats.timed_out += 1
+            w.end_reason = w.end_reason or "timed out"
         elif w.end_reason == "mem_hard":
             self.stats.recycled_by["mem_hard"] += 1
         else:
             self.stats.crashed += 1
             w.end_reason = "crashed"
-        if w.end_reason is None:
-            w.end_reason = "timed out"
         self._crash_streak += 1
 
     def _recycle(self, w: WorkerHandle, tenant: Tenant) -> None:
