@@ -203,7 +203,7 @@ def check(results: list[float], X: np.ndarray[Any, Any]) -> None:
 
 def copy_speeds(X: np.ndarray[Any, Any]) -> dict[str, float]:
     """GB/s of copying X into fresh memory, into touched memory, and into a memfd."""
-    from ashard._memfd import Segment
+    from ashard._shm import Segment
 
     gb = X.nbytes / 1e9
     out: dict[str, float] = {}

@@ -8,7 +8,7 @@ import socket
 import threading
 from typing import Any
 
-from ashard._channel import FrameReader, RawFrame, encode_many, send_frames
+from ashard._framing import FrameReader, RawFrame, encode_many, send_frames
 
 
 def _drain(msgs: list[Any]) -> tuple[list[Any], int]:

@@ -279,7 +279,7 @@ async def test_named_fallback_is_unlinked_while_workers_map_it(
 
 @pytest.mark.parametrize("layout", ["strided", "fortran"])
 async def test_large_arrays_copied_by_several_threads_arrive_intact(layout: str) -> None:
-    from ashard.shared import PARALLEL_COPY_BYTES
+    from ashard._shm import PARALLEL_COPY_BYTES
 
     base = np.arange(3 * PARALLEL_COPY_BYTES // 8, dtype=np.int64)
     array = base[::2] if layout == "strided" else np.asfortranarray(base.reshape(-1, 3))

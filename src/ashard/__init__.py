@@ -51,17 +51,16 @@ from ashard.errors import (
     WorkerCrashed,
     WorkerStartError,
 )
-from ashard.results import Diagnostics, ShardDone, ShardResult, WorkerRow
+from ashard.results import Diagnostics, PoolStats, ShardDone, ShardResult, WorkerRow
 from ashard.shards import Shard, Shards, shards
 
 _LAZY = {
-    "Buffer": "ashard.buffers",
+    "Buffer": "ashard.shared",
     "SharedArray": "ashard.shared",
     "SharedTable": "ashard.shared",
-    "buffer": "ashard.buffers",
+    "buffer": "ashard.shared",
     "share": "ashard.shared",
     "Pool": "ashard.pool",
-    "PoolStats": "ashard.pool",
     "ShardStream": "ashard._stream",
     "call": "ashard.api",
     "default_pool": "ashard.api",
@@ -74,9 +73,8 @@ _LAZY = {
 if TYPE_CHECKING:
     from ashard._stream import ShardStream
     from ashard.api import call, default_pool, map, shard_map, shard_stream, shutdown
-    from ashard.buffers import Buffer, buffer
-    from ashard.pool import Pool, PoolStats
-    from ashard.shared import SharedArray, SharedTable, share
+    from ashard.pool import Pool
+    from ashard.shared import Buffer, SharedArray, SharedTable, buffer, share
 
 
 def __getattr__(name: str) -> Any:
@@ -89,4 +87,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    return sorted([*__all__, "__version__"])

@@ -1,8 +1,8 @@
 """Turn a call's ``borrow=`` and ``out=`` into what workers receive: arrays become
 descriptors of shared-memory segments, anything else is pickled once.
 
-Runs in a worker thread: copying a large array into shared memory or pickling a large
-object must not stall the event loop.
+Used by the local backend, in a worker thread: copying a large array into shared
+memory or pickling a large object must not stall the event loop.
 """
 
 from __future__ import annotations
@@ -12,18 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from ashard._channel import MAX_FDS
-from ashard._memfd import Segment
-from ashard._options import pickle_payload
+from ashard._framing import MAX_FDS
 from ashard._protocol import ArrayRef, Payload, TableRef
-from ashard.buffers import Buffer
-from ashard.shared import (
-    SHAREABLE_KINDS,
-    SharedArray,
-    SharedTable,
-    copy_into_segment,
-    is_arrow,
-)
+from ashard._serialize import pickle_payload
+from ashard._shm import SHAREABLE_KINDS, Segment, is_arrow
+from ashard.shared import Buffer, SharedArray, SharedTable
 
 __all__ = ["Exported", "export"]
 
@@ -70,7 +63,7 @@ def _export_borrow(
     if isinstance(value, SharedArray | Buffer):
         return _ref(exported, value.segment, value, mode)
     if isinstance(value, np.ndarray) and value.dtype.kind in SHAREABLE_KINDS:
-        shared = copy_into_segment(value)
+        shared = SharedArray.copy_of(value)
         exported.owned.append(shared)
         return _ref(exported, shared.segment, shared, mode)
     if is_arrow(value):

@@ -1,9 +1,15 @@
-"""The parent side of one worker process: spawn, handshake, kill, reap.
+"""The parent side of one worker process: spawn, handshake, state, kill, reap.
 
 Workers are fresh interpreters (``python -m ashard._worker``), never forks. `Popen`
 runs on one long-lived thread: on Linux a worker asks for SIGKILL when its parent
 *thread* exits, so that thread must live as long as the process does. The handshake
 (HELLO -> READY) is awaited with a bound, so a broken interpreter fails fast.
+
+A `WorkerHandle` owns its state and changes it through methods named for what
+happened (`count_tasks`, `observe`, `plan_recycle`, `mark_ended`, `takes_job`, ...);
+nobody else assigns its fields. It holds what outlives one lease: the jobs and shared
+segments the worker process has loaded, its memory readings, why it should be
+recycled or why it ended. The chunks in flight belong to the lease that sent them.
 """
 
 from __future__ import annotations
@@ -16,22 +22,21 @@ import subprocess
 import sys
 import time
 import weakref
-from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
-from ashard._async_channel import Channel
-from ashard._channel import ChannelClosed, encode, encode_many
+from ashard._channel import Channel
+from ashard._framing import ChannelClosed, encode, encode_many
+from ashard._health import EndReason, RecycleReason
+from ashard._outcomes import start_failure
 from ashard._protocol import DROP, FORGET, HELLO, INIT_FAILED, INTERRUPT_SIGNAL, READY, Payload
-from ashard._serialize import decode_exception
-from ashard.errors import RemoteTraceback, WorkerStartError
-
-if TYPE_CHECKING:
-    from ashard._job import Chunk
+from ashard._shm import Segment
+from ashard.errors import WorkerStartError
 
 START_TIMEOUT = 60.0
 """Seconds a new worker may take to import and run `init` before it counts as broken."""
@@ -69,47 +74,25 @@ def _spawn_blocking(child_fd: int, config: WorkerConfig) -> subprocess.Popen[byt
 
 
 class WorkerHandle:
-    """One live worker: its process, channel and the chunks it holds."""
+    """One live worker: its process, its channel, and what the parent knows of it."""
 
     def __init__(self, proc: subprocess.Popen[bytes], channel: Channel) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.channel = channel
-        self.inflight: deque[Chunk] = deque()
-        self.jobs: set[int] = set()
-        self.forget: list[int] = []  # jobs the worker may drop
-        self.segments: set[int] = set()  # shared-memory segments the worker holds
-        self.drops: list[int] = []  # segments the worker should close
-        self.last_heard = 0.0
-        self.shards_done = 0
-        self.started_at = time.monotonic()
-        self.tasks = 0  # shards and calls handed to it (for max_tasks)
-        self.busy = 0.0  # seconds spent running shards
-        self.rss = self.peak_rss = self.baseline_rss = 0  # private memory, bytes
-        self.idle_since = self.started_at
-        self.recycle_reason: str | None = None  # replace it once its work is done
-        self.end_reason: str | None = None  # why it ended, once it has
+        self._jobs: set[int] = set()  # keys of the jobs the worker has loaded
+        self._forget: list[int] = []  # jobs it may drop, told with the next send
+        self._segments: set[int] = set()  # shared-memory segments it holds
+        self._drops: list[int] = []  # segments it should close, told with the next send
+        self._tasks = 0  # shards and calls handed to it (for max_tasks)
+        self._rss = self._peak_rss = self._baseline_rss = 0  # private memory, bytes
+        self._idle_since = time.monotonic()
+        self._recycle: RecycleReason | None = None
+        self._ended: EndReason | None = None
         self._ps: Any = None
         _live.add(self)
 
-    def observe(self, rss: int) -> None:
-        """Record a reading of the worker's private resident memory."""
-        if rss > 0:
-            self.rss = rss
-            self.peak_rss = max(self.peak_rss, rss)
-
-    def read_rss(self) -> int:
-        """Private resident memory (RSS minus shared pages) read with psutil; 0 if the
-        process is gone. Blocking (a /proc read): call it off the event loop."""
-        import psutil
-
-        try:
-            if self._ps is None:
-                self._ps = psutil.Process(self.pid)
-            info = self._ps.memory_info()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            return 0
-        return int(info.rss - getattr(info, "shared", 0))
+    # -- start ------------------------------------------------------------------------
 
     @classmethod
     async def start(cls, config: WorkerConfig) -> WorkerHandle:
@@ -147,37 +130,136 @@ class WorkerHandle:
                 "its stderr above says why"
             ) from None
         if reply[0] == INIT_FAILED:
-            exc = decode_exception(reply[1])
-            exc.__cause__ = RemoteTraceback(reply[1][3])
-            raise WorkerStartError(f"init failed in worker {self.pid}: {exc!r}") from exc
+            error = start_failure(self.pid, reply[1])
+            raise error from error.__cause__
         if reply[0] != READY:
             raise WorkerStartError(f"worker {self.pid} sent {reply[0]!r} instead of READY")
-        self.baseline_rss = reply[2]
+        self._baseline_rss = reply[2]
         self.observe(reply[2])
+
+    # -- what it has done -------------------------------------------------------------
+
+    @property
+    def tasks(self) -> int:
+        """Shards and calls handed to it so far."""
+        return self._tasks
+
+    def count_tasks(self, n: int) -> None:
+        self._tasks += n
+
+    @property
+    def rss(self) -> int:
+        """The latest reading of its private resident memory, bytes."""
+        return self._rss
+
+    @property
+    def peak_rss(self) -> int:
+        return self._peak_rss
+
+    @property
+    def baseline_rss(self) -> int:
+        """Its private memory right after start-up and `init`."""
+        return self._baseline_rss
+
+    def observe(self, rss: int) -> None:
+        """Record a reading of the worker's private resident memory."""
+        if rss > 0:
+            self._rss = rss
+            self._peak_rss = max(self._peak_rss, rss)
+
+    def read_rss(self) -> int:
+        """Private resident memory (RSS minus shared pages) read with psutil; 0 if the
+        process is gone. Blocking (a /proc read): call it off the event loop."""
+        import psutil
+
+        try:
+            if self._ps is None:
+                self._ps = psutil.Process(self.pid)
+            info = self._ps.memory_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return 0
+        return int(info.rss - getattr(info, "shared", 0))
+
+    def mark_idle(self) -> None:
+        self._idle_since = time.monotonic()
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since it went idle (meaningful while it is idle)."""
+        return now - self._idle_since
+
+    @property
+    def recycle_reason(self) -> RecycleReason | None:
+        """Why it should be replaced once its current work is done, if it should."""
+        return self._recycle
+
+    def plan_recycle(self, reason: RecycleReason | None) -> None:
+        """Replace it once its work is done, for `reason` (the first reason stays)."""
+        if self._recycle is None:
+            self._recycle = reason
+
+    @property
+    def end_reason(self) -> EndReason | None:
+        return self._ended
+
+    def mark_ended(self, reason: EndReason) -> None:
+        """Record why it ended (the first reason stays)."""
+        if self._ended is None:
+            self._ended = reason
+
+    # -- jobs and shared memory it holds -----------------------------------------------
+
+    def takes_job(self, key: int) -> bool:
+        """True the first time job `key` is sent to it: the caller then sends the job."""
+        if key in self._jobs:
+            return False
+        self._jobs.add(key)
+        return True
+
+    def forget_job(self, key: int) -> None:
+        """Job `key` is over: the worker may drop it (told with the next send)."""
+        if key in self._jobs:
+            self._jobs.discard(key)
+            self._forget.append(key)
+
+    def hand_segments(self, segments: Iterable[Segment]) -> list[Segment]:
+        """Those of `segments` it does not hold yet, now counted as held: the caller
+        sends their descriptors."""
+        new = [seg for seg in segments if seg.id not in self._segments]
+        for seg in new:
+            self._segments.add(seg.id)
+            seg.holders.add(self)
+        return new
+
+    def drop_segment(self, seg_id: int) -> None:
+        """The parent closed segment `seg_id`: the worker should close it too."""
+        if seg_id in self._segments:
+            self._segments.discard(seg_id)
+            self._drops.append(seg_id)
+            self.flush_control()
+
+    @property
+    def has_control(self) -> bool:
+        """Are FORGET or DROP messages waiting to be sent?"""
+        return bool(self._forget or self._drops)
 
     def take_control(self) -> list[Any]:
         """The FORGET and DROP messages that wait for the next send to this worker."""
-        msgs: list[Any] = [(FORGET, k) for k in self.forget]
-        if self.drops:
-            msgs.append((DROP, self.drops))
-        self.forget, self.drops = [], []
+        msgs: list[Any] = [(FORGET, k) for k in self._forget]
+        if self._drops:
+            msgs.append((DROP, self._drops))
+        self._forget, self._drops = [], []
         return msgs
 
     def flush_control(self) -> None:
         """Send waiting FORGET/DROP messages now, unless a send is under way (then they
         go with the next one): an idle worker should not hold memory of a finished call."""
-        if (self.forget or self.drops) and self.proc.returncode is None:
+        if self.has_control and self.proc.returncode is None:
             msgs = self.take_control()
             if not self.channel.post(encode_many(msgs)):
-                self.forget = [m[1] for m in msgs if m[0] == FORGET] + self.forget
-                self.drops = [i for m in msgs if m[0] == DROP for i in m[1]] + self.drops
+                self._forget = [m[1] for m in msgs if m[0] == FORGET] + self._forget
+                self._drops = [i for m in msgs if m[0] == DROP for i in m[1]] + self._drops
 
-    def drop_segment(self, seg_id: int) -> None:
-        """The parent closed segment `seg_id`: the worker should close it too."""
-        if seg_id in self.segments:
-            self.segments.discard(seg_id)
-            self.drops.append(seg_id)
-            self.flush_control()
+    # -- the process ------------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
@@ -185,7 +267,7 @@ class WorkerHandle:
 
     def interrupt(self) -> None:
         """Ask the worker to stop the shard it runs (it checks control messages)."""
-        self._signal(INTERRUPT_SIGNAL)
+        self.signal(INTERRUPT_SIGNAL)
 
     def signal(self, signum: int) -> None:
         """Send `signum` to the worker if it has not been reaped."""
@@ -193,7 +275,11 @@ class WorkerHandle:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signum)
 
-    _signal = signal
+    def kill_for(self, reason: EndReason) -> None:
+        """SIGKILL it now, from any thread, recording why (its drive sees the EOF)."""
+        if self._ended is None:
+            self._ended = reason
+            self.signal(signal.SIGKILL)
 
     def reap(self, timeout: float) -> bool:
         """Wait (blocking: not on the event loop) for the process to exit."""
@@ -203,6 +289,14 @@ class WorkerHandle:
             return False
         _live.discard(self)
         return True
+
+    def stop_blocking(self) -> None:
+        """Let it exit (EOF on its channel) and reap it, killing it if it lingers.
+        Blocking: for the monitor's thread."""
+        self.channel.close()
+        if not self.reap(2.0):
+            self.signal(signal.SIGKILL)
+            self.reap(5.0)
 
     async def wait_exit(self, timeout: float) -> int | None:
         """The exit status (negative: killed by that signal), polled without blocking;
@@ -216,7 +310,7 @@ class WorkerHandle:
 
     async def kill(self) -> int:
         """SIGKILL the worker and reap it; returns the exit status."""
-        self._signal(signal.SIGKILL)
+        self.signal(signal.SIGKILL)
         self.channel.close()
         code = await self.wait_exit(10.0)
         _live.discard(self)
@@ -239,7 +333,7 @@ class WorkerHandle:
         return code, None
 
     def __repr__(self) -> str:
-        return f"<WorkerHandle pid={self.pid} inflight={len(self.inflight)}>"
+        return f"<WorkerHandle pid={self.pid}>"
 
 
 def kill_all_now() -> None:

@@ -1,58 +1,43 @@
-"""Worker health: memory caps, drift recycling, task limits, idle exit, profiles.
+"""Worker health: the policy (memory caps, drift recycling, task limits, idle exit,
+profiles) and the monitor thread that applies it between and during calls.
 
 A worker's memory is its *private* resident memory (RSS minus shared pages): shared
 inputs mapped by every worker exist once on the machine and are not charged to any
 of them. It is read two ways: each worker reports it with every finished chunk (a
-check between chunks at no cost to the parent), and a monitor thread reads every
-worker with psutil each `health_check_interval` seconds, so a shard that allocates
-without end is killed mid-shard, long before it takes the machine down.
+check between chunks at no cost to the parent), and the monitor reads every worker
+with psutil each `health_check_interval` seconds, so a shard that allocates without
+end is killed mid-shard, long before it takes the machine down.
+
+The monitor is a thread rather than a task: it must run while no call is active (idle
+exit) and while the caller's event loop is busy, and a pool outlives any one event
+loop (Jupyter cells, `anyio.run` after `anyio.run`). It sees the pool only through
+the `Watched` protocol and each worker through `Gauged`.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-import re
+import threading
+import time
+import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Literal, Protocol
 
-if TYPE_CHECKING:
-    from ashard._handle import WorkerHandle
+__all__ = [
+    "PROFILES",
+    "EndReason",
+    "Gauged",
+    "HealthPolicy",
+    "Monitor",
+    "Profile",
+    "RecycleReason",
+    "Watched",
+]
 
-__all__ = ["PROFILES", "HealthPolicy", "Profile", "parse_bytes"]
-
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
-    "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_bytes(name: str, value: object) -> int | None:
-    """Bytes from an int or a string such as "512MB", "2GB" or "1.5GiB"; None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number of bytes or a size like '2GB', got bool")
-    if isinstance(value, numbers.Real):
-        size = float(value)
-    elif isinstance(value, str):
-        match = _SIZE.match(value)
-        unit = match.group(2).lower() if match else ""
-        if match is None or unit not in _UNITS:
-            raise ValueError(
-                f"{name} must be a number of bytes or a size like '512MB' or '2GB', got {value!r}"
-            )
-        size = float(match.group(1)) * _UNITS[unit]
-    else:
-        raise TypeError(
-            f"{name} must be a number of bytes or a size like '2GB', got {type(value).__name__}"
-        )
-    if not size > 0 or math.isinf(size):
-        raise ValueError(f"{name} must be a positive size, got {value!r}")
-    return int(size)
+RecycleReason = Literal["mem_cap", "drift", "max_tasks"]
+"""Why a healthy worker is replaced once its current work is done."""
+EndReason = Literal[RecycleReason, "mem_hard", "idle", "crashed", "timed out", "exited"]
+"""Why a worker ended: recycled, killed past the hard memory limit, idle past
+`idle_timeout`, crashed, killed past a timeout, or exited with the pool."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +62,20 @@ PROFILES = {
 }
 
 
+class Gauged(Protocol):
+    """A worker as health sees it (`ashard._handle.WorkerHandle`)."""
+
+    @property
+    def tasks(self) -> int: ...
+    @property
+    def rss(self) -> int: ...
+    @property
+    def baseline_rss(self) -> int: ...
+    def read_rss(self) -> int: ...
+    def observe(self, rss: int) -> None: ...
+    def kill_for(self, reason: EndReason) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class HealthPolicy:
     """A pool's limits. `mem_cap` in bytes (soft: recycle between shards); past
@@ -98,7 +97,7 @@ class HealthPolicy:
         hard = self.hard_cap
         return hard is not None and rss > hard
 
-    def soft_reason(self, w: WorkerHandle, profile: Profile) -> str | None:
+    def soft_reason(self, w: Gauged, profile: Profile) -> RecycleReason | None:
         """Why `w` should be replaced once its current work is done, if it should."""
         if self.max_tasks is not None and w.tasks >= self.max_tasks:
             return "max_tasks"
@@ -109,3 +108,67 @@ class HealthPolicy:
             if growth > max(self.drift * profile.drift * w.baseline_rss, profile.floor):
                 return "drift"
         return None
+
+    def hard_limit_note(self, peak_rss: int) -> str:
+        """Why a worker killed past the hard limit ended, for its shard's error."""
+        hard = self.hard_cap or 0
+        return (
+            f"killed by ashard: its private memory reached {peak_rss / 2**20:.0f} MiB, "
+            f"past the hard limit of {hard / 2**20:.0f} MiB (mem_cap x {self.hard_factor})"
+        )
+
+
+class Watched(Protocol):
+    """What the monitor needs of a pool's worker set (`ashard._workers.WorkerSet`);
+    every method is safe to call from the monitor's thread."""
+
+    @property
+    def policy(self) -> HealthPolicy: ...
+    @property
+    def closed(self) -> bool: ...
+    def check_interval(self) -> float: ...
+    def health_targets(self) -> list[Gauged]: ...
+    def reap_idle(self, now: float) -> None: ...
+
+
+class Monitor:
+    """Runs `check` every `Watched.check_interval()` seconds until stopped."""
+
+    def __init__(self, watched: Watched) -> None:
+        self._watched = weakref.ref(watched)  # a dropped pool ends its monitor
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ashard-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def _run(self) -> None:
+        while True:
+            watched = self._watched()
+            if watched is None or watched.closed:
+                return
+            interval = watched.check_interval()
+            del watched
+            if self._stop.wait(interval):
+                return
+            watched = self._watched()
+            if watched is None:
+                return
+            check(watched)
+            del watched
+
+
+def check(watched: Watched) -> None:
+    """One round: read memory, kill runaways, let expired idle workers go."""
+    policy = watched.policy
+    for w in watched.health_targets():
+        rss = w.read_rss()
+        w.observe(rss)
+        if policy.over_hard_cap(rss):
+            w.kill_for("mem_hard")  # its shards are retried; the drive sees EOF
+    watched.reap_idle(time.monotonic())

@@ -13,39 +13,34 @@ positions are charged an attempt if the culprit is known (a chunk of one, or a
 timeout, where the worker reports each shard as it ends); otherwise they are retried
 one by one, uncharged, so the next crash names the culprit and innocent shards are
 never charged for it. Chunks queued behind it never started and go back uncharged.
+
+A job knows nothing of processes: a backend (`ashard._backend`) takes its chunks with
+`take_chunk`, reports what came back with `deliver` and what was lost with
+`worker_lost`, and tells it which workers ran its shards with `ran_on`.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Protocol
 
 import anyio
 
 from ashard import _seeding
-from ashard._health import PROFILES
+from ashard._health import PROFILES, EndReason
+from ashard._options import CallOptions
+from ashard._outcomes import CRASHED, Loss, failure
 from ashard._progress import Progress
-from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT, JobSpec
-from ashard._serialize import decode_exception
-from ashard.errors import (
-    RemoteTraceback,
-    ShardError,
-    ShardFailed,
-    ShardTimeout,
-    WorkerCrashed,
-    describe_exit,
-)
+from ashard._protocol import INTERRUPTED, ITEMS, RAISED, SHARDS, TIMEOUT, Payload
+from ashard.errors import ShardError
 from ashard.results import Diagnostics, ShardDone, ShardResult, WorkerRow
 from ashard.shards import Shard, Shards
-
-if TYPE_CHECKING:
-    from ashard._export import Exported
-    from ashard._handle import WorkerHandle
 
 TARGET_CHUNK_SECONDS = 0.01
 """`chunk_size="auto"` aims for chunks of about this much work."""
@@ -54,8 +49,6 @@ LONG_CHUNK_SECONDS = 0.005
 HIDE_LATENCY_SECONDS = 0.001
 MAX_WINDOW = 8
 MAX_GROWTH = 8
-CRASHED = -1
-"""Failure kind for a worker death (the protocol kinds come from the worker itself)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -63,7 +56,6 @@ class Chunk:
     """Consecutive positions ``first .. first+count-1`` sent to one worker as one message."""
 
     seq: int
-    job: Job
     first: int
     count: int
     attempts: list[int] | None
@@ -71,18 +63,17 @@ class Chunk:
     done: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class JobOptions:
-    """The per-call options that shape scheduling and failure handling."""
+class WorkerInfo(Protocol):
+    """A worker as a job reports it in its diagnostics."""
 
-    chunk_size: int | Literal["auto"] = "auto"
-    timeout: float | None = None
-    max_retries: int = 3
-    retry_errors: bool = False
-    seed: int | None = None
-    errors: Literal["raise", "collect"] = "raise"
-    cow: Literal["deny", "audit", "allow"] = "deny"
-    profile: Literal["default", "memory", "speed"] = "default"
+    @property
+    def pid(self) -> int: ...
+    @property
+    def peak_rss(self) -> int: ...
+    @property
+    def end_reason(self) -> EndReason | None: ...
+    @property
+    def alive(self) -> bool: ...
 
 
 class StreamBuffer:
@@ -110,35 +101,39 @@ class StreamBuffer:
 
 
 class Job:
-    """One `shard_map`, `shard_stream` or `map` call as the scheduler sees it."""
+    """One `shard_map`, `shard_stream` or `map` call: what to run, and where each of
+    its positions stands. Made by `Job.of_shards` or `Job.of_items`."""
 
     def __init__(
         self,
         *,
-        key: int,
-        spec: JobSpec,
-        opts: JobOptions,
+        kind: int,
+        fn: Payload,
+        opts: CallOptions,
+        borrow: dict[str, Any],
+        out: dict[str, Any],
         layout: Shards | None,
         sequence: Sequence[Any] | None,
         items: Iterator[Any] | None,
         total: int | None,
         workers: int,
-        stream: StreamBuffer | None = None,
-        progress: Progress | None = None,
+        stream: StreamBuffer | None,
     ) -> None:
-        self.key = key
-        self.spec = spec
+        self.kind = kind
+        self.fn = fn
         self.opts = opts
-        self.kind = spec.kind
-        self.noun = "shard" if spec.kind == SHARDS else "item"
+        self.borrow = borrow
+        self.out = out
+        self.sys_path = list(sys.path)  # the caller's, at the call: workers import from it
+        self.noun = "shard" if kind == SHARDS else "item"
         self.layout = layout
         self.sequence = sequence
         self._items = items
         self.total = total
         self.workers = workers
         self.stream = stream
-        self.progress = progress
-        self.results: list[Any] = [None] * total if spec.kind == SHARDS and total else []
+        self.progress = Progress(total, f"{self.noun}s") if opts.progress else None
+        self.results: list[Any] = [None] * total if kind == SHARDS and total else []
         self._resolved = bytearray(len(self.results))
         self.n_resolved = 0
         self.attempts: dict[int, int] = {}
@@ -146,24 +141,56 @@ class Job:
         self._retry: deque[int] = deque()
         self._retry_items: dict[int, Any] = {}
         self.next_pos = 0
-        self.exhausted = spec.kind == SHARDS
+        self.exhausted = kind == SHARDS
         self.inflight_shards = 0
-        self.leased = 0
-        self.registered: set[Any] = set()
         self.cow_writes: set[tuple[int, str]] = set()  # (shard id, borrow name), cow="audit"
-        self.exported: Exported | None = None  # shared memory this call holds
         self.aborted = False
         self.fatal: BaseException | None = None
         self.per_shard: float | None = None
         self._last_size = 1
-        self.encode_in_thread = False
         self.chunks = self.retries = self.timeouts = self.crashes = 0
         self.pids: set[int] = set()
-        self.handles: dict[int, WorkerHandle] = {}  # every worker the job ran on, by pid
+        self._ran_on: dict[int, WorkerInfo] = {}  # every worker the job ran on, by pid
         self._per_pid: dict[int, list[float]] = {}  # pid -> [shards, busy seconds]
         self._target = TARGET_CHUNK_SECONDS * PROFILES[opts.profile].chunk
         self.t0 = time.perf_counter()
         self._changed: anyio.Event | None = None
+
+    @classmethod
+    def of_shards(
+        cls,
+        fn: Payload,
+        opts: CallOptions,
+        layout: Shards,
+        sequence: Sequence[Any] | None,
+        borrow: dict[str, Any],
+        out: dict[str, Any],
+        *,
+        workers: int,
+        stream: StreamBuffer | None = None,
+    ) -> Job:
+        """A `shard_map` or `shard_stream` over `layout` (`sequence`: its items)."""
+        return cls(
+            kind=SHARDS, fn=fn, opts=opts, borrow=borrow, out=out, layout=layout,
+            sequence=sequence, items=None, total=len(layout), workers=workers, stream=stream,
+        )  # fmt: skip
+
+    @classmethod
+    def of_items(
+        cls,
+        fn: Payload,
+        opts: CallOptions,
+        items: Iterable[Any],
+        borrow: dict[str, Any],
+        *,
+        workers: int,
+    ) -> Job:
+        """A `map` over `items`, read lazily (the total is known if it has a length)."""
+        total = len(items) if isinstance(items, Sized) else None
+        return cls(
+            kind=ITEMS, fn=fn, opts=opts, borrow=borrow, out={}, layout=None, sequence=None,
+            items=iter(items), total=total, workers=workers, stream=None,
+        )  # fmt: skip
 
     # -- notification -----------------------------------------------------------------
 
@@ -190,6 +217,12 @@ class Job:
     def over(self) -> bool:
         """Nothing more will be dispatched: finished, aborted or failed."""
         return self.finished or self.aborted or self.fatal is not None
+
+    def close(self) -> None:
+        """The call is over: close its progress display."""
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
 
     def abort(self, exc: BaseException | None = None) -> None:
         """Stop dispatching; `exc` (if given) is raised to the caller."""
@@ -246,7 +279,7 @@ class Job:
         if self._retry:
             pos = self._retry.popleft()
             items = [self._item_at(pos)] if self._has_items else None
-            chunk = Chunk(seq, self, pos, 1, [self.attempts.get(pos, 1)], items)
+            chunk = Chunk(seq, pos, 1, [self.attempts.get(pos, 1)], items)
         else:
             size = min(self._next_size(), self._budget())
             new = self._take_new(seq, size if limit is None else min(size, limit))
@@ -294,7 +327,7 @@ class Job:
             self.results.extend([None] * count)
             self._resolved.extend(bytes(count))
         self.next_pos += count
-        return Chunk(seq, self, first, count, None, items)
+        return Chunk(seq, first, count, None, items)
 
     # -- outcomes ---------------------------------------------------------------------
 
@@ -308,9 +341,9 @@ class Job:
         final: bool,
         pid: int,
         writes: list[tuple[int, str]] | None = None,
-    ) -> float:
-        """Record a RESULT message for `chunk` (positions ``k0 ..`` of it); returns the
-        seconds those shards ran."""
+    ) -> None:
+        """Record what worker `pid` reported for `chunk`: positions ``k0 ..`` of it,
+        their values, errors and run times, and (`final`) whether the chunk is over."""
         n = len(values)
         base = chunk.first + k0
         if writes:
@@ -330,7 +363,6 @@ class Job:
         if final and chunk.done < chunk.count:  # the worker stopped early (interrupted)
             self._requeue_rest(chunk, chunk.done)
         self.notify()
-        return busy
 
     def _learn(self, n: int, elapsed: Any) -> None:
         if not n or elapsed is None:
@@ -421,7 +453,7 @@ class Job:
             self.retries += 1
             self._push_retry(pos, chunk, k)
             return
-        error = self._error(pos, chunk, k, kind, detail, attempt, pid)
+        error = self._error(pos, chunk, k, kind, detail, attempt)
         self._fail(pos, error, chunk, k, pid)
 
     def _push_retry(self, pos: int, chunk: Chunk, k: int) -> None:
@@ -431,37 +463,15 @@ class Job:
         self._retry.append(pos)
 
     def _error(
-        self, pos: int, chunk: Chunk, k: int, kind: int, detail: Any, attempts: int, pid: int
+        self, pos: int, chunk: Chunk, k: int, kind: int, detail: Any, attempts: int
     ) -> ShardError:
-        shard = self.shard_at(pos, chunk, k)
-        where = f"{self.noun} {pos}"
-        tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
-        if kind == RAISED:
-            exc = decode_exception(detail)
-            if exc.__cause__ is None:
-                exc.__cause__ = RemoteTraceback(detail[3])
-            err: ShardError = ShardFailed(
-                f"{where} failed: {type(exc).__name__}: {exc}",
-                shard=shard,
-                attempts=attempts,
-                remote_traceback=detail[3],
-            )
-            err.__cause__ = exc
-            return err
-        if kind == TIMEOUT:
-            return ShardTimeout(
-                f"{where} ran past its timeout of {self.opts.timeout} s ({tries})",
-                shard=shard,
-                attempts=attempts,
-            )
-        exitcode, signum, reason = detail
-        note = f"; {reason}" if reason else ""
-        return WorkerCrashed(
-            f"{where}: {describe_exit(pid, exitcode, signum)}{note} ({tries})",
-            shard=shard,
+        return failure(
+            kind,
+            detail,
+            subject=f"{self.noun} {pos}",
+            shard=self.shard_at(pos, chunk, k),
             attempts=attempts,
-            exitcode=exitcode,
-            signal=signum,
+            timeout=self.opts.timeout,
         )
 
     def _fail(self, pos: int, error: ShardError, chunk: Chunk, k: int, pid: int) -> None:
@@ -486,17 +496,10 @@ class Job:
                 self._push_retry(chunk.first + k, chunk, k)
         chunk.done = chunk.count
 
-    def worker_lost(
-        self,
-        chunks: Sequence[Chunk],
-        *,
-        pid: int,
-        timed_out: bool,
-        exit_info: tuple[Any, Any],
-        reason: str | None = None,
-    ) -> None:
-        """The worker holding `chunks` (oldest first) died or was killed (`reason`: why,
-        when ashard killed it)."""
+    def worker_lost(self, chunks: Sequence[Chunk], loss: Loss, *, timed_out: bool) -> None:
+        """The worker holding `chunks` (oldest first) died, or was killed because it
+        ran past the timeout (`timed_out`)."""
+        pid = loss.pid
         if not timed_out:
             self.crashes += 1
         for i, chunk in enumerate(chunks):
@@ -509,7 +512,7 @@ class Job:
                 self.inflight_shards -= 1
                 chunk.done = start + 1
                 kind = TIMEOUT if timed_out else CRASHED
-                detail = self.opts.timeout if timed_out else (*exit_info, reason)
+                detail = None if timed_out else loss
                 self._charge(chunk.first + start, chunk, start, kind, detail, pid)
                 self._requeue_rest(chunk, start + 1)
             else:
@@ -530,13 +533,17 @@ class Job:
             failures=len(self.failures),
             cancelled=cancelled,
             cow_writes=tuple(sorted(self.cow_writes)),
-            per_worker=tuple(self._worker_row(pid) for pid in sorted(self.handles)),
+            per_worker=tuple(self._worker_row(pid) for pid in sorted(self._ran_on)),
         )
 
+    def ran_on(self, worker: WorkerInfo) -> None:
+        """`worker` runs (or ran) shards of this job: it gets a row in the diagnostics."""
+        self._ran_on[worker.pid] = worker
+
     def _worker_row(self, pid: int) -> WorkerRow:
-        w = self.handles[pid]
+        w = self._ran_on[pid]
         shards, busy = self._per_pid.get(pid, (0, 0.0))
-        ended = w.end_reason if w.end_reason is not None or not w.alive else None
+        ended: EndReason | None = w.end_reason
         if ended is None and not w.alive:
             ended = "exited"
         return WorkerRow(pid, int(shards), busy, w.peak_rss, ended)

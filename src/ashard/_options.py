@@ -1,21 +1,56 @@
-"""Argument checking: every bad input is refused here, with a message that names the
-argument, the value and what was expected, before any worker runs."""
+"""Every argument check, and the options record a call is built from.
+
+Bad input is refused here, with a message that names the argument, the value and
+what was expected, before any worker runs. The per-call options are declared once, in
+`CallOptions` (name, default, check); a call builds one frozen record from its
+keyword arguments with `CallOptions.build`.
+
+Why a TypedDict beside the record: the public functions take the options as
+``**options: Unpack[ShardOptions]`` (PEP 692), which is how `mypy` and IDEs check and
+complete every keyword, and Python cannot derive a TypedDict from a dataclass. So the
+TypedDicts name the keywords each function accepts (and their types, for static
+checkers), the record owns defaults and checks, and `takes_options` writes the
+expanded signature (with the record's defaults) onto the function for `help()` and
+`inspect`. The TypedDicts' keys are checked against the record at import.
+"""
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
+import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, TypedDict, TypeVar, get_args
 
-from ashard._job import JobOptions
-from ashard._protocol import Payload
-from ashard._serialize import dumps_named
+from ashard._health import HealthPolicy
 from ashard.shards import Shards, shards
 
-_ERRORS = ("raise", "collect")
-_COW = ("deny", "audit", "allow")
-_PROFILES = ("default", "memory", "speed")
+__all__ = [
+    "CallOptions",
+    "MapOptions",
+    "ShardOptions",
+    "StreamOptions",
+    "check_borrow",
+    "check_env",
+    "check_fn",
+    "check_items",
+    "check_positive_int",
+    "check_timeout",
+    "health_policy",
+    "resolve_shards",
+    "takes_options",
+]
+
+ChunkSize = int | Literal["auto"]
+Cow = Literal["deny", "audit", "allow"]
+ErrorsMode = Literal["raise", "collect"]
+ProfileName = Literal["default", "memory", "speed"]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+# -- primitive checks --------------------------------------------------------------------
 
 
 def _show(value: object) -> str:
@@ -41,73 +76,171 @@ def check_positive_int(name: str, value: object, *, allow_none: bool = False) ->
     return int(value)
 
 
-def check_timeout(value: object) -> float | None:
-    if value is None:
-        return None
+def _check_seconds(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"timeout must be a positive number of seconds or None, got {_show(value)}")
+        raise TypeError(f"{name} must be a positive number of seconds, got {_show(value)}")
     seconds = float(value)
     if not seconds > 0 or math.isinf(seconds):
-        raise ValueError(f"timeout must be a positive, finite number of seconds, got {value}")
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
     return seconds
 
 
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> Any:
-    if value not in choices:
-        options = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name} must be one of {options}; got {value!r}")
-    return value
+def check_timeout(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number of seconds or None, got {_show(value)}")
+    return _check_seconds(name, value)
 
 
-def check_bool(name: str, value: object) -> bool:
+def _one_of(literal: object) -> Callable[[str, object], Any]:
+    """The check for an option whose values are those of a `Literal` type."""
+    choices = get_args(literal)
+
+    def check(name: str, value: object) -> Any:
+        if value not in choices:
+            options = ", ".join(repr(c) for c in choices)
+            raise ValueError(f"{name} must be one of {options}; got {value!r}")
+        return value
+
+    return check
+
+
+def _check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {_show(value)}")
     return value
 
 
-def job_options(
-    *,
-    chunk_size: object,
-    timeout: object,
-    max_retries: object,
-    retry_errors: object,
-    seed: object,
-    cow: object,
-    errors: object,
-    progress: object,
-    profile: object = "default",
-) -> JobOptions:
-    """Check the options shared by `shard_map`, `shard_stream` and `map`."""
-    if chunk_size != "auto":
-        if isinstance(chunk_size, str):
-            raise ValueError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}")
-        check_positive_int("chunk_size", chunk_size)
-    if isinstance(max_retries, bool) or not isinstance(max_retries, numbers.Integral):
-        raise TypeError(f"max_retries must be an int >= 0, got {_show(max_retries)}")
-    if int(max_retries) < 0:
-        raise ValueError(f"max_retries must be an int >= 0, got {max_retries}")
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be a non-negative int or None, got {_show(seed)}")
-        if seed < 0:
-            raise ValueError(f"seed must be a non-negative int or None, got {seed}")
-    check_bool("retry_errors", retry_errors)
-    check_bool("progress", progress)
-    return JobOptions(
-        chunk_size="auto" if chunk_size == "auto" else int(chunk_size),  # type: ignore[call-overload]
-        timeout=check_timeout(timeout),
-        max_retries=int(max_retries),
-        retry_errors=bool(retry_errors),
-        seed=None if seed is None else int(seed),
-        errors=check_choice("errors", errors, _ERRORS),
-        cow=check_choice("cow", cow, _COW),
-        profile=check_choice("profile", profile, _PROFILES),
-    )
+def _check_chunk_size(name: str, value: object) -> ChunkSize:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str):
+        raise ValueError(f"{name} must be a positive int or 'auto', got {value!r}")
+    size = check_positive_int(name, value)
+    assert size is not None
+    return size
 
 
-def check_stream(ordered: object, max_pending: object) -> tuple[bool, int | None]:
-    check_bool("ordered", ordered)
-    return bool(ordered), check_positive_int("max_pending", max_pending, allow_none=True)
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 0, got {_show(value)}")
+    if int(value) < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value}")
+    return int(value)
+
+
+def _check_seed(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative int or None, got {_show(value)}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int or None, got {value}")
+    return int(value)
+
+
+def _check_limit(name: str, value: object) -> int | None:
+    return check_positive_int(name, value, allow_none=True)
+
+
+# -- the per-call options ----------------------------------------------------------------
+
+
+def _checked_by(fn: Callable[[str, object], object]) -> dict[str, object]:
+    """The metadata of a `CallOptions` field: the check that normalises a given value."""
+    return {"check": fn}
+
+
+@dataclass(frozen=True, slots=True)
+class CallOptions:
+    """The options of one `shard_map`, `shard_stream` or `map` call, checked."""
+
+    chunk_size: ChunkSize = field(default="auto", metadata=_checked_by(_check_chunk_size))
+    timeout: float | None = field(default=None, metadata=_checked_by(check_timeout))
+    max_retries: int = field(default=3, metadata=_checked_by(_check_count))
+    retry_errors: bool = field(default=False, metadata=_checked_by(_check_bool))
+    seed: int | None = field(default=None, metadata=_checked_by(_check_seed))
+    cow: Cow = field(default="deny", metadata=_checked_by(_one_of(Cow)))
+    errors: ErrorsMode = field(default="raise", metadata=_checked_by(_one_of(ErrorsMode)))
+    progress: bool = field(default=False, metadata=_checked_by(_check_bool))
+    profile: ProfileName = field(default="default", metadata=_checked_by(_one_of(ProfileName)))
+    ordered: bool = field(default=False, metadata=_checked_by(_check_bool))
+    max_pending: int | None = field(default=None, metadata=_checked_by(_check_limit))
+
+    @classmethod
+    def build(cls, given: Mapping[str, object], accepted: type, where: str) -> CallOptions:
+        """The record for keyword arguments `given` of function `where`, which takes
+        the keys of the TypedDict `accepted`; raises what a bad argument deserves."""
+        keys = _keys(accepted)
+        for name in given:
+            if name not in keys:
+                raise TypeError(f"{where}() got an unexpected keyword argument {name!r}")
+        checked = {
+            f.name: f.metadata["check"](f.name, given[f.name]) for f in _FIELDS if f.name in given
+        }
+        return cls(**checked)
+
+
+_FIELDS = fields(CallOptions)
+
+
+class MapOptions(TypedDict, total=False):
+    """The options of `map` (see `CallOptions` for defaults)."""
+
+    chunk_size: ChunkSize
+    timeout: float | None
+    max_retries: int
+    retry_errors: bool
+    seed: int | None
+    errors: ErrorsMode
+    progress: bool
+    profile: ProfileName
+
+
+class ShardOptions(MapOptions, total=False):
+    """The options of `shard_map`: those of `map`, and `cow` for borrowed arrays."""
+
+    cow: Cow
+
+
+class StreamOptions(ShardOptions, total=False):
+    """The options of `shard_stream`: those of `shard_map`, and the stream's own."""
+
+    ordered: bool
+    max_pending: int | None
+
+
+def _keys(accepted: type) -> frozenset[str]:
+    return frozenset(getattr(accepted, "__annotations__", {}))
+
+
+_RECORD = {f.name for f in _FIELDS}
+for _typed in (MapOptions, ShardOptions, StreamOptions):
+    if not _keys(_typed) <= _RECORD:
+        raise AssertionError(f"{_typed.__name__} names options CallOptions lacks")
+
+
+def takes_options(accepted: type) -> Callable[[_F], _F]:
+    """Show the options of TypedDict `accepted` as keyword-only parameters, with the
+    record's defaults, in the signature of a function that takes ``**options``."""
+    keys = _keys(accepted)
+    extra = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                          annotation=f.type)
+        for f in _FIELDS if f.name in keys
+    ]  # fmt: skip
+
+    def apply(fn: _F) -> _F:
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        fn.__signature__ = sig.replace(parameters=[*params, *extra])  # type: ignore[attr-defined]
+        return fn
+
+    return apply
+
+
+# -- what a call works on ----------------------------------------------------------------
 
 
 def resolve_shards(value: object) -> tuple[Shards, Any]:
@@ -146,8 +279,7 @@ def check_items(items: object) -> Iterable[Any]:
 
 def check_borrow(borrow: object, out: object) -> tuple[dict[str, Any], dict[str, Any]]:
     """The borrowed objects and the output buffers, as keyword arguments for `fn`."""
-    from ashard.buffers import Buffer
-    from ashard.shared import SegmentBacked
+    from ashard.shared import Buffer, SegmentBacked
 
     inputs = _check_names("borrow", borrow)
     outputs = _check_names("out", out)
@@ -180,11 +312,92 @@ def _check_names(what: str, value: object) -> dict[str, Any]:
     return dict(value)
 
 
-def pickle_payload(obj: object, what: str) -> Payload:
-    """Pickle `obj` once, for every worker; the error names `what`."""
-    buffers: list[Any] = []
-    data = dumps_named(obj, what, buffers)
-    return Payload(data, buffers)
+# -- a pool's settings -------------------------------------------------------------------
 
 
-ErrorsMode = Literal["raise", "collect"]
+def check_env(env: object) -> dict[str, str]:
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        raise TypeError(f"env must be a mapping of str to str, got {type(env).__name__}")
+    for key, value in env.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"env must map str to str, got {key!r}: {value!r}")
+    return dict(env)
+
+
+def health_policy(
+    *,
+    mem_cap: object,
+    hard_cap: object,
+    recycle: object,
+    health_check_interval: object,
+    max_tasks: object,
+    idle_timeout: object,
+) -> HealthPolicy:
+    """The checked health limits of a `Pool`."""
+    return HealthPolicy(
+        mem_cap=parse_bytes("mem_cap", mem_cap),
+        hard_factor=_check_factor(hard_cap),
+        drift=_check_recycle(recycle),
+        interval=_check_seconds("health_check_interval", health_check_interval),
+        max_tasks=check_positive_int("max_tasks", max_tasks, allow_none=True),
+        idle_timeout=(
+            None if idle_timeout is None else _check_seconds("idle_timeout", idle_timeout)
+        ),
+    )
+
+
+def _check_factor(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 1:
+        raise ValueError(
+            f"hard_cap must be a factor of mem_cap above 1 (such as 1.5), got {value!r}"
+        )
+    return float(value)
+
+
+def _check_recycle(value: object) -> float | None:
+    """`recycle`: True (drift above 50 %), a growth fraction, or False (off)."""
+    if value is True:
+        return 0.5
+    if value is False:
+        return None
+    if isinstance(value, numbers.Real) and float(value) > 0 and not math.isinf(value):
+        return float(value)
+    raise ValueError(
+        f"recycle must be True, False or a positive growth fraction such as 0.5, got {value!r}"
+    )
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
+    "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(name: str, value: object) -> int | None:
+    """Bytes from an int or a string such as "512MB", "2GB" or "1.5GiB"; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of bytes or a size like '2GB', got bool")
+    if isinstance(value, numbers.Real):
+        size = float(value)
+    elif isinstance(value, str):
+        match = _SIZE.match(value)
+        unit = match.group(2).lower() if match else ""
+        if match is None or unit not in _UNITS:
+            raise ValueError(
+                f"{name} must be a number of bytes or a size like '512MB' or '2GB', got {value!r}"
+            )
+        size = float(match.group(1)) * _UNITS[unit]
+    else:
+        raise TypeError(
+            f"{name} must be a number of bytes or a size like '2GB', got {type(value).__name__}"
+        )
+    if not size > 0 or math.isinf(size):
+        raise ValueError(f"{name} must be a positive size, got {value!r}")
+    return int(size)

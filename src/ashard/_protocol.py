@@ -11,7 +11,8 @@ parent -> worker::
     FORGET  key                               the job is over: free its fn and borrow
     SEGMENTS seg_ids                          shared-memory fds ride along (SCM_RIGHTS)
     DROP    seg_ids                           close those segments
-    EXIT
+
+The worker exits at end of stream: the parent closes its end to stop a worker.
 
 worker -> parent::
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import signal
 from typing import Any, NamedTuple
 
-HELLO, JOB, RUN, CALL, CANCEL, FORGET, EXIT, SEGMENTS, DROP = range(9)
+HELLO, JOB, RUN, CALL, CANCEL, FORGET, SEGMENTS, DROP = range(8)
 READY, INIT_FAILED, RESULT = range(100, 103)
 
 RAISED, TIMEOUT, INTERRUPTED = range(3)

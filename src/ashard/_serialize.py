@@ -12,7 +12,16 @@ import pickle
 import traceback
 from typing import Any
 
-__all__ = ["decode_exception", "dumps", "dumps_named", "encode_exception", "loads"]
+from ashard._protocol import Payload
+
+__all__ = [
+    "decode_exception",
+    "dumps",
+    "dumps_named",
+    "encode_exception",
+    "loads",
+    "pickle_payload",
+]
 
 PROTOCOL = 5
 _MAIN = b"__main__"
@@ -46,6 +55,13 @@ def dumps_named(obj: Any, what: str, buffers: list[pickle.PickleBuffer]) -> byte
             f"{what} cannot be sent to a worker process: it could not be pickled "
             f"({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def pickle_payload(obj: object, what: str) -> Payload:
+    """Pickle `obj` once, for every worker; the error names `what`."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = dumps_named(obj, what, buffers)
+    return Payload(data, buffers)
 
 
 def loads(data: Any, buffers: Any = ()) -> Any:

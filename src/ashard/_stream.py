@@ -1,10 +1,11 @@
-"""`shard_stream`: results as they complete, through an async context manager.
+"""`ShardStream`: results as they complete, through an async context manager.
 
-The stream owns a task group that runs the job; iterating takes finished shards from
-the job's `StreamBuffer`. The buffer is bounded (`max_pending`): the job dispatches
-only while finished-but-unconsumed plus in-flight shards stay under it, so a slow
-consumer slows the workers instead of growing memory. Leaving the block early
-cancels whatever is still running.
+`shard_stream(...)` checks its arguments at once and returns the stream; entering it
+prepares the job (shared inputs) and runs it in a task group the stream owns;
+iterating takes finished shards from the job's `StreamBuffer`. The buffer is bounded
+(`max_pending`): the job dispatches only while finished-but-unconsumed plus in-flight
+shards stay under it, so a slow consumer slows the workers instead of growing memory.
+Leaving the block early cancels whatever is still running.
 """
 
 from __future__ import annotations
@@ -21,25 +22,40 @@ from ashard.results import ShardDone, _failure_message
 from ashard.shards import Shard
 
 if TYPE_CHECKING:
+    from ashard._backend import Backend
     from ashard._job import Job
-    from ashard._scheduler import Scheduler
 
 __all__ = ["ShardStream"]
 
 
 class ShardStream:
-    """Iterate with ``async for done in stream``; made by `ashard.shard_stream`."""
+    """Finished shards, as they complete (or in shard order with ``ordered=True``)::
 
-    def __init__(self, scheduler: Scheduler, job: Job, shards: Sequence[Shard]) -> None:
-        self._scheduler = scheduler
+        async with ashard.shard_stream(100, fn) as stream:
+            async for done in stream:  # ashard.ShardDone
+                ...
+
+    Made by `ashard.shard_stream` / `Pool.shard_stream`; use it only inside its
+    ``async with``."""
+
+    __module__ = "ashard"
+
+    def __init__(self, backend: Backend, job: Job, shards: Sequence[Shard]) -> None:
+        self._backend = backend
         self._job = job
         self._shards = shards
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> ShardStream:
+        if self._tg is not None:
+            raise RuntimeError("a ShardStream can be entered only once")
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self._run)
+        try:
+            await self._tg.start(self._run)
+        except BaseException:
+            await self._tg.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(
@@ -57,13 +73,16 @@ class ShardStream:
         await self._tg.__aexit__(None, None, None)
         return None
 
-    async def _run(self) -> None:
+    async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        status = _Status(task_status)
         try:
-            await self._scheduler.run(self._job)
-        except Exception as exc:  # surfaced to the consumer by __anext__
-            self._job.abort(exc)
+            await self._backend.run(self._job, task_status=status)
+        except Exception as exc:
+            if not status.done:
+                raise  # before the job ran (bad input): `async with` raises it
+            self._job.abort(exc)  # surfaced to the consumer by __anext__
         finally:
-            self._scheduler.forget(self._job)
+            self._job.close()
             self._job.notify()
 
     def __aiter__(self) -> ShardStream:
@@ -98,3 +117,15 @@ class ShardStream:
         """Finished shards waiting to be consumed."""
         assert self._job.stream is not None
         return self._job.stream.pending
+
+
+class _Status(anyio.abc.TaskStatus[None]):
+    """A task status that remembers whether the task said it started."""
+
+    def __init__(self, status: anyio.abc.TaskStatus[None]) -> None:
+        self._status = status
+        self.done = False
+
+    def started(self, value: None = None) -> None:
+        self.done = True
+        self._status.started(value)

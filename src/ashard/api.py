@@ -4,10 +4,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Unpack
 
-from ashard._options import check_positive_int
-from ashard.pool import Pool, _StreamContext
+from ashard._options import (
+    MapOptions,
+    ShardOptions,
+    StreamOptions,
+    check_positive_int,
+    takes_options,
+)
+from ashard._stream import ShardStream
+from ashard.pool import Pool
 from ashard.results import ShardResult
 from ashard.shards import Shards
 
@@ -50,6 +57,7 @@ def _pool(pool: Pool | None, workers: int | None) -> Pool:
     return target
 
 
+@takes_options(ShardOptions)
 async def shard_map(
     shards: int | Shards | Sequence[Any],
     fn: Callable[..., Any],
@@ -58,15 +66,7 @@ async def shard_map(
     out: Mapping[str, Any] | None = None,
     pool: Pool | None = None,
     workers: int | None = None,
-    chunk_size: int | Literal["auto"] = "auto",
-    timeout: float | None = None,
-    max_retries: int = 3,
-    retry_errors: bool = False,
-    seed: int | None = None,
-    cow: Literal["deny", "audit", "allow"] = "deny",
-    errors: Literal["raise", "collect"] = "raise",
-    progress: bool = False,
-    profile: Literal["default", "memory", "speed"] = "default",
+    **options: Unpack[ShardOptions],
 ) -> ShardResult:
     """Run ``fn(shard, **borrow)`` for every shard on worker processes.
 
@@ -77,13 +77,10 @@ async def shard_map(
     ``errors="raise"`` the first permanent failure cancels the rest and raises
     `ShardMapError`; under ``"collect"`` every shard runs and failures are listed.
     """
-    return await _pool(pool, workers).shard_map(
-        shards, fn, borrow=borrow, out=out, chunk_size=chunk_size, timeout=timeout,
-        max_retries=max_retries, retry_errors=retry_errors, seed=seed, cow=cow,
-        errors=errors, progress=progress, profile=profile,
-    )  # fmt: skip
+    return await _pool(pool, workers).shard_map(shards, fn, borrow=borrow, out=out, **options)
 
 
+@takes_options(StreamOptions)
 def shard_stream(
     shards: int | Shards | Sequence[Any],
     fn: Callable[..., Any],
@@ -92,18 +89,8 @@ def shard_stream(
     out: Mapping[str, Any] | None = None,
     pool: Pool | None = None,
     workers: int | None = None,
-    chunk_size: int | Literal["auto"] = "auto",
-    timeout: float | None = None,
-    max_retries: int = 3,
-    retry_errors: bool = False,
-    seed: int | None = None,
-    cow: Literal["deny", "audit", "allow"] = "deny",
-    errors: Literal["raise", "collect"] = "raise",
-    progress: bool = False,
-    profile: Literal["default", "memory", "speed"] = "default",
-    ordered: bool = False,
-    max_pending: int | None = None,
-) -> _StreamContext:
+    **options: Unpack[StreamOptions],
+) -> ShardStream:
     """Like `shard_map`, but yields an `ashard.ShardDone` per shard as it finishes::
 
         async with ashard.shard_stream(100, fn) as stream:
@@ -114,14 +101,10 @@ def shard_stream(
     for the consumer (default 1024); a slow consumer pauses dispatch. Leaving the
     block early cancels the shards still running.
     """
-    return _pool(pool, workers).shard_stream(
-        shards, fn, borrow=borrow, out=out, chunk_size=chunk_size, timeout=timeout,
-        max_retries=max_retries, retry_errors=retry_errors, seed=seed, cow=cow,
-        errors=errors, progress=progress, profile=profile, ordered=ordered,
-        max_pending=max_pending,
-    )  # fmt: skip
+    return _pool(pool, workers).shard_stream(shards, fn, borrow=borrow, out=out, **options)
 
 
+@takes_options(MapOptions)
 async def map(
     fn: Callable[..., Any],
     items: Iterable[Any],
@@ -129,14 +112,7 @@ async def map(
     borrow: Mapping[str, Any] | None = None,
     pool: Pool | None = None,
     workers: int | None = None,
-    chunk_size: int | Literal["auto"] = "auto",
-    timeout: float | None = None,
-    max_retries: int = 3,
-    retry_errors: bool = False,
-    seed: int | None = None,
-    errors: Literal["raise", "collect"] = "raise",
-    progress: bool = False,
-    profile: Literal["default", "memory", "speed"] = "default",
+    **options: Unpack[MapOptions],
 ) -> list[Any]:
     """``[fn(item, **borrow) for item in items]`` on worker processes, in order.
 
@@ -144,11 +120,7 @@ async def map(
     is never materialised. Under ``errors="collect"`` a failed item's slot holds its
     `ShardError` instead of a value.
     """
-    return await _pool(pool, workers).map(
-        fn, items, borrow=borrow, chunk_size=chunk_size, timeout=timeout,
-        max_retries=max_retries, retry_errors=retry_errors, seed=seed, errors=errors,
-        progress=progress, profile=profile,
-    )  # fmt: skip
+    return await _pool(pool, workers).map(fn, items, borrow=borrow, **options)
 
 
 async def call(

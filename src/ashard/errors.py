@@ -13,11 +13,11 @@ Shard outcomes share one base so callers can catch them together::
           └── WorkerStartError      a worker could not start (bad interpreter, init failed)
 
 Bad arguments raise the builtin `TypeError` / `ValueError` before any worker runs.
+The errors are made from worker reports in one place, `ashard._outcomes`.
 """
 
 from __future__ import annotations
 
-import signal as _signal
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Self
 
@@ -38,6 +38,8 @@ __all__ = [
 class ShardError(Exception):
     """A shard that failed permanently: `shard` is the `Shard`, `attempts` how often it ran."""
 
+    __module__ = "ashard"
+
     def __init__(self, message: str, *, shard: Shard | None, attempts: int) -> None:
         super().__init__(message)
         self.shard = shard
@@ -53,6 +55,8 @@ class ShardFailed(ShardError):
     """`fn` raised. The original exception is `__cause__`; the worker's traceback text is
     in `remote_traceback`."""
 
+    __module__ = "ashard"
+
     def __init__(
         self, message: str, *, shard: Shard | None, attempts: int, remote_traceback: str
     ) -> None:
@@ -63,9 +67,13 @@ class ShardFailed(ShardError):
 class ShardTimeout(ShardError, TimeoutError):
     """The shard ran past `timeout` seconds on every attempt."""
 
+    __module__ = "ashard"
+
 
 class WorkerCrashed(ShardError):
     """The worker running the shard died: `exitcode` (if it exited) or `signal` (if killed)."""
+
+    __module__ = "ashard"
 
     def __init__(
         self,
@@ -84,10 +92,14 @@ class WorkerCrashed(ShardError):
 class WorkerStartError(RuntimeError):
     """A worker process could not be started or did not report ready."""
 
+    __module__ = "ashard"
+
 
 class ShardMapError(ExceptionGroup[ShardError]):
     """Raised under ``errors="raise"``: the permanent failures, with the partial
     `ShardResult` in `result` (``None`` in the slots of unfinished shards)."""
+
+    __module__ = "ashard"
 
     result: ShardResult | None
 
@@ -117,31 +129,3 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return "\n\n" + self.text.rstrip()
-
-
-_SIGNAL_HINTS: dict[int, str] = {
-    _signal.SIGKILL: "killed from outside, often by the kernel's out-of-memory killer",
-    _signal.SIGSEGV: "a segmentation fault: a bug in C code, or a stack overflow",
-    _signal.SIGBUS: "a bus error: bad memory access, often a truncated memory-mapped file",
-    _signal.SIGABRT: "aborted: a failed assertion or fatal error in C code",
-    _signal.SIGFPE: "a floating-point exception in C code",
-    _signal.SIGILL: "an illegal instruction: a binary built for another CPU",
-    _signal.SIGTERM: "terminated from outside",
-}
-
-
-def describe_exit(pid: int, exitcode: int | None, signum: int | None) -> str:
-    """Words for how a worker ended, with the likely cause."""
-    if signum is not None:
-        try:
-            name = _signal.Signals(signum).name
-        except ValueError:
-            name = f"signal {signum}"
-        hint = _SIGNAL_HINTS.get(signum, "killed by a signal")
-        return f"worker {pid} was killed by {name} ({hint})"
-    if exitcode is None:
-        return f"worker {pid} stopped answering (its channel closed)"
-    return (
-        f"worker {pid} exited with code {exitcode} "
-        "(sys.exit or os._exit in fn, or a fatal interpreter error; its stderr may say more)"
-    )

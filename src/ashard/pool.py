@@ -1,46 +1,51 @@
-"""`Pool`: a warm set of supervised worker processes, and its statistics."""
+"""`Pool`: a warm set of supervised workers, and the calls that run on it.
+
+Each call checks its arguments once (`ashard._options`: one `CallOptions` record),
+builds a `Job` and hands it to the pool's backend (`ashard._backend`: today the local
+worker processes), then shapes the answer. Nothing here knows where shards run.
+"""
 
 from __future__ import annotations
 
 import atexit
-import math
-import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Unpack
 
 import anyio
 
-from ashard import _calls
+from ashard._backend import Backend
 from ashard._handle import WorkerConfig, kill_all_now
-from ashard._health import HealthPolicy, parse_bytes
-from ashard._options import check_fn, check_positive_int, pickle_payload
+from ashard._job import Job, StreamBuffer
+from ashard._options import (
+    CallOptions,
+    MapOptions,
+    ShardOptions,
+    StreamOptions,
+    check_borrow,
+    check_env,
+    check_fn,
+    check_items,
+    check_positive_int,
+    check_timeout,
+    health_policy,
+    resolve_shards,
+    takes_options,
+)
 from ashard._scheduler import Scheduler
+from ashard._serialize import pickle_payload
 from ashard._stream import ShardStream
-from ashard.results import ShardResult
+from ashard.errors import ShardError, ShardMapError
+from ashard.results import PoolStats, ShardResult, _failure_message
 from ashard.shards import Shards
 
-__all__ = ["Pool", "PoolStats"]
+__all__ = ["Pool"]
+
+DEFAULT_MAX_PENDING = 1024
+"""Finished shards a stream holds for a slow consumer when `max_pending` is None."""
 
 _atexit_registered = False
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStats:
-    """Counters of a pool's life so far. `recycled` counts workers replaced on
-    purpose; `recycled_by` splits it by reason: "mem_cap" (above the cap, replaced
-    between shards), "mem_hard" (far above it, killed at once), "drift", "max_tasks",
-    "idle" (left after `idle_timeout`)."""
-
-    alive: int
-    started: int
-    crashed: int
-    timed_out: int
-    recycled: int
-    shards_done: int
-    recycled_by: Mapping[str, int] = field(default_factory=dict)
 
 
 class Pool:
@@ -60,6 +65,8 @@ class Pool:
     idle workers exit (new ones start on demand).
     """
 
+    __module__ = "ashard"
+
     def __init__(
         self,
         workers: int | None = None,
@@ -74,21 +81,14 @@ class Pool:
         health_check_interval: float = 1.0,
     ) -> None:
         size = check_positive_int("workers", workers, allow_none=True) or os.cpu_count() or 1
-        policy = HealthPolicy(
-            mem_cap=parse_bytes("mem_cap", mem_cap),
-            hard_factor=_check_factor(hard_cap),
-            drift=_check_recycle(recycle),
-            interval=_check_seconds("health_check_interval", health_check_interval),
-            max_tasks=check_positive_int("max_tasks", max_tasks, allow_none=True),
-            idle_timeout=(
-                None if idle_timeout is None else _check_seconds("idle_timeout", idle_timeout)
-            ),
-        )
-        init_payload = None
-        if init is not None:
-            init_payload = pickle_payload(check_fn(init, "init"), "init")
-        config = WorkerConfig(env=_check_env(env), init=init_payload)
-        self._scheduler = Scheduler(size, config, policy)
+        policy = health_policy(
+            mem_cap=mem_cap, hard_cap=hard_cap, recycle=recycle,
+            health_check_interval=health_check_interval, max_tasks=max_tasks,
+            idle_timeout=idle_timeout,
+        )  # fmt: skip
+        init_payload = None if init is None else pickle_payload(check_fn(init, "init"), "init")
+        config = WorkerConfig(env=check_env(env), init=init_payload)
+        self._backend: Backend = Scheduler(size, config, policy)
         global _atexit_registered
         if not _atexit_registered:
             atexit.register(kill_all_now)
@@ -115,37 +115,32 @@ class Pool:
 
     async def start(self) -> None:
         """Start every worker now instead of on first use."""
-        await self._scheduler.start_all()
+        await self._backend.start()
 
     async def aclose(self) -> None:
         """Stop all workers. The pool cannot be used afterwards."""
-        await self._scheduler.aclose()
+        await self._backend.aclose()
 
     @property
     def closed(self) -> bool:
-        return self._scheduler.closed
+        return self._backend.closed
 
     @property
     def workers(self) -> int:
         """The pool's size: how many workers it runs at most."""
-        return self._scheduler.size
+        return self._backend.size
 
     def _resize(self, workers: int) -> None:
-        self._scheduler.resize(workers)
+        self._backend.resize(workers)
 
     @property
     def stats(self) -> PoolStats:
-        s = self._scheduler.stats
-        alive = sum(1 for w in self._scheduler.workers if w.alive)
-        return PoolStats(
-            alive, s.started, s.crashed, s.timed_out, s.recycled, s.shards_done,
-            dict(s.recycled_by),
-        )  # fmt: skip
+        return self._backend.stats()
 
     @property
     def pids(self) -> list[int]:
         """Process ids of the live workers."""
-        return sorted(w.pid for w in self._scheduler.workers if w.alive)
+        return self._backend.pids()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self.pids)} alive"
@@ -153,6 +148,7 @@ class Pool:
 
     # -- work -------------------------------------------------------------------------
 
+    @takes_options(ShardOptions)
     async def shard_map(
         self,
         shards: int | Shards | Sequence[Any],
@@ -160,24 +156,18 @@ class Pool:
         *,
         borrow: Mapping[str, Any] | None = None,
         out: Mapping[str, Any] | None = None,
-        chunk_size: int | Literal["auto"] = "auto",
-        timeout: float | None = None,
-        max_retries: int = 3,
-        retry_errors: bool = False,
-        seed: int | None = None,
-        cow: Literal["deny", "audit", "allow"] = "deny",
-        errors: Literal["raise", "collect"] = "raise",
-        progress: bool = False,
-        profile: Literal["default", "memory", "speed"] = "default",
+        **options: Unpack[ShardOptions],
     ) -> ShardResult:
         """Run ``fn(shard, **borrow)`` for every shard; see `ashard.shard_map`."""
-        options = dict(
-            chunk_size=chunk_size, timeout=timeout, max_retries=max_retries,
-            retry_errors=retry_errors, seed=seed, cow=cow, errors=errors, progress=progress,
-            profile=profile,
-        )  # fmt: skip
-        return await _calls.shard_map(self._scheduler, shards, fn, borrow, out, options)
+        opts = CallOptions.build(options, ShardOptions, "shard_map")
+        job, layout = self._shard_job(shards, fn, borrow, out, opts)
+        await self._run(job)
+        result = job.result(layout)
+        if job.failures and opts.errors == "raise":
+            raise ShardMapError(_failure_message(result.failures), result.failures, result)
+        return result
 
+    @takes_options(StreamOptions)
     def shard_stream(
         self,
         shards: int | Shards | Sequence[Any],
@@ -185,117 +175,70 @@ class Pool:
         *,
         borrow: Mapping[str, Any] | None = None,
         out: Mapping[str, Any] | None = None,
-        chunk_size: int | Literal["auto"] = "auto",
-        timeout: float | None = None,
-        max_retries: int = 3,
-        retry_errors: bool = False,
-        seed: int | None = None,
-        cow: Literal["deny", "audit", "allow"] = "deny",
-        errors: Literal["raise", "collect"] = "raise",
-        progress: bool = False,
-        profile: Literal["default", "memory", "speed"] = "default",
-        ordered: bool = False,
-        max_pending: int | None = None,
-    ) -> _StreamContext:
+        **options: Unpack[StreamOptions],
+    ) -> ShardStream:
         """``async with pool.shard_stream(...) as stream: async for done in stream``."""
-        options = dict(
-            chunk_size=chunk_size, timeout=timeout, max_retries=max_retries,
-            retry_errors=retry_errors, seed=seed, cow=cow, errors=errors, progress=progress,
-            profile=profile,
-        )  # fmt: skip
-        return _StreamContext(self, shards, fn, borrow, out, options, ordered, max_pending)
+        opts = CallOptions.build(options, StreamOptions, "shard_stream")
+        buffer = StreamBuffer(opts.ordered, opts.max_pending or DEFAULT_MAX_PENDING)
+        job, layout = self._shard_job(shards, fn, borrow, out, opts, buffer)
+        return ShardStream(self._backend, job, layout)
 
+    @takes_options(MapOptions)
     async def map(
         self,
         fn: Callable[..., Any],
         items: Iterable[Any],
         *,
         borrow: Mapping[str, Any] | None = None,
-        chunk_size: int | Literal["auto"] = "auto",
-        timeout: float | None = None,
-        max_retries: int = 3,
-        retry_errors: bool = False,
-        seed: int | None = None,
-        errors: Literal["raise", "collect"] = "raise",
-        progress: bool = False,
-        profile: Literal["default", "memory", "speed"] = "default",
+        **options: Unpack[MapOptions],
     ) -> list[Any]:
         """``[fn(item) for item in items]`` on the workers, in order; see `ashard.map`."""
-        options = dict(
-            chunk_size=chunk_size, timeout=timeout, max_retries=max_retries,
-            retry_errors=retry_errors, seed=seed, cow="deny", errors=errors, progress=progress,
-            profile=profile,
-        )  # fmt: skip
-        return await _calls.map_items(self._scheduler, fn, items, borrow, options)
+        opts = CallOptions.build(options, MapOptions, "map")
+        fn = check_fn(fn)
+        iterable = check_items(items)
+        inputs, _ = check_borrow(borrow, None)
+        payload = pickle_payload(fn, "fn")
+        job = Job.of_items(payload, opts, iterable, inputs, workers=self._backend.size)
+        await self._run(job)
+        if job.failures and opts.errors == "raise":
+            result = job.result(Shards(job.next_pos, 1, "contiguous"))
+            raise ShardMapError(_failure_message(result.failures), result.failures, result)
+        values = job.results
+        failures: Mapping[int, ShardError] = job.failures
+        for pos, err in failures.items():
+            values[pos] = err
+        return values
 
     async def call(
         self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any
     ) -> Any:
         """``fn(*args, **kwargs)`` on one worker; raises what `fn` raises."""
-        return await _calls.call(self._scheduler, fn, args, kwargs, timeout)
+        fn = check_fn(fn)
+        return await self._backend.call(fn, args, kwargs, check_timeout("timeout", timeout))
 
-
-class _StreamContext:
-    """What `shard_stream` returns: checks arguments and starts the job on entry."""
-
-    def __init__(self, pool: Pool, *args: Any) -> None:
-        self._pool = pool
-        self._args = args
-        self._stream: ShardStream | None = None
-
-    async def __aenter__(self) -> ShardStream:
-        shards, fn, borrow, out, options, ordered, max_pending = self._args
-        self._stream = await _calls.shard_stream(
-            self._pool._scheduler, shards, fn, borrow, out, options, ordered, max_pending
-        )
-        return await self._stream.__aenter__()
-
-    async def __aexit__(
+    def _shard_job(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        assert self._stream is not None
-        return await self._stream.__aexit__(exc_type, exc, tb)
+        shards: object,
+        fn: object,
+        borrow: object,
+        out: object,
+        opts: CallOptions,
+        stream: StreamBuffer | None = None,
+    ) -> tuple[Job, Shards]:
+        checked_fn = check_fn(fn)
+        layout, sequence = resolve_shards(shards)
+        inputs, outputs = check_borrow(borrow, out)
+        payload = pickle_payload(checked_fn, "fn")
+        job = Job.of_shards(
+            payload, opts, layout, sequence, inputs, outputs,
+            workers=self._backend.size, stream=stream,
+        )  # fmt: skip
+        return job, layout
 
-
-def _check_env(env: Mapping[str, str] | None) -> dict[str, str]:
-    if env is None:
-        return {}
-    if not isinstance(env, Mapping):
-        raise TypeError(f"env must be a mapping of str to str, got {type(env).__name__}")
-    for key, value in env.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"env must map str to str, got {key!r}: {value!r}")
-    return dict(env)
-
-
-def _check_seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive number of seconds, got {value!r}")
-    seconds = float(value)
-    if not seconds > 0 or math.isinf(seconds):
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
-    return seconds
-
-
-def _check_factor(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 1:
-        raise ValueError(
-            f"hard_cap must be a factor of mem_cap above 1 (such as 1.5), got {value!r}"
-        )
-    return float(value)
-
-
-def _check_recycle(value: object) -> float | None:
-    """`recycle`: True (drift above 50 %), a growth fraction, or False (off)."""
-    if value is True:
-        return 0.5
-    if value is False:
-        return None
-    if isinstance(value, numbers.Real) and float(value) > 0 and not math.isinf(value):
-        return float(value)
-    raise ValueError(
-        f"recycle must be True, False or a positive growth fraction such as 0.5, got {value!r}"
-    )
+    async def _run(self, job: Job) -> None:
+        try:
+            await self._backend.run(job)
+        finally:
+            job.close()
+        if job.fatal is not None:
+            raise job.fatal

@@ -1,34 +1,42 @@
-"""What a call hands back: `ShardResult` for `shard_map`, `ShardDone` per streamed shard,
-and `Diagnostics` describing how the run went."""
+"""The records ashard hands back: `ShardResult` for `shard_map`, `ShardDone` per
+streamed shard, `Diagnostics` (with a `WorkerRow` per worker) describing how a call
+went, and `PoolStats`, a pool's counters."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ashard.errors import ShardError, ShardMapError
 from ashard.shards import Shard
 
-__all__ = ["Diagnostics", "ShardDone", "ShardResult", "WorkerRow"]
+if TYPE_CHECKING:
+    from ashard._health import EndReason
+
+__all__ = ["Diagnostics", "PoolStats", "ShardDone", "ShardResult", "WorkerRow"]
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerRow:
     """One worker's part in a call: the shards it ran, the seconds it spent in them,
     its peak private memory (bytes) and why it ended (None while it lives): "mem_cap",
-    "mem_hard", "drift", "max_tasks", "idle", "crashed", "timed out", ..."""
+    "mem_hard", "drift", "max_tasks", "idle", "crashed", "timed out", "exited"."""
+
+    __module__ = "ashard"
 
     pid: int
     shards: int
     busy: float
     peak_rss: int
-    ended: str | None
+    ended: EndReason | None
 
 
 @dataclass(frozen=True, slots=True)
 class Diagnostics:
     """How a call ran: counts, timing and the workers involved."""
+
+    __module__ = "ashard"
 
     shards: int
     duration: float
@@ -70,6 +78,8 @@ class ShardDone:
     """One finished shard from `shard_stream`: its value, or the error under
     ``errors="collect"``; the attempts it took, the worker pid and its run time."""
 
+    __module__ = "ashard"
+
     shard: Shard
     value: Any
     error: ShardError | None
@@ -82,6 +92,8 @@ class ShardDone:
 class ShardResult:
     """The outcome of `shard_map`: `results` in shard order (`None` where a shard
     failed or never ran), the permanent `failures`, the `shards` and `diagnostics`."""
+
+    __module__ = "ashard"
 
     results: list[Any]
     failures: list[ShardError]
@@ -100,6 +112,24 @@ class ShardResult:
 
     def __len__(self) -> int:
         return len(self.results)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """Counters of a pool's life so far. `recycled` counts workers replaced on
+    purpose; `recycled_by` splits it by reason: "mem_cap" (above the cap, replaced
+    between shards), "mem_hard" (far above it, killed at once), "drift", "max_tasks",
+    "idle" (left after `idle_timeout`)."""
+
+    __module__ = "ashard"
+
+    alive: int
+    started: int
+    crashed: int
+    timed_out: int
+    recycled: int
+    shards_done: int
+    recycled_by: Mapping[str, int] = field(default_factory=dict)
 
 
 def _failure_message(failures: Sequence[ShardError]) -> str:

@@ -1,33 +1,36 @@
-"""`ashard.share(array)`: one shared-memory copy of an array, reused across calls.
+"""Shared data the caller holds: `share()` makes a `SharedArray` or `SharedTable` (one
+shared-memory copy, reused across calls), `buffer()` makes a `Buffer` (a shared output
+array workers write into).
 
-Passing a `SharedArray` in ``borrow=`` ships only a small descriptor and the segment's
-file descriptor to each worker, never the data.
+Passing one of them in ``borrow=`` (or a `Buffer` in ``out=``) ships only a small
+descriptor and the segment's file descriptor to each worker, never the data. The
+mechanics (segments, views, copies, Arrow IPC) live in `ashard._shm`.
 """
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
+import numbers
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
 
 import numpy as np
 
-from ashard._memfd import Segment, release_later
+from ashard._shm import (
+    SHAREABLE_KINDS,
+    Segment,
+    array_view,
+    check_shareable,
+    copy_into_segment,
+    ipc_segment,
+    is_arrow,
+    open_ipc,
+    release_later,
+)
 
-__all__ = ["SharedArray", "SharedTable", "share"]
+__all__ = ["Buffer", "SharedArray", "SharedTable", "buffer", "share"]
 
 _CLOSED: np.ndarray[Any, Any] = np.empty(0)
-
-SHAREABLE_KINDS = "biufc?"
-"""numpy dtype kinds shared through memory: bool, integers, floats, complex."""
-
-
-def check_shareable(array: np.ndarray[Any, Any], what: str) -> None:
-    if array.dtype.kind not in SHAREABLE_KINDS or array.dtype.hasobject:
-        raise TypeError(
-            f"{what} must have a numeric or bool dtype to be shared, got dtype {array.dtype}"
-        )
 
 
 class SegmentBacked:
@@ -91,26 +94,83 @@ class SegmentBacked:
         return f"<ashard.{type(self).__name__} {self._describe()}, {state}>"
 
 
-class SharedArray(SegmentBacked):
+class _SharedNdarray(SegmentBacked):
+    """A segment seen as an array of one dtype and shape."""
+
+    def __init__(
+        self, segment: Segment, dtype: np.dtype[Any], shape: tuple[int, ...], *, writable: bool
+    ) -> None:
+        self._segment = segment
+        self.dtype = dtype
+        self.shape = shape
+        self._array = array_view(segment, dtype, shape, writable=writable)
+
+    def _describe(self) -> str:
+        return f"{self.dtype} {self.shape}"
+
+
+class SharedArray(_SharedNdarray):
     """An array in an anonymous shared-memory segment (see `ashard.share`).
 
     `array` is the parent's view, read-only: workers map the same memory. `close()` (or
     leaving ``with``) lets the memory go once no view of it remains.
     """
 
+    __module__ = "ashard"
+
     def __init__(self, segment: Segment, dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
-        self._segment = segment
-        self.dtype = dtype
-        self.shape = shape
-        self._array = _view(segment, dtype, shape, writable=False)
+        super().__init__(segment, dtype, shape, writable=False)
+
+    @classmethod
+    def copy_of(cls, array: np.ndarray[Any, Any]) -> SharedArray:
+        """A new shared, C-contiguous copy of `array`."""
+        return cls(copy_into_segment(array), array.dtype, array.shape)
 
     @property
     def array(self) -> np.ndarray[Any, Any]:
         """The shared data, read-only."""
         return self._checked_array()
 
+
+class Buffer(_SharedNdarray):
+    """A writable array in shared memory (see `ashard.buffer`)."""
+
+    __module__ = "ashard"
+    _passed_through = "out= or borrow="
+
+    def __init__(self, segment: Segment, dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
+        super().__init__(segment, dtype, shape, writable=True)
+
+    @property
+    def array(self) -> np.ndarray[Any, Any]:
+        """The shared data: the parent's writable view of what workers wrote."""
+        return self._checked_array()
+
+
+class SharedTable(SegmentBacked):
+    """A pyarrow Table or RecordBatch as Arrow IPC in shared memory (see `ashard.share`).
+
+    Workers open it as a zero-copy view of the same memory; `table` is the parent's.
+    """
+
+    __module__ = "ashard"
+
+    def __init__(self, segment: Segment, kind: str) -> None:
+        self._segment = segment
+        self.kind = kind
+
+    @classmethod
+    def write(cls, data: Any) -> SharedTable:
+        """A new shared copy of a Table or RecordBatch."""
+        return cls(*ipc_segment(data))
+
+    @property
+    def table(self) -> Any:
+        """The shared data, read zero-copy from the segment."""
+        return open_ipc(self.segment.mmap, self.kind)
+
     def _describe(self) -> str:
-        return f"{self.dtype} {self.shape}"
+        return f"({self.kind})"
 
 
 def share(obj: Any) -> SharedArray | SharedTable:
@@ -123,7 +183,7 @@ def share(obj: Any) -> SharedArray | SharedTable:
     """
     if isinstance(obj, np.ndarray):
         check_shareable(obj, "share()'s array")
-        return copy_into_segment(obj)
+        return SharedArray.copy_of(obj)
     if is_arrow(obj):
         return SharedTable.write(obj)
     raise TypeError(
@@ -131,122 +191,35 @@ def share(obj: Any) -> SharedArray | SharedTable:
     )
 
 
-def is_arrow(obj: Any) -> bool:
-    """True for a pyarrow Table or RecordBatch (without importing pyarrow)."""
-    module = type(obj).__module__
-    return module.startswith("pyarrow") and type(obj).__name__ in ("Table", "RecordBatch")
-
-
-class SharedTable(SegmentBacked):
-    """A pyarrow Table or RecordBatch as Arrow IPC in shared memory (see `ashard.share`).
-
-    Workers open it as a zero-copy view of the same memory; `table` is the parent's.
-    """
-
-    def __init__(self, segment: Segment, kind: str) -> None:
-        self._segment = segment
-        self.kind = kind
-
-    @classmethod
-    def write(cls, data: Any) -> SharedTable:
-        import pyarrow as pa
-
-        sink = pa.MockOutputStream()
-        _write_ipc(sink, data)
-        segment = Segment(sink.size())
-        try:
-            assert segment.mmap is not None
-            _write_ipc(pa.FixedSizeBufferWriter(pa.py_buffer(segment.mmap)), data)
-        except BaseException:
-            segment.close()
-            raise
-        return cls(segment, "table" if isinstance(data, pa.Table) else "batch")
-
-    @property
-    def table(self) -> Any:
-        """The shared data, read zero-copy from the segment."""
-        return open_ipc(self.segment.mmap, self.kind)
-
-    def _describe(self) -> str:
-        return f"({self.kind})"
-
-
-def _write_ipc(sink: Any, data: Any) -> None:
-    import pyarrow as pa
-
-    with pa.ipc.new_stream(sink, data.schema) as writer:
-        if isinstance(data, pa.Table):
-            writer.write_table(data)
-        else:
-            writer.write_batch(data)
-
-
-def open_ipc(memory: Any, kind: str) -> Any:
-    """A Table or RecordBatch over Arrow IPC bytes in `memory`, without copying them."""
-    import pyarrow as pa
-
-    reader = pa.ipc.open_stream(pa.py_buffer(memory))
-    if kind == "table":
-        return reader.read_all()
-    batches = list(reader)
-    return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=reader.schema)
-
-
-PARALLEL_COPY_BYTES = 64 << 20
-"""Arrays at least this large are copied into shared memory by several threads."""
-_COPY_CHUNK_BYTES = 16 << 20
-COPY_THREADS = 8
-"""Threads for a large copy, even on few cores: the work is waiting on page faults
-(on a VM, the host's as well), and more of them in flight finish sooner."""
-_copier: ThreadPoolExecutor | None = None
-
-
-def copy_into_segment(array: np.ndarray[Any, Any]) -> SharedArray:
-    """A new `SharedArray` holding a C-contiguous copy of `array`.
-
-    Most of the cost of a large copy is the kernel handing out and zeroing fresh pages
-    (page faults), not moving bytes; faults in different threads overlap, so a large
-    array is copied in chunks by several threads into lazily faulted memory: 2-3x
-    faster here than one thread, with or without MAP_POPULATE (see RESULTS.md).
-    """
-    parallel = array.nbytes >= PARALLEL_COPY_BYTES and array.ndim > 0 and array.shape[0] > 1
-    segment = Segment(array.nbytes, populate=not parallel)
+def buffer(dtype: Any, shape: int | Sequence[int], fill: Any = None) -> Buffer:
+    """A shared array of `dtype` and `shape`, zeroed or set to `fill`."""
     try:
-        target = _view(segment, array.dtype, array.shape, writable=True)
-        if parallel:
-            _parallel_copy(target, array)
-        else:
-            np.copyto(target, array, casting="no")
-        del target
-        return SharedArray(segment, array.dtype, array.shape)
-    except BaseException:
-        segment.close()
-        raise
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"buffer dtype must be a numpy dtype, got {dtype!r}") from exc
+    if dt.kind not in SHAREABLE_KINDS or dt.hasobject:
+        raise TypeError(f"buffer dtype must be numeric or bool, got {dt}")
+    dims = _check_shape(shape)
+    nbytes = dt.itemsize * int(np.prod(dims, dtype=np.int64))
+    buf = Buffer(Segment(nbytes), dt, dims)  # a new memfd reads as zeros
+    if fill is not None:
+        try:
+            buf.array[...] = fill
+        except (TypeError, ValueError) as exc:
+            buf.close()
+            raise ValueError(f"buffer fill {fill!r} does not fit dtype {dt}: {exc}") from exc
+    return buf
 
 
-def _parallel_copy(target: np.ndarray[Any, Any], source: np.ndarray[Any, Any]) -> None:
-    global _copier
-    if _copier is None:
-        threads = min(16, max(COPY_THREADS, os.cpu_count() or 1))
-        _copier = ThreadPoolExecutor(threads, thread_name_prefix="ashard-copy")
-    if source.flags.c_contiguous:
-        target, source = target.reshape(-1), source.reshape(-1)
-    rows = target.shape[0]
-    step = max(1, rows * _COPY_CHUNK_BYTES // max(target.nbytes, 1))
-    spans = [(i, min(i + step, rows)) for i in range(0, rows, step)]
-    done = _copier.map(
-        lambda span: np.copyto(target[span[0] : span[1]], source[span[0] : span[1]]), spans
-    )
-    for _ in done:  # re-raises a failed chunk's error
-        pass
-
-
-def _view(
-    segment: Segment, dtype: np.dtype[Any], shape: tuple[int, ...], *, writable: bool
-) -> np.ndarray[Any, Any]:
-    if segment.size == 0 or segment.mmap is None:
-        array: np.ndarray[Any, Any] = np.empty(shape, dtype)
-    else:
-        array = np.frombuffer(segment.mmap, dtype, count=int(np.prod(shape))).reshape(shape)
-    array.flags.writeable = writable
-    return array
+def _check_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
+    dims = (shape,) if isinstance(shape, numbers.Integral) else shape
+    if isinstance(dims, str | bytes) or not isinstance(dims, Sequence):
+        raise TypeError(f"buffer shape must be an int or a sequence of ints, got {shape!r}")
+    out = []
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"buffer shape must be an int or a sequence of ints, got {shape!r}")
+        if d < 0:
+            raise ValueError(f"buffer shape must not be negative, got {tuple(dims)}")
+        out.append(int(d))
+    return tuple(out)

@@ -1,4 +1,4 @@
-"""Worker side: run the shards of one chunk and report their outcomes.
+"""Run the shards of one chunk (or one call) and report their outcomes.
 
 Interruption is signal-driven. While user code runs, `_state.running` is true; the
 SIGALRM (per-shard timeout) and SIGUSR1 (cancellation) handlers then raise
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ashard import _seeding
-from ashard._attach import Audited
 from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT
 from ashard._serialize import encode_exception
+from ashard._worker.attach import Audited
 from ashard.shards import Shard, Shards
 
 FLUSH_INTERVAL = 0.02

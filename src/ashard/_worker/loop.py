@@ -1,8 +1,7 @@
-"""The worker process: ``python -m ashard._worker FD PARENT_PID``.
+"""The worker's message loop: handshake, job registration, chunks, segments.
 
-Receives messages on the inherited socket FD, runs chunks, sends results back. It keeps
-its imports light (no anyio, numpy or cloudpickle until a job needs them) so a pool is
-ready quickly. It exits on EOF (the parent is gone), on EXIT, and - on Linux - when the
+Receives messages on the inherited socket FD, runs chunks, sends results back. It exits
+on end of stream (the parent closed its end, or is gone) and - on Linux - when the
 parent dies, through the kernel's parent-death signal.
 """
 
@@ -16,14 +15,11 @@ import sys
 from collections import deque
 from typing import Any
 
-from ashard import _runner
-from ashard._attach import Audited, Segments
-from ashard._channel import FrameReader, RawFrame, encode, send_frames
+from ashard._framing import FrameReader, RawFrame, encode, send_frames
 from ashard._protocol import (
     CALL,
     CANCEL,
     DROP,
-    EXIT,
     FORGET,
     HELLO,
     INIT_FAILED,
@@ -41,6 +37,8 @@ from ashard._protocol import (
     TableRef,
 )
 from ashard._serialize import dumps, encode_exception, loads
+from ashard._worker import run
+from ashard._worker.attach import Audited, Segments
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -62,7 +60,7 @@ class Worker:
         self.reader = FrameReader(accept_fds=True)
         self.segments = Segments()
         self.queue: deque[Any] = deque()
-        self.jobs: dict[int, _runner.JobContext | BaseException] = {}
+        self.jobs: dict[int, run.JobContext | BaseException] = {}
         self.report_rss = True  # memory with chunk results; calls skip it (latency)
 
     def send(self, msg: Any) -> None:
@@ -124,7 +122,7 @@ class Worker:
                 if not self.read(block=True):
                     return
                 continue
-            if _runner.take_control_pending() and not self.read(block=False):
+            if run.take_control_pending() and not self.read(block=False):
                 return
             if not self.queue:
                 continue
@@ -135,7 +133,7 @@ class Worker:
             elif op == CALL:
                 _, seq, fn, args, kwargs, timeout = msg
                 self.report_rss = False
-                _runner.run_call(fn, args, kwargs, timeout, seq, self.send_result)
+                run.run_call(fn, args, kwargs, timeout, seq, self.send_result)
                 self.report_rss = True
             elif op == JOB:
                 self.jobs[msg[1]] = _load_job(msg[2], self.segments)
@@ -147,8 +145,6 @@ class Worker:
                 self.segments.add(msg[1], [fds.popleft() for _ in msg[1]])
             elif op == DROP:
                 self.segments.drop(msg[1])
-            elif op == EXIT:
-                return
 
     def _run(
         self,
@@ -160,8 +156,8 @@ class Worker:
         items: list[Any] | None,
     ) -> None:
         ctx = self.jobs.get(key)
-        if isinstance(ctx, _runner.JobContext):
-            _runner.run_chunk(ctx, seq, first, count, attempts, items, self.send_result)
+        if isinstance(ctx, run.JobContext):
+            run.run_chunk(ctx, seq, first, count, attempts, items, self.send_result)
             return
         exc = ctx if ctx is not None else RuntimeError(f"job {key} is not registered")
         record = encode_exception(exc)
@@ -169,7 +165,7 @@ class Worker:
         self.send_result(seq, 0, [None] * count, errors, [0.0] * count, True)
 
 
-def _load_job(spec: JobSpec, segments: Segments) -> _runner.JobContext | BaseException:
+def _load_job(spec: JobSpec, segments: Segments) -> run.JobContext | BaseException:
     """Unpickle a job's function and borrowed objects, map its shared arrays; the
     error, if that fails."""
     if spec.sys_path != sys.path:
@@ -190,7 +186,7 @@ def _load_job(spec: JobSpec, segments: Segments) -> _runner.JobContext | BaseExc
                 kwargs[name] = _load(value)
     except Exception as exc:
         return exc
-    return _runner.JobContext(spec.kind, fn, kwargs, spec.timeout, spec.seed, spec.layout, audit)
+    return run.JobContext(spec.kind, fn, kwargs, spec.timeout, spec.seed, spec.layout, audit)
 
 
 def _load(payload: Payload) -> Any:
@@ -255,7 +251,7 @@ def main(argv: list[str]) -> None:
     fd, parent_pid = int(argv[1]), int(argv[2])
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _runner.install_handlers(INTERRUPT_SIGNAL)
+    run.install_handlers(INTERRUPT_SIGNAL)
     faulthandler.enable()
     sock = socket.socket(fileno=fd)
     worker = Worker(sock)
@@ -265,9 +261,5 @@ def main(argv: list[str]) -> None:
     except (BrokenPipeError, ConnectionResetError):
         pass
     finally:
-        _runner.flush_stdio()
+        run.flush_stdio()
     os._exit(0)
-
-
-if __name__ == "__main__":
-    main(sys.argv)

@@ -1,5 +1,5 @@
-"""Worker side of shared memory: the segments the parent sent (as file descriptors)
-and the numpy views `fn` receives, mapped per the call's `cow` mode."""
+"""The worker's side of shared memory: the segments the parent sent (as file
+descriptors) and the numpy views `fn` receives, mapped per the call's `cow` mode."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class Segments:
 
     def table(self, ref: TableRef) -> Any:
         """The Table or RecordBatch in the segment, read without copying."""
-        from ashard.shared import open_ipc
+        from ashard._shm import open_ipc
 
         key = (ref.seg_id, "ro")
         mm = self._shared.get(key)

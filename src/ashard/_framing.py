@@ -1,0 +1,250 @@
+"""Frames over one Unix socketpair per worker: encoding, the reader, fd passing.
+
+A frame is a fixed header ``<QI`` (payload length, buffer count), one ``<Q`` length per
+out-of-band buffer, the pickle (protocol 5) payload, then the buffers themselves::
+
+    | plen | nbuf | blen_1 .. blen_n | payload | buf_1 | ... | buf_n |
+
+Frames go out with one `sendmsg` (scatter-gather, no concatenation). The reader pulls
+as many bytes as are available into a reusable buffer and parses every complete frame
+at once, so a burst of small results costs one wake-up. A frame too large for that
+buffer is read straight into a bytearray of its own, which its numpy buffers then
+view without a copy.
+
+The worker uses `send_frames` and `FrameReader` on a blocking socket; the parent's
+non-blocking end is `ashard._channel.Channel`. This module imports no anyio, so
+a worker starts light.
+"""
+
+from __future__ import annotations
+
+import array
+import pickle
+import socket
+import struct
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from ashard._protocol import CANCEL, DROP, FORGET, HELLO, JOB, SEGMENTS
+from ashard._serialize import dumps, loads
+
+__all__ = [
+    "ChannelClosed",
+    "FrameReader",
+    "RawFrame",
+    "encode",
+    "encode_many",
+    "send_frames",
+]
+
+_HEAD = struct.Struct("<QI")
+_HEAD_SIZE = _HEAD.size
+_SCRATCH = 1 << 18
+_BIG = 1 << 20
+_MIN_READ = 1 << 12
+MAX_FDS = 200
+"""File descriptors sent with one message at most (the kernel's limit is 253)."""
+_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag arithmetic is slow per message
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+INLINE_DECODE_LIMIT = 1 << 19
+"""Payloads larger than this are left as `RawFrame`s for the parent to unpickle in a thread."""
+Buffer = bytes | bytearray | memoryview
+_CONTROL = frozenset({HELLO, JOB, CANCEL, FORGET, SEGMENTS, DROP})
+
+
+class ChannelClosed(EOFError):
+    """The other end closed the channel (the worker or the parent is gone)."""
+
+
+def encode(msg: Any) -> list[Buffer]:
+    """The frame for `msg` as a list of buffers for `sendmsg`. Control messages hold no
+    user objects (only pre-pickled payloads) and skip the by-value fallback."""
+    bufs: list[pickle.PickleBuffer] = []
+    if msg[0] in _CONTROL:
+        payload = pickle.dumps(msg, protocol=5, buffer_callback=bufs.append)
+    else:
+        payload = dumps(msg, bufs)
+    if not bufs:
+        return [_HEAD.pack(len(payload), 0), payload]
+    raws = [b.raw() for b in bufs]
+    lens = struct.pack(f"<{len(raws)}Q", *(r.nbytes for r in raws))
+    return [_HEAD.pack(len(payload), len(raws)) + lens, payload, *raws]
+
+
+def advance(parts: list[Buffer], sent: int) -> list[Buffer]:
+    """What remains of `parts` after `sent` bytes went out."""
+    i = 0
+    while i < len(parts):
+        size = memoryview(parts[i]).nbytes
+        if sent < size:
+            break
+        sent -= size
+        i += 1
+    rest = parts[i:]
+    if rest and sent:
+        rest[0] = memoryview(rest[0]).cast("B")[sent:]
+    return rest
+
+
+def send_frames(sock: socket.socket, parts: list[Buffer]) -> None:
+    """Blocking send of whole frames (worker side)."""
+    while parts:
+        sent = sock.sendmsg(parts)
+        parts = advance(parts, sent)
+
+
+class FrameReader:
+    """Accumulates bytes from a socket and cuts them into decoded messages."""
+
+    def __init__(self, *, accept_fds: bool = False) -> None:
+        self.fds: deque[int] | None = deque() if accept_fds else None  # SCM_RIGHTS, in order
+        self._buf = bytearray(_SCRATCH)
+        self._view = memoryview(self._buf)
+        self._lo = 0
+        self._hi = 0
+        self._big: bytearray | None = None
+        self._big_fill = 0
+        self._done: list[Any] = []  # big frames completed by `fill`, not yet handed out
+        self.drained = False  # the last `fill` got less than it asked for: likely no more
+
+    def fill(self, sock: socket.socket, flags: int = 0) -> int:
+        """One `recv_into`; returns the byte count (0 at end of stream). May raise
+        `BlockingIOError` on a non-blocking socket."""
+        if self._big is not None:
+            if self._big_fill < len(self._big):
+                want = len(self._big) - self._big_fill
+                n = self._recv(sock, memoryview(self._big)[self._big_fill :], flags)
+                self._big_fill += n
+                self.drained = n < want
+                return n
+            self._done.append(_decode_whole(self._big))  # complete: back to the scratch
+            self._big = None
+        if len(self._buf) - self._hi < _MIN_READ:
+            self._compact()
+            if len(self._buf) - self._hi < _MIN_READ:  # full of unread messages: grow
+                self._compact(self._hi + _SCRATCH)
+        want = len(self._buf) - self._hi
+        n = self._recv(sock, self._view[self._hi :], flags)
+        self._hi += n
+        self.drained = n < want
+        return n
+
+    def _recv(self, sock: socket.socket, into: memoryview, flags: int) -> int:
+        if self.fds is None:
+            return sock.recv_into(into, 0, flags)
+        n, ancdata, msg_flags, _ = sock.recvmsg_into([into], _ANC_SPACE, flags)
+        for level, kind, data in ancdata:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self.fds.extend(fds)
+        if msg_flags & _CTRUNC:
+            raise RuntimeError("ashard internal error: file descriptors were truncated")
+        return n
+
+    def messages(self) -> list[Any]:
+        """Every complete message received so far."""
+        out, self._done = self._done, []
+        if self._big is not None:
+            if self._big_fill < len(self._big):
+                return out
+            out.append(_decode_whole(self._big))
+            self._big = None
+        while True:
+            msg = self._next()
+            if msg is _INCOMPLETE:
+                return out
+            out.append(msg)
+
+    def _next(self) -> Any:
+        avail = self._hi - self._lo
+        if avail < _HEAD.size:
+            return _INCOMPLETE
+        plen, nbuf = _HEAD.unpack_from(self._buf, self._lo)
+        hlen = _HEAD_SIZE + 8 * nbuf
+        if avail < hlen:
+            return _INCOMPLETE
+        total = hlen + plen
+        if nbuf:
+            total += sum(struct.unpack_from(f"<{nbuf}Q", self._buf, self._lo + _HEAD_SIZE))
+        if avail < total:
+            self._reserve(total)
+            return _INCOMPLETE
+        lo = self._lo
+        self._lo += total
+        if nbuf or plen > INLINE_DECODE_LIMIT:
+            return _decode_whole(bytearray(self._view[lo : lo + total]))
+        with self._view[lo + hlen : lo + hlen + plen] as payload:
+            return loads(payload)
+
+    def _reserve(self, total: int) -> None:
+        """Make room for a frame of `total` bytes whose start is at `_lo`."""
+        if total > _BIG:
+            have = self._hi - self._lo
+            self._big = bytearray(total)
+            self._big[:have] = self._view[self._lo : self._hi]
+            self._big_fill = have
+            self._lo = self._hi = 0
+        elif total > len(self._buf) - self._lo:
+            self._compact(total)
+
+    def _compact(self, need: int = 0) -> None:
+        have = self._hi - self._lo
+        size = max(len(self._buf), need)
+        if size != len(self._buf):
+            self._view.release()
+            new = bytearray(size)
+            new[:have] = self._buf[self._lo : self._hi]
+            self._buf = new
+            self._view = memoryview(self._buf)
+        elif self._lo:
+            self._view[:have] = self._view[self._lo : self._hi]
+        self._lo, self._hi = 0, have
+
+
+_INCOMPLETE = object()
+
+
+class RawFrame:
+    """A frame left undecoded because its payload is large: `decode` it off the loop."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: bytearray) -> None:
+        self.frame = frame
+
+    def decode(self) -> Any:
+        return _decode_frame(self.frame)
+
+
+def _decode_whole(frame: bytearray) -> Any:
+    """A message from a frame that owns its memory, or a `RawFrame` if it is large."""
+    if _HEAD.unpack_from(frame, 0)[0] > INLINE_DECODE_LIMIT:
+        return RawFrame(frame)
+    return _decode_frame(frame)
+
+
+def _decode_frame(frame: bytearray) -> Any:
+    """Decode a frame that owns its memory: out-of-band buffers view it, uncopied."""
+    view = memoryview(frame)
+    plen, nbuf = _HEAD.unpack_from(frame, 0)
+    pos = _HEAD.size + 8 * nbuf
+    blens = struct.unpack_from(f"<{nbuf}Q", frame, _HEAD.size)
+    payload = view[pos : pos + plen]
+    pos += plen
+    buffers: list[memoryview] = []
+    for n in blens:
+        buffers.append(view[pos : pos + n])
+        pos += n
+    return loads(payload, buffers)
+
+
+def encode_many(msgs: Sequence[Any]) -> list[Buffer]:
+    """Frames for several messages, for one `send`."""
+    parts: list[Buffer] = []
+    for m in msgs:
+        parts.extend(encode(m))
+    return parts

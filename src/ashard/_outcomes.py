@@ -1,0 +1,148 @@
+"""Worker reports -> what the caller sees: a value, or `ShardFailed`, `ShardTimeout`,
+`WorkerCrashed` (for shards and for `call` alike), or `WorkerStartError`.
+
+Every error ashard makes from a worker's report is made here, so messages read the
+same everywhere: what failed ("shard 3", "item 5", "call"), how, and after how many
+attempts; crash messages name the signal and its likely cause.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ashard._protocol import INTERRUPTED, RAISED, TIMEOUT
+from ashard._serialize import ExcRecord, decode_exception
+from ashard.errors import (
+    RemoteTraceback,
+    ShardError,
+    ShardFailed,
+    ShardTimeout,
+    WorkerCrashed,
+    WorkerStartError,
+)
+
+if TYPE_CHECKING:
+    from ashard.shards import Shard
+
+__all__ = [
+    "CRASHED",
+    "Loss",
+    "call_outcome",
+    "describe_exit",
+    "failure",
+    "remote_exception",
+    "start_failure",
+]
+
+CRASHED = -1
+"""Failure kind for a worker death (RAISED and TIMEOUT come from the worker itself)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Loss:
+    """How a worker ended while it held work: exit code or signal, and `note` when
+    ashard killed it on purpose (past the hard memory limit)."""
+
+    pid: int
+    exitcode: int | None
+    signal: int | None
+    note: str | None = None
+
+
+def remote_exception(record: ExcRecord) -> BaseException:
+    """The worker's exception, rebuilt (its own type where it unpickles), with the
+    worker's traceback as its cause."""
+    exc = decode_exception(record)
+    if exc.__cause__ is None:
+        exc.__cause__ = RemoteTraceback(record[3])
+    return exc
+
+
+def failure(
+    kind: int,
+    detail: Any,
+    *,
+    subject: str,
+    shard: Shard | None,
+    attempts: int,
+    timeout: float | None,
+) -> ShardError:
+    """The permanent failure of `subject` ("shard 3", "item 5", or "call" with no
+    shard): `detail` is the exception record (RAISED) or the `Loss` (CRASHED)."""
+    tries = "" if shard is None else f" ({attempts} attempt{'s' if attempts > 1 else ''})"
+    if kind == RAISED:
+        exc = remote_exception(detail)
+        err: ShardError = ShardFailed(
+            f"{subject} failed: {type(exc).__name__}: {exc}",
+            shard=shard,
+            attempts=attempts,
+            remote_traceback=detail[3],
+        )
+        err.__cause__ = exc
+        return err
+    if kind == TIMEOUT:
+        return ShardTimeout(
+            f"{subject} ran past its timeout of {timeout} s{tries}", shard=shard, attempts=attempts
+        )
+    assert kind == CRASHED, kind
+    loss: Loss = detail
+    note = f"; {loss.note}" if loss.note else ""
+    return WorkerCrashed(
+        f"{subject}: {describe_exit(loss.pid, loss.exitcode, loss.signal)}{note}{tries}",
+        shard=shard,
+        attempts=attempts,
+        exitcode=loss.exitcode,
+        signal=loss.signal,
+    )
+
+
+def call_outcome(values: list[Any], errors: list[Any], timeout: float | None) -> Any:
+    """The value of a finished `call`, or raise what it raised (the original exception,
+    as the standard library's executors do)."""
+    if not errors:
+        return values[0]
+    _, kind, detail = errors[0]
+    if kind == RAISED:
+        raise remote_exception(detail)
+    if kind == TIMEOUT:
+        raise failure(TIMEOUT, None, subject="call", shard=None, attempts=1, timeout=timeout)
+    assert kind == INTERRUPTED, kind
+    raise RuntimeError("ashard internal error: call interrupted without cancellation")
+
+
+def start_failure(pid: int, record: ExcRecord) -> WorkerStartError:
+    """`init` raised in a new worker."""
+    exc = remote_exception(record)
+    err = WorkerStartError(f"init failed in worker {pid}: {exc!r}")
+    err.__cause__ = exc
+    return err
+
+
+_SIGNAL_HINTS: dict[int, str] = {
+    _signal.SIGKILL: "killed from outside, often by the kernel's out-of-memory killer",
+    _signal.SIGSEGV: "a segmentation fault: a bug in C code, or a stack overflow",
+    _signal.SIGBUS: "a bus error: bad memory access, often a truncated memory-mapped file",
+    _signal.SIGABRT: "aborted: a failed assertion or fatal error in C code",
+    _signal.SIGFPE: "a floating-point exception in C code",
+    _signal.SIGILL: "an illegal instruction: a binary built for another CPU",
+    _signal.SIGTERM: "terminated from outside",
+}
+
+
+def describe_exit(pid: int, exitcode: int | None, signum: int | None) -> str:
+    """Words for how a worker ended, with the likely cause."""
+    if signum is not None:
+        try:
+            name = _signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        hint = _SIGNAL_HINTS.get(signum, "killed by a signal")
+        return f"worker {pid} was killed by {name} ({hint})"
+    if exitcode is None:
+        return f"worker {pid} stopped answering (its channel closed)"
+    return (
+        f"worker {pid} exited with code {exitcode} "
+        "(sys.exit or os._exit in fn, or a fatal interpreter error; its stderr may say more)"
+    )

@@ -1,0 +1,263 @@
+"""Shared-memory mechanics: segments, array views, copies into segments, Arrow IPC.
+
+A segment is an anonymous Linux memfd, mapped in the parent, handed to workers as a
+file descriptor over their socketpair (SCM_RIGHTS).
+
+A memfd has no name in /dev/shm: the kernel frees it when the last descriptor and
+mapping are gone, so nothing outlives the parent and its workers, even after SIGKILL.
+
+Elsewhere (or with ``ASHARD_SHM=named``) a segment is a POSIX named segment that is
+unlinked the moment it is opened: only its descriptor travels, so it is as
+leak-proof as a memfd except for the instant between ``shm_open`` and ``shm_unlink``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import mmap
+import os
+import secrets
+import sys
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = [
+    "SHAREABLE_KINDS",
+    "Segment",
+    "array_view",
+    "available",
+    "backend",
+    "check_shareable",
+    "copy_into_segment",
+    "ipc_segment",
+    "is_arrow",
+    "open_ipc",
+    "release_later",
+]
+
+RELEASE_IN_THREAD_BYTES = 32 << 20
+"""Mappings at least this large are unmapped on a helper thread: freeing a GiB of
+pages takes ~150 ms, too long for the caller's event loop."""
+_releaser: ThreadPoolExecutor | None = None
+
+_ids = itertools.count(1)
+
+
+def available() -> bool:
+    """True where anonymous memfd segments can be made (Linux)."""
+    return hasattr(os, "memfd_create") and sys.platform.startswith("linux")
+
+
+def backend() -> str:
+    """ "memfd" where available, else "named"; ``ASHARD_SHM=named`` forces the fallback."""
+    choice = os.environ.get("ASHARD_SHM", "").strip().lower()
+    if choice not in ("", "memfd", "named"):
+        raise ValueError(f"ASHARD_SHM must be 'memfd' or 'named', got {choice!r}")
+    if choice == "named" or not available():
+        return "named"
+    return "memfd"
+
+
+def _open_fd(name: str) -> int:
+    if backend() == "memfd":
+        return os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        import _posixshmem
+    except ImportError:
+        raise NotImplementedError(
+            "ashard shared memory needs Linux memfd or POSIX shared memory (shm_open)"
+        ) from None
+    path = f"/{name}-{secrets.token_hex(4)}"
+    fd: int = _posixshmem.shm_open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    _posixshmem.shm_unlink(path)  # from now on only descriptors keep it alive
+    return fd
+
+
+class Segment:
+    """A memfd (or unlinked named segment) of `size` bytes and the parent's shared,
+    writable mapping of it.
+
+    `close()` drops ashard's hold: the descriptor is closed and workers are told to let
+    go; the memory itself lives until the last mapping (including numpy views the
+    caller still holds) is gone.
+    """
+
+    def __init__(self, size: int, *, populate: bool = True) -> None:
+        self.id = next(_ids)
+        self.size = size
+        self.fd = _open_fd(f"ashard-{os.getpid()}-{self.id}")
+        try:
+            os.ftruncate(self.fd, size)
+            flags = mmap.MAP_SHARED
+            if populate and hasattr(mmap, "MAP_POPULATE"):
+                flags |= mmap.MAP_POPULATE  # fault every page in now, in one go
+            self.mmap: mmap.mmap | None = mmap.mmap(self.fd, size, flags=flags) if size else None
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.holders: weakref.WeakSet[Any] = weakref.WeakSet()  # WorkerHandles with our fd
+        self._finalizer = weakref.finalize(self, _close_fd, self.fd)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        """Close the descriptor and tell every worker holding it to drop it."""
+        if self._finalizer.alive:
+            self._finalizer()
+            for holder in list(self.holders):
+                holder.drop_segment(self.id)
+            self.holders.clear()
+        mapping, self.mmap = self.mmap, None  # numpy views keep it alive; nothing else
+        release_later(mapping, self.size)
+
+
+def release_later(obj: Any, size: int) -> None:
+    """Drop the caller's reference to `obj` (a mapping, or a view of one) on a helper
+    thread when it is large, so that unmapping it, if this was the last reference,
+    does not stall the caller. The caller must hold no other reference."""
+    global _releaser
+    if obj is None or size < RELEASE_IN_THREAD_BYTES:
+        return
+    if _releaser is None:
+        _releaser = ThreadPoolExecutor(1, thread_name_prefix="ashard-release")
+    _releaser.submit(_drop, [obj])
+
+
+def _drop(box: list[Any]) -> None:
+    time.sleep(0.01)  # let the submitting frame let go of its temporary reference first
+    box.clear()
+
+
+def _close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+SHAREABLE_KINDS = "biufc?"
+"""numpy dtype kinds shared through memory: bool, integers, floats, complex."""
+
+
+def check_shareable(array: np.ndarray[Any, Any], what: str) -> None:
+    if array.dtype.kind not in SHAREABLE_KINDS or array.dtype.hasobject:
+        raise TypeError(
+            f"{what} must have a numeric or bool dtype to be shared, got dtype {array.dtype}"
+        )
+
+
+def array_view(
+    segment: Segment, dtype: np.dtype[Any], shape: tuple[int, ...], *, writable: bool
+) -> np.ndarray[Any, Any]:
+    """The parent's ndarray over a segment (an empty array for a zero-size one)."""
+    import numpy as np
+
+    if segment.size == 0 or segment.mmap is None:
+        array: np.ndarray[Any, Any] = np.empty(shape, dtype)
+    else:
+        array = np.frombuffer(segment.mmap, dtype, count=int(np.prod(shape))).reshape(shape)
+    array.flags.writeable = writable
+    return array
+
+
+PARALLEL_COPY_BYTES = 64 << 20
+"""Arrays at least this large are copied into shared memory by several threads."""
+_COPY_CHUNK_BYTES = 16 << 20
+COPY_THREADS = 8
+"""Threads for a large copy, even on few cores: the work is waiting on page faults
+(on a VM, the host's as well), and more of them in flight finish sooner."""
+_copier: ThreadPoolExecutor | None = None
+
+
+def copy_into_segment(array: np.ndarray[Any, Any]) -> Segment:
+    """A new segment holding a C-contiguous copy of `array`.
+
+    Most of the cost of a large copy is the kernel handing out and zeroing fresh pages
+    (page faults), not moving bytes; faults in different threads overlap, so a large
+    array is copied in chunks by several threads into lazily faulted memory: 2-3x
+    faster here than one thread, with or without MAP_POPULATE (see RESULTS.md).
+    """
+    import numpy as np
+
+    parallel = array.nbytes >= PARALLEL_COPY_BYTES and array.ndim > 0 and array.shape[0] > 1
+    segment = Segment(array.nbytes, populate=not parallel)
+    try:
+        target = array_view(segment, array.dtype, array.shape, writable=True)
+        if parallel:
+            _parallel_copy(target, array)
+        else:
+            np.copyto(target, array, casting="no")
+        del target
+    except BaseException:
+        segment.close()
+        raise
+    return segment
+
+
+def _parallel_copy(target: np.ndarray[Any, Any], source: np.ndarray[Any, Any]) -> None:
+    import numpy as np
+
+    global _copier
+    if _copier is None:
+        threads = min(16, max(COPY_THREADS, os.cpu_count() or 1))
+        _copier = ThreadPoolExecutor(threads, thread_name_prefix="ashard-copy")
+    if source.flags.c_contiguous:
+        target, source = target.reshape(-1), source.reshape(-1)
+    rows = target.shape[0]
+    step = max(1, rows * _COPY_CHUNK_BYTES // max(target.nbytes, 1))
+    spans = [(i, min(i + step, rows)) for i in range(0, rows, step)]
+    done = _copier.map(
+        lambda span: np.copyto(target[span[0] : span[1]], source[span[0] : span[1]]), spans
+    )
+    for _ in done:  # re-raises a failed chunk's error
+        pass
+
+
+def is_arrow(obj: Any) -> bool:
+    """True for a pyarrow Table or RecordBatch (without importing pyarrow)."""
+    module = type(obj).__module__
+    return module.startswith("pyarrow") and type(obj).__name__ in ("Table", "RecordBatch")
+
+
+def ipc_segment(data: Any) -> tuple[Segment, str]:
+    """A new segment holding a Table or RecordBatch as an Arrow IPC stream, and its kind
+    ("table" or "batch")."""
+    import pyarrow as pa
+
+    sink = pa.MockOutputStream()
+    _write_ipc(sink, data)
+    segment = Segment(sink.size())
+    try:
+        assert segment.mmap is not None
+        _write_ipc(pa.FixedSizeBufferWriter(pa.py_buffer(segment.mmap)), data)
+    except BaseException:
+        segment.close()
+        raise
+    return segment, "table" if isinstance(data, pa.Table) else "batch"
+
+
+def _write_ipc(sink: Any, data: Any) -> None:
+    import pyarrow as pa
+
+    with pa.ipc.new_stream(sink, data.schema) as writer:
+        if isinstance(data, pa.Table):
+            writer.write_table(data)
+        else:
+            writer.write_batch(data)
+
+
+def open_ipc(memory: Any, kind: str) -> Any:
+    """A Table or RecordBatch over Arrow IPC bytes in `memory`, without copying them."""
+    import pyarrow as pa
+
+    reader = pa.ipc.open_stream(pa.py_buffer(memory))
+    if kind == "table":
+        return reader.read_all()
+    batches = list(reader)
+    return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=reader.schema)

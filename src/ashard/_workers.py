@@ -1,0 +1,374 @@
+"""The worker set of one pool: membership, the idle list, fair leases, spawning with
+backoff, retiring and recycling, and the pool's counters.
+
+A worker is leased to one tenant at a time: a job, or one `call`. `acquire` hands out
+an idle worker (most recently used first), starts a new one while the pool is below
+its size, or waits; `release` gives a settled worker to the waiting tenant that holds
+the fewest leases (so concurrent calls share the pool fairly), else back to the idle
+list. A worker that should be recycled leaves on release instead; a dead one is
+`discard`ed and a replacement started.
+
+The idle list and the membership are shared with the health monitor's thread (through
+the `ashard._health.Watched` protocol) under one lock; everything else runs on the
+event loop of whichever call is active.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import anyio
+
+from ashard._handle import WorkerConfig, WorkerHandle
+from ashard._health import PROFILES as _PROFILES
+from ashard._health import Gauged, HealthPolicy, Monitor
+from ashard._outcomes import Loss
+from ashard.results import PoolStats
+
+__all__ = ["BACKOFF_MAX", "WorkerSet", "first_error", "spawn_delay"]
+
+BACKOFF_FREE_CRASHES = 2
+"""Crashes in a row that are replaced at once; after that, spawns back off."""
+BACKOFF_MAX = 0.5
+"""Seconds: the longest pause before spawning a replacement in a crash storm."""
+
+Tenant = Hashable
+"""Whatever holds leases: a job, or a token for one call (compared by identity)."""
+
+
+def spawn_delay(streak: int) -> float:
+    """Pause before a spawn after `streak` worker deaths with no result in between:
+    none for the first few, then doubling from 50 ms up to `BACKOFF_MAX`."""
+    if streak <= BACKOFF_FREE_CRASHES:
+        return 0.0
+    return min(BACKOFF_MAX, 0.05 * 2.0 ** (streak - BACKOFF_FREE_CRASHES - 1))
+
+
+@dataclass(eq=False)
+class _Waiter:
+    tenant: Tenant
+    event: anyio.Event = field(default_factory=anyio.Event)
+    worker: WorkerHandle | None = None
+    spawn: bool = False
+
+
+@dataclass
+class _Counters:
+    started: int = 0
+    crashed: int = 0
+    timed_out: int = 0
+    shards_done: int = 0
+    recycled_by: Counter[str] = field(default_factory=Counter)  # reason -> workers
+
+
+class WorkerSet:
+    """The worker processes of one pool, and who holds them."""
+
+    def __init__(self, size: int, config: WorkerConfig, policy: HealthPolicy) -> None:
+        self.size = size
+        self.config = config
+        self.policy = policy
+        self.closed = False
+        self._counts = _Counters()
+        self._lock = threading.Lock()  # _idle and _workers, shared with the monitor
+        self._monitor: Monitor | None = None
+        self._profiles: Counter[str] = Counter()  # profiles of the calls running now
+        self._crash_streak = 0
+        self._workers: set[WorkerHandle] = set()
+        self._starting = 0
+        self._idle: list[WorkerHandle] = []
+        self._waiters: list[_Waiter] = []
+        self._retired: list[WorkerHandle] = []
+        self._leases: Counter[Tenant] = Counter()
+
+    # -- what it holds ----------------------------------------------------------------
+
+    def stats(self) -> PoolStats:
+        c = self._counts
+        alive = sum(1 for w in self._workers if w.alive)
+        recycled = sum(c.recycled_by.values())
+        return PoolStats(
+            alive, c.started, c.crashed, c.timed_out, recycled, c.shards_done, dict(c.recycled_by)
+        )
+
+    def pids(self) -> list[int]:
+        """Process ids of the live workers."""
+        return sorted(w.pid for w in self._workers if w.alive)
+
+    def leases(self, tenant: Tenant) -> int:
+        """How many workers `tenant` holds."""
+        return self._leases[tenant]
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this ashard.Pool is closed")
+
+    def _capacity(self) -> int:
+        return self.size - len(self._workers) - self._starting
+
+    # -- events from the drives ------------------------------------------------------
+
+    def heard_back(self, shards: int) -> None:
+        """Workers answered (with `shards` finished): a crash storm, if any, is over."""
+        self._counts.shards_done += shards
+        self._crash_streak = 0
+
+    def count_death(self, w: WorkerHandle, *, timed_out: bool) -> None:
+        """`w` died, or was killed past a timeout, with work in hand."""
+        if timed_out:
+            self._counts.timed_out += 1
+            w.mark_ended("timed out")
+        elif w.end_reason == "mem_hard":
+            self._counts.recycled_by["mem_hard"] += 1
+        else:
+            self._counts.crashed += 1
+            w.mark_ended("crashed")
+        self._crash_streak += 1
+
+    def loss_of(self, w: WorkerHandle) -> Loss:
+        """How `w` ended, for the errors of the work it held."""
+        exitcode, signum = w.exit_info()
+        note = self.policy.hard_limit_note(w.peak_rss) if w.end_reason == "mem_hard" else None
+        return Loss(w.pid, exitcode, signum, note)
+
+    @contextmanager
+    def watching(self, profile: str) -> Iterator[None]:
+        """A call with health `profile` runs meanwhile (the monitor adapts its pace)."""
+        self._profiles[profile] += 1
+        try:
+            yield
+        finally:
+            self._profiles[profile] -= 1
+
+    # -- leasing ----------------------------------------------------------------------
+
+    def _lease(self, tenant: Tenant) -> None:
+        self._leases[tenant] += 1
+
+    def _unlease(self, tenant: Tenant) -> None:
+        self._leases[tenant] -= 1
+        if self._leases[tenant] <= 0:
+            del self._leases[tenant]
+
+    def _fairest(self) -> _Waiter:
+        waiter = min(self._waiters, key=lambda wt: self._leases[wt.tenant])
+        self._waiters.remove(waiter)
+        return waiter
+
+    async def acquire(self, tenant: Tenant) -> WorkerHandle:
+        """A worker for `tenant`: an idle one, a new one, or the next one released."""
+        while True:
+            self.check_open()
+            if not self._waiters:
+                w = self._pop_idle()
+                if w is not None:
+                    self._lease(tenant)
+                    return w
+                if self._capacity() > 0:
+                    return await self._spawn_for(tenant)
+            waiter = _Waiter(tenant)
+            self._waiters.append(waiter)
+            try:
+                await waiter.event.wait()
+            except BaseException:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                elif waiter.worker is not None:
+                    self.release(waiter.worker, tenant)
+                elif waiter.spawn:
+                    self._wake_for_capacity()
+                raise
+            if waiter.worker is not None:
+                return waiter.worker
+            if waiter.spawn and self._capacity() > 0:
+                return await self._spawn_for(tenant)
+
+    def release(self, w: WorkerHandle, tenant: Tenant) -> None:
+        """Give a settled worker back: to the fairest waiter, else to the idle list."""
+        self._unlease(tenant)
+        if w.recycle_reason is not None and not self.closed:
+            self._recycle(w)
+            return
+        if self.closed or len(self._workers) > self.size:
+            self._retire(w)
+            return
+        if self._waiters:
+            waiter = self._fairest()
+            waiter.worker = w
+            self._lease(waiter.tenant)
+            waiter.event.set()
+            return
+        w.mark_idle()
+        with self._lock:
+            self._idle.append(w)
+
+    def discard(self, w: WorkerHandle, tenant: Tenant) -> None:
+        """Forget a dead worker; a waiter may start a replacement."""
+        self._unlease(tenant)
+        with self._lock:
+            self._workers.discard(w)
+        self._wake_for_capacity()
+
+    def should_yield(self, tenant: Tenant) -> bool:
+        """Is another tenant waiting with fewer workers than `tenant` holds?"""
+        held = self._leases[tenant]
+        return any(t is not tenant and self._leases[t] < held for t in self._waiting_tenants())
+
+    def _waiting_tenants(self) -> Iterator[Tenant]:
+        return (wt.tenant for wt in self._waiters)
+
+    def _wake_for_capacity(self) -> None:
+        if self._waiters and self._capacity() > 0:
+            waiter = self._fairest()
+            waiter.spawn = True
+            waiter.event.set()
+
+    def _pop_idle(self) -> WorkerHandle | None:
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                w = self._idle.pop()
+            if w.alive:
+                return w
+            with self._lock:
+                self._workers.discard(w)
+            self.count_death(w, timed_out=False)
+
+    # -- spawning, recycling, retiring ------------------------------------------------
+
+    async def _spawn_for(self, tenant: Tenant) -> WorkerHandle:
+        self._starting += 1
+        try:
+            delay = spawn_delay(self._crash_streak)
+            if delay:
+                await anyio.sleep(delay)  # workers keep dying: no hot respawn loop
+            with anyio.CancelScope(shield=True):
+                w = await WorkerHandle.start(self.config)
+        finally:
+            self._starting -= 1
+        if self.closed:
+            await w.stop(1.0)
+            self.check_open()
+        with self._lock:
+            self._workers.add(w)
+        self._counts.started += 1
+        self._lease(tenant)
+        self._ensure_monitor()
+        return w
+
+    async def replenish(self) -> None:
+        """Start a replacement for a worker that died, so the pool stays at its size."""
+        if self.closed or self._capacity() <= 0:
+            return
+        token = object()
+        self.release(await self._spawn_for(token), token)
+
+    async def start_all(self) -> None:
+        """Bring the pool up to size (for a warm `async with Pool(...)`)."""
+        token = object()
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(self._capacity()):
+                    tg.start_soon(self._start_one, token)
+        except BaseExceptionGroup as group:
+            first = first_error(group)
+            raise first from first.__cause__
+
+    async def _start_one(self, tenant: Tenant) -> None:
+        self.release(await self._spawn_for(tenant), tenant)
+
+    def _recycle(self, w: WorkerHandle) -> None:
+        """Replace `w` (clean, nothing in flight): it exits, a new one starts on demand."""
+        reason = w.recycle_reason
+        assert reason is not None
+        self._counts.recycled_by[reason] += 1
+        w.mark_ended(reason)
+        self._retire(w)
+        self._wake_for_capacity()
+
+    def _retire(self, w: WorkerHandle) -> None:
+        """Let a worker go without waiting: closing its channel makes it exit."""
+        with self._lock:
+            self._workers.discard(w)
+        w.channel.close()
+        self._retired.append(w)
+        self._retired = [r for r in self._retired if r.proc.poll() is None]
+
+    def resize(self, size: int) -> None:
+        """Grow or shrink the pool; extra workers leave as they become idle."""
+        self.size = size
+        while len(self._workers) > size and self._idle:
+            with self._lock:
+                w = self._idle.pop()
+            self._retire(w)
+        self._wake_for_capacity()
+
+    async def aclose(self, grace: float = 2.0) -> None:
+        """Stop every worker: idle ones are asked to exit, busy ones are killed (the
+        calls using them fail with "pool is closed")."""
+        self.closed = True
+        if self._monitor is not None:
+            self._monitor.stop()
+        for waiter in self._waiters:
+            waiter.event.set()
+        with self._lock:
+            idle = self._idle
+            busy = [w for w in self._workers if w not in idle]
+            retired = self._retired
+            self._idle, self._retired = [], []
+            self._workers.clear()
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for w in idle + retired:
+                    tg.start_soon(w.stop, grace)
+                for w in busy:
+                    tg.start_soon(w.kill)
+
+    # -- what the health monitor sees (its thread) ------------------------------------
+
+    def _ensure_monitor(self) -> None:
+        if self._monitor is None or not self._monitor.running:
+            self._monitor = Monitor(self)
+
+    def check_interval(self) -> float:
+        """Seconds between the monitor's rounds: the pool's interval, scaled by the
+        most watchful profile among the calls running now."""
+        factors = [_PROFILES[p].interval for p, n in self._profiles.items() if n > 0]
+        return self.policy.interval * min(factors, default=1.0)
+
+    def health_targets(self) -> list[Gauged]:
+        """Workers the monitor should read."""
+        with self._lock:
+            return [w for w in self._workers if w.proc.returncode is None]
+
+    def reap_idle(self, now: float) -> None:
+        """Stop the idle workers past `idle_timeout` (blocking: the monitor's thread).
+        They stay members until reaped, so `stats().alive` counts only live processes."""
+        limit = self.policy.idle_timeout
+        if limit is None or self.closed:
+            return
+        with self._lock:
+            expired = [w for w in self._idle if w.idle_for(now) >= limit and not w.has_control]
+            for w in expired:
+                self._idle.remove(w)
+                w.mark_ended("idle")
+                self._counts.recycled_by["idle"] += 1
+        for w in expired:
+            w.stop_blocking()
+        with self._lock:
+            self._workers.difference_update(expired)
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first real error in a task group's failure (the others are its echoes)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return first_error(exc)
+        if not isinstance(exc, anyio.get_cancelled_exc_class()):
+            return exc
+    return group
