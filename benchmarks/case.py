@@ -46,6 +46,7 @@ def main() -> None:
     except BaseException as exc:
         out = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         traceback.print_exc()
+    out["ashard_file"] = getattr(sys.modules.get("ashard"), "__file__", None)  # which tree ran
     print("RESULT " + json.dumps(out, default=str), flush=True)
     sys.stderr.flush()
     os._exit(0)  # the suite reaps whatever the peer left behind

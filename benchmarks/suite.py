@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -79,10 +80,15 @@ def remove_new_shm(before: set[str]) -> None:
                 os.unlink(path)
 
 
-def run_case(workload: str, peer: str, quick: bool, limit: float, log: Path) -> dict[str, Any]:
+def run_case(
+    workload: str, peer: str, quick: bool, limit: float, log: Path, pythonpath: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Run one case in its own interpreter; `pythonpath` goes first after the benchmarks
+    (compare.py puts the ashard source tree under test there)."""
     cmd = [sys.executable, str(BENCH_DIR / "case.py"), workload, peer] + (["--quick"] * quick)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
+    path = [str(BENCH_DIR), *pythonpath, env.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
     out_path = log.with_suffix(".out")
     shm_before = shm_entries()
     # Files, not pipes: processes a peer leaves behind must not hold the suite up.
@@ -190,14 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def record(text: str) -> None:
-    """Replace the suite's part of RESULTS.md (between the markers) with `text`."""
+def record(text: str, start: str = START, end: str = END, *, append: bool = False) -> None:
+    """Replace the part of RESULTS.md between the markers `start` and `end` with `text`;
+    without them, put it first (or last, with `append`)."""
     current = RESULTS_MD.read_text() if RESULTS_MD.exists() else ""
-    block = f"{START}\n{text}{END}"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        tail = rest.split(END, 1)[1]
+    block = f"{start}\n{text}{end}"
+    if start in current and end in current:
+        head, rest = current.split(start, 1)
+        tail = rest.split(end, 1)[1]
         RESULTS_MD.write_text(head + block + tail)
+    elif append:
+        RESULTS_MD.write_text(current.rstrip("\n") + "\n\n" + block + "\n")
     else:
         RESULTS_MD.write_text(block + "\n\n" + current)
 
