@@ -1,16 +1,26 @@
-"""Workers that die: every shard's result still appears exactly once."""
+"""Workers that die: every shard's result still appears exactly once.
+
+The crash matrix at the end: a worker misbehaves once, in each phase of its life, in
+each way a process can fail, and the call still completes with every shard's result
+exactly once. Phases: "starting" (in `init`, after the pool is up, so a replacement
+hits it), "loading" (unpickling a borrowed object), "mid-shard" (inside fn),
+"sending" (pickling fn's result). Kinds: see `workloads.misbehave`.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 import ashard
+import ashard._handle
 import workloads
 
 pytestmark = pytest.mark.anyio
@@ -99,3 +109,88 @@ async def test_call_reports_a_crash() -> None:
         await ashard.call(workloads.die, "exit")
     assert info.value.exitcode == 3
     assert await ashard.call(abs, -1) == 1  # the pool goes on
+
+
+# -- the crash matrix ---------------------------------------------------------------
+
+PHASES = ["starting", "loading", "mid-shard", "sending"]
+# "hang-c" sleeps with every signal blocked rather than backtracking in a regex: CPython's
+# regex engine checks for signals every few thousand steps, so SIGALRM interrupts a match.
+KINDS = ["sigkill", "exit", "segfault", "hang-python", "hang-c"]
+
+SHARDS = 4
+TIMEOUT = 2.0
+START_TIMEOUT = 3.0
+
+_DIES_STARTING = (
+    "the call raises WorkerStartError (alone, not in an ExceptionGroup): "
+    "'worker N exited with code {} before it was ready'; the start is not retried"
+)
+_HANGS_STARTING = (
+    "the call raises WorkerStartError (alone, not in an ExceptionGroup) once START_TIMEOUT "
+    f"has passed: 'worker N did not start within {START_TIMEOUT:.0f} s'; the start is not retried"
+)
+FAILS_TODAY: dict[tuple[str, str], tuple[type[BaseException], str]] = {
+    ("starting", "sigkill"): (ashard.WorkerStartError, _DIES_STARTING.format(-9)),
+    ("starting", "exit"): (ashard.WorkerStartError, _DIES_STARTING.format(3)),
+    ("starting", "segfault"): (ashard.WorkerStartError, _DIES_STARTING.format(-11)),
+    ("starting", "hang-python"): (ashard.WorkerStartError, _HANGS_STARTING),
+    ("starting", "hang-c"): (ashard.WorkerStartError, _HANGS_STARTING),
+}
+
+
+def short_start_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that hangs while it starts is given up on after seconds, not a minute."""
+    monkeypatch.setattr(ashard._handle, "START_TIMEOUT", START_TIMEOUT)
+
+
+def _cells() -> list[Any]:
+    cells = []
+    for phase in PHASES:
+        for kind in KINDS:
+            marks = []
+            if (phase, kind) in FAILS_TODAY:
+                raises, reason = FAILS_TODAY[phase, kind]
+                marks.append(pytest.mark.xfail(raises=raises, reason=reason, strict=True))
+            cells.append(pytest.param(phase, kind, marks=marks, id=f"{phase}-{kind}"))
+    return cells
+
+
+def _job(phase: str, armed: str, kind: str) -> tuple[Callable[..., Any], dict[str, Any] | None]:
+    """fn and borrow of the call, for the phases other than "starting"."""
+    if phase == "loading":
+        return workloads.shard_times_ten, {"tripwire": workloads.UnpicklesBadlyOnce(armed, kind)}
+    if phase == "mid-shard":
+        return functools.partial(workloads.shard_misbehaving_once, armed=armed, how=kind), None
+    if phase == "sending":
+        fn = functools.partial(workloads.shard_result_pickling_badly_once, armed=armed, how=kind)
+        return fn, None
+    return workloads.shard_times_ten, None
+
+
+@pytest.mark.parametrize(("phase", "kind"), _cells())
+async def test_one_misbehaving_worker_does_not_change_the_results(
+    phase: str, kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    armed = str(tmp_path / "armed")
+    with anyio.fail_after(60):
+        if phase == "starting":
+            short_start_timeout(monkeypatch)
+            init = functools.partial(workloads.misbehave_once, armed, kind)
+            pool = ashard.Pool(2, init=init, max_tasks=1)  # every shard needs a new worker
+        else:
+            pool = ashard.Pool(2)
+        async with pool:
+            await anyio.Path(armed).touch()  # armed once the first workers are up
+            fn, borrow = _job(phase, armed, kind)
+            res = await pool.shard_map(
+                ashard.shards(SHARDS, block_size=1),
+                fn,
+                borrow=borrow,
+                timeout=TIMEOUT,
+                max_retries=2,
+            )
+            assert res.results == [i * 10 for i in range(SHARDS)]
+            assert not res.failures
+            assert await pool.call(abs, -1) == 1
+    assert await anyio.Path(armed + ".claimed").exists()  # the misbehaviour did happen

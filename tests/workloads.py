@@ -7,6 +7,7 @@ import ctypes
 import os
 import random
 import signal
+import sys
 import time
 from typing import Any
 
@@ -167,3 +168,70 @@ def die_first_attempt_sum(shard: Shard, X: np.ndarray, victim: int = 2) -> int:
 
 def shard_sum_plus(shard: Shard, offset: int, table: dict[str, int]) -> int:
     return sum(shard.idx) + offset + table["a"]
+
+
+def misbehave(how: str) -> None:
+    """`die(how)`, plus "hang-python" (a busy loop that signals can interrupt) and "hang-c"
+    (a sleep in C with every signal blocked: only SIGKILL ends it)."""
+    if how == "hang-python":
+        while True:
+            pass
+    die("hang" if how == "hang-c" else how)
+
+
+def misbehave_once(armed: str, how: str) -> None:
+    """`misbehave(how)` in the one process that claims the marker file `armed` (renaming it
+    is atomic: exactly one claim succeeds); every other call returns at once."""
+    try:
+        os.rename(armed, armed + ".claimed")
+    except FileNotFoundError:
+        return
+    # a claim in the test process itself would kill pytest: refuse it loudly instead
+    main = getattr(sys.modules["__main__"].__spec__, "name", "")
+    assert main.startswith("ashard._worker"), f"claimed outside a worker, in {main!r}"
+    misbehave(how)
+
+
+def shard_misbehaving_once(shard: Shard, armed: str, how: str) -> int:
+    """`shard.id * 10`; the first shard to run misbehaves (`misbehave_once`)."""
+    misbehave_once(armed, how)
+    return shard.id * 10
+
+
+class UnpicklesBadlyOnce:
+    """A borrowed object whose unpickling in a worker misbehaves once (`misbehave_once`)."""
+
+    def __init__(self, armed: str, how: str) -> None:
+        self.armed = armed
+        self.how = how
+
+    def __reduce__(self) -> Any:
+        return _unpickle_badly_once, (self.armed, self.how)
+
+
+def _unpickle_badly_once(armed: str, how: str) -> UnpicklesBadlyOnce:
+    misbehave_once(armed, how)
+    return UnpicklesBadlyOnce(armed, how)
+
+
+def shard_times_ten(shard: Shard, **borrow: Any) -> int:
+    return shard.id * 10
+
+
+class PicklesBadlyOnce:
+    """A result whose pickling misbehaves once (`misbehave_once`), then pickles as the int
+    `value`."""
+
+    def __init__(self, value: int, armed: str, how: str) -> None:
+        self.value = value
+        self.armed = armed
+        self.how = how
+
+    def __reduce__(self) -> Any:
+        misbehave_once(self.armed, self.how)
+        return int, (self.value,)
+
+
+def shard_result_pickling_badly_once(shard: Shard, armed: str, how: str) -> PicklesBadlyOnce:
+    """`shard.id * 10`, as a `PicklesBadlyOnce`."""
+    return PicklesBadlyOnce(shard.id * 10, armed, how)
