@@ -1,5 +1,6 @@
-"""Shared fixtures: the anyio backend, the leak check that runs after every test, and
-blockbuster, which fails a test that makes a blocking call on the event loop."""
+"""Shared fixtures: the anyio backends (every async test runs under asyncio and trio),
+the leak check that runs after every test, and blockbuster, which fails a test that
+makes a blocking call on the event loop."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import pytest
 import ashard
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def _children() -> list[psutil.Process]:
