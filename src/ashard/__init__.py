@@ -6,10 +6,8 @@ The supervisor (anyio and up) is loaded on first use, so that a worker process, 
 imports this package to reach `ashard._worker`, starts without it.
 """
 
-from __future__ import annotations
-
 import importlib
-from typing import TYPE_CHECKING, Any
+import typing
 
 __version__ = "0.1.0.dev0"
 
@@ -70,14 +68,14 @@ _LAZY = {
     "shutdown": "ashard.api",
 }
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
     from ashard._stream import ShardStream
     from ashard.api import call, default_pool, map, shard_map, shard_stream, shutdown
     from ashard.pool import Pool
     from ashard.shared import Buffer, SharedArray, SharedTable, buffer, share
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> typing.Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'ashard' has no attribute {name!r}")

@@ -22,7 +22,7 @@ import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, TypedDict, TypeVar, get_args
+from typing import Any, Literal, TypedDict, TypeVar, get_args, get_type_hints
 
 from ashard._health import HealthPolicy
 from ashard.shards import Shards, shards
@@ -216,6 +216,7 @@ def _keys(accepted: type) -> frozenset[str]:
 
 
 _RECORD = {f.name for f in _FIELDS}
+_HINTS = get_type_hints(CallOptions)  # Literal[...] rather than alias names, for help()
 for _typed in (MapOptions, ShardOptions, StreamOptions):
     if not _keys(_typed) <= _RECORD:
         raise AssertionError(f"{_typed.__name__} names options CallOptions lacks")
@@ -227,7 +228,7 @@ def takes_options(accepted: type) -> Callable[[_F], _F]:
     keys = _keys(accepted)
     extra = [
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                          annotation=f.type)
+                          annotation=_HINTS[f.name])
         for f in _FIELDS if f.name in keys
     ]  # fmt: skip
 

@@ -86,6 +86,11 @@ class ShardStream:
             self._job.notify()
 
     def __aiter__(self) -> ShardStream:
+        if self._tg is None:
+            raise TypeError(
+                "iterate a ShardStream inside its async with: "
+                "async with ashard.shard_stream(...) as stream: async for done in stream: ..."
+            )
         return self
 
     async def __anext__(self) -> ShardDone:

@@ -33,6 +33,8 @@ class Shard:
     given; `attempt` counts tries from 1.
     """
 
+    __module__ = "ashard"
+
     id: int
     idx: range | np.ndarray[Any, Any]
     items: Any = None
@@ -45,6 +47,8 @@ class Shard:
 
 class Shards(Sequence[Shard]):
     """A sequence of `Shard` over `n` items, made by `ashard.shards()`."""
+
+    __module__ = "ashard"
 
     __slots__ = ("_count", "block_size", "n", "strategy")
 

@@ -1,0 +1,170 @@
+"""The bookkeeping of one call, without processes: chunks leave the queue, come back as
+reports or losses, and every position is resolved exactly once.
+
+These drive `ashard._job.Job` the way a backend does (`take_chunk`, `deliver`,
+`worker_lost`), so the invariants hold whatever runs the shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import ashard
+from ashard._job import Chunk, Job, StreamBuffer
+from ashard._options import CallOptions
+from ashard._outcomes import Loss
+from ashard._protocol import INTERRUPTED, RAISED, Payload
+from ashard._serialize import encode_exception
+
+FN = Payload(b"", [])  # never unpickled: no worker runs
+PID = 4242
+KILLED = Loss(PID, None, 9)
+
+
+def shard_job(n: int, **options: Any) -> Job:
+    opts = CallOptions(**{"chunk_size": 1, **options})
+    layout = ashard.shards(n, block_size=1)
+    return Job.of_shards(FN, opts, layout, None, {}, {}, workers=2)
+
+
+def take_all(job: Job) -> list[Chunk]:
+    chunks = []
+    while (chunk := job.take_chunk(len(chunks))) is not None:
+        chunks.append(chunk)
+    return chunks
+
+
+def deliver_ok(job: Job, chunk: Chunk, start: int = 0, stop: int | None = None) -> None:
+    stop = chunk.count if stop is None else stop
+    values = [(chunk.first + k) * 10 for k in range(start, stop)]
+    job.deliver(chunk, start, values, [], [0.001] * len(values), stop == chunk.count, PID)
+
+
+def test_every_position_leaves_once_and_resolves_once_in_order() -> None:
+    job = shard_job(10, chunk_size=3)
+    chunks = take_all(job)
+    assert [(c.first, c.count) for c in chunks] == [(0, 3), (3, 3), (6, 3), (9, 1)]
+    assert job.inflight_shards == 10 and not job.has_work()
+    for chunk in reversed(chunks):  # reports may come back in any order across workers
+        deliver_ok(job, chunk)
+    assert job.finished and job.over
+    assert job.results == [i * 10 for i in range(10)]
+    assert job.inflight_shards == 0 and not job.failures
+
+
+def test_a_position_delivered_twice_is_refused() -> None:
+    job = shard_job(2)
+    chunk = take_all(job)[0]
+    deliver_ok(job, chunk)
+    with pytest.raises(RuntimeError, match="delivered twice"):
+        deliver_ok(job, chunk)
+
+
+def test_a_lost_chunk_of_one_is_charged_and_retried_until_max_retries() -> None:
+    job = shard_job(1, max_retries=2, errors="collect")
+    for attempt in (1, 2, 3):
+        (chunk,) = take_all(job)
+        assert (chunk.first, chunk.attempts or [1]) == (0, [attempt])
+        job.worker_lost([chunk], KILLED, timed_out=False)
+    assert job.finished and job.take_chunk(9) is None
+    (error,) = job.failure_list()
+    assert isinstance(error, ashard.WorkerCrashed)
+    assert (error.attempts, error.signal, error.shard_id) == (3, 9, 0)
+    assert "SIGKILL" in str(error) and "(3 attempts)" in str(error)
+    assert (job.crashes, job.retries) == (3, 2)
+
+
+def test_a_crash_inside_a_chunk_keeps_what_was_delivered_and_charges_nobody() -> None:
+    job = shard_job(8, chunk_size=4, max_retries=0, errors="collect")
+    first, second = take_all(job)
+    deliver_ok(job, first, 0, 2)  # positions 0 and 1 came back, then the worker died
+    job.worker_lost([first, second], KILLED, timed_out=False)
+    assert job.results[:2] == [0, 10]
+    assert job.inflight_shards == 0
+    retried = take_all(job)
+    # the culprit is unknown: one chunk each, uncharged, so the next crash names it
+    assert sorted(c.first for c in retried) == [2, 3, 4, 5, 6, 7]
+    assert all(c.count == 1 and c.attempts == [1] for c in retried)
+    for chunk in retried:
+        deliver_ok(job, chunk)
+    assert job.finished and not job.failures
+    assert job.results == [i * 10 for i in range(8)]
+
+
+def test_a_timeout_charges_the_running_position_and_requeues_the_rest() -> None:
+    job = shard_job(3, chunk_size=3, timeout=0.5, max_retries=0, errors="collect")
+    (chunk,) = take_all(job)
+    deliver_ok(job, chunk, 0, 1)
+    job.worker_lost([chunk], KILLED, timed_out=True)
+    (error,) = job.failure_list()
+    assert isinstance(error, ashard.ShardTimeout) and error.shard_id == 1
+    assert "ran past its timeout of 0.5 s (1 attempt)" in str(error)
+    (rest,) = take_all(job)
+    assert (rest.first, rest.count) == (2, 1)
+    deliver_ok(job, rest)
+    assert job.finished and job.results == [0, None, 20]
+    assert job.timeouts == 1 and job.crashes == 0
+
+
+def test_a_raised_error_fails_the_shard_with_its_cause_and_retry_errors_retries_it() -> None:
+    record = encode_exception(ValueError("bad shard"))
+    job = shard_job(1, errors="collect", retry_errors=True, max_retries=1)
+    for _ in range(2):
+        (chunk,) = take_all(job)
+        job.deliver(chunk, 0, [None], [(0, RAISED, record)], [0.001], True, PID)
+    (error,) = job.failure_list()
+    assert isinstance(error, ashard.ShardFailed) and error.attempts == 2
+    assert isinstance(error.__cause__, ValueError) and str(error.__cause__) == "bad shard"
+    assert "ValueError: bad shard" in error.remote_traceback
+    assert str(error) == "shard 0 failed: ValueError: bad shard"
+
+
+def test_errors_raise_stops_dispatch_at_the_first_permanent_failure() -> None:
+    job = shard_job(6, max_retries=0)
+    chunk = job.take_chunk(0)
+    assert chunk is not None
+    job.worker_lost([chunk], KILLED, timed_out=False)
+    assert job.over and not job.finished
+    assert not job.has_work() and job.take_chunk(1) is None
+
+
+def test_an_interrupted_chunk_gives_its_rest_back_uncharged() -> None:
+    job = shard_job(4, chunk_size=4)
+    (chunk,) = take_all(job)
+    job.deliver(chunk, 0, [0], [(1, INTERRUPTED, None)], [0.001], True, PID)
+    assert job.inflight_shards == 0
+    assert sorted((c.first, c.attempts) for c in take_all(job)) == [(1, [1]), (2, [1]), (3, [1])]
+
+
+def test_map_reads_items_lazily_and_a_retried_item_keeps_its_value() -> None:
+    pulled: list[int] = []
+
+    def source() -> Any:
+        for i in range(100):
+            pulled.append(i)
+            yield f"item {i}"
+
+    opts = CallOptions(chunk_size=4, max_retries=1)
+    job = Job.of_items(FN, opts, source(), {}, workers=2)
+    assert job.total is None
+    chunk = job.take_chunk(0)
+    assert chunk is not None and chunk.items == ["item 0", "item 1", "item 2", "item 3"]
+    assert len(pulled) == 4  # nothing read ahead of what was taken
+    job.worker_lost([chunk], KILLED, timed_out=False)
+    retried = take_all(job)[:4]
+    assert [c.items for c in retried] == [[f"item {i}"] for i in range(4)]
+
+
+def test_a_stream_dispatches_no_more_than_max_pending_ahead() -> None:
+    opts = CallOptions(chunk_size=1, max_pending=3)
+    layout = ashard.shards(10, block_size=1)
+    buffer = StreamBuffer(ordered=False, max_pending=3)
+    job = Job.of_shards(FN, opts, layout, None, {}, {}, workers=2, stream=buffer)
+    chunks = take_all(job)
+    assert len(chunks) == 3  # the budget is spent
+    deliver_ok(job, chunks[0])
+    assert job.take_chunk(9) is None  # finished but unconsumed still counts
+    buffer.ready.popleft()
+    assert job.take_chunk(9) is not None
