@@ -6,7 +6,7 @@ runs on one long-lived thread: on Linux a worker asks for SIGKILL when its paren
 (HELLO -> READY) is awaited with a bound, so a broken interpreter fails fast.
 
 A `WorkerHandle` owns its state and changes it through methods named for what
-happened (`count_tasks`, `observe`, `plan_recycle`, `mark_ended`, `takes_job`, ...);
+happened (`count_tasks`, `finished_work`, `mark_ended`, `takes_job`, ...);
 nobody else assigns its fields. It holds what outlives one lease: the jobs and shared
 segments the worker process has loaded, its memory readings, why it should be
 recycled or why it ended. The chunks in flight belong to the lease that sent them.
@@ -32,7 +32,7 @@ import anyio
 
 from ashard._channel import Channel
 from ashard._framing import ChannelClosed, encode, encode_many
-from ashard._health import EndReason, RecycleReason
+from ashard._health import EndReason, HealthPolicy, Profile, RecycleReason
 from ashard._outcomes import start_failure
 from ashard._protocol import DROP, FORGET, HELLO, INIT_FAILED, INTERRUPT_SIGNAL, READY, Payload
 from ashard._shm import Segment
@@ -148,18 +148,9 @@ class WorkerHandle:
         self._tasks += n
 
     @property
-    def rss(self) -> int:
-        """The latest reading of its private resident memory, bytes."""
-        return self._rss
-
-    @property
     def peak_rss(self) -> int:
+        """The highest reading of its private resident memory, bytes."""
         return self._peak_rss
-
-    @property
-    def baseline_rss(self) -> int:
-        """Its private memory right after start-up and `init`."""
-        return self._baseline_rss
 
     def observe(self, rss: int) -> None:
         """Record a reading of the worker's private resident memory."""
@@ -192,10 +183,12 @@ class WorkerHandle:
         """Why it should be replaced once its current work is done, if it should."""
         return self._recycle
 
-    def plan_recycle(self, reason: RecycleReason | None) -> None:
-        """Replace it once its work is done, for `reason` (the first reason stays)."""
+    def finished_work(self, rss: int, policy: HealthPolicy, profile: Profile) -> None:
+        """A chunk or call is done: record the memory it reported (bytes), and whether
+        the worker should be replaced now that it is free (the first reason stays)."""
+        self.observe(rss)
         if self._recycle is None:
-            self._recycle = reason
+            self._recycle = policy.soft_reason(self._tasks, self._rss, self._baseline_rss, profile)
 
     @property
     def end_reason(self) -> EndReason | None:
@@ -244,6 +237,8 @@ class WorkerHandle:
 
     def take_control(self) -> list[Any]:
         """The FORGET and DROP messages that wait for the next send to this worker."""
+        if not (self._forget or self._drops):
+            return []
         msgs: list[Any] = [(FORGET, k) for k in self._forget]
         if self._drops:
             msgs.append((DROP, self._drops))

@@ -65,12 +65,6 @@ PROFILES = {
 class Gauged(Protocol):
     """A worker as health sees it (`ashard._handle.WorkerHandle`)."""
 
-    @property
-    def tasks(self) -> int: ...
-    @property
-    def rss(self) -> int: ...
-    @property
-    def baseline_rss(self) -> int: ...
     def read_rss(self) -> int: ...
     def observe(self, rss: int) -> None: ...
     def kill_for(self, reason: EndReason) -> None: ...
@@ -97,15 +91,18 @@ class HealthPolicy:
         hard = self.hard_cap
         return hard is not None and rss > hard
 
-    def soft_reason(self, w: Gauged, profile: Profile) -> RecycleReason | None:
-        """Why `w` should be replaced once its current work is done, if it should."""
-        if self.max_tasks is not None and w.tasks >= self.max_tasks:
+    def soft_reason(
+        self, tasks: int, rss: int, baseline: int, profile: Profile
+    ) -> RecycleReason | None:
+        """Why a worker that ran `tasks` and holds `rss` bytes of private memory (`baseline`
+        after start-up) should be replaced once its current work is done, if it should."""
+        if self.max_tasks is not None and tasks >= self.max_tasks:
             return "max_tasks"
-        if self.mem_cap is not None and w.rss > self.mem_cap:
+        if self.mem_cap is not None and rss > self.mem_cap:
             return "mem_cap"
-        if self.drift is not None and w.baseline_rss:
-            growth = w.rss - w.baseline_rss
-            if growth > max(self.drift * profile.drift * w.baseline_rss, profile.floor):
+        if self.drift is not None and baseline:
+            growth = rss - baseline
+            if growth > max(self.drift * profile.drift * baseline, profile.floor):
                 return "drift"
         return None
 

@@ -172,7 +172,7 @@ class CallOptions:
     def build(cls, given: Mapping[str, object], accepted: type, where: str) -> CallOptions:
         """The record for keyword arguments `given` of function `where`, which takes
         the keys of the TypedDict `accepted`; raises what a bad argument deserves."""
-        keys = _keys(accepted)
+        keys = _KEYS[accepted]
         for name in given:
             if name not in keys:
                 raise TypeError(f"{where}() got an unexpected keyword argument {name!r}")
@@ -215,17 +215,20 @@ def _keys(accepted: type) -> frozenset[str]:
     return frozenset(getattr(accepted, "__annotations__", {}))
 
 
+_KEYS: dict[type, frozenset[str]] = {
+    typed: _keys(typed) for typed in (MapOptions, ShardOptions, StreamOptions)
+}
 _RECORD = {f.name for f in _FIELDS}
 _HINTS = get_type_hints(CallOptions)  # Literal[...] rather than alias names, for help()
-for _typed in (MapOptions, ShardOptions, StreamOptions):
-    if not _keys(_typed) <= _RECORD:
+for _typed, _names in _KEYS.items():
+    if not _names <= _RECORD:
         raise AssertionError(f"{_typed.__name__} names options CallOptions lacks")
 
 
 def takes_options(accepted: type) -> Callable[[_F], _F]:
     """Show the options of TypedDict `accepted` as keyword-only parameters, with the
     record's defaults, in the signature of a function that takes ``**options``."""
-    keys = _keys(accepted)
+    keys = _KEYS[accepted]
     extra = [
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
                           annotation=_HINTS[f.name])

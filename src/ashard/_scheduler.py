@@ -234,26 +234,29 @@ class Scheduler:
         run, w = lease.run, lease.worker
         job = run.job
         msgs = w.take_control()
-        fds: list[int] = []
         was_idle = not lease.inflight
-        window = 0 if w.recycle_reason else job.window()
-        max_tasks = self.policy.max_tasks
-        while len(lease.inflight) < window:
-            limit = None if max_tasks is None else max_tasks - w.tasks
-            if limit is not None and limit <= 0:
-                break
+        room = job.window() - len(lease.inflight) if w.recycle_reason is None else 0
+        limit = None if self.policy.max_tasks is None else self.policy.max_tasks - w.tasks
+        chunks: list[Chunk] = []
+        taken = 0
+        while len(chunks) < room and (limit is None or limit > 0):
             chunk = job.take_chunk(next(self._seq), limit)
             if chunk is None:
                 break
-            w.count_tasks(chunk.count)
+            chunks.append(chunk)
+            taken += chunk.count
+            if limit is not None:
+                limit -= chunk.count
+        fds: list[int] = []
+        if chunks:
+            w.count_tasks(taken)
             if w.takes_job(run.key):
                 run.loaded_on.add(w)
-                fds += _segments_for(run, w, msgs)
+                fds = _segments_for(run, w, msgs)
                 msgs.append((JOB, run.key, run.spec))
-            msgs.append(
-                (RUN, run.key, chunk.seq, chunk.first, chunk.count, chunk.attempts, chunk.items)
-            )
-            lease.inflight.append(chunk)
+            for c in chunks:
+                msgs.append((RUN, run.key, c.seq, c.first, c.count, c.attempts, c.items))
+            lease.inflight.extend(chunks)
         if not msgs:
             return
         if was_idle:
@@ -294,8 +297,7 @@ class Scheduler:
             done += len(values)
             if final:
                 lease.inflight.popleft()
-                w.observe(rss)
-                w.plan_recycle(self.policy.soft_reason(w, profile))
+                w.finished_work(rss, self.policy, profile)
         if msgs:
             self.workers.heard_back(done)
 
@@ -359,9 +361,8 @@ class Scheduler:
             try:
                 await w.channel.send(parts)
                 msg = await _receive_call(w, timeout)
-                w.observe(msg[8])
+                w.finished_work(msg[8], self.policy, PROFILES["default"])
                 self.workers.heard_back(0)
-                w.plan_recycle(self.policy.soft_reason(w, PROFILES["default"]))
             except ChannelClosed:
                 lost = False
             except _Hung:

@@ -146,12 +146,11 @@ class WorkerSet:
 
     # -- leasing ----------------------------------------------------------------------
 
-    def _lease(self, tenant: Tenant) -> None:
-        self._leases[tenant] += 1
-
     def _unlease(self, tenant: Tenant) -> None:
-        self._leases[tenant] -= 1
-        if self._leases[tenant] <= 0:
+        left = self._leases[tenant] - 1
+        if left > 0:
+            self._leases[tenant] = left
+        else:
             del self._leases[tenant]
 
     def _fairest(self) -> _Waiter:
@@ -166,7 +165,7 @@ class WorkerSet:
             if not self._waiters:
                 w = self._pop_idle()
                 if w is not None:
-                    self._lease(tenant)
+                    self._leases[tenant] += 1
                     return w
                 if self._capacity() > 0:
                     return await self._spawn_for(tenant)
@@ -199,7 +198,7 @@ class WorkerSet:
         if self._waiters:
             waiter = self._fairest()
             waiter.worker = w
-            self._lease(waiter.tenant)
+            self._leases[waiter.tenant] += 1
             waiter.event.set()
             return
         w.mark_idle()
@@ -215,6 +214,8 @@ class WorkerSet:
 
     def should_yield(self, tenant: Tenant) -> bool:
         """Is another tenant waiting with fewer workers than `tenant` holds?"""
+        if not self._waiters:
+            return False
         held = self._leases[tenant]
         return any(t is not tenant and self._leases[t] < held for t in self._waiting_tenants())
 
@@ -257,7 +258,7 @@ class WorkerSet:
         with self._lock:
             self._workers.add(w)
         self._counts.started += 1
-        self._lease(tenant)
+        self._leases[tenant] += 1
         self._ensure_monitor()
         return w
 
