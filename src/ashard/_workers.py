@@ -83,7 +83,7 @@ class WorkerSet:
         self._idle: list[WorkerHandle] = []
         self._waiters: list[_Waiter] = []
         self._retired: list[WorkerHandle] = []
-        self._leases: Counter[Tenant] = Counter()
+        self._leases: dict[Tenant, int] = {}  # workers each tenant holds (absent: none)
 
     # -- what it holds ----------------------------------------------------------------
 
@@ -101,7 +101,7 @@ class WorkerSet:
 
     def leases(self, tenant: Tenant) -> int:
         """How many workers `tenant` holds."""
-        return self._leases[tenant]
+        return self._leases.get(tenant, 0)
 
     def check_open(self) -> None:
         if self.closed:
@@ -147,14 +147,14 @@ class WorkerSet:
     # -- leasing ----------------------------------------------------------------------
 
     def _unlease(self, tenant: Tenant) -> None:
-        left = self._leases[tenant] - 1
+        left = self._leases.get(tenant, 0) - 1
         if left > 0:
             self._leases[tenant] = left
         else:
-            del self._leases[tenant]
+            self._leases.pop(tenant, None)
 
     def _fairest(self) -> _Waiter:
-        waiter = min(self._waiters, key=lambda wt: self._leases[wt.tenant])
+        waiter = min(self._waiters, key=lambda wt: self._leases.get(wt.tenant, 0))
         self._waiters.remove(waiter)
         return waiter
 
@@ -165,7 +165,7 @@ class WorkerSet:
             if not self._waiters:
                 w = self._pop_idle()
                 if w is not None:
-                    self._leases[tenant] += 1
+                    self._leases[tenant] = self._leases.get(tenant, 0) + 1
                     return w
                 if self._capacity() > 0:
                     return await self._spawn_for(tenant)
@@ -198,7 +198,7 @@ class WorkerSet:
         if self._waiters:
             waiter = self._fairest()
             waiter.worker = w
-            self._leases[waiter.tenant] += 1
+            self._leases[waiter.tenant] = self._leases.get(waiter.tenant, 0) + 1
             waiter.event.set()
             return
         w.mark_idle()
@@ -216,8 +216,10 @@ class WorkerSet:
         """Is another tenant waiting with fewer workers than `tenant` holds?"""
         if not self._waiters:
             return False
-        held = self._leases[tenant]
-        return any(t is not tenant and self._leases[t] < held for t in self._waiting_tenants())
+        held = self._leases.get(tenant, 0)
+        return any(
+            t is not tenant and self._leases.get(t, 0) < held for t in self._waiting_tenants()
+        )
 
     def _waiting_tenants(self) -> Iterator[Tenant]:
         return (wt.tenant for wt in self._waiters)
@@ -258,7 +260,7 @@ class WorkerSet:
         with self._lock:
             self._workers.add(w)
         self._counts.started += 1
-        self._leases[tenant] += 1
+        self._leases[tenant] = self._leases.get(tenant, 0) + 1
         self._ensure_monitor()
         return w
 
