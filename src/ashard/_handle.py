@@ -6,7 +6,7 @@ runs on one long-lived thread: on Linux a worker asks for SIGKILL when its paren
 (HELLO -> READY) is awaited with a bound, so a broken interpreter fails fast.
 
 A `WorkerHandle` owns its state and changes it through methods named for what
-happened (`count_tasks`, `finished_work`, `mark_ended`, `takes_job`, ...);
+happened (`hand`, `finished_work`, `mark_idle`, `mark_ended`, `forget_job`, ...);
 nobody else assigns its fields. It holds what outlives one lease: the jobs and shared
 segments the worker process has loaded, its memory readings, why it should be
 recycled or why it ended. The chunks in flight belong to the lease that sent them.
@@ -144,8 +144,14 @@ class WorkerHandle:
         """Shards and calls handed to it so far."""
         return self._tasks
 
-    def count_tasks(self, n: int) -> None:
-        self._tasks += n
+    def hand(self, key: int | None, tasks: int) -> bool:
+        """`tasks` more shards of job `key` (or one call: `key` None) are handed to it;
+        True the first time for a job: the caller then sends the job along."""
+        self._tasks += tasks
+        if key is None or key in self._jobs:
+            return False
+        self._jobs.add(key)
+        return True
 
     @property
     def peak_rss(self) -> int:
@@ -200,13 +206,6 @@ class WorkerHandle:
             self._ended = reason
 
     # -- jobs and shared memory it holds -----------------------------------------------
-
-    def takes_job(self, key: int) -> bool:
-        """True the first time job `key` is sent to it: the caller then sends the job."""
-        if key in self._jobs:
-            return False
-        self._jobs.add(key)
-        return True
 
     def forget_job(self, key: int) -> None:
         """Job `key` is over: the worker may drop it (told with the next send)."""

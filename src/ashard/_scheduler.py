@@ -249,8 +249,7 @@ class Scheduler:
                 limit -= chunk.count
         fds: list[int] = []
         if chunks:
-            w.count_tasks(taken)
-            if w.takes_job(run.key):
+            if w.hand(run.key, taken):
                 run.loaded_on.add(w)
                 fds = _segments_for(run, w, msgs)
                 msgs.append((JOB, run.key, run.spec))
@@ -356,7 +355,7 @@ class Scheduler:
             parts = encode_many(w.take_control()) + parts
         msg = None
         lost: bool | None = None
-        w.count_tasks(1)
+        w.hand(None, 1)
         try:
             try:
                 await w.channel.send(parts)
