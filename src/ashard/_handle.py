@@ -33,7 +33,7 @@ import anyio
 from ashard._channel import Channel
 from ashard._framing import ChannelClosed, encode, encode_many
 from ashard._health import EndReason, HealthPolicy, Profile, RecycleReason
-from ashard._outcomes import start_failure
+from ashard._outcomes import describe_exit, start_failure
 from ashard._protocol import DROP, FORGET, HELLO, INIT_FAILED, INTERRUPT_SIGNAL, READY, Payload
 from ashard._shm import Segment
 from ashard.errors import WorkerStartError
@@ -125,6 +125,9 @@ class WorkerHandle:
             ) from None
         except ChannelClosed:
             code = await self.wait_exit(5.0)
+            if code is not None and code < 0:
+                how = describe_exit(self.pid, None, -code)
+                raise WorkerStartError(f"{how} before it was ready") from None
             raise WorkerStartError(
                 f"worker {self.pid} exited with code {code} before it was ready; "
                 "its stderr above says why"

@@ -15,6 +15,7 @@ event loop of whichever call is active.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Hashable, Iterator
@@ -27,14 +28,17 @@ from ashard._handle import WorkerConfig, WorkerHandle
 from ashard._health import PROFILES as _PROFILES
 from ashard._health import Gauged, HealthPolicy, Monitor
 from ashard._outcomes import Loss
+from ashard.errors import WorkerStartError
 from ashard.results import PoolStats
 
-__all__ = ["BACKOFF_MAX", "WorkerSet", "first_error", "spawn_delay"]
+__all__ = ["BACKOFF_MAX", "START_ATTEMPTS", "WorkerSet", "first_error", "spawn_delay"]
 
 BACKOFF_FREE_CRASHES = 2
 """Crashes in a row that are replaced at once; after that, spawns back off."""
 BACKOFF_MAX = 0.5
 """Seconds: the longest pause before spawning a replacement in a crash storm."""
+START_ATTEMPTS = 3
+"""Failed starts in a row after which a worker cannot be had."""
 
 Tenant = Hashable
 """Whatever holds leases: a job, or a token for one call (compared by identity)."""
@@ -247,11 +251,7 @@ class WorkerSet:
     async def _spawn_for(self, tenant: Tenant) -> WorkerHandle:
         self._starting += 1
         try:
-            delay = spawn_delay(self._crash_streak)
-            if delay:
-                await anyio.sleep(delay)  # workers keep dying: no hot respawn loop
-            with anyio.CancelScope(shield=True):
-                w = await WorkerHandle.start(self.config)
+            w = await self._start_worker()
         finally:
             self._starting -= 1
         if self.closed:
@@ -264,12 +264,33 @@ class WorkerSet:
         self._ensure_monitor()
         return w
 
+    async def _start_worker(self) -> WorkerHandle:
+        """A new, ready worker. A start that fails is a crash and is tried again with the
+        crash backoff; only a failure that repeats (the same `init` error twice, or
+        `START_ATTEMPTS` failures in a row) is raised."""
+        failed: list[WorkerStartError] = []
+        while True:
+            delay = spawn_delay(self._crash_streak)
+            if delay:
+                await anyio.sleep(delay)  # workers keep dying: no hot respawn loop
+            try:
+                with anyio.CancelScope(shield=True):
+                    return await WorkerHandle.start(self.config)
+            except WorkerStartError as exc:
+                self._counts.crashed += 1
+                self._crash_streak += 1
+                if self.closed or len(failed) + 1 >= START_ATTEMPTS or _repeats(exc, failed):
+                    raise
+                failed.append(exc)
+
     async def replenish(self) -> None:
-        """Start a replacement for a worker that died, so the pool stays at its size."""
+        """Start a replacement for a worker that died, so the pool stays at its size. A
+        replacement that cannot start is left to the next `acquire`, which says why."""
         if self.closed or self._capacity() <= 0:
             return
         token = object()
-        self.release(await self._spawn_for(token), token)
+        with contextlib.suppress(WorkerStartError):
+            self.release(await self._spawn_for(token), token)
 
     async def start_all(self) -> None:
         """Bring the pool up to size (for a warm `async with Pool(...)`)."""
@@ -365,6 +386,14 @@ class WorkerSet:
             w.stop_blocking()
         with self._lock:
             self._workers.difference_update(expired)
+
+
+def _repeats(exc: WorkerStartError, earlier: list[WorkerStartError]) -> bool:
+    """Did `init` fail with the same error before (a failure that will not go away)?"""
+    cause = exc.__cause__
+    return cause is not None and any(
+        type(e.__cause__) is type(cause) and str(e.__cause__) == str(cause) for e in earlier
+    )
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:
