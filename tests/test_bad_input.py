@@ -108,3 +108,50 @@ async def test_stream_and_map_refuse_bad_arguments() -> None:
         await ashard.map(abs, 5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"pool must be an ashard\.Pool"):
         await ashard.shard_map(4, workloads.shard_sum, pool="default")  # type: ignore[arg-type]
+
+
+async def test_items_that_cannot_be_pickled_fail_by_index() -> None:
+    lock = threading.Lock()
+    out = await ashard.map(
+        workloads.identity, [0, 1, lock, 3, 4], chunk_size=5, errors="collect", workers=2
+    )
+    assert out[:2] == [0, 1] and out[3:] == [3, 4]
+    failure = out[2]
+    assert isinstance(failure, ashard.ShardFailed) and failure.attempts == 0
+    assert "item 2 failed: it cannot be sent to a worker process" in str(failure)
+    assert isinstance(failure.__cause__, TypeError)
+    with pytest.raises(ashard.ShardMapError, match="item 2 failed"):
+        await ashard.map(workloads.identity, [0, 1, lock], workers=2)
+
+
+async def test_items_that_cannot_be_loaded_in_the_worker_fail_by_index() -> None:
+    out = await ashard.map(
+        workloads.identity, [0, workloads.RebuildFails(), 2], chunk_size=3, errors="collect"
+    )
+    assert out[0] == 0 and out[2] == 2
+    assert isinstance(out[1], ashard.ShardFailed)
+    assert "item 1 could not be loaded in the worker" in str(out[1])
+    assert "cannot be rebuilt" in str(out[1])
+    res = await ashard.shard_map(
+        [0, 1, workloads.RebuildFails(), 3], workloads.shard_items, errors="collect", workers=1
+    )
+    assert [f.shard_id for f in res.failures] == [2]
+    assert "the items of shard 2 could not be loaded in the worker" in str(res.failures[0])
+
+
+async def test_a_borrow_that_cannot_be_loaded_names_its_key() -> None:
+    res = await ashard.shard_map(
+        2,
+        workloads.shard_sum,
+        borrow={"fine": 1, "broken": workloads.RebuildFails()},
+        errors="collect",
+        workers=1,
+    )
+    assert len(res.failures) == len(res.shards)
+    assert all("borrow['broken'] could not be loaded in the worker" in str(f) for f in res.failures)
+
+
+async def test_call_arguments_that_cannot_be_loaded_say_so() -> None:
+    with pytest.raises(RuntimeError, match="function or arguments could not be loaded"):
+        await ashard.call(workloads.identity, workloads.RebuildFails())
+    assert await ashard.call(abs, -3) == 3

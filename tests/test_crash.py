@@ -116,7 +116,7 @@ async def test_call_reports_a_crash() -> None:
 PHASES = ["starting", "loading", "mid-shard", "sending"]
 # "hang-c" sleeps with every signal blocked rather than backtracking in a regex: CPython's
 # regex engine checks for signals every few thousand steps, so SIGALRM interrupts a match.
-KINDS = ["sigkill", "exit", "segfault", "hang-python", "hang-c"]
+KINDS = ["sigkill", "exit", "segfault", "hang-python", "hang-c", "hostile"]
 
 SHARDS = 4
 TIMEOUT = 2.0

@@ -135,3 +135,43 @@ async def test_map_keeps_going_after_failures_inside_one_chunk() -> None:
             assert str(value.__cause__) == f"bad item {x}"
         else:
             assert value == x + 1000
+
+
+async def test_an_exception_whose_str_raises_fails_its_shard_and_the_worker_lives() -> None:
+    async with ashard.Pool(1) as pool:
+        pid = pool.pids[0]
+        res = await pool.shard_map(
+            ashard.shards(3, block_size=1), workloads.raise_bad_str, errors="collect"
+        )
+        assert pool.pids == [pid]
+    (failure,) = res.failures
+    assert isinstance(failure, ashard.ShardFailed) and failure.shard_id == 1
+    assert isinstance(failure.__cause__, RemoteError)
+    assert "StrRaises" in str(failure) and "str() failed" in str(failure)
+    assert "raise_bad_str" in failure.remote_traceback
+    assert res.results == [None, None, None]
+
+
+async def test_a_result_that_does_not_unpickle_in_the_parent_fails_only_its_shard() -> None:
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(
+            ashard.shards(4, block_size=1),
+            lambda sh: workloads.RebuildFails() if sh.id == 2 else sh.id,
+            errors="collect",
+        )
+        assert [f.shard_id for f in res.failures] == [2]
+        failure = res.failures[0]
+        assert isinstance(failure, ashard.ShardFailed)
+        assert "its result could not be unpickled" in str(failure)
+        assert isinstance(failure.__cause__, RuntimeError)
+        assert "cannot be rebuilt" in str(failure.__cause__)
+        assert res.results == [0, 1, None, 3]
+        # inside a chunk of many, the culprit is found and only it fails
+        out = await pool.map(
+            workloads.return_unrebuildable, range(30), chunk_size=10, errors="collect"
+        )
+        assert [i for i, v in enumerate(out) if isinstance(v, ashard.ShardFailed)] == [13]
+        assert [v for i, v in enumerate(out) if i != 13] == [i for i in range(30) if i != 13]
+        with pytest.raises(ashard.ShardFailed, match="call failed: its result could not be"):
+            await pool.call(workloads.RebuildFails)
+        assert pool.stats.crashed == 0

@@ -171,11 +171,15 @@ def shard_sum_plus(shard: Shard, offset: int, table: dict[str, int]) -> int:
 
 
 def misbehave(how: str) -> None:
-    """`die(how)`, plus "hang-python" (a busy loop that signals can interrupt) and "hang-c"
-    (a sleep in C with every signal blocked: only SIGKILL ends it)."""
+    """`die(how)`, plus "hang-python" (a busy loop that signals can interrupt), "hang-c"
+    (a sleep in C with every signal blocked: only SIGKILL ends it) and "hostile" (bytes
+    that are not a frame written into the channel, then carry on)."""
     if how == "hang-python":
         while True:
             pass
+    if how == "hostile":
+        os.write(channel_fd(), hostile_bytes("garbage"))
+        return
     die("hang" if how == "hang-c" else how)
 
 
@@ -235,3 +239,79 @@ class PicklesBadlyOnce:
 def shard_result_pickling_badly_once(shard: Shard, armed: str, how: str) -> PicklesBadlyOnce:
     """`shard.id * 10`, as a `PicklesBadlyOnce`."""
     return PicklesBadlyOnce(shard.id * 10, armed, how)
+
+
+def channel_fd() -> int:
+    """The worker's end of its channel (``python -m ashard._worker FD PARENT_PID``)."""
+    return int(sys.argv[1])
+
+
+def hostile_bytes(kind: str) -> bytes:
+    """Bytes a broken worker might write into its channel, by `kind` of violation."""
+    import pickle
+    import struct
+
+    from ashard import _framing
+
+    def frame(payload: bytes, nbuf: int = 0, plen: int | None = None) -> bytes:
+        size = len(payload) if plen is None else plen
+        return struct.pack("<IIQ", _framing.MAGIC, nbuf, size) + payload
+
+    if kind == "garbage":
+        return b"this is not a frame at all, just noise on the channel " * 4
+    if kind == "claims-1GiB":
+        return frame(b"", plen=1 << 30)  # a header, then never the payload
+    if kind == "over-limit":
+        return frame(b"", plen=64 << 30)
+    if kind == "many-buffers":
+        return frame(b"", nbuf=(1 << 32) - 1, plen=10)
+    if kind == "unknown-message":
+        return frame(pickle.dumps(("hello", "parent"), protocol=5))
+    if kind == "bad-pickle":
+        return frame(b"\x80\x05this is no pickle")
+    if kind == "stale-result":
+        msg = (102, 10**9, 0, 0, (b"\x80\x05]\x94.", []), [], None, True, None, 0)
+        return frame(pickle.dumps(msg, protocol=5))
+    raise AssertionError(kind)
+
+
+def write_hostile_once(armed: str, kind: str) -> None:
+    """In the one worker that claims `armed`, write `kind` of hostile bytes into the
+    channel (then carry on as if nothing happened)."""
+    try:
+        os.rename(armed, armed + ".claimed")
+    except FileNotFoundError:
+        return
+    os.write(channel_fd(), hostile_bytes(kind))
+
+
+def shard_writing_hostile_once(shard: Shard, armed: str, kind: str) -> int:
+    write_hostile_once(armed, kind)
+    return shard.id * 10
+
+
+class StrRaises(Exception):
+    """An exception that cannot even say what it is."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ of StrRaises raised")
+
+
+def raise_bad_str(shard: Shard) -> None:
+    if shard.id == 1:
+        raise StrRaises("hidden")
+
+
+def _rebuild_fails() -> None:
+    raise RuntimeError("cannot be rebuilt on this side")
+
+
+class RebuildFails:
+    """Pickles anywhere; unpickling it always raises."""
+
+    def __reduce__(self) -> Any:
+        return _rebuild_fails, ()
+
+
+def return_unrebuildable(x: Any) -> Any:
+    return RebuildFails() if x == 13 else x

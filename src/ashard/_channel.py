@@ -1,5 +1,11 @@
 """The parent's end of a worker socketpair: non-blocking, awaited through anyio, so it
-works under asyncio, uvloop and trio alike, and belongs to no particular event loop."""
+works under asyncio, uvloop and trio alike, and belongs to no particular event loop.
+
+What arrives is untrusted (`ashard._framing`): besides the reader's checks, a frame
+that stays incomplete for `FRAME_STALL_SECONDS` — a worker never pauses inside one of
+its own frames — is a `ProtocolViolation`, so garbage that claims more bytes than
+will ever come cannot hang a call.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +17,22 @@ from typing import Any
 
 import anyio
 
-from ashard._framing import Buffer, ChannelClosed, FrameReader, advance
+from ashard._framing import DEFAULT_MAX_FRAME, Buffer, ChannelClosed, FrameReader, advance
+from ashard._protocol import ProtocolViolation
 
-__all__ = ["Channel"]
+__all__ = ["FRAME_STALL_SECONDS", "Channel"]
+
+FRAME_STALL_SECONDS = 10.0
+"""Seconds a frame may stay incomplete with nothing more arriving."""
 
 
 class Channel:
     """The parent's end of a worker socketpair: non-blocking, awaited through anyio."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         sock.setblocking(False)
         self._sock = sock
-        self._reader = FrameReader()
+        self._reader = FrameReader(max_frame=max_frame)
         self._eof = False
         self._early: list[Any] = []  # messages read while a send was waiting
         self._backlog: list[Buffer] = []  # the rest of a `post` the socket did not take
@@ -114,9 +124,17 @@ class Channel:
 
     async def _wait_readable(self) -> None:
         try:
-            await anyio.wait_readable(self._sock)
+            if not self._reader.partial:
+                await anyio.wait_readable(self._sock)
+                return
+            with anyio.move_on_after(FRAME_STALL_SECONDS):
+                await anyio.wait_readable(self._sock)
+                return
         except (anyio.ClosedResourceError, OSError) as exc:
             raise ChannelClosed("worker channel closed") from exc
+        raise ProtocolViolation(
+            f"a frame stayed incomplete for {FRAME_STALL_SECONDS:.0f} s with nothing more coming"
+        )
 
     def receive_nowait(self) -> list[Any]:
         """Whatever complete messages can be read without waiting (maybe none)."""

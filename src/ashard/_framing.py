@@ -1,15 +1,20 @@
 """Frames over one Unix socketpair per worker: encoding, the reader, fd passing.
 
-A frame is a fixed header ``<QI`` (payload length, buffer count), one ``<Q`` length per
-out-of-band buffer, the pickle (protocol 5) payload, then the buffers themselves::
+A frame is a fixed header ``<IIQ`` (magic, buffer count, payload length), one ``<Q``
+length per out-of-band buffer, the pickle (protocol 5) payload, then the buffers::
 
-    | plen | nbuf | blen_1 .. blen_n | payload | buf_1 | ... | buf_n |
+    | magic | nbuf | plen | blen_1 .. blen_n | payload | buf_1 | ... | buf_n |
 
 Frames go out with one `sendmsg` (scatter-gather, no concatenation). The reader pulls
 as many bytes as are available into a reusable buffer and parses every complete frame
 at once, so a burst of small results costs one wake-up. A frame too large for that
-buffer is read straight into a bytearray of its own, which its numpy buffers then
-view without a copy.
+buffer is read straight into an anonymous mapping of its own, which its numpy buffers
+then view without a copy.
+
+The reader trusts no byte: a frame without the magic, with more buffers than
+`MAX_BUFFERS`, larger than its `max_frame`, or whose payload does not unpickle is a
+`ProtocolViolation`. A claimed size costs nothing until the bytes arrive (the mapping
+is faulted in by the data itself, never zero-filled up front).
 
 The worker uses `send_frames` and `FrameReader` on a blocking socket; the parent's
 non-blocking end is `ashard._channel.Channel`. This module imports no anyio, so
@@ -19,6 +24,7 @@ a worker starts light.
 from __future__ import annotations
 
 import array
+import mmap
 import pickle
 import socket
 import struct
@@ -26,19 +32,23 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from ashard._protocol import CANCEL, DROP, FORGET, HELLO, JOB, SEGMENTS
-from ashard._serialize import dumps, loads
+from ashard._protocol import MAX_BUFFERS, ProtocolViolation
+from ashard._serialize import loads
 
 __all__ = [
+    "DEFAULT_MAX_FRAME",
+    "MAX_BUFFERS",
     "ChannelClosed",
     "FrameReader",
     "RawFrame",
     "encode",
     "encode_many",
+    "frame_size",
     "send_frames",
 ]
 
-_HEAD = struct.Struct("<QI")
+MAGIC = 0x64687361  # b"ashd", little-endian
+_HEAD = struct.Struct("<IIQ")
 _HEAD_SIZE = _HEAD.size
 _SCRATCH = 1 << 18
 _BIG = 1 << 20
@@ -52,7 +62,8 @@ _SOL_SOCKET = int(socket.SOL_SOCKET)
 INLINE_DECODE_LIMIT = 1 << 19
 """Payloads larger than this are left as `RawFrame`s for the parent to unpickle in a thread."""
 Buffer = bytes | bytearray | memoryview
-_CONTROL = frozenset({HELLO, JOB, CANCEL, FORGET, SEGMENTS, DROP})
+DEFAULT_MAX_FRAME = 2 << 30
+"""Bytes one frame may hold, by default (`Pool(max_message=...)`)."""
 
 
 class ChannelClosed(EOFError):
@@ -60,18 +71,21 @@ class ChannelClosed(EOFError):
 
 
 def encode(msg: Any) -> list[Buffer]:
-    """The frame for `msg` as a list of buffers for `sendmsg`. Control messages hold no
-    user objects (only pre-pickled payloads) and skip the by-value fallback."""
+    """The frame for `msg` as a list of buffers for `sendmsg`. Messages hold no user
+    objects (those travel as pre-pickled `Payload`s, out of band), so this is a plain
+    pickle."""
     bufs: list[pickle.PickleBuffer] = []
-    if msg[0] in _CONTROL:
-        payload = pickle.dumps(msg, protocol=5, buffer_callback=bufs.append)
-    else:
-        payload = dumps(msg, bufs)
+    payload = pickle.dumps(msg, protocol=5, buffer_callback=bufs.append)
     if not bufs:
-        return [_HEAD.pack(len(payload), 0), payload]
+        return [_HEAD.pack(MAGIC, 0, len(payload)), payload]
     raws = [b.raw() for b in bufs]
     lens = struct.pack(f"<{len(raws)}Q", *(r.nbytes for r in raws))
-    return [_HEAD.pack(len(payload), len(raws)) + lens, payload, *raws]
+    return [_HEAD.pack(MAGIC, len(raws), len(payload)) + lens, payload, *raws]
+
+
+def frame_size(parts: list[Buffer]) -> int:
+    """Bytes of an encoded frame."""
+    return sum(memoryview(p).nbytes for p in parts)
 
 
 def advance(parts: list[Buffer], sent: int) -> list[Buffer]:
@@ -99,13 +113,14 @@ def send_frames(sock: socket.socket, parts: list[Buffer]) -> None:
 class FrameReader:
     """Accumulates bytes from a socket and cuts them into decoded messages."""
 
-    def __init__(self, *, accept_fds: bool = False) -> None:
+    def __init__(self, *, accept_fds: bool = False, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.fds: deque[int] | None = deque() if accept_fds else None  # SCM_RIGHTS, in order
+        self.max_frame = max_frame
         self._buf = bytearray(_SCRATCH)
         self._view = memoryview(self._buf)
         self._lo = 0
         self._hi = 0
-        self._big: bytearray | None = None
+        self._big: mmap.mmap | None = None
         self._big_fill = 0
         self._done: list[Any] = []  # big frames completed by `fill`, not yet handed out
         self.drained = False  # the last `fill` got less than it asked for: likely no more
@@ -131,6 +146,11 @@ class FrameReader:
         self._hi += n
         self.drained = n < want
         return n
+
+    @property
+    def partial(self) -> bool:
+        """Is part of a frame buffered, waiting for the rest?"""
+        return self._big is not None or self._hi > self._lo
 
     def _recv(self, sock: socket.socket, into: memoryview, flags: int) -> int:
         if self.fds is None:
@@ -161,15 +181,23 @@ class FrameReader:
 
     def _next(self) -> Any:
         avail = self._hi - self._lo
-        if avail < _HEAD.size:
+        if avail < _HEAD_SIZE:
             return _INCOMPLETE
-        plen, nbuf = _HEAD.unpack_from(self._buf, self._lo)
+        magic, nbuf, plen = _HEAD.unpack_from(self._buf, self._lo)
+        if magic != MAGIC or nbuf > MAX_BUFFERS:
+            raise ProtocolViolation(
+                "bytes that are not a frame" if magic != MAGIC else f"a frame of {nbuf} buffers"
+            )
         hlen = _HEAD_SIZE + 8 * nbuf
         if avail < hlen:
             return _INCOMPLETE
         total = hlen + plen
         if nbuf:
             total += sum(struct.unpack_from(f"<{nbuf}Q", self._buf, self._lo + _HEAD_SIZE))
+        if total > self.max_frame:
+            raise ProtocolViolation(
+                f"a frame of {total:,} bytes, over the limit of {self.max_frame:,}"
+            )
         if avail < total:
             self._reserve(total)
             return _INCOMPLETE
@@ -178,13 +206,13 @@ class FrameReader:
         if nbuf or plen > INLINE_DECODE_LIMIT:
             return _decode_whole(bytearray(self._view[lo : lo + total]))
         with self._view[lo + hlen : lo + hlen + plen] as payload:
-            return loads(payload)
+            return _loads_message(payload)
 
     def _reserve(self, total: int) -> None:
         """Make room for a frame of `total` bytes whose start is at `_lo`."""
         if total > _BIG:
             have = self._hi - self._lo
-            self._big = bytearray(total)
+            self._big = mmap.mmap(-1, total)  # lazily zeroed: costs what arrives
             self._big[:have] = self._view[self._lo : self._hi]
             self._big_fill = have
             self._lo = self._hi = 0
@@ -213,33 +241,40 @@ class RawFrame:
 
     __slots__ = ("frame",)
 
-    def __init__(self, frame: bytearray) -> None:
+    def __init__(self, frame: bytearray | mmap.mmap) -> None:
         self.frame = frame
 
     def decode(self) -> Any:
         return _decode_frame(self.frame)
 
 
-def _decode_whole(frame: bytearray) -> Any:
+def _decode_whole(frame: bytearray | mmap.mmap) -> Any:
     """A message from a frame that owns its memory, or a `RawFrame` if it is large."""
-    if _HEAD.unpack_from(frame, 0)[0] > INLINE_DECODE_LIMIT:
+    if _HEAD.unpack_from(frame, 0)[2] > INLINE_DECODE_LIMIT:
         return RawFrame(frame)
     return _decode_frame(frame)
 
 
-def _decode_frame(frame: bytearray) -> Any:
+def _decode_frame(frame: bytearray | mmap.mmap) -> Any:
     """Decode a frame that owns its memory: out-of-band buffers view it, uncopied."""
     view = memoryview(frame)
-    plen, nbuf = _HEAD.unpack_from(frame, 0)
-    pos = _HEAD.size + 8 * nbuf
-    blens = struct.unpack_from(f"<{nbuf}Q", frame, _HEAD.size)
+    _, nbuf, plen = _HEAD.unpack_from(frame, 0)
+    pos = _HEAD_SIZE + 8 * nbuf
+    blens = struct.unpack_from(f"<{nbuf}Q", frame, _HEAD_SIZE)
     payload = view[pos : pos + plen]
     pos += plen
     buffers: list[memoryview] = []
     for n in blens:
         buffers.append(view[pos : pos + n])
         pos += n
-    return loads(payload, buffers)
+    return _loads_message(payload, buffers)
+
+
+def _loads_message(payload: memoryview, buffers: Sequence[memoryview] = ()) -> Any:
+    try:
+        return loads(payload, buffers)
+    except Exception as exc:
+        raise ProtocolViolation(f"a frame that does not unpickle ({type(exc).__name__})") from exc
 
 
 def encode_many(msgs: Sequence[Any]) -> list[Buffer]:

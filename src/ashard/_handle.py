@@ -31,10 +31,19 @@ from typing import Any
 import anyio
 
 from ashard._channel import Channel
-from ashard._framing import ChannelClosed, encode, encode_many
+from ashard._framing import DEFAULT_MAX_FRAME, ChannelClosed, encode, encode_many
 from ashard._health import EndReason, HealthPolicy, Profile, RecycleReason
 from ashard._outcomes import describe_exit, start_failure
-from ashard._protocol import DROP, FORGET, HELLO, INIT_FAILED, INTERRUPT_SIGNAL, READY, Payload
+from ashard._protocol import (
+    DROP,
+    FORGET,
+    HELLO,
+    INTERRUPT_SIGNAL,
+    Payload,
+    ProtocolViolation,
+    is_init_failure,
+    is_ready,
+)
 from ashard._shm import Segment
 from ashard.errors import WorkerStartError
 
@@ -47,10 +56,12 @@ _live: weakref.WeakSet[WorkerHandle] = weakref.WeakSet()
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    """How to start a worker: extra environment and an `init` callable (pickled)."""
+    """How to start a worker: extra environment, an `init` callable (pickled), and the
+    largest frame the parent accepts from it (bytes)."""
 
     env: dict[str, str] = field(default_factory=dict)
     init: Payload | None = None
+    max_frame: int = DEFAULT_MAX_FRAME
 
 
 def _popen(child_fd: int, config: WorkerConfig) -> subprocess.Popen[bytes]:
@@ -89,6 +100,7 @@ class WorkerHandle:
         self._idle_since = time.monotonic()
         self._recycle: RecycleReason | None = None
         self._ended: EndReason | None = None
+        self._violation: str | None = None  # what it sent that broke the protocol
         self._ps: Any = None
         _live.add(self)
 
@@ -105,7 +117,7 @@ class WorkerHandle:
             raise
         finally:
             child_sock.close()
-        handle = cls(proc, Channel(parent_sock))
+        handle = cls(proc, Channel(parent_sock, config.max_frame))
         try:
             await handle._handshake(config)
         except BaseException:
@@ -117,8 +129,11 @@ class WorkerHandle:
     async def _handshake(self, config: WorkerConfig) -> None:
         try:
             with anyio.fail_after(START_TIMEOUT):
-                await self.channel.send(encode((HELLO, list(sys.path), config.init)))
+                hello = (HELLO, list(sys.path), config.init, config.max_frame)
+                await self.channel.send(encode(hello))
                 reply = (await self.channel.receive())[0]
+        except ProtocolViolation as exc:
+            raise WorkerStartError(f"worker {self.pid} broke the protocol: it sent {exc}") from None
         except TimeoutError:
             raise WorkerStartError(
                 f"worker {self.pid} did not start within {START_TIMEOUT:.0f} s"
@@ -132,11 +147,11 @@ class WorkerHandle:
                 f"worker {self.pid} exited with code {code} before it was ready; "
                 "its stderr above says why"
             ) from None
-        if reply[0] == INIT_FAILED:
+        if is_init_failure(reply):
             error = start_failure(self.pid, reply[1])
             raise error from error.__cause__
-        if reply[0] != READY:
-            raise WorkerStartError(f"worker {self.pid} sent {reply[0]!r} instead of READY")
+        if not is_ready(reply):
+            raise WorkerStartError(f"worker {self.pid} answered its start with something else")
         self._baseline_rss = reply[2]
         self.observe(reply[2])
 
@@ -271,6 +286,16 @@ class WorkerHandle:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signum)
+
+    @property
+    def violation(self) -> str | None:
+        """What it sent that was not a valid message, if it did."""
+        return self._violation
+
+    def broke_protocol(self, what: str) -> None:
+        """It sent `what`, which is not a valid message: it is to be killed."""
+        self._violation = what
+        self.mark_ended("protocol")
 
     def kill_for(self, reason: EndReason) -> None:
         """SIGKILL it now, from any thread, recording why (its drive sees the EOF)."""

@@ -35,9 +35,10 @@ __all__ = [
 
 RecycleReason = Literal["mem_cap", "drift", "max_tasks"]
 """Why a healthy worker is replaced once its current work is done."""
-EndReason = Literal[RecycleReason, "mem_hard", "idle", "crashed", "timed out", "exited"]
+EndReason = Literal[RecycleReason, "mem_hard", "idle", "crashed", "timed out", "protocol", "exited"]
 """Why a worker ended: recycled, killed past the hard memory limit, idle past
-`idle_timeout`, crashed, killed past a timeout, or exited with the pool."""
+`idle_timeout`, crashed, killed past a timeout, killed for sending what is not a valid
+message ("protocol"), or exited with the pool."""
 
 
 @dataclass(frozen=True, slots=True)

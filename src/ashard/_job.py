@@ -35,9 +35,9 @@ import anyio
 from ashard import _seeding
 from ashard._health import PROFILES, EndReason
 from ashard._options import CallOptions
-from ashard._outcomes import CRASHED, Loss, failure
+from ashard._outcomes import CRASHED, Loss, failure, unreadable_result, unsendable_items
 from ashard._progress import Progress
-from ashard._protocol import INTERRUPTED, ITEMS, RAISED, SHARDS, TIMEOUT, Payload
+from ashard._protocol import INTERRUPTED, ITEMS, RAISED, SHARDS, TIMEOUT, Payload, Result
 from ashard.errors import ShardError
 from ashard.results import Diagnostics, ShardDone, ShardResult, WorkerRow
 from ashard.shards import Shard, Shards
@@ -364,6 +364,44 @@ class Job:
             self._requeue_rest(chunk, chunk.done)
         self.notify()
 
+    def deliver_unreadable(self, chunk: Chunk, report: Result, pid: int, exc: Exception) -> None:
+        """Worker `pid` reported positions of `chunk` whose values, pickled there, do not
+        unpickle here (`exc`). A lone position fails with `ShardFailed`; several run
+        again one by one, uncharged, so that the failure names the position."""
+        n, k0 = report.n, report.k0
+        base = chunk.first + k0
+        self.inflight_shards -= n
+        chunk.done = k0 + n
+        self.pids.add(pid)
+        by_k = {e[0]: e for e in report.errors}
+        for k in range(n):
+            pos, err = base + k, by_k.get(k)
+            if err is not None:
+                self._charge(pos, chunk, k0 + k, err[1], err[2], pid)
+            elif n == 1:
+                shard = self.shard_at(pos, chunk, k0 + k)
+                error = unreadable_result(f"{self.noun} {pos}", shard, shard.attempt, exc)
+                self._fail(pos, error, chunk, k0 + k, pid)
+            elif not self.aborted:
+                self._push_retry(pos, chunk, k0 + k)
+        if report.final and chunk.done < chunk.count:
+            self._requeue_rest(chunk, chunk.done)
+        self.notify()
+
+    def unsendable(self, chunk: Chunk, exc: Exception) -> None:
+        """`chunk` was taken but its items cannot be pickled (`exc`): a lone position
+        fails, never having run; several are queued again one by one, to name it."""
+        if chunk.count > 1:
+            self._requeue_rest(chunk, 0)
+        else:
+            self.inflight_shards -= 1
+            chunk.done = 1
+            error = unsendable_items(
+                f"{self.noun} {chunk.first}", self.shard_at(chunk.first, chunk), exc
+            )
+            self._fail(chunk.first, error, chunk, 0, None)
+        self.notify()
+
     def _learn(self, n: int, elapsed: Any) -> None:
         if not n or elapsed is None:
             return
@@ -419,7 +457,7 @@ class Job:
         k: int,
         elapsed: Any,
         j: int,
-        pid: int,
+        pid: int | None,
     ) -> None:
         assert self.stream is not None
         took = _pick(elapsed, j)
@@ -474,7 +512,7 @@ class Job:
             timeout=self.opts.timeout,
         )
 
-    def _fail(self, pos: int, error: ShardError, chunk: Chunk, k: int, pid: int) -> None:
+    def _fail(self, pos: int, error: ShardError, chunk: Chunk, k: int, pid: int | None) -> None:
         if self._resolved[pos]:
             raise RuntimeError(f"ashard internal error: {self.noun} {pos} resolved twice")
         self._resolved[pos] = 1

@@ -37,6 +37,7 @@ __all__ = [
     "check_fn",
     "check_items",
     "check_positive_int",
+    "check_size",
     "check_timeout",
     "health_policy",
     "resolve_shards",
@@ -380,6 +381,14 @@ _UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }  # fmt: skip
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def check_size(name: str, value: object) -> int:
+    """A size that must be given: bytes, or a string such as "2GB"."""
+    size = parse_bytes(name, value)
+    if size is None:
+        raise TypeError(f"{name} must be a number of bytes or a size like '2GB', got None")
+    return size
 
 
 def parse_bytes(name: str, value: object) -> int | None:

@@ -9,6 +9,7 @@ attempts; crash messages name the signal and its likely cause.
 from __future__ import annotations
 
 import signal as _signal
+import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,8 @@ __all__ = [
     "failure",
     "remote_exception",
     "start_failure",
+    "unreadable_result",
+    "unsendable_items",
 ]
 
 CRASHED = -1
@@ -75,7 +78,7 @@ def failure(
     if kind == RAISED:
         exc = remote_exception(detail)
         err: ShardError = ShardFailed(
-            f"{subject} failed: {type(exc).__name__}: {exc}",
+            f"{subject} failed: {_show(exc)}",
             shard=shard,
             attempts=attempts,
             remote_traceback=detail[3],
@@ -96,6 +99,47 @@ def failure(
         exitcode=loss.exitcode,
         signal=loss.signal,
     )
+
+
+def unreadable_result(
+    subject: str, shard: Shard | None, attempts: int, exc: Exception
+) -> ShardFailed:
+    """`subject` ran, but its result, pickled in the worker, does not unpickle here."""
+    return _local_failure(subject, shard, attempts, exc, "its result could not be unpickled")
+
+
+def unsendable_items(subject: str, shard: Shard | None, exc: Exception) -> ShardFailed:
+    """The items of `subject` cannot be pickled, so it never ran."""
+    what = "it cannot be sent to a worker process: it could not be pickled"
+    return _local_failure(subject, shard, 0, exc, what)
+
+
+def _local_failure(
+    subject: str, shard: Shard | None, attempts: int, exc: Exception, what: str
+) -> ShardFailed:
+    """A failure that happened in the parent: the traceback is the parent's."""
+    err = ShardFailed(
+        f"{subject} failed: {what} ({_show(exc)})",
+        shard=shard,
+        attempts=attempts,
+        remote_traceback=_text_of(exc),
+    )
+    err.__cause__ = exc
+    return err
+
+
+def _show(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return type(exc).__name__
+
+
+def _text_of(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(exc))
+    except Exception:
+        return _show(exc)
 
 
 def call_outcome(values: list[Any], errors: list[Any], timeout: float | None) -> Any:

@@ -3,10 +3,10 @@ these codes; the comments give the rest of each tuple.
 
 parent -> worker::
 
-    HELLO   sys_path, init payload | None
+    HELLO   sys_path, init payload | None, max_frame
     JOB     key, JobSpec                      register fn and borrow for a call
-    RUN     key, seq, first, count, attempts | None, items | None
-    CALL    seq, fn, args, kwargs, timeout    one-shot call, no job registration
+    RUN     key, seq, first, count, attempts | None, items payload | None
+    CALL    seq, payload of (fn, args, kwargs), timeout    one call, no job
     CANCEL  key                               drop queued chunks of a job (+ SIGUSR1)
     FORGET  key                               the job is over: free its fn and borrow
     SEGMENTS seg_ids                          shared-memory fds ride along (SCM_RIGHTS)
@@ -18,11 +18,19 @@ worker -> parent::
 
     READY        pid, private rss after init (bytes)
     INIT_FAILED  exception record
-    RESULT       seq, k0, values, errors, elapsed, final, writes, rss (final: bytes)
+    RESULT       seq, k0, n, values payload, errors, elapsed, final, writes, rss
 
-`errors` in RESULT is a list of ``(k, kind, detail)`` for chunk positions k: RAISED
-(detail: exception record), TIMEOUT (detail: seconds run) or INTERRUPTED (positions
-from k on never ran; the chunk ends there).
+A RESULT reports chunk positions ``k0 .. k0+n-1`` of chunk `seq`. `errors` is a list of
+``(k, kind, detail)`` for positions k (counted from k0): RAISED (detail: exception
+record) or TIMEOUT (detail: seconds run) for ``k < n``, or INTERRUPTED at ``k == n``
+(positions from there on never ran: the chunk ends, and they go back to the queue).
+`final` says the chunk is over; `rss` is the worker's private memory then (bytes).
+
+User objects (items, call arguments, result values) travel as a `Payload` pickled on
+their own, out of band of the message: a message can always be read, and an object
+that cannot be unpickled fails its shard, not the channel. The parent trusts nothing
+a worker sends: `parse_result` checks every RESULT, and a message that does not parse
+is a `ProtocolViolation` that breaks that worker.
 """
 
 from __future__ import annotations
@@ -34,18 +42,115 @@ HELLO, JOB, RUN, CALL, CANCEL, FORGET, SEGMENTS, DROP = range(8)
 READY, INIT_FAILED, RESULT = range(100, 103)
 
 RAISED, TIMEOUT, INTERRUPTED = range(3)
+_DETAIL_KINDS = {RAISED: tuple, TIMEOUT: float, INTERRUPTED: type(None)}
 
 ITEMS, SHARDS = range(2)
+
+MAX_BUFFERS = 1 << 16
+"""Out-of-band buffers one frame may carry (`ashard._serialize.pack` keeps within half)."""
 
 INTERRUPT_SIGNAL = signal.SIGUSR1
 """Sent by the parent to stop the shard a worker is running (cancellation)."""
 
 
 class Payload(NamedTuple):
-    """User objects pickled once in the parent, shipped as-is to every worker."""
+    """User objects pickled on their own (`ashard._serialize.pack`): the pickle and its
+    out-of-band buffers. `data` is bytes, or a view of the frame it arrived in."""
 
-    data: bytes
+    data: Any
     buffers: list[Any]
+
+
+class ProtocolViolation(Exception):
+    """The other end sent something that is not a valid frame or message: the channel
+    cannot be trusted any more."""
+
+
+class Result(NamedTuple):
+    """A parsed RESULT message (see the module docstring)."""
+
+    seq: int
+    k0: int
+    n: int
+    values: Payload
+    errors: list[tuple[int, int, Any]]
+    elapsed: Any
+    final: bool
+    writes: list[tuple[int, str]] | None
+    rss: int
+
+
+def parse_result(msg: Any) -> Result:
+    """`msg` as a `Result`, or `ProtocolViolation` if it is not a well-formed one."""
+    if type(msg) is not tuple or len(msg) != 10 or msg[0] != RESULT:
+        raise ProtocolViolation(f"expected a result message, got {_describe(msg)}")
+    report = Result(*msg[1:])
+    ints = (report.seq, report.k0, report.n, report.rss)
+    if any(type(i) is not int for i in ints) or report.k0 < 0 or report.n < 0:
+        raise ProtocolViolation(f"a result message with bad counts: {ints}")
+    if not _is_packed(report.values) or type(report.final) is not bool:
+        raise ProtocolViolation("a result message with bad values or flags")
+    if report.errors:
+        _check_errors(report.errors, report.n)
+    return report
+
+
+def _is_packed(payload: Any) -> bool:
+    """A `Payload` as it arrives: its pickle in the message or beside it."""
+    return (
+        type(payload) is Payload
+        and type(payload.data) in (bytes, memoryview)
+        and type(payload.buffers) is list
+        and all(type(b) is memoryview for b in payload.buffers)
+    )
+
+
+def is_ready(msg: Any) -> bool:
+    """Is `msg` a well-formed READY?"""
+    return type(msg) is tuple and len(msg) == 3 and msg[0] == READY and type(msg[2]) is int
+
+
+def is_init_failure(msg: Any) -> bool:
+    """Is `msg` a well-formed INIT_FAILED?"""
+    return (
+        type(msg) is tuple
+        and len(msg) == 2
+        and msg[0] == INIT_FAILED
+        and type(msg[1]) is tuple
+        and _is_record(msg[1])
+    )
+
+
+def _check_errors(errors: Any, n: int) -> None:
+    if type(errors) is not list:
+        raise ProtocolViolation("a result message whose errors are not a list")
+    for entry in errors:
+        if type(entry) is not tuple or len(entry) != 3 or type(entry[0]) is not int:
+            raise ProtocolViolation(f"a malformed error entry: {_describe(entry)}")
+        k, kind = entry[0], entry[1]
+        detail: Any = entry[2]
+        expected = _DETAIL_KINDS.get(kind)
+        in_range = k == n if kind == INTERRUPTED else 0 <= k < n
+        if expected is None or type(detail) is not expected or not in_range:
+            raise ProtocolViolation(f"a malformed error entry: {_describe(entry)}")
+        if kind == RAISED and not _is_record(detail):
+            raise ProtocolViolation("an exception record that is not one")
+
+
+def _is_record(detail: Any) -> bool:
+    return (
+        len(detail) == 4
+        and (detail[0] is None or type(detail[0]) is bytes)
+        and all(type(part) is str for part in detail[1:])
+    )
+
+
+def _describe(obj: Any) -> str:
+    """What `obj` is, without calling any of its methods (it may be hostile)."""
+    if type(obj) in (tuple, list):
+        head = obj[0] if obj and type(obj[0]) is int else "..."
+        return f"a {type(obj).__name__} of {len(obj)} starting with {head}"
+    return f"a {type(obj).__name__}"
 
 
 class ArrayRef(NamedTuple):

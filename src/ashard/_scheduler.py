@@ -42,13 +42,33 @@ import anyio
 import anyio.abc
 
 from ashard._export import Exported, export
-from ashard._framing import ChannelClosed, RawFrame, encode, encode_many
+from ashard._framing import (
+    INLINE_DECODE_LIMIT,
+    Buffer,
+    ChannelClosed,
+    RawFrame,
+    encode,
+    encode_many,
+)
 from ashard._handle import WorkerConfig, WorkerHandle
 from ashard._health import PROFILES, HealthPolicy
 from ashard._job import Chunk, Job
-from ashard._outcomes import CRASHED, call_outcome, failure
-from ashard._protocol import CALL, CANCEL, JOB, RESULT, RUN, SEGMENTS, TIMEOUT, JobSpec
-from ashard._serialize import dumps_named
+from ashard._outcomes import CRASHED, call_outcome, failure, unreadable_result
+from ashard._protocol import (
+    CALL,
+    CANCEL,
+    INTERRUPTED,
+    JOB,
+    RUN,
+    SEGMENTS,
+    TIMEOUT,
+    JobSpec,
+    Payload,
+    ProtocolViolation,
+    Result,
+    parse_result,
+)
+from ashard._serialize import dumps_named, pack, unpack
 from ashard._workers import WorkerSet
 from ashard.results import PoolStats
 
@@ -203,7 +223,7 @@ class Scheduler:
         job = run.job
         job.ran_on(w)
         started = False
-        lost: bool | None = None  # None: worker fine; False: died; True: hung past timeout
+        lost: Exception | None = None  # why the worker is lost: it died, hung or misbehaved
         try:
             try:
                 await self._fill(lease)
@@ -216,10 +236,8 @@ class Scheduler:
                         await self._fill(lease)
                     if not lease.inflight:
                         break
-            except ChannelClosed:
-                lost = False
-            except _Hung:
-                lost = True
+            except (ChannelClosed, _Hung, ProtocolViolation) as exc:
+                lost = exc
         finally:
             if not started:
                 task_status.started()
@@ -227,7 +245,7 @@ class Scheduler:
                 if lost is None:
                     await self._settle(lease)
                 else:
-                    await self._lose(lease, timed_out=lost)
+                    await self._lose(lease, lost)
 
     async def _fill(self, lease: _Lease) -> None:
         """Top up the lease's window with its job's chunks, in one send."""
@@ -253,25 +271,33 @@ class Scheduler:
                 run.loaded_on.add(w)
                 fds = _segments_for(run, w, msgs)
                 msgs.append((JOB, run.key, run.spec))
-            for c in chunks:
-                msgs.append((RUN, run.key, c.seq, c.first, c.count, c.attempts, c.items))
             lease.inflight.extend(chunks)
-        if not msgs:
+        if not msgs and not chunks:
             return
         if was_idle:
             lease.last_heard = time.monotonic()
-        await w.channel.send(await self._encode(run, msgs), fds)
+        parts, unsendable = await self._encode(run, msgs, chunks)
+        for chunk, exc in unsendable:
+            lease.inflight.remove(chunk)
+            job.unsendable(chunk, exc)
+        if parts:
+            await w.channel.send(parts, fds)
 
-    async def _encode(self, run: _Run, msgs: list[Any]) -> list[Any]:
+    async def _encode(
+        self, run: _Run, msgs: list[Any], chunks: list[Chunk]
+    ) -> tuple[list[Buffer], list[tuple[Chunk, Exception]]]:
+        """The frames of `msgs` and of a RUN per chunk (its items pickled on their own),
+        and the chunks whose items cannot be pickled; off the event loop once that got
+        slow."""
         if run.encode_in_thread:
-            return await anyio.to_thread.run_sync(encode_many, msgs)
+            return await anyio.to_thread.run_sync(_encode_run, run.key, msgs, chunks)
         t0 = time.perf_counter()
-        parts = encode_many(msgs)
+        encoded = _encode_run(run.key, msgs, chunks)
         if time.perf_counter() - t0 > ENCODE_INLINE_SECONDS:
             run.encode_in_thread = True
-        return parts
+        return encoded
 
-    async def _receive(self, lease: _Lease) -> list[Any]:
+    async def _receive(self, lease: _Lease) -> list[_Report]:
         timeout = lease.run.job.opts.timeout
         if timeout is None:
             return await _receive(lease.worker)
@@ -280,24 +306,27 @@ class Scheduler:
             return await _receive(lease.worker)
         raise _Hung
 
-    def _handle(self, lease: _Lease, msgs: list[Any]) -> None:
+    def _handle(self, lease: _Lease, reports: list[_Report]) -> None:
         lease.last_heard = time.monotonic()
         w, job = lease.worker, lease.run.job
         profile = PROFILES[job.opts.profile]
         done = 0
-        for msg in msgs:
-            if msg[0] != RESULT:
-                raise RuntimeError(f"ashard internal error: unexpected message {msg[0]!r}")
-            _, seq, k0, values, errors, elapsed, final, writes, rss = msg
-            chunk = lease.inflight[0]
-            if chunk.seq != seq:
-                raise RuntimeError("ashard internal error: results out of order")
-            job.deliver(chunk, k0, values, errors, elapsed, final, w.pid, writes)
-            done += len(values)
-            if final:
+        for report, values in reports:
+            chunk = lease.inflight[0] if lease.inflight else None
+            if chunk is None or chunk.seq != report.seq or chunk.done != report.k0:
+                raise ProtocolViolation("a result for work it was not running")
+            if report.k0 + report.n > chunk.count or (report.final and not _ends(report, chunk)):
+                raise ProtocolViolation("a result that does not fit its chunk")
+            if isinstance(values, Exception):
+                job.deliver_unreadable(chunk, report, w.pid, values)
+            else:
+                job.deliver(chunk, report.k0, values, report.errors, report.elapsed,
+                            report.final, w.pid, report.writes)  # fmt: skip
+            done += report.n
+            if report.final:
                 lease.inflight.popleft()
-                w.finished_work(rss, self.policy, profile)
-        if msgs:
+                w.finished_work(report.rss, self.policy, profile)
+        if reports:
             self.workers.heard_back(done)
 
     async def _settle(self, lease: _Lease) -> None:
@@ -312,7 +341,7 @@ class Scheduler:
                 with anyio.move_on_after(CANCEL_GRACE):
                     while lease.inflight:
                         self._handle(lease, await _receive(w))
-            except ChannelClosed:
+            except (ChannelClosed, ProtocolViolation):
                 pass
         if lease.inflight or not w.alive:
             lease.inflight.clear()
@@ -321,17 +350,26 @@ class Scheduler:
             return
         self.workers.release(w, job)
 
-    async def _lose(self, lease: _Lease, *, timed_out: bool) -> None:
-        """The worker died or hung: give its chunks back to the job and replace it."""
+    async def _lose(self, lease: _Lease, why: Exception) -> None:
+        """The worker died, hung or misbehaved: give its chunks back to the job and
+        replace it."""
         w, job = lease.worker, lease.run.job
-        if timed_out or await w.wait_exit(1.0) is None:
-            await w.kill()
-        self.workers.count_death(w, timed_out=timed_out)
+        timed_out = await self._bury(w, why)
         chunks = list(lease.inflight)
         lease.inflight.clear()
         job.worker_lost(chunks, self.workers.loss_of(w), timed_out=timed_out)
         self.workers.discard(w, job)
         await self.workers.replenish()
+
+    async def _bury(self, w: WorkerHandle, why: Exception) -> bool:
+        """Make sure a lost worker is dead and count it; True if it hung past a timeout."""
+        timed_out = isinstance(why, _Hung)
+        if isinstance(why, ProtocolViolation):
+            w.broke_protocol(str(why))
+        if timed_out or isinstance(why, ProtocolViolation) or await w.wait_exit(1.0) is None:
+            await w.kill()
+        self.workers.count_death(w, timed_out=timed_out)
+        return timed_out
 
     # -- one-shot calls ---------------------------------------------------------------
 
@@ -345,7 +383,7 @@ class Scheduler:
         """Run ``fn(*args, **kwargs)`` on a worker; raise what it raises."""
         seq = next(self._seq)
         try:
-            parts = encode((CALL, seq, fn, args, kwargs, timeout))
+            parts = encode((CALL, seq, pack((fn, args, kwargs)), timeout))
         except Exception:
             _name_unpicklable(fn, args, kwargs)
             raise
@@ -353,21 +391,19 @@ class Scheduler:
         w = await self.workers.acquire(token)
         if w.has_control:
             parts = encode_many(w.take_control()) + parts
-        msg = None
-        lost: bool | None = None
+        answer: _Report | None = None
+        lost: Exception | None = None
         w.hand(None, 1)
         try:
             try:
                 await w.channel.send(parts)
-                msg = await _receive_call(w, timeout)
-                w.finished_work(msg[8], self.policy, PROFILES["default"])
+                answer = await _receive_call(w, seq, timeout)
+                w.finished_work(answer[0].rss, self.policy, PROFILES["default"])
                 self.workers.heard_back(0)
-            except ChannelClosed:
-                lost = False
-            except _Hung:
-                lost = True
+            except (ChannelClosed, _Hung, ProtocolViolation) as exc:
+                lost = exc
         finally:
-            if lost is None and msg is not None:
+            if lost is None and answer is not None:
                 self.workers.release(w, token)  # the common case: no shielded scope to pay for
             else:
                 with anyio.CancelScope(shield=True):
@@ -376,10 +412,14 @@ class Scheduler:
                     else:
                         await self._settle_call(w, token)
         if lost is not None:
-            kind, detail = (TIMEOUT, None) if lost else (CRASHED, self.workers.loss_of(w))
+            hung = isinstance(lost, _Hung)
+            kind, detail = (TIMEOUT, None) if hung else (CRASHED, self.workers.loss_of(w))
             raise failure(kind, detail, subject="call", shard=None, attempts=1, timeout=timeout)
-        assert msg is not None
-        return call_outcome(msg[3], msg[4], timeout)
+        assert answer is not None
+        report, values = answer
+        if isinstance(values, Exception):
+            raise unreadable_result("call", None, 1, values)
+        return call_outcome(values, report.errors, timeout)
 
     async def _settle_call(self, w: WorkerHandle, token: object) -> None:
         """The caller was cancelled mid-call: interrupt, wait briefly, else kill."""
@@ -388,7 +428,7 @@ class Scheduler:
             with anyio.move_on_after(CANCEL_GRACE):
                 try:
                     await _receive(w)
-                except ChannelClosed:
+                except (ChannelClosed, ProtocolViolation):
                     pass
                 else:
                     self.workers.release(w, token)
@@ -396,10 +436,8 @@ class Scheduler:
         await w.kill()
         self.workers.discard(w, token)
 
-    async def _lose_call(self, w: WorkerHandle, token: object, timed_out: bool) -> None:
-        if timed_out or await w.wait_exit(1.0) is None:
-            await w.kill()
-        self.workers.count_death(w, timed_out=timed_out)
+    async def _lose_call(self, w: WorkerHandle, token: object, why: Exception) -> None:
+        await self._bury(w, why)
         self.workers.discard(w, token)
         await self.workers.replenish()
 
@@ -416,20 +454,70 @@ def _segments_for(run: _Run, w: WorkerHandle, msgs: list[Any]) -> list[int]:
     return [seg.fd for seg in new]
 
 
-async def _receive(w: WorkerHandle, *, wait_first: bool = False) -> list[Any]:
-    """Messages from `w`; large frames are unpickled off the event loop."""
-    msgs = await w.channel.receive(wait_first=wait_first)
-    for i, m in enumerate(msgs):
-        if isinstance(m, RawFrame):
-            msgs[i] = await anyio.to_thread.run_sync(m.decode)
-    return msgs
+_Report = tuple[Result, "list[Any] | Exception"]
+"""A parsed RESULT and its values, or the error that unpickling them raised."""
 
 
-async def _receive_call(w: WorkerHandle, timeout: float | None) -> Any:
-    if timeout is None:
-        return (await _receive(w, wait_first=True))[0]
-    with anyio.move_on_after(timeout + KILL_GRACE):
-        return (await _receive(w, wait_first=True))[0]
+async def _receive(w: WorkerHandle, *, wait_first: bool = False) -> list[_Report]:
+    """The reports `w` sent, checked; large frames and values are unpickled off the
+    event loop. A message that is not a well-formed result is a `ProtocolViolation`."""
+    reports: list[_Report] = []
+    for msg in await w.channel.receive(wait_first=wait_first):
+        if isinstance(msg, RawFrame):
+            msg = await anyio.to_thread.run_sync(msg.decode)
+        report = parse_result(msg)
+        if _packed_bytes(report.values) > INLINE_DECODE_LIMIT:
+            values = await anyio.to_thread.run_sync(_values_of, report)
+        else:
+            values = _values_of(report)
+        reports.append((report, values))
+    return reports
+
+
+def _values_of(report: Result) -> list[Any] | Exception:
+    try:
+        values = unpack(report.values)
+    except Exception as exc:  # the values pickled in the worker but do not unpickle here
+        return exc
+    if type(values) is not list or len(values) != report.n:
+        raise ProtocolViolation("a result whose values do not match its count")
+    return values
+
+
+def _packed_bytes(payload: Payload) -> int:
+    data = payload.data
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    return int(size) + sum(int(b.nbytes) for b in payload.buffers)
+
+
+def _ends(report: Result, chunk: Chunk) -> bool:
+    """Does a final report leave its chunk complete (or stopped early, on purpose)?"""
+    end = report.k0 + report.n
+    interrupted = bool(report.errors) and report.errors[-1][1] == INTERRUPTED
+    return end == chunk.count or interrupted
+
+
+def _encode_run(
+    key: int, msgs: list[Any], chunks: list[Chunk]
+) -> tuple[list[Buffer], list[tuple[Chunk, Exception]]]:
+    parts = encode_many(msgs)
+    unsendable: list[tuple[Chunk, Exception]] = []
+    for c in chunks:
+        try:
+            items = None if c.items is None else pack(c.items)
+        except Exception as exc:
+            unsendable.append((c, exc))
+            continue
+        parts += encode((RUN, key, c.seq, c.first, c.count, c.attempts, items))
+    return parts, unsendable
+
+
+async def _receive_call(w: WorkerHandle, seq: int, timeout: float | None) -> _Report:
+    with anyio.move_on_after(None if timeout is None else timeout + KILL_GRACE):
+        report = (await _receive(w, wait_first=True))[0]
+        if report[0].seq != seq or not report[0].final:
+            raise ProtocolViolation("an answer to a call it was not asked")
+        return report
     raise _Hung
 
 

@@ -12,7 +12,7 @@ import pickle
 import traceback
 from typing import Any
 
-from ashard._protocol import Payload
+from ashard._protocol import MAX_BUFFERS, Payload
 
 __all__ = [
     "decode_exception",
@@ -20,29 +20,34 @@ __all__ = [
     "dumps_named",
     "encode_exception",
     "loads",
+    "pack",
     "pickle_payload",
+    "unpack",
 ]
 
 PROTOCOL = 5
 _MAIN = b"__main__"
 
 
-def dumps(obj: Any, buffers: list[pickle.PickleBuffer]) -> bytes:
-    """Pickle `obj`, appending its out-of-band buffers to `buffers`."""
+def dumps(obj: Any, buffers: list[pickle.PickleBuffer] | None) -> bytes:
+    """Pickle `obj`, appending its out-of-band buffers to `buffers` (None: in band)."""
     oob: list[pickle.PickleBuffer] = []
+    callback = None if buffers is None else oob.append
     try:
-        data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=oob.append)
+        data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
     except Exception:
         pass
     else:
         if _MAIN not in data:
-            buffers.extend(oob)
+            if buffers is not None:
+                buffers.extend(oob)
             return data
     import cloudpickle
 
     oob.clear()
-    by_value: bytes = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=oob.append)
-    buffers.extend(oob)
+    by_value: bytes = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
+    if buffers is not None:
+        buffers.extend(oob)
     return by_value
 
 
@@ -69,6 +74,29 @@ def loads(data: Any, buffers: Any = ()) -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
+INLINE_PACK_BYTES = 1 << 16
+"""Packed objects up to this size ride inside their message (one small copy); larger
+ones, and any with out-of-band buffers, travel beside it, uncopied."""
+
+
+def pack(obj: object) -> Payload:
+    """`obj` pickled on its own, apart from the message that carries it: the message
+    stays readable whatever the object does when it is unpickled."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = dumps(obj, buffers)
+    if not buffers and len(data) <= INLINE_PACK_BYTES:
+        return Payload(data, buffers)
+    if len(buffers) > MAX_BUFFERS // 2:  # thousands of small arrays: in band, one copy
+        buffers = []
+        data = dumps(obj, None)
+    return Payload(pickle.PickleBuffer(data), buffers)
+
+
+def unpack(payload: Payload) -> Any:
+    """The object in a `Payload`."""
+    return pickle.loads(payload.data, buffers=payload.buffers)
+
+
 class RemoteError(Exception):
     """Stands in for a worker exception whose own type could not be pickled back."""
 
@@ -81,24 +109,37 @@ ExcRecord = tuple[bytes | None, str, str, str]
 
 
 def encode_exception(exc: BaseException) -> ExcRecord:
-    """(pickled exception or None, type name, message, traceback text) for the parent."""
-    tb = "".join(traceback.format_exception(exc))
+    """(pickled exception or None, type name, message, traceback text) for the parent.
+    Never raises: an exception whose `__str__` or pickling fails still travels, as its
+    type name, whatever text can be had, and the traceback."""
     name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    message = _text(lambda: str(exc), f"<{name} object: str() failed>")
+    tb = _text(lambda: "".join(traceback.format_exception(exc)), f"{name}: {message}\n")
     try:
         blob: bytes | None = dumps(exc, [])
         pickle.loads(blob or b"")  # types that pickle but do not unpickle are common
     except Exception:
         blob = None
-    return blob, name, str(exc), tb
+    return blob, name, message, tb
+
+
+def _text(make: Any, fallback: str) -> str:
+    try:
+        text = make()
+    except Exception:
+        return fallback
+    return text if isinstance(text, str) else fallback
 
 
 def decode_exception(record: ExcRecord) -> BaseException:
-    """Rebuild the worker's exception, keeping its type where it unpickles."""
+    """Rebuild the worker's exception, keeping its type where it unpickles (and can
+    be shown: one whose `str()` fails stands in as a `RemoteError`)."""
     blob, name, message, _tb = record
     if blob is not None:
         try:
             exc = pickle.loads(blob)
             if isinstance(exc, BaseException):
+                str(exc)
                 return exc
         except Exception:
             pass

@@ -136,7 +136,11 @@ class WorkerSet:
     def loss_of(self, w: WorkerHandle) -> Loss:
         """How `w` ended, for the errors of the work it held."""
         exitcode, signum = w.exit_info()
-        note = self.policy.hard_limit_note(w.peak_rss) if w.end_reason == "mem_hard" else None
+        note = None
+        if w.end_reason == "mem_hard":
+            note = self.policy.hard_limit_note(w.peak_rss)
+        elif w.violation is not None:
+            note = f"killed by ashard: it broke the channel protocol (it sent {w.violation})"
         return Loss(w.pid, exitcode, signum, note)
 
     @contextmanager

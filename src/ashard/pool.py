@@ -28,6 +28,7 @@ from ashard._options import (
     check_fn,
     check_items,
     check_positive_int,
+    check_size,
     check_timeout,
     health_policy,
     resolve_shards,
@@ -63,6 +64,10 @@ class Pool:
     past their post-`init` baseline by that fraction (True: 0.5; False: never).
     `max_tasks` replaces a worker after that many shards or calls; `idle_timeout` lets
     idle workers exit (new ones start on demand).
+
+    Nothing a worker sends is trusted: a message larger than `max_message` (or that
+    is not a valid one) breaks that worker — it is killed and replaced, its shards run
+    again — and a result too large to send fails its shard, saying so.
     """
 
     __module__ = "ashard"
@@ -79,6 +84,7 @@ class Pool:
         recycle: bool | float = True,
         hard_cap: float = 1.5,
         health_check_interval: float = 1.0,
+        max_message: int | str = "2GiB",
     ) -> None:
         size = check_positive_int("workers", workers, allow_none=True) or os.cpu_count() or 1
         policy = health_policy(
@@ -87,7 +93,8 @@ class Pool:
             idle_timeout=idle_timeout,
         )  # fmt: skip
         init_payload = None if init is None else pickle_payload(check_fn(init, "init"), "init")
-        config = WorkerConfig(env=check_env(env), init=init_payload)
+        max_frame = check_size("max_message", max_message)
+        config = WorkerConfig(env=check_env(env), init=init_payload, max_frame=max_frame)
         self._backend: Backend = Scheduler(size, config, policy)
         global _atexit_registered
         if not _atexit_registered:

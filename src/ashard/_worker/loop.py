@@ -15,7 +15,14 @@ import sys
 from collections import deque
 from typing import Any
 
-from ashard._framing import FrameReader, RawFrame, encode, send_frames
+from ashard._framing import (
+    DEFAULT_MAX_FRAME,
+    FrameReader,
+    RawFrame,
+    encode,
+    frame_size,
+    send_frames,
+)
 from ashard._protocol import (
     CALL,
     CANCEL,
@@ -31,12 +38,13 @@ from ashard._protocol import (
     RESULT,
     RUN,
     SEGMENTS,
+    SHARDS,
     ArrayRef,
     JobSpec,
     Payload,
     TableRef,
 )
-from ashard._serialize import dumps, encode_exception, loads
+from ashard._serialize import dumps, encode_exception, pack, unpack
 from ashard._worker import run
 from ashard._worker.attach import Audited, Segments
 
@@ -62,6 +70,7 @@ class Worker:
         self.queue: deque[Any] = deque()
         self.jobs: dict[int, run.JobContext | BaseException] = {}
         self.report_rss = True  # memory with chunk results; calls skip it (latency)
+        self.max_frame = DEFAULT_MAX_FRAME  # the parent's limit, from HELLO
 
     def send(self, msg: Any) -> None:
         send_frames(self.sock, encode(msg))
@@ -77,12 +86,17 @@ class Worker:
         writes: list[tuple[int, str]] | None = None,
     ) -> None:
         rss = private_rss() if final and self.report_rss else 0
-        msg = (RESULT, seq, k0, values, errors, elapsed, final, writes, rss)
         try:
-            parts = encode(msg)
+            payload = pack(values)
         except Exception:
             values, errors = _drop_unpicklable(values, errors)
-            parts = encode((RESULT, seq, k0, values, errors, elapsed, final, writes, rss))
+            payload = pack(values)
+        n = len(values)
+        parts = encode((RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss))
+        if frame_size(parts) > self.max_frame:
+            values, errors = _too_large(values, errors, frame_size(parts), self.max_frame)
+            payload = pack(values)
+            parts = encode((RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss))
         send_frames(self.sock, parts)
 
     def read(self, block: bool) -> bool:
@@ -131,10 +145,7 @@ class Worker:
             if op == RUN:
                 self._run(*msg[1:])
             elif op == CALL:
-                _, seq, fn, args, kwargs, timeout = msg
-                self.report_rss = False
-                run.run_call(fn, args, kwargs, timeout, seq, self.send_result)
-                self.report_rss = True
+                self._call(*msg[1:])
             elif op == JOB:
                 self.jobs[msg[1]] = _load_job(msg[2], self.segments)
             elif op == FORGET:
@@ -153,16 +164,38 @@ class Worker:
         first: int,
         count: int,
         attempts: list[int] | None,
-        items: list[Any] | None,
+        packed: Payload | None,
     ) -> None:
         ctx = self.jobs.get(key)
-        if isinstance(ctx, run.JobContext):
-            run.run_chunk(ctx, seq, first, count, attempts, items, self.send_result)
+        if not isinstance(ctx, run.JobContext):
+            exc = ctx if ctx is not None else RuntimeError(f"job {key} is not registered")
+            self._fail_all(seq, count, exc)
             return
-        exc = ctx if ctx is not None else RuntimeError(f"job {key} is not registered")
+        try:
+            items = None if packed is None else unpack(packed)
+        except Exception as exc:
+            if count > 1:  # the parent sends them again one by one, to name the bad one
+                self.send_result(seq, 0, [], [(0, INTERRUPTED, None)], None, True)
+            else:
+                what = "item" if ctx.kind != SHARDS else "the items of shard"
+                self._fail_all(seq, 1, _load_error(f"{what} {first}", exc))
+            return
+        run.run_chunk(ctx, seq, first, count, attempts, items, self.send_result)
+
+    def _fail_all(self, seq: int, count: int, exc: BaseException) -> None:
         record = encode_exception(exc)
         errors = [(k, RAISED, record) for k in range(count)]
         self.send_result(seq, 0, [None] * count, errors, [0.0] * count, True)
+
+    def _call(self, seq: int, packed: Payload, timeout: float | None) -> None:
+        try:
+            fn, args, kwargs = unpack(packed)
+        except Exception as exc:
+            self._fail_all(seq, 1, _load_error("the call's function or arguments", exc))
+            return
+        self.report_rss = False
+        run.run_call(fn, args, kwargs, timeout, seq, self.send_result)
+        self.report_rss = True
 
 
 def _load_job(spec: JobSpec, segments: Segments) -> run.JobContext | BaseException:
@@ -172,9 +205,11 @@ def _load_job(spec: JobSpec, segments: Segments) -> run.JobContext | BaseExcepti
         sys.path[:] = spec.sys_path
     kwargs: dict[str, Any] = {}
     audit: list[Audited] = []
+    what = "fn"
     try:
-        fn = _load(spec.fn)
+        fn = unpack(spec.fn)
         for name, value in (spec.borrow or {}).items():
+            what = f"borrow[{name!r}]"
             if isinstance(value, ArrayRef) and value.mode == "audit" and value.size:
                 audit.append(Audited(name, segments, value))
                 kwargs[name] = audit[-1].array
@@ -183,14 +218,38 @@ def _load_job(spec: JobSpec, segments: Segments) -> run.JobContext | BaseExcepti
             elif isinstance(value, TableRef):
                 kwargs[name] = segments.table(value)
             else:
-                kwargs[name] = _load(value)
+                kwargs[name] = unpack(value)
     except Exception as exc:
-        return exc
+        return _load_error(what, exc)
     return run.JobContext(spec.kind, fn, kwargs, spec.timeout, spec.seed, spec.layout, audit)
 
 
-def _load(payload: Payload) -> Any:
-    return loads(payload.data, payload.buffers)
+def _load_error(what: str, exc: Exception) -> RuntimeError:
+    """`exc`, raised while unpickling `what` in the worker, as an error that says so."""
+    error = RuntimeError(f"{what} could not be loaded in the worker: {_show_error(exc)}")
+    error.__cause__ = exc
+    return error
+
+
+def _show_error(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return type(exc).__name__
+
+
+def _too_large(
+    values: list[Any], errors: list[Any], size: int, limit: int
+) -> tuple[list[Any], list[Any]]:
+    """The results of one report, over the parent's frame limit: each fails, saying so."""
+    failed = {e[0] for e in errors}
+    exc = ValueError(
+        f"the result is too large to send back: {size:,} bytes in one message, over the "
+        f"limit of {limit:,} (Pool(max_message=...))"
+    )
+    record = encode_exception(exc)
+    extra = [(k, RAISED, record) for k in range(len(values)) if k not in failed]
+    return [None] * len(values), sorted(errors + extra, key=lambda e: e[0])
 
 
 def _drop_unpicklable(values: list[Any], errors: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -205,7 +264,7 @@ def _drop_unpicklable(values: list[Any], errors: list[Any]) -> tuple[list[Any], 
             msg = (
                 f"the result of fn (a {type(value).__module__}.{type(value).__qualname__}) "
                 f"cannot be sent back to the parent: it could not be pickled "
-                f"({type(exc).__name__}: {exc})"
+                f"({_show_error(exc)})"
             )
             errs.append((k, RAISED, encode_exception(TypeError(msg))))
     errs.sort(key=lambda e: e[0])
@@ -213,16 +272,17 @@ def _drop_unpicklable(values: list[Any], errors: list[Any]) -> tuple[list[Any], 
 
 
 def _handshake(worker: Worker) -> bool:
-    """Apply HELLO (sys.path, init) and answer READY; False if the worker must stop."""
+    """Apply HELLO (sys.path, init, frame limit) and answer READY; False if the worker
+    must stop."""
     if not worker.read(block=True):
         return False
     hello = worker.queue.popleft()
     assert hello[0] == HELLO, hello
-    _, sys_path, init = hello
+    _, sys_path, init, worker.max_frame = hello
     sys.path[:] = sys_path
     if init is not None:
         try:
-            _load(init)()
+            unpack(init)()
         except BaseException as exc:  # reported to the parent, which fails the pool start
             worker.send((INIT_FAILED, encode_exception(exc)))
             return False
