@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import numpy as np
 import pytest
 
 import ashard
@@ -155,3 +156,54 @@ async def test_call_arguments_that_cannot_be_loaded_say_so() -> None:
     with pytest.raises(RuntimeError, match="function or arguments could not be loaded"):
         await ashard.call(workloads.identity, workloads.RebuildFails())
     assert await ashard.call(abs, -3) == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "exc", "words"),
+    [
+        ({"timeout": 1e10}, ValueError, "timeout must be at most 1e\\+08 seconds"),
+        ({"chunk_size": np.array([1, 2])}, TypeError, "chunk_size must be a positive int"),
+        ({"cow": np.array(["deny", "allow"])}, ValueError, "cow must be one of"),
+        ({"errors": np.array(["raise"])}, ValueError, "errors must be one of"),
+        ({"timeout": np.array([1.0, 2.0])}, TypeError, "timeout must be a positive number"),
+        ({"max_retries": np.int64(-1)}, ValueError, "max_retries must be an int >= 0"),
+    ],
+)
+async def test_odd_option_values_are_refused_by_name(
+    options: dict[str, Any], exc: type[Exception], words: str
+) -> None:
+    pool = ashard.Pool(1)
+    with pytest.raises(exc, match=words):
+        await pool.shard_map(4, workloads.shard_sum, **options)
+    assert pool.stats.started == 0
+    await pool.aclose()
+
+
+def test_odd_pool_seconds_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="idle_timeout must be at most"):
+        ashard.Pool(1, idle_timeout=1e10)
+    with pytest.raises(ValueError, match="health_check_interval must be at most"):
+        ashard.Pool(1, health_check_interval=1e12)
+
+
+async def test_a_refused_call_changes_nothing() -> None:
+    pool = ashard.default_pool()
+    await ashard.map(abs, [1, 2], workers=2)
+    with pytest.raises(ValueError, match="errors must be one of"):
+        await ashard.map(abs, [1, 2], workers=1, errors="ignore")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fn must be callable"):
+        await ashard.shard_map(4, 42, workers=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fn must be callable"):
+        ashard.shard_stream(4, 42, workers=1)  # type: ignore[arg-type]
+    assert pool is ashard.default_pool() and pool.workers == 2 and len(pool.pids) == 2
+
+
+async def test_a_masked_array_arrives_with_its_mask() -> None:
+    data = np.ma.masked_array(np.arange(10.0), mask=[i % 3 == 0 for i in range(10)])
+    res = await ashard.shard_map(
+        2, lambda sh, X: (type(X).__name__, float(X.sum()), int(X.count())),
+        borrow={"X": data}, workers=1,
+    )  # fmt: skip
+    assert res.results == [("MaskedArray", float(data.sum()), 6)] * len(res.shards)
+    with pytest.raises(TypeError, match="share\\(\\) takes a plain numpy array"):
+        ashard.share(data)

@@ -26,7 +26,7 @@ KILLED = Loss(PID, None, 9)
 def shard_job(n: int, **options: Any) -> Job:
     opts = CallOptions(**{"chunk_size": 1, **options})
     layout = ashard.shards(n, block_size=1)
-    return Job.of_shards(FN, opts, layout, None, {}, {}, workers=2)
+    return Job.of_shards(FN, opts, layout, None, {}, {})
 
 
 def take_all(job: Job) -> list[Chunk]:
@@ -147,7 +147,7 @@ def test_map_reads_items_lazily_and_a_retried_item_keeps_its_value() -> None:
             yield f"item {i}"
 
     opts = CallOptions(chunk_size=4, max_retries=1)
-    job = Job.of_items(FN, opts, source(), {}, workers=2)
+    job = Job.of_items(FN, opts, source(), {})
     assert job.total is None
     chunk = job.take_chunk(0)
     assert chunk is not None and chunk.items == ["item 0", "item 1", "item 2", "item 3"]
@@ -161,7 +161,7 @@ def test_a_stream_dispatches_no_more_than_max_pending_ahead() -> None:
     opts = CallOptions(chunk_size=1, max_pending=3)
     layout = ashard.shards(10, block_size=1)
     buffer = StreamBuffer(ordered=False, max_pending=3)
-    job = Job.of_shards(FN, opts, layout, None, {}, {}, workers=2, stream=buffer)
+    job = Job.of_shards(FN, opts, layout, None, {}, {}, buffer)
     chunks = take_all(job)
     assert len(chunks) == 3  # the budget is spent
     deliver_ok(job, chunks[0])

@@ -27,9 +27,12 @@ A job offers the backend (`ashard._job.Job`):
   `CallOptions`: ``timeout``, ``seed``, ``cow``, ``profile``), ``kind``, ``layout``,
   ``sys_path``;
 * ``has_work()``, ``window()`` (chunks a worker should hold), ``take_chunk(seq, limit)``;
+* ``served_by(n)`` first (chunk sizes leave work for each of `n` workers);
 * ``deliver(chunk, k0, values, errors, elapsed, final, pid, writes)`` for each report,
-  ``worker_lost(chunks, loss, timed_out=...)`` when a worker died or hung holding
-  chunks (oldest first), ``ran_on(worker)`` for its diagnostics;
+  ``deliver_unreadable(chunk, report, pid, exc)`` when its values do not unpickle,
+  ``unsendable(chunk, exc)`` when a chunk's items cannot be pickled,
+  ``worker_lost(chunks, loss, timed_out=...)`` when a worker died, hung or broke the
+  protocol holding chunks (oldest first), ``ran_on(worker)`` for its diagnostics;
 * ``over``, ``finished``, ``abort(exc)``, ``wait_change()``.
 
 Exactly-once delivery, retries and failure accounting are the job's; a backend only

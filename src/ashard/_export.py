@@ -62,7 +62,7 @@ def _export_borrow(
 ) -> Payload | ArrayRef | TableRef:
     if isinstance(value, SharedArray | Buffer):
         return _ref(exported, value.segment, value, mode)
-    if isinstance(value, np.ndarray) and value.dtype.kind in SHAREABLE_KINDS:
+    if _plain_array(value) and value.dtype.kind in SHAREABLE_KINDS:
         shared = SharedArray.copy_of(value)
         exported.owned.append(shared)
         return _ref(exported, shared.segment, shared, mode)
@@ -75,6 +75,13 @@ def _export_borrow(
             exported.segments.append(segment)
         return TableRef(segment.id, segment.size, value.kind)  # immutable: no cow modes
     return pickle_payload(value, f"borrow[{name!r}]")
+
+
+def _plain_array(value: Any) -> bool:
+    """An ndarray that is its data and nothing more. Subclasses carry more (a masked
+    array's mask, a matrix's algebra) that a shared view would drop: they are pickled,
+    and arrive whole."""
+    return type(value) is np.ndarray or type(value) is np.memmap
 
 
 def _ref(exported: Exported, segment: Segment, array: SharedArray | Buffer, mode: str) -> ArrayRef:

@@ -116,7 +116,6 @@ class Job:
         sequence: Sequence[Any] | None,
         items: Iterator[Any] | None,
         total: int | None,
-        workers: int,
         stream: StreamBuffer | None,
     ) -> None:
         self.kind = kind
@@ -130,7 +129,7 @@ class Job:
         self.sequence = sequence
         self._items = items
         self.total = total
-        self.workers = workers
+        self.workers = 1  # how many workers serve it (`served_by`)
         self.stream = stream
         self.progress = Progress(total, f"{self.noun}s") if opts.progress else None
         self.results: list[Any] = [None] * total if kind == SHARDS and total else []
@@ -165,14 +164,12 @@ class Job:
         sequence: Sequence[Any] | None,
         borrow: dict[str, Any],
         out: dict[str, Any],
-        *,
-        workers: int,
         stream: StreamBuffer | None = None,
     ) -> Job:
         """A `shard_map` or `shard_stream` over `layout` (`sequence`: its items)."""
         return cls(
             kind=SHARDS, fn=fn, opts=opts, borrow=borrow, out=out, layout=layout,
-            sequence=sequence, items=None, total=len(layout), workers=workers, stream=stream,
+            sequence=sequence, items=None, total=len(layout), stream=stream,
         )  # fmt: skip
 
     @classmethod
@@ -182,15 +179,17 @@ class Job:
         opts: CallOptions,
         items: Iterable[Any],
         borrow: dict[str, Any],
-        *,
-        workers: int,
     ) -> Job:
         """A `map` over `items`, read lazily (the total is known if it has a length)."""
         total = len(items) if isinstance(items, Sized) else None
         return cls(
             kind=ITEMS, fn=fn, opts=opts, borrow=borrow, out={}, layout=None, sequence=None,
-            items=iter(items), total=total, workers=workers, stream=None,
+            items=iter(items), total=total, stream=None,
         )  # fmt: skip
+
+    def served_by(self, workers: int) -> None:
+        """`workers` will run its chunks (automatic chunks leave work for each)."""
+        self.workers = max(1, workers)
 
     # -- notification -----------------------------------------------------------------
 

@@ -77,12 +77,19 @@ def check_positive_int(name: str, value: object, *, allow_none: bool = False) ->
     return int(value)
 
 
+MAX_SECONDS = 1e8
+"""The longest timeout or interval (about three years): worker timers and thread waits
+cannot hold much more."""
+
+
 def _check_seconds(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive number of seconds, got {_show(value)}")
     seconds = float(value)
     if not seconds > 0 or math.isinf(seconds):
         raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{name} must be at most {MAX_SECONDS:.0e} seconds, got {value!r}")
     return seconds
 
 
@@ -99,7 +106,7 @@ def _one_of(literal: object) -> Callable[[str, object], Any]:
     choices = get_args(literal)
 
     def check(name: str, value: object) -> Any:
-        if value not in choices:
+        if not isinstance(value, str) or value not in choices:
             options = ", ".join(repr(c) for c in choices)
             raise ValueError(f"{name} must be one of {options}; got {value!r}")
         return value
@@ -114,9 +121,9 @@ def _check_bool(name: str, value: object) -> bool:
 
 
 def _check_chunk_size(name: str, value: object) -> ChunkSize:
-    if value == "auto":
-        return "auto"
     if isinstance(value, str):
+        if value == "auto":
+            return "auto"
         raise ValueError(f"{name} must be a positive int or 'auto', got {value!r}")
     size = check_positive_int(name, value)
     assert size is not None

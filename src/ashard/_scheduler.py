@@ -150,6 +150,7 @@ class Scheduler:
         self, job: Job, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run `job` until every position is resolved, it aborts, or the caller cancels."""
+        job.served_by(self.size)
         run = await self._prepare(job)
         task_status.started()
         try:

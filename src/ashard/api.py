@@ -14,7 +14,7 @@ from ashard._options import (
     takes_options,
 )
 from ashard._stream import ShardStream
-from ashard.pool import Pool
+from ashard.pool import Pool, map_job, shard_job
 from ashard.results import ShardResult
 from ashard.shards import Shards
 
@@ -40,21 +40,26 @@ async def shutdown() -> None:
         await pool.aclose()
 
 
-def _pool(pool: Pool | None, workers: int | None) -> Pool:
+def _target(pool: Pool | None, workers: int | None) -> tuple[Pool, int | None]:
+    """The pool a call runs on, and the size the default pool should take for it (it
+    takes it only once the call's arguments are all checked)."""
+    size = check_positive_int("workers", workers, allow_none=True)
     if pool is not None:
         if not isinstance(pool, Pool):
             raise TypeError(f"pool must be an ashard.Pool or None, got {type(pool).__name__}")
-        if workers is not None and workers != pool.workers:
+        if size is not None and size != pool.workers:
             raise ValueError(
-                f"workers={workers} sizes the default pool; pool= was given too (with "
+                f"workers={size} sizes the default pool; pool= was given too (with "
                 f"{pool.workers} workers): pass one of them"
             )
-        return pool
-    size = check_positive_int("workers", workers, allow_none=True)
-    target = default_pool()
-    if size is not None and size != target.workers:
-        target._resize(size)
-    return target
+        return pool, None
+    return default_pool(), size
+
+
+def _sized(pool: Pool, size: int | None) -> Pool:
+    if size is not None and size != pool.workers:
+        pool._resize(size)
+    return pool
 
 
 @takes_options(ShardOptions)
@@ -77,7 +82,9 @@ async def shard_map(
     ``errors="raise"`` the first permanent failure cancels the rest and raises
     `ShardMapError`; under ``"collect"`` every shard runs and failures are listed.
     """
-    return await _pool(pool, workers).shard_map(shards, fn, borrow=borrow, out=out, **options)
+    target, size = _target(pool, workers)
+    job, layout = shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
+    return await _sized(target, size)._shard_result(job, layout)
 
 
 @takes_options(StreamOptions)
@@ -101,7 +108,9 @@ def shard_stream(
     for the consumer (default 1024); a slow consumer pauses dispatch. Leaving the
     block early cancels the shards still running.
     """
-    return _pool(pool, workers).shard_stream(shards, fn, borrow=borrow, out=out, **options)
+    target, size = _target(pool, workers)
+    job, layout = shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
+    return _sized(target, size)._stream(job, layout)
 
 
 @takes_options(MapOptions)
@@ -120,7 +129,9 @@ async def map(
     is never materialised. Under ``errors="collect"`` a failed item's slot holds its
     `ShardError` instead of a value.
     """
-    return await _pool(pool, workers).map(fn, items, borrow=borrow, **options)
+    target, size = _target(pool, workers)
+    job = map_job(fn, items, borrow, options)
+    return await _sized(target, size)._map_result(job)
 
 
 async def call(

@@ -166,13 +166,8 @@ class Pool:
         **options: Unpack[ShardOptions],
     ) -> ShardResult:
         """Run ``fn(shard, **borrow)`` for every shard; see `ashard.shard_map`."""
-        opts = CallOptions.build(options, ShardOptions, "shard_map")
-        job, layout = self._shard_job(shards, fn, borrow, out, opts)
-        await self._run(job)
-        result = job.result(layout)
-        if job.failures and opts.errors == "raise":
-            raise ShardMapError(_failure_message(result.failures), result.failures, result)
-        return result
+        job, layout = shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
+        return await self._shard_result(job, layout)
 
     @takes_options(StreamOptions)
     def shard_stream(
@@ -185,10 +180,8 @@ class Pool:
         **options: Unpack[StreamOptions],
     ) -> ShardStream:
         """``async with pool.shard_stream(...) as stream: async for done in stream``."""
-        opts = CallOptions.build(options, StreamOptions, "shard_stream")
-        buffer = StreamBuffer(opts.ordered, opts.max_pending or DEFAULT_MAX_PENDING)
-        job, layout = self._shard_job(shards, fn, borrow, out, opts, buffer)
-        return ShardStream(self._backend, job, layout)
+        job, layout = shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
+        return self._stream(job, layout)
 
     @takes_options(MapOptions)
     async def map(
@@ -200,21 +193,7 @@ class Pool:
         **options: Unpack[MapOptions],
     ) -> list[Any]:
         """``[fn(item) for item in items]`` on the workers, in order; see `ashard.map`."""
-        opts = CallOptions.build(options, MapOptions, "map")
-        fn = check_fn(fn)
-        iterable = check_items(items)
-        inputs, _ = check_borrow(borrow, None)
-        payload = pickle_payload(fn, "fn")
-        job = Job.of_items(payload, opts, iterable, inputs, workers=self._backend.size)
-        await self._run(job)
-        if job.failures and opts.errors == "raise":
-            result = job.result(Shards(job.next_pos, 1, "contiguous"))
-            raise ShardMapError(_failure_message(result.failures), result.failures, result)
-        values = job.results
-        failures: Mapping[int, ShardError] = job.failures
-        for pos, err in failures.items():
-            values[pos] = err
-        return values
+        return await self._map_result(map_job(fn, items, borrow, options))
 
     async def call(
         self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any
@@ -223,24 +202,29 @@ class Pool:
         fn = check_fn(fn)
         return await self._backend.call(fn, args, kwargs, check_timeout("timeout", timeout))
 
-    def _shard_job(
-        self,
-        shards: object,
-        fn: object,
-        borrow: object,
-        out: object,
-        opts: CallOptions,
-        stream: StreamBuffer | None = None,
-    ) -> tuple[Job, Shards]:
-        checked_fn = check_fn(fn)
-        layout, sequence = resolve_shards(shards)
-        inputs, outputs = check_borrow(borrow, out)
-        payload = pickle_payload(checked_fn, "fn")
-        job = Job.of_shards(
-            payload, opts, layout, sequence, inputs, outputs,
-            workers=self._backend.size, stream=stream,
-        )  # fmt: skip
-        return job, layout
+    # A call is checked and built into a job first (`shard_job`, `map_job`: nothing
+    # changes if that raises), then run here.
+
+    async def _shard_result(self, job: Job, layout: Shards) -> ShardResult:
+        await self._run(job)
+        result = job.result(layout)
+        if job.failures and job.opts.errors == "raise":
+            raise ShardMapError(_failure_message(result.failures), result.failures, result)
+        return result
+
+    def _stream(self, job: Job, layout: Shards) -> ShardStream:
+        return ShardStream(self._backend, job, layout)
+
+    async def _map_result(self, job: Job) -> list[Any]:
+        await self._run(job)
+        if job.failures and job.opts.errors == "raise":
+            result = job.result(Shards(job.next_pos, 1, "contiguous"))
+            raise ShardMapError(_failure_message(result.failures), result.failures, result)
+        values = job.results
+        failures: Mapping[int, ShardError] = job.failures
+        for pos, err in failures.items():
+            values[pos] = err
+        return values
 
     async def _run(self, job: Job) -> None:
         try:
@@ -249,3 +233,33 @@ class Pool:
             job.close()
         if job.fatal is not None:
             raise job.fatal
+
+
+def shard_job(
+    shards: object,
+    fn: object,
+    borrow: object,
+    out: object,
+    options: Mapping[str, object],
+    accepted: type,
+    where: str,
+) -> tuple[Job, Shards]:
+    """The job of a `shard_map` or `shard_stream` call, every argument checked."""
+    opts = CallOptions.build(options, accepted, where)
+    checked_fn = check_fn(fn)
+    layout, sequence = resolve_shards(shards)
+    inputs, outputs = check_borrow(borrow, out)
+    payload = pickle_payload(checked_fn, "fn")
+    stream = None
+    if accepted is StreamOptions:
+        stream = StreamBuffer(opts.ordered, opts.max_pending or DEFAULT_MAX_PENDING)
+    return Job.of_shards(payload, opts, layout, sequence, inputs, outputs, stream), layout
+
+
+def map_job(fn: object, items: object, borrow: object, options: Mapping[str, object]) -> Job:
+    """The job of a `map` call, every argument checked."""
+    opts = CallOptions.build(options, MapOptions, "map")
+    checked_fn = check_fn(fn)
+    iterable = check_items(items)
+    inputs, _ = check_borrow(borrow, None)
+    return Job.of_items(pickle_payload(checked_fn, "fn"), opts, iterable, inputs)

@@ -182,6 +182,12 @@ def share(obj: Any) -> SharedArray | SharedTable:
     ``await anyio.to_thread.run_sync(ashard.share, data)``.
     """
     if isinstance(obj, np.ndarray):
+        if type(obj) is not np.ndarray and type(obj) is not np.memmap:
+            raise TypeError(
+                f"share() takes a plain numpy array; a {type(obj).__name__} would lose what it "
+                "adds to its data (a masked array its mask): share its parts separately "
+                "(.data and .mask), or pass it in borrow= to have it pickled whole"
+            )
         check_shareable(obj, "share()'s array")
         return SharedArray.copy_of(obj)
     if is_arrow(obj):
