@@ -9,14 +9,18 @@ hits it), "loading" (unpickling a borrowed object), "mid-shard" (inside fn),
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import os
+import random
 import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 
 import ashard
@@ -52,6 +56,7 @@ async def test_crash_past_max_retries_fails_with_worker_crashed(how: str) -> Non
             functools.partial(workloads.die_always, how=how),
             max_retries=2,
             errors="collect",
+            chunk_size=1,  # alone in its chunks: every run of shard 2 is charged
         )
     assert [f.shard_id for f in res.failures] == [2]
     err = res.failures[0]
@@ -181,3 +186,95 @@ async def test_one_misbehaving_worker_does_not_change_the_results(
             assert not res.failures
             assert await pool.call(abs, -1) == 1
     assert await anyio.Path(armed + ".claimed").exists()  # the misbehaviour did happen
+
+
+# -- retried calls, attempts, kill storms ---------------------------------------------
+
+
+async def test_a_call_whose_worker_dies_runs_again_with_max_retries(tmp_path: Path) -> None:
+    armed = str(tmp_path / "armed")
+    async with ashard.Pool(2) as pool:
+        await anyio.Path(armed).touch()
+        assert await pool.call(workloads.die_once_then, armed, 7, max_retries=1) == 7
+        await anyio.Path(armed).touch()
+        with pytest.raises(ashard.WorkerCrashed) as info:
+            await pool.call(workloads.die_once_then, armed, 7)
+        assert info.value.attempts == 1 and "attempt" not in str(info.value)
+        await anyio.Path(armed).touch()
+        value = await pool.call(workloads.hang_once_then, armed, 8, timeout=0.5, max_retries=2)
+        assert value == 8
+        with pytest.raises(ashard.WorkerCrashed, match=r"\(3 attempts\)") as info:
+            await pool.call(workloads.die, "exit", max_retries=2)
+        assert info.value.attempts == 3 and info.value.exitcode == 3
+        with pytest.raises(ValueError, match="max_retries must be an int >= 0"):
+            await pool.call(abs, 1, max_retries=-1)
+        assert await pool.call(abs, -4) == 4
+
+
+async def test_attempt_counts_every_run_of_a_shard(tmp_path: Path) -> None:
+    log, armed = str(tmp_path / "runs.log"), str(tmp_path / "armed")
+    await anyio.Path(armed).touch()
+    fn = functools.partial(workloads.logged_run, log=log, victim=2, armed=armed)
+    async with ashard.Pool(1) as pool:
+        res = await pool.shard_map(ashard.shards(8, block_size=1), fn, chunk_size=4)
+    assert [r[0] for r in res.results] == list(range(8))
+    runs = _runs(await anyio.Path(log).read_text())
+    assert runs[2] == [1, 2]  # the culprit's second run knows of the first
+    for shard_id in (0, 1):  # ran in the dead worker's chunk before the culprit
+        assert runs[shard_id][0] == 1 and runs[shard_id][-1] > 1
+    # shard 3 may have run before its worker died: its first run here counts that
+    assert runs[3] in ([1, 2], [2])
+    assert all(runs[i] == [1] for i in range(4, 8))  # the next chunk had not started
+    for shard_id, attempts in runs.items():
+        assert res.results[shard_id][1] == attempts[-1]
+
+
+def _runs(log: str) -> dict[int, list[int]]:
+    runs: dict[int, list[int]] = {}
+    for line in log.splitlines():
+        shard_id, attempt, _pid = (int(x) for x in line.split())
+        runs.setdefault(shard_id, []).append(attempt)
+    return runs
+
+
+async def test_a_kill_storm_loses_no_result_and_no_run_goes_uncounted(tmp_path: Path) -> None:
+    """SIGKILL a busy worker every ~0.1 s, and every third time a worker that is
+    still starting: every result arrives exactly once, and every run of a shard sees
+    its own attempt number."""
+    log = str(tmp_path / "runs.log")
+    fn = functools.partial(workloads.logged_run, log=log)
+    kills = {"busy": 0, "starting": 0}
+    with anyio.fail_after(90):
+        async with ashard.Pool(2) as pool:
+
+            async def storm() -> None:
+                for i in itertools.count():
+                    await anyio.sleep(0.1)
+                    victims = pool.pids
+                    if i % 3 == 2:
+                        children = await anyio.to_thread.run_sync(_child_pids)
+                        victims = [p for p in children if p not in pool.pids]
+                        kind = "starting"
+                    else:
+                        kind = "busy"
+                    if victims:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(random.choice(victims), signal.SIGKILL)
+                            kills[kind] += 1
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(storm)
+                res = await pool.shard_map(ashard.shards(400, block_size=1), fn, max_retries=50)
+                tg.cancel_scope.cancel()
+            assert await pool.call(abs, -1) == 1
+    assert [r[0] for r in res.results] == list(range(400))
+    assert kills["busy"] >= 5
+    runs = _runs(await anyio.Path(log).read_text())
+    assert sorted(runs) == list(range(400))
+    for shard_id, attempts in runs.items():
+        assert attempts == sorted(set(attempts)), (shard_id, attempts)  # no attempt seen twice
+        assert res.results[shard_id][1] == attempts[-1]
+
+
+def _child_pids() -> list[int]:
+    return [p.pid for p in psutil.Process().children()]

@@ -84,13 +84,36 @@ def test_a_crash_inside_a_chunk_keeps_what_was_delivered_and_charges_nobody() ->
     assert job.results[:2] == [0, 10]
     assert job.inflight_shards == 0
     retried = take_all(job)
-    # the culprit is unknown: one chunk each, uncharged, so the next crash names it
-    assert sorted(c.first for c in retried) == [2, 3, 4, 5, 6, 7]
-    assert all(c.count == 1 and c.attempts == [1] for c in retried)
+    # the culprit is unknown: one chunk each, uncharged, so the next crash names it;
+    # those of the running chunk may have run (their attempt counts it), the rest not
+    assert sorted((c.first, c.count, c.attempts) for c in retried) == [
+        (2, 1, [2]),
+        (3, 1, [2]),
+        (4, 1, [1]),
+        (5, 1, [1]),
+        (6, 1, [1]),
+        (7, 1, [1]),
+    ]
     for chunk in retried:
         deliver_ok(job, chunk)
     assert job.finished and not job.failures
     assert job.results == [i * 10 for i in range(8)]
+
+
+def test_attempt_counts_runs_whether_or_not_they_were_charged() -> None:
+    job = shard_job(2, chunk_size=2, max_retries=1, errors="collect")
+    (chunk,) = take_all(job)
+    job.worker_lost([chunk], KILLED, timed_out=False)  # both may have run; nobody charged
+    first, second = take_all(job)
+    assert (first.attempts, second.attempts) == ([2], [2])
+    job.worker_lost([first], KILLED, timed_out=False)  # charged: one retry left
+    (again,) = take_all(job)
+    assert again.attempts == [3]
+    job.worker_lost([again], KILLED, timed_out=False)
+    deliver_ok(job, second)
+    (error,) = job.failure_list()
+    assert error.attempts == 3 and job.retries == 3  # re-runs, charged or not
+    assert job.results == [None, 10]
 
 
 def test_a_timeout_charges_the_running_position_and_requeues_the_rest() -> None:

@@ -315,3 +315,28 @@ class RebuildFails:
 
 def return_unrebuildable(x: Any) -> Any:
     return RebuildFails() if x == 13 else x
+
+
+def die_once_then(armed: str, value: Any) -> Any:
+    """SIGKILL the calling worker the first time (`armed` claimed), then return `value`."""
+    misbehave_once(armed, "sigkill")
+    return value
+
+
+def hang_once_then(armed: str, value: Any) -> Any:
+    misbehave_once(armed, "hang-c")
+    return value
+
+
+def logged_run(shard: Shard, log: str, victim: int = -1, armed: str = "") -> tuple[int, int]:
+    """Append this run (shard id, attempt) to `log` (O_APPEND: whole lines), then return
+    them; shard `victim` SIGKILLs its worker once (`armed`)."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{shard.id} {shard.attempt} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    if shard.id == victim:
+        misbehave_once(armed, "sigkill")
+    time.sleep(0.003)
+    return shard.id, shard.attempt

@@ -18,8 +18,9 @@ A backend offers (`Backend` below):
   reports what happens to them (below) until ``job.over``. When it returns — done,
   aborted, or cancelled — none of the job's shards runs any more and everything it
   made for the job is released. A failure that ends the job goes to ``job.abort(exc)``.
-* ``call(fn, args, kwargs, timeout)``: one call on one worker; returns its value or
-  raises what it raised (`ShardTimeout`, `WorkerCrashed` when it was lost).
+* ``call(fn, args, kwargs, timeout, max_retries)``: one call on a worker; returns its
+  value or raises what it raised; a call whose worker died or hung runs again up to
+  `max_retries` times, then raises `WorkerCrashed` / `ShardTimeout`.
 
 A job offers the backend (`ashard._job.Job`):
 
@@ -72,4 +73,5 @@ class Backend(Protocol):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         timeout: float | None,
+        max_retries: int = 0,
     ) -> Any: ...

@@ -135,7 +135,9 @@ class Job:
         self.results: list[Any] = [None] * total if kind == SHARDS and total else []
         self._resolved = bytearray(len(self.results))
         self.n_resolved = 0
-        self.attempts: dict[int, int] = {}
+        self.runs: dict[int, int] = {}  # position -> its latest run, if past the first
+        self._charged: dict[int, int] = {}  # position -> failures counted against it
+        self._unrun: set[int] = set()  # queued again without having run
         self.failures: dict[int, ShardError] = {}
         self._retry: deque[int] = deque()
         self._retry_items: dict[int, Any] = {}
@@ -278,7 +280,7 @@ class Job:
         if self._retry:
             pos = self._retry.popleft()
             items = [self._item_at(pos)] if self._has_items else None
-            chunk = Chunk(seq, pos, 1, [self.attempts.get(pos, 1)], items)
+            chunk = Chunk(seq, pos, 1, [self._next_run(pos)], items)
         else:
             size = min(self._next_size(), self._budget())
             new = self._take_new(seq, size if limit is None else min(size, limit))
@@ -288,6 +290,16 @@ class Job:
         self.inflight_shards += chunk.count
         self.chunks += 1
         return chunk
+
+    def _next_run(self, pos: int) -> int:
+        """The number of the run `pos` is about to have (`Shard.attempt`)."""
+        if pos in self._unrun:
+            self._unrun.discard(pos)
+            return self.runs.get(pos, 1)
+        run = self.runs.get(pos, 1) + 1
+        self.runs[pos] = run
+        self.retries += 1
+        return run
 
     @property
     def _has_items(self) -> bool:
@@ -382,7 +394,7 @@ class Job:
                 error = unreadable_result(f"{self.noun} {pos}", shard, shard.attempt, exc)
                 self._fail(pos, error, chunk, k0 + k, pid)
             elif not self.aborted:
-                self._push_retry(pos, chunk, k0 + k)
+                self._push_retry(pos, chunk, k0 + k)  # it ran: its next run counts
         if report.final and chunk.done < chunk.count:
             self._requeue_rest(chunk, chunk.done)
         self.notify()
@@ -460,13 +472,13 @@ class Job:
     ) -> None:
         assert self.stream is not None
         took = _pick(elapsed, j)
-        attempts = self.attempts.get(pos, 1)
+        attempts = self.runs.get(pos, 1)
         shard = error.shard if error is not None and error.shard else self.shard_at(pos, chunk, k)
         self.stream.push(ShardDone(shard, value, error, attempts, pid, took))
 
     def shard_at(self, pos: int, chunk: Chunk | None = None, k: int = 0) -> Shard:
         """The `Shard` for a position, as `fn` saw it on its last attempt."""
-        attempt = self.attempts.get(pos, 1)
+        attempt = self.runs.get(pos, 1)
         rng = None
         if self.opts.seed is not None and self.kind == SHARDS:
             rng = _seeding.shard_rng(self.opts.seed, pos)
@@ -480,17 +492,17 @@ class Job:
         return Shard(pos, range(pos, pos + 1), [item], None, attempt)
 
     def _charge(self, pos: int, chunk: Chunk, k: int, kind: int, detail: Any, pid: int) -> None:
-        """A failed attempt at `pos`: retry it, or record the permanent failure."""
-        attempt = self.attempts.get(pos, 1)
+        """A failed run of `pos`, counted against `max_retries`: run it again, or record
+        the permanent failure."""
+        charged = self._charged.get(pos, 0) + 1
+        self._charged[pos] = charged
         if kind == TIMEOUT:
             self.timeouts += 1
-        retry = attempt <= self.opts.max_retries and (kind != RAISED or self.opts.retry_errors)
+        retry = charged <= self.opts.max_retries and (kind != RAISED or self.opts.retry_errors)
         if retry and not self.aborted:
-            self.attempts[pos] = attempt + 1
-            self.retries += 1
             self._push_retry(pos, chunk, k)
             return
-        error = self._error(pos, chunk, k, kind, detail, attempt)
+        error = self._error(pos, chunk, k, kind, detail, self.runs.get(pos, 1))
         self._fail(pos, error, chunk, k, pid)
 
     def _push_retry(self, pos: int, chunk: Chunk, k: int) -> None:
@@ -524,13 +536,16 @@ class Job:
         if self.opts.errors == "raise":
             self.abort()
 
-    def _requeue_rest(self, chunk: Chunk, start: int) -> None:
-        """Positions ``start ..`` of `chunk` never ran: queue them again, uncharged."""
+    def _requeue_rest(self, chunk: Chunk, start: int, *, ran: bool = False) -> None:
+        """Queue positions ``start ..`` of `chunk` again, one by one and uncharged: they
+        never ran, or (`ran`) may have run on a worker that died before saying."""
         rest = chunk.count - start
         self.inflight_shards -= rest
         if not self.aborted:
             for k in range(start, chunk.count):
                 self._push_retry(chunk.first + k, chunk, k)
+                if not ran:
+                    self._unrun.add(chunk.first + k)
         chunk.done = chunk.count
 
     def worker_lost(self, chunks: Sequence[Chunk], loss: Loss, *, timed_out: bool) -> None:
@@ -551,9 +566,9 @@ class Job:
                 kind = TIMEOUT if timed_out else CRASHED
                 detail = None if timed_out else loss
                 self._charge(chunk.first + start, chunk, start, kind, detail, pid)
-                self._requeue_rest(chunk, start + 1)
+                self._requeue_rest(chunk, start + 1, ran=not timed_out)
             else:
-                self._requeue_rest(chunk, start)
+                self._requeue_rest(chunk, start, ran=True)  # the culprit is one of them
         self.notify()
 
     # -- result -----------------------------------------------------------------------

@@ -33,6 +33,7 @@ __all__ = [
     "ShardOptions",
     "StreamOptions",
     "check_borrow",
+    "check_count",
     "check_env",
     "check_fn",
     "check_items",
@@ -130,7 +131,7 @@ def _check_chunk_size(name: str, value: object) -> ChunkSize:
     return size
 
 
-def _check_count(name: str, value: object) -> int:
+def check_count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= 0, got {_show(value)}")
     if int(value) < 0:
@@ -166,7 +167,7 @@ class CallOptions:
 
     chunk_size: ChunkSize = field(default="auto", metadata=_checked_by(_check_chunk_size))
     timeout: float | None = field(default=None, metadata=_checked_by(check_timeout))
-    max_retries: int = field(default=3, metadata=_checked_by(_check_count))
+    max_retries: int = field(default=3, metadata=_checked_by(check_count))
     retry_errors: bool = field(default=False, metadata=_checked_by(_check_bool))
     seed: int | None = field(default=None, metadata=_checked_by(_check_seed))
     cow: Cow = field(default="deny", metadata=_checked_by(_one_of(Cow)))

@@ -74,7 +74,8 @@ def failure(
 ) -> ShardError:
     """The permanent failure of `subject` ("shard 3", "item 5", or "call" with no
     shard): `detail` is the exception record (RAISED) or the `Loss` (CRASHED)."""
-    tries = "" if shard is None else f" ({attempts} attempt{'s' if attempts > 1 else ''})"
+    shown = shard is not None or attempts > 1  # a call that ran once needs no count
+    tries = f" ({attempts} attempt{'s' if attempts > 1 else ''})" if shown else ""
     if kind == RAISED:
         exc = remote_exception(detail)
         err: ShardError = ShardFailed(

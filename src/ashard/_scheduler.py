@@ -70,6 +70,7 @@ from ashard._protocol import (
 )
 from ashard._serialize import dumps_named, pack, unpack
 from ashard._workers import WorkerSet
+from ashard.errors import ShardError
 from ashard.results import PoolStats
 
 __all__ = ["Scheduler"]
@@ -108,6 +109,13 @@ class _Lease:
 
 class _Hung(Exception):
     """The worker said nothing for longer than the timeout allows."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Lost:
+    """A call whose worker died or hung, and the error that says so."""
+
+    error: ShardError
 
 
 class Scheduler:
@@ -380,14 +388,26 @@ class Scheduler:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         timeout: float | None,
+        max_retries: int = 0,
     ) -> Any:
-        """Run ``fn(*args, **kwargs)`` on a worker; raise what it raises."""
+        """Run ``fn(*args, **kwargs)`` on a worker; raise what it raises. A call whose
+        worker died or hung runs again, on another worker, up to `max_retries` times."""
         seq = next(self._seq)
         try:
             parts = encode((CALL, seq, pack((fn, args, kwargs)), timeout))
         except Exception:
             _name_unpicklable(fn, args, kwargs)
             raise
+        for attempt in range(1, max_retries + 2):
+            outcome = await self._call_once(seq, parts, timeout, attempt)
+            if not isinstance(outcome, _Lost):
+                return outcome
+        raise outcome.error
+
+    async def _call_once(
+        self, seq: int, parts: list[Buffer], timeout: float | None, attempt: int
+    ) -> Any:
+        """The value of one run of a call, or `_Lost` if its worker died or hung."""
         token = object()
         w = await self.workers.acquire(token)
         if w.has_control:
@@ -415,11 +435,13 @@ class Scheduler:
         if lost is not None:
             hung = isinstance(lost, _Hung)
             kind, detail = (TIMEOUT, None) if hung else (CRASHED, self.workers.loss_of(w))
-            raise failure(kind, detail, subject="call", shard=None, attempts=1, timeout=timeout)
+            error = failure(kind, detail, subject="call", shard=None, attempts=attempt,
+                            timeout=timeout)  # fmt: skip
+            return _Lost(error)
         assert answer is not None
         report, values = answer
         if isinstance(values, Exception):
-            raise unreadable_result("call", None, 1, values)
+            raise unreadable_result("call", None, attempt, values)
         return call_outcome(values, report.errors, timeout)
 
     async def _settle_call(self, w: WorkerHandle, token: object) -> None:

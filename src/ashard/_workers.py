@@ -37,7 +37,7 @@ BACKOFF_FREE_CRASHES = 2
 """Crashes in a row that are replaced at once; after that, spawns back off."""
 BACKOFF_MAX = 0.5
 """Seconds: the longest pause before spawning a replacement in a crash storm."""
-START_ATTEMPTS = 3
+START_ATTEMPTS = 5
 """Failed starts in a row after which a worker cannot be had."""
 
 Tenant = Hashable

@@ -135,9 +135,15 @@ async def map(
 
 
 async def call(
-    fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout: float | None = None,
+    max_retries: int = 0,
+    **kwargs: Any,
 ) -> Any:
     """``fn(*args, **kwargs)`` on a warm worker of the default pool. Raises what `fn`
     raises (with the worker's traceback as its cause), `ShardTimeout` past `timeout`,
-    `WorkerCrashed` if the worker dies. A call is not retried."""
-    return await default_pool().call(fn, *args, timeout=timeout, **kwargs)
+    `WorkerCrashed` if the worker dies. With `max_retries`, a call whose worker died
+    or hung runs again (for idempotent work). `timeout` and `max_retries` are ashard's
+    own: pass a `functools.partial` to give `fn` arguments of those names."""
+    return await default_pool().call(fn, *args, timeout=timeout, max_retries=max_retries, **kwargs)

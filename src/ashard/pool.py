@@ -24,6 +24,7 @@ from ashard._options import (
     ShardOptions,
     StreamOptions,
     check_borrow,
+    check_count,
     check_env,
     check_fn,
     check_items,
@@ -196,11 +197,18 @@ class Pool:
         return await self._map_result(map_job(fn, items, borrow, options))
 
     async def call(
-        self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        timeout: float | None = None,
+        max_retries: int = 0,
+        **kwargs: Any,
     ) -> Any:
-        """``fn(*args, **kwargs)`` on one worker; raises what `fn` raises."""
+        """``fn(*args, **kwargs)`` on one worker; see `ashard.call`."""
         fn = check_fn(fn)
-        return await self._backend.call(fn, args, kwargs, check_timeout("timeout", timeout))
+        seconds = check_timeout("timeout", timeout)
+        retries = check_count("max_retries", max_retries)
+        return await self._backend.call(fn, args, kwargs, seconds, retries)
 
     # A call is checked and built into a job first (`shard_job`, `map_job`: nothing
     # changes if that raises), then run here.

@@ -34,7 +34,9 @@ class WorkerRow:
 
 @dataclass(frozen=True, slots=True)
 class Diagnostics:
-    """How a call ran: counts, timing and the workers involved."""
+    """How a call ran: counts, timing and the workers involved. `retries` counts runs
+    after a shard's first (after a crash, a timeout or, with `retry_errors`, a
+    failure), whether or not `max_retries` was charged for them."""
 
     __module__ = "ashard"
 

@@ -30,7 +30,9 @@ class Shard:
     `id` is the 0-based position in `Shards`; `idx` the global item indices (a `range`
     for contiguous shards, an int ndarray for strided ones); `items` the matching slice
     of the input sequence, if one was given; `rng` a per-shard generator when a seed was
-    given; `attempt` counts tries from 1.
+    given; `attempt` numbers this run of the shard from 1: it counts every earlier run,
+    charged against `max_retries` or not (a run that may have happened on a worker that
+    died before reporting counts too), so no two runs see the same number.
     """
 
     __module__ = "ashard"
