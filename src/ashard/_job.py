@@ -132,8 +132,10 @@ class Job:
         self.workers = 1  # how many workers serve it (`served_by`)
         self.stream = stream
         self.progress = Progress(total, f"{self.noun}s") if opts.progress else None
-        self.results: list[Any] = [None] * total if kind == SHARDS and total else []
-        self._resolved = bytearray(len(self.results))
+        # a stream hands values to its consumer and keeps none of them
+        keep = kind == SHARDS and stream is None
+        self.results: list[Any] = [None] * (total or 0) if keep else []
+        self._resolved = bytearray(total if kind == SHARDS and total else 0)
         self.n_resolved = 0
         self.runs: dict[int, int] = {}  # position -> its latest run, if past the first
         self._charged: dict[int, int] = {}  # position -> failures counted against it
@@ -427,14 +429,15 @@ class Job:
         end = base + n
         if self._resolved.find(1, base, end) != -1:
             raise RuntimeError(f"ashard internal error: {self.noun} result delivered twice")
-        self.results[base:end] = values
         self._resolved[base:end] = b"\x01" * n
         self.n_resolved += n
         if self.progress is not None:
             self.progress.update(n)
-        if self.stream is not None:
-            for k, value in enumerate(values):
-                self._emit(base + k, value, None, chunk, k0 + k, elapsed, k, pid)
+        if self.stream is None:
+            self.results[base:end] = values
+            return
+        for k, value in enumerate(values):
+            self._emit(base + k, value, None, chunk, k0 + k, elapsed, k, pid)
 
     def _store_mixed(
         self,
@@ -604,7 +607,8 @@ class Job:
         return [self.failures[p] for p in sorted(self.failures)]
 
     def result(self, shards: Sequence[Shard]) -> ShardResult:
-        return ShardResult(self.results, self.failure_list(), shards, self.diagnostics())
+        results = self.results if self.stream is None else [None] * len(shards)
+        return ShardResult(results, self.failure_list(), shards, self.diagnostics())
 
 
 def _total(elapsed: Any) -> float:
