@@ -70,11 +70,14 @@ async def test_a_stream_keeps_memory_flat_however_many_shards(
     with anyio.fail_after(60):
         async with ashard.Pool(2) as pool:
             await pool.map(abs, range(10_000))  # warm: buffers, caches
-            async with peak_rss() as rss, pool.shard_stream(
-                ashard.shards(n, block_size=1),
-                fn,
-                ordered=ordered,  # type: ignore[arg-type]
-            ) as stream:
+            async with (
+                peak_rss() as rss,
+                pool.shard_stream(
+                    ashard.shards(n, block_size=1),
+                    fn,
+                    ordered=ordered,  # type: ignore[arg-type]
+                ) as stream,
+            ):
                 async for _ in stream:
                     seen += 1
     assert seen == n

@@ -340,3 +340,24 @@ def logged_run(shard: Shard, log: str, victim: int = -1, armed: str = "") -> tup
         misbehave_once(armed, "sigkill")
     time.sleep(0.003)
     return shard.id, shard.attempt
+
+
+def break_stdio(shard: Shard, how: str) -> int:
+    """Leave the worker's standard output broken the way `how` says."""
+    if how == "close-fd1":
+        os.close(1)
+    elif how == "close-fd2":
+        os.close(2)
+    elif how == "replace-fd1":
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, 1)
+        os.close(fd)
+    elif how == "close-sys-stdout":
+        sys.stdout.close()
+    return shard.id
+
+
+def print_then_sum(shard: Shard, X: np.ndarray) -> int:
+    print(f"line from shard {shard.id} " + "x" * 200)
+    print(f"err from shard {shard.id}", file=sys.stderr)
+    return int(X.sum())

@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from ashard._fds import above_stdio
 from ashard._protocol import MAX_BUFFERS, ProtocolViolation
 from ashard._serialize import loads
 
@@ -160,7 +161,7 @@ class FrameReader:
             if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-                self.fds.extend(fds)
+                self.fds.extend(above_stdio(fd) for fd in fds)
         if msg_flags & _CTRUNC:
             raise RuntimeError("ashard internal error: file descriptors were truncated")
         return n

@@ -31,6 +31,7 @@ from typing import Any
 import anyio
 
 from ashard._channel import Channel
+from ashard._fds import above_stdio
 from ashard._framing import DEFAULT_MAX_FRAME, ChannelClosed, encode, encode_many
 from ashard._health import EndReason, HealthPolicy, Profile, RecycleReason
 from ashard._outcomes import describe_exit, start_failure
@@ -77,6 +78,13 @@ def _popen(child_fd: int, config: WorkerConfig) -> subprocess.Popen[bytes]:
     )
 
 
+def _above_stdio(sock: socket.socket) -> socket.socket:
+    """`sock`, numbered 3 or above (a worker's channel must never be its stdout)."""
+    if sock.fileno() > 2:
+        return sock
+    return socket.socket(fileno=above_stdio(sock.detach()))
+
+
 def _spawn_blocking(child_fd: int, config: WorkerConfig) -> subprocess.Popen[bytes]:
     global _spawner
     if _spawner is None:
@@ -109,7 +117,7 @@ class WorkerHandle:
     @classmethod
     async def start(cls, config: WorkerConfig) -> WorkerHandle:
         """Spawn a worker and wait until it reports ready."""
-        parent_sock, child_sock = socket.socketpair()
+        parent_sock, child_sock = (_above_stdio(s) for s in socket.socketpair())
         try:
             proc = await anyio.to_thread.run_sync(_spawn_blocking, child_sock.fileno(), config)
         except BaseException:

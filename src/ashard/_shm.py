@@ -24,6 +24,8 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from ashard._fds import above_stdio
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -66,7 +68,7 @@ def backend() -> str:
 
 def _open_fd(name: str) -> int:
     if backend() == "memfd":
-        return os.memfd_create(name, os.MFD_CLOEXEC)
+        return above_stdio(os.memfd_create(name, os.MFD_CLOEXEC))
     try:
         import _posixshmem
     except ImportError:
@@ -76,7 +78,7 @@ def _open_fd(name: str) -> int:
     path = f"/{name}-{secrets.token_hex(4)}"
     fd: int = _posixshmem.shm_open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
     _posixshmem.shm_unlink(path)  # from now on only descriptors keep it alive
-    return fd
+    return above_stdio(fd)
 
 
 class Segment:

@@ -15,6 +15,7 @@ import sys
 from collections import deque
 from typing import Any
 
+from ashard._fds import StdioGuard
 from ashard._framing import (
     DEFAULT_MAX_FRAME,
     FrameReader,
@@ -63,8 +64,9 @@ class Worker:
     """The message loop. Control messages (CANCEL) take effect as soon as they are read,
     ahead of chunks queued before them."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, stdio: StdioGuard) -> None:
         self.sock = sock
+        self.stdio = stdio
         self.reader = FrameReader(accept_fds=True)
         self.segments = Segments()
         self.queue: deque[Any] = deque()
@@ -132,6 +134,7 @@ class Worker:
 
     def serve(self) -> None:
         while True:
+            self.stdio.check()  # user code ran: no descriptor of ours may land on 0-2
             if not self.queue:
                 if not self.read(block=True):
                     return
@@ -312,9 +315,10 @@ def main(argv: list[str]) -> None:
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     run.install_handlers(INTERRUPT_SIGNAL)
+    stdio = StdioGuard()
     faulthandler.enable()
     sock = socket.socket(fileno=fd)
-    worker = Worker(sock)
+    worker = Worker(sock, stdio)
     try:
         if _handshake(worker):
             worker.serve()
