@@ -361,3 +361,17 @@ def print_then_sum(shard: Shard, X: np.ndarray) -> int:
     print(f"line from shard {shard.id} " + "x" * 200)
     print(f"err from shard {shard.id}", file=sys.stderr)
     return int(X.sum())
+
+
+def touch_sleep_touch(started: str, finished: str, seconds: float = 5.0) -> str:
+    """Mark the start, sleep, mark the end: a run that was stopped never marks its end."""
+    open(started, "w").close()
+    time.sleep(seconds)
+    open(finished, "w").close()
+    return "finished"
+
+
+def shard_touch_sleep_touch(shard: Shard, directory: str) -> str:
+    return touch_sleep_touch(
+        os.path.join(directory, f"started-{shard.id}"), os.path.join(directory, f"done-{shard.id}")
+    )

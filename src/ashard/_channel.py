@@ -5,6 +5,10 @@ What arrives is untrusted (`ashard._framing`): besides the reader's checks, a fr
 that stays incomplete for `FRAME_STALL_SECONDS` — a worker never pauses inside one of
 its own frames — is a `ProtocolViolation`, so garbage that claims more bytes than
 will ever come cannot hang a call.
+
+While it waits for a worker, an asyncio loop is woken every `WAKE_SECONDS`: a signal
+handler that only schedules a callback (Jupyter's interrupt, which cancels the cell)
+is otherwise served only when the worker next speaks — seconds or minutes later.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import array
 import contextlib
 import socket
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +29,8 @@ __all__ = ["FRAME_STALL_SECONDS", "Channel"]
 
 FRAME_STALL_SECONDS = 10.0
 """Seconds a frame may stay incomplete with nothing more arriving."""
+WAKE_SECONDS = 0.25
+"""How often an asyncio loop waiting on workers wakes, to serve what signals scheduled."""
 
 
 class Channel:
@@ -123,6 +130,9 @@ class Channel:
             await self._wait_readable()
 
     async def _wait_readable(self) -> None:
+        ticker = _ticker()
+        if ticker is not None:
+            ticker.enter()
         try:
             if not self._reader.partial:
                 await anyio.wait_readable(self._sock)
@@ -132,6 +142,9 @@ class Channel:
                 return
         except (anyio.ClosedResourceError, OSError) as exc:
             raise ChannelClosed("worker channel closed") from exc
+        finally:
+            if ticker is not None:
+                ticker.waiting -= 1
         raise ProtocolViolation(
             f"a frame stayed incomplete for {FRAME_STALL_SECONDS:.0f} s with nothing more coming"
         )
@@ -174,6 +187,41 @@ class Channel:
         with contextlib.suppress(Exception):  # no event loop at interpreter exit
             anyio.notify_closing(self._sock)
         self._sock.close()
+
+
+class _Ticker:
+    """Wakes one asyncio loop every `WAKE_SECONDS` while any channel waits on it."""
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+        self.waiting = 0
+        self._armed = False
+
+    def enter(self) -> None:
+        self.waiting += 1
+        if not self._armed:
+            self._armed = True
+            self.loop.call_later(WAKE_SECONDS, self._tick)
+
+    def _tick(self) -> None:
+        self._armed = self.waiting > 0
+        if self._armed:
+            self.loop.call_later(WAKE_SECONDS, self._tick)
+
+
+_last_ticker: _Ticker | None = None
+
+
+def _ticker() -> _Ticker | None:
+    """The ticker of the running asyncio loop; None under any other event loop."""
+    global _last_ticker
+    asyncio = sys.modules.get("asyncio")
+    loop = asyncio._get_running_loop() if asyncio is not None else None
+    if loop is None:
+        return None
+    if _last_ticker is None or _last_ticker.loop is not loop:
+        _last_ticker = _Ticker(loop)
+    return _last_ticker
 
 
 def _rights(fds: Sequence[int]) -> list[Any]:

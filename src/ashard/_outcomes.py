@@ -13,6 +13,8 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from ashard._protocol import INTERRUPTED, RAISED, TIMEOUT
 from ashard._serialize import ExcRecord, decode_exception
 from ashard.errors import (
@@ -33,6 +35,8 @@ __all__ = [
     "call_outcome",
     "describe_exit",
     "failure",
+    "first_error",
+    "interrupt_in",
     "remote_exception",
     "start_failure",
     "unreadable_result",
@@ -163,6 +167,26 @@ def start_failure(pid: int, record: ExcRecord) -> WorkerStartError:
     err = WorkerStartError(f"init failed in worker {pid}: {exc!r}")
     err.__cause__ = exc
     return err
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first real error in a task group's failure (the others are its echoes)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return first_error(exc)
+        if not isinstance(exc, anyio.get_cancelled_exc_class()):
+            return exc
+    return group
+
+
+def interrupt_in(group: BaseExceptionGroup) -> BaseException | None:
+    """The KeyboardInterrupt (or SystemExit) a task group caught, if it did: the caller
+    gets it as itself, as from any other call it was waiting on."""
+    match, _ = group.split((KeyboardInterrupt, SystemExit))
+    found: BaseException | None = match
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found
 
 
 _SIGNAL_HINTS: dict[int, str] = {

@@ -53,7 +53,7 @@ from ashard._framing import (
 from ashard._handle import WorkerConfig, WorkerHandle
 from ashard._health import PROFILES, HealthPolicy
 from ashard._job import Chunk, Job
-from ashard._outcomes import CRASHED, call_outcome, failure, unreadable_result
+from ashard._outcomes import CRASHED, call_outcome, failure, interrupt_in, unreadable_result
 from ashard._protocol import (
     CALL,
     CANCEL,
@@ -171,6 +171,12 @@ class Scheduler:
                     lease_scope.cancel()
                     if not job.finished:
                         tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            job.abort()
+            interrupt = interrupt_in(group)
+            if interrupt is not None:
+                raise interrupt from None  # Ctrl-C in the caller: as itself, not in a group
+            raise
         except BaseException:
             job.abort()
             raise

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.abc
 
+from ashard._outcomes import interrupt_in
 from ashard.errors import ShardMapError
 from ashard.results import ShardDone, _failure_message
 from ashard.shards import Shard
@@ -70,7 +71,13 @@ class ShardStream:
             self._tg.cancel_scope.cancel()
         # The consumer's own exception (ShardMapError, a break, cancellation) goes on
         # unwrapped: the task group is closed as if the body had ended normally.
-        await self._tg.__aexit__(None, None, None)
+        try:
+            await self._tg.__aexit__(None, None, None)
+        except BaseExceptionGroup as group:
+            interrupt = interrupt_in(group)
+            if interrupt is not None:
+                raise interrupt from None
+            raise
         return None
 
     async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:

@@ -27,11 +27,11 @@ import anyio
 from ashard._handle import WorkerConfig, WorkerHandle
 from ashard._health import PROFILES as _PROFILES
 from ashard._health import Gauged, HealthPolicy, Monitor
-from ashard._outcomes import Loss
+from ashard._outcomes import Loss, first_error
 from ashard.errors import WorkerStartError
 from ashard.results import PoolStats
 
-__all__ = ["BACKOFF_MAX", "START_ATTEMPTS", "WorkerSet", "first_error", "spawn_delay"]
+__all__ = ["BACKOFF_MAX", "START_ATTEMPTS", "WorkerSet", "spawn_delay"]
 
 BACKOFF_FREE_CRASHES = 2
 """Crashes in a row that are replaced at once; after that, spawns back off."""
@@ -398,13 +398,3 @@ def _repeats(exc: WorkerStartError, earlier: list[WorkerStartError]) -> bool:
     return cause is not None and any(
         type(e.__cause__) is type(cause) and str(e.__cause__) == str(cause) for e in earlier
     )
-
-
-def first_error(group: BaseExceptionGroup) -> BaseException:
-    """The first real error in a task group's failure (the others are its echoes)."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return first_error(exc)
-        if not isinstance(exc, anyio.get_cancelled_exc_class()):
-            return exc
-    return group
