@@ -121,7 +121,8 @@ async def test_call_reports_a_crash() -> None:
 PHASES = ["starting", "loading", "mid-shard", "sending"]
 # "hang-c" sleeps with every signal blocked rather than backtracking in a regex: CPython's
 # regex engine checks for signals every few thousand steps, so SIGALRM interrupts a match.
-KINDS = ["sigkill", "exit", "segfault", "hang-python", "hang-c", "hostile"]
+KINDS = ["sigkill", "exit", "segfault", "hang-python", "hang-c", "hostile", "memory"]
+MEM_CAP = "150MB"  # the "memory" kind is stopped at 1.5 x this
 
 SHARDS = 4
 TIMEOUT = 2.0
@@ -169,9 +170,9 @@ async def test_one_misbehaving_worker_does_not_change_the_results(
         if phase == "starting":
             short_start_timeout(monkeypatch)
             init = functools.partial(workloads.misbehave_once, armed, kind)
-            pool = ashard.Pool(2, init=init, max_tasks=1)  # every shard needs a new worker
+            pool = ashard.Pool(2, init=init, max_tasks=1, mem_cap=MEM_CAP)  # new worker per shard
         else:
-            pool = ashard.Pool(2)
+            pool = ashard.Pool(2, mem_cap=MEM_CAP)
         async with pool:
             await anyio.Path(armed).touch()  # armed once the first workers are up
             fn, borrow = _job(phase, armed, kind)

@@ -224,3 +224,50 @@ async def test_bad_health_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="profile must be one of"):
         await ashard.shard_map(2, pid_of, profile="fast")  # type: ignore[arg-type]
     assert ashard.Pool(1, mem_cap="1.5GiB")._backend.policy.mem_cap == 3 * 2**29
+
+
+def fast_runaway(shard: ashard.Shard) -> int:
+    """Shard 0 allocates and touches memory as fast as it can (GB/s), without end."""
+    import numpy as np
+
+    if shard.id == 0:
+        hoard = []
+        while True:
+            hoard.append(np.ones(16 * MiB, dtype=np.uint8))
+    return shard.id
+
+
+async def test_a_fast_allocator_never_passes_the_hard_limit_by_more_than_ten_percent() -> None:
+    import threading
+
+    hard = int(300e6 * 1.5)
+    async with ashard.Pool(2, mem_cap="300MB") as pool:
+        pids = pool.pids
+        peak = dict.fromkeys(pids, 0)
+        stop = threading.Event()
+
+        def sample() -> None:  # the parent's view of each worker, every half millisecond
+            procs = [psutil.Process(p) for p in pids]
+            while not stop.wait(0.0005):
+                for proc in procs:
+                    try:
+                        info = proc.memory_info()
+                    except psutil.Error:
+                        continue
+                    peak[proc.pid] = max(peak[proc.pid], info.rss - info.shared)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            res = await pool.shard_map(
+                ashard.shards(6, block_size=1), fast_runaway, max_retries=0, errors="collect"
+            )
+        finally:
+            stop.set()
+            await anyio.to_thread.run_sync(sampler.join)
+    (failure,) = res.failures
+    assert isinstance(failure, ashard.WorkerCrashed) and failure.shard_id == 0
+    assert "past the hard limit of 429 MiB" in str(failure)
+    assert res.results[1:] == [1, 2, 3, 4, 5]
+    assert max(peak.values()) > hard * 0.8  # the sampler did see the runaway
+    assert max(peak.values()) <= hard * 1.1, f"{max(peak.values()) / hard:.2f} x the hard limit"

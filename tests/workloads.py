@@ -172,14 +172,19 @@ def shard_sum_plus(shard: Shard, offset: int, table: dict[str, int]) -> int:
 
 def misbehave(how: str) -> None:
     """`die(how)`, plus "hang-python" (a busy loop that signals can interrupt), "hang-c"
-    (a sleep in C with every signal blocked: only SIGKILL ends it) and "hostile" (bytes
-    that are not a frame written into the channel, then carry on)."""
+    (a sleep in C with every signal blocked: only SIGKILL ends it), "hostile" (bytes
+    that are not a frame written into the channel, then carry on) and "memory"
+    (allocate without end)."""
     if how == "hang-python":
         while True:
             pass
     if how == "hostile":
         os.write(channel_fd(), hostile_bytes("garbage"))
         return
+    if how == "memory":  # touched pages, as fast as it can: the pool's mem_cap must stop it
+        hoard = []
+        while True:
+            hoard.append(b"\x01" * (16 << 20))
     die("hang" if how == "hang-c" else how)
 
 

@@ -37,6 +37,7 @@ from ashard._health import EndReason, HealthPolicy, Profile, RecycleReason
 from ashard._outcomes import describe_exit, start_failure
 from ashard._protocol import (
     DROP,
+    EXIT_OVER_MEMORY,
     FORGET,
     HELLO,
     INTERRUPT_SIGNAL,
@@ -63,6 +64,7 @@ class WorkerConfig:
     env: dict[str, str] = field(default_factory=dict)
     init: Payload | None = None
     max_frame: int = DEFAULT_MAX_FRAME
+    memory_limit: int | None = None  # private memory past which the worker stops itself
 
 
 def _popen(child_fd: int, config: WorkerConfig) -> subprocess.Popen[bytes]:
@@ -137,7 +139,7 @@ class WorkerHandle:
     async def _handshake(self, config: WorkerConfig) -> None:
         try:
             with anyio.fail_after(START_TIMEOUT):
-                hello = (HELLO, list(sys.path), config.init, config.max_frame)
+                hello = (HELLO, list(sys.path), config.init, config.max_frame, config.memory_limit)
                 await self.channel.send(encode(hello))
                 reply = (await self.channel.receive())[0]
         except ProtocolViolation as exc:
@@ -148,6 +150,12 @@ class WorkerHandle:
             ) from None
         except ChannelClosed:
             code = await self.wait_exit(5.0)
+            if code == EXIT_OVER_MEMORY:
+                self.mark_ended("mem_hard")
+                raise WorkerStartError(
+                    f"worker {self.pid} went past its hard memory limit before it was ready "
+                    "(in init?)"
+                ) from None
             if code is not None and code < 0:
                 how = describe_exit(self.pid, None, -code)
                 raise WorkerStartError(f"{how} before it was ready") from None
@@ -352,6 +360,11 @@ class WorkerHandle:
         if await self.wait_exit(grace) is None:
             await self.kill()
         _live.discard(self)
+
+    @property
+    def stopped_over_memory(self) -> bool:
+        """Did it stop itself past its memory limit?"""
+        return self.proc.returncode == EXIT_OVER_MEMORY
 
     def exit_info(self) -> tuple[int | None, int | None]:
         """(exitcode, signal) once the process has ended."""

@@ -110,9 +110,10 @@ class HealthPolicy:
     def hard_limit_note(self, peak_rss: int) -> str:
         """Why a worker killed past the hard limit ended, for its shard's error."""
         hard = self.hard_cap or 0
+        reached = f"reached {peak_rss / 2**20:.0f} MiB," if peak_rss > hard else "went"
         return (
-            f"killed by ashard: its private memory reached {peak_rss / 2**20:.0f} MiB, "
-            f"past the hard limit of {hard / 2**20:.0f} MiB (mem_cap x {self.hard_factor})"
+            f"killed by ashard: its private memory {reached} past the hard limit of "
+            f"{hard / 2**20:.0f} MiB (mem_cap x {self.hard_factor})"
         )
 
 

@@ -3,7 +3,7 @@ these codes; the comments give the rest of each tuple.
 
 parent -> worker::
 
-    HELLO   sys_path, init payload | None, max_frame
+    HELLO   sys_path, init payload | None, max_frame, memory limit (bytes) | None
     JOB     key, JobSpec                      register fn and borrow for a call
     RUN     key, seq, first, count, attempts | None, items payload | None
     CALL    seq, payload of (fn, args, kwargs), timeout    one call, no job
@@ -45,6 +45,9 @@ RAISED, TIMEOUT, INTERRUPTED = range(3)
 _DETAIL_KINDS = {RAISED: tuple, TIMEOUT: float, INTERRUPTED: type(None)}
 
 ITEMS, SHARDS = range(2)
+
+EXIT_OVER_MEMORY = 213
+"""Exit status of a worker that stopped itself past its memory limit (HELLO)."""
 
 MAX_BUFFERS = 1 << 16
 """Out-of-band buffers one frame may carry (`ashard._serialize.pack` keeps within half)."""

@@ -123,6 +123,8 @@ class WorkerSet:
 
     def count_death(self, w: WorkerHandle, *, timed_out: bool) -> None:
         """`w` died, or was killed past a timeout, with work in hand."""
+        if w.stopped_over_memory:
+            w.mark_ended("mem_hard")
         if timed_out:
             self._counts.timed_out += 1
             w.mark_ended("timed out")

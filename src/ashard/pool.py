@@ -95,7 +95,10 @@ class Pool:
         )  # fmt: skip
         init_payload = None if init is None else pickle_payload(check_fn(init, "init"), "init")
         max_frame = check_size("max_message", max_message)
-        config = WorkerConfig(env=check_env(env), init=init_payload, max_frame=max_frame)
+        config = WorkerConfig(
+            env=check_env(env), init=init_payload, max_frame=max_frame,
+            memory_limit=policy.hard_cap,
+        )  # fmt: skip
         self._backend: Backend = Scheduler(size, config, policy)
         global _atexit_registered
         if not _atexit_registered:

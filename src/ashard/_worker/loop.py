@@ -12,6 +12,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -28,6 +30,7 @@ from ashard._protocol import (
     CALL,
     CANCEL,
     DROP,
+    EXIT_OVER_MEMORY,
     FORGET,
     HELLO,
     INIT_FAILED,
@@ -281,8 +284,10 @@ def _handshake(worker: Worker) -> bool:
         return False
     hello = worker.queue.popleft()
     assert hello[0] == HELLO, hello
-    _, sys_path, init, worker.max_frame = hello
+    _, sys_path, init, worker.max_frame, memory_limit = hello
     sys.path[:] = sys_path
+    if memory_limit is not None:
+        watch_memory(memory_limit)
     if init is not None:
         try:
             unpack(init)()
@@ -308,6 +313,26 @@ def private_rss() -> int:
         return (int(fields[1]) - int(fields[2])) * _PAGE
     except (OSError, IndexError, ValueError):
         return 0
+
+
+MEMORY_WATCH_SECONDS = 0.005
+"""How often a worker with a memory limit reads its private memory."""
+
+
+def watch_memory(limit: int) -> None:
+    """Exit at once (`EXIT_OVER_MEMORY`) when private memory passes `limit` bytes: a
+    thread reading /proc/self/statm every few milliseconds, so a runaway allocation
+    is stopped where it happens, not at the parent's next look (a second later, and
+    gigabytes on)."""
+    private_rss()  # opens statm before the thread shares it
+
+    def watch() -> None:
+        while True:
+            time.sleep(MEMORY_WATCH_SECONDS)
+            if private_rss() > limit:
+                os._exit(EXIT_OVER_MEMORY)
+
+    threading.Thread(target=watch, name="ashard-memory", daemon=True).start()
 
 
 def main(argv: list[str]) -> None:
