@@ -11,6 +11,7 @@ mean module boundaries in the right places. Prints one JSON line.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import threading
@@ -52,7 +53,7 @@ async def main() -> dict[str, Any]:
         await pool.shard_map(ashard.shards(1, block_size=1), double)  # warm
         calls = min([await walk(pool) for _ in range(5)], key=len)
     modules = [m for m, _ in calls]
-    switches = sum(1 for a, b in zip(modules, modules[1:], strict=False) if a != b)
+    switches = sum(1 for a, b in itertools.pairwise(modules) if a != b)
     return {
         "ashard": ashard.__file__,
         "calls": len(calls),
