@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -271,3 +272,15 @@ async def test_a_fast_allocator_never_passes_the_hard_limit_by_more_than_ten_per
     assert res.results[1:] == [1, 2, 3, 4, 5]
     assert max(peak.values()) > hard * 0.8  # the sampler did see the runaway
     assert max(peak.values()) <= hard * 1.1, f"{max(peak.values()) / hard:.2f} x the hard limit"
+
+
+async def test_a_call_that_meets_idle_workers_leaving_gets_new_ones() -> None:
+    """Calls that arrive while the monitor is stopping idle workers must not wait for a
+    worker that will never come back."""
+    with anyio.fail_after(60):
+        async with ashard.Pool(2, idle_timeout=0.2, health_check_interval=0.01) as pool:
+            for _ in range(25):
+                await anyio.sleep(0.19 + random.random() * 0.04)  # around the idle deadline
+                res = await pool.shard_map(ashard.shards(4, block_size=1), pid_of)
+                assert res.ok
+            assert pool.stats.recycled_by["idle"] >= 2

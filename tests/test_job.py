@@ -18,7 +18,7 @@ from ashard._outcomes import Loss
 from ashard._protocol import INTERRUPTED, RAISED, Payload
 from ashard._serialize import encode_exception
 
-FN = Payload(b"", [])  # never unpickled: no worker runs
+FN: Payload = (b"", [])  # never unpickled: no worker runs
 PID = 4242
 KILLED = Loss(PID, None, 9)
 

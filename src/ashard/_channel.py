@@ -130,9 +130,7 @@ class Channel:
             await self._wait_readable()
 
     async def _wait_readable(self) -> None:
-        ticker = _ticker()
-        if ticker is not None:
-            ticker.enter()
+        ticker = _ticking()
         try:
             if not self._reader.partial:
                 await anyio.wait_readable(self._sock)
@@ -195,33 +193,33 @@ class _Ticker:
     def __init__(self, loop: Any) -> None:
         self.loop = loop
         self.waiting = 0
-        self._armed = False
+        self.armed = False
 
-    def enter(self) -> None:
-        self.waiting += 1
-        if not self._armed:
-            self._armed = True
-            self.loop.call_later(WAKE_SECONDS, self._tick)
-
-    def _tick(self) -> None:
-        self._armed = self.waiting > 0
-        if self._armed:
-            self.loop.call_later(WAKE_SECONDS, self._tick)
+    def tick(self) -> None:
+        self.armed = self.waiting > 0
+        if self.armed:
+            self.loop.call_later(WAKE_SECONDS, self.tick)
 
 
 _last_ticker: _Ticker | None = None
 
 
-def _ticker() -> _Ticker | None:
-    """The ticker of the running asyncio loop; None under any other event loop."""
+def _ticking() -> _Ticker | None:
+    """The ticker of the running asyncio loop, counting one more wait and armed; None
+    under any other event loop."""
     global _last_ticker
     asyncio = sys.modules.get("asyncio")
     loop = asyncio._get_running_loop() if asyncio is not None else None
     if loop is None:
         return None
-    if _last_ticker is None or _last_ticker.loop is not loop:
-        _last_ticker = _Ticker(loop)
-    return _last_ticker
+    ticker = _last_ticker
+    if ticker is None or ticker.loop is not loop:
+        ticker = _last_ticker = _Ticker(loop)
+    ticker.waiting += 1
+    if not ticker.armed:
+        ticker.armed = True
+        loop.call_later(WAKE_SECONDS, ticker.tick)
+    return ticker
 
 
 def _rights(fds: Sequence[int]) -> list[Any]:

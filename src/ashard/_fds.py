@@ -9,7 +9,6 @@ any that `fn` closed or replaced (`StdioGuard`).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import sys
@@ -30,11 +29,11 @@ def above_stdio(fd: int) -> int:
     return high
 
 
-def _identity(fd: int) -> tuple[int, int] | None:
+def _identity(fd: int) -> tuple[int, int]:
     try:
         st = os.fstat(fd)
     except OSError:
-        return None
+        return (-1, -1)
     return st.st_dev, st.st_ino
 
 
@@ -44,35 +43,53 @@ class StdioGuard:
 
     def __init__(self) -> None:
         for fd in _STDIO:  # started with one closed: give it /dev/null
-            if _identity(fd) is None:
+            if _identity(fd) == (-1, -1):
                 null = os.open(os.devnull, os.O_RDWR)
                 if null != fd:
                     os.dup2(null, fd)
                     os.close(null)
-        self._saved = {fd: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in _STDIO}
-        self._ids = {fd: _identity(fd) for fd in _STDIO}
-        self._streams: dict[str, Any] = {"stdout": sys.stdout, "stderr": sys.stderr}
+        self._saved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in _STDIO]
+        self._ids = [_identity(fd) for fd in _STDIO]
+        self._stdout: Any = sys.stdout
+        self._stderr: Any = sys.stderr
 
     def check(self) -> None:
-        """Restore descriptors 0-2 and `sys.stdout` / `sys.stderr` if they changed."""
-        for fd in _STDIO:
-            if _identity(fd) != self._ids[fd]:
-                os.dup2(self._saved[fd], fd, inheritable=True)
-        for name, stream in self._streams.items():
-            current = getattr(sys, name)
-            if current is not stream or _closed(stream):
-                setattr(sys, name, self._reopen(name, stream))
+        """Restore descriptors 0-2 and `sys.stdout` / `sys.stderr` if they changed. It
+        runs after every chunk, so the common case is two fstat and a fcntl (~3 us):
+        stdin is only checked for being open (replacing it sends no output anywhere)."""
+        if not self._unchanged():
+            for fd in _STDIO:
+                if _identity(fd) != self._ids[fd]:
+                    os.dup2(self._saved[fd], fd, inheritable=True)
+            sys.stdout = self._stdout = self._usable(self._stdout, 1)
+            sys.stderr = self._stderr = self._usable(self._stderr, 2)
 
-    def _reopen(self, name: str, stream: Any) -> Any:
+    def _unchanged(self) -> bool:
+        try:
+            out, err = os.fstat(1), os.fstat(2)
+            fcntl.fcntl(0, fcntl.F_GETFD)
+        except OSError:
+            return False
+        ids = self._ids
+        return (
+            (out.st_dev, out.st_ino) == ids[1]
+            and (err.st_dev, err.st_ino) == ids[2]
+            and sys.stdout is self._stdout  # ours, so .closed is a plain attribute
+            and sys.stderr is self._stderr
+            and not self._stdout.closed
+            and not self._stderr.closed
+        )
+
+    @staticmethod
+    def _usable(stream: Any, fd: int) -> Any:
+        """`stream`, or a new one on `fd` if it was closed."""
         if not _closed(stream):
             return stream
-        fd = 1 if name == "stdout" else 2
-        fresh = os.fdopen(os.dup(fd), "w", buffering=1, errors="backslashreplace")
-        self._streams[name] = fresh
-        return fresh
+        return os.fdopen(os.dup(fd), "w", buffering=1, errors="backslashreplace")
 
 
 def _closed(stream: Any) -> bool:
-    with contextlib.suppress(Exception):
+    try:
         return bool(stream.closed)
-    return True
+    except Exception:
+        return True

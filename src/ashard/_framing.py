@@ -34,7 +34,7 @@ from typing import Any
 
 from ashard._fds import above_stdio
 from ashard._protocol import MAX_BUFFERS, ProtocolViolation
-from ashard._serialize import loads
+from ashard._serialize import dumps, loads
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -42,6 +42,7 @@ __all__ = [
     "ChannelClosed",
     "FrameReader",
     "RawFrame",
+    "Unreadable",
     "encode",
     "encode_many",
     "frame_size",
@@ -71,12 +72,16 @@ class ChannelClosed(EOFError):
     """The other end closed the channel (the worker or the parent is gone)."""
 
 
-def encode(msg: Any) -> list[Buffer]:
+def encode(msg: Any, *, by_value: bool = False) -> list[Buffer]:
     """The frame for `msg` as a list of buffers for `sendmsg`. Messages hold no user
-    objects (those travel as pre-pickled `Payload`s, out of band), so this is a plain
-    pickle."""
+    objects (those travel as pre-pickled `Payload`s), so this is a plain pickle; a CALL
+    carries its function and arguments itself (`by_value`: functions from `__main__`
+    are pickled by value)."""
     bufs: list[pickle.PickleBuffer] = []
-    payload = pickle.dumps(msg, protocol=5, buffer_callback=bufs.append)
+    if by_value:
+        payload = dumps(msg, bufs)
+    else:
+        payload = pickle.dumps(msg, protocol=5, buffer_callback=bufs.append)
     if not bufs:
         return [_HEAD.pack(MAGIC, 0, len(payload)), payload]
     raws = [b.raw() for b in bufs]
@@ -85,8 +90,8 @@ def encode(msg: Any) -> list[Buffer]:
 
 
 def frame_size(parts: list[Buffer]) -> int:
-    """Bytes of an encoded frame."""
-    return sum(memoryview(p).nbytes for p in parts)
+    """Bytes of an encoded frame (its parts are bytes or flat byte views)."""
+    return sum(map(len, parts))
 
 
 def advance(parts: list[Buffer], sent: int) -> list[Buffer]:
@@ -207,7 +212,10 @@ class FrameReader:
         if nbuf or plen > INLINE_DECODE_LIMIT:
             return _decode_whole(bytearray(self._view[lo : lo + total]))
         with self._view[lo + hlen : lo + hlen + plen] as payload:
-            return _loads_message(payload)
+            try:
+                return loads(payload)
+            except Exception as exc:
+                return Unreadable(exc)
 
     def _reserve(self, total: int) -> None:
         """Make room for a frame of `total` bytes whose start is at `_lo`."""
@@ -271,11 +279,22 @@ def _decode_frame(frame: bytearray | mmap.mmap) -> Any:
     return _loads_message(payload, buffers)
 
 
+class Unreadable:
+    """Stands in for a message whose frame was whole but whose pickle does not load:
+    the parent takes it for a protocol violation, a worker answers it (a CALL whose
+    function or arguments cannot be unpickled there)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
 def _loads_message(payload: memoryview, buffers: Sequence[memoryview] = ()) -> Any:
     try:
         return loads(payload, buffers)
     except Exception as exc:
-        raise ProtocolViolation(f"a frame that does not unpickle ({type(exc).__name__})") from exc
+        return Unreadable(exc)
 
 
 def encode_many(msgs: Sequence[Any]) -> list[Buffer]:

@@ -132,6 +132,8 @@ def _check_chunk_size(name: str, value: object) -> ChunkSize:
 
 
 def check_count(name: str, value: object) -> int:
+    if type(value) is int and value >= 0:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= 0, got {_show(value)}")
     if int(value) < 0:

@@ -66,7 +66,7 @@ def pickle_payload(obj: object, what: str) -> Payload:
     """Pickle `obj` once, for every worker; the error names `what`."""
     buffers: list[pickle.PickleBuffer] = []
     data = dumps_named(obj, what, buffers)
-    return Payload(data, buffers)
+    return data, buffers
 
 
 def loads(data: Any, buffers: Any = ()) -> Any:
@@ -85,16 +85,17 @@ def pack(obj: object) -> Payload:
     buffers: list[pickle.PickleBuffer] = []
     data = dumps(obj, buffers)
     if not buffers and len(data) <= INLINE_PACK_BYTES:
-        return Payload(data, buffers)
+        return data, buffers
     if len(buffers) > MAX_BUFFERS // 2:  # thousands of small arrays: in band, one copy
         buffers = []
         data = dumps(obj, None)
-    return Payload(pickle.PickleBuffer(data), buffers)
+    return pickle.PickleBuffer(data), buffers
 
 
 def unpack(payload: Payload) -> Any:
     """The object in a `Payload`."""
-    return pickle.loads(payload.data, buffers=payload.buffers)
+    data, buffers = payload
+    return pickle.loads(data, buffers=buffers)
 
 
 class RemoteError(Exception):

@@ -87,13 +87,15 @@ class WorkerSet:
         self._idle: list[WorkerHandle] = []
         self._waiters: list[_Waiter] = []
         self._retired: list[WorkerHandle] = []
+        self._leaving: set[WorkerHandle] = set()  # idle past idle_timeout, being stopped
         self._leases: dict[Tenant, int] = {}  # workers each tenant holds (absent: none)
 
     # -- what it holds ----------------------------------------------------------------
 
     def stats(self) -> PoolStats:
         c = self._counts
-        alive = sum(1 for w in self._workers if w.alive)
+        with self._lock:
+            alive = sum(1 for w in (*self._workers, *self._leaving) if w.alive)
         recycled = sum(c.recycled_by.values())
         return PoolStats(
             alive, c.started, c.crashed, c.timed_out, recycled, c.shards_done, dict(c.recycled_by)
@@ -378,7 +380,8 @@ class WorkerSet:
 
     def reap_idle(self, now: float) -> None:
         """Stop the idle workers past `idle_timeout` (blocking: the monitor's thread).
-        They stay members until reaped, so `stats().alive` counts only live processes."""
+        They leave the pool at once (a new worker may start in their place) but count
+        as alive until reaped."""
         limit = self.policy.idle_timeout
         if limit is None or self.closed:
             return
@@ -386,12 +389,14 @@ class WorkerSet:
             expired = [w for w in self._idle if w.idle_for(now) >= limit and not w.has_control]
             for w in expired:
                 self._idle.remove(w)
+                self._workers.discard(w)
                 w.mark_ended("idle")
                 self._counts.recycled_by["idle"] += 1
+            self._leaving.update(expired)
         for w in expired:
             w.stop_blocking()
         with self._lock:
-            self._workers.difference_update(expired)
+            self._leaving.difference_update(expired)
 
 
 def _repeats(exc: WorkerStartError, earlier: list[WorkerStartError]) -> bool:

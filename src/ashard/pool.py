@@ -209,7 +209,7 @@ class Pool:
     ) -> Any:
         """``fn(*args, **kwargs)`` on one worker; see `ashard.call`."""
         fn = check_fn(fn)
-        seconds = check_timeout("timeout", timeout)
+        seconds = None if timeout is None else check_timeout("timeout", timeout)
         retries = check_count("max_retries", max_retries)
         return await self._backend.call(fn, args, kwargs, seconds, retries)
 

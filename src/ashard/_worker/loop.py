@@ -22,6 +22,7 @@ from ashard._framing import (
     DEFAULT_MAX_FRAME,
     FrameReader,
     RawFrame,
+    Unreadable,
     encode,
     frame_size,
     send_frames,
@@ -43,6 +44,7 @@ from ashard._protocol import (
     RUN,
     SEGMENTS,
     SHARDS,
+    UNREADABLE_CALL,
     ArrayRef,
     JobSpec,
     Payload,
@@ -98,7 +100,8 @@ class Worker:
             payload = pack(values)
         n = len(values)
         parts = encode((RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss))
-        if frame_size(parts) > self.max_frame:
+        size = len(parts[0]) + len(parts[1]) if len(parts) == 2 else frame_size(parts)
+        if size > self.max_frame:
             values, errors = _too_large(values, errors, frame_size(parts), self.max_frame)
             payload = pack(values)
             parts = encode((RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss))
@@ -121,6 +124,10 @@ class Worker:
     def _ingest(self, msg: Any) -> None:
         if isinstance(msg, RawFrame):
             msg = msg.decode()
+        if isinstance(msg, Unreadable):  # only a CALL carries what may not unpickle here
+            error = _load_error("the call's function or arguments", msg.error)
+            self._fail_all(UNREADABLE_CALL, 1, error)
+            return
         if msg[0] == CANCEL:
             self._cancel(msg[1])
         else:
@@ -137,7 +144,6 @@ class Worker:
 
     def serve(self) -> None:
         while True:
-            self.stdio.check()  # user code ran: no descriptor of ours may land on 0-2
             if not self.queue:
                 if not self.read(block=True):
                     return
@@ -150,10 +156,13 @@ class Worker:
             op = msg[0]
             if op == RUN:
                 self._run(*msg[1:])
+                self.stdio.check()  # user code ran: put back what it did to fds 0-2
             elif op == CALL:
                 self._call(*msg[1:])
+                self.stdio.check()
             elif op == JOB:
                 self.jobs[msg[1]] = _load_job(msg[2], self.segments)
+                self.stdio.check()
             elif op == FORGET:
                 self.jobs.pop(msg[1], None)
             elif op == SEGMENTS:
@@ -193,12 +202,14 @@ class Worker:
         errors = [(k, RAISED, record) for k in range(count)]
         self.send_result(seq, 0, [None] * count, errors, [0.0] * count, True)
 
-    def _call(self, seq: int, packed: Payload, timeout: float | None) -> None:
-        try:
-            fn, args, kwargs = unpack(packed)
-        except Exception as exc:
-            self._fail_all(seq, 1, _load_error("the call's function or arguments", exc))
-            return
+    def _call(
+        self,
+        seq: int,
+        fn: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+    ) -> None:
         self.report_rss = False
         run.run_call(fn, args, kwargs, timeout, seq, self.send_result)
         self.report_rss = True
@@ -294,6 +305,7 @@ def _handshake(worker: Worker) -> bool:
         except BaseException as exc:  # reported to the parent, which fails the pool start
             worker.send((INIT_FAILED, encode_exception(exc)))
             return False
+        worker.stdio.check()
     worker.send((READY, os.getpid(), private_rss()))
     return True
 
