@@ -337,6 +337,9 @@ def watch_memory(limit: int) -> None:
     is stopped where it happens, not at the parent's next look (a second later, and
     gigabytes on)."""
     private_rss()  # opens statm before the thread shares it
+    # The watcher needs the GIL to look: a long allocation in C holds it, and the
+    # default 5 ms before a waiting thread may claim it lets a fast one run ~10 MiB on.
+    sys.setswitchinterval(0.001)
 
     def watch() -> None:
         while True:
