@@ -14,8 +14,12 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "Buffer",
     "Diagnostics",
+    "GatherTooLarge",
     "Pool",
     "PoolStats",
+    "ReduceResult",
+    "ResultRef",
+    "SchemaMismatch",
     "Shard",
     "ShardDone",
     "ShardError",
@@ -27,6 +31,8 @@ __all__ = [
     "Shards",
     "SharedArray",
     "SharedTable",
+    "TableRef",
+    "TableSink",
     "WorkerCrashed",
     "WorkerRow",
     "WorkerStartError",
@@ -35,13 +41,17 @@ __all__ = [
     "default_pool",
     "map",
     "shard_map",
+    "shard_reduce",
     "shard_stream",
     "shards",
     "share",
     "shutdown",
+    "table_sink",
 ]
 
 from ashard.errors import (
+    GatherTooLarge,
+    SchemaMismatch,
     ShardError,
     ShardFailed,
     ShardMapError,
@@ -49,7 +59,14 @@ from ashard.errors import (
     WorkerCrashed,
     WorkerStartError,
 )
-from ashard.results import Diagnostics, PoolStats, ShardDone, ShardResult, WorkerRow
+from ashard.results import (
+    Diagnostics,
+    PoolStats,
+    ReduceResult,
+    ShardDone,
+    ShardResult,
+    WorkerRow,
+)
 from ashard.shards import Shard, Shards, shards
 
 _LAZY = {
@@ -64,15 +81,29 @@ _LAZY = {
     "default_pool": "ashard.api",
     "map": "ashard.api",
     "shard_map": "ashard.api",
+    "shard_reduce": "ashard.api",
     "shard_stream": "ashard.api",
+    "ResultRef": "ashard.tables",
+    "TableRef": "ashard.tables",
+    "TableSink": "ashard.tables",
+    "table_sink": "ashard.tables",
     "shutdown": "ashard.api",
 }
 
 if typing.TYPE_CHECKING:
     from ashard._stream import ShardStream
-    from ashard.api import call, default_pool, map, shard_map, shard_stream, shutdown
+    from ashard.api import (
+        call,
+        default_pool,
+        map,
+        shard_map,
+        shard_reduce,
+        shard_stream,
+        shutdown,
+    )
     from ashard.pool import Pool
     from ashard.shared import Buffer, SharedArray, SharedTable, buffer, share
+    from ashard.tables import ResultRef, TableRef, TableSink, table_sink
 
 
 def __getattr__(name: str) -> typing.Any:

@@ -39,7 +39,7 @@ class Channel:
     def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         sock.setblocking(False)
         self._sock = sock
-        self._reader = FrameReader(max_frame=max_frame)
+        self._reader = FrameReader(accept_fds=True, max_frame=max_frame)
         self._eof = False
         self._early: list[Any] = []  # messages read while a send was waiting
         self._backlog: list[Buffer] = []  # the rest of a `post` the socket did not take
@@ -178,8 +178,14 @@ class Channel:
                 break  # a short read emptied the socket; waiting again will say if not
         return msgs
 
+    def take_fds(self, count: int) -> list[int]:
+        """The next `count` descriptors the worker sent (its message claims them)."""
+        return self._reader.take_fds(count)
+
     def close(self) -> None:
-        """Close the socket (waking any task waiting on it)."""
+        """Close the socket (waking any task waiting on it) and any descriptor the
+        worker sent that no message claimed."""
+        self._reader.close_fds()
         if self._sock.fileno() < 0:
             return
         with contextlib.suppress(Exception):  # no event loop at interpreter exit

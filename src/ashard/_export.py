@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 
 from ashard._framing import MAX_FDS
-from ashard._protocol import ArrayRef, Payload, TableRef
+from ashard._protocol import ArrayRef, IpcRef, Payload, SinkRef
 from ashard._serialize import pickle_payload
 from ashard._shm import SHAREABLE_KINDS, Segment, is_arrow
 from ashard.shared import Buffer, SharedArray, SharedTable
+from ashard.tables import TableSink
 
 __all__ = ["Exported", "export"]
 
@@ -27,7 +28,7 @@ _BORROW_MODE = {"deny": "ro", "allow": "cow", "audit": "audit"}
 class Exported:
     """A call's shared inputs and outputs, ready for `JobSpec.borrow`."""
 
-    kwargs: dict[str, Payload | ArrayRef | TableRef] = field(default_factory=dict)
+    kwargs: dict[str, Payload | ArrayRef | IpcRef | SinkRef] = field(default_factory=dict)
     segments: list[Segment] = field(default_factory=list)  # fds every worker needs
     owned: list[SharedArray | SharedTable] = field(default_factory=list)  # for this call only
 
@@ -45,7 +46,10 @@ def export(borrow: dict[str, Any], out: dict[str, Any], cow: str) -> Exported:
         for name, value in borrow.items():
             exported.kwargs[name] = _export_borrow(exported, name, value, _BORROW_MODE[cow])
         for name, value in out.items():
-            exported.kwargs[name] = _ref(exported, value.segment, value, "rw")
+            if isinstance(value, TableSink):
+                exported.kwargs[name] = value.spec()
+            else:
+                exported.kwargs[name] = _ref(exported, value.segment, value, "rw")
         if len(exported.segments) > MAX_FDS:
             raise ValueError(
                 f"a call can share at most {MAX_FDS} arrays through borrow and out, "
@@ -59,7 +63,7 @@ def export(borrow: dict[str, Any], out: dict[str, Any], cow: str) -> Exported:
 
 def _export_borrow(
     exported: Exported, name: str, value: Any, mode: str
-) -> Payload | ArrayRef | TableRef:
+) -> Payload | ArrayRef | IpcRef:
     if isinstance(value, SharedArray | Buffer):
         return _ref(exported, value.segment, value, mode)
     if _plain_array(value) and value.dtype.kind in SHAREABLE_KINDS:
@@ -73,7 +77,7 @@ def _export_borrow(
         segment = value.segment
         if segment not in exported.segments:
             exported.segments.append(segment)
-        return TableRef(segment.id, segment.size, value.kind)  # immutable: no cow modes
+        return IpcRef(segment.id, segment.size, value.kind)  # immutable: no cow modes
     return pickle_payload(value, f"borrow[{name!r}]")
 
 

@@ -24,7 +24,9 @@ a worker starts light.
 from __future__ import annotations
 
 import array
+import contextlib
 import mmap
+import os
 import pickle
 import socket
 import struct
@@ -57,6 +59,8 @@ _BIG = 1 << 20
 _MIN_READ = 1 << 12
 MAX_FDS = 200
 """File descriptors sent with one message at most (the kernel's limit is 253)."""
+MAX_QUEUED_FDS = 4 * MAX_FDS
+"""Descriptors received and not yet claimed by a message, at most."""
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 _CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag arithmetic is slow per message
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
@@ -109,10 +113,12 @@ def advance(parts: list[Buffer], sent: int) -> list[Buffer]:
     return rest
 
 
-def send_frames(sock: socket.socket, parts: list[Buffer]) -> None:
-    """Blocking send of whole frames (worker side)."""
+def send_frames(sock: socket.socket, parts: list[Buffer], fds: Sequence[int] = ()) -> None:
+    """Blocking send of whole frames (worker side), `fds` with their first byte."""
+    anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
     while parts:
-        sent = sock.sendmsg(parts)
+        sent = sock.sendmsg(parts, anc)
+        anc = []
         parts = advance(parts, sent)
 
 
@@ -167,9 +173,23 @@ class FrameReader:
                 fds = array.array("i")
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
                 self.fds.extend(above_stdio(fd) for fd in fds)
-        if msg_flags & _CTRUNC:
-            raise RuntimeError("ashard internal error: file descriptors were truncated")
+        if msg_flags & _CTRUNC or len(self.fds) > MAX_QUEUED_FDS:
+            self.close_fds()
+            raise ProtocolViolation("more file descriptors than any message claims")
         return n
+
+    def take_fds(self, count: int) -> list[int]:
+        """The next `count` descriptors received, in order (a message claims them)."""
+        fds = self.fds
+        if fds is None or len(fds) < count:
+            raise ProtocolViolation(f"a message that claims {count} file descriptors not sent")
+        return [fds.popleft() for _ in range(count)]
+
+    def close_fds(self) -> None:
+        """Close every descriptor received and not claimed."""
+        while self.fds:
+            with contextlib.suppress(OSError):
+                os.close(self.fds.popleft())
 
     def messages(self) -> list[Any]:
         """Every complete message received so far."""

@@ -28,19 +28,39 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
 from ashard import _seeding
 from ashard._health import PROFILES, EndReason
 from ashard._options import CallOptions
-from ashard._outcomes import CRASHED, Loss, failure, unreadable_result, unsendable_items
+from ashard._outcomes import (
+    CRASHED,
+    Loss,
+    failure,
+    output_failure,
+    unreadable_result,
+    unsendable_items,
+)
 from ashard._progress import Progress
-from ashard._protocol import INTERRUPTED, ITEMS, RAISED, SHARDS, TIMEOUT, Payload, Result
+from ashard._protocol import (
+    INTERRUPTED,
+    ITEMS,
+    RAISED,
+    SHARDS,
+    TIMEOUT,
+    Commit,
+    Payload,
+    ProtocolViolation,
+    Result,
+)
 from ashard.errors import ShardError
 from ashard.results import Diagnostics, ShardDone, ShardResult, WorkerRow
 from ashard.shards import Shard, Shards
+
+if TYPE_CHECKING:
+    from ashard.tables import ResultStore, TableSink
 
 TARGET_CHUNK_SECONDS = 0.01
 """`chunk_size="auto"` aims for chunks of about this much work."""
@@ -49,6 +69,8 @@ LONG_CHUNK_SECONDS = 0.005
 HIDE_LATENCY_SECONDS = 0.001
 MAX_WINDOW = 8
 MAX_GROWTH = 8
+LOCAL = -2
+"""Error kind of a position the parent fails: its output cannot be kept."""
 
 
 @dataclass(slots=True, eq=False)
@@ -100,6 +122,56 @@ class StreamBuffer:
             self._next += 1
 
 
+_SKIP = object()
+
+
+class Reducer:
+    """`shard_reduce`'s accumulator: ``acc = combine(acc, value)`` as values arrive, or
+    in shard order (`ordered`: values that arrive early wait, at most `max_pending`,
+    and failed shards are skipped in their turn). A combined value is not kept."""
+
+    def __init__(self, combine: Any, init: Any, ordered: bool, max_pending: int) -> None:
+        self.combine = combine
+        self.value = init
+        self._started = init is not None
+        self.ordered = ordered
+        self.max_pending = max_pending
+        self._held: dict[int, Any] = {}
+        self._next = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._held)
+
+    def push(self, pos: int, values: list[Any]) -> None:
+        if not self.ordered:
+            for value in values:
+                self._combine(value)
+            return
+        for k, value in enumerate(values):
+            self._held[pos + k] = value
+        self._drain()
+
+    def skip(self, pos: int) -> None:
+        if self.ordered:
+            self._held[pos] = _SKIP
+            self._drain()
+
+    def _drain(self) -> None:
+        held = self._held
+        while self._next in held:
+            value = held.pop(self._next)
+            self._next += 1
+            if value is not _SKIP:
+                self._combine(value)
+
+    def _combine(self, value: Any) -> None:
+        if self._started:
+            self.value = self.combine(self.value, value)
+        else:
+            self.value, self._started = value, True
+
+
 class Job:
     """One `shard_map`, `shard_stream` or `map` call: what to run, and where each of
     its positions stands. Made by `Job.of_shards` or `Job.of_items`."""
@@ -117,6 +189,8 @@ class Job:
         items: Iterator[Any] | None,
         total: int | None,
         stream: StreamBuffer | None,
+        store: ResultStore | None = None,
+        reducer: Reducer | None = None,
     ) -> None:
         self.kind = kind
         self.fn = fn
@@ -132,8 +206,10 @@ class Job:
         self.workers = 1  # how many workers serve it (`served_by`)
         self.stream = stream
         self.progress = Progress(total, f"{self.noun}s") if opts.progress else None
-        # a stream hands values to its consumer and keeps none of them
-        keep = kind == SHARDS and stream is None
+        self.reducer = reducer
+        # a stream hands values to its consumer and keeps none of them; a reduce
+        # combines them
+        keep = kind == SHARDS and stream is None and reducer is None
         self.results: list[Any] = [None] * (total or 0) if keep else []
         self._resolved = bytearray(total if kind == SHARDS and total else 0)
         self.n_resolved = 0
@@ -158,6 +234,13 @@ class Job:
         self._target = TARGET_CHUNK_SECONDS * PROFILES[opts.profile].chunk
         self.t0 = time.perf_counter()
         self._changed: anyio.Event | None = None
+        self.store = store
+        self.sinks: dict[str, TableSink] = {
+            name: v for name, v in out.items() if type(v).__name__ == "TableSink"
+        }
+        self._outputs: dict[str, TableSink | ResultStore] = dict(self.sinks)
+        if store is not None:
+            self._outputs[""] = store
 
     @classmethod
     def of_shards(
@@ -169,11 +252,16 @@ class Job:
         borrow: dict[str, Any],
         out: dict[str, Any],
         stream: StreamBuffer | None = None,
+        store: ResultStore | None = None,
+        reducer: Reducer | None = None,
     ) -> Job:
-        """A `shard_map` or `shard_stream` over `layout` (`sequence`: its items)."""
+        """A `shard_map`, `shard_stream` (`stream`) or `shard_reduce` (`reducer`) over
+        `layout` (`sequence`: its items); `store` takes the values under
+        ``results="table"`` / ``"disk"``."""
         return cls(
             kind=SHARDS, fn=fn, opts=opts, borrow=borrow, out=out, layout=layout,
-            sequence=sequence, items=None, total=len(layout), stream=stream,
+            sequence=sequence, items=None, total=len(layout), stream=stream, store=store,
+            reducer=reducer,
         )  # fmt: skip
 
     @classmethod
@@ -190,6 +278,71 @@ class Job:
             kind=ITEMS, fn=fn, opts=opts, borrow=borrow, out={}, layout=None, sequence=None,
             items=iter(items), total=total, stream=None,
         )  # fmt: skip
+
+    # -- outputs: table sinks and the results store ----------------------------------
+
+    def open_outputs(self) -> None:
+        """Claim the table sinks and make the results directory (before anything runs;
+        in a thread: it may touch a remote filesystem)."""
+        claimed: list[TableSink] = []
+        try:
+            for name, sink in self.sinks.items():
+                sink.claim(name)
+                claimed.append(sink)
+            for output in self._outputs.values():
+                output.start()
+        except BaseException:
+            for sink in claimed:
+                sink.release()
+            raise
+
+    def close_outputs(self) -> None:
+        """The call is over (nothing of it runs): remove what workers left that no
+        accepted shard owns, and let the sinks go."""
+        try:
+            for output in self._outputs.values():
+                output.sweep()
+        finally:
+            for sink in self.sinks.values():
+                sink.release()
+
+    @property
+    def has_outputs(self) -> bool:
+        return bool(self._outputs)
+
+    def _keep_outputs(
+        self, base: int, values: list[Any], errors: list[Any], commits: list[Commit]
+    ) -> tuple[list[Any], list[Any]]:
+        """Accept the files positions committed, if their schemas fit (else they fail,
+        `LOCAL`); the results store's refs take the place of the values."""
+        failed = {e[0] for e in errors}
+        by_k: dict[int, list[Commit]] = {}
+        for entry in commits:
+            by_k.setdefault(entry[0], []).append(entry)
+        values = list(values)
+        errors = list(errors)
+        for k, entries in by_k.items():
+            if k in failed:
+                continue  # the shard failed after all: its files are swept at the end
+            outputs = [self._outputs.get(entry[1]) for entry in entries]
+            problem: Exception | None = None
+            for output, entry in zip(outputs, entries, strict=True):
+                if output is None:
+                    raise ProtocolViolation("a commit to an output the call does not have")
+                where = f"the table shard {base + k} wrote" + (
+                    f" to {entry[1]!r}" if entry[1] else ""
+                )
+                problem = problem or output.check(entry[5], where)
+            if problem is not None:
+                errors.append((k, LOCAL, problem))
+                continue
+            for output, entry in zip(outputs, entries, strict=True):
+                assert output is not None
+                ref = output.accept(base + k, entry[2], entry[3], entry[4], entry[5])
+                if output is self.store:
+                    values[k] = ref
+        errors.sort(key=lambda e: e[0])
+        return values, errors
 
     def served_by(self, workers: int) -> None:
         """`workers` will run its chunks (automatic chunks leave work for each)."""
@@ -245,9 +398,10 @@ class Job:
         return not self.exhausted
 
     def _budget(self) -> int:
-        if self.stream is None:
+        held = self.stream if self.stream is not None else self.reducer
+        if held is None or (held is self.reducer and not held.ordered):
             return 1 << 62
-        return self.stream.max_pending - self.stream.pending - self.inflight_shards
+        return held.max_pending - held.pending - self.inflight_shards
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -354,11 +508,15 @@ class Job:
         final: bool,
         pid: int,
         writes: list[tuple[int, str]] | None = None,
+        commits: list[Commit] | None = None,
     ) -> None:
         """Record what worker `pid` reported for `chunk`: positions ``k0 ..`` of it,
-        their values, errors and run times, and (`final`) whether the chunk is over."""
+        their values, errors and run times, the files they committed, and (`final`)
+        whether the chunk is over."""
         n = len(values)
         base = chunk.first + k0
+        if commits:
+            values, errors = self._keep_outputs(base, values, errors, commits)
         if writes:
             self.cow_writes.update((base + k, name) for k, name in writes)
         self.inflight_shards -= n
@@ -434,7 +592,13 @@ class Job:
         if self.progress is not None:
             self.progress.update(n)
         if self.stream is None:
-            self.results[base:end] = values
+            if self.reducer is None:
+                self.results[base:end] = values
+            elif not self.aborted:
+                try:
+                    self.reducer.push(base, values)
+                except Exception as exc:  # combine raised: the call's error
+                    self.abort(exc)
             return
         for k, value in enumerate(values):
             self._emit(base + k, value, None, chunk, k0 + k, elapsed, k, pid)
@@ -458,6 +622,11 @@ class Job:
                 self._charge(base + k, chunk, k0 + k, RAISED, err[2], pid)
             elif err[1] == TIMEOUT:
                 self._charge(base + k, chunk, k0 + k, TIMEOUT, err[2], pid)
+            elif err[1] == LOCAL:
+                pos = base + k
+                shard = self.shard_at(pos, chunk, k0 + k)
+                error = output_failure(f"{self.noun} {pos}", shard, shard.attempt, err[2])
+                self._fail(pos, error, chunk, k0 + k, pid)
         tail = by_k.get(len(values))
         if tail is not None and tail[1] != INTERRUPTED:
             raise RuntimeError(f"ashard internal error: unexpected error record {tail!r}")
@@ -536,6 +705,11 @@ class Job:
             self.progress.update(1)
         if self.stream is not None:
             self._emit(pos, None, error, chunk, k, None, 0, pid)
+        elif self.reducer is not None and not self.aborted:
+            try:
+                self.reducer.skip(pos)
+            except Exception as exc:
+                self.abort(exc)
         if self.opts.errors == "raise":
             self.abort()
 
@@ -608,7 +782,14 @@ class Job:
 
     def result(self, shards: Sequence[Shard]) -> ShardResult:
         results = self.results if self.stream is None else [None] * len(shards)
-        return ShardResult(results, self.failure_list(), shards, self.diagnostics())
+        if self.store is None:
+            return ShardResult(results, self.failure_list(), shards, self.diagnostics())
+        from ashard.tables import LazyResults
+
+        return ShardResult(
+            LazyResults(results), self.failure_list(), shards, self.diagnostics(),
+            refs=results, _store=self.store,
+        )  # fmt: skip
 
 
 def _total(elapsed: Any) -> float:

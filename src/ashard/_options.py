@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -30,6 +31,7 @@ from ashard.shards import Shards, shards
 __all__ = [
     "CallOptions",
     "MapOptions",
+    "ReduceOptions",
     "ShardOptions",
     "StreamOptions",
     "check_borrow",
@@ -49,6 +51,7 @@ ChunkSize = int | Literal["auto"]
 Cow = Literal["deny", "audit", "allow"]
 ErrorsMode = Literal["raise", "collect"]
 ProfileName = Literal["default", "memory", "speed"]
+ResultsMode = Literal["memory", "table", "disk"]
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -155,6 +158,18 @@ def _check_limit(name: str, value: object) -> int | None:
     return check_positive_int(name, value, allow_none=True)
 
 
+def _check_path(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise TypeError(
+            f"{name} must be a directory path or URI (str or os.PathLike), got {_show(value)}"
+        )
+    return value
+
+
 # -- the per-call options ----------------------------------------------------------------
 
 
@@ -178,6 +193,8 @@ class CallOptions:
     profile: ProfileName = field(default="default", metadata=_checked_by(_one_of(ProfileName)))
     ordered: bool = field(default=False, metadata=_checked_by(_check_bool))
     max_pending: int | None = field(default=None, metadata=_checked_by(_check_limit))
+    results: ResultsMode = field(default="memory", metadata=_checked_by(_one_of(ResultsMode)))
+    results_path: str | None = field(default=None, metadata=_checked_by(_check_path))
 
     @classmethod
     def build(cls, given: Mapping[str, object], accepted: type, where: str) -> CallOptions:
@@ -210,9 +227,13 @@ class MapOptions(TypedDict, total=False):
 
 
 class ShardOptions(MapOptions, total=False):
-    """The options of `shard_map`: those of `map`, and `cow` for borrowed arrays."""
+    """The options of `shard_map`: those of `map`, `cow` for borrowed arrays, and where
+    values go (`results`: "memory", or written by the workers as "table" or "disk",
+    under `results_path` or a temporary directory)."""
 
     cow: Cow
+    results: ResultsMode
+    results_path: str | os.PathLike[str] | None
 
 
 class StreamOptions(ShardOptions, total=False):
@@ -222,12 +243,19 @@ class StreamOptions(ShardOptions, total=False):
     max_pending: int | None
 
 
+class ReduceOptions(ShardOptions, total=False):
+    """The options of `shard_reduce`: those of `shard_map`, and how many results may
+    wait uncombined (`ordered` is a parameter of its own)."""
+
+    max_pending: int | None
+
+
 def _keys(accepted: type) -> frozenset[str]:
     return frozenset(getattr(accepted, "__annotations__", {}))
 
 
 _KEYS: dict[type, frozenset[str]] = {
-    typed: _keys(typed) for typed in (MapOptions, ShardOptions, StreamOptions)
+    typed: _keys(typed) for typed in (MapOptions, ShardOptions, StreamOptions, ReduceOptions)
 }
 _RECORD = {f.name for f in _FIELDS}
 _HINTS = get_type_hints(CallOptions)  # Literal[...] rather than alias names, for help()
@@ -293,20 +321,30 @@ def check_items(items: object) -> Iterable[Any]:
 
 
 def check_borrow(borrow: object, out: object) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The borrowed objects and the output buffers, as keyword arguments for `fn`."""
+    """The borrowed objects and the outputs (buffers, table sinks), as keyword
+    arguments for `fn`."""
     from ashard.shared import Buffer, SegmentBacked
+    from ashard.tables import TableSink
 
     inputs = _check_names("borrow", borrow)
     outputs = _check_names("out", out)
     for name, value in inputs.items():
         if isinstance(value, SegmentBacked) and value.closed:
             raise ValueError(f"borrow[{name!r}] is a closed {type(value).__name__}")
+        if isinstance(value, TableSink):
+            raise TypeError(f"borrow[{name!r}] is a TableSink: sinks are outputs, pass it in out=")
+    sinks = [v for v in outputs.values() if isinstance(v, TableSink)]
+    if len({id(s) for s in sinks}) < len(sinks):
+        raise ValueError("the same TableSink is given twice in out=")
     for name, value in outputs.items():
-        if not isinstance(value, Buffer):
+        if isinstance(value, TableSink):
+            value.check_usable(name)
+        elif not isinstance(value, Buffer):
             raise TypeError(
-                f"out[{name!r}] must be an ashard.Buffer (from ashard.buffer()), got {_show(value)}"
+                f"out[{name!r}] must be an ashard.Buffer (from ashard.buffer()) or an "
+                f"ashard.TableSink (from ashard.table_sink()), got {_show(value)}"
             )
-        if value.closed:
+        elif value.closed:
             raise ValueError(f"out[{name!r}] is a closed Buffer")
         if name in inputs:
             raise ValueError(f"{name!r} is both in borrow and in out: fn takes each name once")

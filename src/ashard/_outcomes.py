@@ -37,6 +37,7 @@ __all__ = [
     "failure",
     "first_error",
     "interrupt_in",
+    "output_failure",
     "remote_exception",
     "start_failure",
     "unreadable_result",
@@ -111,6 +112,17 @@ def unreadable_result(
 ) -> ShardFailed:
     """`subject` ran, but its result, pickled in the worker, does not unpickle here."""
     return _local_failure(subject, shard, attempts, exc, "its result could not be unpickled")
+
+
+def output_failure(subject: str, shard: Shard | None, attempts: int, exc: Exception) -> ShardFailed:
+    """`subject` ran and committed a file the parent cannot keep (`exc`, such as a
+    `SchemaMismatch` against the sink's schema)."""
+    err = ShardFailed(
+        f"{subject} failed: {_show(exc)}", shard=shard, attempts=attempts,
+        remote_traceback=_text_of(exc),
+    )  # fmt: skip
+    err.__cause__ = exc
+    return err
 
 
 def unsendable_items(subject: str, shard: Shard | None, exc: Exception) -> ShardFailed:

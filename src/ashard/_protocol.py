@@ -18,13 +18,20 @@ worker -> parent::
 
     READY        pid, private rss after init (bytes)
     INIT_FAILED  exception record
-    RESULT       seq, k0, n, values payload, errors, elapsed, final, writes, rss
+    RESULT       seq, k0, n, values payload, errors, elapsed, final, writes, rss,
+                 commits, arrays              (array segment fds ride along)
 
 A RESULT reports chunk positions ``k0 .. k0+n-1`` of chunk `seq`. `errors` is a list of
 ``(k, kind, detail)`` for positions k (counted from k0): RAISED (detail: exception
 record) or TIMEOUT (detail: seconds run) for ``k < n``, or INTERRUPTED at ``k == n``
 (positions from there on never ran: the chunk ends, and they go back to the queue).
 `final` says the chunk is over; `rss` is the worker's private memory then (bytes).
+`commits` lists the files positions committed to table sinks and results stores:
+``(k, name, rows, bytes, memory, schema)`` (name "" for the results store; rows -1 for
+a pickled result; memory: the rows' in-memory bytes; schema: its serialized pyarrow
+schema, or None). `arrays` lists ``(k, dtype, shape, fortran)`` for positions whose
+value is a large ndarray sent as a sealed memfd (one fd each, in order) instead of
+through the socket.
 
 User objects (items, result values) travel as a `Payload` pickled on their own, apart
 from their message: a message can always be read, and an object that cannot be
@@ -71,6 +78,12 @@ class ProtocolViolation(Exception):
     cannot be trusted any more."""
 
 
+Commit = tuple[int, str, int, int, int, "bytes | None"]
+"""A file a position committed: k, output name, rows, bytes, memory, schema."""
+ArrayDesc = tuple[int, str, tuple[int, ...], bool]
+"""A large array value that travels as a memfd: k, dtype, shape, Fortran order."""
+
+
 class Result(NamedTuple):
     """A parsed RESULT message (see the module docstring)."""
 
@@ -83,13 +96,15 @@ class Result(NamedTuple):
     final: bool
     writes: list[tuple[int, str]] | None
     rss: int
+    commits: list[Commit] | None
+    arrays: list[ArrayDesc] | None
 
 
 def parse_result(msg: Any) -> Result:
     """`msg` as a `Result`, or `ProtocolViolation` if it is not a well-formed one."""
-    if type(msg) is not tuple or len(msg) != 10 or msg[0] != RESULT:
+    if type(msg) is not tuple or len(msg) != 12 or msg[0] != RESULT:
         raise ProtocolViolation(f"expected a result message, got {_describe(msg)}")
-    _, seq, k0, n, values, errors, _elapsed, final, _writes, rss = msg
+    _, seq, k0, n, values, errors, _elapsed, final, _writes, rss, commits, arrays = msg
     if not (type(seq) is int and type(k0) is int and type(n) is int and type(rss) is int):
         raise ProtocolViolation("a result message with counts that are not ints")
     if k0 < 0 or n < 0 or type(final) is not bool:
@@ -100,6 +115,10 @@ def parse_result(msg: Any) -> Result:
         raise ProtocolViolation("a result message whose values are not a payload")
     if errors:
         _check_errors(errors, n)
+    if commits is not None:
+        _check_commits(commits, n)
+    if arrays is not None:
+        _check_arrays(arrays, n)
     return tuple.__new__(Result, msg[1:])  # skips the NamedTuple's __new__ (Python code)
 
 
@@ -146,6 +165,46 @@ def _check_errors(errors: Any, n: int) -> None:
             raise ProtocolViolation("an exception record that is not one")
 
 
+def _check_commits(commits: Any, n: int) -> None:
+    if type(commits) is not list:
+        raise ProtocolViolation("a result message whose commits are not a list")
+    for entry in commits:
+        if not (
+            type(entry) is tuple
+            and len(entry) == 6
+            and type(entry[0]) is int
+            and 0 <= entry[0] < n
+            and type(entry[1]) is str
+            and all(type(x) is int for x in entry[2:5])
+            and entry[2] >= -1
+            and entry[3] >= 0
+            and (entry[5] is None or type(entry[5]) is bytes)
+        ):
+            raise ProtocolViolation(f"a malformed commit entry: {_describe(entry)}")
+
+
+MAX_ARRAY_DIMS = 64
+
+
+def _check_arrays(arrays: Any, n: int) -> None:
+    if type(arrays) is not list:
+        raise ProtocolViolation("a result message whose arrays are not a list")
+    for entry in arrays:
+        if not (
+            type(entry) is tuple
+            and len(entry) == 4
+            and type(entry[0]) is int
+            and 0 <= entry[0] < n
+            and type(entry[1]) is str
+            and len(entry[1]) < 64
+            and type(entry[2]) is tuple
+            and len(entry[2]) <= MAX_ARRAY_DIMS
+            and all(type(d) is int and d >= 0 for d in entry[2])
+            and type(entry[3]) is bool
+        ):
+            raise ProtocolViolation(f"a malformed array entry: {_describe(entry)}")
+
+
 def _is_record(detail: Any) -> bool:
     return (
         len(detail) == 4
@@ -174,7 +233,7 @@ class ArrayRef(NamedTuple):
     mode: str
 
 
-class TableRef(NamedTuple):
+class IpcRef(NamedTuple):
     """A pyarrow Table or RecordBatch as Arrow IPC in a segment, opened zero-copy."""
 
     seg_id: int
@@ -182,13 +241,28 @@ class TableRef(NamedTuple):
     kind: str  # "table" | "batch"
 
 
+class SinkRef(NamedTuple):
+    """Where a worker writes: a table sink given in ``out=`` (`kind` "sink": fn gets a
+    writer under its name) or the call's results store ("table" or "disk", for
+    ``results=``). `place` is an `ashard._places.Place`; `format` "parquet", "arrow"
+    or "pickle"; `schema` the sink's serialized schema, if it has one; `token` names
+    this call's temporary files."""
+
+    kind: str
+    place: Any
+    format: str
+    schema: bytes | None
+    token: str
+
+
 class JobSpec(NamedTuple):
     """What a worker needs to run chunks of one job."""
 
     kind: int
     fn: Payload
-    borrow: dict[str, Payload | ArrayRef | TableRef] | None
+    borrow: dict[str, Payload | ArrayRef | IpcRef | SinkRef] | None
     timeout: float | None
     seed: int | None
     layout: Any  # ashard.Shards for SHARDS jobs, else None
     sys_path: list[str]
+    results: SinkRef | None = None

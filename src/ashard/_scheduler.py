@@ -31,7 +31,9 @@ A worker that dies or hangs is *lost*: its chunks go back to the job
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -70,6 +72,7 @@ from ashard._protocol import (
     parse_result,
 )
 from ashard._serialize import dumps_named, loads, pack
+from ashard._shm import adopt_result
 from ashard._workers import WorkerSet
 from ashard.errors import ShardError
 from ashard.results import PoolStats
@@ -203,7 +206,9 @@ class Scheduler:
                 raise
         opts = job.opts
         borrow = exported.kwargs if exported else None
-        spec = JobSpec(job.kind, job.fn, borrow, opts.timeout, opts.seed, job.layout, job.sys_path)
+        results = job.store.spec() if job.store is not None else None
+        spec = JobSpec(job.kind, job.fn, borrow, opts.timeout, opts.seed, job.layout, job.sys_path,
+                       results)  # fmt: skip
         return _Run(job, next(self._keys), spec, exported)
 
     def _forget(self, run: _Run) -> None:
@@ -337,7 +342,7 @@ class Scheduler:
                 job.deliver_unreadable(chunk, report, w.pid, values)
             else:
                 job.deliver(chunk, report.k0, values, report.errors, report.elapsed,
-                            report.final, w.pid, report.writes)  # fmt: skip
+                            report.final, w.pid, report.writes, report.commits)  # fmt: skip
             done += report.n
             if report.final:
                 lease.inflight.popleft()
@@ -497,14 +502,45 @@ async def _receive(w: WorkerHandle, *, wait_first: bool = False) -> list[_Report
             msg = await anyio.to_thread.run_sync(msg.decode)
         report = parse_result(msg)
         data, buffers = report.values
-        if not buffers and type(data) is bytes:  # small values, in the message: at once
-            values = _values_of(report)
-        elif _packed_bytes(report.values) > INLINE_DECODE_LIMIT:
-            values = await anyio.to_thread.run_sync(_values_of, report)
-        else:
-            values = _values_of(report)
+        fds = w.channel.take_fds(len(report.arrays)) if report.arrays else None
+        try:
+            if not buffers and type(data) is bytes:  # small values, in the message: at once
+                values = _values_of(report)
+            elif _packed_bytes(report.values) > INLINE_DECODE_LIMIT:
+                values = await anyio.to_thread.run_sync(_values_of, report)
+            else:
+                values = _values_of(report)
+        except BaseException:
+            _close_all(fds)
+            raise
+        if fds is not None:
+            values = _adopt_arrays(report, values, fds)
         reports.append((report, values))
     return reports
+
+
+def _adopt_arrays(report: Result, values: list[Any] | Exception, fds: list[int]) -> Any:
+    """Put the arrays that came as segments in their places among `values`."""
+    assert report.arrays is not None
+    if isinstance(values, Exception):
+        _close_all(fds)
+        return values
+    for i, (k, dtype, shape, fortran) in enumerate(report.arrays):
+        if values[k] is not None:
+            _close_all(fds[i:])
+            raise ProtocolViolation("an array result in the place of another value")
+        try:
+            values[k] = adopt_result(fds[i], dtype, shape, fortran)
+        except (ValueError, TypeError, OSError) as exc:
+            _close_all(fds[i + 1 :])
+            raise ProtocolViolation(str(exc)) from exc
+    return values
+
+
+def _close_all(fds: list[int] | None) -> None:
+    for fd in fds or ():
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _values_of(report: Result) -> list[Any] | Exception:

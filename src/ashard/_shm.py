@@ -14,6 +14,7 @@ leak-proof as a memfd except for the instant between ``shm_open`` and ``shm_unli
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import mmap
 import os
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SHAREABLE_KINDS",
     "Segment",
+    "adopt_result",
     "array_view",
     "available",
     "backend",
@@ -40,6 +42,7 @@ __all__ = [
     "ipc_segment",
     "is_arrow",
     "open_ipc",
+    "parallel_copy",
     "release_later",
 ]
 
@@ -192,7 +195,7 @@ def copy_into_segment(array: np.ndarray[Any, Any]) -> Segment:
     try:
         target = array_view(segment, array.dtype, array.shape, writable=True)
         if parallel:
-            _parallel_copy(target, array)
+            parallel_copy(target, array)
         else:
             np.copyto(target, array, casting="no")
         del target
@@ -202,7 +205,7 @@ def copy_into_segment(array: np.ndarray[Any, Any]) -> Segment:
     return segment
 
 
-def _parallel_copy(target: np.ndarray[Any, Any], source: np.ndarray[Any, Any]) -> None:
+def parallel_copy(target: np.ndarray[Any, Any], source: np.ndarray[Any, Any]) -> None:
     import numpy as np
 
     global _copier
@@ -219,6 +222,32 @@ def _parallel_copy(target: np.ndarray[Any, Any], source: np.ndarray[Any, Any]) -
     )
     for _ in done:  # re-raises a failed chunk's error
         pass
+
+
+_NEEDED_SEALS = 2 | 4  # F_SEAL_SHRINK | F_SEAL_GROW: the size cannot change under us
+
+
+def adopt_result(fd: int, dtype: str, shape: tuple[int, ...], fortran: bool) -> Any:
+    """The ndarray of a worker's large array result (`ashard._worker.results`): a
+    private, writable mapping of its sealed segment, owning the memory (freed with
+    the array). Takes `fd` (closed here); `ValueError` if the segment is not what it
+    claims to be - a worker's word is not trusted."""
+    import numpy as np
+
+    try:
+        kind = np.dtype(dtype)
+        if kind.hasobject or kind.kind not in SHAREABLE_KINDS + "SUVmM":
+            raise ValueError(f"an array result of dtype {kind} cannot come by shared memory")
+        nbytes = kind.itemsize * int(np.prod(shape, dtype=np.int64))
+        seals = fcntl.fcntl(fd, getattr(fcntl, "F_GET_SEALS", 1034))
+        if seals & _NEEDED_SEALS != _NEEDED_SEALS:
+            raise ValueError("an array result's segment is not sealed against resizing")
+        if os.fstat(fd).st_size != nbytes or nbytes == 0:
+            raise ValueError("an array result's segment does not have the array's size")
+        mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_PRIVATE)
+    finally:
+        os.close(fd)
+    return np.ndarray(shape, kind, buffer=mm, order="F" if fortran else "C")
 
 
 def is_arrow(obj: Any) -> bool:

@@ -78,19 +78,31 @@ class ShardStream:
             if interrupt is not None:
                 raise interrupt from None
             raise
+        finally:
+            store = self._job.store
+            if store is not None and store.temporary:  # the refs it yielded end here
+                store.close()
         return None
 
     async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         status = _Status(task_status)
+        job = self._job
+        opened = False
         try:
-            await self._backend.run(self._job, task_status=status)
+            if job.has_outputs:
+                await anyio.to_thread.run_sync(job.open_outputs)
+                opened = True
+            await self._backend.run(job, task_status=status)
         except Exception as exc:
             if not status.done:
                 raise  # before the job ran (bad input): `async with` raises it
-            self._job.abort(exc)  # surfaced to the consumer by __anext__
+            job.abort(exc)  # surfaced to the consumer by __anext__
         finally:
-            self._job.close()
-            self._job.notify()
+            if opened:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(job.close_outputs)
+            job.close()
+            job.notify()
 
     def __aiter__(self) -> ShardStream:
         if self._tg is None:

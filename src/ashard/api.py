@@ -8,17 +8,26 @@ from typing import Any, Unpack
 
 from ashard._options import (
     MapOptions,
+    ReduceOptions,
     ShardOptions,
     StreamOptions,
     check_positive_int,
     takes_options,
 )
 from ashard._stream import ShardStream
-from ashard.pool import Pool, map_job, shard_job
-from ashard.results import ShardResult
+from ashard.pool import Pool, map_job, reduce_job, shard_job
+from ashard.results import ReduceResult, ShardResult
 from ashard.shards import Shards
 
-__all__ = ["call", "default_pool", "map", "shard_map", "shard_stream", "shutdown"]
+__all__ = [
+    "call",
+    "default_pool",
+    "map",
+    "shard_map",
+    "shard_reduce",
+    "shard_stream",
+    "shutdown",
+]
 
 _default: Pool | None = None
 
@@ -111,6 +120,30 @@ def shard_stream(
     target, size = _target(pool, workers)
     job, layout = shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
     return _sized(target, size)._stream(job, layout)
+
+
+@takes_options(ReduceOptions)
+async def shard_reduce(
+    shards: int | Shards | Sequence[Any],
+    fn: Callable[..., Any],
+    combine: Callable[[Any, Any], Any],
+    *,
+    init: Any = None,
+    ordered: bool = False,
+    borrow: Mapping[str, Any] | None = None,
+    out: Mapping[str, Any] | None = None,
+    pool: Pool | None = None,
+    workers: int | None = None,
+    **options: Unpack[ReduceOptions],
+) -> ReduceResult:
+    """Run `fn` for every shard like `shard_map`, folding the values into one with
+    ``acc = combine(acc, value)`` in the caller as they arrive (with ``init=None`` the
+    first value starts `acc`). ``ordered=True`` combines in shard order, so a float sum
+    is bit-identical whatever the workers, chunking or retries; at most `max_pending`
+    values (default 1024) ever wait uncombined. No value is kept once combined."""
+    target, size = _target(pool, workers)
+    job, _ = reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
+    return await _sized(target, size)._reduce_result(job)
 
 
 @takes_options(MapOptions)

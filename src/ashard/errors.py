@@ -9,8 +9,11 @@ Shard outcomes share one base so callers can catch them together::
      │    └── WorkerCrashed         the worker process died (.exitcode, .signal)
      ├── ExceptionGroup
      │    └── ShardMapError         errors="raise": the failures, plus .result
-     └── RuntimeError
-          └── WorkerStartError      a worker could not start (bad interpreter, init failed)
+     ├── RuntimeError
+     │    └── WorkerStartError      a worker could not start (bad interpreter, init failed)
+     └── ValueError
+          ├── SchemaMismatch        a table written to a sink does not fit its schema
+          └── GatherTooLarge        res.table() would hold more than max_bytes
 
 Bad arguments raise the builtin `TypeError` / `ValueError` before any worker runs.
 The errors are made from worker reports in one place, `ashard._outcomes`.
@@ -22,10 +25,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
-    from ashard.results import ShardResult
+    from ashard.results import ReduceResult, ShardResult
     from ashard.shards import Shard
 
 __all__ = [
+    "GatherTooLarge",
+    "SchemaMismatch",
     "ShardError",
     "ShardFailed",
     "ShardMapError",
@@ -101,22 +106,57 @@ class ShardMapError(ExceptionGroup[ShardError]):
 
     __module__ = "ashard"
 
-    result: ShardResult | None
+    result: ShardResult | ReduceResult | None
 
     def __new__(
-        cls, message: str, exceptions: Sequence[ShardError], result: ShardResult | None = None
+        cls,
+        message: str,
+        exceptions: Sequence[ShardError],
+        result: ShardResult | ReduceResult | None = None,
     ) -> Self:
         self = super().__new__(cls, message, exceptions)
         self.result = result
         return self
 
     def __init__(
-        self, message: str, exceptions: Sequence[ShardError], result: ShardResult | None = None
+        self,
+        message: str,
+        exceptions: Sequence[ShardError],
+        result: ShardResult | ReduceResult | None = None,
     ) -> None:
         super().__init__(message, exceptions)
 
     def derive(self, excs: Sequence[ShardError]) -> ShardMapError:  # type: ignore[override]
         return ShardMapError(self.message, excs, self.result)
+
+
+class SchemaMismatch(ValueError):
+    """A table written to a sink (or returned under ``results="table"``) does not fit the
+    sink's schema; `fields` names every field that differs."""
+
+    __module__ = "ashard"
+
+    def __init__(self, message: str, fields: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.fields = tuple(fields)
+
+    def __reduce__(self) -> tuple[type[SchemaMismatch], tuple[str, tuple[str, ...]]]:
+        return type(self), (str(self), self.fields)
+
+
+class GatherTooLarge(ValueError):
+    """`ShardResult.table()` would hold more than `max_bytes` in memory: `size` and
+    `limit` are the bytes it would take and the limit."""
+
+    __module__ = "ashard"
+
+    def __init__(self, message: str, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[type[GatherTooLarge], tuple[str, int, int]]:
+        return type(self), (str(self), self.size, self.limit)
 
 
 class RemoteTraceback(Exception):

@@ -17,10 +17,11 @@ import anyio
 
 from ashard._backend import Backend
 from ashard._handle import WorkerConfig, kill_all_now
-from ashard._job import Job, StreamBuffer
+from ashard._job import Job, Reducer, StreamBuffer
 from ashard._options import (
     CallOptions,
     MapOptions,
+    ReduceOptions,
     ShardOptions,
     StreamOptions,
     check_borrow,
@@ -35,12 +36,14 @@ from ashard._options import (
     resolve_shards,
     takes_options,
 )
+from ashard._places import Place
 from ashard._scheduler import Scheduler
 from ashard._serialize import pickle_payload
 from ashard._stream import ShardStream
 from ashard.errors import ShardError, ShardMapError
-from ashard.results import PoolStats, ShardResult, _failure_message
+from ashard.results import PoolStats, ReduceResult, ShardResult, _failure_message
 from ashard.shards import Shards
+from ashard.tables import ResultStore
 
 __all__ = ["Pool"]
 
@@ -187,6 +190,23 @@ class Pool:
         job, layout = shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
         return self._stream(job, layout)
 
+    @takes_options(ReduceOptions)
+    async def shard_reduce(
+        self,
+        shards: int | Shards | Sequence[Any],
+        fn: Callable[..., Any],
+        combine: Callable[[Any, Any], Any],
+        *,
+        init: Any = None,
+        ordered: bool = False,
+        borrow: Mapping[str, Any] | None = None,
+        out: Mapping[str, Any] | None = None,
+        **options: Unpack[ReduceOptions],
+    ) -> ReduceResult:
+        """Combine every shard's value as it arrives; see `ashard.shard_reduce`."""
+        job, _ = reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
+        return await self._reduce_result(job)
+
     @takes_options(MapOptions)
     async def map(
         self,
@@ -223,6 +243,14 @@ class Pool:
             raise ShardMapError(_failure_message(result.failures), result.failures, result)
         return result
 
+    async def _reduce_result(self, job: Job) -> ReduceResult:
+        await self._run(job)
+        assert job.reducer is not None
+        result = ReduceResult(job.reducer.value, job.failure_list(), job.diagnostics())
+        if job.failures and job.opts.errors == "raise":
+            raise ShardMapError(_failure_message(result.failures), result.failures, result)
+        return result
+
     def _stream(self, job: Job, layout: Shards) -> ShardStream:
         return ShardStream(self._backend, job, layout)
 
@@ -238,12 +266,26 @@ class Pool:
         return values
 
     async def _run(self, job: Job) -> None:
-        try:
-            await self._backend.run(job)
-        finally:
-            job.close()
-        if job.fatal is not None:
-            raise job.fatal
+        await run_job(self._backend, job)
+
+
+async def run_job(backend: Backend, job: Job) -> None:
+    """Run `job` on `backend`: its outputs opened before and settled after (shielded:
+    a cancelled call still sweeps what its workers left); raise what ended it."""
+    try:
+        if job.has_outputs:
+            await anyio.to_thread.run_sync(job.open_outputs)
+            try:
+                await backend.run(job)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(job.close_outputs)
+        else:
+            await backend.run(job)
+    finally:
+        job.close()
+    if job.fatal is not None:
+        raise job.fatal
 
 
 def shard_job(
@@ -254,17 +296,57 @@ def shard_job(
     options: Mapping[str, object],
     accepted: type,
     where: str,
+    reducer: Reducer | None = None,
 ) -> tuple[Job, Shards]:
-    """The job of a `shard_map` or `shard_stream` call, every argument checked."""
+    """The job of a `shard_map`, `shard_stream` or `shard_reduce` call, every
+    argument checked (nothing is made on disk yet)."""
     opts = CallOptions.build(options, accepted, where)
     checked_fn = check_fn(fn)
     layout, sequence = resolve_shards(shards)
     inputs, outputs = check_borrow(borrow, out)
+    store = results_store(opts)
     payload = pickle_payload(checked_fn, "fn")
     stream = None
     if accepted is StreamOptions:
         stream = StreamBuffer(opts.ordered, opts.max_pending or DEFAULT_MAX_PENDING)
-    return Job.of_shards(payload, opts, layout, sequence, inputs, outputs, stream), layout
+    job = Job.of_shards(payload, opts, layout, sequence, inputs, outputs, stream, store, reducer)
+    return job, layout
+
+
+def results_store(opts: CallOptions) -> ResultStore | None:
+    """The store of a call's values under ``results="table"`` / ``"disk"``."""
+    if opts.results == "memory":
+        if opts.results_path is not None:
+            raise ValueError(
+                'results_path is where results="table" or "disk" go; with results="memory" '
+                "the values come back to the caller: drop results_path or choose a mode"
+            )
+        return None
+    place = None
+    if opts.results_path is not None:
+        place = Place.resolve(opts.results_path, None, "results_path")
+        place.check_fresh("results_path")
+    return ResultStore(opts.results, place)
+
+
+def reduce_job(
+    shards: object,
+    fn: object,
+    combine: object,
+    init: object,
+    ordered: object,
+    borrow: object,
+    out: object,
+    options: Mapping[str, object],
+) -> tuple[Job, Shards]:
+    """The job of a `shard_reduce` call, every argument checked."""
+    checked = check_fn(combine, "combine")
+    if not isinstance(ordered, bool):
+        raise TypeError(f"ordered must be True or False, got {type(ordered).__name__}")
+    given = dict(options)
+    limit = check_positive_int("max_pending", given.pop("max_pending", None), allow_none=True)
+    reducer = Reducer(checked, init, ordered, limit or DEFAULT_MAX_PENDING)
+    return shard_job(shards, fn, borrow, out, given, ShardOptions, "shard_reduce", reducer)
 
 
 def map_job(fn: object, items: object, borrow: object, options: Mapping[str, object]) -> Job:

@@ -14,7 +14,7 @@ from ashard.shards import Shard
 if TYPE_CHECKING:
     from ashard._health import EndReason
 
-__all__ = ["Diagnostics", "PoolStats", "ShardDone", "ShardResult", "WorkerRow"]
+__all__ = ["Diagnostics", "PoolStats", "ReduceResult", "ShardDone", "ShardResult", "WorkerRow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,14 +93,61 @@ class ShardDone:
 @dataclass(frozen=True, slots=True)
 class ShardResult:
     """The outcome of `shard_map`: `results` in shard order (`None` where a shard
-    failed or never ran), the permanent `failures`, the `shards` and `diagnostics`."""
+    failed or never ran), the permanent `failures`, the `shards` and `diagnostics`.
+
+    Under ``results="table"`` / ``"disk"`` the values stay in files the workers wrote:
+    `results` is a lazy sequence loading each on access, `refs` holds a `TableRef` /
+    `ResultRef` per shard (None: failed, or returned None under "table"), `table()`
+    and `dataset()` read the tables, and `close()` (or leaving ``with res:``) removes a
+    temporary results directory. Under "memory" `results` is a list and `refs` empty."""
 
     __module__ = "ashard"
 
-    results: list[Any]
+    results: Sequence[Any]
     failures: list[ShardError]
     shards: Sequence[Shard]
     diagnostics: Diagnostics
+    refs: Sequence[Any] = field(default=())
+    _store: Any = field(default=None, repr=False, compare=False)
+
+    def table(self, max_bytes: int = 256 * 2**20) -> Any:
+        """Every shard's table as one `pyarrow.Table`, in shard order (``results="table"``).
+        Raises `ashard.GatherTooLarge` if it would take more than `max_bytes` in memory,
+        measured before anything is read."""
+        from ashard._options import check_positive_int
+        from ashard.tables import gather_table
+
+        limit = check_positive_int("max_bytes", max_bytes)
+        assert limit is not None
+        return gather_table(self._table_store("table"), self.refs, limit)
+
+    def dataset(self) -> Any:
+        """A lazy `pyarrow.dataset.Dataset` over the shards' tables (``results="table"``)."""
+        store = self._table_store("dataset")
+        return store.dataset_of([ref for ref in self.refs if ref is not None])
+
+    def _table_store(self, what: str) -> Any:
+        store = self._store
+        if store is None or store.format == "pickle":
+            mode = "memory" if store is None else "disk"
+            raise ValueError(
+                f'res.{what}() needs shard_map(..., results="table"); this call used {mode!r}'
+            )
+        if store.closed:
+            raise ValueError("this result is closed: its files were removed")
+        return store
+
+    def close(self) -> None:
+        """Remove the temporary results directory (``results="table"`` / ``"disk"``
+        without `results_path`); nothing else changes."""
+        if self._store is not None and self._store.temporary:
+            self._store.close()
+
+    def __enter__(self) -> ShardResult:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def ok(self) -> bool:
@@ -114,6 +161,29 @@ class ShardResult:
 
     def __len__(self) -> int:
         return len(self.results)
+
+
+@dataclass(frozen=True, slots=True)
+class ReduceResult:
+    """The outcome of `shard_reduce`: the combined `value` (None if no shard
+    succeeded and there was no `init`), the permanent `failures` (skipped under
+    ``errors="collect"``) and the `diagnostics`."""
+
+    __module__ = "ashard"
+
+    value: Any
+    failures: list[ShardError]
+    diagnostics: Diagnostics
+
+    @property
+    def ok(self) -> bool:
+        """True when no shard failed."""
+        return not self.failures
+
+    def raise_for_failures(self) -> None:
+        """Raise `ShardMapError` holding the failures, if there are any."""
+        if self.failures:
+            raise ShardMapError(_failure_message(self.failures), self.failures, self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ import mmap
 import os
 from typing import Any
 
-from ashard._protocol import ArrayRef, TableRef
+from ashard._protocol import ArrayRef, IpcRef
 
 __all__ = ["Audited", "Segments"]
 
@@ -37,7 +37,7 @@ class Segments:
             for mode in _PROT:
                 self._shared.pop((seg_id, mode), None)
 
-    def table(self, ref: TableRef) -> Any:
+    def table(self, ref: IpcRef) -> Any:
         """The Table or RecordBatch in the segment, read without copying."""
         from ashard._shm import open_ipc
 

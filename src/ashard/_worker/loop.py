@@ -45,14 +45,23 @@ from ashard._protocol import (
     SEGMENTS,
     SHARDS,
     UNREADABLE_CALL,
+    ArrayDesc,
     ArrayRef,
+    Commit,
+    IpcRef,
     JobSpec,
     Payload,
-    TableRef,
+    SinkRef,
 )
 from ashard._serialize import dumps, encode_exception, pack, unpack
 from ashard._worker import run
 from ashard._worker.attach import Audited, Segments
+from ashard._worker.results import (
+    RESULT_SEGMENT_BYTES,
+    close_all,
+    oob_bytes,
+    segment_results,
+)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -91,6 +100,7 @@ class Worker:
         elapsed: Any,
         final: bool,
         writes: list[tuple[int, str]] | None = None,
+        commits: list[Commit] | None = None,
     ) -> None:
         rss = private_rss() if final and self.report_rss else 0
         try:
@@ -98,14 +108,28 @@ class Worker:
         except Exception:
             values, errors = _drop_unpicklable(values, errors)
             payload = pack(values)
+        arrays: list[ArrayDesc] | None = None
+        fds: list[int] = []
+        if payload[1] and oob_bytes(payload) >= RESULT_SEGMENT_BYTES:
+            values, arrays, fds = segment_results(values)
+            if arrays:
+                payload = pack(values)
         n = len(values)
-        parts = encode((RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss))
+        msg = (RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss, commits, arrays)
+        parts = encode(msg)
         size = len(parts[0]) + len(parts[1]) if len(parts) == 2 else frame_size(parts)
         if size > self.max_frame:
             values, errors = _too_large(values, errors, frame_size(parts), self.max_frame)
             payload = pack(values)
-            parts = encode((RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss))
-        send_frames(self.sock, parts)
+            parts = encode(
+                (RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss, commits, None)
+            )
+            close_all(fds)
+            fds = []
+        try:
+            send_frames(self.sock, parts, fds)
+        finally:
+            close_all(fds)
 
     def read(self, block: bool) -> bool:
         """Take in what the socket holds; False at end of stream."""
@@ -161,7 +185,7 @@ class Worker:
                 self._call(*msg[1:])
                 self.stdio.check()
             elif op == JOB:
-                self.jobs[msg[1]] = _load_job(msg[2], self.segments)
+                self.jobs[msg[1]] = _load_job(msg[2], self.segments, self.stdio)
                 self.stdio.check()
             elif op == FORGET:
                 self.jobs.pop(msg[1], None)
@@ -215,13 +239,16 @@ class Worker:
         self.report_rss = True
 
 
-def _load_job(spec: JobSpec, segments: Segments) -> run.JobContext | BaseException:
-    """Unpickle a job's function and borrowed objects, map its shared arrays; the
-    error, if that fails."""
+def _load_job(
+    spec: JobSpec, segments: Segments, stdio: StdioGuard
+) -> run.JobContext | BaseException:
+    """Unpickle a job's function and borrowed objects, map its shared arrays, open
+    its outputs; the error, if that fails."""
     if spec.sys_path != sys.path:
         sys.path[:] = spec.sys_path
     kwargs: dict[str, Any] = {}
     audit: list[Audited] = []
+    outputs: list[Any] = []
     what = "fn"
     try:
         fn = unpack(spec.fn)
@@ -232,13 +259,30 @@ def _load_job(spec: JobSpec, segments: Segments) -> run.JobContext | BaseExcepti
                 kwargs[name] = audit[-1].array
             elif isinstance(value, ArrayRef):
                 kwargs[name] = segments.view(value)
-            elif isinstance(value, TableRef):
+            elif isinstance(value, IpcRef):
                 kwargs[name] = segments.table(value)
+            elif isinstance(value, SinkRef):
+                outputs.append(_writer(name, value, stdio))
+                kwargs[name] = outputs[-1]
             else:
                 kwargs[name] = unpack(value)
+        if spec.results is not None:
+            what = "results="
+            outputs.append(_writer("", spec.results, stdio))
     except Exception as exc:
         return _load_error(what, exc)
-    return run.JobContext(spec.kind, fn, kwargs, spec.timeout, spec.seed, spec.layout, audit)
+    return run.JobContext(
+        spec.kind, fn, kwargs, spec.timeout, spec.seed, spec.layout, audit, outputs,
+        spec.results is not None,
+    )  # fmt: skip
+
+
+def _writer(name: str, ref: SinkRef, stdio: StdioGuard) -> Any:
+    """The writer of a table sink (`name`, in out=) or of the results store ("")."""
+    from ashard._worker import sinks
+
+    sinks.guard = stdio
+    return sinks.TableWriter(name, ref) if ref.kind == "sink" else sinks.ResultWriter(name, ref)
 
 
 def _load_error(what: str, exc: Exception) -> RuntimeError:

@@ -15,13 +15,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ashard import _seeding
-from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT
+from ashard._places import commit_all
+from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT, Commit
 from ashard._serialize import encode_exception
 from ashard._worker.attach import Audited
 from ashard.shards import Shard, Shards
+
+if TYPE_CHECKING:
+    from ashard._worker.sinks import Finished, ResultWriter, TableWriter
 
 FLUSH_INTERVAL = 0.02
 """Seconds of finished shards a worker may hold before reporting them."""
@@ -39,6 +43,7 @@ class Send(Protocol):
         elapsed: Any,
         final: bool,
         writes: list[tuple[int, str]] | None = None,
+        commits: list[Commit] | None = None,
     ) -> None: ...
 
 
@@ -95,6 +100,10 @@ class JobContext:
     layout: Shards | None
     audit: list[Audited] = field(default_factory=list)
     """Arrays borrowed under cow="audit"."""
+    outputs: list[TableWriter | ResultWriter] = field(default_factory=list)
+    """Table sinks in out=, and the results store (results=), which follow each shard."""
+    stores_results: bool = False
+    """The value goes to the results store: the parent gets None (and makes the ref)."""
 
 
 _OK, _ERR, _SIG = 0, 1, 2
@@ -135,6 +144,7 @@ def run_chunk(
 ) -> None:
     """Run chunk positions 0..count-1 and report them through `send`."""
     if ctx.kind != SHARDS and ctx.timeout is None and ctx.seed is None and not ctx.audit:
+        # (`map` jobs have no outputs: out= and results= are shard_map's)
         _run_items_fast(ctx, seq, count, items or [], send)
     else:
         _run_each(ctx, seq, first, count, attempts, items, send)
@@ -182,6 +192,8 @@ def _run_each(
     errors: list[Any] = []
     elapsed: list[float] = []
     writes: list[tuple[int, str]] = []
+    commits: list[Commit] = []
+    outputs = ctx.outputs
     k0 = 0
     last_flush = time.perf_counter()
     for k in range(count):
@@ -199,10 +211,14 @@ def _run_each(
         if ctx.seed is not None:
             _seeding.seed_globals(ctx.seed, pos)
         dirty = [a.dirty() for a in ctx.audit]
+        for output in outputs:
+            output.begin(pos, attempt)
         t0 = time.perf_counter()
         _arm(timeout)
         status, out = _guarded(ctx.fn, args, ctx.kwargs)
         _disarm(timeout)
+        if outputs:
+            status, out = _settle_outputs(ctx, status, out, k - k0, commits)
         t1 = time.perf_counter()
         for audited, before in zip(ctx.audit, dirty, strict=True):
             if audited.dirty() > before:
@@ -220,15 +236,46 @@ def _run_each(
             else:
                 errors.append((k - k0, INTERRUPTED, None))
                 values.pop()
-                send(seq, k0, values, errors, elapsed if shards else sum(elapsed), True, writes)
+                send(seq, k0, values, errors, elapsed if shards else sum(elapsed), True, writes,
+                     commits or None)  # fmt: skip
                 return
         elapsed.append(took)
         last = k == count - 1
         if last or timeout is not None or t1 - last_flush >= FLUSH_INTERVAL:
-            send(seq, k0, values, errors, elapsed if shards else sum(elapsed), last, writes)
+            send(seq, k0, values, errors, elapsed if shards else sum(elapsed), last, writes,
+                 commits or None)  # fmt: skip
             k0 = k + 1
-            values, errors, elapsed, writes = [], [], [], []
+            values, errors, elapsed, writes, commits = [], [], [], [], []
             last_flush = t1
+
+
+def _settle_outputs(
+    ctx: JobContext, status: int, out: Any, k: int, commits: list[Commit]
+) -> tuple[int, Any]:
+    """After one shard: commit what it wrote to every output if it succeeded (then
+    the results store holds its value, and None goes back), else discard it. A
+    failure to write or commit fails the shard, and nothing of it stays visible."""
+    outputs = ctx.outputs
+    if status != _OK:
+        for output in outputs:
+            output.abort()
+        return status, out
+    finished: list[tuple[str, Finished]] = []
+    try:
+        for output in outputs:
+            done = output.finish(out)
+            if done is not None:
+                finished.append((output.name, done))
+        sizes = commit_all([done[0] for _, done in finished])
+    except BaseException as exc:  # a write that failed (disk full, a bad value): the shard's
+        for output in outputs:
+            output.abort()
+        for _, done in finished:
+            done[0].discard()
+        return _ERR, exc
+    for (name, (_, rows, memory, schema)), size in zip(finished, sizes, strict=True):
+        commits.append((k, name, rows, size, memory, schema))
+    return _OK, None if ctx.stores_results else out
 
 
 def run_call(

@@ -1,0 +1,251 @@
+"""Where workers write tables and results: a directory on this machine or in any
+filesystem `pyarrow.fs` resolves (``s3://bucket/prefix``), and the one way files
+appear there.
+
+A file is written by one attempt under a temporary name, ``.{name}.{token}.tmp`` in
+the directory (a leading "." hides it from pyarrow's dataset discovery), and
+committed whole: locally by a rename; on an object store by one server-side copy to
+its name (an upload cannot be abandoned once started - closing it, even on an error,
+publishes what was written - so the partial object is only ever the hidden one). A
+worker killed mid-write leaves at most a hidden temporary file, which the parent
+sweeps away when the call ends (`Place.sweep`).
+
+Used in the parent (resolve, check, sweep, read) and in workers (write, commit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Pending", "Place"]
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """A directory: `root` is its path, in `fs` (a `pyarrow.fs.FileSystem`) or on this
+    machine when `fs` is None."""
+
+    root: str
+    fs: Any = None
+
+    @classmethod
+    def resolve(cls, path: object, filesystem: object, what: str) -> Place:
+        """The place named by `path` (a local path or a URI) inside `filesystem`."""
+        if filesystem is not None:
+            from pyarrow import fs as pafs
+
+            if not isinstance(filesystem, pafs.FileSystem):
+                raise TypeError(
+                    f"filesystem must be a pyarrow.fs.FileSystem or None, got "
+                    f"{type(filesystem).__name__}"
+                )
+            if not isinstance(path, str | os.PathLike):
+                raise TypeError(f"{what} must be a path inside filesystem=, got {path!r}")
+            root = os.fspath(path)
+            if isinstance(filesystem, pafs.LocalFileSystem):
+                return cls(os.path.abspath(root))
+            return cls(root.rstrip("/"), filesystem)
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"{what} must be a path, a URI or None, got {type(path).__name__}")
+        text = os.fspath(path)
+        if isinstance(text, bytes):
+            raise TypeError(f"{what} must be a str path, got bytes")
+        if "://" in text and not text.startswith("file://"):
+            from pyarrow import fs as pafs
+
+            try:
+                remote, root = pafs.FileSystem.from_uri(text)
+            except Exception as exc:
+                raise ValueError(
+                    f"{what} {text!r} is not a URI pyarrow.fs resolves: {exc}"
+                ) from exc
+            if isinstance(remote, pafs.LocalFileSystem):
+                return cls(os.path.abspath(root))
+            return cls(root.rstrip("/"), remote)
+        if text.startswith("file://"):
+            text = text[len("file://") :]
+        return cls(os.path.abspath(text))
+
+    @property
+    def local(self) -> bool:
+        return self.fs is None
+
+    def __reduce__(self) -> Any:
+        if self.fs is None:
+            return Place, (self.root,)
+        import pickle
+
+        return _remote_place, (self.root, pickle.dumps(self.fs))
+
+    def describe(self) -> str:
+        if self.fs is None:
+            return self.root
+        return f"{self.fs.type_name}://{self.root}"
+
+    def path_of(self, name: str) -> str:
+        return f"{self.root}/{name}" if self.fs is not None else os.path.join(self.root, name)
+
+    # -- the parent's side ---------------------------------------------------------------
+
+    def check_fresh(self, what: str) -> None:
+        """Refuse a directory that holds anything (ashard never overwrites data), or a
+        path that is a file."""
+        if self.fs is None:
+            if os.path.isfile(self.root):
+                raise ValueError(f"{what} {self.root!r} is a file, not a directory")
+            if os.path.isdir(self.root) and os.listdir(self.root):
+                raise ValueError(
+                    f"{what} {self.root!r} is a directory that is not empty: ashard writes "
+                    "only into a new or empty directory (it never overwrites data)"
+                )
+            return
+        from pyarrow import fs as pafs
+
+        info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.File:
+            raise ValueError(f"{what} {self.describe()!r} is a file, not a directory")
+        if info.type == pafs.FileType.Directory and self.names():
+            raise ValueError(
+                f"{what} {self.describe()!r} is a directory that is not empty: ashard writes "
+                "only into a new or empty directory (it never overwrites data)"
+            )
+
+    def create(self) -> None:
+        if self.fs is None:
+            os.makedirs(self.root, exist_ok=True)
+        else:
+            self.fs.create_dir(self.root, recursive=True)
+
+    def names(self) -> list[str]:
+        """The names in the directory (none if it does not exist)."""
+        if self.fs is None:
+            try:
+                return os.listdir(self.root)
+            except FileNotFoundError:
+                return []
+        from pyarrow import fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return [info.base_name for info in infos]
+
+    def remove(self, names: Iterable[str]) -> None:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                if self.fs is None:
+                    os.unlink(self.path_of(name))
+                else:
+                    self.fs.delete_file(self.path_of(name))
+
+    def remove_tree(self) -> None:
+        if self.fs is None:
+            shutil.rmtree(self.root, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                self.fs.delete_dir(self.root)
+
+    def sweep(self, pattern: re.Pattern[str], kept: Any) -> None:
+        """Remove what no committed shard owns: every hidden temporary file ashard
+        wrote, and every committed-looking file whose shard (`pattern`'s first group)
+        is not in `kept` (an attempt that committed but was not accepted)."""
+        stray = []
+        for name in self.names():
+            if name.startswith(".") and name.endswith(".tmp"):
+                stray.append(name)
+                continue
+            match = pattern.fullmatch(name)
+            if match is not None and int(match.group(1)) not in kept:
+                stray.append(name)
+        self.remove(stray)
+
+    def open_input(self, name: str) -> Any:
+        if self.fs is None:
+            return open(self.path_of(name), "rb")
+        return self.fs.open_input_file(self.path_of(name))
+
+    # -- the worker's side ---------------------------------------------------------------
+
+    def pending(self, name: str, token: str) -> Pending:
+        """A file to write `name` through, invisible until `Pending.commit`."""
+        return Pending(self, name, token)
+
+
+def _remote_place(root: str, fs: bytes) -> Place:
+    """Unpickle a remote place; pyarrow.fs first, so its S3 cleanup runs at exit."""
+    import pickle
+
+    import pyarrow.fs  # noqa: F401
+
+    return Place(root, pickle.loads(fs))
+
+
+class Pending:
+    """One attempt's file: `target` is what to write to (a local path, or an output
+    stream of the filesystem); `commit` makes it `name` whole, `discard` nothing."""
+
+    def __init__(self, place: Place, name: str, token: str) -> None:
+        self.place = place
+        self.name = name
+        self._tmp = place.path_of(f".{name}.{token}.tmp")
+        self._stream: Any = None
+        if place.fs is None:
+            self.target: Any = self._tmp
+        else:
+            self._stream = self.target = place.fs.open_output_stream(self._tmp)
+
+    def commit(self) -> int:
+        """Publish the file under its name; its size in bytes."""
+        final = self.place.path_of(self.name)
+        if self.place.fs is None:
+            os.replace(self._tmp, final)
+            return os.stat(final).st_size
+        stream, self._stream = self._stream, None
+        if stream is not None and not stream.closed:
+            stream.close()
+        fs = self.place.fs
+        fs.move(self._tmp, final)
+        return int(fs.get_file_info(final).size)
+
+    def discard(self) -> None:
+        if self.place.fs is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+            return
+        stream, self._stream = self._stream, None
+        with contextlib.suppress(Exception):
+            if stream is not None and not stream.closed:
+                stream.close()
+            self.place.fs.delete_file(self._tmp)
+
+
+def commit_all(pending: list[Pending]) -> list[int]:
+    """Commit every file in `pending` (their sizes); on a failure the rest are dropped."""
+    sizes = []
+    try:
+        for p in pending:
+            sizes.append(p.commit())
+    except BaseException:
+        for p in pending[len(sizes) :]:
+            p.discard()
+        raise
+    return sizes
+
+
+def write_bytes(place: Place, name: str, token: str, data: Any) -> Pending:
+    """A pending file holding `data` (bytes or buffers)."""
+    pending = place.pending(name, token)
+    try:
+        if pending._stream is not None:
+            pending._stream.write(data)
+        else:
+            with open(pending.target, "wb") as f:
+                f.write(data)
+    except BaseException:
+        pending.discard()
+        raise
+    return pending
