@@ -1,11 +1,13 @@
 """Shared fixtures: the anyio backends (every async test runs under asyncio and trio),
-the leak check that runs after every test, and blockbuster, which fails a test that
-makes a blocking call on the event loop."""
+the leak check that runs after every test, blockbuster, which fails a test that
+makes a blocking call on the event loop, and an S3 server on loopback."""
 
 from __future__ import annotations
 
 import gc
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -14,6 +16,7 @@ import psutil
 import pytest
 
 import ashard
+import s3server
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -51,9 +54,11 @@ def _shm_segments() -> set[str]:
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    """Fail any test that leaves a child process or a shared-memory segment behind."""
+    """Fail any test that leaves a child process, a shared-memory segment or a
+    temporary results directory behind."""
     before = {p.pid for p in _children()}
     shm_before = _shm_segments()
+    dirs_before = _result_dirs()
     yield
     anyio.run(ashard.shutdown)
     deadline = time.monotonic() + 5.0
@@ -70,15 +75,69 @@ def no_leaks() -> Iterator[None]:
     while (leaked := _shm_segments() - shm_before) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not leaked, f"test left shared-memory segments behind: {leaked}"
+    left_dirs = _result_dirs() - dirs_before
+    for path in left_dirs:
+        shutil.rmtree(path, ignore_errors=True)
+    assert not left_dirs, f"test left temporary results directories behind: {left_dirs}"
+
+
+def _result_dirs() -> set[str]:
+    """ashard's temporary directories: table sinks (path=None) and results stores."""
+    tmp = tempfile.gettempdir()
+    return {
+        os.path.join(tmp, n)
+        for n in os.listdir(tmp)
+        if n.startswith(("ashard-results-", "ashard-sink-"))
+    }
+
+
+_SYNC_BY_DESIGN = {
+    "ashard/_places.py": {"check_fresh", "resolve"},
+    "ashard/tables.py": {"read", "load", "dataset", "table_sink", "close"},
+    "ashard/results.py": {"table", "dataset", "close"},
+}
+"""The sync functions a user calls from async code knowing they touch files (as
+`open` would): ashard's own async paths never go through them on the loop."""
 
 
 @pytest.fixture(autouse=True)
 def no_blocking_calls(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Blocking calls on the event loop thread raise during async tests (asyncio)."""
+    """Blocking calls that ashard makes on the event loop thread raise during async
+    tests (asyncio). The test's own code may block; so may the sync functions a user
+    calls on purpose: checking a new sink's directory, reading or removing files."""
     if request.node.get_closest_marker("anyio") is None:
         yield
         return
     from blockbuster import blockbuster_ctx
 
-    with blockbuster_ctx():
+    with blockbuster_ctx("ashard") as bb:
+        for function in bb.functions.values():
+            for filename, names in _SYNC_BY_DESIGN.items():
+                function.can_block_in(filename, names)
         yield
+
+
+# -- S3: a moto server on loopback, in a thread (tests/s3server.py) ----------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """The endpoint (``127.0.0.1:port``) of an S3 server that lives for the session; the
+    environment holds dummy keys for it (workers inherit them) and disables EC2 metadata."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in s3server.ENV.items():
+            mp.setenv(name, value)
+        endpoint, stop = s3server.start()
+        try:
+            yield endpoint
+        finally:
+            stop()
+
+
+@pytest.fixture
+def s3(s3_server: str) -> Iterator[s3server.Bucket]:
+    """A fresh bucket for one test: `.fs`, `.bucket`, `.endpoint`, `.path(prefix)`,
+    `.uri(prefix)` (see `s3server.Bucket`); removed afterwards."""
+    bucket = s3server.Bucket.create(s3_server)
+    yield bucket
+    bucket.delete()

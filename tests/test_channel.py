@@ -8,6 +8,11 @@ import socket
 import threading
 from typing import Any
 
+import anyio
+import pytest
+
+import ashard
+import workloads
 from ashard._framing import FrameReader, RawFrame, encode_many, send_frames
 
 
@@ -49,3 +54,18 @@ def test_a_completed_big_frame_never_reads_as_end_of_stream_and_order_is_kept() 
     assert zero_reads == 0
     assert [m[0] for m in got] == ["small", "big", "small", "big"]
     assert got[1][1] == bytes(3 << 20) and got[3][1] == b"x" * (2 << 20)
+
+
+@pytest.mark.anyio
+async def test_messages_with_more_buffers_than_one_sendmsg_takes() -> None:
+    """A chunk of many array items, and a batch of many table results, each hold more
+    out-of-band buffers than the kernel takes in one sendmsg (1024): both go through."""
+    import numpy as np
+
+    with anyio.fail_after(60):
+        async with ashard.Pool(1) as pool:
+            items = [np.arange(3) + i for i in range(3000)]
+            assert await pool.map(len, items, chunk_size=3000) == [3] * 3000
+            values = await pool.map(workloads.identity, items, chunk_size=3000)
+            assert all(np.array_equal(v, i) for v, i in zip(values, items, strict=True))
+            assert pool.stats.crashed == 0

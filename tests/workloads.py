@@ -380,3 +380,100 @@ def shard_touch_sleep_touch(shard: Shard, directory: str) -> str:
     return touch_sleep_touch(
         os.path.join(directory, f"started-{shard.id}"), os.path.join(directory, f"done-{shard.id}")
     )
+
+
+# -- tables and results (test_tables.py) -------------------------------------------------
+
+
+def write_rows(shard: Shard, rows: Any, times: int = 2) -> int:
+    """Write `times` tables of this shard's ids (and the attempt) to `rows`."""
+    for _ in range(times):
+        rows.write(
+            {"id": np.asarray(shard.idx, dtype=np.int64), "attempt": [shard.attempt] * len(shard)}
+        )
+    return shard.id
+
+
+def write_then(
+    shard: Shard, rows: Any, how: str = "sigkill", victim: int = 1, always: bool = False
+) -> int:
+    """Write rows, then (for `victim`, on its first attempt or `always`) fail as `how` says:
+    die, hang past the timeout or raise."""
+    write_rows(shard, rows)
+    if shard.id == victim and (always or shard.attempt == 1):
+        if how == "raise":
+            raise ValueError("failed after writing")
+        if how == "sleep":
+            time.sleep(60)
+        die(how)
+    return shard.id
+
+
+def write_then_sleep(shard: Shard, rows: Any, quick: int = 2) -> int:
+    """Shards below `quick` write and return at once; the others write, then sleep."""
+    write_rows(shard, rows)
+    if shard.id >= quick:
+        time.sleep(60)
+    return shard.id
+
+
+def write_typed(shard: Shard, rows: Any, kind: str) -> int:
+    """Write a table whose column `x` has a type chosen by `kind` (for shard 1 only,
+    unless kind starts with "all-")."""
+    import pyarrow as pa
+
+    chosen = kind.removeprefix("all-") if kind.startswith("all-") or shard.id == 1 else "int64"
+    columns: dict[str, Any] = {
+        "int64": {"x": pa.array([1, 2], pa.int64())},
+        "int32": {"x": pa.array([1, 2], pa.int32())},
+        "float": {"x": pa.array([1.5, 2.0])},
+        "string": {"x": pa.array(["a", "b"])},
+        "extra": {"x": pa.array([1, 2], pa.int64()), "y": pa.array([1, 2])},
+        "renamed": {"z": pa.array([1, 2], pa.int64())},
+    }[chosen]
+    rows.write(columns)
+    return shard.id
+
+
+def write_bad(shard: Shard, rows: Any) -> None:
+    rows.write([1, 2, 3])
+
+
+def write_empty(shard: Shard, rows: Any) -> int:
+    """Shard 0 writes an empty table; shard 1 writes nothing; the others write a row."""
+    if shard.id == 0:
+        rows.write({"id": np.zeros(0, dtype=np.int64)})
+    elif shard.id != 1:
+        rows.write({"id": np.array([shard.id], dtype=np.int64)})
+    return shard.id
+
+
+def table_of(shard: Shard) -> Any:
+    """A table of the shard's ids, or None for shard 1."""
+    if shard.id == 1:
+        return None
+    return {"id": np.asarray(shard.idx, dtype=np.int64), "sq": np.asarray(shard.idx) ** 2}
+
+
+def blob(shard: Shard, size: int = 200_000) -> bytes:
+    """`size` bytes that say which shard made them."""
+    return shard.id.to_bytes(4, "little") * (size // 4)
+
+
+def big_array(shard: Shard, mib: int = 200, order: str = "C") -> np.ndarray:
+    n = mib * 2**20 // 8
+    a = np.arange(n, dtype=np.float64)
+    if order == "F":
+        return np.asfortranarray(a.reshape(-1, 4))
+    return a
+
+
+def make_big_array(mib: int, order: str = "C") -> np.ndarray:
+    a = np.arange(mib * 2**20 // 8, dtype=np.float64)
+    return np.asfortranarray(a.reshape(-1, 8)) if order == "F" else a
+
+
+def floats_of(shard: Shard, seed: int = 7) -> float:
+    """A float sum whose value depends on the order it is added in."""
+    rng = np.random.default_rng([seed, shard.id])
+    return float(rng.standard_normal() * 10.0 ** rng.integers(-8, 8))

@@ -22,7 +22,14 @@ from typing import Any
 
 import anyio
 
-from ashard._framing import DEFAULT_MAX_FRAME, Buffer, ChannelClosed, FrameReader, advance
+from ashard._framing import (
+    DEFAULT_MAX_FRAME,
+    IOV_MAX,
+    Buffer,
+    ChannelClosed,
+    FrameReader,
+    advance,
+)
 from ashard._protocol import ProtocolViolation
 
 __all__ = ["FRAME_STALL_SECONDS", "Channel"]
@@ -55,7 +62,7 @@ class Channel:
             parts, self._backlog = self._backlog + parts, []
         anc = _rights(fds)
         try:
-            parts = advance(parts, self._sock.sendmsg(parts, anc))
+            parts = advance(parts, self._sock.sendmsg(parts[:IOV_MAX], anc))
             anc = []
         except BlockingIOError:
             pass
@@ -70,7 +77,7 @@ class Channel:
         if self.broken or self._backlog or self._sock.fileno() < 0:
             return False
         try:
-            self._backlog = advance(parts, self._sock.sendmsg(parts))
+            self._backlog = advance(parts, self._sock.sendmsg(parts[:IOV_MAX]))
         except BlockingIOError:
             self._backlog = list(parts)
         except OSError:
@@ -82,7 +89,7 @@ class Channel:
         while parts:
             await self._wait_writable_draining()
             try:
-                parts = advance(parts, self._sock.sendmsg(parts, anc))
+                parts = advance(parts, self._sock.sendmsg(parts[:IOV_MAX], anc))
                 anc = []
             except BlockingIOError:
                 continue

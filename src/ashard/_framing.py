@@ -40,6 +40,7 @@ from ashard._serialize import dumps, loads
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "IOV_MAX",
     "MAX_BUFFERS",
     "ChannelClosed",
     "FrameReader",
@@ -57,6 +58,8 @@ _HEAD_SIZE = _HEAD.size
 _SCRATCH = 1 << 18
 _BIG = 1 << 20
 _MIN_READ = 1 << 12
+IOV_MAX = 1024
+"""Buffers one `sendmsg` takes at most (Linux's UIO_MAXIOV): a frame may hold more."""
 MAX_FDS = 200
 """File descriptors sent with one message at most (the kernel's limit is 253)."""
 MAX_QUEUED_FDS = 4 * MAX_FDS
@@ -117,7 +120,7 @@ def send_frames(sock: socket.socket, parts: list[Buffer], fds: Sequence[int] = (
     """Blocking send of whole frames (worker side), `fds` with their first byte."""
     anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
     while parts:
-        sent = sock.sendmsg(parts, anc)
+        sent = sock.sendmsg(parts[:IOV_MAX], anc)
         anc = []
         parts = advance(parts, sent)
 

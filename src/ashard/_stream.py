@@ -81,7 +81,8 @@ class ShardStream:
         finally:
             store = self._job.store
             if store is not None and store.temporary:  # the refs it yielded end here
-                store.close()
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(store.close)
         return None
 
     async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:

@@ -274,7 +274,9 @@ def table_sink(
     (or ``.arrow``: Arrow IPC file format) under `path` — a local directory, a URI
     pyarrow.fs resolves (``"s3://bucket/prefix"``), or a path inside `filesystem`.
     `path=None`: a temporary directory, removed by `close()`. A directory that holds
-    anything is refused (nothing is ever overwritten); a missing one is created.
+    anything is refused here (nothing is ever overwritten: this looks at `path`, so
+    from async code on a remote filesystem build the sink in a thread); a missing one
+    is created when a call starts writing.
     `schema`: every write is checked against it and safely cast; without it, the
     first committed partition's schema is the sink's."""
     if format not in _FORMATS:
@@ -285,11 +287,11 @@ def table_sink(
     if path is None:
         if filesystem is not None:
             raise ValueError("filesystem= needs a path inside it: table_sink(path, filesystem=...)")
-        place = Place(tempfile.mkdtemp(prefix="ashard-sink-"))
+        name = f"ashard-sink-{secrets.token_hex(8)}"  # made when a call starts writing
+        place = Place(os.path.join(tempfile.gettempdir(), name))
         return TableSink(place, format, checked_schema, temporary=True)
     place = Place.resolve(path, filesystem, "table_sink path")
     place.check_fresh("table_sink path")
-    place.create()
     return TableSink(place, format, checked_schema, temporary=False)
 
 

@@ -1,0 +1,384 @@
+"""Table sinks and results stores: one file per shard, committed atomically and exactly
+once whatever the workers do (crash after writing, time out, fail, get cancelled),
+schemas checked, local and on S3; results="table" and "disk"; shard_reduce."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import anyio
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+from pyarrow import fs as pafs
+
+import ashard
+import workloads
+from s3server import Bucket
+
+pytestmark = pytest.mark.anyio
+
+asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
+
+
+def assert_exactly_once(sink: ashard.TableSink, ok_ids: set[int], layout: ashard.Shards) -> None:
+    """The sink's directory holds one committed file per shard in `ok_ids`, nothing
+    hidden or partial, and each of those shards' rows exactly once."""
+    names = sorted(os.listdir(sink.path))
+    assert not [n for n in names if n.startswith(".")], names
+    ext = "parquet" if sink.format == "parquet" else "arrow"
+    assert names == [f"part-{i:06d}.{ext}" for i in sorted(ok_ids)]
+    assert [r.shard_id for r in sink.refs] == sorted(ok_ids)
+    fmt = "parquet" if sink.format == "parquet" else "ipc"
+    table = pads.dataset(sink.path, format=fmt).to_table()  # plain pyarrow, no ashard
+    want = sorted(i for s in ok_ids for i in layout[s].idx for _ in range(2))
+    assert sorted(table.column("id").to_pylist()) == want
+    assert sink.read().num_rows == len(want)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+async def test_sink_writes_one_file_per_shard_in_shard_order(fmt: str) -> None:
+    layout = ashard.shards(40, block_size=5)
+    with anyio.fail_after(60), ashard.table_sink(format=fmt) as sink:  # type: ignore[arg-type]
+        res = await ashard.shard_map(layout, workloads.write_rows, out={"rows": sink}, workers=2)
+        assert res.results == list(range(8))
+        assert_exactly_once(sink, set(range(8)), layout)
+        refs = sink.refs
+        assert [r.rows for r in refs] == [10] * 8  # two writes of five rows
+        assert all(r.bytes == os.path.getsize(r.path) for r in refs)
+        assert refs[3].read().column("id").to_pylist() == [15, 16, 17, 18, 19] * 2
+        assert sink.read().column("id").to_pylist()[:10] == [0, 1, 2, 3, 4] * 2  # shard order
+        assert isinstance(sink.dataset(), pads.Dataset)
+        path = sink.path
+    assert not os.path.exists(path)  # a temporary sink goes with close()
+
+
+async def test_empty_writes_commit_a_file_and_no_write_commits_none(tmp_path: str) -> None:
+    target = os.path.join(tmp_path, "out")
+    with anyio.fail_after(60):
+        sink = ashard.table_sink(target)
+        await ashard.shard_map(4, workloads.write_empty, out={"rows": sink}, workers=2)
+        assert [(r.shard_id, r.rows) for r in sink.refs] == [(0, 0), (2, 1), (3, 1)]
+        sink.close()
+    assert sorted(os.listdir(target)) == ["part-000000.parquet", "part-000002.parquet",
+                                          "part-000003.parquet"]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["sigkill", "exit"])
+async def test_crash_after_writing_rows_keeps_them_once(how: str) -> None:
+    layout = ashard.shards(20, block_size=5)
+    async with ashard.Pool(2) as pool:
+        with anyio.fail_after(60), ashard.table_sink() as sink:
+            fn = functools.partial(workloads.write_then, how=how)
+            res = await pool.shard_map(layout, fn, out={"rows": sink}, chunk_size=1)
+            assert res.ok and res.diagnostics.crashes == 1
+            assert_exactly_once(sink, {0, 1, 2, 3}, layout)
+            assert sink.refs[1].read().column("attempt").to_pylist() == [2] * 10
+
+
+async def test_a_shard_that_always_crashes_leaves_nothing() -> None:
+    layout = ashard.shards(20, block_size=5)
+    with anyio.fail_after(60), ashard.table_sink() as sink:
+        fn = functools.partial(workloads.write_then, how="sigkill", always=True)
+        res = await ashard.shard_map(layout, fn, out={"rows": sink}, workers=2, chunk_size=1,
+                                     max_retries=1, errors="collect")  # fmt: skip
+        assert [f.shard_id for f in res.failures] == [1]
+        assert isinstance(res.failures[0], ashard.WorkerCrashed)
+        assert_exactly_once(sink, {0, 2, 3}, layout)
+
+
+async def test_timeout_after_writing_keeps_rows_once() -> None:
+    layout = ashard.shards(20, block_size=5)
+    with anyio.fail_after(60), ashard.table_sink() as sink:
+        fn = functools.partial(workloads.write_then, how="sleep")
+        res = await ashard.shard_map(layout, fn, out={"rows": sink}, workers=2, chunk_size=1,
+                                     timeout=1.0)  # fmt: skip
+        assert res.ok and res.diagnostics.timeouts == 1
+        assert_exactly_once(sink, {0, 1, 2, 3}, layout)
+
+
+async def test_collect_with_a_shard_that_always_fails_after_writing() -> None:
+    layout = ashard.shards(20, block_size=5)
+    with anyio.fail_after(60), ashard.table_sink(format="arrow") as sink:
+        fn = functools.partial(workloads.write_then, how="raise", always=True)
+        res = await ashard.shard_map(layout, fn, out={"rows": sink}, workers=2,
+                                     errors="collect", retry_errors=True,
+                                     max_retries=2)  # fmt: skip
+        assert [f.shard_id for f in res.failures] == [1]
+        assert res.failures[0].attempts == 3
+        assert_exactly_once(sink, {0, 2, 3}, layout)
+
+
+async def test_cancellation_keeps_committed_partitions_and_nothing_else() -> None:
+    layout = ashard.shards(30, block_size=5)
+    with ashard.table_sink() as sink:
+        with anyio.move_on_after(4.0) as scope:
+            await ashard.shard_map(layout, workloads.write_then_sleep, out={"rows": sink},
+                                   workers=2, chunk_size=1)  # fmt: skip
+        assert scope.cancelled_caught
+        assert_exactly_once(sink, {0, 1}, layout)
+
+
+async def test_schema_given_casts_safely_and_refuses_what_does_not_fit() -> None:
+    schema = pa.schema([("x", pa.int64())])
+    with anyio.fail_after(60):
+        for kind, fields in [("int32", None), ("float", ["x"]), ("string", ["x"]),
+                             ("extra", ["y"]), ("renamed", ["x", "z"])]:  # fmt: skip
+            with ashard.table_sink(schema=schema) as sink:
+                fn = functools.partial(workloads.write_typed, kind=kind)
+                res = await ashard.shard_map(3, fn, out={"rows": sink}, errors="collect")
+                if fields is None:
+                    assert res.ok and sink.read().schema == schema
+                    continue
+                (failure,) = res.failures
+                assert isinstance(failure, ashard.ShardFailed) and failure.shard_id == 1
+                cause = failure.__cause__
+                assert isinstance(cause, ashard.SchemaMismatch) and isinstance(cause, ValueError)
+                assert list(cause.fields) == fields, (kind, cause)
+                for name in fields:
+                    assert repr(name) in str(cause)
+                assert [r.shard_id for r in sink.refs] == [0, 2]
+
+
+async def test_without_schema_the_first_committed_partition_sets_it() -> None:
+    with anyio.fail_after(60), ashard.table_sink() as sink:
+        fn = functools.partial(workloads.write_typed, kind="string")
+        res = await ashard.shard_map(3, fn, out={"rows": sink}, workers=1, chunk_size=1,
+                                     errors="collect")  # fmt: skip
+        (failure,) = res.failures
+        assert failure.shard_id == 1 and isinstance(failure.__cause__, ashard.SchemaMismatch)
+        assert "'x'" in str(failure.__cause__) and failure.__cause__.fields == ("x",)
+        assert [r.shard_id for r in sink.refs] == [0, 2]
+        assert sorted(os.listdir(sink.path)) == ["part-000000.parquet", "part-000002.parquet"]
+        assert sink.read().column("x").type == pa.int64()
+
+
+async def test_write_of_an_unsupported_type_fails_that_shard_naming_it() -> None:
+    with anyio.fail_after(60), ashard.table_sink() as sink:
+        res = await ashard.shard_map(2, workloads.write_bad, out={"rows": sink}, errors="collect")
+        assert len(res.failures) == 2
+        cause = res.failures[0].__cause__
+        assert isinstance(cause, TypeError)
+        assert "list" in str(cause) and "pyarrow Table" in str(cause)
+        assert sink.refs == [] and os.listdir(sink.path) == []  # nothing kept of failed shards
+
+
+async def test_sink_on_s3(s3: Bucket) -> None:
+    layout = ashard.shards(20, block_size=5)
+    with anyio.fail_after(90):
+        by_uri = ashard.table_sink(s3.uri("by-uri"))
+        fn = functools.partial(workloads.write_then, how="sigkill")
+        res = await ashard.shard_map(layout, fn, out={"rows": by_uri}, workers=2, chunk_size=1)
+        assert res.ok and res.diagnostics.crashes == 1
+        infos = s3.fs.get_file_info(pafs.FileSelector(s3.path("by-uri")))
+        names = sorted(i.base_name for i in infos)
+        assert names == [f"part-{i:06d}.parquet" for i in range(4)]
+        assert sorted(by_uri.read().column("id").to_pylist()) == sorted(list(range(20)) * 2)
+        assert by_uri.refs[1].read().column("attempt").to_pylist() == [2] * 10
+
+        given = ashard.table_sink(s3.path("given"), filesystem=s3.fs, format="arrow")
+        await ashard.shard_map(layout, workloads.write_rows, out={"rows": given}, workers=2)
+        assert given.dataset().count_rows() == 40
+        with pytest.raises(ValueError, match="not empty"):
+            ashard.table_sink(s3.path("given"), filesystem=s3.fs)
+
+
+# -- results="table" / "disk" -------------------------------------------------------------
+
+
+async def test_results_table() -> None:
+    layout = ashard.shards(30, block_size=5)
+    with await ashard.shard_map(layout, workloads.table_of, results="table") as res:
+        assert [r is None for r in res.refs] == [False, True, False, False, False, False]
+        assert res.results[1] is None
+        assert res.results[2].column("id").to_pylist() == [10, 11, 12, 13, 14]
+        table = res.table()
+        assert table.column("id").to_pylist() == [i for i in range(30) if not 5 <= i < 10]
+        assert res.dataset().count_rows() == 25
+        with pytest.raises(ashard.GatherTooLarge, match="max_bytes=100") as info:
+            res.table(max_bytes=100)
+        assert isinstance(info.value, ValueError) and info.value.size > 100
+        for bad in (0, -1, "1GB"):
+            with pytest.raises((TypeError, ValueError), match="max_bytes"):
+                res.table(max_bytes=bad)  # type: ignore[arg-type]
+        directory = os.path.dirname(res.refs[0].path)
+    assert not os.path.exists(directory)
+
+
+@asyncio_only
+async def test_results_disk_keeps_parent_memory_flat() -> None:
+    me = psutil.Process()
+    with anyio.fail_after(120):
+        async with ashard.Pool(2) as pool:
+            await pool.shard_map(4, workloads.blob)  # warm up
+            before = me.memory_info().rss
+            many = ashard.shards(2000, block_size=1)
+            res = await pool.shard_map(many, workloads.blob, results="disk", chunk_size=10)
+            grown = me.memory_info().rss - before
+            with res:
+                assert len(res.results) == 2000 and res.ok
+                assert grown < 60 * 2**20, grown  # the values total 400 MB
+                assert res.results[1234][:4] == (1234).to_bytes(4, "little")
+                assert res.refs[7].load() == workloads.blob(many[7])
+                assert sum(r.bytes for r in res.refs) > 400_000_000
+
+
+async def test_results_disk_none_failures_and_results_path(tmp_path: str) -> None:
+    target = os.path.join(tmp_path, "kept")
+    with anyio.fail_after(60):
+        six = ashard.shards(6, block_size=1)
+        res = await ashard.shard_map(six, workloads.fail_on, results="disk", results_path=target,
+                                     errors="collect")  # fmt: skip
+        with res:
+            assert res.refs[3] is None and res.results[3] is None
+            assert res.results[4] == 4
+        assert sorted(os.listdir(target)) == [f"result-{i:06d}.pickle" for i in (0, 1, 2, 4, 5)]
+        with pytest.raises(ValueError, match="not empty"):
+            await ashard.shard_map(six, workloads.fail_on, results="disk", results_path=target)
+        with pytest.raises(ValueError, match="results_path"):
+            await ashard.shard_map(six, workloads.fail_on, results_path=str(tmp_path) + "/x")
+        with pytest.raises(ValueError, match="results must be one of"):
+            await ashard.shard_map(six, workloads.fail_on, results="x")  # type: ignore[typeddict-item]
+
+
+async def test_stream_yields_refs_that_live_until_the_block_ends() -> None:
+    with anyio.fail_after(60):
+        async with ashard.shard_stream(20, workloads.shard_sum, results="disk") as stream:
+            refs = [done.value async for done in stream]
+            assert all(isinstance(r, ashard.ResultRef) for r in refs)
+            assert sorted(r.load() for r in refs) == sorted(workloads.shard_sum(s)
+                                                           for s in ashard.shards(20))  # fmt: skip
+            directory = os.path.dirname(refs[0].path)
+    assert not os.path.exists(directory)
+
+
+# -- large arrays through shared memory -----------------------------------------------------
+
+
+def _anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon")
+
+
+@asyncio_only
+async def test_a_200_mb_array_arrives_without_a_copy_in_the_parent() -> None:
+    with anyio.fail_after(60):
+        async with ashard.Pool(1) as pool:
+            before = _anon_bytes()
+            res = await pool.shard_map(1, functools.partial(workloads.big_array, mib=200))
+            (array,) = res.results
+            grown = _anon_bytes() - before
+            assert grown < 20 * 2**20, grown  # the array's pages are the worker's segment
+            assert array.shape == (200 * 2**20 // 8,) and array[-1] == array.size - 1
+            assert array.flags.writeable and array.flags.owndata is False
+            array[:10] = -1  # an ordinary, writable array (copy-on-write pages)
+            assert array[0] == -1
+            fortran = await pool.call(workloads.make_big_array, 16, "F")
+            assert fortran.flags.f_contiguous and not fortran.flags.c_contiguous
+            assert np.array_equal(fortran, workloads.make_big_array(16, "F"))
+            del array, res, fortran
+            with open("/proc/self/maps") as f:
+                assert "ashard-result" not in f.read()  # freed with the arrays
+
+
+async def test_small_and_nested_arrays_take_the_socket() -> None:
+    with anyio.fail_after(30):
+        value = await ashard.call(workloads.identity, {"a": np.arange(300_000.0)})
+        assert np.array_equal(value["a"], np.arange(300_000.0))
+        small = await ashard.call(workloads.identity, np.arange(1000))
+        assert small.flags.owndata or small.base is not None
+
+
+# -- shard_reduce ---------------------------------------------------------------------------
+
+
+def _add(acc: float, value: float) -> float:
+    return acc + value
+
+
+async def test_ordered_reduce_is_bit_identical_across_workers_and_chunks() -> None:
+    layout = ashard.shards(400, block_size=1)
+    expected = 0.0
+    for shard in layout:
+        expected = expected + workloads.floats_of(shard)
+    with anyio.fail_after(90):
+        for workers, chunk in [(1, 1), (2, 7), (2, "auto")]:
+            red = await ashard.shard_reduce(layout, workloads.floats_of, _add, init=0.0,
+                                            ordered=True, workers=workers, chunk_size=chunk,
+                                            max_pending=16)  # fmt: skip
+            assert red.ok and red.value == expected  # bit-identical, not approximately
+        unordered = await ashard.shard_reduce(layout, workloads.floats_of, _add)
+        assert unordered.value == pytest.approx(expected)
+
+
+async def test_reduce_with_crashes_failures_and_a_failing_combine() -> None:
+    six = ashard.shards(6, block_size=1)
+    with anyio.fail_after(60):
+        red = await ashard.shard_reduce(six, workloads.die_first_attempt, _add, init=0,
+                                        ordered=True, chunk_size=1)  # fmt: skip
+        assert red.value == sum(i * 10 for i in range(6)) and red.diagnostics.crashes == 1
+        red = await ashard.shard_reduce(six, workloads.fail_on, _add, errors="collect")
+        assert red.value == sum(i for i in range(6) if i != 3)
+        assert [f.shard_id for f in red.failures] == [3] and not red.ok
+        with pytest.raises(ashard.ShardMapError) as info:
+            await ashard.shard_reduce(six, workloads.fail_on, _add)
+        assert isinstance(info.value.result, ashard.ReduceResult)
+
+        def boom(acc: int, value: int) -> int:
+            raise ZeroDivisionError("combine broke")
+
+        with pytest.raises(ZeroDivisionError, match="combine broke"):
+            await ashard.shard_reduce(six, workloads.shard_sum, boom)
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+async def test_bad_sink_input_is_refused_before_anything_runs(tmp_path: str) -> None:
+    full = os.path.join(tmp_path, "full")
+    os.makedirs(full)
+    open(os.path.join(full, "data.csv"), "w").close()
+    with pytest.raises(ValueError, match="not empty"):
+        ashard.table_sink(full)
+    with pytest.raises(ValueError, match="format"):
+        ashard.table_sink(format="csv")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="schema"):
+        ashard.table_sink(schema={"x": "int64"})  # type: ignore[arg-type]
+    with anyio.fail_after(60):
+        sink = ashard.table_sink()
+        sink.close()
+        with pytest.raises(ValueError, match="closed TableSink"):
+            await ashard.shard_map(2, workloads.write_rows, out={"rows": sink})
+        with ashard.table_sink() as sink, pytest.raises(TypeError, match="out="):
+            await ashard.shard_map(2, workloads.write_rows, borrow={"rows": sink})
+        with ashard.table_sink() as sink:
+            with pytest.raises(TypeError, match="pickled"):
+                await ashard.shard_map(2, workloads.shard_sum, borrow={"x": [sink]})
+            assert not os.path.exists(sink.path)  # made when a call starts writing
+            await ashard.shard_map(2, workloads.write_rows, out={"rows": sink})
+            with pytest.raises(ValueError, match="already holds the output"):
+                await ashard.shard_map(2, workloads.write_rows, out={"rows": sink})
+
+
+async def test_a_sink_used_by_two_concurrent_calls_is_refused() -> None:
+    errors: list[BaseException] = []
+
+    async def run(sink: ashard.TableSink) -> None:
+        try:
+            fn = functools.partial(workloads.write_then_sleep, quick=4)
+            await ashard.shard_map(4, fn, out={"rows": sink})
+        except ValueError as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(60), ashard.table_sink() as sink:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, sink)
+            tg.start_soon(run, sink)
+        assert len(errors) == 1 and "in use by another call" in str(errors[0])
+        assert len(sink.refs) == len(ashard.shards(4))
