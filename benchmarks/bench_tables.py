@@ -26,8 +26,8 @@ Groups:
 
 memory      ``--shards`` shards (default 100,000; ``--quick`` 2,000), each making a 1,000-row
             table (int64 id, float64 x, a 3-character string), on 2 workers. Timed: the
-            call until the caller can count the rows. ashard ``results="table"`` +
-            ``res.dataset().count_rows()``; ashard gather (``results="memory"``) +
+            call until the caller can count the rows. ashard ``results="table"`` + the
+            rows counted from ``res.refs`` (``res.dataset().count_rows()`` measured apart); ashard gather (``results="memory"``) +
             ``pa.concat_tables(res.results)``; ashard ``table_sink`` (workers write
             ``rows.write(table)``) + ``sink.dataset().count_rows()``; Dask LocalCluster
             (2 processes x 1 thread) ``client.map`` + ``gather`` + concat; joblib
@@ -232,6 +232,14 @@ def _tables_expected(shards: int) -> int:
     return shards * ROWS
 
 
+def _dataset_count(dataset: Any) -> Row:
+    """What counting the rows through the lazy pyarrow Dataset costs the caller, apart
+    (pyarrow keeps every fragment's file metadata)."""
+    with CallerMemory() as mem:
+        dataset().count_rows()
+    return {"ds_count_s": mem.wall, "ds_count_peak_mb": mem.peak / MB}
+
+
 async def _ashard_tables(how: str, shards: int, tmp: Path) -> Row:
     import pyarrow as pa
 
@@ -250,8 +258,9 @@ async def _ashard_tables(how: str, shards: int, tmp: Path) -> Row:
             with CallerMemory() as mem:
                 res = await pool.shard_map(layout, table_shard, results="table")
                 mem.lap("call")
-                rows = res.dataset().count_rows()
+                rows = sum(ref.rows for ref in res.refs if ref is not None)
                 mem.lap("count")
+            row.update(_dataset_count(res.dataset))
             t = time.perf_counter()
             res.close()
             row["close_s"] = time.perf_counter() - t
@@ -269,8 +278,9 @@ async def _ashard_tables(how: str, shards: int, tmp: Path) -> Row:
                 sink = ashard.table_sink()
                 await pool.shard_map(layout, sink_shard, out={"rows": sink})
                 mem.lap("call")
-                rows = sink.dataset().count_rows()
+                rows = sum(ref.rows for ref in sink.refs)
                 mem.lap("count")
+            row.update(_dataset_count(sink.dataset))
             t = time.perf_counter()
             sink.close()
             row["close_s"] = time.perf_counter() - t
@@ -546,11 +556,11 @@ CaseFn = Callable[[Sizes, Path], Row]
 
 CASES: dict[str, dict[str, tuple[str, CaseFn]]] = {
     "memory": {
-        "ashard-table": ('ashard shard_map(results="table") + dataset().count_rows()',
+        "ashard-table": ('ashard shard_map(results="table") + rows from res.refs',
                          lambda s, t: asyncio.run(_ashard_tables("table", s.shards, t))),
         "ashard-gather": ("ashard shard_map (results in memory) + pa.concat_tables",
                           lambda s, t: asyncio.run(_ashard_tables("gather", s.shards, t))),
-        "ashard-sink": ("ashard table_sink (workers write) + sink.dataset().count_rows()",
+        "ashard-sink": ("ashard table_sink (workers write) + rows from sink.refs",
                         lambda s, t: asyncio.run(_ashard_tables("sink", s.shards, t))),
         "dask": ("Dask LocalCluster: client.map + gather + pa.concat_tables",
                  lambda s, t: mem_dask(s.shards)),
@@ -717,7 +727,10 @@ def table_memory(rows: dict[str, Row], sizes: Sizes) -> list[str]:
         notes = [f"call {row['call_s']:.2f} s (RSS after it +{row['call_rss_mb']:,.0f} MB), "
                  f"{after} {row[after + '_s']:.2f} s",
                  f"pool/cluster start {row['start_s']:.1f} s" if "start_s" in row else "",
-                 f"close {row['close_s']:.1f} s" if "close_s" in row else ""]  # fmt: skip
+                 f"close {row['close_s']:.1f} s" if "close_s" in row else "",
+                 f"then dataset().count_rows(): {row['ds_count_s']:.1f} s, peak "
+                 f"+{row['ds_count_peak_mb']:,.0f} MB (pyarrow's fragment metadata)"
+                 if "ds_count_s" in row else ""]  # fmt: skip
         if row.get("rows") != sizes.shards * ROWS:
             notes.append(f"WRONG row count (expected {sizes.shards * ROWS:,})")
         peak_x = row["peak_mb"] / data_mb if data_mb else 0.0

@@ -30,6 +30,9 @@ KINDS = [
     "unknown-message",
     "bad-pickle",
     "stale-result",
+    "array-unsealed",
+    "array-size-lie",
+    "array-without-fd",
 ]
 MiB = 1 << 20
 

@@ -21,6 +21,8 @@ CONTRACT = {
     "shard_map", "shard_stream", "map", "call", "Pool", "default_pool", "shutdown",
     "shards", "Shard", "Shards", "ShardResult", "ShardDone", "ShardError", "ShardFailed",
     "ShardTimeout", "WorkerCrashed", "ShardMapError",
+    "table_sink", "TableSink", "TableRef", "ResultRef", "shard_reduce", "ReduceResult",
+    "SchemaMismatch", "GatherTooLarge",
 }  # fmt: skip
 
 
@@ -106,6 +108,10 @@ def test_public_classes_report_the_public_module() -> None:
         (ashard.Pool.shard_map, ["borrow", "out", "chunk_size", "timeout", "max_retries", "cow"]),
         (ashard.Pool.shard_stream, ["borrow", "out", "errors", "ordered", "max_pending"]),
         (ashard.Pool.map, ["borrow", "chunk_size", "retry_errors", "progress", "profile"]),
+        (ashard.shard_map, ["results", "results_path"]),
+        (ashard.shard_stream, ["results", "results_path"]),
+        (ashard.shard_reduce, ["init", "ordered", "borrow", "out", "max_pending", "results"]),
+        (ashard.Pool.shard_reduce, ["init", "ordered", "max_pending", "timeout", "errors"]),
     ],
 )
 def test_signatures_show_every_option_with_its_default(fn: object, options: list[str]) -> None:
@@ -168,6 +174,16 @@ USER_SCRIPT = """
         async with ashard.Pool(2, mem_cap="1GB") as pool:
             await pool.shard_map(4, total, borrow={"X": X}, cow="allow")
             print(pool.stats.alive, values)
+        with ashard.table_sink(format="arrow") as sink:
+            await ashard.shard_map(4, total, borrow={"X": X}, out={"rows": sink})
+            refs: list[ashard.TableRef] = sink.refs
+            print(sink.read().num_rows, [ref.rows for ref in refs])
+        with await ashard.shard_map(4, total, results="disk", results_path=None) as disk:
+            print(disk.results[0], disk.refs[0])
+        red: ashard.ReduceResult = await ashard.shard_reduce(
+            4, total, lambda a, b: a + b, init=0.0, ordered=True, borrow={"X": X}, max_pending=8
+        )
+        print(red.value, red.ok)
 
 
     anyio.run(main)

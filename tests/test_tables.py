@@ -287,6 +287,17 @@ async def test_a_200_mb_array_arrives_without_a_copy_in_the_parent() -> None:
                 assert "ashard-result" not in f.read()  # freed with the arrays
 
 
+async def test_a_worker_dying_mid_transfer_leaks_no_segment(tmp_path: str) -> None:
+    armed = os.path.join(tmp_path, "armed")
+    open(armed, "w").close()
+    fn = functools.partial(workloads.shard_dying_mid_array_once, armed=armed)
+    with anyio.fail_after(60):
+        res = await ashard.shard_map(ashard.shards(4, block_size=1), fn, workers=2)
+    assert res.results == [0, 10, 20, 30] and res.diagnostics.crashes == 1
+    assert os.path.exists(armed + ".claimed")
+    # the leak check after the test fails it if the segment's descriptor stayed open
+
+
 async def test_small_and_nested_arrays_take_the_socket() -> None:
     with anyio.fail_after(30):
         value = await ashard.call(workloads.identity, {"a": np.arange(300_000.0)})
@@ -315,6 +326,20 @@ async def test_ordered_reduce_is_bit_identical_across_workers_and_chunks() -> No
             assert red.ok and red.value == expected  # bit-identical, not approximately
         unordered = await ashard.shard_reduce(layout, workloads.floats_of, _add)
         assert unordered.value == pytest.approx(expected)
+
+
+async def test_ordered_reduce_holds_at_most_max_pending_values(tmp_path: str) -> None:
+    log = os.path.join(tmp_path, "ends.log")
+    fn = functools.partial(workloads.slow_first_logged, log=log)
+    with anyio.fail_after(60):
+        red = await ashard.shard_reduce(ashard.shards(40, block_size=1), fn, _add, ordered=True,
+                                        max_pending=4, workers=2, chunk_size=1)  # fmt: skip
+    assert red.value == sum(range(40))
+    with open(log) as f:
+        ends = dict(line.split() for line in f)
+    first = float(ends.pop("0"))
+    early = [s for s, t in ends.items() if float(t) < first]
+    assert len(early) <= 4, early  # waiting for shard 0, no more than max_pending ran ahead
 
 
 async def test_reduce_with_crashes_failures_and_a_failing_combine() -> None:

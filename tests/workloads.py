@@ -275,9 +275,29 @@ def hostile_bytes(kind: str) -> bytes:
     if kind == "bad-pickle":
         return frame(b"\x80\x05this is no pickle")
     if kind == "stale-result":
-        msg = (102, 10**9, 0, 0, (b"\x80\x05]\x94.", []), [], None, True, None, 0)
+        msg = (102, 10**9, 0, 0, (b"\x80\x05]\x94.", []), [], None, True, None, 0, None, None)
+        return frame(pickle.dumps(msg, protocol=5))
+    if kind.startswith("array-"):  # a result claiming a 1 MiB array in a segment
+        values = (pickle.dumps([None], protocol=5), [])
+        arrays = [(0, "<f8", (1 << 17,), False)]
+        msg = (102, 10**9, 0, 1, values, [], None, True, None, 0, None, arrays)
         return frame(pickle.dumps(msg, protocol=5))
     raise AssertionError(kind)
+
+
+def hostile_fds(kind: str) -> list[int]:
+    """The descriptors that ride with `kind` of hostile bytes (the worker closes them)."""
+    import fcntl
+
+    if kind not in ("array-unsealed", "array-size-lie"):
+        return []
+    fd = os.memfd_create("ashard-result", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    if kind == "array-unsealed":
+        os.ftruncate(fd, 1 << 20)  # the right size, but it could shrink under the parent
+    else:
+        os.ftruncate(fd, 4096)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    return [fd]
 
 
 def write_hostile_once(armed: str, kind: str) -> None:
@@ -287,7 +307,16 @@ def write_hostile_once(armed: str, kind: str) -> None:
         os.rename(armed, armed + ".claimed")
     except FileNotFoundError:
         return
-    os.write(channel_fd(), hostile_bytes(kind))
+    import socket
+
+    fds = hostile_fds(kind)
+    with socket.socket(fileno=os.dup(channel_fd())) as sock:
+        anc = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(np.array(fds, np.int32)))] if fds else []
+        )
+        sock.sendmsg([hostile_bytes(kind)], anc)
+    for fd in fds:
+        os.close(fd)
 
 
 def shard_writing_hostile_once(shard: Shard, armed: str, kind: str) -> int:
@@ -477,3 +506,43 @@ def floats_of(shard: Shard, seed: int = 7) -> float:
     """A float sum whose value depends on the order it is added in."""
     rng = np.random.default_rng([seed, shard.id])
     return float(rng.standard_normal() * 10.0 ** rng.integers(-8, 8))
+
+
+def slow_first_logged(shard: Shard, log: str, seconds: float = 1.5) -> int:
+    """Shard 0 takes `seconds`; every shard logs when it ends (monotonic clock)."""
+    if shard.id == 0:
+        time.sleep(seconds)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{shard.id} {time.monotonic()}\n".encode())
+    finally:
+        os.close(fd)
+    return shard.id
+
+
+def shard_dying_mid_array_once(shard: Shard, armed: str) -> int:
+    """In the one worker that claims `armed`: send the first bytes of a result holding a
+    1 MiB array segment (the segment's descriptor rides with them), then die."""
+    import fcntl
+    import pickle
+    import socket
+    import struct
+
+    from ashard import _framing
+
+    try:
+        os.rename(armed, armed + ".claimed")
+    except FileNotFoundError:
+        return shard.id * 10
+    fd = os.memfd_create("ashard-result", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 1 << 20)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    values = (pickle.dumps([None], protocol=5), [])
+    msg = (102, 0, 0, 1, values, [], [0.0], True, None, 0, None, [(0, "<f8", (1 << 17,), False)])
+    payload = pickle.dumps(msg, protocol=5)
+    head = struct.pack("<IIQ", _framing.MAGIC, 0, len(payload) + 1000)  # more than will come
+    with socket.socket(fileno=os.dup(channel_fd())) as sock:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(np.array([fd], np.int32)))]
+        sock.sendmsg([head + payload[:10]], anc)
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")

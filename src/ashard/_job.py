@@ -58,9 +58,10 @@ from ashard._protocol import (
 from ashard.errors import ShardError
 from ashard.results import Diagnostics, ShardDone, ShardResult, WorkerRow
 from ashard.shards import Shard, Shards
+from ashard.tables import TableSink
 
 if TYPE_CHECKING:
-    from ashard.tables import ResultStore, TableSink
+    from ashard.tables import ResultStore
 
 TARGET_CHUNK_SECONDS = 0.01
 """`chunk_size="auto"` aims for chunks of about this much work."""
@@ -236,7 +237,7 @@ class Job:
         self._changed: anyio.Event | None = None
         self.store = store
         self.sinks: dict[str, TableSink] = {
-            name: v for name, v in out.items() if type(v).__name__ == "TableSink"
+            name: v for name, v in out.items() if isinstance(v, TableSink)
         }
         self._outputs: dict[str, TableSink | ResultStore] = dict(self.sinks)
         if store is not None:
@@ -291,9 +292,11 @@ class Job:
                 claimed.append(sink)
             for output in self._outputs.values():
                 output.start()
-        except BaseException:
+        except BaseException:  # nothing ran: the sinks are as they were
             for sink in claimed:
-                sink.release()
+                sink.unclaim()
+            if self.store is not None and self.store.temporary:
+                self.store.close()
             raise
 
     def close_outputs(self) -> None:

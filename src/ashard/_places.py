@@ -23,7 +23,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Pending", "Place"]
+__all__ = ["Pending", "Place", "commit_all", "file_name", "write_bytes"]
+
+
+def file_name(fmt: str, shard_id: int) -> str:
+    """The committed name of a shard's file in format `fmt` ("parquet", "arrow" or
+    "pickle")."""
+    stem = "result" if fmt == "pickle" else "part"
+    return f"{stem}-{shard_id:06d}.{fmt}"
 
 
 @dataclass(frozen=True, slots=True)

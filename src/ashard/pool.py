@@ -323,9 +323,8 @@ def results_store(opts: CallOptions) -> ResultStore | None:
             )
         return None
     place = None
-    if opts.results_path is not None:
+    if opts.results_path is not None:  # checked for being empty when the call starts
         place = Place.resolve(opts.results_path, None, "results_path")
-        place.check_fresh("results_path")
     return ResultStore(opts.results, place)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, overload
 
-from ashard._places import Place
+from ashard._places import Place, file_name
 from ashard._protocol import SinkRef
 from ashard.errors import GatherTooLarge
 
@@ -134,9 +134,7 @@ class _Output:
             from ashard._tabular import schema_from_bytes
 
             self.schema = schema_from_bytes(schema)
-        from ashard._worker.sinks import file_name
-
-        path = self.place.path_of(file_name(self.kind, self.format, shard_id))
+        path = self.place.path_of(file_name(self.format, shard_id))
         ref: TableRef | ResultRef
         if rows < 0:
             ref = ResultRef(shard_id, path, size, self)
@@ -253,7 +251,12 @@ class TableSink(_Output):
         self._state = "busy"
 
     def release(self) -> None:
+        """The call that claimed the sink is over: its partitions are the sink's."""
         self._state = "used"
+
+    def unclaim(self) -> None:
+        """The call that claimed the sink never ran."""
+        self._state = "new"
 
     def _keep(self, ref: TableRef | ResultRef) -> None:
         assert isinstance(ref, TableRef)
@@ -296,13 +299,17 @@ def table_sink(
 
 
 class ResultStore(_Output):
-    """Where one call's values go under ``results="table"`` / ``"disk"``: a directory
+    """Where one call's values go under ``results="table"`` (Arrow IPC files,
+    ``part-{id:06d}.arrow``) / ``"disk"`` (pickles, ``result-{id:06d}.pickle``): a directory
     given in `results_path` (kept) or a temporary one (removed by `close()`, when the
     result or stream holding it is closed or collected, or at interpreter exit)."""
 
     def __init__(self, mode: str, place: Place | None) -> None:
         self.temporary = place is None
-        fmt = "parquet" if mode == "table" else "pickle"
+        # Arrow IPC, not parquet: a call's own store is written once and read back
+        # whole, and an IPC file costs a quarter of a parquet file to write (no encoding)
+        # and maps without decoding; a sink is where a format to keep is chosen.
+        fmt = "arrow" if mode == "table" else "pickle"
         super().__init__(mode, place or Place(""), fmt, None)
         self._committed = bytearray()
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -311,6 +318,8 @@ class ResultStore(_Output):
         if self.temporary:
             self.place = Place(tempfile.mkdtemp(prefix="ashard-results-"))
             self._finalizer = weakref.finalize(self, self.place.remove_tree)
+        else:
+            self.place.check_fresh("results_path")
         super().start()
 
     def _keep(self, ref: TableRef | ResultRef) -> None:

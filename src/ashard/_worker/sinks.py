@@ -15,28 +15,20 @@ import contextlib
 import os
 from typing import TYPE_CHECKING, Any
 
-from ashard._places import Pending, Place, write_bytes
+from ashard._places import Pending, Place, file_name, write_bytes
 from ashard._protocol import SinkRef
 
 if TYPE_CHECKING:
     from ashard._fds import StdioGuard
 
-__all__ = ["Finished", "ResultWriter", "TableWriter", "file_name"]
+__all__ = ["Finished", "ResultWriter", "TableWriter"]
 
 Finished = tuple[Pending, int, int, "bytes | None"]
 """A shard's closed, uncommitted file: the file, rows (-1: a pickle), memory, schema."""
 
-_EXT = {"parquet": "parquet", "arrow": "arrow", "pickle": "pickle"}
-
 guard: StdioGuard | None = None
 """The worker's standard descriptors: checked before a file is opened, so that a file
 never takes the number of a descriptor `fn` closed."""
-
-
-def file_name(kind: str, fmt: str, shard_id: int) -> str:
-    """The committed name of a shard's file."""
-    stem = "result" if fmt == "pickle" else "part"
-    return f"{stem}-{shard_id:06d}.{_EXT[fmt]}"
 
 
 class _Output:
@@ -57,7 +49,7 @@ class _Output:
         assert self._pos is not None
         if guard is not None:
             guard.check()
-        name = file_name(self.ref.kind, self.ref.format, self._pos)
+        name = file_name(self.ref.format, self._pos)
         return self.place.pending(name, f"{self.ref.token}-{os.getpid()}-{self._attempt}")
 
 
@@ -171,7 +163,7 @@ class ResultWriter(_Output):
 
     def _name(self) -> str:
         assert self._pos is not None
-        return file_name(self.ref.kind, self.ref.format, self._pos)
+        return file_name(self.ref.format, self._pos)
 
     def _token(self) -> str:
         if guard is not None:
