@@ -27,9 +27,10 @@ Groups:
 memory      ``--shards`` shards (default 100,000; ``--quick`` 2,000), each making a 1,000-row
             table (int64 id, float64 x, a 3-character string), on 2 workers. Timed: the
             call until the caller can count the rows. ashard ``results="table"`` + the
-            rows counted from ``res.refs`` (``res.dataset().count_rows()`` measured apart); ashard gather (``results="memory"``) +
+            rows counted from ``res.refs`` (``res.dataset().count_rows()`` measured
+            apart); ashard gather (``results="memory"``) +
             ``pa.concat_tables(res.results)``; ashard ``table_sink`` (workers write
-            ``rows.write(table)``) + ``sink.dataset().count_rows()``; Dask LocalCluster
+            ``rows.write(table)``) + rows from ``sink.refs``; Dask LocalCluster
             (2 processes x 1 thread) ``client.map`` + ``gather`` + concat; joblib
             ``Parallel(n_jobs=2)`` + concat. Closing the sink / result (removing the
             files) is timed apart.
