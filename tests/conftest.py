@@ -93,7 +93,7 @@ def _result_dirs() -> set[str]:
 
 _SYNC_BY_DESIGN = {
     "ashard/_places.py": {"check_fresh", "resolve"},
-    "ashard/tables.py": {"read", "load", "dataset", "table_sink", "close"},
+    "ashard/tables.py": {"read", "load", "dataset", "table_sink", "close", "gather"},
     "ashard/results.py": {"table", "dataset", "close"},
 }
 """The sync functions a user calls from async code knowing they touch files (as

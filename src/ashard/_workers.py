@@ -218,10 +218,12 @@ class WorkerSet:
             self._idle.append(w)
 
     def discard(self, w: WorkerHandle, tenant: Tenant) -> None:
-        """Forget a dead worker; a waiter may start a replacement."""
+        """Forget a dead worker (closing its end of the channel, and any descriptor it
+        sent that nothing claimed); a waiter may start a replacement."""
         self._unlease(tenant)
         with self._lock:
             self._workers.discard(w)
+        w.channel.close()
         self._wake_for_capacity()
 
     def should_yield(self, tenant: Tenant) -> bool:

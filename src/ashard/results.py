@@ -114,12 +114,7 @@ class ShardResult:
         """Every shard's table as one `pyarrow.Table`, in shard order (``results="table"``).
         Raises `ashard.GatherTooLarge` if it would take more than `max_bytes` in memory,
         measured before anything is read."""
-        from ashard._options import check_positive_int
-        from ashard.tables import gather_table
-
-        limit = check_positive_int("max_bytes", max_bytes)
-        assert limit is not None
-        return gather_table(self._table_store("table"), self.refs, limit)
+        return self._table_store("table").gather(self.refs, max_bytes)
 
     def dataset(self) -> Any:
         """A lazy `pyarrow.dataset.Dataset` over the shards' tables (``results="table"``)."""

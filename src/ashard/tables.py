@@ -13,6 +13,7 @@ was committed and its schema fits; when the call ends, whatever else the workers
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import secrets
@@ -336,6 +337,9 @@ class ResultStore(_Output):
         if self._finalizer is not None:
             self._finalizer()
 
+    def gather(self, refs: Sequence[Any], max_bytes: int) -> pa.Table:
+        return gather_table(self, refs, max_bytes)
+
 
 class _Flags:
     """Membership in a bytearray of flags."""
@@ -385,6 +389,10 @@ def _load(ref: TableRef | ResultRef | None) -> Any:
 
 def gather_table(store: ResultStore, refs: Sequence[TableRef | None], max_bytes: int) -> pa.Table:
     """`ShardResult.table()`: the partitions as one Table, if they fit `max_bytes`."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral):
+        raise TypeError(f"max_bytes must be a positive int, got {type(max_bytes).__name__}")
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be a positive int, got {max_bytes}")
     kept = [ref for ref in refs if ref is not None]
     size = sum(ref._memory for ref in kept)
     if size > max_bytes:
