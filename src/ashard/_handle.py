@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from ashard._channel import Channel
 from ashard._fds import above_stdio
 from ashard._framing import DEFAULT_MAX_FRAME, ChannelClosed, encode, encode_many
 from ashard._health import EndReason, HealthPolicy, Profile, RecycleReason
+from ashard._log import worker_event
 from ashard._outcomes import describe_exit, start_failure
 from ashard._protocol import (
     DROP,
@@ -128,6 +130,7 @@ class WorkerHandle:
         finally:
             child_sock.close()
         handle = cls(proc, Channel(parent_sock, config.max_frame))
+        worker_event(INFO, f"worker {proc.pid} started", proc.pid)
         try:
             await handle._handshake(config)
         except BaseException:

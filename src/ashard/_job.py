@@ -28,12 +28,14 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from itertools import islice
+from logging import WARNING
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
 from ashard import _seeding
 from ashard._health import PROFILES, EndReason
+from ashard._log import worker_event
 from ashard._options import CallOptions
 from ashard._outcomes import (
     CRASHED,
@@ -70,6 +72,7 @@ LONG_CHUNK_SECONDS = 0.005
 HIDE_LATENCY_SECONDS = 0.001
 MAX_WINDOW = 8
 MAX_GROWTH = 8
+_WHY = {CRASHED: "its worker died", TIMEOUT: "it ran past its timeout", RAISED: "fn raised"}
 LOCAL = -2
 """Error kind of a position the parent fails: its output cannot be kept."""
 
@@ -675,6 +678,10 @@ class Job:
             self.timeouts += 1
         retry = charged <= self.opts.max_retries and (kind != RAISED or self.opts.retry_errors)
         if retry and not self.aborted:
+            why = _WHY.get(kind, "it failed")
+            worker_event(WARNING, f"{self.noun} {pos} will run again: {why} on worker {pid} "
+                         f"(failure {charged} of at most {self.opts.max_retries + 1})", pid,
+                         shard_id=pos, reason=why)  # fmt: skip
             self._push_retry(pos, chunk, k)
             return
         error = self._error(pos, chunk, k, kind, detail, self.runs.get(pos, 1))
@@ -757,7 +764,7 @@ class Job:
         return Diagnostics(
             shards=self.total if self.total is not None else self.next_pos,
             duration=time.perf_counter() - self.t0,
-            workers=tuple(sorted(self.pids)),
+            workers=tuple(sorted(self.pids | self._ran_on.keys())),
             chunks=self.chunks,
             retries=self.retries,
             timeouts=self.timeouts,

@@ -21,13 +21,15 @@ from collections import Counter
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from logging import INFO, WARNING
 
 import anyio
 
 from ashard._handle import WorkerConfig, WorkerHandle
 from ashard._health import PROFILES as _PROFILES
 from ashard._health import Gauged, HealthPolicy, Monitor
-from ashard._outcomes import Loss, first_error
+from ashard._log import logger, worker_event
+from ashard._outcomes import Loss, describe_exit, first_error
 from ashard.errors import WorkerStartError
 from ashard.results import PoolStats
 
@@ -130,11 +132,20 @@ class WorkerSet:
         if timed_out:
             self._counts.timed_out += 1
             w.mark_ended("timed out")
+            worker_event(WARNING, f"worker {w.pid} killed: it ran past its timeout", w.pid,
+                         reason="timed out")  # fmt: skip
         elif w.end_reason == "mem_hard":
             self._counts.recycled_by["mem_hard"] += 1
+            worker_event(WARNING, f"worker {w.pid} killed: past its hard memory limit", w.pid,
+                         reason="mem_hard")  # fmt: skip
         else:
             self._counts.crashed += 1
             w.mark_ended("crashed")
+            loss = self.loss_of(w)
+            how = describe_exit(w.pid, loss.exitcode, loss.signal)
+            note = f"; {loss.note}" if loss.note else ""
+            worker_event(WARNING, f"{how}{note}", w.pid, reason="crashed",
+                         exitcode=loss.exitcode, signal=loss.signal)  # fmt: skip
         self._crash_streak += 1
 
     def loss_of(self, w: WorkerHandle) -> Loss:
@@ -285,13 +296,17 @@ class WorkerSet:
                 await anyio.sleep(delay)  # workers keep dying: no hot respawn loop
             try:
                 with anyio.CancelScope(shield=True):
-                    return await WorkerHandle.start(self.config)
+                    w = await WorkerHandle.start(self.config)
             except WorkerStartError as exc:
                 self._counts.crashed += 1
                 self._crash_streak += 1
+                logger.warning("a worker failed to start: %s", exc, extra={"reason": "start"})
                 if self.closed or len(failed) + 1 >= START_ATTEMPTS or _repeats(exc, failed):
                     raise
                 failed.append(exc)
+            else:
+                worker_event(INFO, f"worker {w.pid} is ready", w.pid)
+                return w
 
     async def replenish(self) -> None:
         """Start a replacement for a worker that died, so the pool stays at its size. A
@@ -322,6 +337,7 @@ class WorkerSet:
         assert reason is not None
         self._counts.recycled_by[reason] += 1
         w.mark_ended(reason)
+        worker_event(INFO, f"worker {w.pid} recycled ({reason})", w.pid, reason=reason)
         self._retire(w)
         self._wake_for_capacity()
 
@@ -362,6 +378,8 @@ class WorkerSet:
                     tg.start_soon(w.stop, grace)
                 for w in busy:
                     tg.start_soon(w.kill)
+        for w in idle + busy:
+            worker_event(INFO, f"worker {w.pid} exited (pool closed)", w.pid, reason="closed")
 
     # -- what the health monitor sees (its thread) ------------------------------------
 
@@ -394,6 +412,7 @@ class WorkerSet:
                 self._workers.discard(w)
                 w.mark_ended("idle")
                 self._counts.recycled_by["idle"] += 1
+                worker_event(INFO, f"worker {w.pid} recycled (idle)", w.pid, reason="idle")
             self._leaving.update(expired)
         for w in expired:
             w.stop_blocking()

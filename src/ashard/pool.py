@@ -160,6 +160,21 @@ class Pool:
         state = "closed" if self.closed else f"{len(self.pids)} alive"
         return f"<ashard.Pool workers={self.workers} {state}>"
 
+    def _repr_html_(self) -> str:
+        from ashard.results import html_table
+
+        stats = self.stats
+        rows = [
+            ("workers", f"{self.workers}"),
+            ("alive", "closed" if self.closed else f"{stats.alive}"),
+            ("started", f"{stats.started:,}"),
+            ("crashed", f"{stats.crashed:,}"),
+            ("timed out", f"{stats.timed_out:,}"),
+            ("recycled", f"{stats.recycled:,}"),
+            ("shards done", f"{stats.shards_done:,}"),
+        ]
+        return html_table("ashard.Pool", rows)
+
     # -- work -------------------------------------------------------------------------
 
     @takes_options(ShardOptions)

@@ -4,6 +4,7 @@ went, and `PoolStats`, a pool's counters."""
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ class Diagnostics:
     shards: int
     duration: float
     workers: tuple[int, ...]
+    """Every worker the call ran on (a row each in `per_worker`), by pid."""
     chunks: int
     retries: int
     timeouts: int
@@ -58,11 +60,30 @@ class Diagnostics:
 
     def summary(self) -> str:
         """One line for humans."""
+        n = len(self.workers)
         return (
-            f"{self.shards} shards on {len(self.workers)} workers in {self.duration:.3f} s "
+            f"{self.shards} shards on {n} worker{'' if n == 1 else 's'} in {self.duration:.3f} s "
             f"({self.chunks} dispatches, {self.retries} retries, {self.timeouts} timeouts, "
             f"{self.crashes} worker crashes, {self.failures} failures)"
         )
+
+    def __repr__(self) -> str:
+        return f"<ashard.Diagnostics {self.summary()}>"
+
+    def _repr_html_(self) -> str:
+        rows = [
+            ("shards", f"{self.shards:,}"),
+            ("workers", f"{len(self.workers)}"),
+            ("duration", f"{self.duration:.3f} s"),
+            ("dispatches", f"{self.chunks:,}"),
+            ("retries", f"{self.retries:,}"),
+            ("timeouts", f"{self.timeouts:,}"),
+            ("worker crashes", f"{self.crashes:,}"),
+            ("failures", f"{self.failures:,}"),
+        ]
+        if self.cancelled:
+            rows.append(("cancelled", "yes"))
+        return html_table("ashard.Diagnostics", rows)
 
     def table(self) -> str:
         """The per-worker rows as an aligned text table."""
@@ -157,6 +178,30 @@ class ShardResult:
     def __len__(self) -> int:
         return len(self.results)
 
+    def __repr__(self) -> str:
+        d = self.diagnostics
+        state = "ok" if self.ok else f"{len(self.failures)} failed"
+        where = "" if self._store is None else f", results in {self._store.place.describe()}"
+        return (
+            f"<ashard.ShardResult {len(self.results):,} shards, {state}; {d.retries} retries, "
+            f"{d.crashes} crashes, {d.duration:.3f} s{where}>"
+        )
+
+    def _repr_html_(self) -> str:
+        d = self.diagnostics
+        rows = [
+            ("shards", f"{len(self.results):,}"),
+            ("failures", f"{len(self.failures):,}"),
+            ("retries", f"{d.retries:,}"),
+            ("worker crashes", f"{d.crashes:,}"),
+            ("timeouts", f"{d.timeouts:,}"),
+            ("workers", f"{len(d.workers)}"),
+            ("duration", f"{d.duration:.3f} s"),
+        ]
+        if self.failures:
+            rows.append(("first failure", str(self.failures[0])))
+        return html_table("ashard.ShardResult", rows)
+
 
 @dataclass(frozen=True, slots=True)
 class ReduceResult:
@@ -180,6 +225,24 @@ class ReduceResult:
         if self.failures:
             raise ShardMapError(_failure_message(self.failures), self.failures, self)
 
+    def __repr__(self) -> str:
+        value = repr(self.value)
+        if len(value) > 60:
+            value = value[:57] + "..."
+        state = "ok" if self.ok else f"{len(self.failures)} failed"
+        return f"<ashard.ReduceResult value={value}, {self.diagnostics.shards:,} shards, {state}>"
+
+    def _repr_html_(self) -> str:
+        value = repr(self.value)
+        rows = [
+            ("value", value if len(value) <= 200 else value[:197] + "..."),
+            ("shards", f"{self.diagnostics.shards:,}"),
+            ("failures", f"{len(self.failures):,}"),
+            ("retries", f"{self.diagnostics.retries:,}"),
+            ("duration", f"{self.diagnostics.duration:.3f} s"),
+        ]
+        return html_table("ashard.ReduceResult", rows)
+
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
@@ -197,6 +260,17 @@ class PoolStats:
     recycled: int
     shards_done: int
     recycled_by: Mapping[str, int] = field(default_factory=dict)
+
+
+def html_table(title: str, rows: Sequence[tuple[str, str]]) -> str:
+    """A small self-contained HTML table of (name, value) rows, for notebooks."""
+    cells = "".join(
+        f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
+        f"<td style='text-align:right'>{html.escape(v)}</td></tr>"
+        for k, v in rows
+    )
+    caption = f"<caption style='text-align:left'><b>{html.escape(title)}</b></caption>"
+    return f"<table>{caption}{cells}</table>"
 
 
 def _failure_message(failures: Sequence[ShardError]) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 if TYPE_CHECKING:
@@ -23,28 +22,92 @@ _STRATEGIES = ("contiguous", "strided")
 SHARDS_PER_WORKER = 4
 
 
-@dataclass(frozen=True, slots=True)
 class Shard:
     """One unit of work handed to `fn`.
 
     `id` is the 0-based position in `Shards`; `idx` the global item indices (a `range`
     for contiguous shards, an int ndarray for strided ones); `items` the matching slice
-    of the input sequence, if one was given; `rng` a per-shard generator when a seed was
-    given; `attempt` numbers this run of the shard from 1: it counts every earlier run,
-    charged against `max_retries` or not (a run that may have happened on a worker that
-    died before reporting counts too), so no two runs see the same number.
+    of the input sequence, if one was given (else None); `rng` a
+    `numpy.random.Generator`: derived from ``(seed, id)`` when the call has a `seed`,
+    else from fresh entropy (made when first used); `attempt` numbers this run of the
+    shard from 1: it counts every earlier run, charged against `max_retries` or not (a
+    run that may have happened on a worker that died before reporting counts too), so
+    no two runs see the same number. Immutable.
     """
 
     __module__ = "ashard"
+    __slots__ = ("_rng", "attempt", "id", "idx", "items")
 
     id: int
-    idx: range | np.ndarray[Any, Any]
-    items: Any = None
-    rng: np.random.Generator | None = None
-    attempt: int = 1
+    # `range` or an int ndarray: typed Any so that code written for either (``idx.start``
+    # for contiguous shards, fancy indexing with strided ones) type-checks as it is.
+    idx: Any
+    items: Any
+    attempt: int
+    _rng: np.random.Generator | None
+
+    def __init__(
+        self,
+        id: int,
+        idx: range | np.ndarray[Any, Any],
+        items: Any = None,
+        rng: np.random.Generator | None = None,
+        attempt: int = 1,
+    ) -> None:
+        set_ = object.__setattr__
+        set_(self, "id", id)
+        set_(self, "idx", idx)
+        set_(self, "items", items)
+        set_(self, "_rng", rng)
+        set_(self, "attempt", attempt)
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """This shard's random generator (seeded by the call's `seed`, if it has one)."""
+        rng: np.random.Generator | None = self._rng
+        if rng is None:
+            import numpy as np
+
+            rng = np.random.default_rng()
+            object.__setattr__(self, "_rng", rng)
+        return rng
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"a Shard is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"a Shard is immutable: cannot delete {name!r}")
+
+    def __reduce__(self) -> Any:
+        return Shard, (self.id, self.idx, self.items, self._rng, self.attempt)
 
     def __len__(self) -> int:
         return len(self.idx)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Shard):
+            return NotImplemented
+        return (
+            self.id == other.id
+            and self.attempt == other.attempt
+            and _same(self.idx, other.idx)
+            and self.items == other.items
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        idx = self.idx
+        where = repr(idx) if isinstance(idx, range) else f"{len(idx)} strided indices"
+        return f"Shard(id={self.id}, idx={where}, attempt={self.attempt})"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, range) and isinstance(b, range):
+        return a == b
+    import numpy as np
+
+    return bool(np.array_equal(a, b))
 
 
 class Shards(Sequence[Shard]):

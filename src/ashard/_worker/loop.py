@@ -271,9 +271,14 @@ def _load_job(
             outputs.append(_writer("", spec.results, stdio))
     except Exception as exc:
         return _load_error(what, exc)
+    read_only = tuple(
+        name
+        for name, v in (spec.borrow or {}).items()
+        if isinstance(v, ArrayRef) and v.mode == "ro"
+    )
     return run.JobContext(
         spec.kind, fn, kwargs, spec.timeout, spec.seed, spec.layout, audit, outputs,
-        spec.results is not None,
+        spec.results is not None, read_only,
     )  # fmt: skip
 
 

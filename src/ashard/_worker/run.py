@@ -104,6 +104,8 @@ class JobContext:
     """Table sinks in out=, and the results store (results=), which follow each shard."""
     stores_results: bool = False
     """The value goes to the results store: the parent gets None (and makes the ref)."""
+    read_only: tuple[str, ...] = ()
+    """Names of arrays borrowed read-only (cow="deny"), for the hint on a failed write."""
 
 
 _OK, _ERR, _SIG = 0, 1, 2
@@ -171,6 +173,8 @@ def _run_items_fast(ctx: JobContext, seq: int, count: int, items: list[Any], sen
             errors.append((len(values), INTERRUPTED, None))
             break
         except BaseException as exc:  # user code failed on this item; go on with the next
+            if ctx.read_only and isinstance(exc, ValueError):
+                _hint_read_only(exc, ctx.read_only)
             errors.append((len(values), RAISED, encode_exception(exc)))
             values.append(None)
     send(seq, 0, values, errors, time.perf_counter() - t0, True)
@@ -230,6 +234,8 @@ def _run_each(
         else:
             values.append(None)
             if status == _ERR:
+                if ctx.read_only and isinstance(out, ValueError):
+                    _hint_read_only(out, ctx.read_only)
                 errors.append((k - k0, RAISED, encode_exception(out)))
             elif out.timeout:
                 errors.append((k - k0, TIMEOUT, took))
@@ -247,6 +253,17 @@ def _run_each(
             k0 = k + 1
             values, errors, elapsed, writes, commits = [], [], [], [], []
             last_flush = t1
+
+
+def _hint_read_only(exc: ValueError, names: tuple[str, ...]) -> None:
+    """numpy's "assignment destination is read-only", said in ashard's terms."""
+    if "read-only" in str(exc):
+        shown = ", ".join(repr(n) for n in names)
+        exc.add_note(
+            f"ashard: borrowed arrays ({shown}) are read-only under cow='deny' (the default); "
+            "pass cow='allow' to write to a private copy, or use ashard.buffer() in out= for "
+            "shared output"
+        )
 
 
 def _settle_outputs(

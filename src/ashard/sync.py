@@ -1,0 +1,480 @@
+"""The ashard API for code without an event loop: scripts, threads, sync web
+frameworks, a notebook cell without ``await``::
+
+    import ashard.sync
+    res = ashard.sync.shard_map(100, fn)
+    with ashard.sync.shard_stream(100, fn) as stream:
+        for done in stream: ...
+
+Name for name the async API (`shard_map`, `shard_stream`, `shard_reduce`, `map`,
+`call`, `Pool`, `default_pool`, `shutdown`), blocking instead of awaitable, with a
+default pool of its own. Every call runs on one event loop in a daemon thread of
+ashard's (`_LoopThread`), in a copy of the calling thread's context (so output and
+context variables follow the caller). Ctrl-C while a call blocks cancels it there -
+running shards are interrupted, queued ones dropped - and raises `KeyboardInterrupt`;
+the pool stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import queue
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar, Unpack
+
+from ashard import pool as _pool
+from ashard._options import (
+    MapOptions,
+    ReduceOptions,
+    ShardOptions,
+    StreamOptions,
+    check_positive_int,
+    takes_options,
+)
+from ashard.results import PoolStats, ReduceResult, ShardDone, ShardResult
+from ashard.shards import Shards
+
+__all__ = [
+    "Pool",
+    "ShardStream",
+    "call",
+    "default_pool",
+    "map",
+    "shard_map",
+    "shard_reduce",
+    "shard_stream",
+    "shutdown",
+]
+
+_T = TypeVar("_T")
+
+CANCEL_WAIT_SECONDS = 10.0
+"""After Ctrl-C, how long a call may take to stop its shards before the interrupt is
+raised anyway (a second Ctrl-C raises at once)."""
+
+
+class _LoopThread:
+    """An event loop running forever in a daemon thread: where sync calls run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._thread is None or not self._thread.is_alive():
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def serve() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                self._thread = threading.Thread(target=serve, name="ashard-sync", daemon=True)
+                self._thread.start()
+                ready.wait()
+                self._loop = loop
+            return self._loop
+
+    def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        """Start `coro` on the loop, in a copy of the calling thread's context."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError(
+                "ashard.sync was called from ashard's own event loop thread (from a combine "
+                "callback?): use the async API there"
+            )
+        return asyncio.run_coroutine_threadsafe(coro, self.loop())
+
+    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """`coro`'s result, blocking; Ctrl-C cancels it and raises KeyboardInterrupt."""
+        finished = threading.Event()
+        future = self.submit(_signalling(coro, finished))
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()  # cancels the task on the loop: its shards are interrupted
+            finished.wait(CANCEL_WAIT_SECONDS)  # a second Ctrl-C leaves at once
+            raise
+
+
+async def _signalling(coro: Coroutine[Any, Any, _T], finished: threading.Event) -> _T:
+    try:
+        return await coro
+    finally:
+        finished.set()
+
+
+_runner = _LoopThread()
+_default: Pool | None = None
+_default_lock = threading.Lock()
+
+
+class Pool:
+    """`ashard.Pool` for sync code: ``with ashard.sync.Pool(4) as pool:``; the same
+    arguments, methods and properties, blocking. Without ``with``, workers start on
+    first use; call `close()` when done."""
+
+    __module__ = "ashard.sync"
+
+    def __init__(self, workers: int | None = None, **settings: Any) -> None:
+        self._pool = _pool.Pool(workers, **settings)
+
+    __init__.__signature__ = inspect.signature(_pool.Pool.__init__)  # type: ignore[attr-defined]
+
+    @classmethod
+    def _wrapping(cls, pool: _pool.Pool) -> Pool:
+        self = cls.__new__(cls)
+        self._pool = pool
+        return self
+
+    def __enter__(self) -> Pool:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start every worker now instead of on first use."""
+        _runner.run(self._pool.start())
+
+    def close(self) -> None:
+        """Stop all workers. The pool cannot be used afterwards."""
+        _runner.run(self._pool.aclose())
+
+    aclose = close  # the async API's name for it
+
+    @property
+    def closed(self) -> bool:
+        return self._pool.closed
+
+    @property
+    def workers(self) -> int:
+        return self._pool.workers
+
+    @property
+    def stats(self) -> PoolStats:
+        return self._pool.stats
+
+    @property
+    def pids(self) -> list[int]:
+        return self._pool.pids
+
+    def __repr__(self) -> str:
+        return repr(self._pool).replace("<ashard.Pool", "<ashard.sync.Pool", 1)
+
+    def _repr_html_(self) -> str:
+        return self._pool._repr_html_()
+
+    @takes_options(ShardOptions)
+    def shard_map(
+        self,
+        shards: int | Shards | Sequence[Any],
+        fn: Callable[..., Any],
+        *,
+        borrow: Mapping[str, Any] | None = None,
+        out: Mapping[str, Any] | None = None,
+        **options: Unpack[ShardOptions],
+    ) -> ShardResult:
+        """Run ``fn(shard, **borrow)`` for every shard; see `ashard.shard_map`."""
+        job, layout = _pool.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
+        return _runner.run(self._pool._shard_result(job, layout))
+
+    @takes_options(StreamOptions)
+    def shard_stream(
+        self,
+        shards: int | Shards | Sequence[Any],
+        fn: Callable[..., Any],
+        *,
+        borrow: Mapping[str, Any] | None = None,
+        out: Mapping[str, Any] | None = None,
+        **options: Unpack[StreamOptions],
+    ) -> ShardStream:
+        """``with pool.shard_stream(...) as stream: for done in stream``."""
+        job, layout = _pool.shard_job(
+            shards, fn, borrow, out, options, StreamOptions, "shard_stream"
+        )
+        return ShardStream(lambda: self._pool._stream(job, layout))
+
+    @takes_options(ReduceOptions)
+    def shard_reduce(
+        self,
+        shards: int | Shards | Sequence[Any],
+        fn: Callable[..., Any],
+        combine: Callable[[Any, Any], Any],
+        *,
+        init: Any = None,
+        ordered: bool = False,
+        borrow: Mapping[str, Any] | None = None,
+        out: Mapping[str, Any] | None = None,
+        **options: Unpack[ReduceOptions],
+    ) -> ReduceResult:
+        """Combine every shard's value as it arrives; see `ashard.shard_reduce`."""
+        job, _ = _pool.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
+        return _runner.run(self._pool._reduce_result(job))
+
+    @takes_options(MapOptions)
+    def map(
+        self,
+        fn: Callable[..., Any],
+        items: Iterable[Any],
+        *,
+        borrow: Mapping[str, Any] | None = None,
+        **options: Unpack[MapOptions],
+    ) -> list[Any]:
+        """``[fn(item) for item in items]`` on the workers, in order; see `ashard.map`."""
+        return _runner.run(self._pool._map_result(_pool.map_job(fn, items, borrow, options)))
+
+    def call(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        timeout: float | None = None,
+        max_retries: int = 0,
+        **kwargs: Any,
+    ) -> Any:
+        """``fn(*args, **kwargs)`` on one worker; see `ashard.call`."""
+        coro = self._pool.call(fn, *args, timeout=timeout, max_retries=max_retries, **kwargs)
+        return _runner.run(coro)
+
+
+class ShardStream:
+    """Finished shards as they complete, for sync code::
+
+        with ashard.sync.shard_stream(100, fn) as stream:
+            for done in stream:  # ashard.ShardDone
+                ...
+
+    The async stream runs in one task on ashard's loop thread; each `next()` asks it
+    for one more shard, so the stream's `max_pending` bound holds. Leaving the block
+    early (a break, an exception, Ctrl-C) stops the shards still running."""
+
+    __module__ = "ashard.sync"
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._future: concurrent.futures.Future[None] | None = None
+        self._want: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._over = False
+
+    def __enter__(self) -> ShardStream:
+        if self._future is not None:
+            raise RuntimeError("a ShardStream can be entered only once")
+        self._future = _runner.submit(self._pump())
+        kind, value = self._take()
+        if kind == "error":
+            self._over = True
+            raise value
+        return self
+
+    async def _pump(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._want = asyncio.Event()
+        entered = False
+        try:
+            async with self._make() as stream:
+                entered = True
+                self._queue.put(("entered", None))
+                while True:
+                    await self._want.wait()
+                    self._want.clear()
+                    if self._closing:
+                        break
+                    try:
+                        done = await stream.__anext__()
+                    except StopAsyncIteration:
+                        self._queue.put(("stop", None))
+                        break
+                    except Exception as exc:
+                        self._queue.put(("error", exc))
+                        break
+                    self._queue.put(("item", done))
+        except BaseException as exc:
+            if not entered or not self._closing:
+                self._queue.put(("error", exc))
+            if not isinstance(exc, Exception):
+                raise
+
+    def _take(self) -> tuple[str, Any]:
+        return self._queue.get()
+
+    def __iter__(self) -> Iterator[ShardDone]:
+        if self._future is None:
+            raise TypeError(
+                "iterate a sync ShardStream inside its with: "
+                "with ashard.sync.shard_stream(...) as stream: for done in stream: ..."
+            )
+        return self
+
+    def __next__(self) -> ShardDone:
+        if self._over:
+            raise StopIteration
+        assert self._loop is not None and self._want is not None
+        self._loop.call_soon_threadsafe(self._want.set)
+        kind, value = self._take()
+        if kind == "item":
+            done: ShardDone = value
+            return done
+        self._over = True
+        if kind == "error":
+            raise value
+        raise StopIteration
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        future = self._future
+        if future is None:
+            return
+        self._closing = True
+        if self._loop is not None and self._want is not None:
+            self._loop.call_soon_threadsafe(self._want.set)
+        try:
+            future.result(CANCEL_WAIT_SECONDS)
+        except (concurrent.futures.TimeoutError, KeyboardInterrupt):
+            future.cancel()
+            raise
+        except BaseException:
+            if exc is None:
+                raise
+
+
+# -- the module-level API ----------------------------------------------------------------
+
+
+def default_pool() -> Pool:
+    """The pool the module-level functions of `ashard.sync` use, made on first use (its
+    own: not the async API's default pool)."""
+    global _default
+    with _default_lock:
+        if _default is None or _default.closed:
+            _default = Pool()
+        return _default
+
+
+def shutdown() -> None:
+    """Stop the sync default pool's workers; a later call starts a fresh one."""
+    global _default
+    with _default_lock:
+        pool, _default = _default, None
+    if pool is not None:
+        pool.close()
+
+
+def _target(pool: Pool | _pool.Pool | None, workers: int | None) -> Pool:
+    size = check_positive_int("workers", workers, allow_none=True)
+    if pool is not None:
+        if isinstance(pool, _pool.Pool):
+            pool = Pool._wrapping(pool)
+        if not isinstance(pool, Pool):
+            raise TypeError(f"pool must be an ashard.sync.Pool or None, got {type(pool).__name__}")
+        if size is not None and size != pool.workers:
+            raise ValueError(
+                f"workers={size} sizes the default pool; pool= was given too (with "
+                f"{pool.workers} workers): pass one of them"
+            )
+        return pool
+    target = default_pool()
+    if size is not None and size != target.workers:
+        target._pool._resize(size)
+    return target
+
+
+@takes_options(ShardOptions)
+def shard_map(
+    shards: int | Shards | Sequence[Any],
+    fn: Callable[..., Any],
+    *,
+    borrow: Mapping[str, Any] | None = None,
+    out: Mapping[str, Any] | None = None,
+    pool: Pool | None = None,
+    workers: int | None = None,
+    **options: Unpack[ShardOptions],
+) -> ShardResult:
+    """`ashard.shard_map`, blocking."""
+    job, layout = _pool.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
+    return _runner.run(_target(pool, workers)._pool._shard_result(job, layout))
+
+
+@takes_options(StreamOptions)
+def shard_stream(
+    shards: int | Shards | Sequence[Any],
+    fn: Callable[..., Any],
+    *,
+    borrow: Mapping[str, Any] | None = None,
+    out: Mapping[str, Any] | None = None,
+    pool: Pool | None = None,
+    workers: int | None = None,
+    **options: Unpack[StreamOptions],
+) -> ShardStream:
+    """`ashard.shard_stream` for a ``with`` block iterated with ``for``."""
+    job, layout = _pool.shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
+    target = _target(pool, workers)
+    return ShardStream(lambda: target._pool._stream(job, layout))
+
+
+@takes_options(ReduceOptions)
+def shard_reduce(
+    shards: int | Shards | Sequence[Any],
+    fn: Callable[..., Any],
+    combine: Callable[[Any, Any], Any],
+    *,
+    init: Any = None,
+    ordered: bool = False,
+    borrow: Mapping[str, Any] | None = None,
+    out: Mapping[str, Any] | None = None,
+    pool: Pool | None = None,
+    workers: int | None = None,
+    **options: Unpack[ReduceOptions],
+) -> ReduceResult:
+    """`ashard.shard_reduce`, blocking."""
+    job, _ = _pool.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
+    return _runner.run(_target(pool, workers)._pool._reduce_result(job))
+
+
+@takes_options(MapOptions)
+def map(
+    fn: Callable[..., Any],
+    items: Iterable[Any],
+    *,
+    borrow: Mapping[str, Any] | None = None,
+    pool: Pool | None = None,
+    workers: int | None = None,
+    **options: Unpack[MapOptions],
+) -> list[Any]:
+    """`ashard.map`, blocking."""
+    job = _pool.map_job(fn, items, borrow, options)
+    return _runner.run(_target(pool, workers)._pool._map_result(job))
+
+
+def call(
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout: float | None = None,
+    max_retries: int = 0,
+    **kwargs: Any,
+) -> Any:
+    """`ashard.call`, blocking: ``fn(*args, **kwargs)`` on a warm worker."""
+    return default_pool().call(fn, *args, timeout=timeout, max_retries=max_retries, **kwargs)

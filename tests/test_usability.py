@@ -1,0 +1,89 @@
+"""What a user sees: the "ashard" logger's records, short reprs and HTML displays,
+`shard.rng` without a seed, typing of `Shard`, and errors that say what to do."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import anyio
+import numpy as np
+import pytest
+
+import ashard
+import workloads
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_the_logger_records_worker_events_with_their_attributes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="ashard")
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool:
+            fn = functools.partial(workloads.die_first_attempt, victim=1)
+            res = await pool.shard_map(ashard.shards(3, block_size=1), fn, chunk_size=1)
+            assert res.ok
+            pids = set(pool.pids)
+    records = [r for r in caplog.records if r.name == "ashard"]
+    started = [r for r in records if r.getMessage().endswith("started")]
+    ready = [r for r in records if r.getMessage().endswith("is ready")]
+    assert len(started) >= 3 and len(ready) >= 3  # two, then a replacement
+    assert all(isinstance(r.pid, int) and str(r.pid) in r.getMessage() for r in ready)
+    (crash,) = [r for r in records if getattr(r, "reason", None) == "crashed"]
+    assert (
+        crash.levelno == logging.WARNING and crash.signal == 9 and "SIGKILL" in crash.getMessage()
+    )
+    (retry,) = [r for r in records if "will run again" in r.getMessage()]
+    assert retry.levelno == logging.WARNING and retry.shard_id == 1 and retry.pid == crash.pid
+    closed = [r for r in records if getattr(r, "reason", None) == "closed"]
+    assert {r.pid for r in closed} == pids
+
+
+def test_the_logger_is_silent_by_default() -> None:
+    logger = logging.getLogger("ashard")
+    assert any(isinstance(h, logging.NullHandler) for h in logger.handlers)
+    assert logger.level == logging.NOTSET and logger.propagate
+
+
+async def test_reprs_are_short_and_html_shows_the_counts() -> None:
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool:
+            res = await pool.shard_map(ashard.shards(10_000, block_size=1), workloads.shard_sum,
+                                       errors="collect")  # fmt: skip
+            red = await pool.shard_reduce(6, workloads.shard_sum, lambda a, b: a + b)
+            for obj in (res, res.diagnostics, red, pool):
+                text = repr(obj)
+                assert len(text) < 300 and text.count("\n") <= 3, text
+            assert "10,000 shards" in repr(res) and "ok" in repr(res)
+            html = res._repr_html_()
+            assert "<table>" in html and "10,000" in html and "failures" in html
+            assert "retries" in res.diagnostics._repr_html_()
+            assert "value" in red._repr_html_()
+            assert "alive" in pool._repr_html_() and ">2<" in pool._repr_html_()
+            summary = res.diagnostics.summary()
+            assert f"on {len(res.diagnostics.per_worker)} workers" in summary
+
+
+def _draws(shard: ashard.Shard) -> float:
+    return float(shard.rng.random())
+
+
+async def test_shard_rng_is_a_generator_without_a_seed() -> None:
+    with anyio.fail_after(60):
+        res = await ashard.shard_map(ashard.shards(6, block_size=1), _draws)
+    assert len(set(res.results)) == 6  # fresh entropy per shard
+    shard = ashard.shards(3)[0]
+    assert isinstance(shard.rng, np.random.Generator) and shard.rng is shard.rng
+    with pytest.raises(AttributeError, match="immutable"):
+        shard.id = 5  # type: ignore[misc]
+
+
+async def test_writing_to_a_borrowed_array_says_how_to_allow_it() -> None:
+    with anyio.fail_after(60):
+        res = await ashard.shard_map(2, workloads.write_borrowed, borrow={"X": np.zeros(10)},
+                                     errors="collect")  # fmt: skip
+    failure = res.failures[0]
+    assert "cow='allow'" in failure.remote_traceback
+    assert "'X'" in failure.remote_traceback
