@@ -87,3 +87,49 @@ async def test_writing_to_a_borrowed_array_says_how_to_allow_it() -> None:
     failure = res.failures[0]
     assert "cow='allow'" in failure.remote_traceback
     assert "'X'" in failure.remote_traceback
+
+
+async def test_shards_table_has_a_row_per_run_and_the_timeline_draws_them(tmp_path: str) -> None:
+    import os
+
+    fn = functools.partial(workloads.die_first_attempt, victim=2)
+    with anyio.fail_after(60):
+        res = await ashard.shard_map(ashard.shards(6, block_size=1), fn, chunk_size=1, workers=2)
+        failing = await ashard.shard_map(ashard.shards(4, block_size=1), workloads.fail_on,
+                                         errors="collect")  # fmt: skip
+        slow = functools.partial(workloads.python_sleep, victim=1)
+        timed = await ashard.shard_map(ashard.shards(3, block_size=1), slow, timeout=0.5,
+                                       max_retries=0, errors="collect", chunk_size=1)  # fmt: skip
+    table = res.diagnostics.shards_table()
+    assert table.column_names == ["shard_id", "attempt", "worker", "host", "start", "end",
+                                  "outcome"]  # fmt: skip
+    rows = table.to_pylist()
+    assert len(rows) == 7  # six shards, one of them twice
+    (crashed,) = [r for r in rows if r["outcome"] == "crashed"]
+    assert crashed["shard_id"] == 2 and crashed["attempt"] == 1
+    rerun = [r for r in rows if r["shard_id"] == 2 and r["outcome"] == "ok"]
+    assert rerun[0]["attempt"] == 2 and rerun[0]["worker"] != crashed["worker"]
+    assert all(0 <= r["start"] <= r["end"] <= res.diagnostics.duration + 0.01 for r in rows)
+    assert {r["worker"] for r in rows} <= set(res.diagnostics.workers)
+    assert [r["outcome"] for r in failing.diagnostics.shards_table().to_pylist()].count(
+        "failed"
+    ) == 1
+    assert "timeout" in timed.diagnostics.shards_table().column("outcome").to_pylist()
+
+    page = res.diagnostics.timeline()
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "</svg>" in page
+    assert "src=" not in page and "href" not in page  # self-contained
+    assert page.count("<rect") >= 7 and "attempt 2" in page and "crashed" in page
+    path = os.path.join(tmp_path, "timeline.html")
+    assert res.diagnostics.timeline(path) == path
+    with open(path) as f:
+        assert f.read() == page
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="matplotlib"):
+            res.diagnostics.timeline(os.path.join(tmp_path, "t.png"))
+    else:
+        png = res.diagnostics.timeline(os.path.join(tmp_path, "t.png"))
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"

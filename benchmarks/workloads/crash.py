@@ -8,6 +8,7 @@ kill to that task's retry finishing.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -81,6 +82,7 @@ async def run(peer: Any, cfg: Config) -> list[dict[str, Any]]:
     finally:
         if status != "hang":
             await maybe(peer.close())
+        shutil.rmtree(os.path.dirname(marker), ignore_errors=True)
 
 
 def targets(results: dict[str, list[dict[str, Any]]]) -> list[str]:

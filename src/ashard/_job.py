@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 
 from ashard import _seeding
+from ashard._attempts import CANCELLED, FAILED, TIMED_OUT, AttemptLog
+from ashard._attempts import CRASHED as CRASHED_RUN
 from ashard._health import PROFILES, EndReason
 from ashard._log import worker_event
 from ashard._options import CallOptions
@@ -72,9 +74,10 @@ LONG_CHUNK_SECONDS = 0.005
 HIDE_LATENCY_SECONDS = 0.001
 MAX_WINDOW = 8
 MAX_GROWTH = 8
-_WHY = {CRASHED: "its worker died", TIMEOUT: "it ran past its timeout", RAISED: "fn raised"}
 LOCAL = -2
 """Error kind of a position the parent fails: its output cannot be kept."""
+_OUTCOME_OF = {RAISED: FAILED, TIMEOUT: TIMED_OUT, LOCAL: FAILED}
+_WHY = {CRASHED: "its worker died", TIMEOUT: "it ran past its timeout", RAISED: "fn raised"}
 
 
 @dataclass(slots=True, eq=False)
@@ -87,6 +90,7 @@ class Chunk:
     attempts: list[int] | None
     items: list[Any] | None
     done: int = 0
+    heard: float = 0.0  # seconds into the call when it was sent, or last reported on
 
 
 class WorkerInfo(Protocol):
@@ -238,6 +242,7 @@ class Job:
         self._target = TARGET_CHUNK_SECONDS * PROFILES[opts.profile].chunk
         self.t0 = time.perf_counter()
         self._changed: anyio.Event | None = None
+        self.attempt_log = AttemptLog()
         self.store = store
         self.sinks: dict[str, TableSink] = {
             name: v for name, v in out.items() if isinstance(v, TableSink)
@@ -451,6 +456,7 @@ class Job:
             chunk = new
         self.inflight_shards += chunk.count
         self.chunks += 1
+        chunk.heard = time.perf_counter() - self.t0
         return chunk
 
     def _next_run(self, pos: int) -> int:
@@ -523,6 +529,7 @@ class Job:
         base = chunk.first + k0
         if commits:
             values, errors = self._keep_outputs(base, values, errors, commits)
+        self._log_report(chunk, base, n, errors, elapsed, pid)
         if writes:
             self.cow_writes.update((base + k, name) for k, name in writes)
         self.inflight_shards -= n
@@ -540,6 +547,27 @@ class Job:
         if final and chunk.done < chunk.count:  # the worker stopped early (interrupted)
             self._requeue_rest(chunk, chunk.done)
         self.notify()
+
+    def _log_report(
+        self, chunk: Chunk, base: int, n: int, errors: list[Any], elapsed: Any, pid: int
+    ) -> None:
+        """One row per position reported (and one for a run the report says was
+        interrupted), timed back to back up to now."""
+        now = time.perf_counter() - self.t0
+        log = self.attempt_log
+        first_row = len(log)
+        log.add_run(base, n, self._run_of, pid, now, elapsed)
+        for k, kind, _ in errors:
+            if k < n:
+                row = first_row + (n - 1 - k)  # add_run writes the last position first
+                log.outcomes[row] = _OUTCOME_OF.get(kind, FAILED)
+            elif kind == INTERRUPTED:
+                pos = base + n
+                log.add(pos, self._run_of(pos), pid, max(chunk.heard, now - 1e-6), now, CANCELLED)
+        chunk.heard = now
+
+    def _run_of(self, pos: int) -> int:
+        return self.runs.get(pos, 1)
 
     def deliver_unreadable(self, chunk: Chunk, report: Result, pid: int, exc: Exception) -> None:
         """Worker `pid` reported positions of `chunk` whose values, pickled there, do not
@@ -751,10 +779,18 @@ class Job:
                 self.inflight_shards -= 1
                 chunk.done = start + 1
                 kind = TIMEOUT if timed_out else CRASHED
+                pos = chunk.first + start
+                self.attempt_log.add(pos, self._run_of(pos), pid, chunk.heard,
+                                     time.perf_counter() - self.t0,
+                                     TIMED_OUT if timed_out else CRASHED_RUN)  # fmt: skip
                 detail = None if timed_out else loss
                 self._charge(chunk.first + start, chunk, start, kind, detail, pid)
                 self._requeue_rest(chunk, start + 1, ran=not timed_out)
             else:
+                now = time.perf_counter() - self.t0
+                for pos in range(chunk.first + start, chunk.first + chunk.count):
+                    self.attempt_log.add(pos, self._run_of(pos), pid, chunk.heard, now,
+                                         CRASHED_RUN)  # fmt: skip
                 self._requeue_rest(chunk, start, ran=True)  # the culprit is one of them
         self.notify()
 
@@ -773,6 +809,7 @@ class Job:
             cancelled=cancelled,
             cow_writes=tuple(sorted(self.cow_writes)),
             per_worker=tuple(self._worker_row(pid) for pid in sorted(self._ran_on)),
+            _attempts=self.attempt_log,
         )
 
     def ran_on(self, worker: WorkerInfo) -> None:

@@ -5,6 +5,7 @@ went, and `PoolStats`, a pool's counters."""
 from __future__ import annotations
 
 import html
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,38 @@ class Diagnostics:
     borrowed array (privately: the write was never seen elsewhere)."""
     per_worker: tuple[WorkerRow, ...] = field(default=())
     """A row per worker that ran shards of the call, by pid."""
+    _attempts: Any = field(default=None, repr=False, compare=False)
+
+    def shards_table(self) -> Any:
+        """A `pyarrow.Table` with a row per run of a shard: `shard_id`, `attempt`,
+        `worker` (pid), `host`, `start`, `end` (seconds since the call began; start is
+        when it began running on the worker), `outcome` ("ok", "failed", "timeout",
+        "crashed", "cancelled")."""
+        from ashard._attempts import AttemptLog
+
+        log = self._attempts if self._attempts is not None else AttemptLog()
+        return log.to_table()
+
+    def timeline(self, path: str | os.PathLike[str] | None = None) -> str:
+        """Workers x time, every run of every shard (retries outlined, crashes and
+        timeouts marked, how each worker ended at the end of its lane). No `path`:
+        self-contained HTML (an SVG inside) is returned. A path: the HTML is written
+        there - or a PNG, if it ends in ".png" (drawn with matplotlib, which must be
+        installed) - and the path is returned."""
+        from ashard._attempts import AttemptLog, timeline_png, timeline_svg
+
+        log = self._attempts if self._attempts is not None else AttemptLog()
+        ended = {row.pid: row.ended for row in self.per_worker}
+        title = f"ashard: {self.summary()}"
+        if path is None:
+            return timeline_svg(log, self.duration, ended, title)
+        target = os.fspath(path)
+        if target.lower().endswith(".png"):
+            timeline_png(log, self.duration, ended, title, target)
+        else:
+            with open(target, "w", encoding="utf-8") as f:
+                f.write(timeline_svg(log, self.duration, ended, title))
+        return target
 
     def summary(self) -> str:
         """One line for humans."""
