@@ -550,3 +550,22 @@ def shard_dying_mid_array_once(shard: Shard, armed: str) -> int:
 
 def write_borrowed(shard: Shard, X: np.ndarray) -> None:
     X[0] = 1.0
+
+
+def print_every_way(shard: Shard, tag: str) -> int:
+    """Print a line each way a worker can: Python's print (in pieces), sys.stderr, a raw
+    write to fd 1, C's printf."""
+    import ctypes
+
+    print(f"{tag} py ", end="")
+    print(f"shard {shard.id}")
+    print(f"{tag} err shard {shard.id}", file=sys.stderr)
+    os.write(1, f"{tag} raw shard {shard.id}\n".encode())
+    ctypes.CDLL(None).printf(f"{tag} c shard {shard.id}\n".encode())
+    return shard.id
+
+
+def sleep_then_print(shard: Shard, seconds: float = 1.0) -> int:
+    time.sleep(seconds)
+    print(f"worker line {shard.id}")
+    return shard.id

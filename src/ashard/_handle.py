@@ -37,6 +37,7 @@ from ashard._framing import DEFAULT_MAX_FRAME, ChannelClosed, encode, encode_man
 from ashard._health import EndReason, HealthPolicy, Profile, RecycleReason
 from ashard._log import worker_event
 from ashard._outcomes import describe_exit, start_failure
+from ashard._output import WorkerOutput
 from ashard._protocol import (
     DROP,
     EXIT_OVER_MEMORY,
@@ -78,8 +79,9 @@ def _popen(child_fd: int, config: WorkerConfig) -> subprocess.Popen[bytes]:
     # -u: user prints go straight out (no flush per result, nothing lost on a crash)
     cmd = [sys.executable, "-u", "-m", "ashard._worker", str(child_fd), str(os.getpid())]
     return subprocess.Popen(
-        cmd, pass_fds=(child_fd,), stdin=subprocess.DEVNULL, cwd=os.getcwd(), env=env
-    )
+        cmd, pass_fds=(child_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, cwd=os.getcwd(), env=env,
+    )  # fmt: skip
 
 
 def _above_stdio(sock: socket.socket) -> socket.socket:
@@ -103,6 +105,7 @@ class WorkerHandle:
         self.proc = proc
         self.pid = proc.pid
         self.channel = channel
+        self.output = WorkerOutput(proc.stdout, proc.stderr)
         self._jobs: set[int] = set()  # keys of the jobs the worker has loaded
         self._forget: list[int] = []  # jobs it may drop, told with the next send
         self._segments: set[int] = set()  # shared-memory segments it holds
@@ -136,7 +139,9 @@ class WorkerHandle:
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await handle.kill()
+                handle.output.close()  # what it said before it died: why, often
             raise
+        handle.output.drain()  # what `init` printed
         return handle
 
     async def _handshake(self, config: WorkerConfig) -> None:
@@ -329,6 +334,7 @@ class WorkerHandle:
         except subprocess.TimeoutExpired:
             return False
         _live.discard(self)
+        self.output.close()
         return True
 
     def stop_blocking(self) -> None:
@@ -355,6 +361,7 @@ class WorkerHandle:
         self.channel.close()
         code = await self.wait_exit(10.0)
         _live.discard(self)
+        self.output.close()
         return code if code is not None else -signal.SIGKILL
 
     async def stop(self, grace: float) -> None:
@@ -363,6 +370,7 @@ class WorkerHandle:
         if await self.wait_exit(grace) is None:
             await self.kill()
         _live.discard(self)
+        self.output.close()
 
     @property
     def stopped_over_memory(self) -> bool:

@@ -231,20 +231,27 @@ class Scheduler:
                 while not job.over:
                     if job.has_work() and self.workers.leases(job) < self.workers.size:
                         w = await self.workers.acquire(job)
-                        await tg.start(self._drive, run, w)
+                        await tg.start(self._drive, run, w, tg)
                     else:
                         await job.wait_change()
             except Exception as exc:  # no worker could be had: the job cannot go on
                 job.abort(exc)
 
     async def _drive(
-        self, run: _Run, w: WorkerHandle, *, task_status: anyio.abc.TaskStatus[None]
+        self,
+        run: _Run,
+        w: WorkerHandle,
+        tg: anyio.abc.TaskGroup,
+        *,
+        task_status: anyio.abc.TaskStatus[None],
     ) -> None:
         lease = _Lease(run, w)
         job = run.job
         job.ran_on(w)
         started = False
         lost: Exception | None = None  # why the worker is lost: it died, hung or misbehaved
+        pump = anyio.CancelScope()  # writes the worker's output as it comes, for this job
+        tg.start_soon(_pump_output, w, pump)
         try:
             try:
                 await self._fill(lease)
@@ -262,9 +269,11 @@ class Scheduler:
         finally:
             if not started:
                 task_status.started()
+            pump.cancel()
             with anyio.CancelScope(shield=True):
                 if lost is None:
                     await self._settle(lease)
+                    w.output.drain(final=True)  # all of the job's lines, before it returns
                 else:
                     await self._lose(lease, lost)
 
@@ -431,6 +440,8 @@ class Scheduler:
             try:
                 await w.channel.send(parts)
                 answer = await _receive_call(w, seq, timeout)
+                if w.output.pending():
+                    w.output.drain(final=True)
                 w.finished_work(answer[0].rss, self.policy, PROFILES["default"])
                 self.workers.heard_back(0)
             except (ChannelClosed, _Hung, ProtocolViolation) as exc:
@@ -475,6 +486,25 @@ class Scheduler:
         await self._bury(w, why)
         self.workers.discard(w, token)
         await self.workers.replenish()
+
+
+async def _pump_output(w: WorkerHandle, scope: anyio.CancelScope) -> None:
+    """Write what `w` prints while it runs a job's shards, as it comes (in the job's
+    task group, so in the caller's context), until `scope` is cancelled."""
+    with scope:
+        async with anyio.create_task_group() as tg:
+            for fd in w.output.open_fds():
+                tg.start_soon(_pump_fd, w, fd)
+
+
+async def _pump_fd(w: WorkerHandle, fd: int) -> None:
+    output = w.output
+    while not output.closed and fd in output.open_fds():
+        try:
+            await anyio.wait_readable(fd)
+        except (OSError, ValueError, anyio.ClosedResourceError, anyio.BusyResourceError):
+            return
+        output.drain()
 
 
 def _segments_for(run: _Run, w: WorkerHandle, msgs: list[Any]) -> list[int]:

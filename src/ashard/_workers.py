@@ -235,6 +235,7 @@ class WorkerSet:
         with self._lock:
             self._workers.discard(w)
         w.channel.close()
+        w.output.close()  # what it said as it died goes to the call that lost it
         self._wake_for_capacity()
 
     def should_yield(self, tenant: Tenant) -> bool:
@@ -347,6 +348,9 @@ class WorkerSet:
             self._workers.discard(w)
         w.channel.close()
         self._retired.append(w)
+        for r in self._retired:
+            if r.proc.poll() is not None:
+                r.output.close()
         self._retired = [r for r in self._retired if r.proc.poll() is None]
 
     def resize(self, size: int) -> None:

@@ -399,9 +399,23 @@ def watch_memory(limit: int) -> None:
     threading.Thread(target=watch, name="ashard-memory", daemon=True).start()
 
 
+def _line_buffer_c_stdio() -> None:
+    """C's stdout to a pipe is block-buffered: a `printf` in an extension would reach the
+    parent only when the worker exits. Line-buffer it, as on a terminal."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        for name in ("stdout", "stderr"):
+            libc.setvbuf(ctypes.c_void_p.in_dll(libc, name), None, 1, 0)  # 1: _IOLBF
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(argv: list[str]) -> None:
     fd, parent_pid = int(argv[1]), int(argv[2])
     _die_with_parent(parent_pid)
+    _line_buffer_c_stdio()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     run.install_handlers(INTERRUPT_SIGNAL)
     stdio = StdioGuard()
