@@ -46,6 +46,9 @@ async def test_map_seed_is_per_item() -> None:
     assert out1 == out2 and len(set(out1)) == 20
 
 
-async def test_no_seed_means_no_rng() -> None:
-    res = await ashard.shard_map(ashard.shards(2, block_size=1), lambda sh: sh.rng, workers=1)
-    assert res.results == [None, None]
+async def test_no_seed_means_a_fresh_generator_per_shard() -> None:
+    """v2 contract: `shard.rng` is always a Generator (fresh entropy without `seed`)."""
+    layout = ashard.shards(4, block_size=1)
+    one = await ashard.shard_map(layout, lambda sh: sh.rng.random(), workers=1)
+    two = await ashard.shard_map(layout, lambda sh: sh.rng.random(), workers=1)
+    assert len(set(one.results) | set(two.results)) == 8

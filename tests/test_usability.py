@@ -133,3 +133,52 @@ async def test_shards_table_has_a_row_per_run_and_the_timeline_draws_them(tmp_pa
         png = res.diagnostics.timeline(os.path.join(tmp_path, "t.png"))
         with open(png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_a_traceback_shows_the_source_of_a_function_from_a_notebook_cell() -> None:
+    import linecache
+
+    cell = "/tmp/ipykernel_0/cell-7.py"  # as ipykernel names and registers its cells
+    source = "def broken(x):\n    return x / 0  # the line to show\n"
+    linecache.cache[cell] = (len(source), None, source.splitlines(True), cell)
+    namespace: dict[str, object] = {}
+    exec(compile(source, cell, "exec"), namespace)
+    try:
+        with anyio.fail_after(60):
+            with pytest.raises(ZeroDivisionError) as info:
+                await ashard.call(namespace["broken"], 1)
+            res = await ashard.shard_map(2, namespace["broken"], errors="collect")
+    finally:
+        del linecache.cache[cell]
+    text = str(info.value.__cause__)
+    assert f'File "{cell}", line 2, in broken' in text
+    assert "return x / 0  # the line to show" in text
+    assert "return x / 0  # the line to show" in res.failures[0].remote_traceback
+
+
+def test_a_traceback_names_the_script_and_shows_the_line(tmp_path: str) -> None:
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = os.path.join(tmp_path, "job.py")
+    with open(script, "w") as f:
+        f.write(
+            textwrap.dedent("""
+            import ashard.sync
+
+
+            def broken(shard):
+                return shard.id / 0  # the line to show
+
+
+            res = ashard.sync.shard_map(2, broken, errors="collect")
+            print(res.failures[0].remote_traceback)
+            ashard.sync.shutdown()
+        """)
+        )
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f'File "{script}", line 6, in broken' in out.stdout, out.stdout
+    assert "return shard.id / 0  # the line to show" in out.stdout

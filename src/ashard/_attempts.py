@@ -33,54 +33,94 @@ def _host() -> str:
 
 
 class AttemptLog:
-    """Runs of shards: id, attempt, worker pid, start, end, outcome."""
+    """Runs of shards, a row per *range*: `count` consecutive positions from `first`
+    that ran back to back on one worker with one outcome (a report of many tiny shards
+    is one row, so recording costs the caller O(1) per report, not per shard). Run
+    times per position, where the worker measured them, go to `durations` (float32)
+    and `shards_table()` expands the ranges into a row per run."""
 
     def __init__(self) -> None:
-        self.ids = array("i")
+        self.firsts = array("q")
+        self.counts = array("i")
         self.attempts = array("h")
         self.pids = array("i")
-        self.starts = array("f")
-        self.ends = array("f")
+        self.starts = array("d")
+        self.ends = array("d")
         self.outcomes = bytearray()
+        self.offsets = array("q")  # into `durations`, or -1: split the span evenly
+        self.durations = array("f")
         self.host = _host()
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.firsts)
 
     def add(self, pos: int, attempt: int, pid: int, start: float, end: float, outcome: int) -> None:
-        self.ids.append(pos)
+        """One run of one position."""
+        self._row(pos, 1, attempt, pid, start, end, outcome, -1)
+
+    def _row(
+        self, first: int, count: int, attempt: int, pid: int, start: float, end: float,
+        outcome: int, offset: int,
+    ) -> None:  # fmt: skip
+        self.firsts.append(first)
+        self.counts.append(count)
         self.attempts.append(min(attempt, 32767))
         self.pids.append(pid)
         self.starts.append(max(start, 0.0))
         self.ends.append(max(end, start, 0.0))
         self.outcomes.append(outcome)
+        self.offsets.append(offset)
 
-    def add_run(self, base: int, n: int, attempts: Any, pid: int, end: float, elapsed: Any) -> None:
+    def add_run(self, base: int, n: int, attempt: int, pid: int, end: float, elapsed: Any) -> None:
         """`n` consecutive positions from `base` that ran back to back and were reported
         together at `end` (`elapsed`: a run time each, or their total)."""
+        if not n:
+            return
         if isinstance(elapsed, list) and len(elapsed) >= n:
-            times = elapsed[:n]
+            offset = len(self.durations)
+            self.durations.extend(elapsed[:n] if len(elapsed) > n else elapsed)
+            total = float(sum(elapsed[:n]))
         else:
-            each = (float(elapsed) if elapsed else 0.0) / max(n, 1)
-            times = [each] * n
-        t = end
-        for k in range(n - 1, -1, -1):
-            took = float(times[k])
-            self.add(base + k, attempts(base + k), pid, t - took, t, OK)
-            t -= took
+            offset = -1
+            total = float(elapsed) if elapsed else 0.0
+        self._row(base, n, attempt, pid, end - total, end, OK, offset)
+
+    def runs(self) -> list[tuple[int, int, int, float, float, int]]:
+        """(shard id, attempt, pid, start, end, outcome) for every run."""
+        rows = []
+        for i in range(len(self.firsts)):
+            first, count = self.firsts[i], self.counts[i]
+            attempt, pid, outcome = self.attempts[i], self.pids[i], self.outcomes[i]
+            start, end = self.starts[i], self.ends[i]
+            if count == 1:
+                rows.append((first, attempt, pid, start, end, outcome))
+                continue
+            off = self.offsets[i]
+            if off >= 0:
+                times = self.durations[off : off + count]
+            else:
+                times = array("f", [(end - start) / count]) * count
+            t = start
+            for k in range(count):
+                took = float(times[k])
+                rows.append((first + k, attempt, pid, t, t + took, outcome))
+                t += took
+        return rows
 
     def to_table(self) -> Any:
         import pyarrow as pa
 
+        runs = self.runs()
+        columns = list(zip(*runs, strict=True)) if runs else [()] * 6
         table = pa.table(
             {
-                "shard_id": pa.array(self.ids, pa.int64()),
-                "attempt": pa.array(self.attempts, pa.int32()),
-                "worker": pa.array(self.pids, pa.int64()),
-                "host": pa.array([self.host] * len(self.ids), pa.string()),
-                "start": pa.array(self.starts, pa.float64()),
-                "end": pa.array(self.ends, pa.float64()),
-                "outcome": pa.array([OUTCOMES[o] for o in self.outcomes], pa.string()),
+                "shard_id": pa.array(columns[0], pa.int64()),
+                "attempt": pa.array(columns[1], pa.int32()),
+                "worker": pa.array(columns[2], pa.int64()),
+                "host": pa.array([self.host] * len(runs), pa.string()),
+                "start": pa.array(columns[3], pa.float64()),
+                "end": pa.array(columns[4], pa.float64()),
+                "outcome": pa.array([OUTCOMES[o] for o in columns[5]], pa.string()),
             }
         )
         return table.sort_by([("start", "ascending"), ("shard_id", "ascending")])
@@ -152,9 +192,10 @@ def timeline_svg(
 
 
 def _boxes(log: AttemptLog) -> list[tuple[int, float, float, int, int, int]]:
+    """A box per recorded range (a report of many shards is one box)."""
     rows = [
         (log.pids[i], float(log.starts[i]), float(log.ends[i]), log.outcomes[i],
-         log.attempts[i], log.ids[i])
+         log.attempts[i], log.firsts[i])
         for i in range(len(log))
     ]  # fmt: skip
     if len(rows) <= MAX_BOXES:

@@ -36,6 +36,7 @@ import anyio
 from ashard import _seeding
 from ashard._attempts import CANCELLED, FAILED, TIMED_OUT, AttemptLog
 from ashard._attempts import CRASHED as CRASHED_RUN
+from ashard._attempts import OK as OK_RUN
 from ashard._health import PROFILES, EndReason
 from ashard._log import worker_event
 from ashard._options import CallOptions
@@ -551,19 +552,26 @@ class Job:
     def _log_report(
         self, chunk: Chunk, base: int, n: int, errors: list[Any], elapsed: Any, pid: int
     ) -> None:
-        """One row per position reported (and one for a run the report says was
-        interrupted), timed back to back up to now."""
+        """Record the runs a report tells of: one range for a report without errors
+        (O(1) here, however many shards), a row per position otherwise, and a row for
+        a run the report says was interrupted."""
         now = time.perf_counter() - self.t0
         log = self.attempt_log
-        first_row = len(log)
-        log.add_run(base, n, self._run_of, pid, now, elapsed)
-        for k, kind, _ in errors:
-            if k < n:
-                row = first_row + (n - 1 - k)  # add_run writes the last position first
-                log.outcomes[row] = _OUTCOME_OF.get(kind, FAILED)
-            elif kind == INTERRUPTED:
-                pos = base + n
-                log.add(pos, self._run_of(pos), pid, max(chunk.heard, now - 1e-6), now, CANCELLED)
+        if not errors:
+            attempt = self._run_of(base) if n == 1 else 1  # ranges of many are first runs
+            log.add_run(base, n, attempt, pid, now, elapsed)
+            chunk.heard = now
+            return
+        by_k = {e[0]: e[1] for e in errors}
+        times = elapsed if isinstance(elapsed, list) else [(elapsed or 0.0) / max(n, 1)] * n
+        t = now - float(sum(times[:n]))
+        for k in range(n):
+            took = float(times[k]) if k < len(times) else 0.0
+            outcome = _OUTCOME_OF.get(by_k[k], FAILED) if k in by_k else OK_RUN
+            log.add(base + k, self._run_of(base + k), pid, t, t + took, outcome)
+            t += took
+        if by_k.get(n) == INTERRUPTED:
+            log.add(base + n, self._run_of(base + n), pid, max(chunk.heard, t), now, CANCELLED)
         chunk.heard = now
 
     def _run_of(self, pos: int) -> int:

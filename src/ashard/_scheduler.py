@@ -73,6 +73,7 @@ from ashard._protocol import (
 )
 from ashard._serialize import dumps_named, loads, pack
 from ashard._shm import adopt_result
+from ashard._sources import with_sources
 from ashard._workers import WorkerSet
 from ashard.errors import ShardError
 from ashard.results import PoolStats
@@ -415,7 +416,7 @@ class Scheduler:
         worker died or hung runs again, on another worker, up to `max_retries` times."""
         seq = next(self._seq)
         try:
-            parts = encode((CALL, seq, fn, args, kwargs, timeout), by_value=True)
+            parts = encode((CALL, seq, with_sources(fn), args, kwargs, timeout), by_value=True)
         except Exception:
             _name_unpicklable(fn, args, kwargs)
             raise

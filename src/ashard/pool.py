@@ -39,6 +39,7 @@ from ashard._options import (
 from ashard._places import Place
 from ashard._scheduler import Scheduler
 from ashard._serialize import pickle_payload
+from ashard._sources import with_sources
 from ashard._stream import ShardStream
 from ashard.errors import ShardError, ShardMapError
 from ashard.results import PoolStats, ReduceResult, ShardResult, _failure_message
@@ -320,7 +321,7 @@ def shard_job(
     layout, sequence = resolve_shards(shards)
     inputs, outputs = check_borrow(borrow, out)
     store = results_store(opts)
-    payload = pickle_payload(checked_fn, "fn")
+    payload = pickle_payload(with_sources(checked_fn), "fn")
     stream = None
     if accepted is StreamOptions:
         stream = StreamBuffer(opts.ordered, opts.max_pending or DEFAULT_MAX_PENDING)
@@ -369,4 +370,4 @@ def map_job(fn: object, items: object, borrow: object, options: Mapping[str, obj
     checked_fn = check_fn(fn)
     iterable = check_items(items)
     inputs, _ = check_borrow(borrow, None)
-    return Job.of_items(pickle_payload(checked_fn, "fn"), opts, iterable, inputs)
+    return Job.of_items(pickle_payload(with_sources(checked_fn), "fn"), opts, iterable, inputs)

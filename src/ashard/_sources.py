@@ -1,0 +1,94 @@
+"""Tracebacks from workers that name the file and show the line, for functions that
+travel by value.
+
+cloudpickle renames the code of every function it pickles by value (from a script's
+`__main__`, a notebook cell, a closure) to ``<dynamic-code>``, and a notebook cell's
+file exists only in the parent's `linecache` (ipykernel registers each cell there):
+a worker's traceback would say ``File "<dynamic-code>", line 4`` and show nothing.
+`with_sources(fn)` wraps such a function so that unpickling it in the worker puts
+back its code's file names and registers the lines the worker cannot read from disk;
+its tracebacks then read as a local one would. Functions pickled by reference are
+untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import linecache
+import types
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["with_sources"]
+
+_DYNAMIC = "<dynamic-code>"
+
+
+class _WithSources:
+    """`fn`, pickled with the file names of its code and the lines of those only the
+    parent has; it unpickles as `fn` itself."""
+
+    def __init__(self, fn: Any, names: tuple[str, ...], sources: dict[str, Any]) -> None:
+        self.fn = fn
+        self.names = names
+        self.sources = sources
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _restore, (self.fn, self.names, self.sources)
+
+
+def _restore(fn: Any, names: tuple[str, ...], sources: dict[str, Any]) -> Any:
+    for name, (size, _, lines, full) in sources.items():
+        linecache.cache.setdefault(name, (size, None, lines, full))  # None: never re-read
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    code = getattr(target, "__code__", None)
+    if isinstance(code, types.CodeType) and code.co_filename == _DYNAMIC and names:
+        with contextlib.suppress(StopIteration, ValueError, TypeError):  # keep its names
+            target.__code__ = _renamed(code, iter(names))
+    return fn
+
+
+def _renamed(code: types.CodeType, names: Iterator[str]) -> types.CodeType:
+    name = next(names)
+    consts = tuple(
+        _renamed(c, names) if isinstance(c, types.CodeType) else c for c in code.co_consts
+    )
+    return code.replace(co_filename=name, co_consts=consts)
+
+
+def with_sources(fn: Any) -> Any:
+    """`fn`, or a wrapper carrying what its code needs to be shown (see above)."""
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    code = getattr(target, "__code__", None)
+    if not isinstance(code, types.CodeType) or not _by_value(target):
+        return fn
+    names, sources = _names_and_sources(code)
+    return _WithSources(fn, names, sources)
+
+
+def _by_value(fn: Any) -> bool:
+    """Will cloudpickle take `fn` by value (so rename its code)?"""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    return module in (None, "__main__") or "<" in qualname
+
+
+@functools.lru_cache(maxsize=256)
+def _names_and_sources(code: types.CodeType) -> tuple[tuple[str, ...], dict[str, Any]]:
+    names: list[str] = []
+    sources: dict[str, Any] = {}
+
+    def walk(current: types.CodeType) -> None:
+        name = current.co_filename
+        names.append(name)
+        entry = linecache.cache.get(name)
+        # no mtime: registered by hand (ipykernel's cells), not read from a file
+        if name not in sources and entry is not None and len(entry) == 4 and entry[1] is None:
+            sources[name] = entry
+        for c in current.co_consts:
+            if isinstance(c, types.CodeType):
+                walk(c)
+
+    walk(code)
+    return tuple(names), sources
