@@ -155,10 +155,16 @@ USER_SCRIPT = """
     import numpy as np
 
     import ashard
+    import ashard.sync
 
 
     def total(shard: ashard.Shard, X: np.ndarray) -> float:
         return float(X[shard.idx].sum())
+
+
+    def noisy(shard: ashard.Shard) -> float:
+        first: int = shard.idx.start
+        return float(shard.rng.random(3).sum()) + first + len(shard)
 
 
     async def main() -> None:
@@ -171,6 +177,7 @@ USER_SCRIPT = """
             async for done in stream:
                 print(done.shard.id, done.value)
         values: list[int] = await ashard.map(abs, [-1, -2], chunk_size=1)
+        print(ashard.sync.shard_map(4, noisy).results, res.diagnostics.shards_table().num_rows)
         async with ashard.Pool(2, mem_cap="1GB") as pool:
             await pool.shard_map(4, total, borrow={"X": X}, cow="allow")
             print(pool.stats.alive, values)
