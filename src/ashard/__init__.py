@@ -2,12 +2,13 @@
 
     result = await ashard.shard_map(1_000_000, fn, borrow={"X": X})
 
-The supervisor (anyio and up) is loaded on first use, so that a worker process, which
-imports this package to reach `ashard._worker`, starts without it.
+Every public name is loaded on first use, so that a worker process, which imports
+this package to reach `ashard._worker`, starts without the supervisor (anyio and up)
+or anything it does not need: a worker's start is part of a cold start.
 """
 
-import importlib
-import typing
+import importlib as _importlib
+import typing as _typing
 
 __version__ = "0.1.0.dev0"
 
@@ -49,27 +50,25 @@ __all__ = [
     "table_sink",
 ]
 
-from ashard.errors import (
-    GatherTooLarge,
-    SchemaMismatch,
-    ShardError,
-    ShardFailed,
-    ShardMapError,
-    ShardTimeout,
-    WorkerCrashed,
-    WorkerStartError,
-)
-from ashard.results import (
-    Diagnostics,
-    PoolStats,
-    ReduceResult,
-    ShardDone,
-    ShardResult,
-    WorkerRow,
-)
+# Eager: the function `shards` has its module's name, and a later import of the module
+# `ashard.shards` would otherwise set the package's attribute to the module.
 from ashard.shards import Shard, Shards, shards
 
 _LAZY = {
+    "GatherTooLarge": "ashard.errors",
+    "SchemaMismatch": "ashard.errors",
+    "ShardError": "ashard.errors",
+    "ShardFailed": "ashard.errors",
+    "ShardMapError": "ashard.errors",
+    "ShardTimeout": "ashard.errors",
+    "WorkerCrashed": "ashard.errors",
+    "WorkerStartError": "ashard.errors",
+    "Diagnostics": "ashard.results",
+    "PoolStats": "ashard.results",
+    "ReduceResult": "ashard.results",
+    "ShardDone": "ashard.results",
+    "ShardResult": "ashard.results",
+    "WorkerRow": "ashard.results",
     "Buffer": "ashard.shared",
     "SharedArray": "ashard.shared",
     "SharedTable": "ashard.shared",
@@ -90,7 +89,7 @@ _LAZY = {
     "shutdown": "ashard.api",
 }
 
-if typing.TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from ashard._stream import ShardStream
     from ashard.api import (
         call,
@@ -101,16 +100,34 @@ if typing.TYPE_CHECKING:
         shard_stream,
         shutdown,
     )
+    from ashard.errors import (
+        GatherTooLarge,
+        SchemaMismatch,
+        ShardError,
+        ShardFailed,
+        ShardMapError,
+        ShardTimeout,
+        WorkerCrashed,
+        WorkerStartError,
+    )
     from ashard.pool import Pool
+    from ashard.results import (
+        Diagnostics,
+        PoolStats,
+        ReduceResult,
+        ShardDone,
+        ShardResult,
+        WorkerRow,
+    )
     from ashard.shared import Buffer, SharedArray, SharedTable, buffer, share
     from ashard.tables import ResultRef, TableRef, TableSink, table_sink
 
 
-def __getattr__(name: str) -> typing.Any:
+def __getattr__(name: str) -> _typing.Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'ashard' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(_importlib.import_module(module), name)
     globals()[name] = value
     return value
 

@@ -14,11 +14,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ashard import _seeding
-from ashard._places import commit_all
 from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT, Commit
 from ashard._serialize import encode_exception
 from ashard._worker.attach import Audited
@@ -88,24 +86,42 @@ def take_control_pending() -> bool:
     return pending
 
 
-@dataclass(slots=True)
 class JobContext:
-    """A registered job, as the worker holds it."""
+    """A registered job, as the worker holds it: its function and keyword arguments,
+    timeout, seed and layout; `audit`: arrays borrowed under cow="audit"; `outputs`:
+    table sinks in out= and the results store (results=), which follow each shard;
+    `stores_results`: values go to the results store (the parent gets None and makes
+    the ref); `read_only`: names of arrays borrowed read-only, for the hint on a
+    failed write. (A plain class: `dataclasses` would add ~10 ms to a worker's start.)"""
 
-    kind: int
-    fn: Callable[..., Any]
-    kwargs: dict[str, Any]
-    timeout: float | None
-    seed: int | None
-    layout: Shards | None
-    audit: list[Audited] = field(default_factory=list)
-    """Arrays borrowed under cow="audit"."""
-    outputs: list[TableWriter | ResultWriter] = field(default_factory=list)
-    """Table sinks in out=, and the results store (results=), which follow each shard."""
-    stores_results: bool = False
-    """The value goes to the results store: the parent gets None (and makes the ref)."""
-    read_only: tuple[str, ...] = ()
-    """Names of arrays borrowed read-only (cow="deny"), for the hint on a failed write."""
+    __slots__ = (
+        "audit", "fn", "kind", "kwargs", "layout", "outputs", "read_only", "seed",
+        "stores_results", "timeout",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        kind: int,
+        fn: Callable[..., Any],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        seed: int | None,
+        layout: Shards | None,
+        audit: list[Audited] | None = None,
+        outputs: list[TableWriter | ResultWriter] | None = None,
+        stores_results: bool = False,
+        read_only: tuple[str, ...] = (),
+    ) -> None:
+        self.kind = kind
+        self.fn = fn
+        self.kwargs = kwargs
+        self.timeout = timeout
+        self.seed = seed
+        self.layout = layout
+        self.audit = audit if audit is not None else []
+        self.outputs = outputs if outputs is not None else []
+        self.stores_results = stores_results
+        self.read_only = read_only
 
 
 _OK, _ERR, _SIG = 0, 1, 2
@@ -277,6 +293,8 @@ def _settle_outputs(
         for output in outputs:
             output.abort()
         return status, out
+    from ashard._places import commit_all
+
     finished: list[tuple[str, Finished]] = []
     try:
         for output in outputs:
