@@ -182,3 +182,17 @@ def test_a_traceback_names_the_script_and_shows_the_line(tmp_path: str) -> None:
     assert out.returncode == 0, out.stderr
     assert f'File "{script}", line 6, in broken' in out.stdout, out.stdout
     assert "return shard.id / 0  # the line to show" in out.stdout
+
+
+def test_progress_draws_a_bar_without_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from ashard._progress import Progress
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as on a fresh install
+    bar = Progress(200, "shards")
+    assert bar._bar is None
+    bar.done = 84
+    line = bar.line()
+    assert line.startswith("shards  42%|") and "| 84/200 [" in line and "shards/s]" in line
+    assert line.count("#") == 10  # 42 % of a 24-character bar

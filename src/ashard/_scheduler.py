@@ -38,12 +38,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 
-from ashard._export import Exported, export
 from ashard._framing import (
     INLINE_DECODE_LIMIT,
     Buffer,
@@ -77,6 +76,9 @@ from ashard._sources import with_sources
 from ashard._workers import WorkerSet
 from ashard.errors import ShardError
 from ashard.results import PoolStats
+
+if TYPE_CHECKING:
+    from ashard._export import Exported
 
 __all__ = ["Scheduler"]
 
@@ -193,6 +195,8 @@ class Scheduler:
         if that fails or is cancelled."""
         exported = None
         if job.borrow or job.out:
+            from ashard._export import export  # numpy and shared memory: only when used
+
             made: list[Exported] = []
 
             def share() -> Exported:
