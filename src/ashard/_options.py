@@ -323,11 +323,13 @@ def check_items(items: object) -> Iterable[Any]:
 def check_borrow(borrow: object, out: object) -> tuple[dict[str, Any], dict[str, Any]]:
     """The borrowed objects and the outputs (buffers, table sinks), as keyword
     arguments for `fn`."""
-    from ashard.shared import Buffer, SegmentBacked
-    from ashard.tables import TableSink
-
     inputs = _check_names("borrow", borrow)
     outputs = _check_names("out", out)
+    if not inputs and not outputs:
+        return inputs, outputs
+    from ashard.shared import Buffer, SegmentBacked  # numpy: only for calls that share
+    from ashard.tables import TableSink
+
     for name, value in inputs.items():
         if isinstance(value, SegmentBacked) and value.closed:
             raise ValueError(f"borrow[{name!r}] is a closed {type(value).__name__}")
