@@ -23,7 +23,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+sys.path.insert(0, str(ROOT / "benchmarks"))
 START, END = "<!-- bench_web:start -->", "<!-- bench_web:end -->"
 
 
@@ -122,14 +122,9 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.record:
-        body = RESULTS.read_text()
-        block = f"{START}\n{text}\n{END}"
-        if START in body:
-            head, rest = body.split(START, 1)
-            body = head + block + rest.split(END, 1)[1]
-        else:
-            body = body.rstrip() + "\n\n" + block + "\n"
-        RESULTS.write_text(body)
+        import suite  # the one place that writes RESULTS.md between markers
+
+        suite.record(text + "\n", START, END, append=True)
 
 
 if __name__ == "__main__":
