@@ -149,3 +149,12 @@ def test_ctrl_c_stops_a_sync_call_and_the_pool_stays_usable(tmp_path: Path) -> N
     assert lines[1:] == ["after 5"], out + err
     time.sleep(5.2)
     assert not finished.exists(), "the interrupted call's work ran to its end"
+
+
+def test_sync_from_ashards_own_loop_is_refused_not_a_deadlock() -> None:
+    def combine(acc: int, value: int) -> int:
+        return int(ashard.sync.call(abs, -value))  # runs on the loop thread: refused
+
+    with pytest.raises(RuntimeError, match="own event loop thread"):
+        ashard.sync.shard_reduce(ashard.shards(3, block_size=1), workloads.shard_sum, combine)
+    assert ashard.sync.call(abs, -2) == 2  # the pool goes on

@@ -84,16 +84,20 @@ class _LoopThread:
 
     def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
         """Start `coro` on the loop, in a copy of the calling thread's context."""
-        if threading.current_thread() is self._thread:
+        self._check_thread(coro)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop())
+
+    def _check_thread(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if threading.current_thread() is self._thread:  # it would wait for itself forever
             coro.close()
             raise RuntimeError(
                 "ashard.sync was called from ashard's own event loop thread (from a combine "
                 "callback?): use the async API there"
             )
-        return asyncio.run_coroutine_threadsafe(coro, self.loop())
 
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """`coro`'s result, blocking; Ctrl-C cancels it and raises KeyboardInterrupt."""
+        self._check_thread(coro)
         finished = threading.Event()
         future = self.submit(_signalling(coro, finished))
         try:
