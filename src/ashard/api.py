@@ -52,17 +52,25 @@ async def shutdown() -> None:
 def _target(pool: Pool | None, workers: int | None) -> tuple[Pool, int | None]:
     """The pool a call runs on, and the size the default pool should take for it (it
     takes it only once the call's arguments are all checked)."""
+    return choose_pool(pool, workers, default_pool, "ashard.Pool")
+
+
+def choose_pool(
+    pool: object, workers: object, default: Callable[[], Pool], what: str
+) -> tuple[Pool, int | None]:
+    """`pool` (a `Pool`, or None for `default()`) and the size `workers` asks of the
+    default pool; `what` names the pool type the caller takes (for its errors)."""
     size = check_positive_int("workers", workers, allow_none=True)
     if pool is not None:
         if not isinstance(pool, Pool):
-            raise TypeError(f"pool must be an ashard.Pool or None, got {type(pool).__name__}")
+            raise TypeError(f"pool must be an {what} or None, got {type(pool).__name__}")
         if size is not None and size != pool.workers:
             raise ValueError(
                 f"workers={size} sizes the default pool; pool= was given too (with "
                 f"{pool.workers} workers): pass one of them"
             )
         return pool, None
-    return default_pool(), size
+    return default(), size
 
 
 def _sized(pool: Pool, size: int | None) -> Pool:

@@ -255,16 +255,16 @@ class Pool:
     async def _shard_result(self, job: Job, layout: Shards) -> ShardResult:
         await self._run(job)
         result = job.result(layout)
-        if job.failures and job.opts.errors == "raise":
-            raise ShardMapError(_failure_message(result.failures), result.failures, result)
+        if job.opts.errors == "raise":
+            result.raise_for_failures()
         return result
 
     async def _reduce_result(self, job: Job) -> ReduceResult:
         await self._run(job)
         assert job.reducer is not None
         result = ReduceResult(job.reducer.value, job.failure_list(), job.diagnostics())
-        if job.failures and job.opts.errors == "raise":
-            raise ShardMapError(_failure_message(result.failures), result.failures, result)
+        if job.opts.errors == "raise":
+            result.raise_for_failures()
         return result
 
     def _stream(self, job: Job, layout: Shards) -> ShardStream:

@@ -143,8 +143,25 @@ class ShardDone:
     elapsed: float
 
 
+class _Outcome:
+    """What `ShardResult` and `ReduceResult` share: their permanent `failures`."""
+
+    __slots__ = ()
+    failures: list[ShardError]
+
+    @property
+    def ok(self) -> bool:
+        """True when no shard failed."""
+        return not self.failures
+
+    def raise_for_failures(self) -> None:
+        """Raise `ShardMapError` holding the failures, if there are any."""
+        if self.failures:
+            raise ShardMapError(_failure_message(self.failures), self.failures, self)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True, slots=True)
-class ShardResult:
+class ShardResult(_Outcome):
     """The outcome of `shard_map`: `results` in shard order (`None` where a shard
     failed or never ran), the permanent `failures`, the `shards` and `diagnostics`.
 
@@ -197,16 +214,6 @@ class ShardResult:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def ok(self) -> bool:
-        """True when no shard failed."""
-        return not self.failures
-
-    def raise_for_failures(self) -> None:
-        """Raise `ShardMapError` holding the failures, if there are any."""
-        if self.failures:
-            raise ShardMapError(_failure_message(self.failures), self.failures, self)
-
     def __len__(self) -> int:
         return len(self.results)
 
@@ -236,7 +243,7 @@ class ShardResult:
 
 
 @dataclass(frozen=True, slots=True)
-class ReduceResult:
+class ReduceResult(_Outcome):
     """The outcome of `shard_reduce`: the combined `value` (None if no shard
     succeeded and there was no `init`), the permanent `failures` (skipped under
     ``errors="collect"``) and the `diagnostics`."""
@@ -246,16 +253,6 @@ class ReduceResult:
     value: Any
     failures: list[ShardError]
     diagnostics: Diagnostics
-
-    @property
-    def ok(self) -> bool:
-        """True when no shard failed."""
-        return not self.failures
-
-    def raise_for_failures(self) -> None:
-        """Raise `ShardMapError` holding the failures, if there are any."""
-        if self.failures:
-            raise ShardMapError(_failure_message(self.failures), self.failures, self)
 
     def __repr__(self) -> str:
         value = repr(self.value)

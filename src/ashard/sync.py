@@ -32,9 +32,9 @@ from ashard._options import (
     ReduceOptions,
     ShardOptions,
     StreamOptions,
-    check_positive_int,
     takes_options,
 )
+from ashard.api import choose_pool
 from ashard.results import PoolStats, ReduceResult, ShardDone, ShardResult
 from ashard.shards import Shards
 
@@ -388,22 +388,12 @@ def shutdown() -> None:
 
 
 def _target(pool: Pool | _pool.Pool | None, workers: int | None) -> Pool:
-    size = check_positive_int("workers", workers, allow_none=True)
-    if pool is not None:
-        if isinstance(pool, _pool.Pool):
-            pool = Pool._wrapping(pool)
-        if not isinstance(pool, Pool):
-            raise TypeError(f"pool must be an ashard.sync.Pool or None, got {type(pool).__name__}")
-        if size is not None and size != pool.workers:
-            raise ValueError(
-                f"workers={size} sizes the default pool; pool= was given too (with "
-                f"{pool.workers} workers): pass one of them"
-            )
-        return pool
-    target = default_pool()
+    """The pool a call runs on (the sync default pool, resized if `workers` asks)."""
+    inner = pool._pool if isinstance(pool, Pool) else pool
+    target, size = choose_pool(inner, workers, lambda: default_pool()._pool, "ashard.sync.Pool")
     if size is not None and size != target.workers:
-        target._pool._resize(size)
-    return target
+        target._resize(size)
+    return pool if isinstance(pool, Pool) else Pool._wrapping(target)
 
 
 @takes_options(ShardOptions)

@@ -337,8 +337,23 @@ class ResultStore(_Output):
         if self._finalizer is not None:
             self._finalizer()
 
-    def gather(self, refs: Sequence[Any], max_bytes: int) -> pa.Table:
-        return gather_table(self, refs, max_bytes)
+    def gather(self, refs: Sequence[TableRef | None], max_bytes: int) -> pa.Table:
+        """`ShardResult.table()`: the partitions as one Table, if they fit `max_bytes`."""
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral):
+            raise TypeError(f"max_bytes must be a positive int, got {type(max_bytes).__name__}")
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be a positive int, got {max_bytes}")
+        kept = [ref for ref in refs if ref is not None]
+        size = sum(ref._memory for ref in kept)
+        if size > max_bytes:
+            raise GatherTooLarge(
+                f"the table would take {size:,} bytes ({size / 2**20:.1f} MiB) in memory, "
+                f"above max_bytes={max_bytes:,} ({max_bytes / 2**20:.1f} MiB): read it piece "
+                "by piece with res.dataset(), or raise max_bytes",
+                size,
+                max_bytes,
+            )
+        return self.dataset_of(kept).to_table()
 
 
 class _Flags:
@@ -385,22 +400,3 @@ def _load(ref: TableRef | ResultRef | None) -> Any:
     if ref is None:
         return None
     return ref.read() if isinstance(ref, TableRef) else ref.load()
-
-
-def gather_table(store: ResultStore, refs: Sequence[TableRef | None], max_bytes: int) -> pa.Table:
-    """`ShardResult.table()`: the partitions as one Table, if they fit `max_bytes`."""
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral):
-        raise TypeError(f"max_bytes must be a positive int, got {type(max_bytes).__name__}")
-    if max_bytes <= 0:
-        raise ValueError(f"max_bytes must be a positive int, got {max_bytes}")
-    kept = [ref for ref in refs if ref is not None]
-    size = sum(ref._memory for ref in kept)
-    if size > max_bytes:
-        raise GatherTooLarge(
-            f"the table would take {size:,} bytes ({size / 2**20:.1f} MiB) in memory, above "
-            f"max_bytes={max_bytes:,} ({max_bytes / 2**20:.1f} MiB): read it piece by piece "
-            "with res.dataset(), or raise max_bytes",
-            size,
-            max_bytes,
-        )
-    return store.dataset_of(kept).to_table()
