@@ -1,8 +1,6 @@
 """The parent side of one worker process: spawn, handshake, state, kill, reap.
 
-Workers are fresh interpreters (``python -m ashard._worker``), never forks. `Popen`
-runs on one long-lived thread: on Linux a worker asks for SIGKILL when its parent
-*thread* exits, so that thread must live as long as the process does. The handshake
+Workers are fresh interpreters, never forks, launched by `ashard._spawn`. The handshake
 (HELLO -> READY) is awaited with a bound, so a broken interpreter fails fast.
 
 A `WorkerHandle` owns its state and changes it through methods named for what
@@ -17,22 +15,19 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import weakref
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from logging import INFO
-from pathlib import Path
 from typing import Any
 
 import anyio
 
+from ashard import _spawn
 from ashard._channel import Channel
-from ashard._fds import above_stdio
 from ashard._framing import DEFAULT_MAX_FRAME, ChannelClosed, encode, encode_many
 from ashard._health import EndReason, HealthPolicy, Profile, RecycleReason
 from ashard._log import worker_event
@@ -55,7 +50,6 @@ from ashard.errors import WorkerStartError
 START_TIMEOUT = 60.0
 """Seconds a new worker may take to import and run `init` before it counts as broken."""
 
-_spawner: ThreadPoolExecutor | None = None
 _live: weakref.WeakSet[WorkerHandle] = weakref.WeakSet()
 
 
@@ -68,34 +62,6 @@ class WorkerConfig:
     init: Payload | None = None
     max_frame: int = DEFAULT_MAX_FRAME
     memory_limit: int | None = None  # private memory past which the worker stops itself
-
-
-def _popen(child_fd: int, config: WorkerConfig) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env.update(config.env)
-    path = env.get("PYTHONPATH")
-    package_root = str(Path(__file__).resolve().parent.parent)  # so `-m ashard._worker` works
-    env["PYTHONPATH"] = package_root + (os.pathsep + path if path else "")
-    # -u: user prints go straight out (no flush per result, nothing lost on a crash)
-    cmd = [sys.executable, "-u", "-m", "ashard._worker", str(child_fd), str(os.getpid())]
-    return subprocess.Popen(
-        cmd, pass_fds=(child_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, cwd=os.getcwd(), env=env,
-    )  # fmt: skip
-
-
-def _above_stdio(sock: socket.socket) -> socket.socket:
-    """`sock`, numbered 3 or above (a worker's channel must never be its stdout)."""
-    if sock.fileno() > 2:
-        return sock
-    return socket.socket(fileno=above_stdio(sock.detach()))
-
-
-def _spawn_blocking(child_fd: int, config: WorkerConfig) -> subprocess.Popen[bytes]:
-    global _spawner
-    if _spawner is None:
-        _spawner = ThreadPoolExecutor(1, thread_name_prefix="ashard-spawner")
-    return _spawner.submit(_popen, child_fd, config).result()
 
 
 class WorkerHandle:
@@ -124,14 +90,19 @@ class WorkerHandle:
     @classmethod
     async def start(cls, config: WorkerConfig) -> WorkerHandle:
         """Spawn a worker and wait until it reports ready."""
-        parent_sock, child_sock = (_above_stdio(s) for s in socket.socketpair())
-        try:
-            proc = await anyio.to_thread.run_sync(_spawn_blocking, child_sock.fileno(), config)
-        except BaseException:
-            parent_sock.close()
-            raise
-        finally:
-            child_sock.close()
+        ahead = _spawn.take(config.env)
+        if ahead is not None:
+            launched, parent_sock = ahead
+            proc = (
+                launched.result()
+                if launched.done()
+                else await anyio.to_thread.run_sync(launched.result)
+            )
+        else:
+            parent_sock, child_sock = _spawn.socket_pair()
+            proc = await anyio.to_thread.run_sync(
+                _spawn.spawn_blocking, parent_sock, child_sock, config.env
+            )
         handle = cls(proc, Channel(parent_sock, config.max_frame))
         worker_event(INFO, f"worker {proc.pid} started", proc.pid)
         try:

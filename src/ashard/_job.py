@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from itertools import islice
 from logging import WARNING
@@ -63,10 +63,9 @@ from ashard._protocol import (
 from ashard.errors import ShardError
 from ashard.results import Diagnostics, ShardDone, ShardResult, WorkerRow
 from ashard.shards import Shard, Shards
-from ashard.tables import TableSink
 
 if TYPE_CHECKING:
-    from ashard.tables import ResultStore
+    from ashard.tables import ResultStore, TableSink
 
 TARGET_CHUNK_SECONDS = 0.01
 """`chunk_size="auto"` aims for chunks of about this much work."""
@@ -245,9 +244,7 @@ class Job:
         self._changed: anyio.Event | None = None
         self.attempt_log = AttemptLog()
         self.store = store
-        self.sinks: dict[str, TableSink] = {
-            name: v for name, v in out.items() if isinstance(v, TableSink)
-        }
+        self.sinks = _sinks_in(out)
         self._outputs: dict[str, TableSink | ResultStore] = dict(self.sinks)
         if store is not None:
             self._outputs[""] = store
@@ -861,3 +858,13 @@ def _pick(elapsed: Any, k: int) -> float:
     if isinstance(elapsed, float):
         return elapsed
     return float(elapsed[k]) if k < len(elapsed) else 0.0
+
+
+def _sinks_in(out: Mapping[str, Any]) -> dict[str, TableSink]:
+    """The table sinks among a call's outputs (`ashard.tables` loads only when there
+    are outputs: a plain call does not need it)."""
+    if not out:
+        return {}
+    from ashard.tables import TableSink
+
+    return {name: v for name, v in out.items() if isinstance(v, TableSink)}

@@ -1,11 +1,21 @@
-"""The module-level API: `shard_map`, `shard_stream`, `map`, `call` on the default pool
-(or the `pool=` given), plus `default_pool()` and `shutdown()`."""
+"""The module-level API: `shard_map`, `shard_stream` (and the rest) on the default pool
+(or the `pool=` given), plus `default_pool()` and `shutdown()`.
+
+This module is what `ashard.call` and its siblings load, so it imports the
+supervisor only when a call runs: the first call on the default pool launches its
+first worker (`ashard._spawn.prestart`), then imports the supervisor off the event
+loop while that worker's interpreter starts.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Unpack
+import contextlib
+import importlib
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Unpack
 
+from ashard import _spawn
 from ashard._options import (
     MapOptions,
     ReduceOptions,
@@ -14,10 +24,12 @@ from ashard._options import (
     check_positive_int,
     takes_options,
 )
-from ashard._stream import ShardStream
-from ashard.pool import Pool, map_job, reduce_job, shard_job
-from ashard.results import ReduceResult, ShardResult
-from ashard.shards import Shards
+
+if TYPE_CHECKING:
+    from ashard._stream import ShardStream
+    from ashard.pool import Pool
+    from ashard.results import ReduceResult, ShardResult
+    from ashard.shards import Shards
 
 __all__ = [
     "call",
@@ -37,6 +49,8 @@ def default_pool() -> Pool:
     Its workers are loop-independent: it serves one event loop after another."""
     global _default
     if _default is None or _default.closed:
+        from ashard.pool import Pool
+
         _default = Pool()
     return _default
 
@@ -60,6 +74,8 @@ def choose_pool(
 ) -> tuple[Pool, int | None]:
     """`pool` (a `Pool`, or None for `default()`) and the size `workers` asks of the
     default pool; `what` names the pool type the caller takes (for its errors)."""
+    from ashard.pool import Pool
+
     size = check_positive_int("workers", workers, allow_none=True)
     if pool is not None:
         if not isinstance(pool, Pool):
@@ -77,6 +93,29 @@ def _sized(pool: Pool, size: int | None) -> Pool:
     if size is not None and size != pool.workers:
         pool._resize(size)
     return pool
+
+
+@contextlib.asynccontextmanager
+async def _supervisor(pool: object) -> AsyncIterator[None]:
+    """Within: the supervisor is imported. On the default pool's first call, a worker
+    is launched first and the import runs in a thread while it starts; the worker is
+    ended when the call leaves without having taken it (its arguments were bad)."""
+    ahead = pool is None and (_default is None or _default.closed)
+    if ahead:
+        _spawn.prestart()
+    try:
+        if "ashard.pool" not in sys.modules:
+            import anyio.to_thread
+
+            await anyio.to_thread.run_sync(importlib.import_module, "ashard.pool")
+        yield
+    finally:
+        done = _spawn.discard() if ahead else None
+        if done is not None:
+            import anyio
+
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(done.result)
 
 
 @takes_options(ShardOptions)
@@ -99,9 +138,12 @@ async def shard_map(
     ``errors="raise"`` the first permanent failure cancels the rest and raises
     `ShardMapError`; under ``"collect"`` every shard runs and failures are listed.
     """
-    target, size = _target(pool, workers)
-    job, layout = shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
-    return await _sized(target, size)._shard_result(job, layout)
+    async with _supervisor(pool):
+        from ashard.pool import shard_job
+
+        target, size = _target(pool, workers)
+        job, layout = shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
+        return await _sized(target, size)._shard_result(job, layout)
 
 
 @takes_options(StreamOptions)
@@ -125,6 +167,8 @@ def shard_stream(
     for the consumer (default 1024); a slow consumer pauses dispatch. Leaving the
     block early cancels the shards still running.
     """
+    from ashard.pool import shard_job
+
     target, size = _target(pool, workers)
     job, layout = shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
     return _sized(target, size)._stream(job, layout)
@@ -149,9 +193,12 @@ async def shard_reduce(
     first value starts `acc`). ``ordered=True`` combines in shard order, so a float sum
     is bit-identical whatever the workers, chunking or retries; at most `max_pending`
     values (default 1024) ever wait uncombined. No value is kept once combined."""
-    target, size = _target(pool, workers)
-    job, _ = reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
-    return await _sized(target, size)._reduce_result(job)
+    async with _supervisor(pool):
+        from ashard.pool import reduce_job
+
+        target, size = _target(pool, workers)
+        job, _ = reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
+        return await _sized(target, size)._reduce_result(job)
 
 
 @takes_options(MapOptions)
@@ -170,9 +217,12 @@ async def map(
     is never materialised. Under ``errors="collect"`` a failed item's slot holds its
     `ShardError` instead of a value.
     """
-    target, size = _target(pool, workers)
-    job = map_job(fn, items, borrow, options)
-    return await _sized(target, size)._map_result(job)
+    async with _supervisor(pool):
+        from ashard.pool import map_job
+
+        target, size = _target(pool, workers)
+        job = map_job(fn, items, borrow, options)
+        return await _sized(target, size)._map_result(job)
 
 
 async def call(
@@ -187,4 +237,6 @@ async def call(
     `WorkerCrashed` if the worker dies. With `max_retries`, a call whose worker died
     or hung runs again (for idempotent work). `timeout` and `max_retries` are ashard's
     own: pass a `functools.partial` to give `fn` arguments of those names."""
-    return await default_pool().call(fn, *args, timeout=timeout, max_retries=max_retries, **kwargs)
+    async with _supervisor(None):
+        pool = default_pool()
+        return await pool.call(fn, *args, timeout=timeout, max_retries=max_retries, **kwargs)

@@ -11,7 +11,7 @@ import atexit
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any, Unpack
 
 import anyio
 
@@ -36,7 +36,6 @@ from ashard._options import (
     resolve_shards,
     takes_options,
 )
-from ashard._places import Place
 from ashard._scheduler import Scheduler
 from ashard._serialize import pickle_payload
 from ashard._sources import with_sources
@@ -44,7 +43,9 @@ from ashard._stream import ShardStream
 from ashard.errors import ShardError, ShardMapError
 from ashard.results import PoolStats, ReduceResult, ShardResult, _failure_message
 from ashard.shards import Shards
-from ashard.tables import ResultStore
+
+if TYPE_CHECKING:
+    from ashard.tables import ResultStore
 
 __all__ = ["Pool"]
 
@@ -338,6 +339,9 @@ def results_store(opts: CallOptions) -> ResultStore | None:
                 "the values come back to the caller: drop results_path or choose a mode"
             )
         return None
+    from ashard._places import Place
+    from ashard.tables import ResultStore
+
     place = None
     if opts.results_path is not None:  # checked for being empty when the call starts
         place = Place.resolve(opts.results_path, None, "results_path")

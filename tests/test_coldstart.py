@@ -1,0 +1,125 @@
+"""The cold start: the first call on the default pool launches its first worker before
+it imports the supervisor, that worker serves the call, and one nobody took (bad
+arguments, a cancelled call) is ended before the call returns. Each case runs in a
+fresh interpreter: only there is a call the first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PRELUDE = """
+import asyncio, os, sys
+import psutil
+import ashard
+from ashard import _spawn
+
+launched = []
+_submit = _spawn._submit
+def spy(*args):
+    future = _submit(*args)
+    launched.append(future)
+    return future
+_spawn._submit = spy
+"""
+
+
+def run_fresh(body: str, backend: str = "asyncio") -> str:
+    code = PRELUDE + textwrap.dedent(body)
+    if backend == "trio":
+        code = code.replace("asyncio.run(main())", "import anyio; anyio.run(main, backend='trio')")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_first_worker_is_launched_before_the_supervisor_loads(backend: str) -> None:
+    out = run_fresh(
+        """
+        async def main():
+            assert "ashard.pool" not in sys.modules
+            pid = await ashard.call(os.getpid)
+            first = launched[0].result()
+            assert first.pid == pid, (first.pid, pid)
+            assert ashard.default_pool().pids[0] == pid
+            assert await ashard.map(abs, [-1, -2]) == [1, 2]
+            await ashard.shutdown()
+            print("ok")
+        asyncio.run(main())
+        """,
+        backend,
+    )
+    assert out == "ok"
+
+
+def test_a_first_call_with_bad_arguments_leaves_no_process() -> None:
+    out = run_fresh(
+        """
+        async def main():
+            try:
+                await ashard.call(abs, -1, timeout=-1)
+            except ValueError as exc:
+                assert "timeout" in str(exc), exc
+            else:
+                raise AssertionError("no error")
+            assert len(launched) == 1  # it was launched ahead ...
+            assert psutil.Process().children() == []  # ... and ended before the raise
+            try:
+                await ashard.map(abs, [1], chunk_size="big")
+            except (TypeError, ValueError):
+                pass
+            assert psutil.Process().children() == []
+            assert await ashard.call(abs, -3) == 3  # a later call starts afresh
+            await ashard.shutdown()
+            print("ok")
+        asyncio.run(main())
+        """
+    )
+    assert out == "ok"
+
+
+def test_a_first_call_cancelled_at_once_leaves_no_process() -> None:
+    out = run_fresh(
+        """
+        import time
+        async def main():
+            task = asyncio.ensure_future(ashard.call(time.sleep, 30))
+            await asyncio.sleep(0)  # it has launched its worker and is importing
+            assert len(launched) == 1
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            await ashard.shutdown()
+            for _ in range(100):
+                if not psutil.Process().children():
+                    break
+                await asyncio.sleep(0.05)
+            assert psutil.Process().children() == [], psutil.Process().children()
+            print("ok")
+        asyncio.run(main())
+        """
+    )
+    assert out == "ok"
+
+
+def test_an_explicit_pool_launches_nothing_ahead() -> None:
+    out = run_fresh(
+        """
+        async def main():
+            async with ashard.Pool(1) as pool:
+                assert await pool.call(abs, -1) == 1
+                assert await pool.map(abs, [-1], chunk_size=1) == [1]
+                assert _spawn._ahead is None
+            print(len(launched))  # the pool's one worker, nothing ahead
+        asyncio.run(main())
+        """
+    )
+    assert out == "1"
