@@ -49,6 +49,7 @@ class AttemptLog:
         self.offsets = array("q")  # into `durations`, or -1: split the span evenly
         self.durations = array("f")
         self.host = _host()
+        self.hosts: dict[int, str] = {}  # pid -> machine, for workers on other machines
 
     def __len__(self) -> int:
         return len(self.firsts)
@@ -116,7 +117,7 @@ class AttemptLog:
                 "shard_id": pa.array(columns[0], pa.int64()),
                 "attempt": pa.array(columns[1], pa.int32()),
                 "worker": pa.array(columns[2], pa.int64()),
-                "host": pa.array([self.host] * len(runs), pa.string()),
+                "host": pa.array([self.hosts.get(p, self.host) for p in columns[2]], pa.string()),
                 "start": pa.array(columns[3], pa.float64()),
                 "end": pa.array(columns[4], pa.float64()),
                 "outcome": pa.array([OUTCOMES[o] for o in columns[5]], pa.string()),

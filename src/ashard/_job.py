@@ -818,8 +818,12 @@ class Job:
         )
 
     def ran_on(self, worker: WorkerInfo) -> None:
-        """`worker` runs (or ran) shards of this job: it gets a row in the diagnostics."""
+        """`worker` runs (or ran) shards of this job: it gets a row in the diagnostics
+        (and its machine, when it says, in `shards_table()`)."""
         self._ran_on[worker.pid] = worker
+        host = getattr(worker, "host", None)
+        if host is not None:
+            self.attempt_log.hosts[worker.pid] = host
 
     def _worker_row(self, pid: int) -> WorkerRow:
         w = self._ran_on[pid]

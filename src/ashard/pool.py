@@ -71,6 +71,11 @@ class Pool:
     `max_tasks` replaces a worker after that many shards or calls; `idle_timeout` lets
     idle workers exit (new ones start on demand).
 
+    `cluster=` runs the pool on a Dask distributed cluster: a scheduler address
+    (``"tcp://host:8786"``), a `distributed.Client` or a cluster object (`LocalCluster`,
+    `SSHCluster`, ...). Each Dask worker then hosts `workers` ashard workers (default:
+    its thread count) with the same supervision; `out=` buffers are refused there.
+
     Nothing a worker sends is trusted: a message larger than `max_message` (or that
     is not a valid one) breaks that worker — it is killed and replaced, its shards run
     again — and a result too large to send fails its shard, saying so.
@@ -91,8 +96,14 @@ class Pool:
         hard_cap: float = 1.5,
         health_check_interval: float = 1.0,
         max_message: int | str = "2GiB",
+        cluster: object = None,
     ) -> None:
-        size = check_positive_int("workers", workers, allow_none=True) or os.cpu_count() or 1
+        per_node = check_positive_int("workers", workers, allow_none=True)
+        if cluster is not None:
+            from ashard._dask import check_cluster
+
+            check_cluster(cluster)
+        size = per_node or os.cpu_count() or 1
         policy = health_policy(
             mem_cap=mem_cap, hard_cap=hard_cap, recycle=recycle,
             health_check_interval=health_check_interval, max_tasks=max_tasks,
@@ -104,7 +115,13 @@ class Pool:
             env=check_env(env), init=init_payload, max_frame=max_frame,
             memory_limit=policy.hard_cap,
         )  # fmt: skip
-        self._backend: Backend = Scheduler(size, config, policy)
+        self._backend: Backend
+        if cluster is None:
+            self._backend = Scheduler(size, config, policy)
+        else:
+            from ashard._dask import DaskBackend
+
+            self._backend = DaskBackend(cluster, per_node, config, policy)
         global _atexit_registered
         if not _atexit_registered:
             atexit.register(kill_all_now)
