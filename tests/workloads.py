@@ -569,3 +569,24 @@ def sleep_then_print(shard: Shard, seconds: float = 1.0) -> int:
     time.sleep(seconds)
     print(f"worker line {shard.id}")
     return shard.id
+
+
+# -- a Dask cluster (test_dask.py) ---------------------------------------------------------
+
+
+def logged_sleep(shard: Shard, log: str, seconds: float = 0.2) -> tuple[int, int]:
+    """Append this run (shard id, attempt, pid) to `log`, sleep, return (id, attempt)."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{shard.id} {shard.attempt} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    time.sleep(seconds)
+    return shard.id, shard.attempt
+
+
+def borrowed_sum(shard: Shard, X: np.ndarray, hold: float = 0.0) -> float:
+    """Touch every page of the borrowed `X`, then hold on for `hold` seconds."""
+    value = float(X[shard.id :: 4096].sum())
+    time.sleep(hold)
+    return value

@@ -117,6 +117,7 @@ class _Batch:
     event: anyio.Event = field(default_factory=anyio.Event)
     reports: list[tuple[Any, ...]] | None = None
     error: BaseException | None = None
+    abandoned: bool = False  # the call is over: its result is not wanted
 
 
 @dataclass(eq=False)
@@ -127,6 +128,7 @@ class _Call:
     key: str
     spec: Any  # the Dask future of the scattered `_NodeJob`
     nodes: set[_Node] = field(default_factory=set)
+    running: dict[_Batch, Any] = field(default_factory=dict)  # batch -> its Dask future
 
 
 class RemoteWorker:
@@ -319,6 +321,7 @@ class DaskBackend:
                 await batch.event.wait()
             finally:
                 node.batches.discard(batch)
+            call.running.pop(batch, None)
             if batch.reports is not None:
                 self._replay(job, batch, node)
             elif batch.error is not None and not node.gone:
@@ -338,20 +341,8 @@ class DaskBackend:
             allow_other_workers=False, retries=0, pure=False,
         )  # fmt: skip
 
-        def done(f: Any) -> None:
-            try:
-                if f.status == "finished":
-                    reports, error = f.result(), None
-                elif f.status == "error":
-                    reports, error = None, f.exception()
-                else:  # cancelled, or lost with its node
-                    reports, error = None, None
-            except BaseException as exc:
-                reports, error = None, exc
-            with contextlib.suppress(Exception):  # the caller's loop is gone: nobody waits
-                anyio.from_thread.run_sync(_finish, batch, reports, error, token=token)
-
-        future.add_done_callback(done)
+        call.running[batch] = future
+        future.add_done_callback(_when_done(batch, token))
 
     def _replay(self, job: Job, batch: _Batch, node: _Node) -> None:
         """Tell the job what the node's scheduler told the relay, in order."""
@@ -386,10 +377,11 @@ class DaskBackend:
         client = self._client
         if client is None:
             return
-        keys = [b for n in call.nodes for b in n.batches]
+        for batch in call.running:
+            batch.abandoned = True
         try:
-            if keys:
-                client.cancel([f"{call.key}-{b.chunk.seq}" for b in keys])
+            if call.running:
+                client.cancel(list(call.running.values()))
             client.run(end_job, self._name, call.key, cancelled, on_error="ignore")
             client.cancel([call.spec])
         except Exception:  # the cluster is going away: its workers end ours
@@ -422,7 +414,7 @@ class DaskBackend:
                     key=f"{self._name}-call-{batch.chunk.seq}", workers=[node.address],
                     allow_other_workers=False, retries=0, pure=False,
                 )  # fmt: skip
-                future.add_done_callback(_call_done(batch, token))
+                future.add_done_callback(_when_done(batch, token, wrap=True))
                 try:
                     await batch.event.wait()
                 except BaseException:
@@ -450,18 +442,24 @@ def _finish(batch: _Batch, reports: Any, error: BaseException | None) -> None:
     batch.event.set()
 
 
-def _call_done(batch: _Batch, token: Any) -> Callable[[Any], None]:
+def _when_done(batch: _Batch, token: Any, wrap: bool = False) -> Callable[[Any], None]:
+    """A Dask future's done-callback (it runs in a thread of Dask's): take the task's
+    reports, or how it failed, and wake the task waiting for `batch` in the caller's
+    loop (`token`). `wrap`: the value is one report (a call's outcome)."""
+
     def done(f: Any) -> None:
+        if batch.abandoned:
+            return
+        reports: Any = None
+        error: BaseException | None = None
         try:
             if f.status == "finished":
-                reports, error = [f.result()], None
+                reports = [f.result()] if wrap else f.result()
             elif f.status == "error":
-                reports, error = None, f.exception()
-            else:
-                reports, error = None, None
-        except BaseException as exc:
-            reports, error = None, exc
-        with contextlib.suppress(Exception):
+                error = f.exception()
+        except BaseException as exc:  # cancelled or released meanwhile
+            error = exc
+        with contextlib.suppress(Exception):  # the caller's loop is gone: nobody waits
             anyio.from_thread.run_sync(_finish, batch, reports, error, token=token)
 
     return done
@@ -545,12 +543,16 @@ class _NodeJob:
 
 
 def _node_host(name: str) -> NodeHost:
-    from distributed import get_worker
+    """This node's host of pool `name`, for a task that will wait on it: the task
+    leaves Dask's thread pool (`secede`), so that how many chunks a node runs at once is
+    its ashard workers' count, not its Dask threads'."""
+    from distributed import get_worker, secede
 
     plugin: Any = get_worker().plugins.get(name)
-    if plugin is None:
+    if plugin is None or plugin.host is None:
         raise RuntimeError(f"this Dask worker has no ashard plugin {name!r} (the pool closed?)")
     host: NodeHost = plugin.host
+    secede()
     return host
 
 

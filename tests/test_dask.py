@@ -1,0 +1,239 @@
+"""A pool on a Dask cluster (`Pool(cluster=...)`): the same API and semantics as a
+local pool, with real clusters — a `LocalCluster(processes=True)` for the session,
+and `dask scheduler` / `dask worker` as separate processes where a test kills a whole
+Dask worker or needs a broken one."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import psutil
+import pytest
+
+import ashard
+import workloads
+from daskcluster import CliCluster
+
+distributed = pytest.importorskip("distributed")  # the test extra installs it
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="session")
+def dask_cluster() -> Iterator[Any]:
+    """Two Dask worker processes (one thread each) on 127.0.0.1, for the session."""
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        yield cluster
+
+
+def _dask_worker_pids(cluster: Any) -> list[int]:
+    with distributed.Client(cluster, set_as_default=False) as client:
+        return list(client.run(os.getpid).values())
+
+
+def _ashard_workers_under(pids: list[int]) -> list[psutil.Process]:
+    found = []
+    for pid in pids:
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                if "ashard._worker" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.NoSuchProcess:
+                pass
+    return found
+
+
+async def test_results_seeds_map_call_and_hosts(dask_cluster: Any) -> None:
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        assert pool.workers == 2  # one ashard worker per Dask worker thread
+        res = await pool.shard_map(12, workloads.random_draws, seed=7)
+        assert await pool.map(workloads.square, range(50)) == [x * x for x in range(50)]
+        assert await pool.call(workloads.square, 12) == 144
+        ids = await pool.shard_map(range(10), workloads.shard_items)
+    async with ashard.Pool(2) as local:
+        here = await local.shard_map(12, workloads.random_draws, seed=7)
+        ids_here = await local.shard_map(range(10), workloads.shard_items)
+    assert [r[0] for r in res.results] == [r[0] for r in here.results]  # same shard.rng
+    assert [list(i) for i in ids.results] == [list(i) for i in ids_here.results]
+    assert sum(len(i) for i in ids.results) == 10
+    table = res.diagnostics.shards_table()
+    assert sorted(table.column("shard_id").to_pylist()) == list(range(len(res.results)))
+    assert set(table.column("host").to_pylist()) == {"127.0.0.1"}
+    assert len(res.diagnostics.per_worker) == len(res.diagnostics.workers) >= 1
+    assert f"{len(res.results)} shards" in res.diagnostics.summary()
+
+
+async def test_timeouts_stop_shards_in_python_and_in_c(dask_cluster: Any) -> None:
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        for fn in (workloads.python_sleep, workloads.blocked_sleep):
+            t0 = time.monotonic()
+            res = await pool.shard_map(4, fn, timeout=0.5, max_retries=1, errors="collect")
+            assert time.monotonic() - t0 < 20  # not the 60 s the shard sleeps
+            assert [type(f) for f in res.failures] == [ashard.ShardTimeout]
+            assert res.failures[0].shard is not None and res.failures[0].shard.id == 1
+            assert res.failures[0].attempts == 2
+            assert [res.results[i] for i in (0, 2, 3)] == [0, 2, 3]
+        assert await pool.call(workloads.square, 3) == 9  # the pool is still whole
+
+
+async def test_worker_crash_retried_and_poison_shard_bounded(dask_cluster: Any) -> None:
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        res = await pool.shard_map(6, workloads.die_first_attempt, max_retries=2)
+        assert res.results == [0, 10, 20, 30, 40, 50]
+        assert res.diagnostics.crashes == 1 and res.diagnostics.retries == 1
+        res = await pool.shard_map(6, workloads.die_always, max_retries=2, errors="collect")
+        assert [type(f) for f in res.failures] == [ashard.WorkerCrashed]
+        assert res.failures[0].attempts == 3  # bounded: max_retries + 1 runs
+        assert res.results[:2] == [0, 10] and res.results[3:] == [30, 40, 50]
+
+
+async def test_errors_keep_their_type_and_the_remote_traceback(dask_cluster: Any) -> None:
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        with pytest.raises(ashard.ShardMapError) as info:
+            await pool.shard_map(6, workloads.fail_on)
+        failure = info.value.exceptions[0]
+        assert isinstance(failure, ashard.ShardFailed)
+        assert isinstance(failure.__cause__, ValueError)
+        assert "fail_on" in str(failure.__cause__.__cause__)  # the worker's traceback
+        with pytest.raises(ZeroDivisionError) as call_info:
+            await pool.call(divmod, 1, 0)
+        assert "Traceback" in str(call_info.value.__cause__)
+        with pytest.raises(TypeError, match="fn"):  # cannot be pickled: nothing runs
+            await pool.shard_map(2, _Unpicklable())
+
+
+class _Unpicklable:
+    def __call__(self, shard: Any) -> None:
+        pass
+
+    def __reduce__(self) -> Any:
+        raise TypeError("not for the wire")
+
+
+async def test_out_buffers_are_refused_naming_out_and_cluster(dask_cluster: Any) -> None:
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        Y = ashard.buffer("f8", 4)
+        with pytest.raises(ValueError, match=r"out=.*cluster="):
+            await pool.shard_map(4, workloads.shard_sum, out={"Y": Y})
+        del Y
+        assert await pool.map(workloads.square, [2]) == [4]  # nothing changed
+
+
+async def test_stream_early_exit_and_cancellation_stop_running_shards(
+    dask_cluster: Any, tmp_path: Path
+) -> None:
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        t0 = time.monotonic()
+        with anyio.move_on_after(1.5):
+            await pool.shard_map(4, workloads.shard_touch_sleep_touch, borrow={"directory": str(tmp_path)})  # fmt: skip
+        started = sorted(p.name for p in tmp_path.iterdir())
+        assert started and all(n.startswith("started-") for n in started)
+        # both slots are free again at once: the cancelled shards were interrupted
+        with anyio.fail_after(10):
+            assert await pool.map(workloads.square, [1, 2, 3]) == [1, 4, 9]
+        async with pool.shard_stream(20, workloads.sleep_shard, ordered=True) as stream:
+            async for done in stream:
+                if done.shard.id == 2:
+                    break
+        assert await pool.call(workloads.square, 5) == 25
+        await anyio.sleep(max(0.0, t0 + 5.5 - time.monotonic()))  # past the 5 s sleep
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith("done-")]
+
+
+async def test_borrow_is_held_once_per_node(dask_cluster: Any) -> None:
+    X = np.random.default_rng(0).random(25_000_000)  # 200 MB
+    dask_pids = _dask_worker_pids(dask_cluster)
+    async with ashard.Pool(workers=2, cluster=dask_cluster) as pool:
+        readings: list[int] = []
+
+        async def measure() -> None:
+            await anyio.sleep(2.0)
+            for p in _ashard_workers_under(dask_pids):
+                readings.append(p.memory_full_info().uss)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(measure)
+            res = await pool.shard_map(8, workloads.borrowed_sum, borrow={"X": X, "hold": 3.0})
+    assert res.results == [float(X[i::4096].sum()) for i in range(8)]
+    assert len(readings) == 4  # 2 Dask workers x 2 ashard workers, all reading X
+    assert sum(readings) < X.nbytes // 2, [r >> 20 for r in readings]  # shared, not copied
+
+
+async def test_closing_leaves_the_cluster_usable_and_no_ashard_process(dask_cluster: Any) -> None:
+    dask_pids = _dask_worker_pids(dask_cluster)
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        assert await pool.map(workloads.square, range(4)) == [0, 1, 4, 9]
+        assert len(_ashard_workers_under(dask_pids)) == 2
+    assert _ashard_workers_under(dask_pids) == []
+    with distributed.Client(dask_cluster, set_as_default=False) as client:
+        assert client.submit(sum, [1, 2]).result() == 3
+        assert not [n for n in client.run(lambda dask_worker: list(dask_worker.plugins)).values()
+                    for p in n if p.startswith("ashard")]  # fmt: skip
+
+
+async def test_a_killed_dask_worker_loses_nothing(tmp_path: Path) -> None:
+    log = tmp_path / "runs.log"
+    with CliCluster(tmp_path, workers=2, nthreads=2) as cluster:
+        async with ashard.Pool(cluster=cluster.address) as pool:
+            assert pool.workers == 4
+
+            async def kill_when_running() -> None:
+                while not log.exists() or len(log.read_text().splitlines()) < 4:
+                    await anyio.sleep(0.02)
+                cluster.kill_worker(0)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(kill_when_running)
+                res = await pool.shard_map(
+                    ashard.shards(24, block_size=1), workloads.logged_sleep, borrow={"log": str(log), "seconds": 0.4},
+                    max_retries=2, chunk_size=1,
+                )  # fmt: skip
+            assert sorted(r[0] for r in res.results) == list(range(24))  # each once
+            runs = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
+            ran = {sid for sid, _, _ in runs}
+            assert ran == set(range(24))
+            rerun = {sid for sid, attempt, _ in runs if attempt > 1}
+            assert rerun, "the killed node's shards ran again"
+            assert res.diagnostics.crashes >= 1
+            for sid in rerun:  # charged: the result is from its later run
+                assert res.results[sid][1] > 1
+            assert await pool.map(workloads.square, range(6)) == [0, 1, 4, 9, 16, 25]
+        assert cluster.ashard_workers() == []
+
+
+async def test_cluster_errors_say_what_to_do(tmp_path: Path, monkeypatch: Any) -> None:
+    import ashard._dask
+
+    with pytest.raises(TypeError, match="cluster must be"):
+        ashard.Pool(cluster=42)
+    monkeypatch.setattr(ashard._dask, "CONNECT_TIMEOUT", 1.0)
+    with pytest.raises(ashard.WorkerStartError, match="tcp://127.0.0.1:9"):
+        async with ashard.Pool(cluster="tcp://127.0.0.1:9"):
+            pass
+    preload = tmp_path / "hide_ashard.py"
+    preload.write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'ashard' or name.startswith('ashard.'):\n"
+        "            raise ModuleNotFoundError(\"No module named 'ashard'\", name='ashard')\n"
+        "sys.meta_path.insert(0, Hide())\n"
+    )
+    with CliCluster(tmp_path, workers=1, preload=str(preload)) as cluster:
+        with pytest.raises(ashard.WorkerStartError, match="cannot import ashard"):
+            async with ashard.Pool(cluster=cluster.address):
+                pass
+    other = tmp_path / "other_version.py"
+    other.write_text("import ashard\nashard.__version__ = '0.0.1-other'\n")
+    with CliCluster(tmp_path, workers=1, preload=str(other)) as cluster:
+        with pytest.raises(ashard.WorkerStartError, match="same version"):
+            async with ashard.Pool(cluster=cluster.address):
+                pass
