@@ -148,6 +148,7 @@ async def test_stream_early_exit_and_cancellation_stop_running_shards(
         assert not [p for p in tmp_path.iterdir() if p.name.startswith("done-")]
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # slow: one backend is enough here
 async def test_borrow_is_held_once_per_node(dask_cluster: Any) -> None:
     X = np.random.default_rng(0).random(25_000_000)  # 200 MB
     dask_pids = _dask_worker_pids(dask_cluster)
@@ -179,6 +180,7 @@ async def test_closing_leaves_the_cluster_usable_and_no_ashard_process(dask_clus
                     for p in n if p.startswith("ashard")]  # fmt: skip
 
 
+@pytest.mark.parametrize("anyio_backend", ["trio"])  # slow: trio, the bridged one
 async def test_a_killed_dask_worker_loses_nothing(tmp_path: Path) -> None:
     log = tmp_path / "runs.log"
     with CliCluster(tmp_path, workers=2, nthreads=2) as cluster:
@@ -209,6 +211,7 @@ async def test_a_killed_dask_worker_loses_nothing(tmp_path: Path) -> None:
         assert cluster.ashard_workers() == []
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_cluster_errors_say_what_to_do(tmp_path: Path, monkeypatch: Any) -> None:
     import ashard._dask
 

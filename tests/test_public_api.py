@@ -68,6 +68,19 @@ def test_worker_import_is_light() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_a_local_pool_never_imports_dask() -> None:
+    code = (
+        "import sys, asyncio, ashard\n"
+        "async def main():\n"
+        "    async with ashard.Pool(1) as pool:\n"
+        "        assert await pool.call(abs, -1) == 1\n"
+        "asyncio.run(main())\n"
+        "print(sorted(m for m in ('dask', 'distributed') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_all_is_exactly_the_public_names() -> None:
     for module in pkgutil.walk_packages(ashard.__path__, "ashard."):
         if module.name != "ashard.__main__" and not module.name.startswith("ashard._worker.__"):

@@ -72,6 +72,10 @@ TARGET_CHUNK_SECONDS = 0.01
 LONG_CHUNK_SECONDS = 0.005
 """Chunks at least this long go one at a time per worker (balance over latency)."""
 HIDE_LATENCY_SECONDS = 0.001
+TRIPS_PER_CHUNK = 5
+"""A chunk carries at least this many times its trip to a far worker in work."""
+FAR_LONG_TRIPS = 50
+"""Far workers hold one chunk at a time only when it is this many trips long."""
 MAX_WINDOW = 8
 MAX_GROWTH = 8
 LOCAL = -2
@@ -240,6 +244,7 @@ class Job:
         self._ran_on: dict[int, WorkerInfo] = {}  # every worker the job ran on, by pid
         self._per_pid: dict[int, list[float]] = {}  # pid -> [shards, busy seconds]
         self._target = TARGET_CHUNK_SECONDS * PROFILES[opts.profile].chunk
+        self._latency = HIDE_LATENCY_SECONDS  # of a trip to a worker
         self.t0 = time.perf_counter()
         self._changed: anyio.Event | None = None
         self.attempt_log = AttemptLog()
@@ -353,9 +358,15 @@ class Job:
         errors.sort(key=lambda e: e[0])
         return values, errors
 
-    def served_by(self, workers: int) -> None:
-        """`workers` will run its chunks (automatic chunks leave work for each)."""
+    def served_by(self, workers: int, latency: float | None = None) -> None:
+        """`workers` will run its chunks (automatic chunks leave work for each), each
+        chunk reaching its worker `latency` seconds after it is taken (a backend far
+        from its workers says so: chunks then grow to carry more work each, and a
+        worker holds enough of them to hide the trip)."""
         self.workers = max(1, workers)
+        if latency is not None and latency > self._latency:
+            self._latency = latency
+            self._target = max(self._target, TRIPS_PER_CHUNK * latency)
 
     # -- notification -----------------------------------------------------------------
 
@@ -416,12 +427,13 @@ class Job:
 
     def window(self) -> int:
         """How many chunks a worker should hold at once."""
+        far = self._latency > HIDE_LATENCY_SECONDS
         if self.per_shard is None:
-            return 1  # until a first result says how long shards take
+            return 2 if far else 1  # until a first result says how long shards take
         chunk_time = self.per_shard * self._last_size
-        if chunk_time >= LONG_CHUNK_SECONDS:
+        if chunk_time >= (FAR_LONG_TRIPS * self._latency if far else LONG_CHUNK_SECONDS):
             return 1
-        return min(MAX_WINDOW, max(2, 1 + math.ceil(HIDE_LATENCY_SECONDS / max(chunk_time, 1e-6))))
+        return min(MAX_WINDOW, max(2, 1 + math.ceil(self._latency / max(chunk_time, 1e-6))))
 
     def _next_size(self) -> int:
         size = self.opts.chunk_size
