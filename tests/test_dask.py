@@ -71,6 +71,24 @@ async def test_results_seeds_map_call_and_hosts(dask_cluster: Any) -> None:
     assert f"{len(res.results)} shards" in res.diagnostics.summary()
 
 
+async def test_worker_output_reaches_the_callers_streams(dask_cluster: Any) -> None:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            res = await pool.shard_map(6, workloads.print_then_sum, borrow={"X": np.ones(3)})
+            await pool.call(print, "from a call")
+    assert res.results == [3] * len(res.results)
+    lines = out.getvalue().splitlines()
+    for i in range(len(res.results)):
+        assert f"line from shard {i} " + "x" * 200 in lines  # whole lines, each once
+        assert f"err from shard {i}" in err.getvalue().splitlines()
+    assert "from a call" in lines
+    assert len(lines) == len(res.results) + 1
+
+
 async def test_timeouts_stop_shards_in_python_and_in_c(dask_cluster: Any) -> None:
     async with ashard.Pool(cluster=dask_cluster) as pool:
         for fn in (workloads.python_sleep, workloads.blocked_sleep):
@@ -125,6 +143,41 @@ async def test_out_buffers_are_refused_naming_out_and_cluster(dask_cluster: Any)
             await pool.shard_map(4, workloads.shard_sum, out={"Y": Y})
         del Y
         assert await pool.map(workloads.square, [2]) == [4]  # nothing changed
+
+
+async def test_table_sink_and_results_on_disk_exactly_once(
+    dask_cluster: Any, tmp_path: Path
+) -> None:
+    from test_tables import assert_exactly_once
+
+    layout = ashard.shards(24, block_size=4)
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        with ashard.table_sink(tmp_path / "rows") as sink:
+            res = await pool.shard_map(layout, workloads.write_then, out={"rows": sink},
+                                       max_retries=2)  # fmt: skip
+            assert res.results == list(range(6))
+            assert res.diagnostics.crashes == 1  # shard 1 died after writing, once
+            assert_exactly_once(sink, set(range(6)), layout)
+            assert set(sink.read().column("attempt").to_pylist()) == {1, 2}
+        res = await pool.shard_map(layout, workloads.shard_sum, results="disk")
+        with res:
+            assert list(res.results) == [sum(s.idx) for s in layout]
+            assert len(res.refs) == 6 and all(os.path.exists(r.path) for r in res.refs)
+        big = await pool.call(np.ones, 300_000)  # 2.4 MB: back through Dask, whole
+        assert big.shape == (300_000,) and float(big.sum()) == 300_000.0
+
+
+async def test_a_sink_the_nodes_cannot_see_is_refused_naming_it(tmp_path: Path) -> None:
+    import ashard._dask
+
+    unseen = ashard._dask._unseen_places  # what each node checks when a call reaches it
+    spec = ashard._dask._NodeJob(0, b"", None, None, [], {}, None)  # type: ignore[arg-type]
+    assert await anyio.to_thread.run_sync(unseen, spec, "w") is None
+    place = ashard._places.Place(str(tmp_path / "nowhere"))
+    ref = ashard._protocol.SinkRef("sink", place, "parquet", None, "t")
+    spec = ashard._dask._NodeJob(0, b"", None, None, [], {"rows": ref}, None)  # type: ignore[arg-type]
+    error = await anyio.to_thread.run_sync(unseen, spec, "tcp://node:1")
+    assert error is not None and "nowhere" in str(error) and "out['rows']" in str(error)
 
 
 async def test_stream_early_exit_and_cancellation_stop_running_shards(

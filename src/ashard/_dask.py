@@ -32,8 +32,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import itertools
+import os
 import secrets
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,13 +49,14 @@ from ashard._handle import WorkerConfig
 from ashard._health import HealthPolicy
 from ashard._job import Chunk
 from ashard._outcomes import CRASHED, Loss, failure
+from ashard._output import write_text
 from ashard.errors import RemoteTraceback, WorkerStartError
 from ashard.results import PoolStats
 
 if TYPE_CHECKING:
     from ashard._job import Job
     from ashard._options import CallOptions
-    from ashard._protocol import Result
+    from ashard._protocol import Result, SinkRef
     from ashard._scheduler import Scheduler
 
 __all__ = ["AshardPlugin", "DaskBackend", "check_cluster"]
@@ -288,7 +289,9 @@ class DaskBackend:
         """What every task of the job needs: the job's function and options go with
         each task (small); its borrow is scattered to every node once (off the loop),
         landing in each node's shared memory (`_Landing`)."""
-        spec = _NodeJob(job.kind, job.fn, job.opts, job.layout, job.sys_path)
+        out = {name: sink.spec() for name, sink in job.out.items()}  # table sinks only
+        results = job.store.spec() if job.store is not None else None
+        spec = _NodeJob(job.kind, job.fn, job.opts, job.layout, job.sys_path, out, results)
         key = f"{self._name}-{next(self._keys)}"
         borrow = None
         if job.borrow:
@@ -399,6 +402,8 @@ class DaskBackend:
                 job.ran_on(RemoteWorker(pid, node.host, peak, ended, alive))
             elif kind == "abort":
                 job.abort(report[1])
+            elif kind == "output":
+                write_text(report[1], report[2])
 
     def _end(self, call: _Call, cancelled: bool) -> None:
         """The call is over (blocking): stop what runs of it and let its data go."""
@@ -452,6 +457,8 @@ class DaskBackend:
                 node.batches.discard(batch)
             if batch.reports is not None:
                 outcome = batch.reports[0]
+                for name, text in outcome[-1]:
+                    write_text(name, text)
                 if outcome[0] == "value":
                     return outcome[1]
                 raise _rebuilt(outcome)
@@ -550,7 +557,7 @@ def _start_error(address: str, exc: BaseException) -> WorkerStartError:
 def _rebuilt(outcome: tuple[Any, ...]) -> BaseException:
     """A call's exception as the node sent it: itself where it unpickles, with the
     worker's traceback as its cause."""
-    _, exc, cause = outcome
+    _, exc, cause, _lines = outcome
     if cause is not None and exc.__cause__ is None:
         exc.__cause__ = RemoteTraceback(cause)
     return exc  # type: ignore[no-any-return]
@@ -634,6 +641,8 @@ class _NodeJob:
     opts: CallOptions
     layout: Any
     sys_path: list[str]
+    out: dict[str, SinkRef]  # table sinks, as specs
+    results: SinkRef | None  # where results="table" / "disk" go
 
 
 def _node_host(name: str) -> NodeHost:
@@ -773,12 +782,18 @@ class NodeHost:
         if relay is None:
             landed = {name: _landed(value) for name, value in (borrow or {}).items()}
             relay = self._relays[key] = _Relay(spec, landed)
+            unseen = _unseen_places(spec, self.where)
+            if unseen is not None:
+                relay.abort(unseen)
             task = asyncio.ensure_future(self._serve(key, relay))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         relay.push(work)
 
     async def _serve(self, key: str, relay: _Relay) -> None:
+        from ashard._output import redirect
+
+        redirect(relay.output)  # worker lines go back to the caller with the chunks
         try:
             await self.scheduler.run(relay)  # type: ignore[arg-type]
         except BaseException as exc:
@@ -816,7 +831,7 @@ class NodeHost:
             def settle(t: asyncio.Task[Any]) -> None:
                 self._calls.pop(key, None)
                 if t.cancelled():
-                    result.set_result(("raised", _cancelled(), None))
+                    result.set_result(("raised", _cancelled(), None, []))
                 elif t.exception() is not None:
                     result.set_exception(t.exception())
                 else:
@@ -830,14 +845,18 @@ class NodeHost:
     async def _call(
         self, fn: Any, args: Any, kwargs: Any, timeout: Any, max_retries: int
     ) -> tuple[Any, ...]:
+        from ashard._output import redirect
+
+        lines: list[tuple[str, str]] = []
+        redirect(lambda name, text: lines.append((name, text)))
         try:
             value = await self.scheduler.call(fn, args, kwargs, timeout, max_retries)
         except Exception as exc:
             cause = exc.__cause__
             text = cause.text if isinstance(cause, RemoteTraceback) else None
             exc.__cause__ = None
-            return ("raised", _portable(exc), text)
-        return ("value", value)
+            return ("raised", _portable(exc), text, lines)
+        return ("value", value, lines)
 
     def cancel_call(self, key: str) -> None:
         self._soon(self._cancel_call, key)
@@ -875,6 +894,33 @@ def _cancelled() -> BaseException:
     return RuntimeError("the call was cancelled")
 
 
+class _Store:
+    """The caller's results store as a node's scheduler needs it: where to write."""
+
+    def __init__(self, ref: SinkRef) -> None:
+        self._ref = ref
+
+    def spec(self) -> SinkRef:
+        return self._ref
+
+
+def _unseen_places(spec: _NodeJob, where: str) -> ValueError | None:
+    """Why this node cannot write where the call's outputs go (a local directory it
+    does not see), or None."""
+    named = [(f"out[{name!r}]", ref) for name, ref in spec.out.items()]
+    if spec.results is not None:
+        named.append(("results_path", spec.results))
+    for what, ref in named:
+        place = ref.place
+        if place.local and not os.path.isdir(place.root):
+            return ValueError(
+                f"{what}: the directory {place.root} is not visible on the Dask worker "
+                f"{where}; with cluster=, table sinks and results_path need a location every "
+                "node sees (a shared directory or an object-store URI)"
+            )
+    return None
+
+
 class _Relay:
     """The caller's job as a node's local scheduler sees it (`ashard._backend`'s side
     of a job): chunks come from tasks, one per worker process at a time, and each
@@ -884,8 +930,8 @@ class _Relay:
         self.kind = spec.kind
         self.fn = spec.fn
         self.borrow = borrow
-        self.out: dict[str, Any] = {}
-        self.store = None
+        self.out: dict[str, Any] = dict(spec.out)
+        self.store = None if spec.results is None else _Store(spec.results)
         self.opts = spec.opts
         self.layout = spec.layout
         self.sys_path = spec.sys_path
@@ -893,12 +939,24 @@ class _Relay:
         self._of: dict[Chunk, _Work] = {}
         self._workers: dict[int, Any] = {}
         self._closed = self._cancelled = False
+        self._error: BaseException | None = None  # what ended it early, for late chunks
+        self._lines: list[tuple[str, str, str]] = []  # printed while no chunk ran
+        self._current: _Work | None = None  # whose lines are being read
         self._changed: anyio.Event | None = None
-        self._made = time.monotonic()
+
+    def output(self, name: str, text: str) -> None:
+        """Lines a worker of this call printed: they go back with a chunk of the call
+        that is running (or the next one to end)."""
+        work = self._current or next(iter(self._of.values()), None)
+        if work is not None:
+            work.reports.append(("output", name, text))
+        else:
+            self._lines.append(("output", name, text))
 
     def push(self, work: _Work) -> None:
         if self._closed:
-            work.done.set_result([("abort", RuntimeError("the call is over on this node"))])
+            error = self._error or RuntimeError("the call is over on this node")
+            work.done.set_result([("abort", error)])
             return
         self._queue.append(work)
         self.notify()
@@ -937,6 +995,7 @@ class _Relay:
 
     def abort(self, exc: BaseException | None = None) -> None:
         if exc is not None:
+            self._error = self._error or exc
             for work in [*self._queue, *self._of.values()]:
                 work.reports.append(("abort", exc))
         self.close(cancelled=True)
@@ -951,6 +1010,9 @@ class _Relay:
         if not self.has_work():
             return None
         work = self._queue.popleft()
+        if self._lines:
+            work.reports.extend(self._lines)
+            self._lines.clear()
         chunk = Chunk(seq, work.first, work.count, work.attempts, work.items)
         self._of[chunk] = work
         return chunk
@@ -973,6 +1035,8 @@ class _Relay:
         work = self._of[chunk]
         chunk.done = k0 + len(values)
         work.pids.add(pid)
+        if final:
+            self._read_output(work, pid)  # what its shards printed goes back with it
         work.reports.append(("deliver", k0, values, errors, elapsed, final, pid, writes, commits))
         if final:
             self._chunk_over(chunk)
@@ -997,6 +1061,17 @@ class _Relay:
             work.pids.add(loss.pid)
             work.reports.append(("lost", loss, timed_out))
             self._chunk_over(chunk)
+
+    def _read_output(self, work: _Work, pid: int) -> None:
+        worker = self._workers.get(pid)
+        output = getattr(worker, "output", None)
+        if output is None:
+            return
+        self._current = work
+        try:
+            output.drain()
+        finally:
+            self._current = None
 
     def _chunk_over(self, chunk: Chunk) -> None:
         work = self._of.pop(chunk)

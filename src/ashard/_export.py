@@ -48,6 +48,8 @@ def export(borrow: dict[str, Any], out: dict[str, Any], cow: str) -> Exported:
         for name, value in out.items():
             if isinstance(value, TableSink):
                 exported.kwargs[name] = value.spec()
+            elif isinstance(value, SinkRef):  # a sink's spec, sent ahead to a cluster node
+                exported.kwargs[name] = value
             else:
                 exported.kwargs[name] = _ref(exported, value.segment, value, "rw")
         if len(exported.segments) > MAX_FDS:

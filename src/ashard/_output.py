@@ -13,12 +13,18 @@ holds it (its start, `init`) goes to the parent's streams of the moment.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import select
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
-__all__ = ["WorkerOutput"]
+__all__ = ["WorkerOutput", "redirect", "write_text"]
+
+_redirect: contextvars.ContextVar[Callable[[str, str], None] | None] = contextvars.ContextVar(
+    "ashard_output", default=None
+)
 
 _READ = 1 << 16
 _MAX_PARTIAL = 1 << 20
@@ -89,11 +95,26 @@ class WorkerOutput:
                 f.close()
 
 
+def redirect(to: Callable[[str, str], None]) -> None:
+    """In this context (and the tasks it starts), worker lines go to ``to(name, text)``
+    instead of `sys.stdout` / `sys.stderr`: a cluster node sends them to the caller."""
+    _redirect.set(to)
+
+
 def _write(name: str, data: bytes) -> None:
+    write_text(name, data.decode("utf-8", errors="backslashreplace"))
+
+
+def write_text(name: str, text: str) -> None:
+    """Whole lines of a worker's stream `name` ("stdout" or "stderr"), written where
+    this context's output goes."""
+    to = _redirect.get()
+    if to is not None:
+        to(name, text)
+        return
     stream: Any = getattr(sys, name, None)
     if stream is None:
         return
-    text = data.decode("utf-8", errors="backslashreplace")
     try:
         stream.write(text)
         stream.flush()
