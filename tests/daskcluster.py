@@ -4,6 +4,7 @@ process tree, as a machine that dies would take it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,7 +40,7 @@ class CliCluster:
 
     def __enter__(self) -> CliCluster:
         file = self.tmp / "scheduler.json"
-        log = open(self.tmp / "scheduler.log", "wb")  # noqa: SIM115 - lives with the process
+        log = open(self.tmp / "scheduler.log", "wb")
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
              "--port", "0", "--no-dashboard", "--scheduler-file", str(file)],
@@ -83,10 +84,8 @@ class CliCluster:
         proc = psutil.Process(self.workers[i].pid)
         tree = [proc, *proc.children(recursive=True)]
         for p in tree:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
         self.workers[i].wait(10)
         return [p.pid for p in tree]
 
@@ -105,10 +104,8 @@ class CliCluster:
     def __exit__(self, *exc: object) -> None:
         below = []
         for p in self.procs:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 below += psutil.Process(p.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.terminate()
@@ -119,7 +116,5 @@ class CliCluster:
                 p.kill()
                 p.wait()
         for child in below:  # what they left (their ashard workers die with them anyway)
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
-            except psutil.NoSuchProcess:
-                pass

@@ -5,6 +5,7 @@ Dask worker or needs a broken one."""
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 from collections.abc import Iterator
@@ -58,6 +59,9 @@ async def test_results_seeds_map_call_and_hosts(dask_cluster: Any) -> None:
         assert await pool.map(workloads.square, range(50)) == [x * x for x in range(50)]
         assert await pool.call(workloads.square, 12) == 144
         ids = await pool.shard_map(range(10), workloads.shard_items)
+        total = await pool.shard_reduce(ashard.shards(100, block_size=7), workloads.shard_sum,
+                                        operator.add, ordered=True)  # fmt: skip
+        assert total.value == sum(range(100))
     async with ashard.Pool(2) as local:
         here = await local.shard_map(12, workloads.random_draws, seed=7)
         ids_here = await local.shard_map(range(10), workloads.shard_items)
@@ -186,7 +190,8 @@ async def test_stream_early_exit_and_cancellation_stop_running_shards(
     async with ashard.Pool(cluster=dask_cluster) as pool:
         t0 = time.monotonic()
         with anyio.move_on_after(1.5):
-            await pool.shard_map(4, workloads.shard_touch_sleep_touch, borrow={"directory": str(tmp_path)})  # fmt: skip
+            borrow = {"directory": str(tmp_path)}
+            await pool.shard_map(4, workloads.shard_touch_sleep_touch, borrow=borrow)
         started = sorted(p.name for p in tmp_path.iterdir())
         assert started and all(n.startswith("started-") for n in started)
         # both slots are free again at once: the cancelled shards were interrupted
@@ -241,16 +246,15 @@ async def test_a_killed_dask_worker_loses_nothing(tmp_path: Path) -> None:
             assert pool.workers == 4
 
             async def kill_when_running() -> None:
-                while not log.exists() or len(log.read_text().splitlines()) < 4:
+                while not log.exists() or len(log.read_text().splitlines()) < 4:  # noqa: ASYNC110
                     await anyio.sleep(0.02)
                 cluster.kill_worker(0)
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(kill_when_running)
-                res = await pool.shard_map(
-                    ashard.shards(24, block_size=1), workloads.logged_sleep, borrow={"log": str(log), "seconds": 0.4},
-                    max_retries=2, chunk_size=1,
-                )  # fmt: skip
+                borrow = {"log": str(log), "seconds": 0.4}
+                res = await pool.shard_map(ashard.shards(24, block_size=1), workloads.logged_sleep,
+                                           borrow=borrow, max_retries=2, chunk_size=1)  # fmt: skip
             assert sorted(r[0] for r in res.results) == list(range(24))  # each once
             runs = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
             ran = {sid for sid, _, _ in runs}
@@ -271,7 +275,7 @@ async def test_cluster_errors_say_what_to_do(tmp_path: Path, monkeypatch: Any) -
     with pytest.raises(TypeError, match="cluster must be"):
         ashard.Pool(cluster=42)
     monkeypatch.setattr(ashard._dask, "CONNECT_TIMEOUT", 1.0)
-    with pytest.raises(ashard.WorkerStartError, match="tcp://127.0.0.1:9"):
+    with pytest.raises(ashard.WorkerStartError, match=r"tcp://127\.0\.0\.1:9"):
         async with ashard.Pool(cluster="tcp://127.0.0.1:9"):
             pass
     preload = tmp_path / "hide_ashard.py"
@@ -283,13 +287,17 @@ async def test_cluster_errors_say_what_to_do(tmp_path: Path, monkeypatch: Any) -
         "            raise ModuleNotFoundError(\"No module named 'ashard'\", name='ashard')\n"
         "sys.meta_path.insert(0, Hide())\n"
     )
-    with CliCluster(tmp_path, workers=1, preload=str(preload)) as cluster:
-        with pytest.raises(ashard.WorkerStartError, match="cannot import ashard"):
-            async with ashard.Pool(cluster=cluster.address):
-                pass
+    with (
+        CliCluster(tmp_path, workers=1, preload=str(preload)) as cluster,
+        pytest.raises(ashard.WorkerStartError, match="cannot import ashard"),
+    ):
+        async with ashard.Pool(cluster=cluster.address):
+            pass
     other = tmp_path / "other_version.py"
-    other.write_text("import ashard\nashard.__version__ = '0.0.1-other'\n")
-    with CliCluster(tmp_path, workers=1, preload=str(other)) as cluster:
-        with pytest.raises(ashard.WorkerStartError, match="same version"):
-            async with ashard.Pool(cluster=cluster.address):
-                pass
+    other.write_text("import ashard._version\nashard._version.__version__ = '0.0.1-other'\n")
+    with (
+        CliCluster(tmp_path, workers=1, preload=str(other)) as cluster,
+        pytest.raises(ashard.WorkerStartError, match="same version"),
+    ):
+        async with ashard.Pool(cluster=cluster.address):
+            pass

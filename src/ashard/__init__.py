@@ -10,7 +10,7 @@ or anything it does not need: a worker's start is part of a cold start.
 import importlib as _importlib
 import typing as _typing
 
-__version__ = "0.1.0.dev0"
+from ashard._version import __version__ as __version__
 
 __all__ = [
     "Buffer",

@@ -68,6 +68,10 @@ TRIP_SECONDS = 0.05
 CPU spread over the caller, the scheduler and the node (measured on a loaded 2-core
 machine). The job sizes chunks to carry several trips' worth of work, and a node
 holds the next chunk while one runs."""
+MAX_CHUNKS_PER_SECOND = 250.0
+"""About how many chunks a second a pool sends its cluster at most, whatever its size:
+each costs the Dask scheduler and the caller's client ~1-3 ms of CPU (measured), and
+both are single event loops. A large cluster gets larger chunks instead."""
 WATCH_INTERVAL = 0.5
 """Seconds between two looks at which Dask workers are in the cluster."""
 PLUGIN_PREFIX = "ashard"
@@ -268,7 +272,7 @@ class DaskBackend:
         await self.start()
         check_outputs(job.out)
         call = await self._prepare(job)
-        job.served_by(self.size, TRIP_SECONDS)
+        job.served_by(self.size, self._trip())
         task_status.started()
         try:
             async with anyio.create_task_group() as tg:
@@ -284,6 +288,13 @@ class DaskBackend:
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._end, call, not job.finished)
+
+    def _trip(self) -> float:
+        """The trip latency the job sizes chunks by: `TRIP_SECONDS`, or longer on a
+        cluster so large that its chunks would come faster than `MAX_CHUNKS_PER_SECOND`."""
+        from ashard._job import TRIPS_PER_CHUNK
+
+        return max(TRIP_SECONDS, self.size / MAX_CHUNKS_PER_SECOND / TRIPS_PER_CHUNK)
 
     async def _prepare(self, job: Job) -> _Call:
         """What every task of the job needs: the job's function and options go with
@@ -319,7 +330,7 @@ class DaskBackend:
             for node in came:
                 self._serve(call, node, tg)
             if came or went:
-                call.job.served_by(self.size, TRIP_SECONDS)
+                call.job.served_by(self.size, self._trip())
                 call.job.notify()
 
     async def _drive(self, call: _Call, node: _Node) -> None:
@@ -534,9 +545,9 @@ def check_outputs(out: dict[str, Any]) -> None:
 
 
 def _version() -> str:
-    import ashard
+    from ashard._version import __version__
 
-    return ashard.__version__
+    return __version__
 
 
 def _start_error(address: str, exc: BaseException) -> WorkerStartError:
@@ -750,16 +761,26 @@ class NodeHost:
     and a relay per call that runs on them."""
 
     def __init__(self, size: int, config: WorkerConfig, policy: HealthPolicy, where: str) -> None:
+        from ashard._loopthread import LoopThread
         from ashard._scheduler import Scheduler
-        from ashard.sync import _LoopThread
 
         self.where = where
         self.scheduler: Scheduler = Scheduler(size, config, policy)
-        self._thread = _LoopThread()
+        self._thread = LoopThread("ashard-node")
         self._relays: dict[str, _Relay] = {}
         self._ended: dict[str, None] = {}  # calls over, newest last
         self._calls: dict[str, asyncio.Task[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._soon(self._warm)  # the workers start now, not with the first chunk
+
+    def _warm(self) -> None:
+        task = asyncio.ensure_future(self._start())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start(self) -> None:
+        with contextlib.suppress(Exception):  # a failing `init` is the first chunk's error
+            await self.scheduler.start()
 
     def _soon(self, fn: Callable[..., Any], *args: Any) -> None:
         self._thread.loop().call_soon_threadsafe(fn, *args)

@@ -9,7 +9,7 @@ frameworks, a notebook cell without ``await``::
 Name for name the async API (`shard_map`, `shard_stream`, `shard_reduce`, `map`,
 `call`, `Pool`, `default_pool`, `shutdown`), blocking instead of awaitable, with a
 default pool of its own. Every call runs on one event loop in a daemon thread of
-ashard's (`_LoopThread`), in a copy of the calling thread's context (so output and
+ashard's (`ashard._loopthread`), in a copy of the calling thread's context (so output and
 context variables follow the caller). Ctrl-C while a call blocks cancels it there -
 running shards are interrupted, queued ones dropped - and raises `KeyboardInterrupt`;
 the pool stays usable.
@@ -22,11 +22,12 @@ import concurrent.futures
 import inspect
 import queue
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
 from ashard import pool as _pool
+from ashard._loopthread import CANCEL_WAIT_SECONDS, LoopThread
 from ashard._options import (
     MapOptions,
     ReduceOptions,
@@ -52,70 +53,8 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-CANCEL_WAIT_SECONDS = 10.0
-"""After Ctrl-C, how long a call may take to stop its shards before the interrupt is
-raised anyway (a second Ctrl-C raises at once)."""
 
-
-class _LoopThread:
-    """An event loop running forever in a daemon thread: where sync calls run."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None or self._thread is None or not self._thread.is_alive():
-                loop = asyncio.new_event_loop()
-                ready = threading.Event()
-
-                def serve() -> None:
-                    asyncio.set_event_loop(loop)
-                    loop.call_soon(ready.set)
-                    loop.run_forever()
-
-                self._thread = threading.Thread(target=serve, name="ashard-sync", daemon=True)
-                self._thread.start()
-                ready.wait()
-                self._loop = loop
-            return self._loop
-
-    def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
-        """Start `coro` on the loop, in a copy of the calling thread's context."""
-        self._check_thread(coro)
-        return asyncio.run_coroutine_threadsafe(coro, self.loop())
-
-    def _check_thread(self, coro: Coroutine[Any, Any, Any]) -> None:
-        if threading.current_thread() is self._thread:  # it would wait for itself forever
-            coro.close()
-            raise RuntimeError(
-                "ashard.sync was called from ashard's own event loop thread (from a combine "
-                "callback?): use the async API there"
-            )
-
-    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        """`coro`'s result, blocking; Ctrl-C cancels it and raises KeyboardInterrupt."""
-        self._check_thread(coro)
-        finished = threading.Event()
-        future = self.submit(_signalling(coro, finished))
-        try:
-            return future.result()
-        except KeyboardInterrupt:
-            future.cancel()  # cancels the task on the loop: its shards are interrupted
-            finished.wait(CANCEL_WAIT_SECONDS)  # a second Ctrl-C leaves at once
-            raise
-
-
-async def _signalling(coro: Coroutine[Any, Any, _T], finished: threading.Event) -> _T:
-    try:
-        return await coro
-    finally:
-        finished.set()
-
-
-_runner = _LoopThread()
+_runner = LoopThread("ashard-sync")
 _default: Pool | None = None
 _default_lock = threading.Lock()
 

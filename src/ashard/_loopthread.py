@@ -1,0 +1,82 @@
+"""An asyncio event loop running forever in a daemon thread of ashard's own.
+
+`ashard.sync` runs every blocking call there (in a copy of the calling thread's
+context); a cluster node runs its ashard supervisor on one (`ashard._dask`), so that
+the Dask worker's own loop never waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["CANCEL_WAIT_SECONDS", "LoopThread"]
+
+_T = TypeVar("_T")
+
+CANCEL_WAIT_SECONDS = 10.0
+"""After Ctrl-C, how long a call may take to stop its shards before the interrupt is
+raised anyway (a second Ctrl-C raises at once)."""
+
+
+class LoopThread:
+    """An event loop running forever in a daemon thread named `name`, started on
+    first use (and again if its thread died)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._thread is None or not self._thread.is_alive():
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def serve() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                self._thread = threading.Thread(target=serve, name=self._name, daemon=True)
+                self._thread.start()
+                ready.wait()
+                self._loop = loop
+            return self._loop
+
+    def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        """Start `coro` on the loop, in a copy of the calling thread's context."""
+        self._check_thread(coro)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop())
+
+    def _check_thread(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if threading.current_thread() is self._thread:  # it would wait for itself forever
+            coro.close()
+            raise RuntimeError(
+                "ashard.sync was called from ashard's own event loop thread (from a combine "
+                "callback?): use the async API there"
+            )
+
+    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """`coro`'s result, blocking; Ctrl-C cancels it and raises KeyboardInterrupt."""
+        self._check_thread(coro)
+        finished = threading.Event()
+        future = self.submit(_signalling(coro, finished))
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()  # cancels the task on the loop: its shards are interrupted
+            finished.wait(CANCEL_WAIT_SECONDS)  # a second Ctrl-C leaves at once
+            raise
+
+
+async def _signalling(coro: Coroutine[Any, Any, _T], finished: threading.Event) -> _T:
+    try:
+        return await coro
+    finally:
+        finished.set()
