@@ -590,3 +590,62 @@ def borrowed_sum(shard: Shard, X: np.ndarray, hold: float = 0.0) -> float:
     value = float(X[shard.id :: 4096].sum())
     time.sleep(hold)
     return value
+
+
+# -- the drop-ins: ashard.Executor and the joblib backend (test_executor.py, test_joblib.py)
+
+
+def sleep_deaf(seconds: float) -> float:
+    """Sleep with every signal blocked: only SIGKILL stops it (a hung C call)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL})
+    time.sleep(seconds)
+    return seconds
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def raise_system_exit(code: int) -> None:
+    raise SystemExit(code)
+
+
+def touch_then_sleep(directory: str, name: str, seconds: float) -> str:
+    """Mark `name` started in `directory`, then sleep."""
+    open(os.path.join(directory, name), "w").close()
+    time.sleep(seconds)
+    return name
+
+
+_INIT_VALUE: Any = None
+
+
+def remember(value: Any) -> None:
+    """An executor initializer: keep `value` for `remembered`."""
+    global _INIT_VALUE
+    _INIT_VALUE = value
+
+
+def remembered() -> Any:
+    return _INIT_VALUE
+
+
+def failing_init() -> None:
+    raise RuntimeError("initializer failed")
+
+
+def fail_at(x: int, bad: int = 5, log: str = "") -> int:
+    """Return x; x == bad raises ValueError. With `log`, mark each start there."""
+    if log:
+        open(os.path.join(log, f"started-{x}"), "w").close()
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    time.sleep(0.05)
+    return x
+
+
+def nested_sum(n: int) -> int:
+    """A joblib Parallel inside a task, with joblib's default backend."""
+    import joblib
+
+    return sum(joblib.Parallel(n_jobs=2)(joblib.delayed(square)(i) for i in range(n)))

@@ -15,6 +15,7 @@ from ashard._version import __version__ as __version__
 __all__ = [
     "Buffer",
     "Diagnostics",
+    "Executor",
     "GatherTooLarge",
     "Pool",
     "PoolStats",
@@ -41,6 +42,7 @@ __all__ = [
     "call",
     "default_pool",
     "map",
+    "register_joblib",
     "shard_map",
     "shard_reduce",
     "shard_stream",
@@ -64,6 +66,8 @@ _LAZY = {
     "WorkerCrashed": "ashard.errors",
     "WorkerStartError": "ashard.errors",
     "Diagnostics": "ashard.results",
+    "Executor": "ashard.executor",
+    "register_joblib": "ashard._joblib",
     "PoolStats": "ashard.results",
     "ReduceResult": "ashard.results",
     "ShardDone": "ashard.results",
@@ -90,6 +94,7 @@ _LAZY = {
 }
 
 if _typing.TYPE_CHECKING:
+    from ashard._joblib import register_joblib
     from ashard._stream import ShardStream
     from ashard.api import (
         call,
@@ -110,6 +115,7 @@ if _typing.TYPE_CHECKING:
         WorkerCrashed,
         WorkerStartError,
     )
+    from ashard.executor import Executor
     from ashard.pool import Pool
     from ashard.results import (
         Diagnostics,

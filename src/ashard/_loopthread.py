@@ -54,6 +54,11 @@ class LoopThread:
         self._check_thread(coro)
         return asyncio.run_coroutine_threadsafe(coro, self.loop())
 
+    def start(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` on the loop, not waiting for it: from any thread, the loop's own
+        included."""
+        asyncio.run_coroutine_threadsafe(coro, self.loop())
+
     def _check_thread(self, coro: Coroutine[Any, Any, Any]) -> None:
         if threading.current_thread() is self._thread:  # it would wait for itself forever
             coro.close()

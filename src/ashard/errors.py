@@ -22,7 +22,7 @@ The errors are made from worker reports in one place, `ashard._outcomes`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     from ashard.results import ReduceResult, ShardResult
@@ -54,6 +54,17 @@ class ShardError(Exception):
     def shard_id(self) -> int | None:
         """The failed shard's id, or None for `ashard.call`."""
         return None if self.shard is None else self.shard.id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # its fields are keyword-only: pickle the message and the fields apart
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[ShardError], args: tuple[Any, ...], state: dict[str, Any]) -> ShardError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class ShardFailed(ShardError):

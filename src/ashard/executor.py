@@ -1,0 +1,337 @@
+"""`Executor`: a `concurrent.futures.Executor` on ashard's supervised workers.
+
+It has `ProcessPoolExecutor`'s signature and documented behaviour, so code written for
+it (``executor.submit``, ``executor.map``, ``loop.run_in_executor``) runs unchanged;
+what differs, on purpose, is what a worker's death does (see `Executor`).
+
+Work items wait in the executor, in submission order, until one of `max_workers`
+slots is free; a slot runs one item as an ashard `call` on the executor's own `Pool`.
+Everything runs on ashard's loop thread (`ashard._loopthread`, the one `ashard.sync`
+uses), so the executor needs no event loop of the caller's and any thread may use it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import itertools
+import pickle
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, ParamSpec, TypeVar
+
+import anyio
+
+from ashard._options import check_count, check_timeout
+from ashard.errors import WorkerCrashed, WorkerStartError
+
+__all__ = ["Executor"]
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+_BROKEN = "A child process terminated abruptly, the process pool is not usable anymore"
+_BROKEN_PENDING = (
+    "A process in the process pool was terminated abruptly while the future was running or pending."
+)
+
+
+class _CrashedInExecutor(WorkerCrashed, BrokenProcessPool):
+    """The worker running this task died: an `ashard.WorkerCrashed` that is also the
+    `BrokenProcessPool` code written for `ProcessPoolExecutor` expects. Only this task
+    failed; the executor goes on."""
+
+    @classmethod
+    def of(cls, exc: WorkerCrashed) -> _CrashedInExecutor:
+        new = cls.__new__(cls)
+        Exception.__init__(new, *exc.args)
+        new.__dict__.update(exc.__dict__)
+        new.__cause__, new.__traceback__ = exc.__cause__, exc.__traceback__
+        return new
+
+
+class _Core:
+    """An executor's state, apart from the executor object (so that collecting it can
+    shut this down)."""
+
+    def __init__(self, pool: Any, timeout: float | None, max_retries: int) -> None:
+        from ashard.sync import _runner
+
+        self.pool = pool
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.runner = _runner
+        self.lock = threading.Lock()
+        self.shutdown = False
+        self.broken: str | None = None
+        self.pending: dict[concurrent.futures.Future[Any], anyio.CancelScope | None] = {}
+        self.idle = threading.Condition(self.lock)
+        self._slots: anyio.Semaphore | None = None
+        self._closing: concurrent.futures.Future[None] | None = None
+
+    def submit(
+        self, fn: Callable[..., Any], args: Any, kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        with self.lock:
+            if self.broken is not None:
+                raise BrokenProcessPool(self.broken)
+            if self.shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            self.pending[future] = None
+        self.runner.start(self._run(future, fn, args, kwargs))
+        return future
+
+    async def _run(
+        self, future: concurrent.futures.Future[Any], fn: Callable[..., Any], args: Any, kwargs: Any
+    ) -> None:
+        try:
+            if self._slots is None:
+                self._slots = anyio.Semaphore(self.pool.workers)  # waiters go in order
+            async with self._slots:
+                if not future.set_running_or_notify_cancel():
+                    return
+                with anyio.CancelScope() as scope:
+                    with self.lock:
+                        self.pending[future] = scope
+                    await self._call(future, fn, args, kwargs)
+                if scope.cancelled_caught and not future.done():
+                    stopped = concurrent.futures.CancelledError("the task was stopped while it ran")
+                    _settle(future, error=stopped)
+        finally:
+            with self.lock:
+                self.pending.pop(future, None)
+                self.idle.notify_all()
+
+    async def _call(
+        self, future: concurrent.futures.Future[Any], fn: Callable[..., Any], args: Any, kwargs: Any
+    ) -> None:
+        if "timeout" in kwargs or "max_retries" in kwargs:  # the task's own, not ashard's
+            fn, args, kwargs = functools.partial(fn, *args, **kwargs), (), {}
+        try:
+            value = await self.pool.call(
+                fn, *args, timeout=self.timeout, max_retries=self.max_retries, **kwargs
+            )
+        except anyio.get_cancelled_exc_class():
+            raise
+        except WorkerCrashed as exc:
+            _settle(future, error=_CrashedInExecutor.of(exc))
+        except WorkerStartError as exc:  # `initializer` raised: the executor is broken
+            self._break(exc)
+            _settle(future, error=_broken_pending(exc))
+        except TypeError as exc:
+            if "pickle" in str(exc) and not isinstance(exc, pickle.PicklingError):
+                error = pickle.PicklingError(str(exc))
+                error.__cause__ = exc
+                _settle(future, error=error)
+            else:
+                _settle(future, error=exc)
+        except BaseException as exc:  # the task's own exception, SystemExit included
+            _settle(future, error=exc)
+        else:
+            _settle(future, value)
+
+    def _break(self, exc: BaseException) -> None:
+        with self.lock:
+            self.broken = _BROKEN
+            waiting = [f for f, scope in self.pending.items() if scope is None]
+        for f in waiting:
+            if f.set_running_or_notify_cancel():
+                _settle(f, error=_broken_pending(exc))
+
+    def cancel_pending(self) -> None:
+        with self.lock:
+            waiting = [f for f, scope in self.pending.items() if scope is None]
+        for f in waiting:
+            f.cancel()
+
+    def stop_running(self) -> None:
+        """Interrupt every running task (their futures fail with CancelledError)."""
+        with self.lock:
+            scopes = [s for s in self.pending.values() if s is not None]
+
+        def cancel() -> None:
+            for scope in scopes:
+                scope.cancel()
+
+        self.runner.loop().call_soon_threadsafe(cancel)
+
+    def wait_idle(self) -> None:
+        with self.lock:
+            while self.pending:
+                self.idle.wait()
+
+    def close(self, wait: bool) -> None:
+        """No more work: the pool closes once every pending task is done."""
+        with self.lock:
+            self.shutdown = True
+            if self._closing is None:
+                self._closing = self.runner.submit(self._close())
+            closing = self._closing
+        if wait:
+            closing.result()
+
+    async def _close(self) -> None:
+        await anyio.to_thread.run_sync(self.wait_idle)
+        await self.pool.aclose()
+
+
+_callbacks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+_callback_thread: threading.Thread | None = None
+
+
+def _settle(
+    future: concurrent.futures.Future[Any], value: Any = None, error: BaseException | None = None
+) -> None:
+    """Resolve `future` (on the loop thread). Its done-callbacks are user code that may
+    block (joblib dispatches its next batch from one, asyncio hops threads): a future
+    that has some is resolved on a thread of its own instead, never on the loop."""
+    resolve = functools.partial(
+        future.set_result if error is None else future.set_exception,
+        value if error is None else error,
+    )
+    if not future._done_callbacks:  # type: ignore[attr-defined]
+        resolve()
+        return
+    global _callback_thread
+    if _callback_thread is None or not _callback_thread.is_alive():
+        _callback_thread = threading.Thread(target=_run_callbacks, name="ashard-executor",
+                                            daemon=True)  # fmt: skip
+        _callback_thread.start()
+    _callbacks.put(resolve)
+
+
+def _run_callbacks() -> None:
+    while True:
+        resolve = _callbacks.get()
+        with contextlib.suppress(Exception):  # concurrent.futures logs callback errors
+            resolve()
+
+
+def _broken_pending(cause: BaseException) -> BrokenProcessPool:
+    error = BrokenProcessPool(_BROKEN_PENDING)
+    error.__cause__ = cause
+    return error
+
+
+_live: weakref.WeakSet[_Core] = weakref.WeakSet()
+_exit_lock = threading.Lock()
+_exit_registered = False
+
+
+def _at_exit() -> None:
+    """At interpreter exit, pending work is finished, as `ProcessPoolExecutor` does."""
+    for core in list(_live):
+        core.close(wait=True)
+
+
+class Executor(concurrent.futures.Executor):
+    """A `concurrent.futures.Executor` on ashard workers, with `ProcessPoolExecutor`'s
+    signature and documented behaviour: `submit`, `map` (`timeout`, `chunksize`),
+    `shutdown(wait, cancel_futures)`, the context manager, `initializer`/`initargs`,
+    `max_tasks_per_child`, ``loop.run_in_executor(executor, ...)``; a future raises the
+    task's own exception (`SystemExit` included) with the worker's traceback as its
+    cause; arguments that cannot be pickled set a `pickle.PicklingError`; a failing
+    `initializer` breaks the executor (`BrokenProcessPool`), as documented.
+
+    Different on purpose: a worker that dies fails only the future of the task it was
+    running, with an `ashard.WorkerCrashed` that is also a `BrokenProcessPool`; tasks
+    queued behind it run on other workers and the executor stays usable. `timeout`
+    (seconds, counted from a task's start) stops a task that overruns, with
+    `ashard.ShardTimeout`; `max_retries` re-runs tasks whose worker crashed or hung
+    (for idempotent work); `pool_options` are `ashard.Pool`'s (`mem_cap`,
+    `idle_timeout`, `env`, ...). `mp_context` is accepted and ignored: workers are
+    always fresh interpreters (spawn semantics).
+    """
+
+    __module__ = "ashard"
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        max_tasks_per_child: int | None = None,
+        timeout: float | None = None,
+        max_retries: int = 0,
+        **pool_options: Any,
+    ) -> None:
+        from ashard.pool import Pool
+
+        if max_workers is not None:
+            if not isinstance(max_workers, int) or isinstance(max_workers, bool):
+                raise TypeError(f"max_workers must be an int or None, got {max_workers!r}")
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int) or isinstance(max_tasks_per_child, bool):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        seconds = check_timeout("timeout", timeout)
+        retries = check_count("max_retries", max_retries)
+        init = None if initializer is None else functools.partial(initializer, *initargs)
+        pool = Pool(max_workers, init=init, max_tasks=max_tasks_per_child, **pool_options)
+        self._max_workers = pool.workers
+        self._core = _Core(pool, seconds, retries)
+        _live.add(self._core)
+        weakref.finalize(self, self._core.close, False)
+        global _exit_registered
+        with _exit_lock:
+            if not _exit_registered:
+                threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
+                _exit_registered = True
+
+    def submit(
+        self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> concurrent.futures.Future[_T]:
+        """Schedule ``fn(*args, **kwargs)``; a `Future` of its result."""
+        return self._core.submit(fn, args, kwargs)
+
+    def map(
+        self,
+        fn: Callable[..., _T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[_T]:
+        """Like `map(fn, *iterables)`, results in order; `chunksize` items travel to a
+        worker together (fewer round trips for small tasks)."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        from ashard._worker.calls import apply_chunk
+
+        batches = super().map(
+            functools.partial(apply_chunk, fn), _batched(zip(*iterables, strict=False), chunksize),
+            timeout=timeout,
+        )  # fmt: skip
+        return itertools.chain.from_iterable(batches)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No new tasks; with `cancel_futures`, tasks not yet running are cancelled;
+        with `wait`, return once every task is done and the workers have stopped."""
+        if cancel_futures:
+            with self._core.lock:
+                self._core.shutdown = True
+            self._core.cancel_pending()
+        self._core.close(wait)
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._core.shutdown else f"{len(self._core.pending)} pending"
+        return f"<ashard.Executor {self._max_workers} workers, {state}>"
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[tuple[Any, ...]]:
+    it = iter(items)
+    while batch := tuple(itertools.islice(it, size)):
+        yield batch
