@@ -33,6 +33,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import os
+import pickle
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -140,7 +141,7 @@ class _Call:
 
     job: Job
     key: str
-    spec: _NodeJob
+    spec: bytes  # the pickled `_NodeJob`
     borrow: Any  # the Dask future of the scattered borrow, or None
     nodes: set[_Node] = field(default_factory=set)
     running: dict[_Batch, Any] = field(default_factory=dict)  # batch -> its Dask future
@@ -303,6 +304,10 @@ class DaskBackend:
         out = {name: sink.spec() for name, sink in job.out.items()}  # table sinks only
         results = job.store.spec() if job.store is not None else None
         spec = _NodeJob(job.kind, job.fn, job.opts, job.layout, job.sys_path, out, results)
+        try:  # once per call here, once per call on each node (not per chunk)
+            spec_bytes = pickle.dumps(spec, protocol=5)
+        except Exception as exc:
+            raise TypeError(f"the call cannot be sent to the cluster: {exc}") from exc
         key = f"{self._name}-{next(self._keys)}"
         borrow = None
         if job.borrow:
@@ -316,7 +321,7 @@ class DaskBackend:
                 borrow = await anyio.to_thread.run_sync(scatter)
             except Exception as exc:
                 raise TypeError(f"borrow cannot be sent to the cluster: {exc}") from exc
-        return _Call(job, key, spec, borrow)
+        return _Call(job, key, spec_bytes, borrow)
 
     def _serve(self, call: _Call, node: _Node, tg: anyio.abc.TaskGroup) -> None:
         call.nodes.add(node)
@@ -657,21 +662,23 @@ class _NodeJob:
 
 
 def _node_host(name: str) -> NodeHost:
-    """This node's host of pool `name`, for a task that will wait on it: the task
-    leaves Dask's thread pool (`secede`), so that how many chunks a node runs at once is
-    its ashard workers' count, not its Dask threads'."""
+    """This node's host of pool `name`, for a task that will wait on it. Where the
+    node has more ashard workers than Dask threads, the task leaves Dask's thread pool
+    (`secede`, which costs the scheduler a message), so that how many chunks the node
+    runs at once is its ashard workers' count."""
     from distributed import get_worker, secede
 
     plugin: Any = get_worker().plugins.get(name)
     if plugin is None or plugin.host is None:
         raise RuntimeError(f"this Dask worker has no ashard plugin {name!r} (the pool closed?)")
     host: NodeHost = plugin.host
-    secede()  # type: ignore[no-untyped-call]
+    if host.secede:
+        secede()  # type: ignore[no-untyped-call]
     return host
 
 
 def run_chunk(
-    name: str, key: str, spec: _NodeJob, borrow: Any, work: tuple[int, int, Any, Any]
+    name: str, key: str, spec: bytes, borrow: Any, work: tuple[int, int, Any, Any]
 ) -> list[tuple[Any, ...]]:
     """A Dask task: run one chunk of call `key` on this node's ashard workers; what
     happened to it, as reports for the caller's job."""
@@ -731,8 +738,9 @@ class AshardPlugin(WorkerPlugin):
                 f"runs {self.version}: install the same version on every machine"
             )
         state = getattr(worker, "state", worker)
-        size = self.per_node or int(getattr(state, "nthreads", 1) or 1)
-        self.host = NodeHost(size, self.config, self.policy, worker.address)
+        threads = int(getattr(state, "nthreads", 1) or 1)
+        size = self.per_node or threads
+        self.host = NodeHost(size, self.config, self.policy, worker.address, threads)
 
     async def teardown(self, worker: Any) -> None:
         host, self.host = self.host, None
@@ -760,11 +768,14 @@ class NodeHost:
     """A node's ashard workers: a local `Scheduler` on an event loop thread of its own,
     and a relay per call that runs on them."""
 
-    def __init__(self, size: int, config: WorkerConfig, policy: HealthPolicy, where: str) -> None:
+    def __init__(
+        self, size: int, config: WorkerConfig, policy: HealthPolicy, where: str, threads: int
+    ) -> None:
         from ashard._loopthread import LoopThread
         from ashard._scheduler import Scheduler
 
         self.where = where
+        self.secede = size > threads  # tasks must leave Dask's threads to fill the workers
         self.scheduler: Scheduler = Scheduler(size, config, policy)
         self._thread = LoopThread("ashard-node")
         self._relays: dict[str, _Relay] = {}
@@ -786,7 +797,7 @@ class NodeHost:
         self._thread.loop().call_soon_threadsafe(fn, *args)
 
     def run_chunk(
-        self, key: str, spec: _NodeJob, borrow: Any, work: tuple[int, int, Any, Any]
+        self, key: str, spec: bytes, borrow: Any, work: tuple[int, int, Any, Any]
     ) -> list[tuple[Any, ...]]:
         """Blocking, in a Dask worker thread: queue the chunk and wait for its end."""
         first, count, attempts, items = work
@@ -795,12 +806,13 @@ class NodeHost:
         self._soon(self._enqueue, key, spec, borrow, work_)
         return done.result()
 
-    def _enqueue(self, key: str, spec: _NodeJob, borrow: Any, work: _Work) -> None:
+    def _enqueue(self, key: str, spec_bytes: bytes, borrow: Any, work: _Work) -> None:
         if key in self._ended:  # a task that Dask started after the call was over
             work.done.set_result([("abort", RuntimeError("the call is over on this node"))])
             return
         relay = self._relays.get(key)
         if relay is None:
+            spec: _NodeJob = pickle.loads(spec_bytes)  # once per call on this node
             landed = {name: _landed(value) for name, value in (borrow or {}).items()}
             relay = self._relays[key] = _Relay(spec, landed)
             unseen = _unseen_places(spec, self.where)
