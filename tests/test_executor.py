@@ -35,6 +35,31 @@ def test_submit_map_and_chunksize() -> None:
             list(ex.map(time.sleep, [5, 5], timeout=0.3))
 
 
+def test_map_raises_each_error_when_reached_and_stops_when_left(tmp_path: Path) -> None:
+    with ashard.Executor(2) as ex:
+        results = ex.map(workloads.fail_at, range(10))  # item 5 raises
+        assert [next(results) for _ in range(5)] == [0, 1, 2, 3, 4]
+        with pytest.raises(ValueError, match="bad item 5") as info:
+            next(results)
+        assert "Traceback" in str(info.value.__cause__)
+        (tmp_path / "armed").touch()
+        crashing = ex.map(workloads.die_once_then, [str(tmp_path / "armed")], ["late"])
+        with pytest.raises(ashard.WorkerCrashed) as crash:  # its worker died: only this item
+            list(crashing)
+        assert isinstance(crash.value, BrokenProcessPool)
+        (tmp_path / "armed").unlink(missing_ok=True)
+        items = ex.map(workloads.touch_then_sleep, [str(tmp_path)] * 40,
+                       [f"m{i:02d}" for i in range(40)], [0.2] * 40)  # fmt: skip
+        assert next(items) == "m00"
+        items.close()  # leaving early stops the rest
+        time.sleep(0.5)
+        started = len(list(tmp_path.iterdir()))
+        assert started < 40
+        time.sleep(0.5)
+        assert len(list(tmp_path.iterdir())) == started
+        assert list(ex.map(workloads.square, [])) == []
+
+
 def test_a_dead_worker_fails_only_its_own_future() -> None:
     with ashard.Executor(2) as ex:
         slow = [ex.submit(time.sleep, 0.3) for _ in range(4)]

@@ -31,6 +31,7 @@ class LoopThread:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -56,8 +57,13 @@ class LoopThread:
 
     def start(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` on the loop, not waiting for it: from any thread, the loop's own
-        included."""
-        asyncio.run_coroutine_threadsafe(coro, self.loop())
+        included (cheaper than `submit`: no future to chain)."""
+        self.loop().call_soon_threadsafe(self._begin, coro)
+
+    def _begin(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._tasks.discard)
 
     def _check_thread(self, coro: Coroutine[Any, Any, Any]) -> None:
         if threading.current_thread() is self._thread:  # it would wait for itself forever

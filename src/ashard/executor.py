@@ -15,10 +15,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
-import itertools
 import pickle
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -26,8 +26,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import anyio
 
-from ashard._options import check_count, check_timeout
-from ashard.errors import WorkerCrashed, WorkerStartError
+from ashard._options import StreamOptions, check_count, check_timeout
+from ashard.errors import ShardFailed, WorkerCrashed, WorkerStartError
 
 __all__ = ["Executor"]
 
@@ -91,7 +91,7 @@ class _Core:
     ) -> None:
         try:
             if self._slots is None:
-                self._slots = anyio.Semaphore(self.pool.workers)  # waiters go in order
+                self._slots = anyio.Semaphore(self.pool.workers, fast_acquire=True)  # in order
             async with self._slots:
                 if not future.set_running_or_notify_cancel():
                     return
@@ -134,6 +134,38 @@ class _Core:
             _settle(future, error=exc)
         else:
             _settle(future, value)
+
+    def map(
+        self, fn: Callable[..., Any], items: list[tuple[Any, ...]], deadline: float | None
+    ) -> Iterator[Any]:
+        """The results of ``fn(*args)`` for `items`, in order, from one ordered stream
+        of one-item shards running on the loop."""
+        from ashard._worker.calls import apply_one
+        from ashard.pool import shard_job
+        from ashard.shards import Shards
+
+        with self.lock:
+            if self.broken is not None:
+                raise BrokenProcessPool(self.broken)
+            if self.shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        options = {"timeout": self.timeout, "max_retries": self.max_retries,
+                   "errors": "collect", "ordered": True}  # fmt: skip
+        one_each = Shards(len(items), 1, "contiguous")
+        job, layout = shard_job(items, apply_one, {"fn": fn}, None, options, StreamOptions,
+                                "Executor.map", layout=one_each)  # fmt: skip
+        results: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        pumping = self.runner.submit(self._pump(job, layout, results))
+        return _results(results, len(items), deadline, pumping)
+
+    async def _pump(self, job: Any, layout: Any, results: queue.SimpleQueue[Any]) -> None:
+        try:
+            async with self.pool._stream(job, layout) as stream:
+                async for done in stream:
+                    results.put(done)
+        except BaseException as exc:
+            results.put(_Failed(exc))
+            raise
 
     def _break(self, exc: BaseException) -> None:
         with self.lock:
@@ -210,6 +242,47 @@ def _run_callbacks() -> None:
         resolve = _callbacks.get()
         with contextlib.suppress(Exception):  # concurrent.futures logs callback errors
             resolve()
+
+
+class _Failed:
+    """The map's stream itself failed (not one task): `exc` ends the iteration."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _results(
+    results: queue.SimpleQueue[Any],
+    n: int,
+    deadline: float | None,
+    pumping: concurrent.futures.Future[None],
+) -> Iterator[Any]:
+    try:
+        for _ in range(n):
+            try:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done = results.get(timeout=wait)
+            except queue.Empty:
+                raise TimeoutError from None
+            if isinstance(done, _Failed):
+                if isinstance(done.exc, WorkerStartError):
+                    raise _broken_pending(done.exc)
+                raise done.exc
+            if done.error is not None:
+                raise _task_error(done.error)
+            yield done.value
+    finally:
+        pumping.cancel()  # what still runs is stopped; a finished stream is left alone
+
+
+def _task_error(error: BaseException) -> BaseException:
+    """A failed task's exception as `concurrent.futures` gives it: the task's own for
+    one that raised, the dual-typed crash for one whose worker died."""
+    if isinstance(error, WorkerCrashed):
+        return _CrashedInExecutor.of(error)
+    if isinstance(error, ShardFailed) and error.__cause__ is not None:
+        return error.__cause__
+    return error
 
 
 def _broken_pending(cause: BaseException) -> BrokenProcessPool:
@@ -303,19 +376,21 @@ class Executor(concurrent.futures.Executor):
         timeout: float | None = None,
         chunksize: int = 1,
     ) -> Iterator[_T]:
-        """Like `map(fn, *iterables)`, results in order; `chunksize` items travel to a
-        worker together (fewer round trips for small tasks)."""
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
-        if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
-        from ashard._worker.calls import apply_chunk
+        """Like `map(fn, *iterables)`: the results in order, each raising its task's
+        exception when reached; `timeout` (seconds from this call) bounds the wait.
 
-        batches = super().map(
-            functools.partial(apply_chunk, fn), _batched(zip(*iterables, strict=False), chunksize),
-            timeout=timeout,
-        )  # fmt: skip
-        return itertools.chain.from_iterable(batches)
+        Every item is taken at once, as `ProcessPoolExecutor` does, and the items run
+        as one ashard job that sizes its own chunks (as ``chunk_size="auto"``): small
+        tasks are as cheap with ``chunksize=1`` as with a large one, which is
+        accepted and checked but need not be tuned. Leaving the iterator early stops
+        the tasks still running."""
+        if not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        items = list(zip(*iterables, strict=False))
+        if not items:
+            return iter(())
+        return self._core.map(fn, items, deadline)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No new tasks; with `cancel_futures`, tasks not yet running are cancelled;
@@ -329,9 +404,3 @@ class Executor(concurrent.futures.Executor):
     def __repr__(self) -> str:
         state = "shut down" if self._core.shutdown else f"{len(self._core.pending)} pending"
         return f"<ashard.Executor {self._max_workers} workers, {state}>"
-
-
-def _batched(items: Iterable[Any], size: int) -> Iterator[tuple[Any, ...]]:
-    it = iter(items)
-    while batch := tuple(itertools.islice(it, size)):
-        yield batch

@@ -9,3 +9,9 @@ from typing import Any
 def apply_chunk(fn: Callable[..., Any], chunk: Iterable[tuple[Any, ...]]) -> list[Any]:
     """``[fn(*args) for args in chunk]``: a chunk of `Executor.map` in one round trip."""
     return [fn(*args) for args in chunk]
+
+
+def apply_one(shard: Any, fn: Callable[..., Any]) -> Any:
+    """``fn(*args)`` for the one item (a tuple of arguments) of `shard`: `Executor.map`
+    as a stream of one-item shards."""
+    return fn(*shard.items[0])
