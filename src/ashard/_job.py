@@ -845,6 +845,22 @@ class Job:
             ended = "exited"
         return WorkerRow(pid, int(shards), busy, w.peak_rss, ended)
 
+    def resolved_from(self, start: int) -> list[Any]:
+        """The values of the resolved positions ``start, start+1, ...`` up to the first
+        unresolved one (a failed position gives its `ShardError`), let go of here: for
+        a caller that consumes a `map` in order while it runs."""
+        end = start
+        resolved = self._resolved
+        while end < len(resolved) and resolved[end]:
+            end += 1
+        values = self.results[start:end]
+        for pos in range(start, end):
+            failure = self.failures.get(pos)
+            if failure is not None:
+                values[pos - start] = failure
+            self.results[pos] = None
+        return values
+
     def failure_list(self) -> list[ShardError]:
         return [self.failures[p] for p in sorted(self.failures)]
 

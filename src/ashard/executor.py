@@ -26,8 +26,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import anyio
 
-from ashard._options import StreamOptions, check_count, check_timeout
-from ashard.errors import ShardFailed, WorkerCrashed, WorkerStartError
+from ashard._options import check_count, check_timeout
+from ashard.errors import ShardError, ShardFailed, WorkerCrashed, WorkerStartError
 
 __all__ = ["Executor"]
 
@@ -138,31 +138,36 @@ class _Core:
     def map(
         self, fn: Callable[..., Any], items: list[tuple[Any, ...]], deadline: float | None
     ) -> Iterator[Any]:
-        """The results of ``fn(*args)`` for `items`, in order, from one ordered stream
-        of one-item shards running on the loop."""
-        from ashard._worker.calls import apply_one
-        from ashard.pool import shard_job
-        from ashard.shards import Shards
+        """The results of ``fn(*args)`` for `items`, in order: one ashard `map` job on
+        the loop, its results handed over in runs as they resolve."""
+        from ashard._worker.calls import apply_star
+        from ashard.pool import map_job
 
         with self.lock:
             if self.broken is not None:
                 raise BrokenProcessPool(self.broken)
             if self.shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-        options = {"timeout": self.timeout, "max_retries": self.max_retries,
-                   "errors": "collect", "ordered": True}  # fmt: skip
-        one_each = Shards(len(items), 1, "contiguous")
-        job, layout = shard_job(items, apply_one, {"fn": fn}, None, options, StreamOptions,
-                                "Executor.map", layout=one_each)  # fmt: skip
+        options = {"timeout": self.timeout, "max_retries": self.max_retries, "errors": "collect"}
+        job = map_job(apply_star, items, {"fn": fn}, options)
         results: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        pumping = self.runner.submit(self._pump(job, layout, results))
+        pumping = self.runner.submit(self._pump(job, len(items), results))
         return _results(results, len(items), deadline, pumping)
 
-    async def _pump(self, job: Any, layout: Any, results: queue.SimpleQueue[Any]) -> None:
+    async def _pump(self, job: Any, n: int, results: queue.SimpleQueue[Any]) -> None:
+        from ashard.pool import run_job
+
         try:
-            async with self.pool._stream(job, layout) as stream:
-                async for done in stream:
-                    results.put(done)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_job, self.pool._backend, job)
+                pos = 0
+                while pos < n:
+                    values = job.resolved_from(pos)
+                    if values:
+                        results.put(values)
+                        pos += len(values)
+                    else:
+                        await job.wait_change()
         except BaseException as exc:
             results.put(_Failed(exc))
             raise
@@ -258,21 +263,24 @@ def _results(
     pumping: concurrent.futures.Future[None],
 ) -> Iterator[Any]:
     try:
-        for _ in range(n):
+        given = 0
+        while given < n:
             try:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                done = results.get(timeout=wait)
+                run = results.get(timeout=wait)
             except queue.Empty:
                 raise TimeoutError from None
-            if isinstance(done, _Failed):
-                if isinstance(done.exc, WorkerStartError):
-                    raise _broken_pending(done.exc)
-                raise done.exc
-            if done.error is not None:
-                raise _task_error(done.error)
-            yield done.value
+            if isinstance(run, _Failed):
+                if isinstance(run.exc, WorkerStartError):
+                    raise _broken_pending(run.exc)
+                raise run.exc
+            for value in run:
+                given += 1
+                if isinstance(value, ShardError):
+                    raise _task_error(value)
+                yield value
     finally:
-        pumping.cancel()  # what still runs is stopped; a finished stream is left alone
+        pumping.cancel()  # what still runs is stopped; a finished job is left alone
 
 
 def _task_error(error: BaseException) -> BaseException:

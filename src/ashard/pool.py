@@ -331,15 +331,12 @@ def shard_job(
     accepted: type,
     where: str,
     reducer: Reducer | None = None,
-    layout: Shards | None = None,
 ) -> tuple[Job, Shards]:
     """The job of a `shard_map`, `shard_stream` or `shard_reduce` call, every
-    argument checked (nothing is made on disk yet); `layout` splits a sequence given
-    as `shards` its own way (`ashard.Executor.map`: one item per shard)."""
+    argument checked (nothing is made on disk yet)."""
     opts = CallOptions.build(options, accepted, where)
     checked_fn = check_fn(fn)
-    default, sequence = resolve_shards(shards)
-    layout = default if layout is None or sequence is None else layout
+    layout, sequence = resolve_shards(shards)
     inputs, outputs = check_borrow(borrow, out)
     store = results_store(opts)
     payload = pickle_payload(with_sources(checked_fn), "fn")

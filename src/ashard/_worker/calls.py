@@ -11,7 +11,6 @@ def apply_chunk(fn: Callable[..., Any], chunk: Iterable[tuple[Any, ...]]) -> lis
     return [fn(*args) for args in chunk]
 
 
-def apply_one(shard: Any, fn: Callable[..., Any]) -> Any:
-    """``fn(*args)`` for the one item (a tuple of arguments) of `shard`: `Executor.map`
-    as a stream of one-item shards."""
-    return fn(*shard.items[0])
+def apply_star(args: tuple[Any, ...], fn: Callable[..., Any]) -> Any:
+    """``fn(*args)``: `Executor.map` as an ashard `map` over argument tuples."""
+    return fn(*args)
