@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "tests"))  # daskcluster: dask scheduler / worker processes
+sys.path.append(str(ROOT / "tests"))  # daskcluster (after benchmarks/: its workloads wins)
 
 import psutil  # noqa: E402
 

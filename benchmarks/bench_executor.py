@@ -110,16 +110,10 @@ def child(case: str, kind: str, quick: bool) -> dict[str, float]:
 
 
 def calibrate(seconds: float) -> int:
-    import _bench_fns as fns
+    """Loops of `spin` that take about `seconds` of CPU here (the suite's own count)."""
+    from workloads.cpu import calibrate as suite_calibrate
 
-    loops = 200_000
-    while True:
-        t0 = time.thread_time()
-        fns.spin(loops)
-        took = time.thread_time() - t0
-        if took > 0.02:
-            return int(loops * seconds / took)
-        loops *= 2
+    return suite_calibrate(seconds)
 
 
 def run(case: str, kind: str, quick: bool, env: dict[str, str]) -> dict[str, float]:
