@@ -109,6 +109,35 @@ def test_exceptions_are_the_tasks_own_with_the_remote_traceback() -> None:
             ex.submit(workloads.identity, threading.Lock()).result()
 
 
+def test_what_the_standard_librarys_own_tests_expect() -> None:
+    import multiprocessing
+    import weakref
+    from concurrent.futures.process import _RemoteTraceback
+
+    with ashard.Executor(2) as ex:
+        # keywords named like Pool.call's own parameters reach the task
+        assert ex.submit(workloads.keywords, 1, self=2, fn=3, timeout=4).result() == (
+            (1,),
+            {"self": 2, "fn": 3, "timeout": 4},
+        )
+        # the cause is ProcessPoolExecutor's own remote-traceback type, with the line
+        with pytest.raises(ZeroDivisionError) as info:
+            ex.submit(divmod, 1, 0).result()
+        assert type(info.value.__cause__) is _RemoteTraceback
+        assert "Traceback" in info.value.__cause__.tb
+        # a map's iterator keeps no result the caller was given
+        for obj in ex.map(workloads.make_payload, range(10)):
+            ref = weakref.ref(obj)
+            del obj
+            gc.collect()
+            assert ref() is None
+        # a Manager proxy among the arguments connects back (the authkey is shared)
+        with multiprocessing.get_context("fork").Manager() as manager:
+            event = manager.Event()
+            assert ex.submit(workloads.set_event, event).result(timeout=60) is True
+            assert event.is_set()
+
+
 def test_initializer_and_a_failing_one() -> None:
     with ashard.Executor(2, initializer=workloads.remember, initargs=("hello",)) as ex:
         assert {ex.submit(workloads.remembered).result() for _ in range(4)} == {"hello"}

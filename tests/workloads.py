@@ -649,3 +649,24 @@ def nested_sum(n: int) -> int:
     import joblib
 
     return sum(joblib.Parallel(n_jobs=2)(joblib.delayed(square)(i) for i in range(n)))
+
+
+def set_event(event: Any) -> bool:
+    """Set a `multiprocessing.Manager` event from a worker (its proxy connects back)."""
+    event.set()
+    return True
+
+
+def keywords(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return args, kwargs
+
+
+class Payload:
+    """A plain object a task returns (the caller checks nobody else keeps it)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+def make_payload(n: int) -> Payload:
+    return Payload(n)

@@ -118,7 +118,8 @@ class WorkerHandle:
     async def _handshake(self, config: WorkerConfig) -> None:
         try:
             with anyio.fail_after(START_TIMEOUT):
-                hello = (HELLO, list(sys.path), config.init, config.max_frame, config.memory_limit)
+                hello = (HELLO, list(sys.path), config.init, config.max_frame,
+                         config.memory_limit, _mp_authkey())  # fmt: skip
                 await self.channel.send(encode(hello))
                 reply = (await self.channel.receive())[0]
         except ProtocolViolation as exc:
@@ -373,3 +374,11 @@ def kill_all_now() -> None:
         except subprocess.TimeoutExpired:
             h.proc.kill()
             h.proc.wait()
+
+
+def _mp_authkey() -> bytes | None:
+    """This process's multiprocessing authkey, if it uses multiprocessing: workers take
+    it, so that a `multiprocessing.Manager` proxy passed to them can connect (they are
+    not multiprocessing's children, which inherit it)."""
+    process = sys.modules.get("multiprocessing.process")
+    return None if process is None else bytes(process.current_process().authkey)

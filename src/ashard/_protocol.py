@@ -3,7 +3,8 @@ these codes; the comments give the rest of each tuple.
 
 parent -> worker::
 
-    HELLO   sys_path, init payload | None, max_frame, memory limit (bytes) | None
+    HELLO   sys_path, init payload | None, max_frame, memory limit (bytes) | None,
+            the multiprocessing authkey | None
     JOB     key, JobSpec                      register fn and borrow for a call
     RUN     key, seq, first, count, attempts | None, items payload | None
     CALL    seq, fn, args, kwargs, timeout    one call, no job

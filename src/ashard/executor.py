@@ -12,6 +12,7 @@ uses), so the executor needs no event loop of the caller's and any thread may us
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -34,6 +35,8 @@ __all__ = ["Executor"]
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
+_CALL_NAMES = {"self", "fn", "timeout", "max_retries"}
+"""Keyword arguments `Pool.call` would take as its own."""
 _BROKEN = "A child process terminated abruptly, the process pool is not usable anymore"
 _BROKEN_PENDING = (
     "A process in the process pool was terminated abruptly while the future was running or pending."
@@ -69,7 +72,6 @@ class _Core:
         self.shutdown = False
         self.broken: str | None = None
         self.pending: dict[concurrent.futures.Future[Any], anyio.CancelScope | None] = {}
-        self.idle = threading.Condition(self.lock)
         self._slots: anyio.Semaphore | None = None
         self._closing: concurrent.futures.Future[None] | None = None
 
@@ -105,12 +107,11 @@ class _Core:
         finally:
             with self.lock:
                 self.pending.pop(future, None)
-                self.idle.notify_all()
 
     async def _call(
         self, future: concurrent.futures.Future[Any], fn: Callable[..., Any], args: Any, kwargs: Any
     ) -> None:
-        if "timeout" in kwargs or "max_retries" in kwargs:  # the task's own, not ashard's
+        if _CALL_NAMES & kwargs.keys():  # the task's own keywords, not `Pool.call`'s
             fn, args, kwargs = functools.partial(fn, *args, **kwargs), (), {}
         try:
             value = await self.pool.call(
@@ -130,8 +131,13 @@ class _Core:
                 _settle(future, error=error)
             else:
                 _settle(future, error=exc)
+        except RuntimeError as exc:
+            if _no_thread(exc):
+                _settle(future, error=_broken_pending(exc))
+            else:
+                _settle(future, error=_as_stdlib_raises(exc))
         except BaseException as exc:  # the task's own exception, SystemExit included
-            _settle(future, error=exc)
+            _settle(future, error=_as_stdlib_raises(exc))
         else:
             _settle(future, value)
 
@@ -164,8 +170,9 @@ class _Core:
                 while pos < n:
                     values = job.resolved_from(pos)
                     if values:
-                        results.put(values)
                         pos += len(values)
+                        results.put(values)
+                        del values  # the caller alone holds the results it was given
                     else:
                         await job.wait_change()
         except BaseException as exc:
@@ -181,9 +188,12 @@ class _Core:
                 _settle(f, error=_broken_pending(exc))
 
     def cancel_pending(self) -> None:
+        """Cancel the tasks not yet running, but those next in line for a free worker
+        (as `ProcessPoolExecutor`, whose next ones are already on their way)."""
         with self.lock:
+            running = sum(scope is not None for scope in self.pending.values())
             waiting = [f for f, scope in self.pending.items() if scope is None]
-        for f in waiting:
+        for f in waiting[max(0, self.pool.workers - running) :]:
             f.cancel()
 
     def stop_running(self) -> None:
@@ -197,11 +207,6 @@ class _Core:
 
         self.runner.loop().call_soon_threadsafe(cancel)
 
-    def wait_idle(self) -> None:
-        with self.lock:
-            while self.pending:
-                self.idle.wait()
-
     def close(self, wait: bool) -> None:
         """No more work: the pool closes once every pending task is done."""
         with self.lock:
@@ -213,8 +218,13 @@ class _Core:
             closing.result()
 
     async def _close(self) -> None:
-        await anyio.to_thread.run_sync(self.wait_idle)
-        await self.pool.aclose()
+        while self.pending:  # noqa: ASYNC110 - tasks resolve on this loop; no thread here
+            await anyio.sleep(0.005)
+        try:
+            await self.pool.aclose()
+        except Exception as exc:
+            if not _no_thread(exc):  # at interpreter shutdown the workers go anyway
+                raise
 
 
 _callbacks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -271,16 +281,40 @@ def _results(
             except queue.Empty:
                 raise TimeoutError from None
             if isinstance(run, _Failed):
-                if isinstance(run.exc, WorkerStartError):
-                    raise _broken_pending(run.exc)
-                raise run.exc
-            for value in run:
+                exc = run.exc
+                while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                    exc = exc.exceptions[0]
+                if isinstance(exc, WorkerStartError) or _no_thread(exc):
+                    raise _broken_pending(exc)
+                raise exc
+            values = collections.deque(run)
+            del run
+            while values:  # nothing here keeps a result the caller has been given
                 given += 1
-                if isinstance(value, ShardError):
-                    raise _task_error(value)
-                yield value
+                if isinstance(values[0], ShardError):
+                    raise _task_error(values.popleft())
+                yield values.popleft()
     finally:
         pumping.cancel()  # what still runs is stopped; a finished job is left alone
+
+
+def _no_thread(exc: BaseException) -> bool:
+    """A thread could not start (the interpreter is shutting down): the executor is
+    broken, as `ProcessPoolExecutor` says then."""
+    return isinstance(exc, RuntimeError) and "can't create new thread" in str(exc)
+
+
+def _as_stdlib_raises(exc: BaseException) -> BaseException:
+    """The task's exception with the worker's traceback as `ProcessPoolExecutor` gives
+    it: a `concurrent.futures.process._RemoteTraceback` cause holding the text."""
+    from concurrent.futures.process import _RemoteTraceback
+
+    from ashard.errors import RemoteTraceback
+
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback):
+        exc.__cause__ = _RemoteTraceback(f'\n"""\n{cause.text}"""')  # type: ignore[arg-type]
+    return exc
 
 
 def _task_error(error: BaseException) -> BaseException:
@@ -289,7 +323,7 @@ def _task_error(error: BaseException) -> BaseException:
     if isinstance(error, WorkerCrashed):
         return _CrashedInExecutor.of(error)
     if isinstance(error, ShardFailed) and error.__cause__ is not None:
-        return error.__cause__
+        return _as_stdlib_raises(error.__cause__)
     return error
 
 

@@ -195,6 +195,7 @@ class Worker:
                 self.segments.add(msg[1], [fds.popleft() for _ in msg[1]])
             elif op == DROP:
                 self.segments.drop(msg[1])
+            del msg  # a call's arguments go now, not when the next message comes
 
     def _run(
         self,
@@ -344,8 +345,10 @@ def _handshake(worker: Worker) -> bool:
         return False
     hello = worker.queue.popleft()
     assert hello[0] == HELLO, hello
-    _, sys_path, init, worker.max_frame, memory_limit = hello
+    _, sys_path, init, worker.max_frame, memory_limit, authkey = hello
     sys.path[:] = sys_path
+    if authkey is not None:
+        share_mp_authkey(authkey)
     if memory_limit is not None:
         watch_memory(memory_limit)
     if init is not None:
@@ -357,6 +360,47 @@ def _handshake(worker: Worker) -> bool:
         worker.stdio.check()
     worker.send((READY, os.getpid(), private_rss()))
     return True
+
+
+def share_mp_authkey(key: bytes) -> None:
+    """Take the parent's multiprocessing authkey (Manager proxies among the arguments
+    then connect): at once if multiprocessing is loaded, else when it first is — its
+    import is 20 ms, not for every worker to pay."""
+    process = sys.modules.get("multiprocessing.process")
+    if process is not None:
+        process.current_process().authkey = key
+        return
+    sys.meta_path.insert(0, _AuthkeyOnImport(key))
+
+
+class _AuthkeyOnImport:
+    """A meta-path finder that sets the authkey right after `multiprocessing.process`
+    is imported, then leaves."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "multiprocessing.process":
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, key = spec.loader, self.key
+
+        class _Loader:
+            def create_module(self, spec: Any) -> Any:
+                return loader.create_module(spec)
+
+            def exec_module(self, module: Any) -> None:
+                loader.exec_module(module)
+                module.current_process().authkey = key
+
+        spec.loader = _Loader()  # type: ignore[assignment]
+        return spec
 
 
 _statm: int | None = None
