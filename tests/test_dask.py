@@ -93,6 +93,15 @@ async def test_worker_output_reaches_the_callers_streams(dask_cluster: Any) -> N
     assert len(lines) == len(res.results) + 1
 
 
+async def test_a_client_or_an_address_is_a_cluster_too(dask_cluster: Any) -> None:
+    with distributed.Client(dask_cluster, set_as_default=False) as client:
+        async with ashard.Pool(cluster=client) as pool:  # the pool never closes it
+            assert await pool.map(workloads.square, range(5)) == [0, 1, 4, 9, 16]
+        assert client.submit(sum, [2, 3]).result() == 5
+    async with ashard.Pool(cluster=dask_cluster.scheduler_address) as pool:
+        assert await pool.call(workloads.square, 6) == 36
+
+
 async def test_timeouts_stop_shards_in_python_and_in_c(dask_cluster: Any) -> None:
     async with ashard.Pool(cluster=dask_cluster) as pool:
         for fn in (workloads.python_sleep, workloads.blocked_sleep):
