@@ -747,9 +747,6 @@ class AshardPlugin(WorkerPlugin):
         if host is not None:
             await asyncio.wrap_future(host.close())
 
-    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        pass
-
 
 @dataclass(eq=False)
 class _Work:

@@ -28,7 +28,7 @@ from typing import Any, ParamSpec, TypeVar
 import anyio
 
 from ashard._options import check_count, check_timeout
-from ashard.errors import ShardError, ShardFailed, WorkerCrashed, WorkerStartError
+from ashard.errors import ShardError, ShardFailed, WorkerCrashed, WorkerStartError, _rebuild
 
 __all__ = ["Executor"]
 
@@ -50,11 +50,9 @@ class _CrashedInExecutor(WorkerCrashed, BrokenProcessPool):
 
     @classmethod
     def of(cls, exc: WorkerCrashed) -> _CrashedInExecutor:
-        new = cls.__new__(cls)
-        Exception.__init__(new, *exc.args)
-        new.__dict__.update(exc.__dict__)
+        new = _rebuild(cls, exc.args, exc.__dict__)  # as unpickling it would
         new.__cause__, new.__traceback__ = exc.__cause__, exc.__traceback__
-        return new
+        return new  # type: ignore[return-value]
 
 
 class _Core:
