@@ -235,6 +235,36 @@ async def test_borrow_is_held_once_per_node(dask_cluster: Any) -> None:
     assert sum(readings) < X.nbytes // 2, [r >> 20 for r in readings]  # shared, not copied
 
 
+@pytest.mark.parametrize("size", [8, 300_000])  # pickled as it is / landed in shared memory
+async def test_a_borrow_is_never_another_calls(dask_cluster: Any, size: int) -> None:
+    """Same borrow name, other data: across calls, after the array changed in place,
+    between two concurrent calls of one pool and between two pools on one cluster."""
+
+    def expect(X: np.ndarray) -> list[tuple[float, tuple[int, ...]]]:
+        return [(float(X.sum()), X.shape)] * 2
+
+    fn = workloads.borrowed_total
+    ones, other = np.ones(size), np.arange(size + 5, dtype=np.float64)
+    async with (
+        ashard.Pool(cluster=dask_cluster) as pool,
+        ashard.Pool(cluster=dask_cluster) as pool2,
+    ):
+        assert (await pool.shard_map(2, fn, borrow={"X": ones})).results == expect(ones)
+        assert (await pool.shard_map(2, fn, borrow={"X": other})).results == expect(other)
+        ones *= 3  # in place: the next call must see the new values
+        assert (await pool.shard_map(2, fn, borrow={"X": ones})).results == expect(ones)
+        got: dict[str, list[Any]] = {}
+
+        async def run(tag: str, p: ashard.Pool, X: np.ndarray) -> None:
+            got[tag] = (await p.shard_map(2, fn, borrow={"X": X, "hold": 0.3})).results
+
+        cases = [("a", pool, ones), ("b", pool, other), ("c", pool2, other * 7), ("d", pool2, ones)]
+        async with anyio.create_task_group() as tg:
+            for tag, p, X in cases:
+                tg.start_soon(run, tag, p, X)
+        assert got == {tag: expect(X) for tag, _, X in cases}
+
+
 async def test_closing_leaves_the_cluster_usable_and_no_ashard_process(dask_cluster: Any) -> None:
     dask_pids = _dask_worker_pids(dask_cluster)
     async with ashard.Pool(cluster=dask_cluster) as pool:

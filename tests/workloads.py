@@ -592,6 +592,12 @@ def borrowed_sum(shard: Shard, X: np.ndarray, hold: float = 0.0) -> float:
     return value
 
 
+def borrowed_total(shard: Shard, X: np.ndarray, hold: float = 0.0) -> tuple[float, tuple[int, ...]]:
+    """The sum and shape of the borrowed `X` this shard sees, after `hold` seconds."""
+    time.sleep(hold)
+    return float(X.sum()), X.shape
+
+
 # -- the drop-ins: ashard.Executor and the joblib backend (test_executor.py, test_joblib.py)
 
 

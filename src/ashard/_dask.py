@@ -312,13 +312,16 @@ class DaskBackend:
         borrow = None
         if job.borrow:
             client = self._client
-            data = {name: _landing(value) for name, value in job.borrow.items()}
+            names = list(job.borrow)
+            values = [_landing(value) for value in job.borrow.values()]
 
             def scatter() -> Any:
-                return client.scatter(data, broadcast=True, hash=False)
+                # A list, not the dict: Dask would take the dict's names as the data's
+                # keys, and a key the cluster already holds keeps its old data.
+                return client.scatter(values, broadcast=True, hash=False)
 
             try:
-                borrow = await anyio.to_thread.run_sync(scatter)
+                borrow = dict(zip(names, await anyio.to_thread.run_sync(scatter), strict=True))
             except Exception as exc:
                 raise TypeError(f"borrow cannot be sent to the cluster: {exc}") from exc
         return _Call(job, key, spec_bytes, borrow)
