@@ -212,6 +212,80 @@ async def test_a_call_whose_worker_dies_runs_again_with_max_retries(tmp_path: Pa
         assert await pool.call(abs, -4) == 4
 
 
+async def test_a_call_that_timed_out_in_python_runs_again_with_max_retries(
+    tmp_path: Path,
+) -> None:
+    """A hang that the timeout interrupted cleanly (the worker lives on) is a hang too:
+    `max_retries` runs the call again; without it, ShardTimeout after one attempt."""
+    armed = str(tmp_path / "armed")
+    async with ashard.Pool(1) as pool:
+        (pid,) = pool.pids
+        await anyio.Path(armed).touch()
+        fn = workloads.sleep_in_python_once_then
+        assert await pool.call(fn, armed, 5, timeout=0.5, max_retries=1) == (5, pid)
+        assert pool.pids == [pid] and pool.stats.crashed == 0  # interrupted, not killed
+        await anyio.Path(armed).touch()
+        with pytest.raises(ashard.ShardTimeout) as info:
+            await pool.call(fn, armed, 5, timeout=0.5)
+        assert info.value.attempts == 1
+        with pytest.raises(ashard.ShardTimeout, match=r"\(2 attempts\)") as info:
+            await pool.call(workloads.sleep_for, 60, timeout=0.3, max_retries=1)
+        assert info.value.attempts == 2 and pool.pids == [pid]
+
+
+@pytest.mark.parametrize("how", ["call", "shard_map", "map"])
+async def test_work_handed_to_a_worker_that_had_ended_never_ran_and_runs_elsewhere(
+    how: str,
+) -> None:
+    """An idle worker killed before the next call: that call (or chunk) could not be
+    delivered, so it goes to a replacement without costing an attempt, even with
+    max_retries=0; the death is counted once."""
+    async with ashard.Pool(1) as pool:
+        (victim,) = pool.pids
+        os.kill(victim, signal.SIGKILL)
+        await _exited(victim)  # its end of the channel is closed: a send must fail
+        if how == "call":
+            assert await pool.call(os.getpid) not in (victim, os.getpid())
+        elif how == "shard_map":
+            res = await pool.shard_map(3, workloads.attempt_of, max_retries=0)
+            assert res.results == [1, 1, 1] and res.diagnostics.retries == 0
+        else:
+            assert await pool.map(abs, [-1, -2], max_retries=0) == [1, 2]
+        assert victim not in pool.pids and len(pool.pids) == 1
+        assert pool.stats.crashed == 1
+
+
+@pytest.mark.parametrize("how", ["call", "shard_map"])
+async def test_work_a_worker_cannot_take_runs_elsewhere_uncharged(how: str) -> None:
+    """The worker's channel refuses the next send (the worker is on its way out): the
+    call or chunk never reached it, so it runs on a replacement, no attempt charged."""
+    async with ashard.Pool(1) as pool:
+        victim = await pool.call(workloads.refuse_channel_soon, 0.2)
+        await anyio.sleep(0.5)  # its channel is shut; its process lives on
+        assert pool.pids == [victim]
+        if how == "call":
+            assert await pool.call(os.getpid) != victim
+        else:
+            res = await pool.shard_map(3, workloads.attempt_of, max_retries=0)
+            assert res.results == [1, 1, 1] and res.diagnostics.retries == 0
+        assert victim not in pool.pids and pool.stats.crashed == 1
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie"
+
+
+async def _exited(pid: int) -> None:
+    """Wait (bounded) until `pid` has exited: a zombie of ours, or gone."""
+
+    def dead() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    with anyio.fail_after(10):
+        while not await anyio.to_thread.run_sync(dead):  # noqa: ASYNC110 - no event for it
+            await anyio.sleep(0.01)
+
+
 async def test_attempt_counts_every_run_of_a_shard(tmp_path: Path) -> None:
     log, armed = str(tmp_path / "runs.log"), str(tmp_path / "armed")
     await anyio.Path(armed).touch()
@@ -259,14 +333,22 @@ async def test_a_kill_storm_loses_no_result_and_no_run_goes_uncounted(tmp_path: 
                     else:
                         kind = "busy"
                     if victims:
+                        victim = random.choice(victims)
                         with contextlib.suppress(ProcessLookupError):
-                            os.kill(random.choice(victims), signal.SIGKILL)
+                            os.kill(victim, signal.SIGKILL)
                             kills[kind] += 1
+                            killed.append(victim)
 
+            killed: list[int] = []
             async with anyio.create_task_group() as tg:
                 tg.start_soon(storm)
                 res = await pool.shard_map(ashard.shards(400, block_size=1), fn, max_retries=50)
                 tg.cancel_scope.cancel()
+            # The last kill may land after shard_map returned, on an idle worker: once
+            # it has exited, the next call cannot be handed to it (and if its channel
+            # merely refuses the call, the call goes to another worker, uncharged).
+            for victim in killed:
+                await _exited(victim)
             assert await pool.call(abs, -1) == 1
     assert [r[0] for r in res.results] == list(range(400))
     assert kills["busy"] >= 5

@@ -95,6 +95,17 @@ def test_max_retries_reruns_a_crashed_task(tmp_path: Path) -> None:
             ex.submit(workloads.die_once_then, armed, "ok").result(timeout=60)
 
 
+def test_max_retries_reruns_a_task_stopped_by_its_timeout_in_python(tmp_path: Path) -> None:
+    armed = str(tmp_path / "armed")
+    open(armed, "w").close()
+    with ashard.Executor(1, timeout=0.5, max_retries=1) as ex:
+        fn = workloads.sleep_in_python_once_then
+        value, pid = ex.submit(fn, armed, "ok").result(timeout=60)
+        assert value == "ok" and ex.submit(os.getpid).result(timeout=60) == pid  # no kill
+        with pytest.raises(ashard.ShardTimeout, match=r"\(2 attempts\)"):
+            ex.submit(workloads.sleep_for, 60).result(timeout=60)
+
+
 def test_exceptions_are_the_tasks_own_with_the_remote_traceback() -> None:
     with ashard.Executor(1) as ex:
         pid = ex.submit(os.getpid).result()

@@ -41,6 +41,10 @@ def sleep_for(seconds: float) -> float:
     return seconds
 
 
+def attempt_of(shard: Shard) -> int:
+    return shard.attempt
+
+
 def sleep_shard(shard: Shard, seconds: float = 0.05) -> int:
     time.sleep(seconds)
     return shard.id
@@ -360,6 +364,47 @@ def die_once_then(armed: str, value: Any) -> Any:
 def hang_once_then(armed: str, value: Any) -> Any:
     misbehave_once(armed, "hang-c")
     return value
+
+
+def sleep_in_python_once_then(armed: str, value: Any) -> Any:
+    """A Python-level hang the first time (`armed` claimed): a timeout interrupts it and
+    the worker lives on; then return `value` and the pid that returned it."""
+    misbehave_once(armed, "hang-python")
+    return value, os.getpid()
+
+
+def refuse_channel_soon(delay: float = 0.2, linger: float = 30.0) -> int:
+    """After `delay` s, shut this worker's channel for reading, so that the parent's
+    next send fails, and keep the process alive but deaf for `linger` s (libc calls
+    through `ctypes.PyDLL` keep the GIL: the main thread never sees the end of its
+    channel and never exits): a worker that ended as far as the channel goes while its
+    process still runs. Returns the worker's pid at once."""
+    import ctypes
+    import socket
+    import stat
+    import threading
+
+    channels = [
+        fd for fd in map(int, os.listdir("/proc/self/fd"))
+        if fd > 2 and _is_socket(fd, stat)
+    ]  # fmt: skip
+    libc = ctypes.PyDLL(None)
+
+    def refuse() -> None:
+        time.sleep(delay)
+        for fd in channels:  # from here on the GIL stays with this thread
+            libc.shutdown(fd, socket.SHUT_RD)
+        libc.sleep(int(linger))
+
+    threading.Thread(target=refuse, daemon=True).start()
+    return os.getpid()
+
+
+def _is_socket(fd: int, stat: Any) -> bool:
+    try:
+        return bool(stat.S_ISSOCK(os.fstat(fd).st_mode))
+    except OSError:
+        return False
 
 
 def logged_run(shard: Shard, log: str, victim: int = -1, armed: str = "") -> tuple[int, int]:

@@ -19,8 +19,10 @@ A backend offers (`Backend` below):
   aborted, or cancelled — none of the job's shards runs any more and everything it
   made for the job is released. A failure that ends the job goes to ``job.abort(exc)``.
 * ``call(fn, args, kwargs, timeout, max_retries)``: one call on a worker; returns its
-  value or raises what it raised; a call whose worker died or hung runs again up to
-  `max_retries` times, then raises `WorkerCrashed` / `ShardTimeout`.
+  value or raises what it raised; a call whose worker died or hung, or that ran past
+  `timeout`, runs again up to `max_retries` times, then raises `WorkerCrashed` /
+  `ShardTimeout`. A call that never reached its worker (the worker had ended) is sent
+  to another one without counting as a run.
 
 A job offers the backend (`ashard._job.Job`):
 
@@ -32,6 +34,7 @@ A job offers the backend (`ashard._job.Job`):
 * ``deliver(chunk, k0, values, errors, elapsed, final, pid, writes)`` for each report,
   ``deliver_unreadable(chunk, report, pid, exc)`` when its values do not unpickle,
   ``unsendable(chunk, exc)`` when a chunk's items cannot be pickled,
+  ``undelivered(chunks)`` when chunks never reached the worker (its channel had closed),
   ``worker_lost(chunks, loss, timed_out=...)`` when a worker died, hung or broke the
   protocol holding chunks (oldest first), ``ran_on(worker)`` for its diagnostics;
 * ``over``, ``finished``, ``abort(exc)``, ``wait_change()``.

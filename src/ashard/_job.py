@@ -780,6 +780,13 @@ class Job:
                     self._unrun.add(chunk.first + k)
         chunk.done = chunk.count
 
+    def undelivered(self, chunks: Sequence[Chunk]) -> None:
+        """`chunks` never reached a worker (its channel had closed before they were
+        whole in it): queued again, no run charged."""
+        for chunk in chunks:
+            self._requeue_rest(chunk, chunk.done)
+        self.notify()
+
     def worker_lost(self, chunks: Sequence[Chunk], loss: Loss, *, timed_out: bool) -> None:
         """The worker holding `chunks` (oldest first) died, or was killed because it
         ran past the timeout (`timed_out`)."""

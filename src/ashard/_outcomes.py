@@ -159,16 +159,14 @@ def _text_of(exc: BaseException) -> str:
         return _show(exc)
 
 
-def call_outcome(values: list[Any], errors: list[Any], timeout: float | None) -> Any:
+def call_outcome(values: list[Any], errors: list[Any]) -> Any:
     """The value of a finished `call`, or raise what it raised (the original exception,
-    as the standard library's executors do)."""
+    as the standard library's executors do). A timeout is the caller's to retry."""
     if not errors:
         return values[0]
     _, kind, detail = errors[0]
     if kind == RAISED:
         raise remote_exception(detail)
-    if kind == TIMEOUT:
-        raise failure(TIMEOUT, None, subject="call", shard=None, attempts=1, timeout=timeout)
     assert kind == INTERRUPTED, kind
     raise RuntimeError("ashard internal error: call interrupted without cancellation")
 

@@ -86,6 +86,9 @@ CANCEL_GRACE = 1.0
 """Seconds a worker gets to stop a cancelled shard before it is killed."""
 KILL_GRACE = 0.5
 """Past `timeout`, seconds the parent waits for the worker's own timer before killing."""
+MAX_UNDELIVERED = 5
+"""Times in a row a call is sent again because its worker had ended before it could take
+it (those sends cost no attempt); past that it fails as a crash."""
 ENCODE_INLINE_SECONDS = 0.002
 """Chunks that took longer than this to pickle are pickled off the event loop next time."""
 
@@ -120,9 +123,16 @@ class _Hung(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Lost:
-    """A call whose worker died or hung, and the error that says so."""
+    """A call whose worker died or hung, or that ran past its timeout, and the error
+    that says so. `delivered` False: the worker was dead before it could take the call
+    (the send itself failed), so the call never ran."""
 
     error: ShardError
+    delivered: bool = True
+
+
+class _Undelivered(Exception):
+    """The worker's channel refused the call: the worker ended before taking it."""
 
 
 class Scheduler:
@@ -316,7 +326,14 @@ class Scheduler:
             lease.inflight.remove(chunk)
             job.unsendable(chunk, exc)
         if parts:
-            await w.channel.send(parts, fds)
+            try:
+                await w.channel.send(parts, fds)
+            except ChannelClosed:  # the worker ended: these chunks never reached it
+                fresh = [c for c in chunks if c in lease.inflight]
+                for chunk in fresh:
+                    lease.inflight.remove(chunk)
+                job.undelivered(fresh)
+                raise
 
     async def _encode(
         self, run: _Run, msgs: list[Any], chunks: list[Chunk]
@@ -424,11 +441,17 @@ class Scheduler:
         except Exception:
             _name_unpicklable(fn, args, kwargs)
             raise
-        for attempt in range(1, max_retries + 2):
+        attempt, undelivered = 1, 0
+        while True:
             outcome = await self._call_once(seq, parts, timeout, attempt)
             if not isinstance(outcome, _Lost):
                 return outcome
-        raise outcome.error
+            if not outcome.delivered and undelivered < MAX_UNDELIVERED:
+                undelivered += 1  # it never ran: not an attempt, whatever max_retries says
+            elif attempt <= max_retries:
+                attempt += 1
+            else:
+                raise outcome.error
 
     async def _call_once(
         self, seq: int, parts: list[Buffer], timeout: float | None, attempt: int
@@ -443,13 +466,16 @@ class Scheduler:
         w.hand(None, 1)
         try:
             try:
-                await w.channel.send(parts)
+                try:
+                    await w.channel.send(parts)
+                except ChannelClosed as exc:  # not a whole frame went: the call never ran
+                    raise _Undelivered(str(exc)) from exc
                 answer = await _receive_call(w, seq, timeout)
                 if w.output.pending():
                     w.output.drain(final=True)
                 w.finished_work(answer[0].rss, self.policy, PROFILES["default"])
                 self.workers.heard_back(0)
-            except (ChannelClosed, _Hung, ProtocolViolation) as exc:
+            except (ChannelClosed, _Hung, ProtocolViolation, _Undelivered) as exc:
                 lost = exc
         finally:
             if lost is None and answer is not None:
@@ -465,12 +491,15 @@ class Scheduler:
             kind, detail = (TIMEOUT, None) if hung else (CRASHED, self.workers.loss_of(w))
             error = failure(kind, detail, subject="call", shard=None, attempts=attempt,
                             timeout=timeout)  # fmt: skip
-            return _Lost(error)
+            return _Lost(error, delivered=not isinstance(lost, _Undelivered))
         assert answer is not None
         report, values = answer
         if isinstance(values, Exception):
             raise unreadable_result("call", None, attempt, values)
-        return call_outcome(values, report.errors, timeout)
+        if report.errors and report.errors[0][1] == TIMEOUT:  # stopped in Python: worker fine
+            return _Lost(failure(TIMEOUT, None, subject="call", shard=None, attempts=attempt,
+                                 timeout=timeout))  # fmt: skip
+        return call_outcome(values, report.errors)
 
     async def _settle_call(self, w: WorkerHandle, token: object) -> None:
         """The caller was cancelled mid-call: interrupt, wait briefly, else kill."""
