@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 import ashard
+import ashard.sync
 import workloads
 
 pytestmark = pytest.mark.anyio
@@ -186,7 +188,7 @@ def test_odd_pool_seconds_are_refused_by_name() -> None:
         ashard.Pool(1, health_check_interval=1e12)
 
 
-async def test_a_refused_call_changes_nothing() -> None:
+async def test_a_refused_call_changes_nothing(tmp_path: Path) -> None:
     pool = ashard.default_pool()
     await ashard.map(abs, [1, 2], workers=2)
     with pytest.raises(ValueError, match="errors must be one of"):
@@ -196,6 +198,47 @@ async def test_a_refused_call_changes_nothing() -> None:
     with pytest.raises(TypeError, match="fn must be callable"):
         ashard.shard_stream(4, 42, workers=1)  # type: ignore[arg-type]
     assert pool is ashard.default_pool() and pool.workers == 2 and len(pool.pids) == 2
+    # refused once the call runs (a borrow that cannot be pickled, a sink's directory
+    # that is not empty), and by then the call had asked for another size
+    lock = {"lock": threading.Lock()}
+    with pytest.raises(TypeError, match="borrow"):
+        await ashard.shard_map(3, workloads.shard_sum, workers=1, borrow=lock)
+    with pytest.raises(TypeError, match="borrow"):
+        await ashard.map(abs, [1], workers=1, borrow=lock)
+    with pytest.raises(TypeError, match="borrow"):
+        await ashard.shard_reduce(3, workloads.shard_sum, max, workers=1, borrow=lock)
+    with pytest.raises(TypeError, match="borrow"):
+        async with ashard.shard_stream(3, workloads.shard_sum, workers=1, borrow=lock):
+            pass
+    with pytest.raises(ValueError, match="not empty"):
+        await ashard.shard_map(3, workloads.shard_sum, workers=1, results="disk",
+                               results_path=_a_file_in(tmp_path))  # fmt: skip
+    assert pool is ashard.default_pool() and pool.workers == 2 and len(pool.pids) == 2
+    assert await ashard.map(abs, [-1], workers=1) == [1]  # an accepted call resizes
+    assert pool.workers == 1
+
+
+def test_a_refused_sync_call_changes_nothing() -> None:
+    try:
+        ashard.sync.map(abs, [1, 2], workers=2)
+        pool = ashard.sync.default_pool()
+        pids = pool.pids
+        lock = {"lock": threading.Lock()}
+        with pytest.raises(TypeError, match="borrow"):
+            ashard.sync.shard_map(3, workloads.shard_sum, workers=1, borrow=lock)
+        with pytest.raises(TypeError, match="borrow"):
+            ashard.sync.map(abs, [1], workers=1, borrow=lock)
+        with pytest.raises(TypeError, match="borrow"):  # noqa: SIM117 - the with is the call
+            with ashard.sync.shard_stream(3, workloads.shard_sum, workers=1, borrow=lock):
+                pass
+        assert pool.workers == 2 and pool.pids == pids
+    finally:
+        ashard.sync.shutdown()
+
+
+def _a_file_in(path: Path) -> Path:
+    (path / "there").write_text("x")
+    return path
 
 
 async def test_a_masked_array_arrives_with_its_mask() -> None:

@@ -48,13 +48,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-if TYPE_CHECKING:
-    import anyio.abc
+import anyio
+import anyio.abc
 
+if TYPE_CHECKING:
     from ashard._job import Job
     from ashard.results import PoolStats
 
-__all__ = ["Backend"]
+__all__ = ["Accepted", "Backend"]
 
 
 class Backend(Protocol):
@@ -78,3 +79,27 @@ class Backend(Protocol):
         timeout: float | None,
         max_retries: int = 0,
     ) -> Any: ...
+
+
+class Accepted(anyio.abc.TaskStatus[None]):
+    """The task status a call hands `Backend.run`: it remembers whether the job was
+    accepted (everything that can refuse it, such as a borrow that cannot be pickled,
+    was checked), and only then resizes the default pool to the size the call asked
+    for (`resize`), so that a refused call changes nothing."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        resize: int | None = None,
+        status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self._backend = backend
+        self._resize = resize
+        self._status = status
+        self.done = False
+
+    def started(self, value: None = None) -> None:
+        self.done = True
+        if self._resize is not None and self._resize != self._backend.size:
+            self._backend.resize(self._resize)
+        self._status.started(value)

@@ -175,9 +175,9 @@ class Scheduler:
         self, job: Job, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run `job` until every position is resolved, it aborts, or the caller cancels."""
-        job.served_by(self.size)
         run = await self._prepare(job)
-        task_status.started()
+        task_status.started()  # the job is accepted (the pool may resize for it now)
+        job.served_by(self.size)
         try:
             with self.workers.watching(job.opts.profile):
                 async with anyio.create_task_group() as tg:

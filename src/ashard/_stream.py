@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.abc
 
+from ashard._backend import Accepted
 from ashard._outcomes import interrupt_in
 from ashard.errors import ShardMapError
 from ashard.results import ShardDone, _failure_message
@@ -41,8 +42,11 @@ class ShardStream:
 
     __module__ = "ashard"
 
-    def __init__(self, backend: Backend, job: Job, shards: Sequence[Shard]) -> None:
+    def __init__(
+        self, backend: Backend, job: Job, shards: Sequence[Shard], resize: int | None = None
+    ) -> None:
         self._backend = backend
+        self._resize = resize
         self._job = job
         self._shards = shards
         self._tg: anyio.abc.TaskGroup | None = None
@@ -86,7 +90,7 @@ class ShardStream:
         return None
 
     async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        status = _Status(task_status)
+        status = Accepted(self._backend, self._resize, task_status)
         job = self._job
         opened = False
         try:
@@ -142,15 +146,3 @@ class ShardStream:
         """Finished shards waiting to be consumed."""
         assert self._job.stream is not None
         return self._job.stream.pending
-
-
-class _Status(anyio.abc.TaskStatus[None]):
-    """A task status that remembers whether the task said it started."""
-
-    def __init__(self, status: anyio.abc.TaskStatus[None]) -> None:
-        self._status = status
-        self.done = False
-
-    def started(self, value: None = None) -> None:
-        self.done = True
-        self._status.started(value)

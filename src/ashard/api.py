@@ -65,7 +65,7 @@ async def shutdown() -> None:
 
 def _target(pool: Pool | None, workers: int | None) -> tuple[Pool, int | None]:
     """The pool a call runs on, and the size the default pool should take for it (it
-    takes it only once the call's arguments are all checked)."""
+    takes it only once the call is accepted: `ashard._backend.Accepted`)."""
     return choose_pool(pool, workers, default_pool, "ashard.Pool")
 
 
@@ -87,12 +87,6 @@ def choose_pool(
             )
         return pool, None
     return default(), size
-
-
-def _sized(pool: Pool, size: int | None) -> Pool:
-    if size is not None and size != pool.workers:
-        pool._resize(size)
-    return pool
 
 
 @contextlib.asynccontextmanager
@@ -143,7 +137,7 @@ async def shard_map(
 
         target, size = _target(pool, workers)
         job, layout = shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
-        return await _sized(target, size)._shard_result(job, layout)
+        return await target._shard_result(job, layout, size)
 
 
 @takes_options(StreamOptions)
@@ -171,7 +165,7 @@ def shard_stream(
 
     target, size = _target(pool, workers)
     job, layout = shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
-    return _sized(target, size)._stream(job, layout)
+    return target._stream(job, layout, size)
 
 
 @takes_options(ReduceOptions)
@@ -198,7 +192,7 @@ async def shard_reduce(
 
         target, size = _target(pool, workers)
         job, _ = reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
-        return await _sized(target, size)._reduce_result(job)
+        return await target._reduce_result(job, size)
 
 
 @takes_options(MapOptions)
@@ -222,7 +216,7 @@ async def map(
 
         target, size = _target(pool, workers)
         job = map_job(fn, items, borrow, options)
-        return await _sized(target, size)._map_result(job)
+        return await target._map_result(job, size)
 
 
 async def call(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 import anyio
 
-from ashard._backend import Backend
+from ashard._backend import Accepted, Backend
 from ashard._handle import WorkerConfig, kill_all_now
 from ashard._job import Job, Reducer, StreamBuffer
 from ashard._options import (
@@ -163,9 +163,6 @@ class Pool:
         """The pool's size: how many workers it runs at most."""
         return self._backend.size
 
-    def _resize(self, workers: int) -> None:
-        self._backend.resize(workers)
-
     @property
     def stats(self) -> PoolStats:
         return self._backend.stats()
@@ -268,28 +265,31 @@ class Pool:
         return await self._backend.call(fn, args, kwargs, seconds, retries)
 
     # A call is checked and built into a job first (`shard_job`, `map_job`: nothing
-    # changes if that raises), then run here.
+    # changes if that raises), then run here. `resize`: the size the default pool takes
+    # for the call, once the backend accepted the job (`Accepted`).
 
-    async def _shard_result(self, job: Job, layout: Shards) -> ShardResult:
-        await self._run(job)
+    async def _shard_result(
+        self, job: Job, layout: Shards, resize: int | None = None
+    ) -> ShardResult:
+        await self._run(job, resize)
         result = job.result(layout)
         if job.opts.errors == "raise":
             result.raise_for_failures()
         return result
 
-    async def _reduce_result(self, job: Job) -> ReduceResult:
-        await self._run(job)
+    async def _reduce_result(self, job: Job, resize: int | None = None) -> ReduceResult:
+        await self._run(job, resize)
         assert job.reducer is not None
         result = ReduceResult(job.reducer.value, job.failure_list(), job.diagnostics())
         if job.opts.errors == "raise":
             result.raise_for_failures()
         return result
 
-    def _stream(self, job: Job, layout: Shards) -> ShardStream:
-        return ShardStream(self._backend, job, layout)
+    def _stream(self, job: Job, layout: Shards, resize: int | None = None) -> ShardStream:
+        return ShardStream(self._backend, job, layout, resize)
 
-    async def _map_result(self, job: Job) -> list[Any]:
-        await self._run(job)
+    async def _map_result(self, job: Job, resize: int | None = None) -> list[Any]:
+        await self._run(job, resize)
         if job.failures and job.opts.errors == "raise":
             result = job.result(Shards(job.next_pos, 1, "contiguous"))
             raise ShardMapError(_failure_message(result.failures), result.failures, result)
@@ -299,23 +299,25 @@ class Pool:
             values[pos] = err
         return values
 
-    async def _run(self, job: Job) -> None:
-        await run_job(self._backend, job)
+    async def _run(self, job: Job, resize: int | None) -> None:
+        await run_job(self._backend, job, resize)
 
 
-async def run_job(backend: Backend, job: Job) -> None:
+async def run_job(backend: Backend, job: Job, resize: int | None = None) -> None:
     """Run `job` on `backend`: its outputs opened before and settled after (shielded:
-    a cancelled call still sweeps what its workers left); raise what ended it."""
+    a cancelled call still sweeps what its workers left); raise what ended it.
+    `resize`: see `Accepted`."""
+    status = Accepted(backend, resize)
     try:
         if job.has_outputs:
             await anyio.to_thread.run_sync(job.open_outputs)
             try:
-                await backend.run(job)
+                await backend.run(job, task_status=status)
             finally:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(job.close_outputs)
         else:
-            await backend.run(job)
+            await backend.run(job, task_status=status)
     finally:
         job.close()
     if job.fatal is not None:

@@ -326,13 +326,11 @@ def shutdown() -> None:
         pool.close()
 
 
-def _target(pool: Pool | _pool.Pool | None, workers: int | None) -> Pool:
-    """The pool a call runs on (the sync default pool, resized if `workers` asks)."""
+def _target(pool: Pool | _pool.Pool | None, workers: int | None) -> tuple[_pool.Pool, int | None]:
+    """The pool a call runs on (the sync default pool), and the size `workers` asks of
+    it (taken once the call is accepted, as in `ashard.api`)."""
     inner = pool._pool if isinstance(pool, Pool) else pool
-    target, size = choose_pool(inner, workers, lambda: default_pool()._pool, "ashard.sync.Pool")
-    if size is not None and size != target.workers:
-        target._resize(size)
-    return pool if isinstance(pool, Pool) else Pool._wrapping(target)
+    return choose_pool(inner, workers, lambda: default_pool()._pool, "ashard.sync.Pool")
 
 
 @takes_options(ShardOptions)
@@ -348,7 +346,8 @@ def shard_map(
 ) -> ShardResult:
     """`ashard.shard_map`, blocking."""
     job, layout = _pool.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
-    return _runner.run(_target(pool, workers)._pool._shard_result(job, layout))
+    target, size = _target(pool, workers)
+    return _runner.run(target._shard_result(job, layout, size))
 
 
 @takes_options(StreamOptions)
@@ -364,8 +363,8 @@ def shard_stream(
 ) -> ShardStream:
     """`ashard.shard_stream` for a ``with`` block iterated with ``for``."""
     job, layout = _pool.shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
-    target = _target(pool, workers)
-    return ShardStream(lambda: target._pool._stream(job, layout))
+    target, size = _target(pool, workers)
+    return ShardStream(lambda: target._stream(job, layout, size))
 
 
 @takes_options(ReduceOptions)
@@ -384,7 +383,8 @@ def shard_reduce(
 ) -> ReduceResult:
     """`ashard.shard_reduce`, blocking."""
     job, _ = _pool.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
-    return _runner.run(_target(pool, workers)._pool._reduce_result(job))
+    target, size = _target(pool, workers)
+    return _runner.run(target._reduce_result(job, size))
 
 
 @takes_options(MapOptions)
@@ -399,7 +399,8 @@ def map(
 ) -> list[Any]:
     """`ashard.map`, blocking."""
     job = _pool.map_job(fn, items, borrow, options)
-    return _runner.run(_target(pool, workers)._pool._map_result(job))
+    target, size = _target(pool, workers)
+    return _runner.run(target._map_result(job, size))
 
 
 def call(
