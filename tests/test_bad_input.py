@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import threading
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,7 @@ async def test_a_borrow_that_cannot_be_loaded_names_its_key() -> None:
 
 
 async def test_call_arguments_that_cannot_be_loaded_say_so() -> None:
-    with pytest.raises(RuntimeError, match="function or arguments could not be loaded"):
+    with pytest.raises(pickle.UnpicklingError, match="function or arguments could not be loaded"):
         await ashard.call(workloads.identity, workloads.RebuildFails())
     assert await ashard.call(abs, -3) == 3
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 import ashard
@@ -163,7 +165,8 @@ async def test_a_result_that_does_not_unpickle_in_the_parent_fails_only_its_shar
         failure = res.failures[0]
         assert isinstance(failure, ashard.ShardFailed)
         assert "its result could not be unpickled" in str(failure)
-        assert isinstance(failure.__cause__, RuntimeError)
+        assert isinstance(failure.__cause__, pickle.UnpicklingError)  # what it is, as a type
+        assert isinstance(failure.__cause__.__cause__, RuntimeError)  # what unpickling raised
         assert "cannot be rebuilt" in str(failure.__cause__)
         assert res.results == [0, 1, None, 3]
         # inside a chunk of many, the culprit is found and only it fails

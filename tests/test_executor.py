@@ -106,6 +106,33 @@ def test_max_retries_reruns_a_task_stopped_by_its_timeout_in_python(tmp_path: Pa
             ex.submit(workloads.sleep_for, 60).result(timeout=60)
 
 
+def test_what_processpoolexecutor_code_catches_is_still_caught() -> None:
+    """Arguments that do not unpickle in the worker and a result that does not unpickle
+    here: `pickle.UnpicklingError` and `BrokenProcessPool` (what ProcessPoolExecutor
+    raises) both catch it, with the message; SystemExit or KeyboardInterrupt raised
+    while the worker pickles a result come back as themselves; the worker lives on."""
+    with ashard.Executor(1) as ex:
+        pid = ex.submit(os.getpid).result(timeout=60)
+        cases = [
+            (ex.submit(workloads.identity, workloads.RebuildFails()), "arguments"),
+            (ex.submit(workloads.return_unrebuildable, 13), "result"),
+        ]
+        for future, what in cases:
+            for kind in (pickle.UnpicklingError, BrokenProcessPool):
+                with pytest.raises(kind, match=f"{what} could not be loaded"):
+                    future.result(timeout=60)
+            assert "cannot be rebuilt" in str(future.exception())
+        for kind in (SystemExit, KeyboardInterrupt):
+            future = ex.submit(workloads.return_raising_when_pickled, kind)
+            with pytest.raises(kind, match="raised while pickling the result"):
+                future.result(timeout=60)
+        mapped = ex.map(workloads.return_unrebuildable, [12, 13])
+        assert next(mapped) == 12
+        with pytest.raises(BrokenProcessPool, match="result could not be loaded"):
+            next(mapped)
+        assert ex.submit(os.getpid).result(timeout=60) == pid  # the same worker, still up
+
+
 def test_exceptions_are_the_tasks_own_with_the_remote_traceback() -> None:
     with ashard.Executor(1) as ex:
         pid = ex.submit(os.getpid).result()

@@ -351,6 +351,20 @@ class RebuildFails:
         return _rebuild_fails, ()
 
 
+class RaisesWhenPickled:
+    """Pickling it raises `exc_type` (SystemExit, KeyboardInterrupt, ...) in the worker."""
+
+    def __init__(self, exc_type: type[BaseException]) -> None:
+        self.exc_type = exc_type
+
+    def __reduce__(self) -> Any:
+        raise self.exc_type("raised while pickling the result")
+
+
+def return_raising_when_pickled(exc_type: type[BaseException]) -> RaisesWhenPickled:
+    return RaisesWhenPickled(exc_type)
+
+
 def return_unrebuildable(x: Any) -> Any:
     return RebuildFails() if x == 13 else x
 

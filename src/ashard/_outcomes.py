@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ashard._protocol import INTERRUPTED, RAISED, TIMEOUT
-from ashard._serialize import ExcRecord, decode_exception
+from ashard._serialize import ExcRecord, LoadError, decode_exception
 from ashard.errors import (
     RemoteTraceback,
     ShardError,
@@ -110,8 +110,11 @@ def failure(
 def unreadable_result(
     subject: str, shard: Shard | None, attempts: int, exc: Exception
 ) -> ShardFailed:
-    """`subject` ran, but its result, pickled in the worker, does not unpickle here."""
-    return _local_failure(subject, shard, attempts, exc, "its result could not be unpickled")
+    """`subject` ran, but its result, pickled in the worker, does not unpickle here:
+    a `ShardFailed` caused by a `LoadError` (a `pickle.UnpicklingError`)."""
+    err = _local_failure(subject, shard, attempts, exc, "its result could not be unpickled")
+    err.__cause__ = LoadError("its result", exc, "the parent")
+    return err
 
 
 def output_failure(subject: str, shard: Shard | None, attempts: int, exc: Exception) -> ShardFailed:

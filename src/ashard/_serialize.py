@@ -15,6 +15,7 @@ from typing import Any
 from ashard._protocol import MAX_BUFFERS, Payload
 
 __all__ = [
+    "LoadError",
     "decode_exception",
     "dumps",
     "dumps_named",
@@ -27,6 +28,33 @@ __all__ = [
 
 PROTOCOL = 5
 _MAIN = b"__main__"
+
+
+class LoadError(pickle.UnpicklingError):
+    """Something pickled could not be unpickled where it arrived: a call's function or
+    arguments, a shard's items or a borrowed object in a worker, or a result in the
+    parent. Its `__cause__` is what unpickling raised. A `pickle.UnpicklingError`, so
+    code that catches that (as around `ProcessPoolExecutor` results) catches it."""
+
+    def __init__(self, what: str, exc: BaseException, where: str) -> None:
+        super().__init__(f"{what} could not be loaded in {where}: {_show(exc)}")
+        self.__cause__ = exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_load_error, (str(self),))
+
+
+def _rebuild_load_error(message: str) -> LoadError:
+    error = LoadError.__new__(LoadError)
+    pickle.UnpicklingError.__init__(error, message)
+    return error
+
+
+def _show(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return type(exc).__name__
 
 
 def dumps(obj: Any, buffers: list[pickle.PickleBuffer] | None) -> bytes:

@@ -28,6 +28,7 @@ from typing import Any, ParamSpec, TypeVar
 import anyio
 
 from ashard._options import check_count, check_timeout
+from ashard._serialize import LoadError
 from ashard.errors import ShardError, ShardFailed, WorkerCrashed, WorkerStartError, _rebuild
 
 __all__ = ["Executor"]
@@ -53,6 +54,18 @@ class _CrashedInExecutor(WorkerCrashed, BrokenProcessPool):
         new = _rebuild(cls, exc.args, exc.__dict__)  # as unpickling it would
         new.__cause__, new.__traceback__ = exc.__cause__, exc.__traceback__
         return new  # type: ignore[return-value]
+
+
+class _UnloadableInExecutor(pickle.UnpicklingError, BrokenProcessPool):
+    """A task's function or arguments did not unpickle in the worker, or its result did
+    not unpickle here: a `pickle.UnpicklingError` that is also the `BrokenProcessPool`
+    `ProcessPoolExecutor` raises then (its pool breaks; here only this task failed)."""
+
+    @classmethod
+    def of(cls, exc: LoadError) -> _UnloadableInExecutor:
+        new = cls(str(exc))
+        new.__cause__ = exc.__cause__  # the worker's traceback, or what unpickling raised
+        return _as_stdlib_raises(new)  # type: ignore[return-value]
 
 
 class _Core:
@@ -119,6 +132,12 @@ class _Core:
             raise
         except WorkerCrashed as exc:
             _settle(future, error=_CrashedInExecutor.of(exc))
+        except LoadError as exc:  # its function or arguments: in the worker
+            _settle(future, error=_UnloadableInExecutor.of(exc))
+        except ShardFailed as exc:  # ashard's own (a task's errors come as themselves)
+            cause = exc.__cause__
+            _settle(future, error=_UnloadableInExecutor.of(cause) if isinstance(cause, LoadError)
+                    else exc)  # fmt: skip
         except WorkerStartError as exc:  # `initializer` raised: the executor is broken
             self._break(exc)
             _settle(future, error=_broken_pending(exc))
@@ -320,6 +339,8 @@ def _task_error(error: BaseException) -> BaseException:
     one that raised, the dual-typed crash for one whose worker died."""
     if isinstance(error, WorkerCrashed):
         return _CrashedInExecutor.of(error)
+    if isinstance(error, ShardFailed) and isinstance(error.__cause__, LoadError):
+        return _UnloadableInExecutor.of(error.__cause__)  # its arguments or its result
     if isinstance(error, ShardFailed) and error.__cause__ is not None:
         return _as_stdlib_raises(error.__cause__)
     return error

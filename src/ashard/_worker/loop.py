@@ -53,7 +53,7 @@ from ashard._protocol import (
     Payload,
     SinkRef,
 )
-from ashard._serialize import dumps, encode_exception, pack, unpack
+from ashard._serialize import LoadError, dumps, encode_exception, pack, unpack
 from ashard._worker import run
 from ashard._worker.attach import Audited, Segments
 from ashard._worker.results import (
@@ -105,7 +105,7 @@ class Worker:
         rss = private_rss() if final and self.report_rss else 0
         try:
             payload = pack(values)
-        except Exception:
+        except BaseException:  # user pickling code: SystemExit is an outcome, not the end
             values, errors = _drop_unpicklable(values, errors)
             payload = pack(values)
         arrays: list[ArrayDesc] | None = None
@@ -291,11 +291,9 @@ def _writer(name: str, ref: SinkRef, stdio: StdioGuard) -> Any:
     return sinks.TableWriter(name, ref) if ref.kind == "sink" else sinks.ResultWriter(name, ref)
 
 
-def _load_error(what: str, exc: Exception) -> RuntimeError:
+def _load_error(what: str, exc: Exception) -> LoadError:
     """`exc`, raised while unpickling `what` in the worker, as an error that says so."""
-    error = RuntimeError(f"{what} could not be loaded in the worker: {_show_error(exc)}")
-    error.__cause__ = exc
-    return error
+    return LoadError(what, exc, "the worker")
 
 
 def _show_error(exc: BaseException) -> str:
@@ -320,20 +318,25 @@ def _too_large(
 
 
 def _drop_unpicklable(values: list[Any], errors: list[Any]) -> tuple[list[Any], list[Any]]:
-    """Replace results that cannot be pickled by errors that say so."""
+    """Replace results that cannot be pickled by errors that say so. A `SystemExit` or
+    `KeyboardInterrupt` raised while pickling one is that result's outcome as it is
+    (as `ProcessPoolExecutor` sends it back), and the worker goes on."""
     out = list(values)
     errs = list(errors)
     for k, value in enumerate(values):
         try:
             dumps(value, [])
-        except Exception as exc:
+        except BaseException as exc:
             out[k] = None
-            msg = (
-                f"the result of fn (a {type(value).__module__}.{type(value).__qualname__}) "
-                f"cannot be sent back to the parent: it could not be pickled "
-                f"({_show_error(exc)})"
-            )
-            errs.append((k, RAISED, encode_exception(TypeError(msg))))
+            error: BaseException = exc
+            if isinstance(exc, Exception):
+                error = TypeError(
+                    f"the result of fn (a {type(value).__module__}.{type(value).__qualname__}) "
+                    f"cannot be sent back to the parent: it could not be pickled "
+                    f"({_show_error(exc)})"
+                )
+                error.__cause__ = exc
+            errs.append((k, RAISED, encode_exception(error)))
     errs.sort(key=lambda e: e[0])
     return out, errs
 
