@@ -86,6 +86,80 @@ def test_timeout_and_nested_parallel() -> None:
     assert nested == [sum(i * i for i in range(n)) for n in range(5)]
 
 
+def test_initializer_runs_once_per_worker_as_under_loky(tmp_path: Path) -> None:
+    from concurrent.futures.process import BrokenProcessPool
+
+    log = str(tmp_path / "inits")
+    marks = _parallel(initializer=workloads.mark_init, initargs=(log, 7))(  # type: ignore[operator]
+        joblib.delayed(workloads.init_marker)(i) for i in range(40)
+    )
+    assert marks == ["7"] * 40
+    again = _parallel(initializer=workloads.mark_init, initargs=(log, 7))(  # type: ignore[operator]
+        joblib.delayed(workloads.init_marker)(i) for i in range(10)
+    )
+    assert again == ["7"] * 10
+    pids = Path(log).read_text().split()
+    assert len(pids) == len(set(pids)) <= 2  # once per worker, the same workers reused
+    with joblib.parallel_config(backend="ashard", n_jobs=2, initializer=workloads.mark_init,
+                                initargs=(log, 8)):  # fmt: skip
+        assert (
+            joblib.Parallel()(joblib.delayed(workloads.init_marker)(i) for i in range(6))
+            == ["8"] * 6
+        )
+    assert len(Path(log).read_text().split()) > len(pids)  # other initargs: fresh workers
+    with pytest.raises(BrokenProcessPool):  # as loky (TerminatedWorkerError) says
+        _parallel(initializer=workloads.failing_init)(  # type: ignore[operator]
+            joblib.delayed(workloads.square)(i) for i in range(4)
+        )
+    assert _parallel()(joblib.delayed(workloads.square)(i) for i in range(4)) == [0, 1, 4, 9]  # type: ignore[operator]
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        _parallel(initializer=42)(joblib.delayed(workloads.square)(i) for i in range(4))  # type: ignore[operator]
+
+
+NESTED_UNDER_MULTIPROCESSING = """
+import json, joblib, ashard, workloads
+ashard.register_joblib()
+# the parent uses ashard first: its loop thread, spawner and warm executor exist when
+# multiprocessing forks the workers that then run Parallel(backend="ashard")
+squares = [joblib.delayed(workloads.square)(i) for i in range(4)]
+first = joblib.Parallel(n_jobs=2, backend="ashard")(squares)
+out = joblib.Parallel(n_jobs=2, backend="multiprocessing")(
+    joblib.delayed(workloads.nested_ashard)(n) for n in range(2, 6)
+)
+again = joblib.Parallel(n_jobs=2, backend="ashard")(squares)
+print(json.dumps({"first": first, "out": out, "again": again}))
+"""
+
+
+def test_ashard_inside_a_multiprocessing_task_works() -> None:
+    """A task of joblib's "multiprocessing" backend (a forked, daemonic process) runs
+    its own Parallel(backend="ashard"): it starts workers of its own (not the
+    parent's), and the parent's workers are unharmed; no worker outlives the run."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+        [sys.executable, "-c", NESTED_UNDER_MULTIPROCESSING], cwd=tests, capture_output=True,
+        text=True, timeout=90, env={**os.environ, "PYTHONPATH": tests},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["first"] == got["again"] == [0, 1, 4, 9]
+    assert [v for v, _ in got["out"]] == [sum(i * i for i in range(n)) for n in range(2, 6)]
+    pids = {p for _, ps in got["out"] for p in ps}
+    deadline = time.monotonic() + 10
+    while (alive := [p for p in pids if _runs(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive  # the forked tasks' own workers ended with them
+
+
+def _runs(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_tiny_tasks_are_batched() -> None:
     with joblib.parallel_config(backend="ashard", n_jobs=2):
         out = joblib.Parallel()(joblib.delayed(workloads.square)(i) for i in range(20_000))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import anyio
 import pytest
@@ -109,3 +112,48 @@ async def test_call_round_trip_and_kwargs() -> None:
     async with ashard.Pool(1) as pool:
         assert await pool.call(divmod, 17, 5) == (3, 2)
         assert await pool.call(int, "ff", base=16) == 255
+
+
+FORKED_CHILD = """
+import json, os, sys
+import ashard, ashard.sync
+
+pool = ashard.sync.Pool(1)
+parent_pid = pool.call(os.getpid)
+ashard.sync.call(abs, -1)  # the sync default pool and its loop thread exist too
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(r)
+    report = {}
+    try:
+        pool.call(os.getpid)
+    except RuntimeError as exc:
+        report["refused"] = str(exc)
+    report["own"] = ashard.sync.call(os.getpid)  # a default pool of the child's own
+    ashard.sync.shutdown()
+    pool.close()  # the parent's workers are not the child's to stop
+    os.write(w, json.dumps(report).encode())
+    os._exit(0)
+os.close(w)
+report = json.loads(os.read(r, 1 << 16))
+os.waitpid(child, 0)
+report["parent_pid"] = parent_pid
+report["parent_after"] = pool.call(os.getpid)
+report["pids"] = pool.pids
+pool.close()
+ashard.sync.shutdown()
+print(json.dumps(report))
+"""
+
+
+def test_a_forked_child_uses_pools_of_its_own_and_leaves_the_parents_alone() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", FORKED_CHILD], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.splitlines()[-1])
+    assert "forked child" in report["refused"] and "Make a Pool in the child" in report["refused"]
+    assert report["own"] != report["parent_pid"]
+    assert report["parent_after"] == report["parent_pid"]  # the same worker, unharmed
+    assert report["pids"] == [report["parent_pid"]]

@@ -716,6 +716,35 @@ def nested_sum(n: int) -> int:
     return sum(joblib.Parallel(n_jobs=2)(joblib.delayed(square)(i) for i in range(n)))
 
 
+def nested_ashard(n: int) -> tuple[int, list[int]]:
+    """A joblib Parallel on the "ashard" backend inside a task: its sum, and the pids
+    of the ashard workers that ran it."""
+    import joblib
+
+    import ashard
+
+    ashard.register_joblib()
+    out = joblib.Parallel(n_jobs=2, backend="ashard")(
+        joblib.delayed(square_and_pid)(i) for i in range(n)
+    )
+    return sum(v for v, _ in out), sorted({p for _, p in out})
+
+
+def square_and_pid(x: int) -> tuple[int, int]:
+    return x * x, os.getpid()
+
+
+def mark_init(path: str, value: Any) -> None:
+    """A joblib initializer: remember `value` in this worker and log its pid to `path`."""
+    os.environ["ASHARD_TEST_INIT"] = str(value)
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def init_marker(_: Any = None) -> str | None:
+    return os.environ.get("ASHARD_TEST_INIT")
+
+
 def set_event(event: Any) -> bool:
     """Set a `multiprocessing.Manager` event from a worker (its proxy connects back)."""
     event.set()

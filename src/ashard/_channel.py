@@ -189,6 +189,13 @@ class Channel:
         """The next `count` descriptors the worker sent (its message claims them)."""
         return self._reader.take_fds(count)
 
+    def disown(self) -> None:
+        """Close this process's descriptor of the socket and nothing else (a forked
+        child's copy: the parent keeps using its own)."""
+        self.broken = True
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
     def close(self) -> None:
         """Close the socket (waking any task waiting on it) and any descriptor the
         worker sent that no message claimed."""

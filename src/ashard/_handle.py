@@ -77,6 +77,7 @@ class WorkerHandle:
         self._segments: set[int] = set()  # shared-memory segments it holds
         self._drops: list[int] = []  # segments it should close, told with the next send
         self._tasks = 0  # shards and calls handed to it (for max_tasks)
+        self._disowned = False  # a forked child's copy of the parent's handle
         self._rss = self._peak_rss = self._baseline_rss = 0  # private memory, bytes
         self._idle_since = time.monotonic()
         self._recycle: RecycleReason | None = None
@@ -271,15 +272,23 @@ class WorkerHandle:
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None and not self.channel.broken
+        return not self._disowned and self.proc.poll() is None and not self.channel.broken
+
+    def disown(self) -> None:
+        """In a forked child: the worker is the parent's. Let go of the child's copies of
+        its channel and pipes (so the worker still sees its parent's death) and never
+        signal it."""
+        self._disowned = True
+        self.channel.disown()
+        self.output.disown()
 
     def interrupt(self) -> None:
         """Ask the worker to stop the shard it runs (it checks control messages)."""
         self.signal(INTERRUPT_SIGNAL)
 
     def signal(self, signum: int) -> None:
-        """Send `signum` to the worker if it has not been reaped."""
-        if self.proc.returncode is None:
+        """Send `signum` to the worker if it has not been reaped (and is ours)."""
+        if self.proc.returncode is None and not self._disowned:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signum)
 
@@ -360,6 +369,17 @@ class WorkerHandle:
 
     def __repr__(self) -> str:
         return f"<WorkerHandle pid={self.pid}>"
+
+
+def _disown_all() -> None:
+    """After a fork, in the child: none of the live workers is the child's."""
+    handles = list(_live)
+    _live.clear()
+    for h in handles:
+        h.disown()
+
+
+os.register_at_fork(after_in_child=_disown_all)
 
 
 def kill_all_now() -> None:

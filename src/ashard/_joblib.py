@@ -12,8 +12,10 @@ default backend runs as under loky (threads one level down, then sequentially).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from joblib import register_parallel_backend
@@ -28,8 +30,19 @@ from ashard.executor import Executor
 
 __all__ = ["AshardBackend", "register", "register_joblib"]
 
-_executors: dict[int, Executor] = {}
+_executors: dict[int, tuple[bytes, Executor]] = {}  # n_jobs -> (its setup, the executor)
 _lock = threading.Lock()
+
+
+def _forget_executors() -> None:
+    """In a forked child (a task of joblib's "multiprocessing" backend): the parent's
+    warm executors are not the child's; it makes its own."""
+    global _lock
+    _executors.clear()
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_executors)
 
 
 def register_joblib() -> None:
@@ -42,14 +55,40 @@ def register_joblib() -> None:
 register = register_joblib  # what the workers run first (`Executor(initializer=...)`)
 
 
-def _executor(n_jobs: int, env: dict[str, str]) -> Executor:
+def _init_worker(initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
+    """A new worker's setup: the backend registered there (for nested `Parallel`),
+    then joblib's `initializer`, once per worker as under loky."""
+    register()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _executor(
+    n_jobs: int,
+    env: dict[str, str],
+    initializer: Callable[..., Any] | None = None,
+    initargs: tuple[Any, ...] = (),
+) -> Executor:
     """The warm executor of `n_jobs` workers, made on first use; `env` limits the
-    threads of native libraries in each worker, as joblib does for loky."""
+    threads of native libraries in each worker, as joblib does for loky. Another
+    `initializer` or `initargs` (compared pickled, so arguments changed in place
+    count as other ones) replaces it with a fresh one, as loky does."""
+    import cloudpickle
+
+    if initializer is not None and not callable(initializer):
+        raise TypeError(f"initializer must be a callable, got: {initializer!r}")
+    setup = cloudpickle.dumps((sorted(env.items()), initializer, tuple(initargs)))
     with _lock:
-        ex = _executors.get(n_jobs)
-        if ex is None or ex._core.shutdown or ex._core.broken is not None:
-            ex = _executors[n_jobs] = Executor(n_jobs, initializer=register, env=env)
-        return ex
+        kept = _executors.get(n_jobs)
+        if kept is not None and kept[0] == setup:
+            ex = kept[1]
+            if not ex._core.shutdown and ex._core.broken is None:
+                return ex
+        init = functools.partial(_init_worker, initializer, tuple(initargs))
+        _executors[n_jobs] = setup, Executor(n_jobs, initializer=init, env=env)
+    if kept is not None:
+        kept[1].shutdown(wait=False)  # what it still runs finishes; nothing new goes there
+    return _executors[n_jobs][1]
 
 
 def _cpu_count() -> int:
@@ -65,7 +104,7 @@ def _cpu_count() -> int:
 def shutdown_all() -> None:
     """Stop the warm executors (tests; interpreter exit does it too)."""
     with _lock:
-        executors = list(_executors.values())
+        executors = [ex for _, ex in _executors.values()]
         _executors.clear()
     for ex in executors:
         ex.shutdown(wait=True)
@@ -94,13 +133,17 @@ class AshardBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mis
         return int(n_jobs)
 
     def configure(self, n_jobs: int | None = 1, parallel: Any = None, **kwargs: Any) -> int:
+        """`initializer` / `initargs` come from `Parallel(...)` or `parallel_config(...)`
+        (joblib 1.5+), as for loky; joblib's memmapping options do not apply here."""
         n = self.effective_n_jobs(n_jobs)
         if n == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
+        options = {**self.backend_kwargs, **kwargs}
         self.parallel = parallel
         self._n_jobs = n
         env = {k: str(v) for k, v in self._prepare_worker_env(n_jobs=n).items()}
-        self._ex = _executor(n, env)
+        initializer = options.get("initializer")
+        self._ex = _executor(n, env, initializer, tuple(options.get("initargs") or ()))
         return n
 
     def submit(self, func: Any, callback: Any = None) -> Any:
@@ -121,7 +164,11 @@ class AshardBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mis
             self._ex._core.cancel_pending()
             self._ex._core.stop_running()
         if ensure_ready and self.parallel is not None:
-            self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel)
+            self.configure(
+                n_jobs=self.parallel.n_jobs,
+                parallel=self.parallel,
+                **self.parallel._backend_kwargs,
+            )
 
     def terminate(self) -> None:
         self._ex = None

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
+import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -28,6 +30,11 @@ class LoopThread:
 
     def __init__(self, name: str) -> None:
         self._name = name
+        self._forget()
+        _all.add(self)
+
+    def _forget(self) -> None:
+        """No loop yet (also in a forked child: the parent's thread is not there)."""
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -84,6 +91,17 @@ class LoopThread:
             future.cancel()  # cancels the task on the loop: its shards are interrupted
             finished.wait(CANCEL_WAIT_SECONDS)  # a second Ctrl-C leaves at once
             raise
+
+
+_all: weakref.WeakSet[LoopThread] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for runner in list(_all):
+        runner._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 async def _signalling(coro: Coroutine[Any, Any, _T], finished: threading.Event) -> _T:

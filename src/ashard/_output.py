@@ -84,6 +84,14 @@ class WorkerOutput:
         """The pipes not yet at end of file (for tasks waiting to drain them)."""
         return [fd for fd, eof in zip(self.fds, self.eof, strict=True) if not eof]
 
+    def disown(self) -> None:
+        """Close this process's descriptors of the pipes, writing nothing (a forked
+        child's copies)."""
+        self.closed = True
+        for f in self._files:
+            with contextlib.suppress(OSError):
+                f.close()
+
     def close(self) -> None:
         """Write what is left and close the pipes."""
         if self.closed:

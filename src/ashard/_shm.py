@@ -54,6 +54,15 @@ _releaser: ThreadPoolExecutor | None = None
 _ids = itertools.count(1)
 
 
+def _after_fork_in_child() -> None:
+    """The helper threads are the parent's: a forked child starts its own on use."""
+    global _releaser, _copier
+    _releaser = _copier = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def available() -> bool:
     """True where anonymous memfd segments can be made (Linux)."""
     return hasattr(os, "memfd_create") and sys.platform.startswith("linux")

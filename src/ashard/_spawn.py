@@ -27,6 +27,17 @@ _Launched = Future[subprocess.Popen[bytes]]
 _ahead: tuple[int, _Launched, socket.socket] | None = None
 
 
+def _after_fork_in_child() -> None:
+    """The spawner thread and the worker launched ahead are the parent's."""
+    global _spawner, _ahead
+    if _ahead is not None:
+        _ahead[2].close()  # this process's copy of the parent's end
+    _spawner, _ahead = None, None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _popen(child_fd: int, env_extra: Mapping[str, str]) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env.update(env_extra)

@@ -16,6 +16,7 @@ event loop of whichever call is active.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections import Counter
 from collections.abc import Hashable, Iterator
@@ -79,6 +80,7 @@ class WorkerSet:
         self.config = config
         self.policy = policy
         self.closed = False
+        self._owner = os.getpid()  # a forked child must not use the parent's workers
         self._counts = _Counters()
         self._lock = threading.Lock()  # _idle and _workers, shared with the monitor
         self._monitor: Monitor | None = None
@@ -114,6 +116,12 @@ class WorkerSet:
     def check_open(self) -> None:
         if self.closed:
             raise RuntimeError("this ashard.Pool is closed")
+        if os.getpid() != self._owner:
+            raise RuntimeError(
+                f"this ashard.Pool belongs to process {self._owner}, and this is its forked "
+                f"child {os.getpid()}: its workers are the parent's. Make a Pool in the child "
+                "(ashard's module-level functions use a default pool of the child's own)"
+            )
 
     def _capacity(self) -> int:
         return self.size - len(self._workers) - self._starting
@@ -366,6 +374,8 @@ class WorkerSet:
         """Stop every worker: idle ones are asked to exit, busy ones are killed (the
         calls using them fail with "pool is closed")."""
         self.closed = True
+        if os.getpid() != self._owner:  # a forked child's copy: the workers are the parent's
+            return
         if self._monitor is not None:
             self._monitor.stop()
         for waiter in self._waiters:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
@@ -42,6 +43,15 @@ __all__ = [
 ]
 
 _default: Pool | None = None
+
+
+def _forget_default() -> None:
+    """In a forked child: the parent's default pool is not the child's."""
+    global _default
+    _default = None
+
+
+os.register_at_fork(after_in_child=_forget_default)
 
 
 def default_pool() -> Pool:

@@ -16,6 +16,7 @@ import collections
 import concurrent.futures
 import contextlib
 import functools
+import os
 import pickle
 import queue
 import threading
@@ -354,6 +355,18 @@ def _broken_pending(cause: BaseException) -> BrokenProcessPool:
 
 _live: weakref.WeakSet[_Core] = weakref.WeakSet()
 _exit_lock = threading.Lock()
+
+
+def _forget_live() -> None:
+    """In a forked child: the parent's executors are not the child's to finish, and
+    its callback thread is not there."""
+    global _exit_lock, _callbacks, _callback_thread
+    _live.clear()
+    _exit_lock = threading.Lock()
+    _callbacks, _callback_thread = queue.SimpleQueue(), None
+
+
+os.register_at_fork(after_in_child=_forget_live)
 _exit_registered = False
 
 

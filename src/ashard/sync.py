@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -57,6 +58,15 @@ _T = TypeVar("_T")
 _runner = LoopThread("ashard-sync")
 _default: Pool | None = None
 _default_lock = threading.Lock()
+
+
+def _forget_default() -> None:
+    """In a forked child: the parent's default pool is not the child's."""
+    global _default, _default_lock
+    _default, _default_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_default)
 
 
 class Pool:
