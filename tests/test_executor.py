@@ -69,6 +69,9 @@ def test_a_dead_worker_fails_only_its_own_future() -> None:
         error = victim.exception()
         assert isinstance(error, ashard.WorkerCrashed)
         assert isinstance(error, BrokenProcessPool)  # what ProcessPoolExecutor code catches
+        assert type(error) is ashard.ExecutorWorkerCrashed  # a public name, in tracebacks too
+        assert repr(error).startswith("ExecutorWorkerCrashed(")
+        assert pickle.loads(pickle.dumps(error)).exitcode == error.exitcode
         assert [f.result() for f in slow] == [None] * 4
         assert [f.result() for f in behind] == [i * i for i in range(6)]
         assert ex.submit(workloads.square, 9).result(timeout=60) == 81  # still usable
@@ -122,6 +125,7 @@ def test_what_processpoolexecutor_code_catches_is_still_caught() -> None:
                 with pytest.raises(kind, match=f"{what} could not be loaded"):
                     future.result(timeout=60)
             assert "cannot be rebuilt" in str(future.exception())
+            assert type(future.exception()) is ashard.ExecutorUnpicklingError
         for kind in (SystemExit, KeyboardInterrupt):
             future = ex.submit(workloads.return_raising_when_pickled, kind)
             with pytest.raises(kind, match="raised while pickling the result"):

@@ -16,6 +16,8 @@ __all__ = [
     "Buffer",
     "Diagnostics",
     "Executor",
+    "ExecutorUnpicklingError",
+    "ExecutorWorkerCrashed",
     "GatherTooLarge",
     "Pool",
     "PoolStats",
@@ -67,6 +69,8 @@ _LAZY = {
     "WorkerStartError": "ashard.errors",
     "Diagnostics": "ashard.results",
     "Executor": "ashard.executor",
+    "ExecutorUnpicklingError": "ashard.executor",
+    "ExecutorWorkerCrashed": "ashard.executor",
     "register_joblib": "ashard._joblib",
     "PoolStats": "ashard.results",
     "ReduceResult": "ashard.results",
@@ -115,7 +119,7 @@ if _typing.TYPE_CHECKING:
         WorkerCrashed,
         WorkerStartError,
     )
-    from ashard.executor import Executor
+    from ashard.executor import Executor, ExecutorUnpicklingError, ExecutorWorkerCrashed
     from ashard.pool import Pool
     from ashard.results import (
         Diagnostics,

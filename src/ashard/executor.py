@@ -32,7 +32,7 @@ from ashard._options import check_count, check_timeout
 from ashard._serialize import LoadError
 from ashard.errors import ShardError, ShardFailed, WorkerCrashed, WorkerStartError, _rebuild
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "ExecutorUnpicklingError", "ExecutorWorkerCrashed"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -45,25 +45,29 @@ _BROKEN_PENDING = (
 )
 
 
-class _CrashedInExecutor(WorkerCrashed, BrokenProcessPool):
+class ExecutorWorkerCrashed(WorkerCrashed, BrokenProcessPool):
     """The worker running this task died: an `ashard.WorkerCrashed` that is also the
     `BrokenProcessPool` code written for `ProcessPoolExecutor` expects. Only this task
     failed; the executor goes on."""
 
+    __module__ = "ashard"
+
     @classmethod
-    def of(cls, exc: WorkerCrashed) -> _CrashedInExecutor:
+    def of(cls, exc: WorkerCrashed) -> ExecutorWorkerCrashed:
         new = _rebuild(cls, exc.args, exc.__dict__)  # as unpickling it would
         new.__cause__, new.__traceback__ = exc.__cause__, exc.__traceback__
         return new  # type: ignore[return-value]
 
 
-class _UnloadableInExecutor(pickle.UnpicklingError, BrokenProcessPool):
+class ExecutorUnpicklingError(pickle.UnpicklingError, BrokenProcessPool):
     """A task's function or arguments did not unpickle in the worker, or its result did
     not unpickle here: a `pickle.UnpicklingError` that is also the `BrokenProcessPool`
     `ProcessPoolExecutor` raises then (its pool breaks; here only this task failed)."""
 
+    __module__ = "ashard"
+
     @classmethod
-    def of(cls, exc: LoadError) -> _UnloadableInExecutor:
+    def of(cls, exc: LoadError) -> ExecutorUnpicklingError:
         new = cls(str(exc))
         new.__cause__ = exc.__cause__  # the worker's traceback, or what unpickling raised
         return _as_stdlib_raises(new)  # type: ignore[return-value]
@@ -132,12 +136,12 @@ class _Core:
         except anyio.get_cancelled_exc_class():
             raise
         except WorkerCrashed as exc:
-            _settle(future, error=_CrashedInExecutor.of(exc))
+            _settle(future, error=ExecutorWorkerCrashed.of(exc))
         except LoadError as exc:  # its function or arguments: in the worker
-            _settle(future, error=_UnloadableInExecutor.of(exc))
+            _settle(future, error=ExecutorUnpicklingError.of(exc))
         except ShardFailed as exc:  # ashard's own (a task's errors come as themselves)
             cause = exc.__cause__
-            _settle(future, error=_UnloadableInExecutor.of(cause) if isinstance(cause, LoadError)
+            _settle(future, error=ExecutorUnpicklingError.of(cause) if isinstance(cause, LoadError)
                     else exc)  # fmt: skip
         except WorkerStartError as exc:  # `initializer` raised: the executor is broken
             self._break(exc)
@@ -339,9 +343,9 @@ def _task_error(error: BaseException) -> BaseException:
     """A failed task's exception as `concurrent.futures` gives it: the task's own for
     one that raised, the dual-typed crash for one whose worker died."""
     if isinstance(error, WorkerCrashed):
-        return _CrashedInExecutor.of(error)
+        return ExecutorWorkerCrashed.of(error)
     if isinstance(error, ShardFailed) and isinstance(error.__cause__, LoadError):
-        return _UnloadableInExecutor.of(error.__cause__)  # its arguments or its result
+        return ExecutorUnpicklingError.of(error.__cause__)  # its arguments or its result
     if isinstance(error, ShardFailed) and error.__cause__ is not None:
         return _as_stdlib_raises(error.__cause__)
     return error
