@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 import threading
 from pathlib import Path
@@ -63,7 +64,9 @@ async def test_unpicklable_fn_is_named() -> None:
 async def test_unpicklable_borrow_is_named() -> None:
     pool = ashard.Pool(1)
     with pytest.raises(TypeError, match=r"borrow\['guard'\] cannot be sent"):
-        await pool.shard_map(3, workloads.shard_sum, borrow={"ok": 1, "guard": threading.Lock()})
+        await pool.shard_map(
+            3, workloads.shard_sum_taking_any, borrow={"ok": 1, "guard": threading.Lock()}
+        )
     assert pool.stats.started == 0
     await pool.aclose()
 
@@ -146,7 +149,7 @@ async def test_items_that_cannot_be_loaded_in_the_worker_fail_by_index() -> None
 async def test_a_borrow_that_cannot_be_loaded_names_its_key() -> None:
     res = await ashard.shard_map(
         2,
-        workloads.shard_sum,
+        workloads.shard_sum_taking_any,
         borrow={"fine": 1, "broken": workloads.RebuildFails()},
         errors="collect",
         workers=1,
@@ -192,29 +195,31 @@ def test_odd_pool_seconds_are_refused_by_name() -> None:
 async def test_a_refused_call_changes_nothing(tmp_path: Path) -> None:
     pool = ashard.default_pool()
     await ashard.map(abs, [1, 2], workers=2)
+    pids = pool.pids  # one or two: the pool starts workers as work needs them
     with pytest.raises(ValueError, match="errors must be one of"):
         await ashard.map(abs, [1, 2], workers=1, errors="ignore")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="fn must be callable"):
         await ashard.shard_map(4, 42, workers=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="fn must be callable"):
         ashard.shard_stream(4, 42, workers=1)  # type: ignore[arg-type]
-    assert pool is ashard.default_pool() and pool.workers == 2 and len(pool.pids) == 2
+    assert pool is ashard.default_pool() and pool.workers == 2 and pool.pids == pids
     # refused once the call runs (a borrow that cannot be pickled, a sink's directory
     # that is not empty), and by then the call had asked for another size
-    lock = {"lock": threading.Lock()}
-    with pytest.raises(TypeError, match="borrow"):
-        await ashard.shard_map(3, workloads.shard_sum, workers=1, borrow=lock)
-    with pytest.raises(TypeError, match="borrow"):
-        await ashard.map(abs, [1], workers=1, borrow=lock)
-    with pytest.raises(TypeError, match="borrow"):
-        await ashard.shard_reduce(3, workloads.shard_sum, max, workers=1, borrow=lock)
-    with pytest.raises(TypeError, match="borrow"):
-        async with ashard.shard_stream(3, workloads.shard_sum, workers=1, borrow=lock):
+    lock = {"lock": threading.Lock()}  # cannot be pickled
+    fn = workloads.shard_sum_taking_any
+    with pytest.raises(TypeError, match=r"borrow\['lock'\].*pickled"):
+        await ashard.shard_map(3, fn, workers=1, borrow=lock)
+    with pytest.raises(TypeError, match=r"borrow\['lock'\].*pickled"):
+        await ashard.map(workloads.identity_taking_any, [1], workers=1, borrow=lock)
+    with pytest.raises(TypeError, match=r"borrow\['lock'\].*pickled"):
+        await ashard.shard_reduce(3, fn, max, workers=1, borrow=lock)
+    with pytest.raises(TypeError, match=r"borrow\['lock'\].*pickled"):
+        async with ashard.shard_stream(3, fn, workers=1, borrow=lock):
             pass
     with pytest.raises(ValueError, match="not empty"):
         await ashard.shard_map(3, workloads.shard_sum, workers=1, results="disk",
                                results_path=_a_file_in(tmp_path))  # fmt: skip
-    assert pool is ashard.default_pool() and pool.workers == 2 and len(pool.pids) == 2
+    assert pool is ashard.default_pool() and pool.workers == 2 and pool.pids == pids
     assert await ashard.map(abs, [-1], workers=1) == [1]  # an accepted call resizes
     assert pool.workers == 1
 
@@ -225,12 +230,14 @@ def test_a_refused_sync_call_changes_nothing() -> None:
         pool = ashard.sync.default_pool()
         pids = pool.pids
         lock = {"lock": threading.Lock()}
-        with pytest.raises(TypeError, match="borrow"):
-            ashard.sync.shard_map(3, workloads.shard_sum, workers=1, borrow=lock)
-        with pytest.raises(TypeError, match="borrow"):
-            ashard.sync.map(abs, [1], workers=1, borrow=lock)
-        with pytest.raises(TypeError, match="borrow"):  # noqa: SIM117 - the with is the call
-            with ashard.sync.shard_stream(3, workloads.shard_sum, workers=1, borrow=lock):
+        with pytest.raises(TypeError, match=r"borrow\['lock'\].*pickled"):
+            ashard.sync.shard_map(3, workloads.shard_sum_taking_any, workers=1, borrow=lock)
+        with pytest.raises(TypeError, match=r"borrow\['lock'\].*pickled"):
+            ashard.sync.map(workloads.identity_taking_any, [1], workers=1, borrow=lock)
+        with pytest.raises(TypeError, match=r"borrow\['lock'\].*pickled"):  # noqa: SIM117 - the with is the call
+            with ashard.sync.shard_stream(
+                3, workloads.shard_sum_taking_any, workers=1, borrow=lock
+            ):
                 pass
         assert pool.workers == 2 and pool.pids == pids
     finally:
@@ -251,3 +258,25 @@ async def test_a_masked_array_arrives_with_its_mask() -> None:
     assert res.results == [("MaskedArray", float(data.sum()), 6)] * len(res.shards)
     with pytest.raises(TypeError, match="share\\(\\) takes a plain numpy array"):
         ashard.share(data)
+
+
+async def test_a_borrow_name_fn_does_not_take_is_refused_before_any_worker_runs() -> None:
+    async with ashard.Pool(1) as pool:
+        pid = pool.pids
+        with pytest.raises(TypeError, match=r"borrow\['Xs'\]: fn borrowed_sum takes no "
+                           r"argument 'Xs'.*\(shard, X, hold\): did you mean 'X'\?"):  # fmt: skip
+            await pool.shard_map(2, workloads.borrowed_sum, borrow={"Xs": np.ones(3)})
+        with pytest.raises(TypeError, match=r"borrow\['shard'\]"):  # the first is the shard's
+            await pool.shard_map(2, workloads.borrowed_sum, borrow={"shard": 1, "X": 1})
+        with pytest.raises(TypeError, match=r"borrow\['scale'\].*fn\(item, \*\*borrow"):
+            await pool.map(workloads.identity, [1, 2], borrow={"scale": 2})
+        with ashard.buffer("f8", 2) as buf, pytest.raises(TypeError, match=r"out\['Y'\]"):
+            await pool.shard_map(2, workloads.borrowed_sum, borrow={"X": 1}, out={"Y": buf})
+        assert pool.pids == pid and pool.stats.shards_done == 0  # nothing ran
+        # what cannot be read or takes **kwargs is not second-guessed
+        res = await pool.shard_map(2, workloads.shard_sum_taking_any, borrow={"anything": 1})
+        assert res.results == [0, 1] or len(res.results) == 2
+        assert await pool.map(functools.partial(workloads.identity_taking_any), [3],
+                              borrow={"k": 1}) == [3]  # fmt: skip
+        kw = {"X": np.arange(3.0), "hold": 0.0}
+        assert (await pool.shard_map(1, workloads.borrowed_sum, borrow=kw)).results == [0.0]

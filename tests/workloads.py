@@ -28,6 +28,15 @@ def shard_ids(shard: Shard) -> tuple[int, list[int]]:
     return shard.id, list(shard.idx)
 
 
+def shard_sum_taking_any(shard: Shard, **borrowed: Any) -> int:
+    """`shard_sum`, taking whatever is borrowed."""
+    return int(sum(shard.idx))
+
+
+def identity_taking_any(x: Any, **borrowed: Any) -> Any:
+    return x
+
+
 def shard_items(shard: Shard) -> Any:
     return shard.items
 

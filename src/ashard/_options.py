@@ -353,6 +353,50 @@ def check_borrow(borrow: object, out: object) -> tuple[dict[str, Any], dict[str,
     return inputs, outputs
 
 
+def check_takes(fn: Callable[..., Any], inputs: Mapping[str, Any], outputs: Mapping[str, Any],
+                first: str) -> None:  # fmt: skip
+    """Refuse a borrow or out name that `fn` has no parameter for, before any worker
+    runs, where its signature can be read and it takes no ``**kwargs`` (`fn` is
+    called as ``fn(first, **borrow, **out)``)."""
+    if not inputs and not outputs:
+        return
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or a callable without a signature
+        return
+    P = inspect.Parameter
+    if any(p.kind is P.VAR_KEYWORD for p in params.values()):
+        return
+    by_position = (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)
+    positional = [n for n, p in params.items() if p.kind in by_position]
+    taken = positional[0] if positional else None  # receives `first`
+    keywords = [
+        n for n, p in params.items()
+        if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY) and n != taken
+    ]  # fmt: skip
+    for what, names in (("borrow", inputs), ("out", outputs)):
+        for name in names:
+            if name not in keywords:
+                raise TypeError(
+                    f"{what}[{name!r}]: fn {_name_of(fn)} takes no argument {name!r}; it is "
+                    f"called as fn({first}, **borrow, **out) and its parameters are "
+                    f"({', '.join(params)}){_nearest(name, keywords)}"
+                )
+
+
+def _name_of(fn: Callable[..., Any]) -> str:
+    return str(getattr(fn, "__qualname__", None) or type(fn).__name__)
+
+
+def _nearest(name: str, names: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=1)
+    return f": did you mean {close[0]!r}?" if close else ""
+
+
 def _check_names(what: str, value: object) -> dict[str, Any]:
     if value is None:
         return {}

@@ -31,6 +31,7 @@ from ashard._options import (
     check_items,
     check_positive_int,
     check_size,
+    check_takes,
     check_timeout,
     health_policy,
     resolve_shards,
@@ -340,6 +341,7 @@ def shard_job(
     checked_fn = check_fn(fn)
     layout, sequence = resolve_shards(shards)
     inputs, outputs = check_borrow(borrow, out)
+    check_takes(checked_fn, inputs, outputs, "shard")
     store = results_store(opts)
     payload = pickle_payload(with_sources(checked_fn), "fn")
     stream = None
@@ -393,4 +395,5 @@ def map_job(fn: object, items: object, borrow: object, options: Mapping[str, obj
     checked_fn = check_fn(fn)
     iterable = check_items(items)
     inputs, _ = check_borrow(borrow, None)
+    check_takes(checked_fn, inputs, {}, "item")
     return Job.of_items(pickle_payload(with_sources(checked_fn), "fn"), opts, iterable, inputs)
