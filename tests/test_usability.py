@@ -196,3 +196,46 @@ def test_progress_draws_a_bar_without_tqdm(monkeypatch: pytest.MonkeyPatch) -> N
     line = bar.line()
     assert line.startswith("shards  42%|") and "| 84/200 [" in line and "shards/s]" in line
     assert line.count("#") == 10  # 42 % of a 24-character bar
+
+
+def test_a_sigkill_names_the_out_of_memory_killer_only_near_a_memory_limit() -> None:
+    import signal
+
+    from ashard._health import HealthPolicy
+    from ashard._outcomes import describe_exit
+
+    capped = HealthPolicy(mem_cap=100 << 20, hard_factor=1.5)  # hard cap 150 MiB
+    assert capped.near_memory_limit(140 << 20) and not capped.near_memory_limit(50 << 20)
+    assert not HealthPolicy().near_memory_limit(50 << 20)  # no cap: half the machine's RAM
+    plain = describe_exit(7, None, signal.SIGKILL)
+    assert plain == "worker 7 was killed by SIGKILL (from outside)"
+    tight = describe_exit(7, None, signal.SIGKILL, memory_tight=True)
+    assert "out-of-memory killer" in tight and "near the limit" in tight
+    assert "sys.exit" not in describe_exit(7, 3, None)  # SystemExit in fn is a failure
+
+
+async def test_messages_say_items_for_map_none_for_no_limit_and_the_nearest_option() -> None:
+    async with ashard.Pool(1) as pool:
+        with pytest.raises(ashard.ShardMapError, match=r"^1 item failed; first: item 1 "):
+            await pool.map(workloads.fail_on_one, [0, 1, 2])
+        res = await pool.shard_map(3, functools.partial(workloads.fail_on, bad=1),
+                                   errors="collect")  # fmt: skip
+        with pytest.raises(ashard.ShardMapError, match=r"^1 shard failed; first: shard 1 "):
+            res.raise_for_failures()
+        res = await pool.shard_map(ashard.shards(4, block_size=1), workloads.fail_odd,
+                                   errors="collect")  # fmt: skip
+        with pytest.raises(ashard.ShardMapError, match=r"^2 shards failed; first: shard 1 .*"
+                           r"\(and 1 more\)"):  # fmt: skip
+            res.raise_for_failures()
+        with pytest.raises(ValueError, match=r"at most 1e\+08 seconds, got 1.*\(None: no limit\)"):
+            await pool.map(abs, [1], timeout=1e10)
+        with pytest.raises(TypeError, match=r"'max_retry': did you mean 'max_retries'\?"):
+            await pool.shard_map(3, workloads.shard_sum, max_retry=2)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match=r"'chunksize': did you mean 'chunk_size'\?"):
+            await pool.map(abs, [1], chunksize=2)  # type: ignore[call-arg]
+    async with ashard.Pool(1) as pool:
+        (pid,) = pool.pids
+        res = await pool.shard_map(1, workloads.kill_self_shard, errors="collect", max_retries=0)
+        message = str(res.failures[0])
+        assert f"worker {pid} was killed by SIGKILL (from outside)" in message
+        assert "out-of-memory" not in message  # a small worker: nothing suggests memory

@@ -680,6 +680,22 @@ def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def kill_self_shard(shard: Shard) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fail_odd(shard: Shard) -> int:
+    if shard.id % 2:
+        raise ValueError(f"shard {shard.id} is odd")
+    return shard.id
+
+
+def fail_on_one(x: int) -> int:
+    if x == 1:
+        raise ValueError("one is bad")
+    return x
+
+
 def raise_system_exit(code: int) -> None:
     raise SystemExit(code)
 

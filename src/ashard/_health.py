@@ -16,6 +16,7 @@ the `Watched` protocol and each worker through `Gauged`.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -91,6 +92,13 @@ class HealthPolicy:
     def over_hard_cap(self, rss: int) -> bool:
         hard = self.hard_cap
         return hard is not None and rss > hard
+
+    def near_memory_limit(self, rss: int) -> bool:
+        """Was a worker holding `rss` bytes close to a limit (its hard cap, or without
+        one half the machine's memory), so that an outside SIGKILL was likely the
+        out-of-memory killer's?"""
+        limit = self.hard_cap if self.hard_cap is not None else _physical_memory() // 2
+        return limit > 0 and rss >= 0.8 * limit
 
     def soft_reason(
         self, tasks: int, rss: int, baseline: int, profile: Profile
@@ -171,3 +179,10 @@ def check(watched: Watched) -> None:
         if policy.over_hard_cap(rss):
             w.kill_for("mem_hard")  # its shards are retried; the drive sees EOF
     watched.reap_idle(time.monotonic())
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0

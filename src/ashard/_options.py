@@ -102,7 +102,10 @@ def check_timeout(name: str, value: object) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive number of seconds or None, got {_show(value)}")
-    return _check_seconds(name, value)
+    try:
+        return _check_seconds(name, value)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (None: no limit)") from None
 
 
 def _one_of(literal: object) -> Callable[[str, object], Any]:
@@ -203,7 +206,10 @@ class CallOptions:
         keys = _KEYS[accepted]
         for name in given:
             if name not in keys:
-                raise TypeError(f"{where}() got an unexpected keyword argument {name!r}")
+                raise TypeError(
+                    f"{where}() got an unexpected keyword argument {name!r}"
+                    f"{_nearest(name, sorted(keys))}"
+                )
         checked = {
             f.name: f.metadata["check"](f.name, given[f.name]) for f in _FIELDS if f.name in given
         }

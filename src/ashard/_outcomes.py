@@ -57,6 +57,7 @@ class Loss:
     exitcode: int | None
     signal: int | None
     note: str | None = None
+    memory_tight: bool = False  # its memory was near a limit (a SIGKILL: likely the OOM killer)
 
 
 def remote_exception(record: ExcRecord) -> BaseException:
@@ -99,7 +100,8 @@ def failure(
     loss: Loss = detail
     note = f"; {loss.note}" if loss.note else ""
     return WorkerCrashed(
-        f"{subject}: {describe_exit(loss.pid, loss.exitcode, loss.signal)}{note}{tries}",
+        f"{subject}: {describe_exit(loss.pid, loss.exitcode, loss.signal, loss.memory_tight)}"
+        f"{note}{tries}",
         shard=shard,
         attempts=attempts,
         exitcode=loss.exitcode,
@@ -203,7 +205,7 @@ def interrupt_in(group: BaseExceptionGroup) -> BaseException | None:
 
 
 _SIGNAL_HINTS: dict[int, str] = {
-    _signal.SIGKILL: "killed from outside, often by the kernel's out-of-memory killer",
+    _signal.SIGKILL: "from outside",
     _signal.SIGSEGV: "a segmentation fault: a bug in C code, or a stack overflow",
     _signal.SIGBUS: "a bus error: bad memory access, often a truncated memory-mapped file",
     _signal.SIGABRT: "aborted: a failed assertion or fatal error in C code",
@@ -213,18 +215,23 @@ _SIGNAL_HINTS: dict[int, str] = {
 }
 
 
-def describe_exit(pid: int, exitcode: int | None, signum: int | None) -> str:
-    """Words for how a worker ended, with the likely cause."""
+def describe_exit(
+    pid: int, exitcode: int | None, signum: int | None, memory_tight: bool = False
+) -> str:
+    """Words for how a worker ended, with the likely cause. The out-of-memory killer is
+    named for a SIGKILL only when the worker's memory was near a limit."""
     if signum is not None:
         try:
             name = _signal.Signals(signum).name
         except ValueError:
             name = f"signal {signum}"
         hint = _SIGNAL_HINTS.get(signum, "killed by a signal")
+        if signum == _signal.SIGKILL and memory_tight:
+            hint = "from outside, often the out-of-memory killer: its memory was near the limit"
         return f"worker {pid} was killed by {name} ({hint})"
     if exitcode is None:
         return f"worker {pid} stopped answering (its channel closed)"
     return (
         f"worker {pid} exited with code {exitcode} "
-        "(sys.exit or os._exit in fn, or a fatal interpreter error; its stderr may say more)"
+        "(os._exit in fn, or a fatal interpreter error; its stderr may say more)"
     )

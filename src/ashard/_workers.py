@@ -150,7 +150,7 @@ class WorkerSet:
             self._counts.crashed += 1
             w.mark_ended("crashed")
             loss = self.loss_of(w)
-            how = describe_exit(w.pid, loss.exitcode, loss.signal)
+            how = describe_exit(w.pid, loss.exitcode, loss.signal, loss.memory_tight)
             note = f"; {loss.note}" if loss.note else ""
             worker_event(WARNING, f"{how}{note}", w.pid, reason="crashed",
                          exitcode=loss.exitcode, signal=loss.signal)  # fmt: skip
@@ -164,7 +164,8 @@ class WorkerSet:
             note = self.policy.hard_limit_note(w.peak_rss)
         elif w.violation is not None:
             note = f"killed by ashard: it broke the channel protocol (it sent {w.violation})"
-        return Loss(w.pid, exitcode, signum, note)
+        tight = self.policy.near_memory_limit(w.peak_rss)
+        return Loss(w.pid, exitcode, signum, note, tight)
 
     @contextmanager
     def watching(self, profile: str) -> Iterator[None]:

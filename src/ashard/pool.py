@@ -293,7 +293,8 @@ class Pool:
         await self._run(job, resize)
         if job.failures and job.opts.errors == "raise":
             result = job.result(Shards(job.next_pos, 1, "contiguous"))
-            raise ShardMapError(_failure_message(result.failures), result.failures, result)
+            message = _failure_message(result.failures, "item")
+            raise ShardMapError(message, result.failures, result)
         values = job.results
         failures: Mapping[int, ShardError] = job.failures
         for pos, err in failures.items():

@@ -304,7 +304,8 @@ def html_table(title: str, rows: Sequence[tuple[str, str]]) -> str:
     return f"<table>{caption}{cells}</table>"
 
 
-def _failure_message(failures: Sequence[ShardError]) -> str:
+def _failure_message(failures: Sequence[ShardError], noun: str = "shard") -> str:
     first = failures[0]
-    more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-    return f"{len(failures)} shard(s) failed; first: {first}{more}"
+    n = len(failures)
+    more = f" (and {n - 1} more)" if n > 1 else ""
+    return f"{n} {noun}{'s' if n > 1 else ''} failed; first: {first}{more}"
