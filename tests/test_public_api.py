@@ -237,3 +237,10 @@ def test_a_user_script_type_checks_and_its_mistakes_are_caught(tmp_path: Path) -
     assert [line.split(":")[1] for line in lines] == ["6", "7", "8", "9"], bad.stdout
     assert '"timeout"' in lines[0] and '"cow"' in lines[1] and '"chunk_size"' in lines[2]
     assert '"errors"' in lines[3]
+
+
+def test_dir_of_ashard_sync_lists_only_its_public_names() -> None:
+    import ashard.sync
+
+    assert dir(ashard.sync) == sorted(ashard.sync.__all__)
+    assert "asyncio" not in dir(ashard.sync) and "Any" not in dir(ashard.sync)

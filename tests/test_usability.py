@@ -239,3 +239,22 @@ async def test_messages_say_items_for_map_none_for_no_limit_and_the_nearest_opti
         message = str(res.failures[0])
         assert f"worker {pid} was killed by SIGKILL (from outside)" in message
         assert "out-of-memory" not in message  # a small worker: nothing suggests memory
+
+
+async def test_counters_agree_and_say_what_they_count() -> None:
+    """Two runs stopped by their timeout in Python (the worker lives on): the pool's
+    `timed_out` and the call's `timeouts` both say 2; a crash replaced a worker, so the
+    call ran on more worker processes than the pool's size, and the summary says so."""
+    async with ashard.Pool(1) as pool:
+        res = await pool.shard_map(
+            3, workloads.python_sleep, timeout=0.3, max_retries=1, errors="collect"
+        )
+        assert res.diagnostics.timeouts == 2 and pool.stats.timed_out == 2
+        assert pool.stats.crashed == 0 and len(pool.pids) == 1
+        with pytest.raises(ashard.ShardTimeout):
+            await pool.call(workloads.sleep_for, 60, timeout=0.3)
+        assert pool.stats.timed_out == 3
+        res = await pool.shard_map(ashard.shards(3, block_size=1), workloads.die_first_attempt)
+        assert pool.stats.crashed == 1 == res.diagnostics.crashes
+        assert len(res.diagnostics.workers) == 2  # the crashed one and its replacement
+        assert "on 2 worker processes" in res.diagnostics.summary()

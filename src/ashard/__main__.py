@@ -34,6 +34,7 @@ async def _demo_run(workers: int | None, items: int) -> None:
     print(f"  pi ~ {pi:.6f}  (error {abs(pi - 3.141592653589793):.2e}, {points:,} points)")
     print(f"  pool start: {started * 1000:.0f} ms for {stats.started} workers")
     print(f"  {d.summary()}")
+    print("  (a chunk is one message that carries several shards to a worker)")
     print(f"  throughput: {points / d.duration / 1e6:.1f} M points/s")
     print("  workers:")
     print("\n".join("    " + line for line in d.table().splitlines()))
@@ -84,8 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ashard")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a small real workload and print diagnostics")
-    demo.add_argument("--workers", type=int, default=None)
-    demo.add_argument("--items", type=int, default=2000)
+    demo.add_argument(
+        "--workers", type=int, default=None,
+        help="worker processes to start (default: the CPU count)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--items", type=int, default=2000,
+        help="work items, 20,000 random points each, 10 to a shard (default: 2000)",
+    )  # fmt: skip
     sub.add_parser("info", help="print versions, CPU count and start method")
     sub.add_parser(
         "bench",

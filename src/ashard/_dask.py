@@ -51,6 +51,7 @@ from ashard._health import HealthPolicy
 from ashard._job import Chunk
 from ashard._outcomes import CRASHED, Loss, failure
 from ashard._output import write_text
+from ashard._protocol import TIMEOUT
 from ashard.errors import RemoteTraceback, WorkerStartError
 from ashard.results import PoolStats
 
@@ -404,6 +405,7 @@ class DaskBackend:
                 _, k0, values, errors, elapsed, final, pid, writes, commits = report
                 job.deliver(chunk, k0, values, errors, elapsed, final, pid, writes, commits)
                 self._done += len(values)
+                self._timed_out += sum(1 for e in errors if e[1] == TIMEOUT)
             elif kind == "unreadable":
                 _, result, pid, exc = report
                 job.deliver_unreadable(chunk, result, pid, exc)

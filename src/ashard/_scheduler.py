@@ -362,7 +362,7 @@ class Scheduler:
         lease.last_heard = time.monotonic()
         w, job = lease.worker, lease.run.job
         profile = PROFILES[job.opts.profile]
-        done = 0
+        done = timed_out = 0
         for report, values in reports:
             chunk = lease.inflight[0] if lease.inflight else None
             if chunk is None or chunk.seq != report.seq or chunk.done != report.k0:
@@ -375,11 +375,13 @@ class Scheduler:
                 job.deliver(chunk, report.k0, values, report.errors, report.elapsed,
                             report.final, w.pid, report.writes, report.commits)  # fmt: skip
             done += report.n
+            if report.errors:
+                timed_out += sum(1 for e in report.errors if e[1] == TIMEOUT)
             if report.final:
                 lease.inflight.popleft()
                 w.finished_work(report.rss, self.policy, profile)
         if reports:
-            self.workers.heard_back(done)
+            self.workers.heard_back(done, timed_out)
 
     async def _settle(self, lease: _Lease) -> None:
         """Make the worker clean (nothing in flight) and give it back; kill it if it
@@ -497,6 +499,7 @@ class Scheduler:
         if isinstance(values, Exception):
             raise unreadable_result("call", None, attempt, values)
         if report.errors and report.errors[0][1] == TIMEOUT:  # stopped in Python: worker fine
+            self.workers.heard_back(0, timed_out=1)
             return _Lost(failure(TIMEOUT, None, subject="call", shard=None, attempts=attempt,
                                  timeout=timeout))  # fmt: skip
         return call_outcome(values, report.errors)

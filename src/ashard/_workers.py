@@ -128,9 +128,11 @@ class WorkerSet:
 
     # -- events from the drives ------------------------------------------------------
 
-    def heard_back(self, shards: int) -> None:
-        """Workers answered (with `shards` finished): a crash storm, if any, is over."""
+    def heard_back(self, shards: int, timed_out: int = 0) -> None:
+        """Workers answered (with `shards` finished, `timed_out` of them stopped by their
+        timeout in Python): a crash storm, if any, is over."""
         self._counts.shards_done += shards
+        self._counts.timed_out += timed_out
         self._crash_streak = 0
 
     def count_death(self, w: WorkerHandle, *, timed_out: bool) -> None:

@@ -35,9 +35,16 @@ class WorkerRow:
 
 @dataclass(frozen=True, slots=True)
 class Diagnostics:
-    """How a call ran: counts, timing and the workers involved. `retries` counts runs
-    after a shard's first (after a crash, a timeout or, with `retry_errors`, a
-    failure), whether or not `max_retries` was charged for them."""
+    """How a call ran: counts, timing and the workers involved.
+
+    `shards`: positions of the call (shards, or items of `map`). `workers`: every worker
+    *process* that ran some of them (replacements of crashed or recycled workers
+    included, so it can exceed the pool's size). `chunks`: messages that carried
+    shards to workers (several shards each). `retries`: runs after a shard's first
+    (after a crash, a timeout or, with `retry_errors`, a failure), whether or not
+    `max_retries` was charged for them. `timeouts`: runs that went past `timeout`
+    (interrupted, or killed). `crashes`: workers that died while running the call's
+    shards. `failures`: shards that failed for good."""
 
     __module__ = "ashard"
 
@@ -94,9 +101,10 @@ class Diagnostics:
         """One line for humans."""
         n = len(self.workers)
         return (
-            f"{self.shards} shards on {n} worker{'' if n == 1 else 's'} in {self.duration:.3f} s "
-            f"({self.chunks} dispatches, {self.retries} retries, {self.timeouts} timeouts, "
-            f"{self.crashes} worker crashes, {self.failures} failures)"
+            f"{self.shards} shards on {n} worker process{'' if n == 1 else 'es'} in "
+            f"{self.duration:.3f} s ({self.chunks} chunks, {self.retries} retries, "
+            f"{self.timeouts} timeouts, {self.crashes} worker crashes, "
+            f"{self.failures} failures)"
         )
 
     def __repr__(self) -> str:
@@ -105,9 +113,9 @@ class Diagnostics:
     def _repr_html_(self) -> str:
         rows = [
             ("shards", f"{self.shards:,}"),
-            ("workers", f"{len(self.workers)}"),
+            ("worker processes", f"{len(self.workers)}"),
             ("duration", f"{self.duration:.3f} s"),
-            ("dispatches", f"{self.chunks:,}"),
+            ("chunks", f"{self.chunks:,}"),
             ("retries", f"{self.retries:,}"),
             ("timeouts", f"{self.timeouts:,}"),
             ("worker crashes", f"{self.crashes:,}"),
@@ -275,10 +283,13 @@ class ReduceResult(_Outcome):
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
-    """Counters of a pool's life so far. `recycled` counts workers replaced on
-    purpose; `recycled_by` splits it by reason: "mem_cap" (above the cap, replaced
-    between shards), "mem_hard" (far above it, killed at once), "drift", "max_tasks",
-    "idle" (left after `idle_timeout`)."""
+    """Counters of a pool's life so far. `alive`: worker processes running now;
+    `started`: worker processes started; `crashed`: workers that died unexpectedly;
+    `timed_out`: shard and call runs that went past their timeout (interrupted in
+    Python, or their worker killed); `shards_done`: shards and items finished.
+    `recycled` counts workers replaced on purpose; `recycled_by` splits it by reason:
+    "mem_cap" (above the cap, replaced between shards), "mem_hard" (far above it,
+    killed at once), "drift", "max_tasks", "idle" (left after `idle_timeout`)."""
 
     __module__ = "ashard"
 

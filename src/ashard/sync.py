@@ -422,3 +422,7 @@ def call(
 ) -> Any:
     """`ashard.call`, blocking: ``fn(*args, **kwargs)`` on a warm worker."""
     return default_pool().call(fn, *args, timeout=timeout, max_retries=max_retries, **kwargs)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
