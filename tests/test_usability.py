@@ -258,3 +258,17 @@ async def test_counters_agree_and_say_what_they_count() -> None:
         assert pool.stats.crashed == 1 == res.diagnostics.crashes
         assert len(res.diagnostics.workers) == 2  # the crashed one and its replacement
         assert "on 2 worker processes" in res.diagnostics.summary()
+
+
+async def test_a_per_item_function_given_to_shard_map_gets_a_note_saying_so() -> None:
+    async with ashard.Pool(1) as pool:
+        res = await pool.shard_map([1, 2, 3], workloads.square, errors="collect")
+        failure = res.failures[0]
+        assert isinstance(failure.__cause__, TypeError)
+        notes = "".join(getattr(failure.__cause__, "__notes__", []))
+        assert "shard_map passes fn an ashard.Shard" in notes and "ashard.map(fn" in notes
+        assert "ashard.map(fn" in failure.remote_traceback  # in the worker's traceback too
+        res = await pool.shard_map(2, functools.partial(workloads.fail_on, bad=1),
+                                   errors="collect")  # fmt: skip
+        assert len(res.failures) == 1  # a ValueError of its own: no note
+        assert not getattr(res.failures[0].__cause__, "__notes__", None)

@@ -252,6 +252,8 @@ def _run_each(
             if status == _ERR:
                 if ctx.read_only and isinstance(out, ValueError):
                     _hint_read_only(out, ctx.read_only)
+                if shards and isinstance(out, TypeError | AttributeError):
+                    _hint_shard(out)
                 errors.append((k - k0, RAISED, encode_exception(out)))
             elif out.timeout:
                 errors.append((k - k0, TIMEOUT, took))
@@ -279,6 +281,16 @@ def _hint_read_only(exc: ValueError, names: tuple[str, ...]) -> None:
             f"ashard: borrowed arrays ({shown}) are read-only under cow='deny' (the default); "
             "pass cow='allow' to write to a private copy, or use ashard.buffer() in out= for "
             "shared output"
+        )
+
+
+def _hint_shard(exc: TypeError | AttributeError) -> None:
+    """`fn` treated the `Shard` it got as an item: say what `shard_map` passes."""
+    if "'Shard'" in str(exc):
+        exc.add_note(
+            "ashard: shard_map passes fn an ashard.Shard (its items are shard.items, its "
+            "positions shard.idx), not an item; to call fn once per item, use "
+            "ashard.map(fn, items)"
         )
 
 
