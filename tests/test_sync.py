@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,11 +82,24 @@ def test_several_threads_at_once() -> None:
     assert results == {k: [i * i for i in range(k, k + 20)] for k in range(6)}
 
 
-def test_inside_a_running_event_loop_like_a_notebook_cell() -> None:
+def test_inside_a_running_event_loop_like_a_notebook_cell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Allowed (a notebook cell without await does it on purpose), but said once per
+    process: in a web handler it stalls every other request."""
+    import trio
+
     async def cell() -> list[int]:
         return ashard.sync.map(workloads.square, range(5))  # blocks this loop, on purpose
 
-    assert asyncio.run(cell()) == [0, 1, 4, 9, 16]
+    monkeypatch.setattr(ashard.sync, "_warned_in_loop", False)
+    with pytest.warns(RuntimeWarning, match=r"running asyncio event loop.*await ashard.shard_map"):
+        assert asyncio.run(cell()) == [0, 1, 4, 9, 16]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert asyncio.run(cell()) == [0, 1, 4, 9, 16]  # once is enough
+        assert ashard.sync.map(workloads.square, [3]) == [9]  # no loop: nothing to say
+    monkeypatch.setattr(ashard.sync, "_warned_in_loop", False)
+    with pytest.warns(RuntimeWarning, match="running trio event loop"):
+        assert trio.run(cell) == [0, 1, 4, 9, 16]
 
 
 def test_stream_with_for_and_leaving_early_stops_running_shards(tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ class LoopThread:
 
     def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
         """Start `coro` on the loop, in a copy of the calling thread's context."""
-        self._check_thread(coro)
+        self.check_thread(coro)
         return asyncio.run_coroutine_threadsafe(coro, self.loop())
 
     def start(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -72,7 +72,7 @@ class LoopThread:
         self._tasks.add(task)  # the loop holds tasks weakly
         task.add_done_callback(self._tasks.discard)
 
-    def _check_thread(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def check_thread(self, coro: Coroutine[Any, Any, Any]) -> None:
         if threading.current_thread() is self._thread:  # it would wait for itself forever
             coro.close()
             raise RuntimeError(
@@ -82,7 +82,7 @@ class LoopThread:
 
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """`coro`'s result, blocking; Ctrl-C cancels it and raises KeyboardInterrupt."""
-        self._check_thread(coro)
+        self.check_thread(coro)
         finished = threading.Event()
         future = self.submit(_signalling(coro, finished))
         try:

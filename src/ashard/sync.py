@@ -22,8 +22,10 @@ import concurrent.futures
 import inspect
 import os
 import queue
+import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
@@ -58,6 +60,43 @@ _T = TypeVar("_T")
 _runner = LoopThread("ashard-sync")
 _default: Pool | None = None
 _default_lock = threading.Lock()
+
+
+_warned_in_loop = False
+
+
+def _block(coro: Coroutine[Any, Any, _T]) -> _T:
+    """`coro`'s result, run on ashard's loop thread while this thread waits."""
+    if not _warned_in_loop:
+        _runner.check_thread(coro)  # ashard's own loop: refused, not warned about
+        _warn_in_a_running_loop()
+    return _runner.run(coro)
+
+
+def _warn_in_a_running_loop() -> None:
+    """Once per process: a blocking call made from async code (a running asyncio or trio
+    loop in this thread) stalls that loop until it returns. Allowed, because a notebook
+    cell without ``await`` is such code on purpose (no warning in IPython), but
+    said, since in a web handler it is a bug."""
+    global _warned_in_loop
+    import sniffio
+
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return
+    _warned_in_loop = True
+    ipython = sys.modules.get("IPython")
+    if ipython is not None and ipython.get_ipython() is not None:
+        return
+    warnings.warn(
+        f"ashard.sync was called from async code (a running {library} event loop in this "
+        "thread): it blocks that loop until the call returns. In async code await ashard's "
+        "own functions instead: `await ashard.shard_map(...)`, `await ashard.map(...)`, "
+        "`await pool.call(...)`",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _forget_default() -> None:
@@ -105,11 +144,11 @@ class Pool:
 
     def start(self) -> None:
         """Start every worker now instead of on first use."""
-        _runner.run(self._pool.start())
+        _block(self._pool.start())
 
     def close(self) -> None:
         """Stop all workers. The pool cannot be used afterwards."""
-        _runner.run(self._pool.aclose())
+        _block(self._pool.aclose())
 
     aclose = close  # the async API's name for it
 
@@ -147,7 +186,7 @@ class Pool:
     ) -> ShardResult:
         """Run ``fn(shard, **borrow)`` for every shard; see `ashard.shard_map`."""
         job, layout = _pool.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
-        return _runner.run(self._pool._shard_result(job, layout))
+        return _block(self._pool._shard_result(job, layout))
 
     @takes_options(StreamOptions)
     def shard_stream(
@@ -180,7 +219,7 @@ class Pool:
     ) -> ReduceResult:
         """Combine every shard's value as it arrives; see `ashard.shard_reduce`."""
         job, _ = _pool.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
-        return _runner.run(self._pool._reduce_result(job))
+        return _block(self._pool._reduce_result(job))
 
     @takes_options(MapOptions)
     def map(
@@ -192,7 +231,7 @@ class Pool:
         **options: Unpack[MapOptions],
     ) -> list[Any]:
         """``[fn(item) for item in items]`` on the workers, in order; see `ashard.map`."""
-        return _runner.run(self._pool._map_result(_pool.map_job(fn, items, borrow, options)))
+        return _block(self._pool._map_result(_pool.map_job(fn, items, borrow, options)))
 
     def call(
         self,
@@ -204,7 +243,7 @@ class Pool:
     ) -> Any:
         """``fn(*args, **kwargs)`` on one worker; see `ashard.call`."""
         coro = self._pool.call(fn, *args, timeout=timeout, max_retries=max_retries, **kwargs)
-        return _runner.run(coro)
+        return _block(coro)
 
 
 class ShardStream:
@@ -357,7 +396,7 @@ def shard_map(
     """`ashard.shard_map`, blocking."""
     job, layout = _pool.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
     target, size = _target(pool, workers)
-    return _runner.run(target._shard_result(job, layout, size))
+    return _block(target._shard_result(job, layout, size))
 
 
 @takes_options(StreamOptions)
@@ -394,7 +433,7 @@ def shard_reduce(
     """`ashard.shard_reduce`, blocking."""
     job, _ = _pool.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
     target, size = _target(pool, workers)
-    return _runner.run(target._reduce_result(job, size))
+    return _block(target._reduce_result(job, size))
 
 
 @takes_options(MapOptions)
@@ -410,7 +449,7 @@ def map(
     """`ashard.map`, blocking."""
     job = _pool.map_job(fn, items, borrow, options)
     target, size = _target(pool, workers)
-    return _runner.run(target._map_result(job, size))
+    return _block(target._map_result(job, size))
 
 
 def call(
