@@ -157,3 +157,17 @@ def test_a_forked_child_uses_pools_of_its_own_and_leaves_the_parents_alone() -> 
     assert report["own"] != report["parent_pid"]
     assert report["parent_after"] == report["parent_pid"]  # the same worker, unharmed
     assert report["pids"] == [report["parent_pid"]]
+
+
+def test_no_resource_warning_when_the_default_pool_is_cleaned_up_at_exit() -> None:
+    script = (
+        "import asyncio, ashard\n"
+        "async def main():\n"
+        "    print(await ashard.map(abs, [-1, -2], workers=2))\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "[1, 2]"
+    assert "ResourceWarning" not in out.stderr, out.stderr

@@ -394,6 +394,8 @@ def kill_all_now() -> None:
         except subprocess.TimeoutExpired:
             h.proc.kill()
             h.proc.wait()
+        with contextlib.suppress(Exception):  # its last lines, then the pipes (no warning)
+            h.output.close()
 
 
 def _mp_authkey() -> bytes | None:
