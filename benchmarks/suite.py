@@ -4,9 +4,11 @@
 [--record]`` (or ``python -m ashard bench ...``). Each (workload, peer) case runs in its
 own interpreter (`case.py`) under a time limit: a peer that hangs is reported as a
 hang and killed with everything it started. Cases run one after another, so peers never
-compete for the CPUs. Writes to ``benchmarks/results/``: ``latest.md`` (every table,
-the machine, the targets), ``suite.json``, ``<workload>.png`` and per-case logs;
-``--record`` also puts ``latest.md`` into ``benchmarks/RESULTS.md``.
+compete for the CPUs. Writes ``latest.md`` (every table, the machine, the targets), ``suite.json``,
+``<workload>.png`` and per-case logs to ``--out`` (default: a directory under the
+system's temporary directory); ``--record`` writes them to ``benchmarks/results/`` and
+puts ``latest.md`` into ``benchmarks/RESULTS.md``. Peers whose library is not installed
+are named and skipped (``pip install -e '.[bench]'`` installs them all).
 """
 
 from __future__ import annotations
@@ -138,8 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 repetition")
     parser.add_argument("--only", help=f"workloads, of {','.join(WORKLOADS)}")
     parser.add_argument("--peers", help=f"peers, of {','.join(peers.PEERS)}")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
-    parser.add_argument("--record", action="store_true", help="write into RESULTS.md")
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="where tables, JSON and charts go (default: a directory under the system's "
+        "temporary directory; with --record: benchmarks/results/)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--record", action="store_true",
+        help="write into benchmarks/results/ and RESULTS.md (tracked files)",
+    )  # fmt: skip
     parser.add_argument("--limit", type=float, help="seconds per case (default: per workload)")
     args = parser.parse_args(argv)
     workloads = args.only.split(",") if args.only else WORKLOADS
@@ -148,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         p for p in names if p not in peers.PEERS
     ]:
         parser.error(f"unknown workload or peer {bad!r}")
+    absent = peers.missing(names)
+    if absent:
+        shown = ", ".join(f"{p} (needs {m})" for p, m in absent.items())
+        print(f"skipped, not installed: {shown}; pip install -e '.[bench]' installs every "
+              "peer", file=sys.stderr, flush=True)  # fmt: skip
+        names = [n for n in names if n not in absent]
+    if args.out is None:
+        args.out = BENCH_DIR / "results" if args.record else _scratch()
     cfg = Config().quick() if args.quick else Config()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "logs").mkdir(exist_ok=True)
@@ -194,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         record(text)
     print(f"\nwritten: {args.out / 'latest.md'}, {args.out / 'suite.json'}")
     return 0
+
+
+def _scratch() -> Path:
+    """Where a run that is not recorded writes: outside the repository's tracked files."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "ashard-bench-results"
 
 
 def record(text: str, start: str = START, end: str = END, *, append: bool = False) -> None:

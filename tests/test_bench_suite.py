@@ -39,3 +39,26 @@ def test_a_case_that_hangs_is_reported_and_killed(tmp_path: Path) -> None:
     crash = data["workloads"]["crash"]["results"]
     assert crash["mp-pool"][0]["error"].startswith("hang: no result within 3 s")
     assert "recovery_ms" in crash["ashard"][0]
+
+
+def test_missing_peers_are_named_and_results_stay_out_of_tracked_files() -> None:
+    import importlib.util
+
+    optional = {"mpire": "mpire", "ray": "ray", "aiomultiprocess": "aiomultiprocess"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "suite.py"), "--quick", "--only", "latency",
+         "--peers", "ashard," + ",".join(optional)],
+        check=True, timeout=180, capture_output=True, text=True,
+    )  # fmt: skip
+    written = out.stdout.splitlines()[-1]
+    assert written.startswith("written: ") and str(ROOT) not in written  # not the tracked files
+    json_path = Path(written.split(", ")[-1])
+    results = json.loads(json_path.read_text())["workloads"]["latency"]["results"]
+    assert "ashard" in results
+    for peer, module in optional.items():
+        if importlib.util.find_spec(module) is None:
+            assert f"{peer} (needs {module})" in out.stderr and peer not in results
+        else:
+            assert peer in results
+    if any(importlib.util.find_spec(m) is None for m in optional.values()):
+        assert "pip install -e '.[bench]'" in out.stderr

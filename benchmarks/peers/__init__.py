@@ -25,6 +25,29 @@ PEERS: dict[str, str] = {
 }
 
 
+REQUIRES: dict[str, str] = {
+    "loky": "loky",
+    "joblib": "joblib",
+    "mpire": "mpire",
+    "aiomultiprocess": "aiomultiprocess",
+    "dask": "distributed",
+    "ray": "ray",
+}
+"""The library a peer needs beyond the standard library and ashard's own dependencies
+(the `bench` extra installs them all)."""
+
+
+def missing(names: list[str]) -> dict[str, str]:
+    """Those of peers `names` whose library is not installed: peer -> module."""
+    import importlib.util
+
+    return {
+        name: REQUIRES[name]
+        for name in names
+        if name in REQUIRES and importlib.util.find_spec(REQUIRES[name]) is None
+    }
+
+
 def make(name: str) -> Any:
     """A fresh, unstarted adapter for peer `name`."""
     module, cls = PEERS[name].split(":")
