@@ -189,5 +189,53 @@ def test_a_stream_dispatches_no_more_than_max_pending_ahead() -> None:
     assert len(chunks) == 3  # the budget is spent
     deliver_ok(job, chunks[0])
     assert job.take_chunk(9) is None  # finished but unconsumed still counts
-    buffer.ready.popleft()
+    buffer.take()
     assert job.take_chunk(9) is not None
+
+
+def test_a_map_reads_ahead_no_more_bytes_than_max_held_bytes() -> None:
+    """Items are counted as they are taken (by their learned pickled size) and let go
+    when their chunk is over: no chunk is taken while the caller holds the bound."""
+    opts = CallOptions(chunk_size=2, max_held_bytes=1000)
+    job = Job.of_items(FN, opts, (f"item {i}" for i in range(100)), {})
+    first = job.take_chunk(0)
+    assert first is not None and first.count == 2
+    job.sent(first, 400)  # 200 bytes an item, pickled
+    assert job.held_bytes == 400
+    second = job.take_chunk(1)
+    assert second is not None and job.held_bytes == 800  # counted when taken
+    job.sent(second, 600)  # the estimate is corrected by the real size
+    assert job.held_bytes == 1000 and not job.has_work()
+    assert job.take_chunk(2) is None
+    deliver_ok(job, first)
+    assert job.held_bytes == 600 and job.has_work()
+    job.worker_lost([second], KILLED, timed_out=False)  # let go too (its items re-queue)
+    assert job.held_bytes == 0
+
+
+def test_a_stream_holds_no_more_value_bytes_than_max_held_bytes() -> None:
+    opts = CallOptions(chunk_size=1, max_held_bytes=2500)
+    layout = ashard.shards(10, block_size=1)
+    buffer = StreamBuffer(ordered=False, max_pending=1000)
+    job = Job.of_shards(FN, opts, layout, None, {}, {}, buffer)
+    chunk = job.take_chunk(0)
+    assert chunk is not None
+    job.deliver(chunk, 0, [b"x" * 1000], [], [0.001], True, PID)
+    assert buffer.pending_bytes == 1000
+    taken = take_all(job)
+    assert len(taken) == 1  # 1000 waiting + 1 in flight of ~1000: the next would pass 2500
+    buffer.take()
+    assert buffer.pending_bytes == 0 and job.take_chunk(9) is not None
+
+
+def test_one_value_larger_than_the_bound_still_goes_alone() -> None:
+    opts = CallOptions(chunk_size=1, max_held_bytes=10)
+    layout = ashard.shards(3, block_size=1)
+    buffer = StreamBuffer(ordered=False, max_pending=1000)
+    job = Job.of_shards(FN, opts, layout, None, {}, {}, buffer)
+    chunk = job.take_chunk(0)
+    assert chunk is not None
+    job.deliver(chunk, 0, [b"x" * 1000], [], [0.001], True, PID)
+    assert job.take_chunk(1) is None  # 1000 bytes wait for the consumer
+    buffer.take()
+    assert job.take_chunk(1) is not None  # nothing held: one goes, never a deadlock

@@ -172,3 +172,19 @@ def test_subprocess_isolation_from_fork_state() -> None:
     code = "import ashard, anyio; print(anyio.run(ashard.call, abs, -4))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "4"
+
+
+async def test_map_over_a_generator_holds_a_bounded_amount_of_items() -> None:
+    """200 MB of 100 KB items from a generator, a fast fn: the caller holds about
+    `max_held_bytes` of items (twice that while a chunk is being sent), not the input."""
+    import tracemalloc
+
+    async with ashard.Pool(2) as pool:
+        tracemalloc.start()
+        try:
+            out = await pool.map(len, workloads.make_items(2000, 100_000), max_held_bytes="8MB")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert out == [100_000] * 2000
+    assert peak < 40_000_000, peak  # about 2 x 8 MB and some slack; the input is 200 MB

@@ -77,3 +77,18 @@ async def test_collect_yields_failures_and_raise_raises() -> None:
         ) as s:
             async for _ in s:
                 pass
+
+
+async def test_a_slow_consumer_holds_a_bounded_amount_of_value_bytes() -> None:
+    """1 MB values, a consumer slower than the workers: at most about `max_held_bytes` of
+    finished values wait (max_pending alone would let a thousand)."""
+    async with ashard.Pool(2) as pool:
+        most = 0
+        layout = ashard.shards(30, block_size=1)
+        async with pool.shard_stream(layout, workloads.megabyte_value,
+                                     max_held_bytes="4MB") as stream:  # fmt: skip
+            async for done in stream:
+                assert len(done.value) == 1_000_000
+                most = max(most, stream.pending)
+                await anyio.sleep(0.02)
+    assert most <= 4

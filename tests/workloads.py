@@ -9,6 +9,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -789,3 +790,14 @@ class Payload:
 
 def make_payload(n: int) -> Payload:
     return Payload(n)
+
+
+def megabyte_value(shard: Shard) -> bytes:
+    """A 1 MB value, quickly."""
+    return bytes([shard.id % 256]) * 1_000_000
+
+
+def make_items(n: int, size: int) -> Iterator[bytes]:
+    """`n` items of `size` bytes each, made as they are read."""
+    for i in range(n):
+        yield bytes([i % 256]) * size

@@ -95,6 +95,7 @@ class Chunk:
     items: list[Any] | None
     done: int = 0
     heard: float = 0.0  # seconds into the call when it was sent, or last reported on
+    nbytes: int = 0  # its items, pickled, while the caller holds them
 
 
 class WorkerInfo(Protocol):
@@ -119,12 +120,17 @@ class StreamBuffer:
         self.ready: deque[ShardDone] = deque()
         self._held: dict[int, ShardDone] = {}
         self._next = 0
+        self.pending_bytes = 0  # about what the waiting values weigh (`approx_bytes`)
+        self.mean_bytes = 0.0  # about what a value weighs
 
     @property
     def pending(self) -> int:
         return len(self.ready) + len(self._held)
 
     def push(self, done: ShardDone) -> None:
+        size = approx_bytes(done.value)
+        self.pending_bytes += size
+        self.mean_bytes = size if not self.mean_bytes else 0.8 * self.mean_bytes + 0.2 * size
         if not self.ordered:
             self.ready.append(done)
             return
@@ -132,6 +138,24 @@ class StreamBuffer:
         while self._next in self._held:
             self.ready.append(self._held.pop(self._next))
             self._next += 1
+
+    def take(self) -> ShardDone:
+        """The next finished shard for the consumer (there must be one ready)."""
+        done = self.ready.popleft()
+        self.pending_bytes -= approx_bytes(done.value)
+        return done
+
+
+def approx_bytes(value: Any) -> int:
+    """About the memory `value` holds: its `nbytes` (arrays, Arrow tables, memoryviews),
+    its length (bytes, str), else its own size (shallow: a container's items are not
+    counted)."""
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(value, bytes | bytearray | str):
+        return len(value)
+    return sys.getsizeof(value, 64)
 
 
 _SKIP = object()
@@ -150,6 +174,8 @@ class Reducer:
         self.max_pending = max_pending
         self._held: dict[int, Any] = {}
         self._next = 0
+        self.pending_bytes = 0  # about what the values waiting for their turn weigh
+        self.mean_bytes = 0.0  # about what a value weighs
 
     @property
     def pending(self) -> int:
@@ -162,6 +188,9 @@ class Reducer:
             return
         for k, value in enumerate(values):
             self._held[pos + k] = value
+            size = approx_bytes(value)
+            self.pending_bytes += size
+            self.mean_bytes = size if not self.mean_bytes else 0.8 * self.mean_bytes + 0.2 * size
         self._drain()
 
     def skip(self, pos: int) -> None:
@@ -175,6 +204,7 @@ class Reducer:
             value = held.pop(self._next)
             self._next += 1
             if value is not _SKIP:
+                self.pending_bytes -= approx_bytes(value)
                 self._combine(value)
 
     def _combine(self, value: Any) -> None:
@@ -238,6 +268,9 @@ class Job:
         self.aborted = False
         self.fatal: BaseException | None = None
         self.per_shard: float | None = None
+        self.max_held = opts.max_held_bytes if opts.max_held_bytes is not None else 1 << 62
+        self.held_bytes = 0  # items of chunks in flight, pickled (`sent`)
+        self._item_bytes: float | None = None  # a position's items, pickled, on average
         self._last_size = 1
         self.chunks = self.retries = self.timeouts = self.crashes = 0
         self.pids: set[int] = set()
@@ -408,8 +441,11 @@ class Job:
         self.notify()
 
     def has_work(self) -> bool:
-        """Could a chunk be dispatched now?"""
+        """Could a chunk be dispatched now? Not while the caller holds `max_held_bytes`
+        of items in flight or values waiting (once some are, they will be let go)."""
         if self.aborted or self._budget() <= 0:
+            return False
+        if self.held_bytes >= self.max_held:
             return False
         if self._retry:
             return True
@@ -421,7 +457,13 @@ class Job:
         held = self.stream if self.stream is not None else self.reducer
         if held is None or (held is self.reducer and not held.ordered):
             return 1 << 62
-        return held.max_pending - held.pending - self.inflight_shards
+        room = held.max_pending - held.pending - self.inflight_shards
+        if held.mean_bytes:  # and what the values waiting and coming would weigh
+            room = min(room, int((self.max_held - held.pending_bytes) / held.mean_bytes)
+                       - self.inflight_shards)  # fmt: skip
+        if room <= 0 and not held.pending and not self.inflight_shards:
+            return 1  # a value larger than `max_held_bytes` comes alone
+        return room
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -447,6 +489,8 @@ class Job:
         if self.total is not None:
             remaining = self.total - self.next_pos
             auto = min(auto, max(1, math.ceil(remaining / (2 * self.workers))))
+        if self._item_bytes:  # each worker's window of chunks within the bytes the caller holds
+            auto = min(auto, max(1, int(self.max_held / (4 * self.workers * self._item_bytes))))
         self._last_size = auto
         return auto
 
@@ -467,6 +511,9 @@ class Job:
         self.inflight_shards += chunk.count
         self.chunks += 1
         chunk.heard = time.perf_counter() - self.t0
+        if chunk.items is not None and self._item_bytes:  # held from now: counted until `sent`
+            chunk.nbytes = int(chunk.count * self._item_bytes)
+            self.held_bytes += chunk.nbytes
         return chunk
 
     def _next_run(self, pos: int) -> int:
@@ -556,6 +603,7 @@ class Job:
             self._store_mixed(base, values, errors, chunk, k0, elapsed, pid)
         if final and chunk.done < chunk.count:  # the worker stopped early (interrupted)
             self._requeue_rest(chunk, chunk.done)
+        self._let_go(chunk)
         self.notify()
 
     def _log_report(
@@ -608,6 +656,7 @@ class Job:
                 self._push_retry(pos, chunk, k0 + k)  # it ran: its next run counts
         if report.final and chunk.done < chunk.count:
             self._requeue_rest(chunk, chunk.done)
+        self._let_go(chunk)
         self.notify()
 
     def unsendable(self, chunk: Chunk, exc: Exception) -> None:
@@ -780,11 +829,30 @@ class Job:
                     self._unrun.add(chunk.first + k)
         chunk.done = chunk.count
 
+    def sent(self, chunk: Chunk, nbytes: int) -> None:
+        """`chunk`'s items, pickled, are `nbytes` long: the caller holds about that much
+        until the chunk is over (its items stay for a retry). Until now it counted as
+        the estimate made when it was taken."""
+        self.held_bytes += nbytes - chunk.nbytes
+        chunk.nbytes = nbytes
+        if not nbytes or not chunk.count:
+            return
+        sample = nbytes / chunk.count
+        seen = self._item_bytes
+        self._item_bytes = sample if seen is None else 0.5 * (seen + sample)
+
+    def _let_go(self, chunk: Chunk) -> None:
+        """`chunk` is over: the caller no longer holds its items."""
+        if chunk.nbytes and chunk.done >= chunk.count:
+            self.held_bytes -= chunk.nbytes
+            chunk.nbytes = 0
+
     def undelivered(self, chunks: Sequence[Chunk]) -> None:
         """`chunks` never reached a worker (its channel had closed before they were
         whole in it): queued again, no run charged."""
         for chunk in chunks:
             self._requeue_rest(chunk, chunk.done)
+            self._let_go(chunk)
         self.notify()
 
     def worker_lost(self, chunks: Sequence[Chunk], loss: Loss, *, timed_out: bool) -> None:
@@ -816,6 +884,8 @@ class Job:
                     self.attempt_log.add(pos, self._run_of(pos), pid, chunk.heard, now,
                                          CRASHED_RUN)  # fmt: skip
                 self._requeue_rest(chunk, start, ran=True)  # the culprit is one of them
+        for chunk in chunks:
+            self._let_go(chunk)
         self.notify()
 
     # -- result -----------------------------------------------------------------------

@@ -173,6 +173,19 @@ def _check_path(name: str, value: object) -> str | None:
     return value
 
 
+DEFAULT_HELD_BYTES = 128 << 20
+"""What the caller holds for one call at most, by default: items read ahead of the
+workers (their pickled size: while a chunk is being sent its frame exists too, so the
+peak is about twice this) and finished values waiting for a stream's consumer."""
+
+
+def _check_held_bytes(name: str, value: object) -> int | None:
+    size = parse_bytes(name, value)
+    if size is not None and size <= 0:
+        raise ValueError(f"{name} must be a positive size such as '256MB', or None, got {value!r}")
+    return size
+
+
 # -- the per-call options ----------------------------------------------------------------
 
 
@@ -198,6 +211,8 @@ class CallOptions:
     max_pending: int | None = field(default=None, metadata=_checked_by(_check_limit))
     results: ResultsMode = field(default="memory", metadata=_checked_by(_one_of(ResultsMode)))
     results_path: str | None = field(default=None, metadata=_checked_by(_check_path))
+    max_held_bytes: int | None = field(default=DEFAULT_HELD_BYTES,
+                                       metadata=_checked_by(_check_held_bytes))  # fmt: skip
 
     @classmethod
     def build(cls, given: Mapping[str, object], accepted: type, where: str) -> CallOptions:
@@ -230,6 +245,7 @@ class MapOptions(TypedDict, total=False):
     errors: ErrorsMode
     progress: bool
     profile: ProfileName
+    max_held_bytes: int | str | None
 
 
 class ShardOptions(MapOptions, total=False):

@@ -321,7 +321,9 @@ class Scheduler:
             return
         if was_idle:
             lease.last_heard = time.monotonic()
-        parts, unsendable = await self._encode(run, msgs, chunks)
+        parts, unsendable, sizes = await self._encode(run, msgs, chunks)
+        for chunk, size in zip(chunks, sizes, strict=True):
+            job.sent(chunk, size)
         for chunk, exc in unsendable:
             lease.inflight.remove(chunk)
             job.unsendable(chunk, exc)
@@ -337,10 +339,10 @@ class Scheduler:
 
     async def _encode(
         self, run: _Run, msgs: list[Any], chunks: list[Chunk]
-    ) -> tuple[list[Buffer], list[tuple[Chunk, Exception]]]:
+    ) -> tuple[list[Buffer], list[tuple[Chunk, Exception]], list[int]]:
         """The frames of `msgs` and of a RUN per chunk (its items pickled on their own),
-        and the chunks whose items cannot be pickled; off the event loop once that got
-        slow."""
+        the chunks whose items cannot be pickled, and each chunk's pickled items' size;
+        off the event loop once that got slow."""
         if run.encode_in_thread:
             return await anyio.to_thread.run_sync(_encode_run, run.key, msgs, chunks)
         t0 = time.perf_counter()
@@ -627,6 +629,12 @@ def _packed_bytes(payload: Payload) -> int:
     return int(size) + sum(int(b.nbytes) for b in buffers)
 
 
+def _sent_bytes(payload: Payload) -> int:
+    """The size of a payload made here (`pack`: bytes or pickle buffers)."""
+    data, buffers = payload
+    return sum(memoryview(part).nbytes for part in (data, *buffers))
+
+
 def _ends(report: Result, chunk: Chunk) -> bool:
     """Does a final report leave its chunk complete (or stopped early, on purpose)?"""
     end = report.k0 + report.n
@@ -636,17 +644,20 @@ def _ends(report: Result, chunk: Chunk) -> bool:
 
 def _encode_run(
     key: int, msgs: list[Any], chunks: list[Chunk]
-) -> tuple[list[Buffer], list[tuple[Chunk, Exception]]]:
+) -> tuple[list[Buffer], list[tuple[Chunk, Exception]], list[int]]:
     parts = encode_many(msgs)
     unsendable: list[tuple[Chunk, Exception]] = []
+    sizes: list[int] = []
     for c in chunks:
         try:
             items = None if c.items is None else pack(c.items)
         except Exception as exc:
             unsendable.append((c, exc))
+            sizes.append(0)
             continue
+        sizes.append(0 if items is None else _sent_bytes(items))
         parts += encode((RUN, key, c.seq, c.first, c.count, c.attempts, items))
-    return parts, unsendable
+    return parts, unsendable, sizes
 
 
 async def _receive_call(w: WorkerHandle, seq: int, timeout: float | None) -> _Report:

@@ -123,7 +123,7 @@ class ShardStream:
         assert buf is not None
         while True:
             if buf.ready:
-                done = buf.ready.popleft()
+                done = buf.take()
                 job.notify()  # room in the buffer: dispatch may resume
                 if done.error is not None and job.opts.errors == "raise":
                     raise self._failure_error()
