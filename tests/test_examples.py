@@ -113,6 +113,13 @@ def test_the_notebook_runs_and_worker_output_lands_in_its_cell() -> None:
         f"shard {i}: 50000 rows" for i in range(4)
     ]
     assert any("text/html" in o.get("data", {}) for o in launching.outputs)  # res's table
+    # the progress bar: one display, saved in its final state; no frames, no warning
+    bars = [o for o in launching.outputs if o.output_type == "display_data"
+            and "<progress" in o["data"].get("text/html", "")]  # fmt: skip
+    assert len(bars) == 1 and "100%" in bars[0]["data"]["text/plain"], bars
+    assert 'value="4" max="4"' in bars[0]["data"]["text/html"]
+    errs = "".join(o.get("text", "") for o in launching.outputs if o.get("name") == "stderr")
+    assert "\r" not in errs and "IProgress" not in errs and "Warning" not in errs, errs
     for other in cells[:2] + cells[3:]:  # no worker line went anywhere else
         assert "rows" not in "".join(o.get("text", "") for o in other.outputs)
     timeline = cells[4].outputs[0]["data"]["text/html"]

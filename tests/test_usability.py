@@ -189,13 +189,28 @@ def test_progress_draws_a_bar_without_tqdm(monkeypatch: pytest.MonkeyPatch) -> N
 
     from ashard._progress import Progress
 
-    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as on a fresh install
+    monkeypatch.setitem(sys.modules, "tqdm.std", None)  # as on a fresh install
     bar = Progress(200, "shards")
     assert bar._bar is None
     bar.done = 84
     line = bar.line()
     assert line.startswith("shards  42%|") and "| 84/200 [" in line and "shards/s]" in line
     assert line.count("#") == 10  # 42 % of a 24-character bar
+
+
+def test_progress_outside_a_notebook_is_tqdms_text_bar_never_a_widget() -> None:
+    import io
+
+    import tqdm.std
+
+    from ashard._progress import Progress
+
+    bar = Progress(3, "shards")
+    try:
+        assert type(bar._bar) is tqdm.std.tqdm and bar._shown is None  # no ipywidgets needed
+    finally:
+        bar._bar.fp = io.StringIO()  # what it draws is not the test's output
+        bar.close()
 
 
 def test_a_sigkill_names_the_out_of_memory_killer_only_near_a_memory_limit() -> None:

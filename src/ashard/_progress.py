@@ -1,10 +1,13 @@
-"""The `progress=True` bar: tqdm's when it is installed (`tqdm.auto`: a widget in a
-notebook with ipywidgets, made in the calling cell), else a bar of ashard's own on
-stderr, so a fresh install shows one too. (tqdm stays optional: the runtime
-dependencies are kept to what the engine needs.)"""
+"""The `progress=True` bar. In a notebook (an IPython kernel) a display of ashard's own,
+updated in place in the calling cell: an HTML progress bar with the counts, no
+ipywidgets needed, and a saved notebook keeps its final state (not every frame).
+Elsewhere tqdm's text bar on stderr when tqdm is installed, else a text bar of ashard's
+own, so a fresh install shows one too. (tqdm stays optional: the runtime dependencies
+are kept to what the engine needs.)"""
 
 from __future__ import annotations
 
+import html
 import sys
 import time
 from typing import Any
@@ -12,11 +15,24 @@ from typing import Any
 __all__ = ["Progress"]
 
 _WIDTH = 24
+_REDRAW_SECONDS = 0.1
 
 
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes:02d}:{secs:02d}"
+
+
+def _notebook_display() -> Any:
+    """IPython's `display`, where this runs in a kernel whose front end shows display
+    data (Jupyter, VS Code); None elsewhere (a terminal IPython included)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None or getattr(shell, "kernel", None) is None:
+        return None
+    from IPython.display import display
+
+    return display
 
 
 class Progress:
@@ -26,14 +42,20 @@ class Progress:
         self.total = total
         self.done = 0
         self._desc = desc
-        self._bar: Any = None
+        self._bar: Any = None  # tqdm's
+        self._shown: Any = None  # the notebook display's handle
         self._last = 0.0
         self._t0 = time.monotonic()
+        display = _notebook_display()
+        if display is not None:
+            self._shown = display(self._bundle(), raw=True, display_id=True)
+            return
         try:
-            from tqdm.auto import tqdm
+            from tqdm.std import tqdm
         except ImportError:
             return
-        self._bar = tqdm(total=total, desc=desc, unit=desc, file=sys.stderr, mininterval=0.1)
+        self._bar = tqdm(total=total, desc=desc, unit=desc, file=sys.stderr,
+                         mininterval=_REDRAW_SECONDS)  # fmt: skip
 
     def update(self, n: int) -> None:
         self.done += n
@@ -41,13 +63,26 @@ class Progress:
             self._bar.update(n)
             return
         now = time.monotonic()
-        if now - self._last >= 0.1:
+        if now - self._last >= _REDRAW_SECONDS:
             self._last = now
             self._draw(end="")
 
     def _draw(self, end: str) -> None:
+        if self._shown is not None:
+            self._shown.update(self._bundle(), raw=True)
+            return
         sys.stderr.write(f"\r{self.line()}{end}")
         sys.stderr.flush()
+
+    def _bundle(self) -> dict[str, str]:
+        """The notebook display: an HTML bar with the line beside it, and the line."""
+        line = self.line()
+        value = f' value="{self.done}" max="{self.total}"' if self.total else ""
+        bar = f'<progress{value} style="width:16em;vertical-align:middle"></progress>'
+        return {
+            "text/plain": line,
+            "text/html": f"<div>{bar} <code>{html.escape(line)}</code></div>",
+        }
 
     def line(self) -> str:
         """``shards  42%|########          | 420/1000 [00:03<00:04, 131.2/s]``"""
