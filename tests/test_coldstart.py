@@ -5,6 +5,7 @@ fresh interpreter: only there is a call the first."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -123,3 +124,43 @@ def test_an_explicit_pool_launches_nothing_ahead() -> None:
         """
     )
     assert out == "1"
+
+
+FIRST_TOUCH = """
+import asyncio, json, sys, threading
+import ashard
+
+where = {}
+
+class Spy:  # notes the thread that imports each supervisor module
+    def find_spec(self, name, path=None, target=None):
+        if name in ("ashard._scheduler", "ashard._handle", "ashard._job"):
+            where.setdefault(name, threading.current_thread().name)
+        return None
+
+sys.meta_path.insert(0, Spy())
+
+async def main():
+    pool = ashard.Pool(1)  # the first touch: in a request handler, say
+    seen = {"after_construct": sorted(m for m in where)}
+    async with pool:
+        seen["value"] = await pool.call(abs, -3)
+    seen["loop_thread"] = threading.current_thread().name
+    seen["where"] = where
+    print(json.dumps(seen))
+
+asyncio.run(main())
+"""
+
+
+def test_the_first_touch_of_pool_imports_the_supervisor_off_the_loop() -> None:
+    """Making an `ashard.Pool` imports no supervisor module; its first async use
+    imports them in a worker thread, never on the caller's event loop thread."""
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_TOUCH], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.splitlines()[-1])
+    assert seen["after_construct"] == [] and seen["value"] == 3
+    assert set(seen["where"]) == {"ashard._scheduler", "ashard._handle", "ashard._job"}
+    assert seen["loop_thread"] not in set(seen["where"].values()), seen

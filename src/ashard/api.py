@@ -108,10 +108,10 @@ async def _supervisor(pool: object) -> AsyncIterator[None]:
     if ahead:
         _spawn.prestart()
     try:
-        if "ashard.pool" not in sys.modules:
+        if "ashard._scheduler" not in sys.modules:  # see `ashard.pool.load_supervisor`
             import anyio.to_thread
 
-            await anyio.to_thread.run_sync(importlib.import_module, "ashard.pool")
+            await anyio.to_thread.run_sync(importlib.import_module, "ashard._scheduler")
         yield
     finally:
         done = _spawn.discard() if ahead else None

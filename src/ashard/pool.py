@@ -8,16 +8,15 @@ worker processes), then shapes the answer. Nothing here knows where shards run.
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Unpack
 
 import anyio
 
-from ashard._backend import Accepted, Backend
-from ashard._handle import WorkerConfig, kill_all_now
-from ashard._job import Job, Reducer, StreamBuffer
 from ashard._options import (
     CallOptions,
     MapOptions,
@@ -37,23 +36,41 @@ from ashard._options import (
     resolve_shards,
     takes_options,
 )
-from ashard._scheduler import Scheduler
-from ashard._serialize import pickle_payload
-from ashard._sources import with_sources
-from ashard._stream import ShardStream
-from ashard.errors import ShardError, ShardMapError
-from ashard.results import PoolStats, ReduceResult, ShardResult, _failure_message
 from ashard.shards import Shards
 
 if TYPE_CHECKING:
+    from ashard._backend import Backend
+    from ashard._job import Job, Reducer
+    from ashard._stream import ShardStream
+    from ashard.errors import ShardError
+    from ashard.results import PoolStats, ReduceResult, ShardResult
     from ashard.tables import ResultStore
 
-__all__ = ["Pool"]
+__all__ = ["Pool", "load_supervisor"]
 
 DEFAULT_MAX_PENDING = 1024
 """Finished shards a stream holds for a slow consumer when `max_pending` is None."""
 
+SUPERVISOR = "ashard._scheduler"
+"""The module that brings in the supervisor (the local backend and everything it uses:
+~100 ms of imports): loaded off the event loop on a pool's first async use."""
+
 _atexit_registered = False
+
+
+async def load_supervisor() -> None:
+    """Import the supervisor in a thread, if it is not yet: its first import would stall
+    the caller's event loop for ~100 ms (the first request of a web app, say)."""
+    if SUPERVISOR not in sys.modules:
+        await anyio.to_thread.run_sync(importlib.import_module, SUPERVISOR)
+
+
+def _kill_all_at_exit() -> None:
+    """At interpreter exit: no worker may outlive the parent (none ran if the worker
+    handles were never imported)."""
+    handles = sys.modules.get("ashard._handle")
+    if handles is not None:
+        handles.kill_all_now()
 
 
 class Pool:
@@ -110,23 +127,51 @@ class Pool:
             health_check_interval=health_check_interval, max_tasks=max_tasks,
             idle_timeout=idle_timeout,
         )  # fmt: skip
-        init_payload = None if init is None else pickle_payload(check_fn(init, "init"), "init")
-        max_frame = check_size("max_message", max_message)
-        config = WorkerConfig(
-            env=check_env(env), init=init_payload, max_frame=max_frame,
-            memory_limit=policy.hard_cap,
-        )  # fmt: skip
-        self._backend: Backend
-        if cluster is None:
-            self._backend = Scheduler(size, config, policy)
-        else:
-            from ashard._dask import DaskBackend
+        init_payload = None
+        if init is not None:
+            from ashard._serialize import pickle_payload
 
-            self._backend = DaskBackend(cluster, per_node, config, policy)
+            init_payload = pickle_payload(check_fn(init, "init"), "init")
+        max_frame = check_size("max_message", max_message)
+        # What the backend is made of; it is made on first use, so that making a Pool
+        # (and touching `ashard.Pool`) imports no supervisor on the caller's loop.
+        self._recipe = (size, per_node, check_env(env), init_payload, max_frame, policy, cluster)
+        self._made: Backend | None = None
+        self._closed_unmade = False
+        if cluster is not None:
+            self._backend  # noqa: B018 - a cluster pool is made at once (it imports dask)
         global _atexit_registered
         if not _atexit_registered:
-            atexit.register(kill_all_now)
+            atexit.register(_kill_all_at_exit)
             _atexit_registered = True
+
+    @property
+    def _backend(self) -> Backend:
+        """The backend, made (and the supervisor imported, if it was not) on first use.
+        Async paths `await self._ready()` first, which imports it off the loop."""
+        if self._made is None:
+            from ashard._handle import WorkerConfig
+
+            size, per_node, env, init, max_frame, policy, cluster = self._recipe
+            config = WorkerConfig(env=env, init=init, max_frame=max_frame,
+                                  memory_limit=policy.hard_cap)  # fmt: skip
+            if cluster is None:
+                from ashard._scheduler import Scheduler
+
+                self._made = Scheduler(size, config, policy)
+            else:
+                from ashard._dask import DaskBackend
+
+                self._made = DaskBackend(cluster, per_node, config, policy)
+        return self._made
+
+    async def _ready(self) -> Backend:
+        """The backend, the supervisor imported off the event loop if need be."""
+        if self._made is None:
+            if self._closed_unmade:
+                raise RuntimeError("this ashard.Pool is closed")
+            await load_supervisor()
+        return self._backend
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -149,29 +194,36 @@ class Pool:
 
     async def start(self) -> None:
         """Start every worker now instead of on first use."""
-        await self._backend.start()
+        await (await self._ready()).start()
 
     async def aclose(self) -> None:
         """Stop all workers. The pool cannot be used afterwards."""
-        await self._backend.aclose()
+        if self._made is None:
+            self._closed_unmade = True  # nothing started: nothing to stop
+            return
+        await self._made.aclose()
 
     @property
     def closed(self) -> bool:
-        return self._backend.closed
+        return self._made.closed if self._made is not None else self._closed_unmade
 
     @property
     def workers(self) -> int:
         """The pool's size: how many workers it runs at most."""
-        return self._backend.size
+        return self._made.size if self._made is not None else self._recipe[0]
 
     @property
     def stats(self) -> PoolStats:
-        return self._backend.stats()
+        if self._made is None:
+            from ashard.results import PoolStats
+
+            return PoolStats(0, 0, 0, 0, 0, 0)
+        return self._made.stats()
 
     @property
     def pids(self) -> list[int]:
         """Process ids of the live workers."""
-        return self._backend.pids()
+        return self._made.pids() if self._made is not None else []
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self.pids)} alive"
@@ -263,7 +315,7 @@ class Pool:
         fn = check_fn(fn)
         seconds = None if timeout is None else check_timeout("timeout", timeout)
         retries = check_count("max_retries", max_retries)
-        return await self._backend.call(fn, args, kwargs, seconds, retries)
+        return await (await self._ready()).call(fn, args, kwargs, seconds, retries)
 
     # A call is checked and built into a job first (`shard_job`, `map_job`: nothing
     # changes if that raises), then run here. `resize`: the size the default pool takes
@@ -279,6 +331,8 @@ class Pool:
         return result
 
     async def _reduce_result(self, job: Job, resize: int | None = None) -> ReduceResult:
+        from ashard.results import ReduceResult
+
         await self._run(job, resize)
         assert job.reducer is not None
         result = ReduceResult(job.reducer.value, job.failure_list(), job.diagnostics())
@@ -287,9 +341,14 @@ class Pool:
         return result
 
     def _stream(self, job: Job, layout: Shards, resize: int | None = None) -> ShardStream:
+        from ashard._stream import ShardStream
+
         return ShardStream(self._backend, job, layout, resize)
 
     async def _map_result(self, job: Job, resize: int | None = None) -> list[Any]:
+        from ashard.errors import ShardMapError
+        from ashard.results import _failure_message
+
         await self._run(job, resize)
         if job.failures and job.opts.errors == "raise":
             result = job.result(Shards(job.next_pos, 1, "contiguous"))
@@ -302,13 +361,15 @@ class Pool:
         return values
 
     async def _run(self, job: Job, resize: int | None) -> None:
-        await run_job(self._backend, job, resize)
+        await run_job(await self._ready(), job, resize)
 
 
 async def run_job(backend: Backend, job: Job, resize: int | None = None) -> None:
     """Run `job` on `backend`: its outputs opened before and settled after (shielded:
     a cancelled call still sweeps what its workers left); raise what ended it.
     `resize`: see `Accepted`."""
+    from ashard._backend import Accepted
+
     status = Accepted(backend, resize)
     try:
         if job.has_outputs:
@@ -338,6 +399,10 @@ def shard_job(
 ) -> tuple[Job, Shards]:
     """The job of a `shard_map`, `shard_stream` or `shard_reduce` call, every
     argument checked (nothing is made on disk yet)."""
+    from ashard._job import Job, StreamBuffer
+    from ashard._serialize import pickle_payload
+    from ashard._sources import with_sources
+
     opts = CallOptions.build(options, accepted, where)
     checked_fn = check_fn(fn)
     layout, sequence = resolve_shards(shards)
@@ -381,6 +446,8 @@ def reduce_job(
     options: Mapping[str, object],
 ) -> tuple[Job, Shards]:
     """The job of a `shard_reduce` call, every argument checked."""
+    from ashard._job import Reducer
+
     checked = check_fn(combine, "combine")
     if not isinstance(ordered, bool):
         raise TypeError(f"ordered must be True or False, got {type(ordered).__name__}")
@@ -392,6 +459,10 @@ def reduce_job(
 
 def map_job(fn: object, items: object, borrow: object, options: Mapping[str, object]) -> Job:
     """The job of a `map` call, every argument checked."""
+    from ashard._job import Job
+    from ashard._serialize import pickle_payload
+    from ashard._sources import with_sources
+
     opts = CallOptions.build(options, MapOptions, "map")
     checked_fn = check_fn(fn)
     iterable = check_items(items)
