@@ -213,15 +213,20 @@ def test_a_map_reads_ahead_no_more_bytes_than_max_held_bytes() -> None:
     assert job.held_bytes == 0
 
 
-def test_a_stream_holds_no_more_value_bytes_than_max_held_bytes() -> None:
-    opts = CallOptions(chunk_size=1, max_held_bytes=2500)
-    layout = ashard.shards(10, block_size=1)
+def stream_with_a_kilobyte_waiting(n: int, max_held_bytes: int) -> tuple[Job, StreamBuffer]:
+    """A stream job of `n` one-shard chunks whose first value (1000 bytes) waits."""
+    opts = CallOptions(chunk_size=1, max_held_bytes=max_held_bytes)
     buffer = StreamBuffer(ordered=False, max_pending=1000)
-    job = Job.of_shards(FN, opts, layout, None, {}, {}, buffer)
+    job = Job.of_shards(FN, opts, ashard.shards(n, block_size=1), None, {}, {}, buffer)
     chunk = job.take_chunk(0)
     assert chunk is not None
     job.deliver(chunk, 0, [b"x" * 1000], [], [0.001], True, PID)
     assert buffer.pending_bytes == 1000
+    return job, buffer
+
+
+def test_a_stream_holds_no_more_value_bytes_than_max_held_bytes() -> None:
+    job, buffer = stream_with_a_kilobyte_waiting(10, 2500)
     taken = take_all(job)
     assert len(taken) == 1  # 1000 waiting + 1 in flight of ~1000: the next would pass 2500
     buffer.take()
@@ -229,13 +234,7 @@ def test_a_stream_holds_no_more_value_bytes_than_max_held_bytes() -> None:
 
 
 def test_one_value_larger_than_the_bound_still_goes_alone() -> None:
-    opts = CallOptions(chunk_size=1, max_held_bytes=10)
-    layout = ashard.shards(3, block_size=1)
-    buffer = StreamBuffer(ordered=False, max_pending=1000)
-    job = Job.of_shards(FN, opts, layout, None, {}, {}, buffer)
-    chunk = job.take_chunk(0)
-    assert chunk is not None
-    job.deliver(chunk, 0, [b"x" * 1000], [], [0.001], True, PID)
+    job, buffer = stream_with_a_kilobyte_waiting(3, 10)
     assert job.take_chunk(1) is None  # 1000 bytes wait for the consumer
     buffer.take()
     assert job.take_chunk(1) is not None  # nothing held: one goes, never a deadlock

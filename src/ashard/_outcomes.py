@@ -17,6 +17,7 @@ import anyio
 
 from ashard._protocol import INTERRUPTED, RAISED, TIMEOUT
 from ashard._serialize import ExcRecord, LoadError, decode_exception
+from ashard._serialize import show_error as _show
 from ashard.errors import (
     RemoteTraceback,
     ShardError,
@@ -148,13 +149,6 @@ def _local_failure(
     )
     err.__cause__ = exc
     return err
-
-
-def _show(exc: BaseException) -> str:
-    try:
-        return f"{type(exc).__name__}: {exc}"
-    except Exception:
-        return type(exc).__name__
 
 
 def _text_of(exc: BaseException) -> str:

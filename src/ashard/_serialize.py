@@ -23,6 +23,7 @@ __all__ = [
     "loads",
     "pack",
     "pickle_payload",
+    "show_error",
     "unpack",
 ]
 
@@ -37,7 +38,7 @@ class LoadError(pickle.UnpicklingError):
     code that catches that (as around `ProcessPoolExecutor` results) catches it."""
 
     def __init__(self, what: str, exc: BaseException, where: str) -> None:
-        super().__init__(f"{what} could not be loaded in {where}: {_show(exc)}")
+        super().__init__(f"{what} could not be loaded in {where}: {show_error(exc)}")
         self.__cause__ = exc
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -50,7 +51,8 @@ def _rebuild_load_error(message: str) -> LoadError:
     return error
 
 
-def _show(exc: BaseException) -> str:
+def show_error(exc: BaseException) -> str:
+    """``"TypeName: message"``, or the type's name where the message cannot be had."""
     try:
         return f"{type(exc).__name__}: {exc}"
     except Exception:

@@ -54,6 +54,7 @@ from ashard._protocol import (
     SinkRef,
 )
 from ashard._serialize import LoadError, dumps, encode_exception, pack, unpack
+from ashard._serialize import show_error as _show_error
 from ashard._worker import run
 from ashard._worker.attach import Audited, Segments
 from ashard._worker.results import (
@@ -294,13 +295,6 @@ def _writer(name: str, ref: SinkRef, stdio: StdioGuard) -> Any:
 def _load_error(what: str, exc: Exception) -> LoadError:
     """`exc`, raised while unpickling `what` in the worker, as an error that says so."""
     return LoadError(what, exc, "the worker")
-
-
-def _show_error(exc: BaseException) -> str:
-    try:
-        return f"{type(exc).__name__}: {exc}"
-    except Exception:
-        return type(exc).__name__
 
 
 def _too_large(
