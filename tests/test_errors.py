@@ -178,3 +178,19 @@ async def test_a_result_that_does_not_unpickle_in_the_parent_fails_only_its_shar
         with pytest.raises(ashard.ShardFailed, match="call failed: its result could not be"):
             await pool.call(workloads.RebuildFails)
         assert pool.stats.crashed == 0
+
+
+async def test_a_value_that_raises_systemexit_when_unpickled_fails_only_its_shard() -> None:
+    async with ashard.Pool(1) as pool:
+        res = await pool.shard_map(
+            ashard.shards(3, block_size=1),
+            lambda sh: workloads.ExitsWhenUnpickled() if sh.id == 1 else sh.id,
+            errors="collect",
+        )
+        assert [f.shard_id for f in res.failures] == [1] and res.results[::2] == [0, 2]
+        assert "SystemExit" in str(res.failures[0])
+        res = await pool.shard_map(2, workloads.shard_sum_taking_any,
+                                   borrow={"x": workloads.ExitsWhenUnpickled()},
+                                   errors="collect")  # fmt: skip
+        assert all("could not be loaded in the worker" in str(f) for f in res.failures)
+        assert len(pool.pids) == 1 and pool.stats.crashed == 0  # nobody exited

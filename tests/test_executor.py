@@ -126,6 +126,14 @@ def test_what_processpoolexecutor_code_catches_is_still_caught() -> None:
                     future.result(timeout=60)
             assert "cannot be rebuilt" in str(future.exception())
             assert type(future.exception()) is ashard.ExecutorUnpicklingError
+        exiting = [  # a SystemExit while unpickling ends no process: the task fails
+            ex.submit(workloads.identity, workloads.ExitsWhenUnpickled()),  # in the worker
+            ex.submit(workloads.return_exiting_when_unpickled),  # here
+        ]
+        for future in exiting:
+            with pytest.raises(BrokenProcessPool, match="SystemExit"):
+                future.result(timeout=60)
+            assert isinstance(future.exception(), pickle.UnpicklingError)
         for kind in (SystemExit, KeyboardInterrupt):
             future = ex.submit(workloads.return_raising_when_pickled, kind)
             with pytest.raises(kind, match="raised while pickling the result"):

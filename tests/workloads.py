@@ -361,6 +361,21 @@ class RebuildFails:
         return _rebuild_fails, ()
 
 
+class ExitsWhenUnpickled:
+    """Pickles anywhere; unpickling it raises SystemExit (in a worker, or the caller)."""
+
+    def __reduce__(self) -> Any:
+        return _exit_on_load, ()
+
+
+def _exit_on_load() -> None:
+    raise SystemExit("raised while unpickling")
+
+
+def return_exiting_when_unpickled(_: Any = None) -> ExitsWhenUnpickled:
+    return ExitsWhenUnpickled()
+
+
 class RaisesWhenPickled:
     """Pickling it raises `exc_type` (SystemExit, KeyboardInterrupt, ...) in the worker."""
 

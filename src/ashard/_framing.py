@@ -36,7 +36,7 @@ from typing import Any
 
 from ashard._fds import above_stdio
 from ashard._protocol import MAX_BUFFERS, ProtocolViolation
-from ashard._serialize import dumps, loads
+from ashard._serialize import dumps, load_failure, loads
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -237,8 +237,8 @@ class FrameReader:
         with self._view[lo + hlen : lo + hlen + plen] as payload:
             try:
                 return loads(payload)
-            except Exception as exc:
-                return Unreadable(exc)
+            except (Exception, SystemExit) as exc:
+                return Unreadable(load_failure(exc))
 
     def _reserve(self, total: int) -> None:
         """Make room for a frame of `total` bytes whose start is at `_lo`."""
@@ -316,8 +316,8 @@ class Unreadable:
 def _loads_message(payload: memoryview, buffers: Sequence[memoryview] = ()) -> Any:
     try:
         return loads(payload, buffers)
-    except Exception as exc:
-        return Unreadable(exc)
+    except (Exception, SystemExit) as exc:
+        return Unreadable(load_failure(exc))
 
 
 def encode_many(msgs: Sequence[Any]) -> list[Buffer]:

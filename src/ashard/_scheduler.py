@@ -70,7 +70,7 @@ from ashard._protocol import (
     Result,
     parse_result,
 )
-from ashard._serialize import dumps_named, loads, pack
+from ashard._serialize import dumps_named, load_failure, loads, pack
 from ashard._shm import adopt_result
 from ashard._sources import with_sources
 from ashard._workers import WorkerSet
@@ -616,8 +616,8 @@ def _values_of(report: Result) -> list[Any] | Exception:
     data, buffers = report.values
     try:
         values = loads(data, buffers)
-    except Exception as exc:  # the values pickled in the worker but do not unpickle here
-        return exc
+    except (Exception, SystemExit) as exc:  # they pickled in the worker, do not unpickle here
+        return load_failure(exc)
     if type(values) is not list or len(values) != report.n:
         raise ProtocolViolation("a result whose values do not match its count")
     return values

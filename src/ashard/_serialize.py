@@ -20,6 +20,7 @@ __all__ = [
     "dumps",
     "dumps_named",
     "encode_exception",
+    "load_failure",
     "loads",
     "pack",
     "pickle_payload",
@@ -48,6 +49,16 @@ class LoadError(pickle.UnpicklingError):
 def _rebuild_load_error(message: str) -> LoadError:
     error = LoadError.__new__(LoadError)
     pickle.UnpicklingError.__init__(error, message)
+    return error
+
+
+def load_failure(exc: BaseException) -> Exception:
+    """What unpickling raised, as an `Exception`: a `SystemExit` raised by some
+    `__reduce__` must not end the process that unpickles (the caller, or a worker)."""
+    if isinstance(exc, Exception):
+        return exc
+    error = RuntimeError(f"unpickling raised {show_error(exc)}")
+    error.__cause__ = exc
     return error
 
 

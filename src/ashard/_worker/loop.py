@@ -53,7 +53,7 @@ from ashard._protocol import (
     Payload,
     SinkRef,
 )
-from ashard._serialize import LoadError, dumps, encode_exception, pack, unpack
+from ashard._serialize import LoadError, dumps, encode_exception, load_failure, pack, unpack
 from ashard._serialize import show_error as _show_error
 from ashard._worker import run
 from ashard._worker.attach import Audited, Segments
@@ -214,7 +214,8 @@ class Worker:
             return
         try:
             items = None if packed is None else unpack(packed)
-        except Exception as exc:
+        except (Exception, SystemExit) as raised:
+            exc = load_failure(raised)
             if count > 1:  # the parent sends them again one by one, to name the bad one
                 self.send_result(seq, 0, [], [(0, INTERRUPTED, None)], None, True)
             else:
@@ -271,8 +272,8 @@ def _load_job(
         if spec.results is not None:
             what = "results="
             outputs.append(_writer("", spec.results, stdio))
-    except Exception as exc:
-        return _load_error(what, exc)
+    except (Exception, SystemExit) as exc:
+        return _load_error(what, load_failure(exc))
     read_only = tuple(
         name
         for name, v in (spec.borrow or {}).items()
