@@ -15,6 +15,7 @@ import multiprocessing
 
 from test.test_concurrent_futures import (  # type: ignore[import-not-found]
     test_as_completed,
+    test_deadlock,
     test_init,
     test_process_pool,
     test_shutdown,
@@ -40,6 +41,7 @@ for mixin in (
     test_init.InitializerMixin,
     test_init.FailingInitializerMixin,
     test_shutdown.ProcessPoolShutdownTest,
+    test_deadlock.ExecutorDeadlockTest,
 ):
     name = "Ashard" + mixin.__name__
     globals()[name] = type(name, (mixin, AshardMixin, util.BaseTestCase), {"__module__": __name__})
