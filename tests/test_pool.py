@@ -171,3 +171,14 @@ def test_no_resource_warning_when_the_default_pool_is_cleaned_up_at_exit() -> No
     )
     assert out.returncode == 0 and out.stdout.strip() == "[1, 2]"
     assert "ResourceWarning" not in out.stderr, out.stderr
+
+
+async def test_a_pool_closed_before_its_first_use_refuses_work_and_started_nothing() -> None:
+    pool = ashard.Pool(1)
+    await pool.aclose()
+    assert pool.closed and pool.pids == [] and pool.stats.started == 0
+    for use in (lambda: pool.map(abs, [1]), lambda: pool.call(abs, 1), pool.start):
+        with pytest.raises(RuntimeError, match="closed"):
+            await use()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.shard_stream(2, workloads.shard_sum)

@@ -150,6 +150,8 @@ class Pool:
         """The backend, made (and the supervisor imported, if it was not) on first use.
         Async paths `await self._ready()` first, which imports it off the loop."""
         if self._made is None:
+            if self._closed_unmade:
+                raise RuntimeError("this ashard.Pool is closed")
             from ashard._handle import WorkerConfig
 
             size, per_node, env, init, max_frame, policy, cluster = self._recipe
@@ -167,9 +169,7 @@ class Pool:
 
     async def _ready(self) -> Backend:
         """The backend, the supervisor imported off the event loop if need be."""
-        if self._made is None:
-            if self._closed_unmade:
-                raise RuntimeError("this ashard.Pool is closed")
+        if self._made is None and not self._closed_unmade:
             await load_supervisor()
         return self._backend
 
