@@ -153,7 +153,7 @@ async def test_out_buffers_are_refused_naming_out_and_cluster(dask_cluster: Any)
     async with ashard.Pool(cluster=dask_cluster) as pool:
         Y = ashard.buffer("f8", 4)
         with pytest.raises(ValueError, match=r"out=.*cluster="):
-            await pool.shard_map(4, workloads.shard_sum, out={"Y": Y})
+            await pool.shard_map(4, workloads.shard_sum_taking_any, out={"Y": Y})
         del Y
         assert await pool.map(workloads.square, [2]) == [4]  # nothing changed
 

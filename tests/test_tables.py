@@ -384,7 +384,7 @@ async def test_bad_sink_input_is_refused_before_anything_runs(tmp_path: str) -> 
             await ashard.shard_map(2, workloads.write_rows, borrow={"rows": sink})
         with ashard.table_sink() as sink:
             with pytest.raises(TypeError, match="pickled"):
-                await ashard.shard_map(2, workloads.shard_sum, borrow={"x": [sink]})
+                await ashard.shard_map(2, workloads.shard_sum_taking_any, borrow={"x": [sink]})
             assert not os.path.exists(sink.path)  # made when a call starts writing
             await ashard.shard_map(2, workloads.write_rows, out={"rows": sink})
             with pytest.raises(ValueError, match="already holds the output"):

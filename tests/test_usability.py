@@ -63,7 +63,7 @@ async def test_reprs_are_short_and_html_shows_the_counts() -> None:
             assert "value" in red._repr_html_()
             assert "alive" in pool._repr_html_() and ">2<" in pool._repr_html_()
             summary = res.diagnostics.summary()
-            assert f"on {len(res.diagnostics.per_worker)} workers" in summary
+            assert f"on {len(res.diagnostics.per_worker)} worker processes" in summary
 
 
 def _draws(shard: ashard.Shard) -> float:

@@ -1084,6 +1084,15 @@ class _Relay:
         if report.final:
             self._chunk_over(chunk)
 
+    def sent(self, chunk: Chunk, nbytes: int) -> None:
+        pass  # the caller's job bounds what it holds; here the task holds the chunk
+
+    def undelivered(self, chunks: list[Chunk]) -> None:
+        """The worker ended before these chunks reached it: they run on another one."""
+        for chunk in reversed(chunks):
+            self._queue.appendleft(self._of.pop(chunk))
+        self.notify()
+
     def unsendable(self, chunk: Chunk, exc: Exception) -> None:
         work = self._of[chunk]
         work.reports.append(("unsendable", exc))
