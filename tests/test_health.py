@@ -224,7 +224,7 @@ async def test_bad_health_arguments_are_refused() -> None:
         ashard.Pool(1, hard_cap=1)
     with pytest.raises(ValueError, match="profile must be one of"):
         await ashard.shard_map(2, pid_of, profile="fast")  # type: ignore[arg-type]
-    assert ashard.Pool(1, mem_cap="1.5GiB")._backend.policy.mem_cap == 3 * 2**29
+    assert ashard.Pool(1, mem_cap="1.5GiB")._make().policy.mem_cap == 3 * 2**29  # type: ignore[attr-defined]
 
 
 def fast_runaway(shard: ashard.Shard) -> int:

@@ -45,17 +45,27 @@ has to report every chunk it took, as delivered or lost.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import sys
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 
 if TYPE_CHECKING:
+    from ashard._health import HealthPolicy
     from ashard._job import Job
+    from ashard._protocol import Payload
     from ashard.results import PoolStats
 
-__all__ = ["Accepted", "Backend"]
+__all__ = ["Accepted", "Backend", "load_supervisor", "open_backend"]
+
+SUPERVISOR = ("ashard._scheduler", "ashard._calls")
+"""The modules that bring in the supervisor (the local backend, the call layer and
+everything they use: ~100 ms of imports): loaded off the event loop on a pool's first
+async use, never when `ashard.Pool` is touched."""
 
 
 class Backend(Protocol):
@@ -103,3 +113,45 @@ class Accepted(anyio.abc.TaskStatus[None]):
         if self._resize is not None and self._resize != self._backend.size:
             self._backend.resize(self._resize)
         self._status.started(value)
+
+
+async def load_supervisor() -> None:
+    """Import the supervisor in a thread, if it is not yet: its first import would stall
+    the caller's event loop for ~100 ms (the first request of a web app, say)."""
+    if not all(name in sys.modules for name in SUPERVISOR):
+        await anyio.to_thread.run_sync(import_supervisor)
+
+
+def import_supervisor() -> None:
+    """Import the supervisor here and now (`load_supervisor` is the async way)."""
+    for name in SUPERVISOR:
+        importlib.import_module(name)
+
+
+def open_backend(
+    size: int,
+    per_node: int | None,
+    env: Mapping[str, str],
+    init: Payload | None,
+    max_frame: int,
+    policy: HealthPolicy,
+    cluster: object = None,
+) -> Backend:
+    """The backend of a pool: worker processes on this machine, or (`cluster`, a Dask
+    scheduler address, client or cluster object) ashard workers hosted by Dask workers,
+    `per_node` on each (default: its thread count). Imports happen here, on first use:
+    the local backend is the supervisor (`load_supervisor` brings it in off the loop
+    first), the Dask one needs the optional `distributed`."""
+    from ashard._handle import WorkerConfig
+
+    config = WorkerConfig(
+        env=dict(env), init=init, max_frame=max_frame, memory_limit=policy.hard_cap
+    )
+    if cluster is None:
+        from ashard._scheduler import Scheduler
+
+        return Scheduler(size, config, policy)
+    from ashard._dask.backend import DaskBackend, check_cluster
+
+    check_cluster(cluster)
+    return DaskBackend(cluster, per_node, config, policy)

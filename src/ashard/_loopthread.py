@@ -1,8 +1,9 @@
 """An asyncio event loop running forever in a daemon thread of ashard's own.
 
-`ashard.sync` runs every blocking call there (in a copy of the calling thread's
-context); a cluster node runs its ashard supervisor on one (`ashard._dask`), so that
-the Dask worker's own loop never waits on it.
+`SHARED` is the one `ashard.sync` runs every blocking call on (in a copy of the
+calling thread's context) and `Executor` runs its tasks on; a cluster node runs its
+ashard supervisor on one of its own (`ashard._dask.node`), so that the Dask worker's
+own loop never waits on it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["CANCEL_WAIT_SECONDS", "LoopThread"]
+__all__ = ["CANCEL_WAIT_SECONDS", "SHARED", "LoopThread"]
 
 _T = TypeVar("_T")
 
@@ -94,6 +95,9 @@ class LoopThread:
 
 
 _all: weakref.WeakSet[LoopThread] = weakref.WeakSet()
+
+SHARED = LoopThread("ashard-sync")
+"""The loop of `ashard.sync` and `Executor`: one thread for every sync caller."""
 
 
 def _after_fork_in_child() -> None:

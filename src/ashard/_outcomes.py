@@ -64,10 +64,7 @@ class Loss:
 def remote_exception(record: ExcRecord) -> BaseException:
     """The worker's exception, rebuilt (its own type where it unpickles), with the
     worker's traceback as its cause."""
-    exc = decode_exception(record)
-    if exc.__cause__ is None:
-        exc.__cause__ = RemoteTraceback(record[3])
-    return exc
+    return RemoteTraceback.attach(decode_exception(record), record[3])
 
 
 def failure(

@@ -1,8 +1,9 @@
 """`ShardStream`: results as they complete, through an async context manager.
 
 `shard_stream(...)` checks its arguments at once and returns the stream; entering it
-prepares the job (shared inputs) and runs it in a task group the stream owns;
-iterating takes finished shards from the job's `StreamBuffer`. The buffer is bounded
+runs the job (`ashard._calls.stream`: outputs opened, shared inputs prepared) in a
+task group the stream owns; iterating takes finished shards from the job's
+`StreamBuffer`. The buffer is bounded
 (`max_pending`): the job dispatches only while finished-but-unconsumed plus in-flight
 shards stay under it, so a slow consumer slows the workers instead of growing memory.
 Leaving the block early cancels whatever is still running.
@@ -10,21 +11,19 @@ Leaving the block early cancels whatever is still running.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
 
-from ashard._backend import Accepted
 from ashard._outcomes import interrupt_in
 from ashard.errors import ShardMapError
-from ashard.results import ShardDone, _failure_message
+from ashard.results import ShardDone
 from ashard.shards import Shard
 
 if TYPE_CHECKING:
-    from ashard._backend import Backend
     from ashard._job import Job
 
 __all__ = ["ShardStream"]
@@ -43,10 +42,12 @@ class ShardStream:
     __module__ = "ashard"
 
     def __init__(
-        self, backend: Backend, job: Job, shards: Sequence[Shard], resize: int | None = None
+        self,
+        run: Callable[[anyio.abc.TaskStatus[None]], Awaitable[None]],
+        job: Job,
+        shards: Sequence[Shard],
     ) -> None:
-        self._backend = backend
-        self._resize = resize
+        self._run = run
         self._job = job
         self._shards = shards
         self._tg: anyio.abc.TaskGroup | None = None
@@ -57,7 +58,7 @@ class ShardStream:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         try:
-            await self._tg.start(self._run)
+            await self._tg.start(self._serve)
         except BaseException:
             await self._tg.__aexit__(None, None, None)
             raise
@@ -83,31 +84,14 @@ class ShardStream:
                 raise interrupt from None
             raise
         finally:
-            store = self._job.store
+            store = self._job.outputs.store
             if store is not None and store.temporary:  # the refs it yielded end here
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(store.close)
         return None
 
-    async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        status = Accepted(self._backend, self._resize, task_status)
-        job = self._job
-        opened = False
-        try:
-            if job.has_outputs:
-                await anyio.to_thread.run_sync(job.open_outputs)
-                opened = True
-            await self._backend.run(job, task_status=status)
-        except Exception as exc:
-            if not status.done:
-                raise  # before the job ran (bad input): `async with` raises it
-            job.abort(exc)  # surfaced to the consumer by __anext__
-        finally:
-            if opened:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(job.close_outputs)
-            job.close()
-            job.notify()
+    async def _serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        await self._run(task_status)
 
     def __aiter__(self) -> ShardStream:
         if self._tg is None:
@@ -137,9 +121,7 @@ class ShardStream:
             await job.wait_change()
 
     def _failure_error(self) -> ShardMapError:
-        failures = self._job.failure_list()
-        result = self._job.result(self._shards)
-        return ShardMapError(_failure_message(failures), failures, result)
+        return ShardMapError.of(self._job.failure_list(), self._job.result(self._shards))
 
     @property
     def pending(self) -> int:

@@ -4,25 +4,27 @@
 This module is what `ashard.call` and its siblings load, so it imports the
 supervisor only when a call runs: the first call on the default pool launches its
 first worker (`ashard._spawn.prestart`), then imports the supervisor off the event
-loop while that worker's interpreter starts.
+loop while that worker's interpreter starts. That is why `Pool` and the call layer
+(`ashard._calls`) are imported inside the functions here (cold start): importing them
+before the worker is launched would delay its start by ~30 ms.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
-import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
+import anyio
+
 from ashard import _spawn
+from ashard._backend import load_supervisor
 from ashard._options import (
     MapOptions,
     ReduceOptions,
     ShardOptions,
     StreamOptions,
-    check_positive_int,
     takes_options,
 )
 
@@ -59,10 +61,19 @@ def default_pool() -> Pool:
     Its workers are loop-independent: it serves one event loop after another."""
     global _default
     if _default is None or _default.closed:
-        from ashard.pool import Pool
+        from ashard.pool import Pool  # cold start: see the module docstring
 
         _default = Pool()
     return _default
+
+
+def _target(pool: Pool | None, workers: int | None) -> tuple[Pool, int | None]:
+    """The pool a call runs on, and the size the default pool should take for it (it
+    takes it only once the call is accepted: `ashard._backend.Accepted`)."""
+    from ashard._calls import choose_pool  # cold start: see the module docstring
+    from ashard.pool import Pool  # cold start
+
+    return choose_pool(pool, workers, default_pool, Pool, "ashard.Pool")
 
 
 async def shutdown() -> None:
@@ -73,51 +84,21 @@ async def shutdown() -> None:
         await pool.aclose()
 
 
-def _target(pool: Pool | None, workers: int | None) -> tuple[Pool, int | None]:
-    """The pool a call runs on, and the size the default pool should take for it (it
-    takes it only once the call is accepted: `ashard._backend.Accepted`)."""
-    return choose_pool(pool, workers, default_pool, "ashard.Pool")
-
-
-def choose_pool(
-    pool: object, workers: object, default: Callable[[], Pool], what: str
-) -> tuple[Pool, int | None]:
-    """`pool` (a `Pool`, or None for `default()`) and the size `workers` asks of the
-    default pool; `what` names the pool type the caller takes (for its errors)."""
-    from ashard.pool import Pool
-
-    size = check_positive_int("workers", workers, allow_none=True)
-    if pool is not None:
-        if not isinstance(pool, Pool):
-            raise TypeError(f"pool must be an {what} or None, got {type(pool).__name__}")
-        if size is not None and size != pool.workers:
-            raise ValueError(
-                f"workers={size} sizes the default pool; pool= was given too (with "
-                f"{pool.workers} workers): pass one of them"
-            )
-        return pool, None
-    return default(), size
-
-
 @contextlib.asynccontextmanager
 async def _supervisor(pool: object) -> AsyncIterator[None]:
-    """Within: the supervisor is imported. On the default pool's first call, a worker
-    is launched first and the import runs in a thread while it starts; the worker is
-    ended when the call leaves without having taken it (its arguments were bad)."""
+    """Within: the supervisor is imported (`load_supervisor`). On the default pool's
+    first call, a worker is launched first and the import runs in a thread while it
+    starts; the worker is ended when the call leaves without having taken it (its
+    arguments were bad)."""
     ahead = pool is None and (_default is None or _default.closed)
     if ahead:
         _spawn.prestart()
     try:
-        if "ashard._scheduler" not in sys.modules:  # see `ashard.pool.load_supervisor`
-            import anyio.to_thread
-
-            await anyio.to_thread.run_sync(importlib.import_module, "ashard._scheduler")
+        await load_supervisor()
         yield
     finally:
         done = _spawn.discard() if ahead else None
         if done is not None:
-            import anyio
-
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(done.result)
 
@@ -143,11 +124,11 @@ async def shard_map(
     `ShardMapError`; under ``"collect"`` every shard runs and failures are listed.
     """
     async with _supervisor(pool):
-        from ashard.pool import shard_job
+        from ashard import _calls  # loaded just now, off the loop (`_supervisor`)
 
         target, size = _target(pool, workers)
-        job, layout = shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
-        return await target._shard_result(job, layout, size)
+        job, layout = _calls.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
+        return await _calls.shard_result(target, job, layout, size)
 
 
 @takes_options(StreamOptions)
@@ -171,11 +152,11 @@ def shard_stream(
     for the consumer (default 1024); a slow consumer pauses dispatch. Leaving the
     block early cancels the shards still running.
     """
-    from ashard.pool import shard_job
+    from ashard import _calls  # not async: on the loop if nothing loaded it yet
 
     target, size = _target(pool, workers)
-    job, layout = shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
-    return target._stream(job, layout, size)
+    job, layout = _calls.shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
+    return _calls.stream(target, job, layout, size)
 
 
 @takes_options(ReduceOptions)
@@ -198,11 +179,11 @@ async def shard_reduce(
     is bit-identical whatever the workers, chunking or retries; at most `max_pending`
     values (default 1024) ever wait uncombined. No value is kept once combined."""
     async with _supervisor(pool):
-        from ashard.pool import reduce_job
+        from ashard import _calls  # loaded just now, off the loop (`_supervisor`)
 
         target, size = _target(pool, workers)
-        job, _ = reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
-        return await target._reduce_result(job, size)
+        job, _ = _calls.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
+        return await _calls.reduce_result(target, job, size)
 
 
 @takes_options(MapOptions)
@@ -222,11 +203,11 @@ async def map(
     `ShardError` instead of a value.
     """
     async with _supervisor(pool):
-        from ashard.pool import map_job
+        from ashard import _calls  # loaded just now, off the loop (`_supervisor`)
 
         target, size = _target(pool, workers)
-        job = map_job(fn, items, borrow, options)
-        return await target._map_result(job, size)
+        job = _calls.map_job(fn, items, borrow, options)
+        return await _calls.map_result(target, job, size)
 
 
 async def call(

@@ -137,6 +137,20 @@ class ShardMapError(ExceptionGroup[ShardError]):
     ) -> None:
         super().__init__(message, exceptions)
 
+    @classmethod
+    def of(
+        cls,
+        failures: Sequence[ShardError],
+        result: ShardResult | ReduceResult | None,
+        noun: str = "shard",
+    ) -> ShardMapError:
+        """The error of a call whose `failures` (not empty) are permanent: the one place
+        its message is made ("3 shards failed; first: ...")."""
+        n = len(failures)
+        more = f" (and {n - 1} more)" if n > 1 else ""
+        message = f"{n} {noun}{'s' if n > 1 else ''} failed; first: {failures[0]}{more}"
+        return cls(message, failures, result)
+
     def derive(self, excs: Sequence[ShardError]) -> ShardMapError:  # type: ignore[override]
         return ShardMapError(self.message, excs, self.result)
 
@@ -177,6 +191,14 @@ class RemoteTraceback(Exception):
     def __init__(self, text: str) -> None:
         super().__init__(text)
         self.text = text
+
+    @classmethod
+    def attach(cls, exc: BaseException, text: str | None) -> BaseException:
+        """`exc`, rebuilt from a worker, with that worker's traceback `text` as its cause
+        (unless it came with a cause of its own): the one place this is done."""
+        if text is not None and exc.__cause__ is None:
+            exc.__cause__ = cls(text)
+        return exc
 
     def __str__(self) -> str:
         return "\n\n" + self.text.rstrip()

@@ -6,8 +6,8 @@ what differs, on purpose, is what a worker's death does (see `Executor`).
 
 Work items wait in the executor, in submission order, until one of `max_workers`
 slots is free; a slot runs one item as an ashard `call` on the executor's own `Pool`.
-Everything runs on ashard's loop thread (`ashard._loopthread`, the one `ashard.sync`
-uses), so the executor needs no event loop of the caller's and any thread may use it.
+Everything runs on ashard's loop thread (`ashard._loopthread.SHARED`, the one
+`ashard.sync` uses), so the executor needs no event loop of the caller's and any thread may use it.
 """
 
 from __future__ import annotations
@@ -23,14 +23,29 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures.process import BrokenProcessPool
-from typing import Any, ParamSpec, TypeVar
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio
 
+from ashard import _calls
+from ashard._backend import import_supervisor
+from ashard._loopthread import SHARED
 from ashard._options import check_count, check_timeout
 from ashard._serialize import LoadError
-from ashard.errors import ShardError, ShardFailed, WorkerCrashed, WorkerStartError, _rebuild
+from ashard._worker.dropins import apply_star
+from ashard.errors import (
+    RemoteTraceback,
+    ShardError,
+    ShardFailed,
+    WorkerCrashed,
+    WorkerStartError,
+    _rebuild,
+)
+from ashard.pool import Pool
+
+if TYPE_CHECKING:
+    from ashard._job import Job
 
 __all__ = ["Executor", "ExecutorUnpicklingError", "ExecutorWorkerCrashed"]
 
@@ -77,13 +92,11 @@ class _Core:
     """An executor's state, apart from the executor object (so that collecting it can
     shut this down)."""
 
-    def __init__(self, pool: Any, timeout: float | None, max_retries: int) -> None:
-        from ashard.sync import _runner
-
+    def __init__(self, pool: Pool, timeout: float | None, max_retries: int) -> None:
         self.pool = pool
         self.timeout = timeout
         self.max_retries = max_retries
-        self.runner = _runner
+        self.runner = SHARED
         self.lock = threading.Lock()
         self.shutdown = False
         self.broken: str | None = None
@@ -168,26 +181,21 @@ class _Core:
     ) -> Iterator[Any]:
         """The results of ``fn(*args)`` for `items`, in order: one ashard `map` job on
         the loop, its results handed over in runs as they resolve."""
-        from ashard._worker.calls import apply_star
-        from ashard.pool import map_job
-
         with self.lock:
             if self.broken is not None:
                 raise BrokenProcessPool(self.broken)
             if self.shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
         options = {"timeout": self.timeout, "max_retries": self.max_retries, "errors": "collect"}
-        job = map_job(apply_star, items, {"fn": fn}, options)
+        job = _calls.map_job(apply_star, items, {"fn": fn}, options)
         results: queue.SimpleQueue[Any] = queue.SimpleQueue()
         pumping = self.runner.submit(self._pump(job, len(items), results))
         return _results(results, len(items), deadline, pumping)
 
-    async def _pump(self, job: Any, n: int, results: queue.SimpleQueue[Any]) -> None:
-        from ashard.pool import run_job
-
+    async def _pump(self, job: Job, n: int, results: queue.SimpleQueue[Any]) -> None:
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(run_job, self.pool._backend, job)
+                tg.start_soon(_calls.run_job, await self.pool.backend(), job)
                 pos = 0
                 while pos < n:
                     values = job.resolved_from(pos)
@@ -329,13 +337,10 @@ def _no_thread(exc: BaseException) -> bool:
 def _as_stdlib_raises(exc: BaseException) -> BaseException:
     """The task's exception with the worker's traceback as `ProcessPoolExecutor` gives
     it: a `concurrent.futures.process._RemoteTraceback` cause holding the text."""
-    from concurrent.futures.process import _RemoteTraceback
-
-    from ashard.errors import RemoteTraceback
-
     cause = exc.__cause__
     if isinstance(cause, RemoteTraceback):
-        exc.__cause__ = _RemoteTraceback(f'\n"""\n{cause.text}"""')  # type: ignore[arg-type]
+        text = f'\n"""\n{cause.text}"""'
+        exc.__cause__ = _RemoteTraceback(text)  # type: ignore[arg-type]  # typeshed: a traceback; it is the text
     return exc
 
 
@@ -413,8 +418,6 @@ class Executor(concurrent.futures.Executor):
         max_retries: int = 0,
         **pool_options: Any,
     ) -> None:
-        from ashard.pool import Pool
-
         if max_workers is not None:
             if not isinstance(max_workers, int) or isinstance(max_workers, bool):
                 raise TypeError(f"max_workers must be an int or None, got {max_workers!r}")
@@ -431,6 +434,9 @@ class Executor(concurrent.futures.Executor):
         retries = check_count("max_retries", max_retries)
         init = None if initializer is None else functools.partial(initializer, *initargs)
         pool = Pool(max_workers, init=init, max_tasks=max_tasks_per_child, **pool_options)
+        # Now, not on first use: work still pending at interpreter exit must run, and a
+        # module imported after shutdown began cannot start threads or register at exit.
+        import_supervisor()
         self._max_workers = pool.workers
         self._core = _Core(pool, seconds, retries)
         _live.add(self._core)

@@ -8,7 +8,6 @@ worker processes), then shapes the answer. Nothing here knows where shards run.
 from __future__ import annotations
 
 import atexit
-import importlib
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,52 +16,31 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 import anyio
 
+from ashard._backend import Backend, load_supervisor, open_backend
 from ashard._options import (
-    CallOptions,
     MapOptions,
     ReduceOptions,
     ShardOptions,
     StreamOptions,
-    check_borrow,
     check_count,
     check_env,
     check_fn,
-    check_items,
     check_positive_int,
     check_size,
-    check_takes,
     check_timeout,
     health_policy,
-    resolve_shards,
     takes_options,
 )
+from ashard._serialize import pickle_payload
 from ashard.shards import Shards
 
 if TYPE_CHECKING:
-    from ashard._backend import Backend
-    from ashard._job import Job, Reducer
     from ashard._stream import ShardStream
-    from ashard.errors import ShardError
     from ashard.results import PoolStats, ReduceResult, ShardResult
-    from ashard.tables import ResultStore
 
-__all__ = ["Pool", "load_supervisor"]
-
-DEFAULT_MAX_PENDING = 1024
-"""Finished shards a stream holds for a slow consumer when `max_pending` is None."""
-
-SUPERVISOR = "ashard._scheduler"
-"""The module that brings in the supervisor (the local backend and everything it uses:
-~100 ms of imports): loaded off the event loop on a pool's first async use."""
+__all__ = ["Pool"]
 
 _atexit_registered = False
-
-
-async def load_supervisor() -> None:
-    """Import the supervisor in a thread, if it is not yet: its first import would stall
-    the caller's event loop for ~100 ms (the first request of a web app, say)."""
-    if SUPERVISOR not in sys.modules:
-        await anyio.to_thread.run_sync(importlib.import_module, SUPERVISOR)
 
 
 def _kill_all_at_exit() -> None:
@@ -117,10 +95,6 @@ class Pool:
         cluster: object = None,
     ) -> None:
         per_node = check_positive_int("workers", workers, allow_none=True)
-        if cluster is not None:
-            from ashard._dask import check_cluster
-
-            check_cluster(cluster)
         size = per_node or os.cpu_count() or 1
         policy = health_policy(
             mem_cap=mem_cap, hard_cap=hard_cap, recycle=recycle,
@@ -129,8 +103,6 @@ class Pool:
         )  # fmt: skip
         init_payload = None
         if init is not None:
-            from ashard._serialize import pickle_payload
-
             init_payload = pickle_payload(check_fn(init, "init"), "init")
         max_frame = check_size("max_message", max_message)
         # What the backend is made of; it is made on first use, so that making a Pool
@@ -139,39 +111,27 @@ class Pool:
         self._made: Backend | None = None
         self._closed_unmade = False
         if cluster is not None:
-            self._backend  # noqa: B018 - a cluster pool is made at once (it imports dask)
+            self._make()  # a cluster pool connects at once (and imports dask)
         global _atexit_registered
         if not _atexit_registered:
             atexit.register(_kill_all_at_exit)
             _atexit_registered = True
 
-    @property
-    def _backend(self) -> Backend:
-        """The backend, made (and the supervisor imported, if it was not) on first use.
-        Async paths `await self._ready()` first, which imports it off the loop."""
+    def _make(self) -> Backend:
+        """The backend, made (and the supervisor imported, if it was not) on first use."""
         if self._made is None:
             if self._closed_unmade:
                 raise RuntimeError("this ashard.Pool is closed")
-            from ashard._handle import WorkerConfig
-
-            size, per_node, env, init, max_frame, policy, cluster = self._recipe
-            config = WorkerConfig(env=env, init=init, max_frame=max_frame,
-                                  memory_limit=policy.hard_cap)  # fmt: skip
-            if cluster is None:
-                from ashard._scheduler import Scheduler
-
-                self._made = Scheduler(size, config, policy)
-            else:
-                from ashard._dask import DaskBackend
-
-                self._made = DaskBackend(cluster, per_node, config, policy)
+            self._made = open_backend(*self._recipe)
         return self._made
 
-    async def _ready(self) -> Backend:
-        """The backend, the supervisor imported off the event loop if need be."""
+    async def backend(self) -> Backend:
+        """The backend this pool runs on (`ashard._backend`), made on first use with the
+        supervisor imported off the event loop. ashard's call layer uses it; user code
+        does not need it."""
         if self._made is None and not self._closed_unmade:
             await load_supervisor()
-        return self._backend
+        return self._make()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -194,7 +154,7 @@ class Pool:
 
     async def start(self) -> None:
         """Start every worker now instead of on first use."""
-        await (await self._ready()).start()
+        await (await self.backend()).start()
 
     async def aclose(self) -> None:
         """Stop all workers. The pool cannot be used afterwards."""
@@ -215,7 +175,7 @@ class Pool:
     @property
     def stats(self) -> PoolStats:
         if self._made is None:
-            from ashard.results import PoolStats
+            from ashard.results import PoolStats  # a first touch loads no more than it needs
 
             return PoolStats(0, 0, 0, 0, 0, 0)
         return self._made.stats()
@@ -230,7 +190,7 @@ class Pool:
         return f"<ashard.Pool workers={self.workers} {state}>"
 
     def _repr_html_(self) -> str:
-        from ashard.results import html_table
+        from ashard.results import html_table  # a first touch loads no more than it needs
 
         stats = self.stats
         rows = [
@@ -257,8 +217,11 @@ class Pool:
         **options: Unpack[ShardOptions],
     ) -> ShardResult:
         """Run ``fn(shard, **borrow)`` for every shard; see `ashard.shard_map`."""
-        job, layout = shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
-        return await self._shard_result(job, layout)
+        await load_supervisor()
+        from ashard import _calls  # loaded just now, off the loop (`load_supervisor`)
+
+        job, layout = _calls.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
+        return await _calls.shard_result(self, job, layout)
 
     @takes_options(StreamOptions)
     def shard_stream(
@@ -271,8 +234,12 @@ class Pool:
         **options: Unpack[StreamOptions],
     ) -> ShardStream:
         """``async with pool.shard_stream(...) as stream: async for done in stream``."""
-        job, layout = shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
-        return self._stream(job, layout)
+        from ashard import _calls  # on the loop if it is the pool's first use: not async
+
+        job, layout = _calls.shard_job(
+            shards, fn, borrow, out, options, StreamOptions, "shard_stream"
+        )
+        return _calls.stream(self, job, layout)
 
     @takes_options(ReduceOptions)
     async def shard_reduce(
@@ -288,8 +255,11 @@ class Pool:
         **options: Unpack[ReduceOptions],
     ) -> ReduceResult:
         """Combine every shard's value as it arrives; see `ashard.shard_reduce`."""
-        job, _ = reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
-        return await self._reduce_result(job)
+        await load_supervisor()
+        from ashard import _calls  # loaded just now, off the loop (`load_supervisor`)
+
+        job, _ = _calls.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
+        return await _calls.reduce_result(self, job)
 
     @takes_options(MapOptions)
     async def map(
@@ -301,7 +271,10 @@ class Pool:
         **options: Unpack[MapOptions],
     ) -> list[Any]:
         """``[fn(item) for item in items]`` on the workers, in order; see `ashard.map`."""
-        return await self._map_result(map_job(fn, items, borrow, options))
+        await load_supervisor()
+        from ashard import _calls  # loaded just now, off the loop (`load_supervisor`)
+
+        return await _calls.map_result(self, _calls.map_job(fn, items, borrow, options))
 
     async def call(
         self,
@@ -315,157 +288,4 @@ class Pool:
         fn = check_fn(fn)
         seconds = None if timeout is None else check_timeout("timeout", timeout)
         retries = check_count("max_retries", max_retries)
-        return await (await self._ready()).call(fn, args, kwargs, seconds, retries)
-
-    # A call is checked and built into a job first (`shard_job`, `map_job`: nothing
-    # changes if that raises), then run here. `resize`: the size the default pool takes
-    # for the call, once the backend accepted the job (`Accepted`).
-
-    async def _shard_result(
-        self, job: Job, layout: Shards, resize: int | None = None
-    ) -> ShardResult:
-        await self._run(job, resize)
-        result = job.result(layout)
-        if job.opts.errors == "raise":
-            result.raise_for_failures()
-        return result
-
-    async def _reduce_result(self, job: Job, resize: int | None = None) -> ReduceResult:
-        from ashard.results import ReduceResult
-
-        await self._run(job, resize)
-        assert job.reducer is not None
-        result = ReduceResult(job.reducer.value, job.failure_list(), job.diagnostics())
-        if job.opts.errors == "raise":
-            result.raise_for_failures()
-        return result
-
-    def _stream(self, job: Job, layout: Shards, resize: int | None = None) -> ShardStream:
-        from ashard._stream import ShardStream
-
-        return ShardStream(self._backend, job, layout, resize)
-
-    async def _map_result(self, job: Job, resize: int | None = None) -> list[Any]:
-        from ashard.errors import ShardMapError
-        from ashard.results import _failure_message
-
-        await self._run(job, resize)
-        if job.failures and job.opts.errors == "raise":
-            result = job.result(Shards(job.next_pos, 1, "contiguous"))
-            message = _failure_message(result.failures, "item")
-            raise ShardMapError(message, result.failures, result)
-        values = job.results
-        failures: Mapping[int, ShardError] = job.failures
-        for pos, err in failures.items():
-            values[pos] = err
-        return values
-
-    async def _run(self, job: Job, resize: int | None) -> None:
-        await run_job(await self._ready(), job, resize)
-
-
-async def run_job(backend: Backend, job: Job, resize: int | None = None) -> None:
-    """Run `job` on `backend`: its outputs opened before and settled after (shielded:
-    a cancelled call still sweeps what its workers left); raise what ended it.
-    `resize`: see `Accepted`."""
-    from ashard._backend import Accepted
-
-    status = Accepted(backend, resize)
-    try:
-        if job.has_outputs:
-            await anyio.to_thread.run_sync(job.open_outputs)
-            try:
-                await backend.run(job, task_status=status)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(job.close_outputs)
-        else:
-            await backend.run(job, task_status=status)
-    finally:
-        job.close()
-    if job.fatal is not None:
-        raise job.fatal
-
-
-def shard_job(
-    shards: object,
-    fn: object,
-    borrow: object,
-    out: object,
-    options: Mapping[str, object],
-    accepted: type,
-    where: str,
-    reducer: Reducer | None = None,
-) -> tuple[Job, Shards]:
-    """The job of a `shard_map`, `shard_stream` or `shard_reduce` call, every
-    argument checked (nothing is made on disk yet)."""
-    from ashard._job import Job, StreamBuffer
-    from ashard._serialize import pickle_payload
-    from ashard._sources import with_sources
-
-    opts = CallOptions.build(options, accepted, where)
-    checked_fn = check_fn(fn)
-    layout, sequence = resolve_shards(shards)
-    inputs, outputs = check_borrow(borrow, out)
-    check_takes(checked_fn, inputs, outputs, "shard")
-    store = results_store(opts)
-    payload = pickle_payload(with_sources(checked_fn), "fn")
-    stream = None
-    if accepted is StreamOptions:
-        stream = StreamBuffer(opts.ordered, opts.max_pending or DEFAULT_MAX_PENDING)
-    job = Job.of_shards(payload, opts, layout, sequence, inputs, outputs, stream, store, reducer)
-    return job, layout
-
-
-def results_store(opts: CallOptions) -> ResultStore | None:
-    """The store of a call's values under ``results="table"`` / ``"disk"``."""
-    if opts.results == "memory":
-        if opts.results_path is not None:
-            raise ValueError(
-                'results_path is where results="table" or "disk" go; with results="memory" '
-                "the values come back to the caller: drop results_path or choose a mode"
-            )
-        return None
-    from ashard._places import Place
-    from ashard.tables import ResultStore
-
-    place = None
-    if opts.results_path is not None:  # checked for being empty when the call starts
-        place = Place.resolve(opts.results_path, None, "results_path")
-    return ResultStore(opts.results, place)
-
-
-def reduce_job(
-    shards: object,
-    fn: object,
-    combine: object,
-    init: object,
-    ordered: object,
-    borrow: object,
-    out: object,
-    options: Mapping[str, object],
-) -> tuple[Job, Shards]:
-    """The job of a `shard_reduce` call, every argument checked."""
-    from ashard._job import Reducer
-
-    checked = check_fn(combine, "combine")
-    if not isinstance(ordered, bool):
-        raise TypeError(f"ordered must be True or False, got {type(ordered).__name__}")
-    given = dict(options)
-    limit = check_positive_int("max_pending", given.pop("max_pending", None), allow_none=True)
-    reducer = Reducer(checked, init, ordered, limit or DEFAULT_MAX_PENDING)
-    return shard_job(shards, fn, borrow, out, given, ShardOptions, "shard_reduce", reducer)
-
-
-def map_job(fn: object, items: object, borrow: object, options: Mapping[str, object]) -> Job:
-    """The job of a `map` call, every argument checked."""
-    from ashard._job import Job
-    from ashard._serialize import pickle_payload
-    from ashard._sources import with_sources
-
-    opts = CallOptions.build(options, MapOptions, "map")
-    checked_fn = check_fn(fn)
-    iterable = check_items(items)
-    inputs, _ = check_borrow(borrow, None)
-    check_takes(checked_fn, inputs, {}, "item")
-    return Job.of_items(pickle_payload(with_sources(checked_fn), "fn"), opts, iterable, inputs)
+        return await (await self.backend()).call(fn, args, kwargs, seconds, retries)

@@ -165,7 +165,8 @@ class _Outcome:
     def raise_for_failures(self) -> None:
         """Raise `ShardMapError` holding the failures, if there are any."""
         if self.failures:
-            raise ShardMapError(_failure_message(self.failures), self.failures, self)  # type: ignore[arg-type]
+            assert isinstance(self, ShardResult | ReduceResult)
+            raise ShardMapError.of(self.failures, self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,10 +314,3 @@ def html_table(title: str, rows: Sequence[tuple[str, str]]) -> str:
     )
     caption = f"<caption style='text-align:left'><b>{html.escape(title)}</b></caption>"
     return f"<table>{caption}{cells}</table>"
-
-
-def _failure_message(failures: Sequence[ShardError], noun: str = "shard") -> str:
-    first = failures[0]
-    n = len(failures)
-    more = f" (and {n - 1} more)" if n > 1 else ""
-    return f"{n} {noun}{'s' if n > 1 else ''} failed; first: {first}{more}"

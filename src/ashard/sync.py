@@ -9,7 +9,7 @@ frameworks, a notebook cell without ``await``::
 Name for name the async API (`shard_map`, `shard_stream`, `shard_reduce`, `map`,
 `call`, `Pool`, `default_pool`, `shutdown`), blocking instead of awaitable, with a
 default pool of its own. Every call runs on one event loop in a daemon thread of
-ashard's (`ashard._loopthread`), in a copy of the calling thread's context (so output and
+ashard's (`ashard._loopthread.SHARED`), in a copy of the calling thread's context (so output and
 context variables follow the caller). Ctrl-C while a call blocks cancels it there -
 running shards are interrupted, queued ones dropped - and raises `KeyboardInterrupt`;
 the pool stays usable.
@@ -29,8 +29,9 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Se
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
+from ashard import _calls
 from ashard import pool as _pool
-from ashard._loopthread import CANCEL_WAIT_SECONDS, LoopThread
+from ashard._loopthread import CANCEL_WAIT_SECONDS, SHARED
 from ashard._options import (
     MapOptions,
     ReduceOptions,
@@ -38,7 +39,6 @@ from ashard._options import (
     StreamOptions,
     takes_options,
 )
-from ashard.api import choose_pool
 from ashard.results import PoolStats, ReduceResult, ShardDone, ShardResult
 from ashard.shards import Shards
 
@@ -57,7 +57,6 @@ __all__ = [
 _T = TypeVar("_T")
 
 
-_runner = LoopThread("ashard-sync")
 _default: Pool | None = None
 _default_lock = threading.Lock()
 
@@ -68,9 +67,9 @@ _warned_in_loop = False
 def _block(coro: Coroutine[Any, Any, _T]) -> _T:
     """`coro`'s result, run on ashard's loop thread while this thread waits."""
     if not _warned_in_loop:
-        _runner.check_thread(coro)  # ashard's own loop: refused, not warned about
+        SHARED.check_thread(coro)  # ashard's own loop: refused, not warned about
         _warn_in_a_running_loop()
-    return _runner.run(coro)
+    return SHARED.run(coro)
 
 
 def _warn_in_a_running_loop() -> None:
@@ -185,8 +184,8 @@ class Pool:
         **options: Unpack[ShardOptions],
     ) -> ShardResult:
         """Run ``fn(shard, **borrow)`` for every shard; see `ashard.shard_map`."""
-        job, layout = _pool.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
-        return _block(self._pool._shard_result(job, layout))
+        job, layout = _calls.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
+        return _block(_calls.shard_result(self._pool, job, layout))
 
     @takes_options(StreamOptions)
     def shard_stream(
@@ -199,10 +198,10 @@ class Pool:
         **options: Unpack[StreamOptions],
     ) -> ShardStream:
         """``with pool.shard_stream(...) as stream: for done in stream``."""
-        job, layout = _pool.shard_job(
+        job, layout = _calls.shard_job(
             shards, fn, borrow, out, options, StreamOptions, "shard_stream"
         )
-        return ShardStream(lambda: self._pool._stream(job, layout))
+        return ShardStream(lambda: _calls.stream(self._pool, job, layout))
 
     @takes_options(ReduceOptions)
     def shard_reduce(
@@ -218,8 +217,8 @@ class Pool:
         **options: Unpack[ReduceOptions],
     ) -> ReduceResult:
         """Combine every shard's value as it arrives; see `ashard.shard_reduce`."""
-        job, _ = _pool.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
-        return _block(self._pool._reduce_result(job))
+        job, _ = _calls.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
+        return _block(_calls.reduce_result(self._pool, job))
 
     @takes_options(MapOptions)
     def map(
@@ -231,7 +230,7 @@ class Pool:
         **options: Unpack[MapOptions],
     ) -> list[Any]:
         """``[fn(item) for item in items]`` on the workers, in order; see `ashard.map`."""
-        return _block(self._pool._map_result(_pool.map_job(fn, items, borrow, options)))
+        return _block(_calls.map_result(self._pool, _calls.map_job(fn, items, borrow, options)))
 
     def call(
         self,
@@ -271,7 +270,7 @@ class ShardStream:
     def __enter__(self) -> ShardStream:
         if self._future is not None:
             raise RuntimeError("a ShardStream can be entered only once")
-        self._future = _runner.submit(self._pump())
+        self._future = SHARED.submit(self._pump())
         kind, value = self._take()
         if kind == "error":
             self._over = True
@@ -379,7 +378,9 @@ def _target(pool: Pool | _pool.Pool | None, workers: int | None) -> tuple[_pool.
     """The pool a call runs on (the sync default pool), and the size `workers` asks of
     it (taken once the call is accepted, as in `ashard.api`)."""
     inner = pool._pool if isinstance(pool, Pool) else pool
-    return choose_pool(inner, workers, lambda: default_pool()._pool, "ashard.sync.Pool")
+    return _calls.choose_pool(
+        inner, workers, lambda: default_pool()._pool, _pool.Pool, "ashard.sync.Pool"
+    )
 
 
 @takes_options(ShardOptions)
@@ -394,9 +395,9 @@ def shard_map(
     **options: Unpack[ShardOptions],
 ) -> ShardResult:
     """`ashard.shard_map`, blocking."""
-    job, layout = _pool.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
+    job, layout = _calls.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
     target, size = _target(pool, workers)
-    return _block(target._shard_result(job, layout, size))
+    return _block(_calls.shard_result(target, job, layout, size))
 
 
 @takes_options(StreamOptions)
@@ -411,9 +412,9 @@ def shard_stream(
     **options: Unpack[StreamOptions],
 ) -> ShardStream:
     """`ashard.shard_stream` for a ``with`` block iterated with ``for``."""
-    job, layout = _pool.shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
+    job, layout = _calls.shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
     target, size = _target(pool, workers)
-    return ShardStream(lambda: target._stream(job, layout, size))
+    return ShardStream(lambda: _calls.stream(target, job, layout, size))
 
 
 @takes_options(ReduceOptions)
@@ -431,9 +432,9 @@ def shard_reduce(
     **options: Unpack[ReduceOptions],
 ) -> ReduceResult:
     """`ashard.shard_reduce`, blocking."""
-    job, _ = _pool.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
+    job, _ = _calls.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
     target, size = _target(pool, workers)
-    return _block(target._reduce_result(job, size))
+    return _block(_calls.reduce_result(target, job, size))
 
 
 @takes_options(MapOptions)
@@ -447,9 +448,9 @@ def map(
     **options: Unpack[MapOptions],
 ) -> list[Any]:
     """`ashard.map`, blocking."""
-    job = _pool.map_job(fn, items, borrow, options)
+    job = _calls.map_job(fn, items, borrow, options)
     target, size = _target(pool, workers)
-    return _block(target._map_result(job, size))
+    return _block(_calls.map_result(target, job, size))
 
 
 def call(

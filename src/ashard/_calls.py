@@ -1,0 +1,268 @@
+"""The one call layer: every `shard_map`, `shard_stream`, `shard_reduce` and `map`,
+whoever makes it (`Pool`'s methods, `ashard.api`, `ashard.sync`, `Executor`), is built,
+run and answered here.
+
+A call goes through three steps, each one function here:
+
+1. *build*: check every argument and make the call's `Job` (`shard_job`, `reduce_job`,
+   `map_job`); nothing is started and nothing changes if this raises;
+2. *run*: hand the job to the pool's backend (`ashard._backend`) with its outputs
+   opened before and settled after (`running`, `run_job`); the default pool takes the
+   size the call asked for only once the backend accepted the job (`Accepted`);
+3. *answer*: shape what the job resolved into a `ShardResult`, a `ReduceResult`, a
+   list, or a `ShardStream` that yields as shards finish.
+
+`choose_pool` picks the pool a module-level call runs on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import anyio
+import anyio.abc
+
+from ashard._backend import Accepted, Backend
+from ashard._consumers import Reducer, StreamBuffer
+from ashard._job import Job
+from ashard._options import (
+    CallOptions,
+    MapOptions,
+    ShardOptions,
+    StreamOptions,
+    check_borrow,
+    check_fn,
+    check_items,
+    check_positive_int,
+    check_takes,
+    resolve_shards,
+)
+from ashard._serialize import pickle_payload
+from ashard._sources import with_sources
+from ashard._stream import ShardStream
+from ashard.errors import ShardMapError
+from ashard.results import ReduceResult, ShardResult
+from ashard.shards import Shards
+
+if TYPE_CHECKING:
+    from ashard.errors import ShardError
+    from ashard.tables import ResultStore
+
+__all__ = [
+    "Runs",
+    "choose_pool",
+    "map_job",
+    "map_result",
+    "reduce_job",
+    "reduce_result",
+    "run_job",
+    "shard_job",
+    "shard_result",
+    "stream",
+]
+
+DEFAULT_MAX_PENDING = 1024
+"""Finished shards a stream holds for a slow consumer when `max_pending` is None."""
+
+
+class Runs(Protocol):
+    """What a call runs on: a `Pool` (only this of it)."""
+
+    @property
+    def workers(self) -> int: ...
+    async def backend(self) -> Backend: ...
+
+
+_P = TypeVar("_P", bound=Runs)
+
+
+# -- build ------------------------------------------------------------------------------
+
+
+def shard_job(
+    shards: object,
+    fn: object,
+    borrow: object,
+    out: object,
+    options: Mapping[str, object],
+    accepted: type,
+    where: str,
+    reducer: Any = None,
+) -> tuple[Job, Shards]:
+    """The job of a `shard_map`, `shard_stream` or `shard_reduce` call, every
+    argument checked (nothing is made on disk yet)."""
+    opts = CallOptions.build(options, accepted, where)
+    checked_fn = check_fn(fn)
+    layout, sequence = resolve_shards(shards)
+    inputs, outputs = check_borrow(borrow, out)
+    check_takes(checked_fn, inputs, outputs, "shard")
+    store = results_store(opts)
+    payload = pickle_payload(with_sources(checked_fn), "fn")
+    buffer = None
+    if accepted is StreamOptions:
+        buffer = StreamBuffer(opts.ordered, opts.max_pending or DEFAULT_MAX_PENDING)
+    job = Job.of_shards(payload, opts, layout, sequence, inputs, outputs, buffer, store, reducer)
+    return job, layout
+
+
+def results_store(opts: CallOptions) -> ResultStore | None:
+    """The store of a call's values under ``results="table"`` / ``"disk"``."""
+    if opts.results == "memory":
+        if opts.results_path is not None:
+            raise ValueError(
+                'results_path is where results="table" or "disk" go; with results="memory" '
+                "the values come back to the caller: drop results_path or choose a mode"
+            )
+        return None
+    # Only a call that keeps its values in a table or on disk needs these (pyarrow).
+    from ashard._places import Place
+    from ashard.tables import ResultStore
+
+    place = None
+    if opts.results_path is not None:  # checked for being empty when the call starts
+        place = Place.resolve(opts.results_path, None, "results_path")
+    return ResultStore(opts.results, place)
+
+
+def reduce_job(
+    shards: object,
+    fn: object,
+    combine: object,
+    init: object,
+    ordered: object,
+    borrow: object,
+    out: object,
+    options: Mapping[str, object],
+) -> tuple[Job, Shards]:
+    """The job of a `shard_reduce` call, every argument checked."""
+    checked = check_fn(combine, "combine")
+    if not isinstance(ordered, bool):
+        raise TypeError(f"ordered must be True or False, got {type(ordered).__name__}")
+    given = dict(options)
+    limit = check_positive_int("max_pending", given.pop("max_pending", None), allow_none=True)
+    reducer = Reducer(checked, init, ordered, limit or DEFAULT_MAX_PENDING)
+    return shard_job(shards, fn, borrow, out, given, ShardOptions, "shard_reduce", reducer)
+
+
+def map_job(fn: object, items: object, borrow: object, options: Mapping[str, object]) -> Job:
+    """The job of a `map` call, every argument checked."""
+    opts = CallOptions.build(options, MapOptions, "map")
+    checked_fn = check_fn(fn)
+    iterable = check_items(items)
+    inputs, _ = check_borrow(borrow, None)
+    check_takes(checked_fn, inputs, {}, "item")
+    return Job.of_items(pickle_payload(with_sources(checked_fn), "fn"), opts, iterable, inputs)
+
+
+# -- run --------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running(job: Job) -> AsyncIterator[None]:
+    """Within: `job`'s outputs (table sinks, results store) are open. On leaving, what
+    its workers left that no accepted shard owns is swept (shielded: a cancelled call
+    still sweeps) and the job is closed."""
+    try:
+        if not job.outputs:
+            yield
+            return
+        await anyio.to_thread.run_sync(job.outputs.open)
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(job.outputs.close)
+    finally:
+        job.close()
+
+
+async def run_job(backend: Backend, job: Job, resize: int | None = None) -> None:
+    """Run `job` on `backend` until it is over; raise what ended it. `resize`: the size
+    the default pool takes once the job is accepted (`Accepted`)."""
+    async with running(job):
+        await backend.run(job, task_status=Accepted(backend, resize))
+    if job.fatal is not None:
+        raise job.fatal
+
+
+# -- answer -----------------------------------------------------------------------------
+
+
+async def shard_result(
+    pool: Runs, job: Job, layout: Shards, resize: int | None = None
+) -> ShardResult:
+    """Run a `shard_map` job on `pool`: its `ShardResult` (raising under
+    ``errors="raise"``)."""
+    await run_job(await pool.backend(), job, resize)
+    result = job.result(layout)
+    if job.opts.errors == "raise":
+        result.raise_for_failures()
+    return result
+
+
+async def reduce_result(pool: Runs, job: Job, resize: int | None = None) -> ReduceResult:
+    """Run a `shard_reduce` job on `pool`: its `ReduceResult`."""
+    await run_job(await pool.backend(), job, resize)
+    assert job.reducer is not None
+    result = ReduceResult(job.reducer.value, job.failure_list(), job.diagnostics())
+    if job.opts.errors == "raise":
+        result.raise_for_failures()
+    return result
+
+
+async def map_result(pool: Runs, job: Job, resize: int | None = None) -> list[Any]:
+    """Run a `map` job on `pool`: the values in order (a failed item's `ShardError` in
+    its slot under ``errors="collect"``)."""
+    await run_job(await pool.backend(), job, resize)
+    if job.failures and job.opts.errors == "raise":
+        result = job.result(Shards(job.next_pos, 1, "contiguous"))
+        raise ShardMapError.of(result.failures, result, "item")
+    values = job.results
+    failures: Mapping[int, ShardError] = job.failures
+    for pos, err in failures.items():
+        values[pos] = err
+    return values
+
+
+def stream(pool: Runs, job: Job, layout: Shards, resize: int | None = None) -> ShardStream:
+    """A `shard_stream` job on `pool`, run when the stream is entered: a failure before
+    the backend accepted the job (bad input) is raised by ``async with``; one after it
+    ends the job and reaches the consumer."""
+
+    async def run(task_status: anyio.abc.TaskStatus[None]) -> None:
+        backend = await pool.backend()
+        status = Accepted(backend, resize, task_status)
+        try:
+            async with running(job):
+                await backend.run(job, task_status=status)
+        except Exception as exc:
+            if not status.done:
+                raise
+            job.abort(exc)
+        finally:
+            job.notify()
+
+    return ShardStream(run, job, layout)
+
+
+# -- choose -----------------------------------------------------------------------------
+
+
+def choose_pool(
+    pool: object, workers: object, default: Callable[[], _P], kind: type[_P], what: str
+) -> tuple[_P, int | None]:
+    """`pool` (a `kind`, or None for `default()`) and the size `workers` asks of the
+    default pool; `what` names the pool type the caller takes (for its errors)."""
+    size = check_positive_int("workers", workers, allow_none=True)
+    if pool is not None:
+        if not isinstance(pool, kind):
+            raise TypeError(f"pool must be an {what} or None, got {type(pool).__name__}")
+        if size is not None and size != pool.workers:
+            raise ValueError(
+                f"workers={size} sizes the default pool; pool= was given too (with "
+                f"{pool.workers} workers): pass one of them"
+            )
+        return pool, None
+    return default(), size
