@@ -181,14 +181,15 @@ async def test_table_sink_and_results_on_disk_exactly_once(
 
 
 async def test_a_sink_the_nodes_cannot_see_is_refused_naming_it(tmp_path: Path) -> None:
-    import ashard._dask
+    import ashard._dask.node
+    import ashard._dask.wire
 
-    unseen = ashard._dask._unseen_places  # what each node checks when a call reaches it
-    spec = ashard._dask._NodeJob(0, b"", None, None, [], {}, None)  # type: ignore[arg-type]
+    unseen = ashard._dask.node._unseen_places  # what each node checks when a call reaches it
+    spec = ashard._dask.wire.NodeJob(0, b"", None, None, [], {}, None)  # type: ignore[arg-type]
     assert await anyio.to_thread.run_sync(unseen, spec, "w") is None
     place = ashard._places.Place(str(tmp_path / "nowhere"))
     ref = ashard._protocol.SinkRef("sink", place, "parquet", None, "t")
-    spec = ashard._dask._NodeJob(0, b"", None, None, [], {"rows": ref}, None)  # type: ignore[arg-type]
+    spec = ashard._dask.wire.NodeJob(0, b"", None, None, [], {"rows": ref}, None)  # type: ignore[arg-type]
     error = await anyio.to_thread.run_sync(unseen, spec, "tcp://node:1")
     assert error is not None and "nowhere" in str(error) and "out['rows']" in str(error)
 
@@ -309,11 +310,11 @@ async def test_a_killed_dask_worker_loses_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_cluster_errors_say_what_to_do(tmp_path: Path, monkeypatch: Any) -> None:
-    import ashard._dask
+    import ashard._dask.backend
 
     with pytest.raises(TypeError, match="cluster must be"):
         ashard.Pool(cluster=42)
-    monkeypatch.setattr(ashard._dask, "CONNECT_TIMEOUT", 1.0)
+    monkeypatch.setattr(ashard._dask.backend, "CONNECT_TIMEOUT", 1.0)
     with pytest.raises(ashard.WorkerStartError, match=r"tcp://127\.0\.0\.1:9"):
         async with ashard.Pool(cluster="tcp://127.0.0.1:9"):
             pass

@@ -97,6 +97,14 @@ class Chunk:
     heard: float = 0.0  # seconds into the call when it was sent, or last reported on
     nbytes: int = 0  # its items, pickled, while the caller holds them
 
+    def reported(self, upto: int) -> None:
+        """Its worker reported every position before `upto`."""
+        self.done = upto
+
+    def over(self) -> None:
+        """Every position of it is accounted for (reported, or lost with its worker)."""
+        self.done = self.count
+
 
 class WorkerInfo(Protocol):
     """A worker as a job reports it in its diagnostics."""
