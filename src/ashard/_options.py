@@ -299,7 +299,7 @@ def takes_options(accepted: type) -> Callable[[_F], _F]:
     def apply(fn: _F) -> _F:
         sig = inspect.signature(fn)
         params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
-        fn.__signature__ = sig.replace(parameters=[*params, *extra])  # type: ignore[attr-defined]
+        vars(fn)["__signature__"] = sig.replace(parameters=[*params, *extra])
         return fn
 
     return apply

@@ -12,7 +12,6 @@ Leaving the block early cancels whatever is still running.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
@@ -64,12 +63,7 @@ class ShardStream:
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
+    async def __aexit__(self, *exc_info: object) -> None:
         assert self._tg is not None
         if not self._job.over:
             self._job.abort()
@@ -88,7 +82,6 @@ class ShardStream:
             if store is not None and store.temporary:  # the refs it yielded end here
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(store.close)
-        return None
 
     async def _serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         await self._run(task_status)

@@ -11,7 +11,6 @@ import atexit
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Unpack
 
 import anyio
@@ -144,12 +143,7 @@ class Pool:
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def start(self) -> None:
@@ -278,6 +272,7 @@ class Pool:
 
     async def call(
         self,
+        /,
         fn: Callable[..., Any],
         *args: Any,
         timeout: float | None = None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import inspect
 import os
 import queue
@@ -26,8 +27,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
-from types import TracebackType
-from typing import Any, TypeVar, Unpack
+from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
 
 from ashard import _calls
 from ashard import pool as _pool
@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
 _default: Pool | None = None
@@ -107,6 +108,19 @@ def _forget_default() -> None:
 os.register_at_fork(after_in_child=_forget_default)
 
 
+def _blocking(
+    method: Callable[Concatenate[_pool.Pool, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[Pool, _P], _T]:
+    """`ashard.Pool`'s `method`, blocking: the same signature and docstring, run on
+    the `ashard.Pool` a sync `Pool` wraps."""
+
+    @functools.wraps(method)
+    def blocking(self: Pool, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return _block(method(self._pool, *args, **kwargs))
+
+    return blocking
+
+
 class Pool:
     """`ashard.Pool` for sync code: ``with ashard.sync.Pool(4) as pool:``; the same
     arguments, methods and properties, blocking. Without ``with``, workers start on
@@ -117,7 +131,7 @@ class Pool:
     def __init__(self, workers: int | None = None, **settings: Any) -> None:
         self._pool = _pool.Pool(workers, **settings)
 
-    __init__.__signature__ = inspect.signature(_pool.Pool.__init__)  # type: ignore[attr-defined]
+    vars(__init__)["__signature__"] = inspect.signature(_pool.Pool.__init__)
 
     @classmethod
     def _wrapping(cls, pool: _pool.Pool) -> Pool:
@@ -133,12 +147,7 @@ class Pool:
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def start(self) -> None:
@@ -173,19 +182,10 @@ class Pool:
     def _repr_html_(self) -> str:
         return self._pool._repr_html_()
 
-    @takes_options(ShardOptions)
-    def shard_map(
-        self,
-        shards: int | Shards | Sequence[Any],
-        fn: Callable[..., Any],
-        *,
-        borrow: Mapping[str, Any] | None = None,
-        out: Mapping[str, Any] | None = None,
-        **options: Unpack[ShardOptions],
-    ) -> ShardResult:
-        """Run ``fn(shard, **borrow)`` for every shard; see `ashard.shard_map`."""
-        job, layout = _calls.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
-        return _block(_calls.shard_result(self._pool, job, layout))
+    shard_map = _blocking(_pool.Pool.shard_map)
+    shard_reduce = _blocking(_pool.Pool.shard_reduce)
+    map = _blocking(_pool.Pool.map)
+    call = _blocking(_pool.Pool.call)
 
     @takes_options(StreamOptions)
     def shard_stream(
@@ -202,47 +202,6 @@ class Pool:
             shards, fn, borrow, out, options, StreamOptions, "shard_stream"
         )
         return ShardStream(lambda: _calls.stream(self._pool, job, layout))
-
-    @takes_options(ReduceOptions)
-    def shard_reduce(
-        self,
-        shards: int | Shards | Sequence[Any],
-        fn: Callable[..., Any],
-        combine: Callable[[Any, Any], Any],
-        *,
-        init: Any = None,
-        ordered: bool = False,
-        borrow: Mapping[str, Any] | None = None,
-        out: Mapping[str, Any] | None = None,
-        **options: Unpack[ReduceOptions],
-    ) -> ReduceResult:
-        """Combine every shard's value as it arrives; see `ashard.shard_reduce`."""
-        job, _ = _calls.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
-        return _block(_calls.reduce_result(self._pool, job))
-
-    @takes_options(MapOptions)
-    def map(
-        self,
-        fn: Callable[..., Any],
-        items: Iterable[Any],
-        *,
-        borrow: Mapping[str, Any] | None = None,
-        **options: Unpack[MapOptions],
-    ) -> list[Any]:
-        """``[fn(item) for item in items]`` on the workers, in order; see `ashard.map`."""
-        return _block(_calls.map_result(self._pool, _calls.map_job(fn, items, borrow, options)))
-
-    def call(
-        self,
-        fn: Callable[..., Any],
-        *args: Any,
-        timeout: float | None = None,
-        max_retries: int = 0,
-        **kwargs: Any,
-    ) -> Any:
-        """``fn(*args, **kwargs)`` on one worker; see `ashard.call`."""
-        coro = self._pool.call(fn, *args, timeout=timeout, max_retries=max_retries, **kwargs)
-        return _block(coro)
 
 
 class ShardStream:
@@ -330,12 +289,7 @@ class ShardStream:
             raise value
         raise StopIteration
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         future = self._future
         if future is None:
             return
@@ -348,7 +302,7 @@ class ShardStream:
             future.cancel()
             raise
         except BaseException:
-            if exc is None:
+            if exc_info[1] is None:  # the block's own exception goes on, not this one
                 raise
 
 
