@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 import ashard
-from ashard._job import Chunk, Job, StreamBuffer
+from ashard._consumers import StreamBuffer
+from ashard._job import Chunk, Job
 from ashard._options import CallOptions
 from ashard._outcomes import Loss
 from ashard._protocol import INTERRUPTED, RAISED, Payload

@@ -17,15 +17,20 @@ never charged for it. Chunks queued behind it never started and go back uncharge
 A job knows nothing of processes: a backend (`ashard._backend`) takes its chunks with
 `take_chunk`, reports what came back with `deliver` and what was lost with
 `worker_lost`, and tells it which workers ran its shards with `ran_on`.
+
+What is not the ledger has its own owner, which the job asks: a `ChunkSizer`
+(`ashard._sizing`) how large a chunk is and how many a worker holds; the stream buffer
+or reducer (`ashard._consumers`) where a value goes when the call does not keep it,
+and how many more positions may be in flight; `Outputs` (`ashard._outputs`) which
+committed files are kept.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from itertools import islice
 from logging import WARNING
@@ -37,6 +42,7 @@ from ashard import _seeding
 from ashard._attempts import CANCELLED, FAILED, TIMED_OUT, AttemptLog
 from ashard._attempts import CRASHED as CRASHED_RUN
 from ashard._attempts import OK as OK_RUN
+from ashard._consumers import UNBOUNDED
 from ashard._health import PROFILES, EndReason
 from ashard._log import worker_event
 from ashard._options import CallOptions
@@ -48,6 +54,7 @@ from ashard._outcomes import (
     unreadable_result,
     unsendable_items,
 )
+from ashard._outputs import LOCAL, Outputs
 from ashard._progress import Progress
 from ashard._protocol import (
     INTERRUPTED,
@@ -57,29 +64,17 @@ from ashard._protocol import (
     TIMEOUT,
     Commit,
     Payload,
-    ProtocolViolation,
     Result,
 )
+from ashard._sizing import ChunkSizer
 from ashard.errors import ShardError
 from ashard.results import Diagnostics, ShardDone, ShardResult, WorkerRow
 from ashard.shards import Shard, Shards
 
 if TYPE_CHECKING:
-    from ashard.tables import ResultStore, TableSink
+    from ashard._consumers import Reducer, StreamBuffer
+    from ashard.tables import ResultStore
 
-TARGET_CHUNK_SECONDS = 0.01
-"""`chunk_size="auto"` aims for chunks of about this much work."""
-LONG_CHUNK_SECONDS = 0.005
-"""Chunks at least this long go one at a time per worker (balance over latency)."""
-HIDE_LATENCY_SECONDS = 0.001
-TRIPS_PER_CHUNK = 5
-"""A chunk carries at least this many times its trip to a far worker in work."""
-FAR_LONG_TRIPS = 50
-"""Far workers hold one chunk at a time only when it is this many trips long."""
-MAX_WINDOW = 8
-MAX_GROWTH = 8
-LOCAL = -2
-"""Error kind of a position the parent fails: its output cannot be kept."""
 _OUTCOME_OF = {RAISED: FAILED, TIMEOUT: TIMED_OUT, LOCAL: FAILED}
 _WHY = {CRASHED: "its worker died", TIMEOUT: "it ran past its timeout", RAISED: "fn raised"}
 
@@ -119,109 +114,6 @@ class WorkerInfo(Protocol):
     def alive(self) -> bool: ...
 
 
-class StreamBuffer:
-    """Finished shards waiting for a `shard_stream` consumer, in completion or shard order."""
-
-    def __init__(self, ordered: bool, max_pending: int) -> None:
-        self.ordered = ordered
-        self.max_pending = max_pending
-        self.ready: deque[ShardDone] = deque()
-        self._held: dict[int, ShardDone] = {}
-        self._next = 0
-        self.pending_bytes = 0  # about what the waiting values weigh (`approx_bytes`)
-        self.mean_bytes = 0.0  # about what a value weighs
-
-    @property
-    def pending(self) -> int:
-        return len(self.ready) + len(self._held)
-
-    def push(self, done: ShardDone) -> None:
-        size = approx_bytes(done.value)
-        self.pending_bytes += size
-        self.mean_bytes = size if not self.mean_bytes else 0.8 * self.mean_bytes + 0.2 * size
-        if not self.ordered:
-            self.ready.append(done)
-            return
-        self._held[done.shard.id] = done
-        while self._next in self._held:
-            self.ready.append(self._held.pop(self._next))
-            self._next += 1
-
-    def take(self) -> ShardDone:
-        """The next finished shard for the consumer (there must be one ready)."""
-        done = self.ready.popleft()
-        self.pending_bytes -= approx_bytes(done.value)
-        return done
-
-
-def approx_bytes(value: Any) -> int:
-    """About the memory `value` holds: its `nbytes` (arrays, Arrow tables, memoryviews),
-    its length (bytes, str), else its own size (shallow: a container's items are not
-    counted)."""
-    nbytes = getattr(value, "nbytes", None)
-    if isinstance(nbytes, int):
-        return nbytes
-    if isinstance(value, bytes | bytearray | str):
-        return len(value)
-    return sys.getsizeof(value, 64)
-
-
-_SKIP = object()
-
-
-class Reducer:
-    """`shard_reduce`'s accumulator: ``acc = combine(acc, value)`` as values arrive, or
-    in shard order (`ordered`: values that arrive early wait, at most `max_pending`,
-    and failed shards are skipped in their turn). A combined value is not kept."""
-
-    def __init__(self, combine: Any, init: Any, ordered: bool, max_pending: int) -> None:
-        self.combine = combine
-        self.value = init
-        self._started = init is not None
-        self.ordered = ordered
-        self.max_pending = max_pending
-        self._held: dict[int, Any] = {}
-        self._next = 0
-        self.pending_bytes = 0  # about what the values waiting for their turn weigh
-        self.mean_bytes = 0.0  # about what a value weighs
-
-    @property
-    def pending(self) -> int:
-        return len(self._held)
-
-    def push(self, pos: int, values: list[Any]) -> None:
-        if not self.ordered:
-            for value in values:
-                self._combine(value)
-            return
-        for k, value in enumerate(values):
-            self._held[pos + k] = value
-            size = approx_bytes(value)
-            self.pending_bytes += size
-            self.mean_bytes = size if not self.mean_bytes else 0.8 * self.mean_bytes + 0.2 * size
-        self._drain()
-
-    def skip(self, pos: int) -> None:
-        if self.ordered:
-            self._held[pos] = _SKIP
-            self._drain()
-
-    def _drain(self) -> None:
-        held = self._held
-        while self._next in held:
-            value = held.pop(self._next)
-            self._next += 1
-            if value is not _SKIP:
-                self.pending_bytes -= approx_bytes(value)
-                self._combine(value)
-
-    def _combine(self, value: Any) -> None:
-        if self._started:
-            self.value = self.combine(self.value, value)
-        else:
-            self.value, self._started = value, True
-
-
 class Job:
     """One `shard_map`, `shard_stream` or `map` call: what to run, and where each of
     its positions stands. Made by `Job.of_shards` or `Job.of_items`."""
@@ -253,7 +145,6 @@ class Job:
         self.sequence = sequence
         self._items = items
         self.total = total
-        self.workers = 1  # how many workers serve it (`served_by`)
         self.stream = stream
         self.progress = Progress(total, f"{self.noun}s") if opts.progress else None
         self.reducer = reducer
@@ -275,25 +166,17 @@ class Job:
         self.cow_writes: set[tuple[int, str]] = set()  # (shard id, borrow name), cow="audit"
         self.aborted = False
         self.fatal: BaseException | None = None
-        self.per_shard: float | None = None
         self.max_held = opts.max_held_bytes if opts.max_held_bytes is not None else 1 << 62
         self.held_bytes = 0  # items of chunks in flight, pickled (`sent`)
-        self._item_bytes: float | None = None  # a position's items, pickled, on average
-        self._last_size = 1
         self.chunks = self.retries = self.timeouts = self.crashes = 0
         self.pids: set[int] = set()
         self._ran_on: dict[int, WorkerInfo] = {}  # every worker the job ran on, by pid
         self._per_pid: dict[int, list[float]] = {}  # pid -> [shards, busy seconds]
-        self._target = TARGET_CHUNK_SECONDS * PROFILES[opts.profile].chunk
-        self._latency = HIDE_LATENCY_SECONDS  # of a trip to a worker
         self.t0 = time.perf_counter()
         self._changed: anyio.Event | None = None
         self.attempt_log = AttemptLog()
-        self.store = store
-        self.sinks = _sinks_in(out)
-        self._outputs: dict[str, TableSink | ResultStore] = dict(self.sinks)
-        if store is not None:
-            self._outputs[""] = store
+        self.sizer = ChunkSizer(opts.chunk_size, PROFILES[opts.profile].chunk)
+        self.outputs = Outputs(out, store)
 
     @classmethod
     def of_shards(
@@ -332,82 +215,16 @@ class Job:
             items=iter(items), total=total, stream=None,
         )  # fmt: skip
 
-    # -- outputs: table sinks and the results store ----------------------------------
-
-    def open_outputs(self) -> None:
-        """Claim the table sinks and make the results directory (before anything runs;
-        in a thread: it may touch a remote filesystem)."""
-        claimed: list[TableSink] = []
-        try:
-            for name, sink in self.sinks.items():
-                sink.claim(name)
-                claimed.append(sink)
-            for output in self._outputs.values():
-                output.start()
-        except BaseException:  # nothing ran: the sinks are as they were
-            for sink in claimed:
-                sink.unclaim()
-            if self.store is not None and self.store.temporary:
-                self.store.close()
-            raise
-
-    def close_outputs(self) -> None:
-        """The call is over (nothing of it runs): remove what workers left that no
-        accepted shard owns, and let the sinks go."""
-        try:
-            for output in self._outputs.values():
-                output.sweep()
-        finally:
-            for sink in self.sinks.values():
-                sink.release()
-
-    @property
-    def has_outputs(self) -> bool:
-        return bool(self._outputs)
-
-    def _keep_outputs(
-        self, base: int, values: list[Any], errors: list[Any], commits: list[Commit]
-    ) -> tuple[list[Any], list[Any]]:
-        """Accept the files positions committed, if their schemas fit (else they fail,
-        `LOCAL`); the results store's refs take the place of the values."""
-        failed = {e[0] for e in errors}
-        by_k: dict[int, list[Commit]] = {}
-        for entry in commits:
-            by_k.setdefault(entry[0], []).append(entry)
-        values = list(values)
-        errors = list(errors)
-        for k, entries in by_k.items():
-            if k in failed:
-                continue  # the shard failed after all: its files are swept at the end
-            outputs = [self._outputs.get(entry[1]) for entry in entries]
-            problem: Exception | None = None
-            for output, entry in zip(outputs, entries, strict=True):
-                if output is None:
-                    raise ProtocolViolation("a commit to an output the call does not have")
-                where = f"the table shard {base + k} wrote" + (
-                    f" to {entry[1]!r}" if entry[1] else ""
-                )
-                problem = problem or output.check(entry[5], where)
-            if problem is not None:
-                errors.append((k, LOCAL, problem))
-                continue
-            for output, entry in zip(outputs, entries, strict=True):
-                assert output is not None
-                ref = output.accept(base + k, entry[2], entry[3], entry[4], entry[5])
-                if output is self.store:
-                    values[k] = ref
-        errors.sort(key=lambda e: e[0])
-        return values, errors
+    # -- what a backend asks of its sizes (`ChunkSizer`) ---------------------------------
 
     def served_by(self, workers: int, latency: float | None = None) -> None:
-        """`workers` will run its chunks (automatic chunks leave work for each), each
-        chunk reaching its worker `latency` seconds after it is taken (a backend far
-        from its workers says so: chunks then grow to carry more work each, and a
-        worker holds enough of them to hide the trip)."""
-        self.workers = max(1, workers)
-        if latency is not None and latency > self._latency:
-            self._latency = latency
-            self._target = max(self._target, TRIPS_PER_CHUNK * latency)
+        """`workers` will run its chunks, each reaching its worker `latency` seconds
+        after it is taken (None: a worker on this machine)."""
+        self.sizer.served_by(workers, latency)
+
+    def window(self) -> int:
+        """How many chunks a worker should hold at once."""
+        return self.sizer.window()
 
     # -- notification -----------------------------------------------------------------
 
@@ -451,7 +268,7 @@ class Job:
     def has_work(self) -> bool:
         """Could a chunk be dispatched now? Not while the caller holds `max_held_bytes`
         of items in flight or values waiting (once some are, they will be let go)."""
-        if self.aborted or self._budget() <= 0:
+        if self.aborted or self._room() <= 0:
             return False
         if self.held_bytes >= self.max_held:
             return False
@@ -461,46 +278,15 @@ class Job:
             return self.next_pos < (self.total or 0)
         return not self.exhausted
 
-    def _budget(self) -> int:
+    def _room(self) -> int:
+        """How many more positions may be in flight: as many as its consumer, if it has
+        one, can take without passing its bounds."""
         held = self.stream if self.stream is not None else self.reducer
-        if held is None or (held is self.reducer and not held.ordered):
-            return 1 << 62
-        room = held.max_pending - held.pending - self.inflight_shards
-        if held.mean_bytes:  # and what the values waiting and coming would weigh
-            room = min(room, int((self.max_held - held.pending_bytes) / held.mean_bytes)
-                       - self.inflight_shards)  # fmt: skip
-        if room <= 0 and not held.pending and not self.inflight_shards:
-            return 1  # a value larger than `max_held_bytes` comes alone
-        return room
+        if held is None:
+            return UNBOUNDED
+        return held.room(self.inflight_shards, self.max_held)
 
     # -- dispatch ---------------------------------------------------------------------
-
-    def window(self) -> int:
-        """How many chunks a worker should hold at once."""
-        far = self._latency > HIDE_LATENCY_SECONDS
-        if self.per_shard is None:
-            return 2 if far else 1  # until a first result says how long shards take
-        chunk_time = self.per_shard * self._last_size
-        if chunk_time >= (FAR_LONG_TRIPS * self._latency if far else LONG_CHUNK_SECONDS):
-            return 1
-        return min(MAX_WINDOW, max(2, 1 + math.ceil(self._latency / max(chunk_time, 1e-6))))
-
-    def _next_size(self) -> int:
-        size = self.opts.chunk_size
-        if size != "auto":
-            return size
-        if self.per_shard is None:
-            auto = 1
-        else:
-            want = self._target / max(self.per_shard, 1e-9)
-            auto = max(1, min(int(want), self._last_size * MAX_GROWTH))
-        if self.total is not None:
-            remaining = self.total - self.next_pos
-            auto = min(auto, max(1, math.ceil(remaining / (2 * self.workers))))
-        if self._item_bytes:  # each worker's window of chunks within the bytes the caller holds
-            auto = min(auto, max(1, int(self.max_held / (4 * self.workers * self._item_bytes))))
-        self._last_size = auto
-        return auto
 
     def take_chunk(self, seq: int, limit: int | None = None) -> Chunk | None:
         """The next chunk to send (at most `limit` positions), or None."""
@@ -511,7 +297,8 @@ class Job:
             items = [self._item_at(pos)] if self._has_items else None
             chunk = Chunk(seq, pos, 1, [self._next_run(pos)], items)
         else:
-            size = min(self._next_size(), self._budget())
+            remaining = None if self.total is None else self.total - self.next_pos
+            size = min(self.sizer.next_size(remaining, self.max_held), self._room())
             new = self._take_new(seq, size if limit is None else min(size, limit))
             if new is None:
                 return None
@@ -519,8 +306,8 @@ class Job:
         self.inflight_shards += chunk.count
         self.chunks += 1
         chunk.heard = time.perf_counter() - self.t0
-        if chunk.items is not None and self._item_bytes:  # held from now: counted until `sent`
-            chunk.nbytes = int(chunk.count * self._item_bytes)
+        if chunk.items is not None:  # held from now: counted as estimated until `sent`
+            chunk.nbytes = self.sizer.bytes_of(chunk.count)
             self.held_bytes += chunk.nbytes
         return chunk
 
@@ -593,7 +380,7 @@ class Job:
         n = len(values)
         base = chunk.first + k0
         if commits:
-            values, errors = self._keep_outputs(base, values, errors, commits)
+            values, errors = self.outputs.keep(base, values, errors, commits)
         self._log_report(chunk, base, n, errors, elapsed, pid)
         if writes:
             self.cow_writes.update((base + k, name) for k, name in writes)
@@ -604,7 +391,8 @@ class Job:
         row = self._per_pid.setdefault(pid, [0, 0.0])
         row[0] += n
         row[1] += busy
-        self._learn(n, elapsed)
+        if elapsed is not None:
+            self.sizer.learn(n, busy)
         if not errors:
             self._store(base, values, chunk, k0, elapsed, pid)
         else:
@@ -680,13 +468,6 @@ class Job:
             )
             self._fail(chunk.first, error, chunk, 0, None)
         self.notify()
-
-    def _learn(self, n: int, elapsed: Any) -> None:
-        if not n or elapsed is None:
-            return
-        took = elapsed if isinstance(elapsed, float) else sum(elapsed)
-        sample = took / n
-        self.per_shard = sample if self.per_shard is None else 0.5 * (self.per_shard + sample)
 
     def _store(
         self, base: int, values: list[Any], chunk: Chunk, k0: int, elapsed: Any, pid: int
@@ -843,11 +624,7 @@ class Job:
         the estimate made when it was taken."""
         self.held_bytes += nbytes - chunk.nbytes
         chunk.nbytes = nbytes
-        if not nbytes or not chunk.count:
-            return
-        sample = nbytes / chunk.count
-        seen = self._item_bytes
-        self._item_bytes = sample if seen is None else 0.5 * (seen + sample)
+        self.sizer.learn_item_bytes(chunk.count, nbytes)
 
     def _let_go(self, chunk: Chunk) -> None:
         """`chunk` is over: the caller no longer holds its items."""
@@ -951,13 +728,14 @@ class Job:
 
     def result(self, shards: Sequence[Shard]) -> ShardResult:
         results = self.results if self.stream is None else [None] * len(shards)
-        if self.store is None:
+        store = self.outputs.store
+        if store is None:
             return ShardResult(results, self.failure_list(), shards, self.diagnostics())
         from ashard.tables import LazyResults
 
         return ShardResult(
             LazyResults(results), self.failure_list(), shards, self.diagnostics(),
-            refs=results, _store=self.store,
+            refs=results, _store=store,
         )  # fmt: skip
 
 
@@ -975,13 +753,3 @@ def _pick(elapsed: Any, k: int) -> float:
     if isinstance(elapsed, float):
         return elapsed
     return float(elapsed[k]) if k < len(elapsed) else 0.0
-
-
-def _sinks_in(out: Mapping[str, Any]) -> dict[str, TableSink]:
-    """The table sinks among a call's outputs (`ashard.tables` loads only when there
-    are outputs: a plain call does not need it)."""
-    if not out:
-        return {}
-    from ashard.tables import TableSink
-
-    return {name: v for name, v in out.items() if isinstance(v, TableSink)}

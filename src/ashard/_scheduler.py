@@ -221,7 +221,8 @@ class Scheduler:
                 raise
         opts = job.opts
         borrow = exported.kwargs if exported else None
-        results = job.store.spec() if job.store is not None else None
+        store = job.outputs.store
+        results = store.spec() if store is not None else None
         spec = JobSpec(job.kind, job.fn, borrow, opts.timeout, opts.seed, job.layout, job.sys_path,
                        results)  # fmt: skip
         return _Run(job, next(self._keys), spec, exported)

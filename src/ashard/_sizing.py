@@ -1,0 +1,127 @@
+"""How large a call's chunks are and how many a worker holds at once.
+
+`chunk_size="auto"` learns from what comes back: a shard's run time (each report) and
+an item's pickled size (each chunk sent). A chunk carries about `TARGET_CHUNK_SECONDS`
+of work (scaled by the call's profile), so tiny shards cost microseconds each, not a
+round trip; it grows at most `MAX_GROWTH` times at a step, leaves work for every worker
+near the end, and keeps each worker's window of chunks within the bytes the caller may
+hold. Each of those bounds is one method (`_by_time`, `_by_share`, `_by_bytes`), and the
+size is the smallest: a new signal (the workers' memory, next) is one more bound there.
+
+The window hides the trip to a worker: short chunks go several at a time, long ones one
+at a time (balance over latency). A backend far from its workers (Dask) says how long
+a trip takes (`served_by`): chunks then grow to carry several trips of work each.
+
+A `ChunkSizer` changes only through its own methods (`served_by`, `learn`,
+`learn_item_bytes`) and knows nothing of the job: it is told numbers, and answers them.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["TRIPS_PER_CHUNK", "ChunkSizer"]
+
+TARGET_CHUNK_SECONDS = 0.01
+"""`chunk_size="auto"` aims for chunks of about this much work."""
+LONG_CHUNK_SECONDS = 0.005
+"""Chunks at least this long go one at a time per worker (balance over latency)."""
+HIDE_LATENCY_SECONDS = 0.001
+"""A trip to a worker on this machine; a backend's longer trip makes its workers far."""
+TRIPS_PER_CHUNK = 5
+"""A chunk carries at least this many times its trip to a far worker in work."""
+FAR_LONG_TRIPS = 50
+"""Far workers hold one chunk at a time only when it is this many trips long."""
+MAX_WINDOW = 8
+"""The most chunks a worker holds at once."""
+MAX_GROWTH = 8
+"""An automatic chunk is at most this many times the size of the one before."""
+_NO_BOUND = 1 << 62
+
+
+class ChunkSizer:
+    """One call's chunk sizes and windows. `chunk_size`: a fixed size, or "auto";
+    `work_factor`: the profile's factor on the work per chunk."""
+
+    def __init__(self, chunk_size: int | str, work_factor: float = 1.0) -> None:
+        self.fixed = chunk_size if isinstance(chunk_size, int) else None
+        self._per_shard: float | None = None  # seconds a position runs, as learned
+        self._item_bytes: float | None = None  # a position's items, pickled, as learned
+        self._last_size = 1
+        self._target = TARGET_CHUNK_SECONDS * work_factor  # seconds of work per chunk
+        self._latency = HIDE_LATENCY_SECONDS  # of a trip to a worker
+        self._workers = 1
+
+    # -- what it is told ----------------------------------------------------------------
+
+    def served_by(self, workers: int, latency: float | None = None) -> None:
+        """`workers` will run the chunks (automatic chunks leave work for each), each
+        chunk reaching its worker `latency` seconds after it is taken (a backend far
+        from its workers says so: chunks then grow to carry more work each, and a
+        worker holds enough of them to hide the trip)."""
+        self._workers = max(1, workers)
+        if latency is not None and latency > self._latency:
+            self._latency = latency
+            self._target = max(self._target, TRIPS_PER_CHUNK * latency)
+
+    def learn(self, n: int, seconds: float) -> None:
+        """`n` positions ran in `seconds` in all."""
+        if not n:
+            return
+        sample = seconds / n
+        seen = self._per_shard
+        self._per_shard = sample if seen is None else 0.5 * (seen + sample)
+
+    def learn_item_bytes(self, n: int, nbytes: int) -> None:
+        """The items of `n` positions are `nbytes` long, pickled."""
+        if not n or not nbytes:
+            return
+        sample = nbytes / n
+        seen = self._item_bytes
+        self._item_bytes = sample if seen is None else 0.5 * (seen + sample)
+
+    # -- what it answers ----------------------------------------------------------------
+
+    def bytes_of(self, n: int) -> int:
+        """About what the items of `n` positions weigh, pickled (0 until one chunk is sent)."""
+        return int(n * self._item_bytes) if self._item_bytes else 0
+
+    def next_size(self, remaining: int | None, max_held: int) -> int:
+        """The size of the next chunk of new positions, `remaining` of them left (None:
+        unknown) and the caller holding at most `max_held` bytes of items."""
+        if self.fixed is not None:
+            return self.fixed
+        size = min(self._by_time(), self._by_share(remaining), self._by_bytes(max_held))
+        self._last_size = size
+        return size
+
+    def window(self) -> int:
+        """How many chunks a worker should hold at once."""
+        far = self._latency > HIDE_LATENCY_SECONDS
+        if self._per_shard is None:
+            return 2 if far else 1  # until a first result says how long shards take
+        chunk_time = self._per_shard * self._last_size
+        if chunk_time >= (FAR_LONG_TRIPS * self._latency if far else LONG_CHUNK_SECONDS):
+            return 1
+        return min(MAX_WINDOW, max(2, 1 + math.ceil(self._latency / max(chunk_time, 1e-6))))
+
+    # -- the bounds on an automatic size (each at least 1) -------------------------------
+
+    def _by_time(self) -> int:
+        """About `_target` seconds of work, growing at most `MAX_GROWTH` times a step."""
+        if self._per_shard is None:
+            return 1  # until a first result says how long shards take
+        want = self._target / max(self._per_shard, 1e-9)
+        return max(1, min(int(want), self._last_size * MAX_GROWTH))
+
+    def _by_share(self, remaining: int | None) -> int:
+        """Leave work for every worker: half a share each of what remains."""
+        if remaining is None:
+            return _NO_BOUND
+        return max(1, math.ceil(remaining / (2 * self._workers)))
+
+    def _by_bytes(self, max_held: int) -> int:
+        """Each worker's window of chunks within the bytes the caller holds."""
+        if not self._item_bytes:
+            return _NO_BOUND
+        return max(1, int(max_held / (4 * self._workers * self._item_bytes)))
