@@ -1,17 +1,17 @@
 """Message kinds on the worker channel. Messages are tuples whose first field is one of
 these codes; the comments give the rest of each tuple.
 
-parent -> worker::
+parent -> worker (each kind has its record, which `parse_order` makes)::
 
-    HELLO   sys_path, init payload | None, max_frame, memory limit (bytes) | None,
-            the multiprocessing authkey | None
-    JOB     key, JobSpec                      register fn and borrow for a call
-    RUN     key, seq, first, count, attempts | None, items payload | None
-    CALL    seq, fn, args, kwargs, timeout    one call, no job
-    CANCEL  key                               drop queued chunks of a job (+ SIGUSR1)
-    FORGET  key                               the job is over: free its fn and borrow
-    SEGMENTS seg_ids                          shared-memory fds ride along (SCM_RIGHTS)
-    DROP    seg_ids                           close those segments
+    HELLO    Hello         sys_path, init payload | None, max_frame, memory limit
+                           (bytes) | None, the multiprocessing authkey | None
+    JOB      RegisterJob   key, JobSpec: register fn and borrow for a call
+    RUN      RunChunk      key, seq, first, n, attempts | None, items payload | None
+    CALL     CallFn        seq, fn, args, kwargs, timeout: one call, no job
+    CANCEL   CancelJob     key: drop queued chunks of a job (+ SIGUSR1)
+    FORGET   ForgetJob     key: the job is over, free its fn and borrow
+    SEGMENTS AddSegments   seg_ids: shared-memory fds ride along (SCM_RIGHTS)
+    DROP     DropSegments  seg_ids: close those segments
 
 The worker exits at end of stream: the parent closes its end to stop a worker.
 
@@ -40,12 +40,15 @@ unpickled fails its shard, not the channel. A CALL carries its function and argu
 itself (the fastest round trip); a worker that cannot load one answers with seq -1,
 which stands for the one call it was given. The parent trusts nothing
 a worker sends: `parse_result` checks every RESULT, and a message that does not parse
-is a `ProtocolViolation` that breaks that worker.
+is a `ProtocolViolation` that breaks that worker. The worker trusts its parent, but
+reads each message through `parse_order` all the same: one place knows the shape of
+every kind, and the loop works with named fields.
 """
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 HELLO, JOB, RUN, CALL, CANCEL, FORGET, SEGMENTS, DROP = range(8)
@@ -117,9 +120,9 @@ def parse_result(msg: Any) -> Result:
     if errors:
         _check_errors(errors, n)
     if commits is not None:
-        _check_commits(commits, n)
+        _check_entries(commits, "commit", lambda entry: _is_commit(entry, n))
     if arrays is not None:
-        _check_arrays(arrays, n)
+        _check_entries(arrays, "array", lambda entry: _is_array(entry, n))
     return tuple.__new__(Result, msg[1:])  # skips the NamedTuple's __new__ (Python code)
 
 
@@ -166,44 +169,48 @@ def _check_errors(errors: Any, n: int) -> None:
             raise ProtocolViolation("an exception record that is not one")
 
 
-def _check_commits(commits: Any, n: int) -> None:
-    if type(commits) is not list:
-        raise ProtocolViolation("a result message whose commits are not a list")
-    for entry in commits:
-        if not (
-            type(entry) is tuple
-            and len(entry) == 6
-            and type(entry[0]) is int
-            and 0 <= entry[0] < n
-            and type(entry[1]) is str
-            and all(type(x) is int for x in entry[2:5])
-            and entry[2] >= -1
-            and entry[3] >= 0
-            and (entry[5] is None or type(entry[5]) is bytes)
-        ):
-            raise ProtocolViolation(f"a malformed commit entry: {_describe(entry)}")
+def _check_entries(entries: Any, what: str, valid: Callable[[Any], bool]) -> None:
+    """`entries` (the commits or arrays of a result) is a list and each one is `valid`."""
+    if type(entries) is not list:
+        raise ProtocolViolation(f"a result message whose {what}s are not a list")
+    for entry in entries:
+        if not valid(entry):
+            raise ProtocolViolation(f"a malformed {what} entry: {_describe(entry)}")
+
+
+def _is_commit(entry: Any, n: int) -> bool:
+    return (
+        _is_entry(entry, 6, n)
+        and all(type(x) is int for x in entry[2:5])
+        and entry[2] >= -1
+        and entry[3] >= 0
+        and (entry[5] is None or type(entry[5]) is bytes)
+    )
 
 
 MAX_ARRAY_DIMS = 64
 
 
-def _check_arrays(arrays: Any, n: int) -> None:
-    if type(arrays) is not list:
-        raise ProtocolViolation("a result message whose arrays are not a list")
-    for entry in arrays:
-        if not (
-            type(entry) is tuple
-            and len(entry) == 4
-            and type(entry[0]) is int
-            and 0 <= entry[0] < n
-            and type(entry[1]) is str
-            and len(entry[1]) < 64
-            and type(entry[2]) is tuple
-            and len(entry[2]) <= MAX_ARRAY_DIMS
-            and all(type(d) is int and d >= 0 for d in entry[2])
-            and type(entry[3]) is bool
-        ):
-            raise ProtocolViolation(f"a malformed array entry: {_describe(entry)}")
+def _is_array(entry: Any, n: int) -> bool:
+    return (
+        _is_entry(entry, 4, n)
+        and len(entry[1]) < 64
+        and type(entry[2]) is tuple
+        and len(entry[2]) <= MAX_ARRAY_DIMS
+        and all(type(d) is int and d >= 0 for d in entry[2])
+        and type(entry[3]) is bool
+    )
+
+
+def _is_entry(entry: Any, size: int, n: int) -> bool:
+    """A tuple of `size` fields about position ``entry[0] < n``, then a str."""
+    return (
+        type(entry) is tuple
+        and len(entry) == size
+        and type(entry[0]) is int
+        and 0 <= entry[0] < n
+        and type(entry[1]) is str
+    )
 
 
 def _is_record(detail: Any) -> bool:
@@ -267,3 +274,89 @@ class JobSpec(NamedTuple):
     layout: Any  # ashard.Shards for SHARDS jobs, else None
     sys_path: list[str]
     results: SinkRef | None = None
+
+
+class Hello(NamedTuple):
+    """HELLO: how the worker sets itself up before it answers READY."""
+
+    sys_path: list[str]
+    init: Payload | None
+    max_frame: int
+    memory_limit: int | None
+    authkey: bytes | None
+
+
+class RegisterJob(NamedTuple):
+    """JOB: a job whose chunks will follow."""
+
+    key: int
+    spec: JobSpec
+
+
+class RunChunk(NamedTuple):
+    """RUN: positions ``first .. first+n-1`` of job `key`, answered as chunk `seq`;
+    `attempts` per position (None: all first attempts); `items` packed, or None for a
+    job without items."""
+
+    key: int
+    seq: int
+    first: int
+    n: int
+    attempts: list[int] | None
+    items: Payload | None
+
+
+class CallFn(NamedTuple):
+    """CALL: ``fn(*args, **kwargs)`` once, answered as chunk `seq`."""
+
+    seq: int
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    timeout: float | None
+
+
+class CancelJob(NamedTuple):
+    """CANCEL: drop the queued chunks of job `key` (the running one gets SIGUSR1)."""
+
+    key: int
+
+
+class ForgetJob(NamedTuple):
+    """FORGET: job `key` is over; free its function and borrowed objects."""
+
+    key: int
+
+
+class AddSegments(NamedTuple):
+    """SEGMENTS: shared-memory segments; their fds came with the frame, in this order."""
+
+    seg_ids: list[int]
+
+
+class DropSegments(NamedTuple):
+    """DROP: close these segments."""
+
+    seg_ids: list[int]
+
+
+Order = Hello | RegisterJob | RunChunk | CallFn | CancelJob | ForgetJob | AddSegments | DropSegments
+"""A message from the parent, parsed (`parse_order`). The parent sends each as the plain
+tuple ``(code, *fields)``: a record would pickle by its class, a cost on every message."""
+
+_KINDS: list[tuple[int, type[Order]]] = [
+    (HELLO, Hello), (JOB, RegisterJob), (RUN, RunChunk), (CALL, CallFn),
+    (CANCEL, CancelJob), (FORGET, ForgetJob), (SEGMENTS, AddSegments), (DROP, DropSegments),
+]  # fmt: skip
+_ORDERS = {code: (kind, len(kind._fields) + 1) for code, kind in _KINDS}
+"""Record and message length (the code, then the fields) of each kind, by code."""
+
+
+def parse_order(msg: Any) -> Order:
+    """`msg`, a message from the parent (``(code, *fields)``), as its record, or
+    `ProtocolViolation` if it is none. The worker trusts its parent: this checks the
+    kind and the number of fields, not each field."""
+    found = _ORDERS.get(msg[0]) if type(msg) is tuple and msg and type(msg[0]) is int else None
+    if found is None or len(msg) != found[1]:
+        raise ProtocolViolation(f"expected a message from the parent, got {_describe(msg)}")
+    return tuple.__new__(found[0], msg[1:])  # skips the NamedTuple's __new__ (Python code)

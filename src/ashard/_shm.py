@@ -237,7 +237,7 @@ _NEEDED_SEALS = 2 | 4  # F_SEAL_SHRINK | F_SEAL_GROW: the size cannot change und
 
 
 def adopt_result(fd: int, dtype: str, shape: tuple[int, ...], fortran: bool) -> Any:
-    """The ndarray of a worker's large array result (`ashard._worker.results`): a
+    """The ndarray of a worker's large array result (`ashard._worker.large_results`): a
     private, writable mapping of its sealed segment, owning the memory (freed with
     the array). Takes `fd` (closed here); `ValueError` if the segment is not what it
     claims to be - a worker's word is not trusted."""

@@ -14,35 +14,20 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ashard import _seeding
-from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT, Commit
+from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT, CallFn, Commit, RunChunk
 from ashard._serialize import encode_exception
-from ashard._worker.attach import Audited
-from ashard.shards import Shard, Shards
+from ashard._worker.jobs import JobContext
+from ashard._worker.reports import Reporter
+from ashard.shards import Shard
 
 if TYPE_CHECKING:
-    from ashard._worker.sinks import Finished, ResultWriter, TableWriter
+    from ashard._worker.outputs import Finished
 
 FLUSH_INTERVAL = 0.02
 """Seconds of finished shards a worker may hold before reporting them."""
-
-
-class Send(Protocol):
-    """Reports finished positions of a chunk to the parent (`Worker.send_result`)."""
-
-    def __call__(
-        self,
-        seq: int,
-        k0: int,
-        values: list[Any],
-        errors: list[Any],
-        elapsed: Any,
-        final: bool,
-        writes: list[tuple[int, str]] | None = None,
-        commits: list[Commit] | None = None,
-    ) -> None: ...
 
 
 class Interrupted(BaseException):
@@ -86,44 +71,6 @@ def take_control_pending() -> bool:
     return pending
 
 
-class JobContext:
-    """A registered job, as the worker holds it: its function and keyword arguments,
-    timeout, seed and layout; `audit`: arrays borrowed under cow="audit"; `outputs`:
-    table sinks in out= and the results store (results=), which follow each shard;
-    `stores_results`: values go to the results store (the parent gets None and makes
-    the ref); `read_only`: names of arrays borrowed read-only, for the hint on a
-    failed write. (A plain class: `dataclasses` would add ~10 ms to a worker's start.)"""
-
-    __slots__ = (
-        "audit", "fn", "kind", "kwargs", "layout", "outputs", "read_only", "seed",
-        "stores_results", "timeout",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        kind: int,
-        fn: Callable[..., Any],
-        kwargs: dict[str, Any],
-        timeout: float | None,
-        seed: int | None,
-        layout: Shards | None,
-        audit: list[Audited] | None = None,
-        outputs: list[TableWriter | ResultWriter] | None = None,
-        stores_results: bool = False,
-        read_only: tuple[str, ...] = (),
-    ) -> None:
-        self.kind = kind
-        self.fn = fn
-        self.kwargs = kwargs
-        self.timeout = timeout
-        self.seed = seed
-        self.layout = layout
-        self.audit = audit if audit is not None else []
-        self.outputs = outputs if outputs is not None else []
-        self.stores_results = stores_results
-        self.read_only = read_only
-
-
 _OK, _ERR, _SIG = 0, 1, 2
 
 
@@ -151,24 +98,16 @@ def _disarm(timeout: float | None) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def run_chunk(
-    ctx: JobContext,
-    seq: int,
-    first: int,
-    count: int,
-    attempts: list[int] | None,
-    items: list[Any] | None,
-    send: Send,
-) -> None:
-    """Run chunk positions 0..count-1 and report them through `send`."""
+def run_chunk(ctx: JobContext, chunk: RunChunk, items: list[Any] | None, report: Reporter) -> None:
+    """Run the positions of `chunk` (`items`: its items, unpacked) and report them."""
     if ctx.kind != SHARDS and ctx.timeout is None and ctx.seed is None and not ctx.audit:
         # (`map` jobs have no outputs: out= and results= are shard_map's)
-        _run_items_fast(ctx, seq, count, items or [], send)
+        _run_items_fast(ctx, chunk.seq, items or [], report)
     else:
-        _run_each(ctx, seq, first, count, attempts, items, send)
+        _run_each(ctx, chunk, items, report)
 
 
-def _run_items_fast(ctx: JobContext, seq: int, count: int, items: list[Any], send: Send) -> None:
+def _run_items_fast(ctx: JobContext, seq: int, items: list[Any], report: Reporter) -> None:
     """The `map` path with no timeout or seed: a tight loop, errors recorded in place."""
     fn = functools.partial(ctx.fn, **ctx.kwargs) if ctx.kwargs else ctx.fn
     values: list[Any] = []
@@ -193,19 +132,12 @@ def _run_items_fast(ctx: JobContext, seq: int, count: int, items: list[Any], sen
                 _hint_read_only(exc, ctx.read_only)
             errors.append((len(values), RAISED, encode_exception(exc)))
             values.append(None)
-    send(seq, 0, values, errors, time.perf_counter() - t0, True)
+    report.result(seq, 0, values, errors, time.perf_counter() - t0, True)
 
 
-def _run_each(
-    ctx: JobContext,
-    seq: int,
-    first: int,
-    count: int,
-    attempts: list[int] | None,
-    items: list[Any] | None,
-    send: Send,
-) -> None:
+def _run_each(ctx: JobContext, chunk: RunChunk, items: list[Any] | None, report: Reporter) -> None:
     """One guarded call per position: timeouts, seeds, shards; flushes every so often."""
+    seq, first, count, attempts = chunk.seq, chunk.first, chunk.n, chunk.attempts
     shards = ctx.kind == SHARDS
     timeout = ctx.timeout
     values: list[Any] = []
@@ -260,14 +192,14 @@ def _run_each(
             else:
                 errors.append((k - k0, INTERRUPTED, None))
                 values.pop()
-                send(seq, k0, values, errors, elapsed if shards else sum(elapsed), True, writes,
-                     commits or None)  # fmt: skip
+                report.result(seq, k0, values, errors, elapsed if shards else sum(elapsed), True,
+                              writes, commits or None)  # fmt: skip
                 return
         elapsed.append(took)
         last = k == count - 1
         if last or timeout is not None or t1 - last_flush >= FLUSH_INTERVAL:
-            send(seq, k0, values, errors, elapsed if shards else sum(elapsed), last, writes,
-                 commits or None)  # fmt: skip
+            report.result(seq, k0, values, errors, elapsed if shards else sum(elapsed), last,
+                          writes, commits or None)  # fmt: skip
             k0 = k + 1
             values, errors, elapsed, writes, commits = [], [], [], [], []
             last_flush = t1
@@ -305,7 +237,7 @@ def _settle_outputs(
         for output in outputs:
             output.abort()
         return status, out
-    from ashard._places import commit_all
+    from ashard._places import commit_all  # on demand: its dataclasses slow a worker's start
 
     finished: list[tuple[str, Finished]] = []
     try:
@@ -325,28 +257,22 @@ def _settle_outputs(
     return _OK, None if ctx.stores_results else out
 
 
-def run_call(
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    timeout: float | None,
-    seq: int,
-    send: Send,
-) -> None:
+def run_call(call: CallFn, report: Reporter) -> None:
     """One `ashard.call`."""
+    seq, timeout = call.seq, call.timeout
     t0 = time.perf_counter()
     _arm(timeout)
-    status, out = _guarded(fn, args, kwargs)
+    status, out = _guarded(call.fn, call.args, call.kwargs)
     _disarm(timeout)
     took = time.perf_counter() - t0
     if status == _OK:
-        send(seq, 0, [out], [], [took], True)
+        report.result(seq, 0, [out], [], [took], True)
     elif status == _ERR:
-        send(seq, 0, [None], [(0, RAISED, encode_exception(out))], [took], True)
+        report.result(seq, 0, [None], [(0, RAISED, encode_exception(out))], [took], True)
     elif out.timeout:
-        send(seq, 0, [None], [(0, TIMEOUT, took)], [took], True)
+        report.result(seq, 0, [None], [(0, TIMEOUT, took)], [took], True)
     else:
-        send(seq, 0, [], [(0, INTERRUPTED, None)], [], True)
+        report.result(seq, 0, [], [(0, INTERRUPTED, None)], [], True)
 
 
 def flush_stdio() -> None:

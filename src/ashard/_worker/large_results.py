@@ -70,6 +70,7 @@ def _segmentable(np: Any, value: Any) -> bool:
 
 
 def _sealed_copy(np: Any, value: Any, fortran: bool) -> int:
+    # on demand: _shm takes ~10 ms to import, for arrays only
     from ashard._shm import PARALLEL_COPY_BYTES, parallel_copy
 
     fd = above_stdio(os.memfd_create("ashard-result", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))

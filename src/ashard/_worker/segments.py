@@ -39,7 +39,7 @@ class Segments:
 
     def table(self, ref: IpcRef) -> Any:
         """The Table or RecordBatch in the segment, read without copying."""
-        from ashard._shm import open_ipc
+        from ashard._shm import open_ipc  # on demand: _shm takes ~10 ms to import, for arrays only
 
         key = (ref.seg_id, "ro")
         mm = self._shared.get(key)
@@ -50,7 +50,7 @@ class Segments:
 
     def view(self, ref: ArrayRef) -> Any:
         """An ndarray over the segment: read-only, private copy-on-write or shared rw."""
-        import numpy as np
+        import numpy as np  # on demand: a worker starts without numpy
 
         count = 1
         for d in ref.shape:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ashard._fds import StdioGuard
 from ashard._places import Pending, Place, file_name, write_bytes
 from ashard._protocol import SinkRef
-
-if TYPE_CHECKING:
-    from ashard._fds import StdioGuard
+from ashard._serialize import dumps
 
 __all__ = ["Finished", "ResultWriter", "TableWriter"]
 
@@ -62,7 +61,7 @@ class TableWriter(_Output):
         super().__init__(name, ref)
         self._sink_schema: Any = None
         if ref.schema is not None:
-            from ashard._tabular import schema_from_bytes
+            from ashard._tabular import schema_from_bytes  # on demand: it imports pyarrow
 
             self._sink_schema = schema_from_bytes(ref.schema)
         self._reset()
@@ -86,7 +85,7 @@ class TableWriter(_Output):
                 f"{self.name}.write() was called while no shard of this sink runs (after fn "
                 "returned, or from a thread that outlived it)"
             )
-        from ashard._tabular import as_table, conform
+        from ashard._tabular import as_table, conform  # on demand: it imports pyarrow
 
         table = as_table(data, f"{self.name}.write()")
         if self._schema is not None:
@@ -112,7 +111,7 @@ class TableWriter(_Output):
         self._pos = None
         if self._writer is None or self._file is None:
             return None
-        from ashard._tabular import schema_bytes
+        from ashard._tabular import schema_bytes  # on demand: it imports pyarrow
 
         writer, self._writer = self._writer, None
         writer.close()
@@ -142,13 +141,11 @@ class ResultWriter(_Output):
 
     def finish(self, value: Any) -> Finished | None:
         if self.ref.format == "pickle":
-            from ashard._serialize import dumps
-
             data = dumps(value, None)
             return write_bytes(self.place, self._name(), self._token(), data), -1, len(data), None
         if value is None:
             return None
-        from ashard._tabular import as_table, schema_bytes
+        from ashard._tabular import as_table, schema_bytes  # on demand: pyarrow (not for pickle)
 
         table = as_table(value, 'the value fn returned under results="table"')
         pending = self._pending()
@@ -176,7 +173,7 @@ class ResultWriter(_Output):
 
 def _open_writer(fmt: str, target: Any, schema: Any) -> Any:
     if fmt == "parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # on demand: only parquet sinks need it
 
         return pq.ParquetWriter(target, schema)
     return _IpcFileWriter(target, schema)
@@ -186,7 +183,7 @@ class _IpcFileWriter:
     """An Arrow IPC file writer that closes the file it opened."""
 
     def __init__(self, target: Any, schema: Any) -> None:
-        import pyarrow as pa
+        import pyarrow as pa  # on demand: only tables need it
 
         self._stream = pa.OSFile(target, "wb") if isinstance(target, str) else None
         try:

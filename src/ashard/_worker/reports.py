@@ -1,0 +1,128 @@
+"""What the worker sends to its parent: READY, INIT_FAILED and the RESULT messages that
+report a chunk's finished positions (see `ashard._protocol`).
+
+Values travel packed on their own. A value that cannot be pickled, or a report over the
+parent's frame limit, fails its positions with an error that says so and the worker
+goes on; a large array leaves through a sealed memfd (`large_results`), not the socket.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from ashard._framing import DEFAULT_MAX_FRAME, encode, frame_size, send_frames
+from ashard._protocol import INTERRUPTED, RAISED, RESULT, ArrayDesc, Commit
+from ashard._serialize import dumps, encode_exception, pack, show_error
+from ashard._worker.large_results import (
+    RESULT_SEGMENT_BYTES,
+    close_all,
+    oob_bytes,
+    segment_results,
+)
+from ashard._worker.process import private_rss
+
+__all__ = ["Reporter"]
+
+
+class Reporter:
+    """Sends to the parent over `sock`. `max_frame` is the parent's frame limit (from
+    HELLO); `with_rss`: a chunk's final report carries the worker's private memory (a
+    call's does not: it costs latency)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.max_frame = DEFAULT_MAX_FRAME
+        self.with_rss = True
+
+    def send(self, msg: Any) -> None:
+        send_frames(self.sock, encode(msg))
+
+    def result(
+        self,
+        seq: int,
+        k0: int,
+        values: list[Any],
+        errors: list[Any],
+        elapsed: Any,
+        final: bool,
+        writes: list[tuple[int, str]] | None = None,
+        commits: list[Commit] | None = None,
+    ) -> None:
+        """Report positions ``k0 .. k0+len(values)-1`` of chunk `seq`."""
+        rss = private_rss() if final and self.with_rss else 0
+        try:
+            payload = pack(values)
+        except BaseException:  # user pickling code: SystemExit is an outcome, not the end
+            values, errors = _drop_unpicklable(values, errors)
+            payload = pack(values)
+        arrays: list[ArrayDesc] | None = None
+        fds: list[int] = []
+        if payload[1] and oob_bytes(payload) >= RESULT_SEGMENT_BYTES:
+            values, arrays, fds = segment_results(values)
+            if arrays:
+                payload = pack(values)
+        n = len(values)
+        msg = (RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss, commits, arrays)
+        parts = encode(msg)
+        size = len(parts[0]) + len(parts[1]) if len(parts) == 2 else frame_size(parts)
+        if size > self.max_frame:
+            values, errors = _too_large(values, errors, frame_size(parts), self.max_frame)
+            payload = pack(values)
+            parts = encode(
+                (RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss, commits, None)
+            )
+            close_all(fds)
+            fds = []
+        try:
+            send_frames(self.sock, parts, fds)
+        finally:
+            close_all(fds)
+
+    def fail_all(self, seq: int, count: int, exc: BaseException) -> None:
+        """Positions 0..count-1 of chunk `seq` each raised `exc`."""
+        record = encode_exception(exc)
+        errors = [(k, RAISED, record) for k in range(count)]
+        self.result(seq, 0, [None] * count, errors, [0.0] * count, True)
+
+    def never_ran(self, seq: int) -> None:
+        """Chunk `seq` ends before its first position ran: the parent queues it again."""
+        self.result(seq, 0, [], [(0, INTERRUPTED, None)], None, True)
+
+
+def _too_large(
+    values: list[Any], errors: list[Any], size: int, limit: int
+) -> tuple[list[Any], list[Any]]:
+    """The results of one report, over the parent's frame limit: each fails, saying so."""
+    failed = {e[0] for e in errors}
+    exc = ValueError(
+        f"the result is too large to send back: {size:,} bytes in one message, over the "
+        f"limit of {limit:,} (Pool(max_message=...))"
+    )
+    record = encode_exception(exc)
+    extra = [(k, RAISED, record) for k in range(len(values)) if k not in failed]
+    return [None] * len(values), sorted(errors + extra, key=lambda e: e[0])
+
+
+def _drop_unpicklable(values: list[Any], errors: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Replace results that cannot be pickled by errors that say so. A `SystemExit` or
+    `KeyboardInterrupt` raised while pickling one is that result's outcome as it is
+    (as `ProcessPoolExecutor` sends it back), and the worker goes on."""
+    out = list(values)
+    errs = list(errors)
+    for k, value in enumerate(values):
+        try:
+            dumps(value, [])
+        except BaseException as exc:
+            out[k] = None
+            error: BaseException = exc
+            if isinstance(exc, Exception):
+                error = TypeError(
+                    f"the result of fn (a {type(value).__module__}.{type(value).__qualname__}) "
+                    f"cannot be sent back to the parent: it could not be pickled "
+                    f"({show_error(exc)})"
+                )
+                error.__cause__ = exc
+            errs.append((k, RAISED, encode_exception(error)))
+    errs.sort(key=lambda e: e[0])
+    return out, errs
