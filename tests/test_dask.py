@@ -19,6 +19,8 @@ import pytest
 
 import ashard
 import workloads
+from ashard._backend import JobWork
+from ashard._options import CallOptions
 from daskcluster import CliCluster
 
 distributed = pytest.importorskip("distributed")  # the test extra installs it
@@ -185,11 +187,11 @@ async def test_a_sink_the_nodes_cannot_see_is_refused_naming_it(tmp_path: Path) 
     import ashard._dask.wire
 
     unseen = ashard._dask.node._unseen_places  # what each node checks when a call reaches it
-    spec = ashard._dask.wire.NodeJob(0, b"", None, None, [], {}, None)  # type: ignore[arg-type]
+    spec = JobWork(0, (b"", []), CallOptions(), None, [], {}, {}, None)
     assert await anyio.to_thread.run_sync(unseen, spec, "w") is None
     place = ashard._places.Place(str(tmp_path / "nowhere"))
     ref = ashard._protocol.SinkRef("sink", place, "parquet", None, "t")
-    spec = ashard._dask.wire.NodeJob(0, b"", None, None, [], {"rows": ref}, None)  # type: ignore[arg-type]
+    spec = JobWork(0, (b"", []), CallOptions(), None, [], {}, {"rows": ref}, None)
     error = await anyio.to_thread.run_sync(unseen, spec, "tcp://node:1")
     assert error is not None and "nowhere" in str(error) and "out['rows']" in str(error)
 

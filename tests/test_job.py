@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 
 import ashard
+from ashard._backend import Chunk
 from ashard._consumers import StreamBuffer
-from ashard._job import Chunk, Job
+from ashard._job import Job
 from ashard._options import CallOptions
 from ashard._outcomes import Loss
-from ashard._protocol import INTERRUPTED, RAISED, Payload
+from ashard._protocol import INTERRUPTED, RAISED, Payload, Result
 from ashard._serialize import encode_exception
 
 FN: Payload = (b"", [])  # never unpickled: no worker runs
@@ -37,10 +38,16 @@ def take_all(job: Job) -> list[Chunk]:
     return chunks
 
 
+def report(k0: int, n: int, errors: list[Any], final: bool) -> Result:
+    """A worker's report of positions ``k0 .. k0+n-1`` of a chunk, as the scheduler parses
+    it (its values are given to `deliver` on their own)."""
+    return Result(0, k0, n, FN, errors, [0.001] * n, final, None, 0, None, None)
+
+
 def deliver_ok(job: Job, chunk: Chunk, start: int = 0, stop: int | None = None) -> None:
     stop = chunk.count if stop is None else stop
     values = [(chunk.first + k) * 10 for k in range(start, stop)]
-    job.deliver(chunk, start, values, [], [0.001] * len(values), stop == chunk.count, PID)
+    job.deliver(chunk, report(start, len(values), [], stop == chunk.count), values, PID)
 
 
 def test_every_position_leaves_once_and_resolves_once_in_order() -> None:
@@ -137,7 +144,7 @@ def test_a_raised_error_fails_the_shard_with_its_cause_and_retry_errors_retries_
     job = shard_job(1, errors="collect", retry_errors=True, max_retries=1)
     for _ in range(2):
         (chunk,) = take_all(job)
-        job.deliver(chunk, 0, [None], [(0, RAISED, record)], [0.001], True, PID)
+        job.deliver(chunk, report(0, 1, [(0, RAISED, record)], True), [None], PID)
     (error,) = job.failure_list()
     assert isinstance(error, ashard.ShardFailed) and error.attempts == 2
     assert isinstance(error.__cause__, ValueError) and str(error.__cause__) == "bad shard"
@@ -157,7 +164,7 @@ def test_errors_raise_stops_dispatch_at_the_first_permanent_failure() -> None:
 def test_an_interrupted_chunk_gives_its_rest_back_uncharged() -> None:
     job = shard_job(4, chunk_size=4)
     (chunk,) = take_all(job)
-    job.deliver(chunk, 0, [0], [(1, INTERRUPTED, None)], [0.001], True, PID)
+    job.deliver(chunk, report(0, 1, [(1, INTERRUPTED, None)], True), [0], PID)
     assert job.inflight_shards == 0
     assert sorted((c.first, c.attempts) for c in take_all(job)) == [(1, [1]), (2, [1]), (3, [1])]
 
@@ -221,7 +228,7 @@ def stream_with_a_kilobyte_waiting(n: int, max_held_bytes: int) -> tuple[Job, St
     job = Job.of_shards(FN, opts, ashard.shards(n, block_size=1), None, {}, {}, buffer)
     chunk = job.take_chunk(0)
     assert chunk is not None
-    job.deliver(chunk, 0, [b"x" * 1000], [], [0.001], True, PID)
+    job.deliver(chunk, report(0, 1, [], True), [b"x" * 1000], PID)
     assert buffer.pending_bytes == 1000
     return job, buffer
 

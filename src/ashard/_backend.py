@@ -1,12 +1,30 @@
 """Where shards run: the one seam between the job layer and the workers.
 
-`Pool` and the module-level API build a `Job` (`ashard._job`) per call and hand it to
-a backend; they never see a process. The local backend is `ashard._scheduler.Scheduler`
-(worker processes on this machine); a cluster backend (ashard workers hosted by Dask
-workers) implements the same interface, so `api`, `Pool` and `_job` need no change
-for it. The interface, both ways:
+::
 
-A backend offers (`Backend` below):
+    _calls (a call)                         a backend: _scheduler.Scheduler (local)
+       │ builds Job ──────── run(job) ──────────▶    or _dask.backend.DaskBackend
+       │                                                 │
+       │   Job (a JobPort)  ◀── work() ─────────────────┤ what to run (JobWork), once
+       │     ledger, answer ◀── served_by / window ──────┤ how much to send
+       │                    ◀── take_chunk ──────────────┤ a Chunk to send
+       │                    ◀── sent / unsendable ───────┤ it left (its size) / it cannot
+       │                    ◀── deliver(chunk, Result) ──┤ what a worker reported
+       │                    ◀── deliver_unreadable ──────┤   ... values that do not unpickle
+       │                    ◀── undelivered / worker_lost┤ it never arrived / its worker died
+       │                    ◀── ran_on(worker) ──────────┤ for the diagnostics
+       │   waits: over / wait_change   ◀── abort(exc) ───┘ a failure that ends the job
+       ▼
+    ShardResult, ReduceResult, list, ShardStream
+
+`_calls` builds a `Job` (`ashard._job`) per call and hands it to the pool's backend;
+it never sees a process. The local backend is `ashard._scheduler.Scheduler` (worker
+processes on this machine); `ashard._dask.backend.DaskBackend` runs ashard workers
+hosted by Dask workers (and, on each node, a `Scheduler` whose job is a relay standing
+for the caller's job). Both see a job only as a `JobPort` and read what to run from one
+`JobWork` record; a job sees them only as a `Backend`.
+
+A backend offers (`Backend`):
 
 * ``size`` / ``resize(n)``: how many workers it runs at most; ``closed``.
 * ``start()``: bring every worker up (a warm pool); ``aclose()``: stop them all.
@@ -15,39 +33,27 @@ A backend offers (`Backend` below):
   job's ``borrow`` / ``out`` available to its workers (the local backend: shared
   memory; errors such as an unpicklable input are raised *before* ``task_status`` is
   signalled, so a stream's ``async with`` raises them); then it takes chunks and
-  reports what happens to them (below) until ``job.over``. When it returns — done,
-  aborted, or cancelled — none of the job's shards runs any more and everything it
-  made for the job is released. A failure that ends the job goes to ``job.abort(exc)``.
+  reports what happens to them until ``job.over``. When it returns — done, aborted, or
+  cancelled — none of the job's shards runs any more and everything it made for the
+  job is released. A failure that ends the job goes to ``job.abort(exc)``.
 * ``call(fn, args, kwargs, timeout, max_retries)``: one call on a worker; returns its
   value or raises what it raised; a call whose worker died or hung, or that ran past
   `timeout`, runs again up to `max_retries` times, then raises `WorkerCrashed` /
   `ShardTimeout`. A call that never reached its worker (the worker had ended) is sent
   to another one without counting as a run.
 
-A job offers the backend (`ashard._job.Job`):
-
-* what to run: ``fn`` (pickled once), ``borrow``, ``out``, ``opts`` (the checked
-  `CallOptions`: ``timeout``, ``seed``, ``cow``, ``profile``), ``kind``, ``layout``,
-  ``sys_path``;
-* ``has_work()``, ``window()`` (chunks a worker should hold), ``take_chunk(seq, limit)``;
-* ``served_by(n)`` first (chunk sizes leave work for each of `n` workers);
-* ``deliver(chunk, k0, values, errors, elapsed, final, pid, writes)`` for each report,
-  ``deliver_unreadable(chunk, report, pid, exc)`` when its values do not unpickle,
-  ``unsendable(chunk, exc)`` when a chunk's items cannot be pickled,
-  ``undelivered(chunks)`` when chunks never reached the worker (its channel had closed),
-  ``worker_lost(chunks, loss, timed_out=...)`` when a worker died, hung or broke the
-  protocol holding chunks (oldest first), ``ran_on(worker)`` for its diagnostics;
-* ``over``, ``finished``, ``abort(exc)``, ``wait_change()``.
-
-Exactly-once delivery, retries and failure accounting are the job's; a backend only
-has to report every chunk it took, as delivered or lost.
+A job offers the backend exactly `JobPort`. Exactly-once delivery, retries and failure
+accounting are the job's; a backend only has to report every chunk it took, as
+delivered or lost, and only the job writes a `Chunk`'s fields (a node's relay marks
+what it forwarded with `Chunk.reported` / `Chunk.over`).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -55,17 +61,106 @@ import anyio.abc
 import anyio.to_thread
 
 if TYPE_CHECKING:
-    from ashard._health import HealthPolicy
-    from ashard._job import Job
-    from ashard._protocol import Payload
+    from ashard._health import EndReason
+    from ashard._options import CallOptions
+    from ashard._outcomes import Loss
+    from ashard._protocol import Payload, Result, SinkRef
     from ashard.results import PoolStats
+    from ashard.shards import Shards
 
-__all__ = ["Accepted", "Backend", "load_supervisor", "open_backend"]
+__all__ = [
+    "Accepted",
+    "Backend",
+    "Chunk",
+    "JobPort",
+    "JobWork",
+    "WorkerInfo",
+    "import_supervisor",
+    "load_supervisor",
+]
 
 SUPERVISOR = ("ashard._scheduler", "ashard._calls")
 """The modules that bring in the supervisor (the local backend, the call layer and
 everything they use: ~100 ms of imports): loaded off the event loop on a pool's first
 async use, never when `ashard.Pool` is touched."""
+
+
+@dataclass(slots=True, eq=False)
+class Chunk:
+    """Consecutive positions ``first .. first+count-1`` sent to one worker as one
+    message. Made and written by the job (`ashard._job`); a backend reads it."""
+
+    seq: int
+    first: int
+    count: int
+    attempts: list[int] | None
+    items: list[Any] | None
+    done: int = 0
+    heard: float = 0.0  # seconds into the call when it was sent, or last reported on
+    nbytes: int = 0  # its items, pickled, while the caller holds them
+
+    def reported(self, upto: int) -> None:
+        """Its worker reported every position before `upto`."""
+        self.done = upto
+
+    def over(self) -> None:
+        """Every position of it is accounted for (reported, or lost with its worker)."""
+        self.done = self.count
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class JobWork:
+    """What to run, for one call: everything a backend sends its workers about it."""
+
+    kind: int  # `ashard._protocol.SHARDS` or `ITEMS`
+    fn: Payload  # pickled once, in the caller
+    opts: CallOptions
+    layout: Shards | None  # SHARDS: the shards; ITEMS: None
+    sys_path: list[str]  # the caller's, at the call: workers import from it
+    borrow: Mapping[str, Any]  # the inputs, as the caller gave them
+    out: Mapping[str, Any]  # the outputs: arrays, table sinks (a Dask node: their specs)
+    results: SinkRef | None  # where results="table" / "disk" go (the call's outputs open)
+
+
+class WorkerInfo(Protocol):
+    """A worker as a job reports it in its diagnostics."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def peak_rss(self) -> int: ...
+    @property
+    def end_reason(self) -> EndReason | None: ...
+    @property
+    def alive(self) -> bool: ...
+
+
+class JobPort(Protocol):
+    """Exactly what a backend may call on a job (see the module docstring). A job is
+    hashable (by identity): the worker set keys its leases by job."""
+
+    def __hash__(self) -> int: ...
+    def work(self) -> JobWork: ...
+    @property
+    def over(self) -> bool: ...
+    @property
+    def finished(self) -> bool: ...
+    def served_by(self, workers: int, latency: float | None = None) -> None: ...
+    def has_work(self) -> bool: ...
+    def window(self) -> int: ...
+    def take_chunk(self, seq: int, limit: int | None = None) -> Chunk | None: ...
+    def sent(self, chunk: Chunk, nbytes: int) -> None: ...
+    def unsendable(self, chunk: Chunk, exc: Exception) -> None: ...
+    def deliver(self, chunk: Chunk, report: Result, values: list[Any], pid: int) -> None: ...
+    def deliver_unreadable(
+        self, chunk: Chunk, report: Result, pid: int, exc: Exception
+    ) -> None: ...
+    def undelivered(self, chunks: Sequence[Chunk]) -> None: ...
+    def worker_lost(self, chunks: Sequence[Chunk], loss: Loss, *, timed_out: bool) -> None: ...
+    def ran_on(self, worker: WorkerInfo) -> None: ...
+    def abort(self, exc: BaseException | None = None) -> None: ...
+    def notify(self) -> None: ...
+    async def wait_change(self) -> None: ...
 
 
 class Backend(Protocol):
@@ -80,7 +175,7 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
     def stats(self) -> PoolStats: ...
     def pids(self) -> list[int]: ...
-    async def run(self, job: Job, *, task_status: anyio.abc.TaskStatus[None] = ...) -> None: ...
+    async def run(self, job: JobPort, *, task_status: anyio.abc.TaskStatus[None] = ...) -> None: ...
     async def call(
         self,
         fn: Callable[..., Any],
@@ -126,32 +221,3 @@ def import_supervisor() -> None:
     """Import the supervisor here and now (`load_supervisor` is the async way)."""
     for name in SUPERVISOR:
         importlib.import_module(name)
-
-
-def open_backend(
-    size: int,
-    per_node: int | None,
-    env: Mapping[str, str],
-    init: Payload | None,
-    max_frame: int,
-    policy: HealthPolicy,
-    cluster: object = None,
-) -> Backend:
-    """The backend of a pool: worker processes on this machine, or (`cluster`, a Dask
-    scheduler address, client or cluster object) ashard workers hosted by Dask workers,
-    `per_node` on each (default: its thread count). Imports happen here, on first use:
-    the local backend is the supervisor (`load_supervisor` brings it in off the loop
-    first), the Dask one needs the optional `distributed`."""
-    from ashard._handle import WorkerConfig
-
-    config = WorkerConfig(
-        env=dict(env), init=init, max_frame=max_frame, memory_limit=policy.hard_cap
-    )
-    if cluster is None:
-        from ashard._scheduler import Scheduler
-
-        return Scheduler(size, config, policy)
-    from ashard._dask.backend import DaskBackend, check_cluster
-
-    check_cluster(cluster)
-    return DaskBackend(cluster, per_node, config, policy)

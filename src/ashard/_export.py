@@ -7,6 +7,7 @@ memory or pickling a large object must not stall the event loop.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,7 @@ class Exported:
         self.owned.clear()
 
 
-def export(borrow: dict[str, Any], out: dict[str, Any], cow: str) -> Exported:
+def export(borrow: Mapping[str, Any], out: Mapping[str, Any], cow: str) -> Exported:
     """Share or pickle every borrowed and output value; undo everything on failure."""
     exported = Exported()
     try:

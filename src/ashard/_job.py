@@ -31,10 +31,10 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence, Sized
-from dataclasses import dataclass
+from dataclasses import replace
 from itertools import islice
 from logging import WARNING
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -42,6 +42,7 @@ from ashard import _seeding
 from ashard._attempts import CANCELLED, FAILED, TIMED_OUT, AttemptLog
 from ashard._attempts import CRASHED as CRASHED_RUN
 from ashard._attempts import OK as OK_RUN
+from ashard._backend import Chunk, JobWork, WorkerInfo
 from ashard._consumers import UNBOUNDED
 from ashard._health import PROFILES, EndReason
 from ashard._log import worker_event
@@ -62,7 +63,6 @@ from ashard._protocol import (
     RAISED,
     SHARDS,
     TIMEOUT,
-    Commit,
     Payload,
     Result,
 )
@@ -77,41 +77,6 @@ if TYPE_CHECKING:
 
 _OUTCOME_OF = {RAISED: FAILED, TIMEOUT: TIMED_OUT, LOCAL: FAILED}
 _WHY = {CRASHED: "its worker died", TIMEOUT: "it ran past its timeout", RAISED: "fn raised"}
-
-
-@dataclass(slots=True, eq=False)
-class Chunk:
-    """Consecutive positions ``first .. first+count-1`` sent to one worker as one message."""
-
-    seq: int
-    first: int
-    count: int
-    attempts: list[int] | None
-    items: list[Any] | None
-    done: int = 0
-    heard: float = 0.0  # seconds into the call when it was sent, or last reported on
-    nbytes: int = 0  # its items, pickled, while the caller holds them
-
-    def reported(self, upto: int) -> None:
-        """Its worker reported every position before `upto`."""
-        self.done = upto
-
-    def over(self) -> None:
-        """Every position of it is accounted for (reported, or lost with its worker)."""
-        self.done = self.count
-
-
-class WorkerInfo(Protocol):
-    """A worker as a job reports it in its diagnostics."""
-
-    @property
-    def pid(self) -> int: ...
-    @property
-    def peak_rss(self) -> int: ...
-    @property
-    def end_reason(self) -> EndReason | None: ...
-    @property
-    def alive(self) -> bool: ...
 
 
 class Job:
@@ -135,11 +100,8 @@ class Job:
         reducer: Reducer | None = None,
     ) -> None:
         self.kind = kind
-        self.fn = fn
         self.opts = opts
-        self.borrow = borrow
-        self.out = out
-        self.sys_path = list(sys.path)  # the caller's, at the call: workers import from it
+        self._what = JobWork(kind, fn, opts, layout, list(sys.path), borrow, out, None)
         self.noun = "shard" if kind == SHARDS else "item"
         self.layout = layout
         self.sequence = sequence
@@ -214,6 +176,14 @@ class Job:
             kind=ITEMS, fn=fn, opts=opts, borrow=borrow, out={}, layout=None, sequence=None,
             items=iter(items), total=total, stream=None,
         )  # fmt: skip
+
+    def work(self) -> JobWork:
+        """What to run (once the call's outputs are open: the results store's spec
+        carries the call's token)."""
+        store = self.outputs.store
+        if store is None:
+            return self._what
+        return replace(self._what, results=store.spec())
 
     # -- what a backend asks of its sizes (`ChunkSizer`) ---------------------------------
 
@@ -362,21 +332,12 @@ class Job:
 
     # -- outcomes ---------------------------------------------------------------------
 
-    def deliver(
-        self,
-        chunk: Chunk,
-        k0: int,
-        values: list[Any],
-        errors: list[Any],
-        elapsed: Any,
-        final: bool,
-        pid: int,
-        writes: list[tuple[int, str]] | None = None,
-        commits: list[Commit] | None = None,
-    ) -> None:
-        """Record what worker `pid` reported for `chunk`: positions ``k0 ..`` of it,
-        their values, errors and run times, the files they committed, and (`final`)
-        whether the chunk is over."""
+    def deliver(self, chunk: Chunk, report: Result, values: list[Any], pid: int) -> None:
+        """Record what worker `pid` reported for `chunk` (`report`, whose values are
+        `values`, unpickled): positions ``k0 ..`` of it, their values, errors and run
+        times, the files they committed, and (`final`) whether the chunk is over."""
+        k0, errors, elapsed = report.k0, report.errors, report.elapsed
+        commits, writes = report.commits, report.writes
         n = len(values)
         base = chunk.first + k0
         if commits:
@@ -397,7 +358,7 @@ class Job:
             self._store(base, values, chunk, k0, elapsed, pid)
         else:
             self._store_mixed(base, values, errors, chunk, k0, elapsed, pid)
-        if final and chunk.done < chunk.count:  # the worker stopped early (interrupted)
+        if report.final and chunk.done < chunk.count:  # the worker stopped early
             self._requeue_rest(chunk, chunk.done)
         self._let_go(chunk)
         self.notify()

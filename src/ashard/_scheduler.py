@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
+from ashard._backend import Chunk, JobPort, JobWork
 from ashard._framing import (
     INLINE_DECODE_LIMIT,
     Buffer,
@@ -53,7 +54,6 @@ from ashard._framing import (
 )
 from ashard._handle import WorkerConfig, WorkerHandle
 from ashard._health import PROFILES, HealthPolicy
-from ashard._job import Chunk, Job
 from ashard._outcomes import CRASHED, call_outcome, failure, interrupt_in, unreadable_result
 from ashard._protocol import (
     CALL,
@@ -98,7 +98,8 @@ class _Run:
     """A job as this backend runs it: its key on the workers, what they receive, the
     shared memory made for it, and the workers that loaded it."""
 
-    job: Job
+    job: JobPort
+    work: JobWork
     key: int
     spec: JobSpec
     exported: Exported | None
@@ -172,14 +173,14 @@ class Scheduler:
     # -- jobs -------------------------------------------------------------------------
 
     async def run(
-        self, job: Job, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self, job: JobPort, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run `job` until every position is resolved, it aborts, or the caller cancels."""
         run = await self._prepare(job)
         task_status.started()  # the job is accepted (the pool may resize for it now)
         job.served_by(self.size)
         try:
-            with self.workers.watching(job.opts.profile):
+            with self.workers.watching(run.work.opts.profile):
                 async with anyio.create_task_group() as tg:
                     lease_scope = anyio.CancelScope()
                     tg.start_soon(self._lease_loop, run, tg, lease_scope)
@@ -200,17 +201,18 @@ class Scheduler:
         finally:
             self._forget(run)
 
-    async def _prepare(self, job: Job) -> _Run:
+    async def _prepare(self, job: JobPort) -> _Run:
         """Share or pickle the job's borrow and out, off the event loop; nothing leaks
         if that fails or is cancelled."""
+        work = job.work()
         exported = None
-        if job.borrow or job.out:
+        if work.borrow or work.out:
             from ashard._export import export  # numpy and shared memory: only when used
 
             made: list[Exported] = []
 
             def share() -> Exported:
-                made.append(export(job.borrow, job.out, job.opts.cow))
+                made.append(export(work.borrow, work.out, work.opts.cow))
                 return made[-1]
 
             try:
@@ -219,13 +221,11 @@ class Scheduler:
                 for e in made:
                     e.close()
                 raise
-        opts = job.opts
+        opts = work.opts
         borrow = exported.kwargs if exported else None
-        store = job.outputs.store
-        results = store.spec() if store is not None else None
-        spec = JobSpec(job.kind, job.fn, borrow, opts.timeout, opts.seed, job.layout, job.sys_path,
-                       results)  # fmt: skip
-        return _Run(job, next(self._keys), spec, exported)
+        spec = JobSpec(work.kind, work.fn, borrow, opts.timeout, opts.seed, work.layout,
+                       work.sys_path, work.results)  # fmt: skip
+        return _Run(job, work, next(self._keys), spec, exported)
 
     def _forget(self, run: _Run) -> None:
         """The job is over: workers that loaded it drop its fn and borrow, and the
@@ -353,7 +353,7 @@ class Scheduler:
         return encoded
 
     async def _receive(self, lease: _Lease) -> list[_Report]:
-        timeout = lease.run.job.opts.timeout
+        timeout = lease.run.work.opts.timeout
         if timeout is None:
             return await _receive(lease.worker)
         wait = lease.last_heard + timeout + KILL_GRACE - time.monotonic()
@@ -364,7 +364,7 @@ class Scheduler:
     def _handle(self, lease: _Lease, reports: list[_Report]) -> None:
         lease.last_heard = time.monotonic()
         w, job = lease.worker, lease.run.job
-        profile = PROFILES[job.opts.profile]
+        profile = PROFILES[lease.run.work.opts.profile]
         done = timed_out = 0
         for report, values in reports:
             chunk = lease.inflight[0] if lease.inflight else None
@@ -375,8 +375,7 @@ class Scheduler:
             if isinstance(values, Exception):
                 job.deliver_unreadable(chunk, report, w.pid, values)
             else:
-                job.deliver(chunk, report.k0, values, report.errors, report.elapsed,
-                            report.final, w.pid, report.writes, report.commits)  # fmt: skip
+                job.deliver(chunk, report, values, w.pid)
             done += report.n
             if report.errors:
                 timed_out += sum(1 for e in report.errors if e[1] == TIMEOUT)

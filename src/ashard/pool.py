@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 import anyio
 
-from ashard._backend import Backend, load_supervisor, open_backend
+from ashard._backend import Backend, load_supervisor
 from ashard._options import (
     MapOptions,
     ReduceOptions,
@@ -34,6 +34,8 @@ from ashard._serialize import pickle_payload
 from ashard.shards import Shards
 
 if TYPE_CHECKING:
+    from ashard._health import HealthPolicy
+    from ashard._protocol import Payload
     from ashard._stream import ShardStream
     from ashard.results import PoolStats, ReduceResult, ShardResult
 
@@ -48,6 +50,36 @@ def _kill_all_at_exit() -> None:
     handles = sys.modules.get("ashard._handle")
     if handles is not None:
         handles.kill_all_now()
+
+
+def _open_backend(
+    size: int,
+    per_node: int | None,
+    env: Mapping[str, str],
+    init: Payload | None,
+    max_frame: int,
+    policy: HealthPolicy,
+    cluster: object = None,
+) -> Backend:
+    """The backend of a pool (chosen here, where the pool is made, so that the seam
+    imports neither of them): worker processes on this machine, or (`cluster`, a Dask
+    scheduler address, client or cluster object) ashard workers hosted by Dask workers,
+    `per_node` on each (default: its thread count). Imports happen here, on first use:
+    the local backend is the supervisor (`load_supervisor` brings it in off the loop
+    first), the Dask one needs the optional `distributed`."""
+    from ashard._handle import WorkerConfig
+
+    config = WorkerConfig(
+        env=dict(env), init=init, max_frame=max_frame, memory_limit=policy.hard_cap
+    )
+    if cluster is None:
+        from ashard._scheduler import Scheduler
+
+        return Scheduler(size, config, policy)
+    from ashard._dask.backend import DaskBackend, check_cluster
+
+    check_cluster(cluster)
+    return DaskBackend(cluster, per_node, config, policy)
 
 
 class Pool:
@@ -121,7 +153,7 @@ class Pool:
         if self._made is None:
             if self._closed_unmade:
                 raise RuntimeError("this ashard.Pool is closed")
-            self._made = open_backend(*self._recipe)
+            self._made = _open_backend(*self._recipe)
         return self._made
 
     async def backend(self) -> Backend:

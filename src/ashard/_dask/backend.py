@@ -24,8 +24,8 @@ import contextlib
 import itertools
 import pickle
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -46,9 +46,9 @@ from ashard.results import PoolStats
 from ashard.tables import TableSink
 
 if TYPE_CHECKING:
+    from ashard._backend import Chunk, JobPort, JobWork
     from ashard._handle import WorkerConfig
     from ashard._health import EndReason, HealthPolicy
-    from ashard._job import Chunk, Job
 
 __all__ = ["DaskBackend", "check_cluster", "check_outputs"]
 
@@ -95,7 +95,7 @@ def _address_of(cluster: object) -> str | None:
     return address if isinstance(address, str) else None
 
 
-def check_outputs(out: dict[str, Any]) -> None:
+def check_outputs(out: Mapping[str, Any]) -> None:
     """Refuse outputs a cluster cannot take, naming them, before anything runs."""
     bad = [name for name, value in out.items() if not isinstance(value, TableSink)]
     if bad:
@@ -144,9 +144,9 @@ class _Batch(_Task):
 class _Call:
     """One run of a call's job on the cluster: its key and what every task needs."""
 
-    job: Job
+    job: JobPort
     key: str
-    spec: bytes  # the pickled `NodeJob`
+    spec: bytes  # the pickled `JobWork`, its borrow left out
     borrow: Any  # the Dask future of the scattered borrow, or None
     nodes: set[_Node] = field(default_factory=set)
     running: dict[_Batch, Any] = field(default_factory=dict)  # batch -> its Dask future
@@ -272,12 +272,13 @@ class DaskBackend:
     # -- jobs -------------------------------------------------------------------------
 
     async def run(
-        self, job: Job, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self, job: JobPort, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run `job` on the cluster's nodes until it is over (see the module docstring)."""
         await self.start()
-        check_outputs(job.out)
-        call = await self._prepare(job)
+        work = job.work()
+        check_outputs(work.out)
+        call = await self._prepare(job, work)
         job.served_by(self.size, self._trip())
         task_status.started()
         try:
@@ -300,24 +301,23 @@ class DaskBackend:
         cluster so large that its chunks would come faster than `MAX_CHUNKS_PER_SECOND`."""
         return max(TRIP_SECONDS, self.size / MAX_CHUNKS_PER_SECOND / TRIPS_PER_CHUNK)
 
-    async def _prepare(self, job: Job) -> _Call:
-        """What every task of the job needs: the job's function and options go with
-        each task (small); its borrow is scattered to every node once (off the loop),
-        landing in each node's shared memory (`ashard._dask.landing`)."""
-        out = {name: sink.spec() for name, sink in job.out.items()}  # table sinks only
-        store = job.outputs.store
-        results = store.spec() if store is not None else None
-        spec = wire.NodeJob(job.kind, job.fn, job.opts, job.layout, job.sys_path, out, results)
+    async def _prepare(self, job: JobPort, work: JobWork) -> _Call:
+        """What every task of the job needs: what to run goes with each task (small:
+        the borrow goes on its own, outputs as their specs); its borrow is scattered to
+        every node once (off the loop), landing in each node's shared memory
+        (`ashard._dask.landing`)."""
+        out = {name: sink.spec() for name, sink in work.out.items()}  # table sinks only
+        spec = replace(work, borrow={}, out=out)
         try:  # once per call here, once per call on each node (not per chunk)
             spec_bytes = pickle.dumps(spec, protocol=5)
         except Exception as exc:
             raise TypeError(f"the call cannot be sent to the cluster: {exc}") from exc
         key = f"{self._name}-{next(self._keys)}"
         borrow = None
-        if job.borrow:
+        if work.borrow:
             client = self._client
-            names = list(job.borrow)
-            values = [landing(value) for value in job.borrow.values()]
+            names = list(work.borrow)
+            values = [landing(value) for value in work.borrow.values()]
 
             def scatter() -> Any:
                 # A list, not the dict: Dask would take the dict's names as the data's
@@ -398,14 +398,14 @@ class DaskBackend:
         call.running[batch] = future
         future.add_done_callback(_when_done(batch, token))
 
-    def _replay(self, job: Job, chunk: Chunk, node: _Node, reports: list[wire.Report]) -> None:
+    def _replay(self, job: JobPort, chunk: Chunk, node: _Node, reports: list[wire.Report]) -> None:
         """Tell the job what the node's scheduler told the relay, in order."""
         for report in reports:
             match report:
-                case wire.Delivered(k0, values, errors, elapsed, final, pid, writes, commits):
-                    job.deliver(chunk, k0, values, errors, elapsed, final, pid, writes, commits)
+                case wire.Delivered(result, values, pid):
+                    job.deliver(chunk, result, values, pid)
                     self._done += len(values)
-                    self._timed_out += sum(1 for e in errors if e[1] == TIMEOUT)
+                    self._timed_out += sum(1 for e in result.errors if e[1] == TIMEOUT)
                 case wire.Unreadable(result, pid, exc):
                     job.deliver_unreadable(chunk, result, pid, exc)
                 case wire.Unsendable(exc):

@@ -25,8 +25,8 @@ import contextlib
 import os
 import pickle
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -34,12 +34,12 @@ import cloudpickle
 from distributed import get_worker, secede
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ashard._backend import Chunk, JobWork
 from ashard._dask.landing import landed
 from ashard._dask.wire import (
     Aborted,
     Delivered,
     Lost,
-    NodeJob,
     Outcome,
     Printed,
     Raised,
@@ -50,16 +50,18 @@ from ashard._dask.wire import (
     WorkerSeen,
     check_version,
 )
-from ashard._job import Chunk
 from ashard._loopthread import LoopThread
 from ashard._output import redirect
 from ashard.errors import RemoteTraceback
+
+NO_VALUES: Payload = (b"", [])
+"""A forwarded report's pickled values: left out (it goes with them unpickled)."""
 
 if TYPE_CHECKING:
     from ashard._handle import WorkerConfig
     from ashard._health import HealthPolicy
     from ashard._outcomes import Loss
-    from ashard._protocol import Commit, Result, SinkRef
+    from ashard._protocol import Payload, Result
     from ashard._scheduler import Scheduler
 
 __all__ = ["AshardPlugin", "NodeHost", "cancel_call", "end_job", "run_call", "run_chunk"]
@@ -213,7 +215,7 @@ class NodeHost:
             return
         relay = self._relays.get(key)
         if relay is None:
-            spec: NodeJob = pickle.loads(spec_bytes)  # once per call on this node
+            spec: JobWork = pickle.loads(spec_bytes)  # once per call on this node
             borrowed = {name: landed(value) for name, value in (borrow or {}).items()}
             relay = self._relays[key] = _Relay(spec, borrowed)
             unseen = _unseen_places(spec, self.where)
@@ -227,9 +229,7 @@ class NodeHost:
     async def _serve(self, key: str, relay: _Relay) -> None:
         redirect(relay.output)  # worker lines go back to the caller with the chunks
         try:
-            # The scheduler is typed for `ashard._job.Job`; `_Relay` offers the same
-            # methods (the job side of `ashard._backend`) without being one.
-            await self.scheduler.run(relay)  # type: ignore[arg-type]
+            await self.scheduler.run(relay)
         except BaseException as exc:
             relay.abort(exc if isinstance(exc, Exception) else None)
         finally:
@@ -318,7 +318,7 @@ def _cancelled() -> BaseException:
     return RuntimeError("the call was cancelled")
 
 
-def _unseen_places(spec: NodeJob, where: str) -> ValueError | None:
+def _unseen_places(spec: JobWork, where: str) -> ValueError | None:
     """Why this node cannot write where the call's outputs go (a local directory it
     does not see), or None."""
     named = [(f"out[{name!r}]", ref) for name, ref in spec.out.items()]
@@ -338,38 +338,13 @@ def _unseen_places(spec: NodeJob, where: str) -> ValueError | None:
 # -- the caller's job, as the node's scheduler sees it -----------------------------------
 
 
-class _Store:
-    """The caller's results store as a node's scheduler needs it: where to write."""
-
-    def __init__(self, ref: SinkRef) -> None:
-        self._ref = ref
-
-    def spec(self) -> SinkRef:
-        return self._ref
-
-
-class _Outputs:
-    """The caller's outputs as a node's scheduler needs them: its results store, if
-    any (the table sinks travel as specs in `_Relay.out`)."""
-
-    def __init__(self, results: SinkRef | None) -> None:
-        self.store = None if results is None else _Store(results)
-
-
 class _Relay:
     """The caller's job as a node's local scheduler sees it (`ashard._backend`'s side
     of a job): chunks come from tasks, one per worker process at a time, and each
     report of the scheduler is recorded for the task that brought the chunk."""
 
-    def __init__(self, spec: NodeJob, borrow: dict[str, Any]) -> None:
-        self.kind = spec.kind
-        self.fn = spec.fn
-        self.borrow = borrow
-        self.out: dict[str, Any] = dict(spec.out)
-        self.outputs = _Outputs(spec.results)
-        self.opts = spec.opts
-        self.layout = spec.layout
-        self.sys_path = spec.sys_path
+    def __init__(self, spec: JobWork, borrow: dict[str, Any]) -> None:
+        self._work = replace(spec, borrow=borrow)
         self._queue: deque[_Work] = deque()
         self._of: dict[Chunk, _Work] = {}
         self._workers: dict[int, Any] = {}
@@ -407,8 +382,11 @@ class _Relay:
 
     # -- what the scheduler asks ------------------------------------------------------
 
-    def served_by(self, workers: int) -> None:
-        pass
+    def work(self) -> JobWork:
+        return self._work
+
+    def served_by(self, workers: int, latency: float | None = None) -> None:
+        pass  # the caller's job sizes the chunks
 
     def notify(self) -> None:
         if self._changed is not None:
@@ -455,25 +433,14 @@ class _Relay:
     def ran_on(self, worker: Any) -> None:
         self._workers[worker.pid] = worker
 
-    def deliver(
-        self,
-        chunk: Chunk,
-        k0: int,
-        values: list[Any],
-        errors: list[Any],
-        elapsed: Any,
-        final: bool,
-        pid: int,
-        writes: list[tuple[int, str]] | None = None,
-        commits: list[Commit] | None = None,
-    ) -> None:
+    def deliver(self, chunk: Chunk, report: Result, values: list[Any], pid: int) -> None:
         work = self._of[chunk]
-        chunk.reported(k0 + len(values))
+        chunk.reported(report.k0 + len(values))
         work.pids.add(pid)
-        if final:
+        if report.final:
             self._read_output(work, pid)  # what its shards printed goes back with it
-        work.reports.append(Delivered(k0, values, errors, elapsed, final, pid, writes, commits))
-        if final:
+        work.reports.append(Delivered(report._replace(values=NO_VALUES), values, pid))
+        if report.final:
             self._chunk_over(chunk)
 
     def deliver_unreadable(self, chunk: Chunk, report: Result, pid: int, exc: Exception) -> None:
@@ -487,7 +454,7 @@ class _Relay:
     def sent(self, chunk: Chunk, nbytes: int) -> None:
         pass  # the caller's job bounds what it holds; here the task holds the chunk
 
-    def undelivered(self, chunks: list[Chunk]) -> None:
+    def undelivered(self, chunks: Sequence[Chunk]) -> None:
         """The worker ended before these chunks reached it: they run on another one."""
         for chunk in reversed(chunks):
             self._queue.appendleft(self._of.pop(chunk))
@@ -498,7 +465,7 @@ class _Relay:
         work.reports.append(Unsendable(exc))
         self._chunk_over(chunk)
 
-    def worker_lost(self, chunks: list[Chunk], loss: Loss, *, timed_out: bool) -> None:
+    def worker_lost(self, chunks: Sequence[Chunk], loss: Loss, *, timed_out: bool) -> None:
         for chunk in chunks:
             work = self._of[chunk]
             chunk.over()

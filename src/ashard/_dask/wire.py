@@ -1,5 +1,6 @@
-"""What crosses between the caller and a node: the call's record, the version check,
-and the typed reports that tell the caller what happened to its work.
+"""What crosses between the caller and a node: the version check and the typed reports
+that tell the caller what happened to its work. (What to run goes as the call's
+`ashard._backend.JobWork`, its borrow and outputs left out: they travel on their own.)
 
 A chunk's task returns a list of `Report`: what the node's scheduler told the relay,
 in order (`ashard._dask.node._Relay` builds them), replayed into the caller's job by
@@ -11,22 +12,19 @@ version (the plugin checks it), so a record's class is the same on both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ashard import _version
 
 if TYPE_CHECKING:
     from ashard._health import EndReason
-    from ashard._options import CallOptions
     from ashard._outcomes import Loss
-    from ashard._protocol import Commit, Result, SinkRef
+    from ashard._protocol import Result
 
 __all__ = [
     "Aborted",
     "Delivered",
     "Lost",
-    "NodeJob",
     "Outcome",
     "Printed",
     "Raised",
@@ -38,19 +36,6 @@ __all__ = [
     "check_version",
     "version",
 ]
-
-
-@dataclass(frozen=True)
-class NodeJob:
-    """What a node needs to run chunks of one call (pickled once per call)."""
-
-    kind: int
-    fn: Any
-    opts: CallOptions
-    layout: Any
-    sys_path: list[str]
-    out: dict[str, SinkRef]  # table sinks, as specs
-    results: SinkRef | None  # where results="table" / "disk" go
 
 
 def version() -> str:
@@ -72,16 +57,12 @@ def check_version(theirs: str, where: str) -> None:
 
 
 class Delivered(NamedTuple):
-    """Positions ``k0 ..`` of the chunk ran on worker `pid` (`Job.deliver`)."""
+    """Worker `pid` reported positions of the chunk (`Job.deliver`): `report` as the
+    node's scheduler parsed it (its pickled values left out), `values` unpickled."""
 
-    k0: int
+    report: Result
     values: list[Any]
-    errors: list[Any]
-    elapsed: Any
-    final: bool
     pid: int
-    writes: list[tuple[int, str]] | None
-    commits: list[Commit] | None
 
 
 class Unreadable(NamedTuple):
