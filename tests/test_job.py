@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import ashard
+from ashard._attempts import CRASHED, OK
 from ashard._backend import Chunk
 from ashard._consumers import StreamBuffer
 from ashard._job import Job
@@ -81,7 +82,7 @@ def test_a_lost_chunk_of_one_is_charged_and_retried_until_max_retries() -> None:
     assert isinstance(error, ashard.WorkerCrashed)
     assert (error.attempts, error.signal, error.shard_id) == (3, 9, 0)
     assert "SIGKILL" in str(error) and "(3 attempts)" in str(error)
-    assert (job.crashes, job.retries) == (3, 2)
+    assert (job.record.crashes, job.record.retries) == (3, 2)
 
 
 def test_a_crash_inside_a_chunk_keeps_what_was_delivered_and_charges_nobody() -> None:
@@ -108,6 +109,30 @@ def test_a_crash_inside_a_chunk_keeps_what_was_delivered_and_charges_nobody() ->
     assert job.results == [i * 10 for i in range(8)]
 
 
+class FakeWorker:
+    """What a backend tells a job of a worker (`ashard._backend.WorkerInfo`)."""
+
+    def __init__(self, pid: int, alive: bool) -> None:
+        self.pid, self.peak_rss, self.end_reason, self.alive = pid, 1 << 20, None, alive
+
+
+def test_the_diagnostics_tell_every_run_and_every_worker_a_backend_reported() -> None:
+    job = shard_job(4, chunk_size=2, max_retries=0, errors="collect")
+    first, second = take_all(job)
+    job.ran_on(FakeWorker(PID, alive=False))
+    job.ran_on(FakeWorker(PID + 1, alive=True))
+    deliver_ok(job, first)  # positions 0 and 1 ran, reported together
+    job.worker_lost([second], Loss(PID + 1, None, 9), timed_out=False)
+    diagnostics = job.diagnostics()
+    assert (diagnostics.shards, diagnostics.chunks, diagnostics.crashes) == (4, 2, 1)
+    assert diagnostics.workers == (PID, PID + 1)
+    rows = {row.pid: row for row in diagnostics.per_worker}
+    assert (rows[PID].shards, rows[PID].ended) == (2, "exited")
+    assert (rows[PID + 1].shards, rows[PID + 1].ended) == (0, None)
+    runs = sorted((r[0], r[2], r[5]) for r in diagnostics._attempts.runs())
+    assert runs == [(0, PID, OK), (1, PID, OK), (2, PID + 1, CRASHED), (3, PID + 1, CRASHED)]
+
+
 def test_attempt_counts_runs_whether_or_not_they_were_charged() -> None:
     job = shard_job(2, chunk_size=2, max_retries=1, errors="collect")
     (chunk,) = take_all(job)
@@ -120,7 +145,7 @@ def test_attempt_counts_runs_whether_or_not_they_were_charged() -> None:
     job.worker_lost([again], KILLED, timed_out=False)
     deliver_ok(job, second)
     (error,) = job.failure_list()
-    assert error.attempts == 3 and job.retries == 3  # re-runs, charged or not
+    assert error.attempts == 3 and job.record.retries == 3  # re-runs, charged or not
     assert job.results == [None, 10]
 
 
@@ -136,7 +161,7 @@ def test_a_timeout_charges_the_running_position_and_requeues_the_rest() -> None:
     assert (rest.first, rest.count) == (2, 1)
     deliver_ok(job, rest)
     assert job.finished and job.results == [0, None, 20]
-    assert job.timeouts == 1 and job.crashes == 0
+    assert job.record.timeouts == 1 and job.record.crashes == 0
 
 
 def test_a_raised_error_fails_the_shard_with_its_cause_and_retry_errors_retries_it() -> None:

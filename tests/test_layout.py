@@ -136,7 +136,9 @@ def test_the_cycle_finder_finds_cycles() -> None:
 
 SUPERVISOR = {"ashard._scheduler", "ashard._workers", "ashard._handle", "ashard._channel",
               "ashard.pool", "ashard.api", "ashard.sync", "ashard.executor", "ashard._calls",
-              "ashard._backend", "ashard._stream", "ashard._job", "ashard._export"}  # fmt: skip
+              "ashard._backend", "ashard._stream", "ashard._job", "ashard._export",
+              "ashard._consumers", "ashard._sizing", "ashard._outputs", "ashard._record",
+              "ashard._positions"}  # fmt: skip
 
 
 def test_the_worker_side_imports_no_supervisor_module() -> None:

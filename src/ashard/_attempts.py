@@ -10,6 +10,7 @@ its worker last said something about its chunk.
 
 from __future__ import annotations
 
+import html
 import socket
 from array import array
 from collections.abc import Mapping
@@ -108,7 +109,7 @@ class AttemptLog:
         return rows
 
     def to_table(self) -> Any:
-        import pyarrow as pa
+        import pyarrow as pa  # only when a table is asked for (its import is slow)
 
         runs = self.runs()
         columns = list(zip(*runs, strict=True)) if runs else [()] * 6
@@ -136,7 +137,6 @@ def timeline_svg(
     """Workers x time as self-contained HTML with an SVG inside: a box per run, colored
     by outcome (a retry outlined), a cross where a worker crashed or was killed, and
     how each worker ended at the end of its lane."""
-    import html
 
     pids = sorted(set(log.pids) | set(ended))
     lane, width, left, top = 22, 900, 90, 40
@@ -225,10 +225,10 @@ def timeline_png(
 ) -> None:
     """The timeline drawn with matplotlib into `path`."""
     try:
-        import matplotlib
+        import matplotlib  # optional: only for a PNG timeline
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional
     except ImportError as exc:
         raise ImportError(
             "timeline(path='....png') draws with matplotlib, which is not installed: "

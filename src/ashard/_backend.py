@@ -36,7 +36,7 @@ A backend offers (`Backend`):
   reports what happens to them until ``job.over``. When it returns — done, aborted, or
   cancelled — none of the job's shards runs any more and everything it made for the
   job is released. A failure that ends the job goes to ``job.abort(exc)``.
-* ``call(fn, args, kwargs, timeout, max_retries)``: one call on a worker; returns its
+* ``call(CallWork(fn, args, kwargs, timeout, max_retries))``: one call on a worker; returns its
   value or raises what it raised; a call whose worker died or hung, or that ran past
   `timeout`, runs again up to `max_retries` times, then raises `WorkerCrashed` /
   `ShardTimeout`. A call that never reached its worker (the worker had ended) is sent
@@ -71,6 +71,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Accepted",
     "Backend",
+    "CallWork",
+    "Changes",
     "Chunk",
     "JobPort",
     "JobWork",
@@ -122,6 +124,18 @@ class JobWork:
     results: SinkRef | None  # where results="table" / "disk" go (the call's outputs open)
 
 
+@dataclass(frozen=True, slots=True)
+class CallWork:
+    """One `call`: ``fn(*args, **kwargs)`` on a worker, stopped past `timeout`; a run
+    lost with its worker (or stopped) runs again up to `max_retries` times."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    timeout: float | None
+    max_retries: int = 0
+
+
 class WorkerInfo(Protocol):
     """A worker as a job reports it in its diagnostics."""
 
@@ -133,6 +147,23 @@ class WorkerInfo(Protocol):
     def end_reason(self) -> EndReason | None: ...
     @property
     def alive(self) -> bool: ...
+
+
+class Changes:
+    """`notify()` wakes every task waiting in `wait_change()`: how a job (or a node's
+    relay) tells the backend and the caller that something about it changed."""
+
+    _changed: anyio.Event | None = None
+
+    def notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def wait_change(self) -> None:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
 
 
 class JobPort(Protocol):
@@ -176,14 +207,7 @@ class Backend(Protocol):
     def stats(self) -> PoolStats: ...
     def pids(self) -> list[int]: ...
     async def run(self, job: JobPort, *, task_status: anyio.abc.TaskStatus[None] = ...) -> None: ...
-    async def call(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        timeout: float | None,
-        max_retries: int = 0,
-    ) -> Any: ...
+    async def call(self, call: CallWork) -> Any: ...
 
 
 class Accepted(anyio.abc.TaskStatus[None]):

@@ -60,16 +60,19 @@ class Channel:
         halfway the channel is marked `broken`."""
         if self._backlog:
             parts, self._backlog = self._backlog + parts, []
-        anc = _rights(fds)
-        try:
-            parts = advance(parts, self._sock.sendmsg(parts[:IOV_MAX], anc))
-            anc = []
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise ChannelClosed(str(exc)) from exc
+        parts, anc = self._send_some(parts, _rights(fds))
         if parts:
             await self._send_rest(parts, anc)
+
+    def _send_some(self, parts: list[Buffer], anc: list[Any]) -> tuple[list[Buffer], list[Any]]:
+        """What the socket did not take of `parts` (all of them when it is full) and the
+        fds still to go with the next byte; `ChannelClosed` if the socket is gone."""
+        try:
+            return advance(parts, self._sock.sendmsg(parts[:IOV_MAX], anc)), []
+        except BlockingIOError:
+            return parts, anc
+        except OSError as exc:
+            raise ChannelClosed(str(exc)) from exc
 
     def post(self, parts: list[Buffer]) -> bool:
         """Send small control frames now, from synchronous code, if no send is under way;
@@ -88,13 +91,7 @@ class Channel:
         self.broken = True
         while parts:
             await self._wait_writable_draining()
-            try:
-                parts = advance(parts, self._sock.sendmsg(parts[:IOV_MAX], anc))
-                anc = []
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise ChannelClosed(str(exc)) from exc
+            parts, anc = self._send_some(parts, anc)
         self.broken = False
 
     async def _wait_writable_draining(self) -> None:

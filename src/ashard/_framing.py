@@ -35,13 +35,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from ashard._fds import above_stdio
-from ashard._protocol import MAX_BUFFERS, ProtocolViolation
-from ashard._serialize import dumps, load_failure, loads
+from ashard._protocol import ProtocolViolation
+from ashard._serialize import MAX_BUFFERS, dumps, load_failure, loads
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "IOV_MAX",
-    "MAX_BUFFERS",
     "ChannelClosed",
     "FrameReader",
     "RawFrame",

@@ -28,23 +28,15 @@ committed files are kept.
 from __future__ import annotations
 
 import sys
-import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import replace
-from itertools import islice
 from logging import WARNING
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
-from ashard import _seeding
-from ashard._attempts import CANCELLED, FAILED, TIMED_OUT, AttemptLog
-from ashard._attempts import CRASHED as CRASHED_RUN
-from ashard._attempts import OK as OK_RUN
-from ashard._backend import Chunk, JobWork, WorkerInfo
+from ashard._backend import Changes, Chunk, JobWork, WorkerInfo
 from ashard._consumers import UNBOUNDED
-from ashard._health import PROFILES, EndReason
+from ashard._health import PROFILES
 from ashard._log import worker_event
 from ashard._options import CallOptions
 from ashard._outcomes import (
@@ -56,6 +48,7 @@ from ashard._outcomes import (
     unsendable_items,
 )
 from ashard._outputs import LOCAL, Outputs
+from ashard._positions import ItemPositions, Positions, ShardPositions
 from ashard._progress import Progress
 from ashard._protocol import (
     INTERRUPTED,
@@ -66,20 +59,20 @@ from ashard._protocol import (
     Payload,
     Result,
 )
+from ashard._record import CallRecord
 from ashard._sizing import ChunkSizer
 from ashard.errors import ShardError
-from ashard.results import Diagnostics, ShardDone, ShardResult, WorkerRow
+from ashard.results import Diagnostics, ShardDone, ShardResult
 from ashard.shards import Shard, Shards
 
 if TYPE_CHECKING:
     from ashard._consumers import Reducer, StreamBuffer
     from ashard.tables import ResultStore
 
-_OUTCOME_OF = {RAISED: FAILED, TIMEOUT: TIMED_OUT, LOCAL: FAILED}
 _WHY = {CRASHED: "its worker died", TIMEOUT: "it ran past its timeout", RAISED: "fn raised"}
 
 
-class Job:
+class Job(Changes):
     """One `shard_map`, `shard_stream` or `map` call: what to run, and where each of
     its positions stands. Made by `Job.of_shards` or `Job.of_items`."""
 
@@ -103,9 +96,12 @@ class Job:
         self.opts = opts
         self._what = JobWork(kind, fn, opts, layout, list(sys.path), borrow, out, None)
         self.noun = "shard" if kind == SHARDS else "item"
-        self.layout = layout
-        self.sequence = sequence
-        self._items = items
+        self.positions: Positions
+        if layout is not None:
+            self.positions = ShardPositions(layout, sequence, opts.seed)
+        else:
+            assert items is not None
+            self.positions = ItemPositions(items, total)
         self.total = total
         self.stream = stream
         self.progress = Progress(total, f"{self.noun}s") if opts.progress else None
@@ -121,22 +117,12 @@ class Job:
         self._unrun: set[int] = set()  # queued again without having run
         self.failures: dict[int, ShardError] = {}
         self._retry: deque[int] = deque()
-        self._retry_items: dict[int, Any] = {}
-        self.next_pos = 0
-        self.exhausted = kind == SHARDS
         self.inflight_shards = 0
-        self.cow_writes: set[tuple[int, str]] = set()  # (shard id, borrow name), cow="audit"
         self.aborted = False
         self.fatal: BaseException | None = None
         self.max_held = opts.max_held_bytes if opts.max_held_bytes is not None else 1 << 62
         self.held_bytes = 0  # items of chunks in flight, pickled (`sent`)
-        self.chunks = self.retries = self.timeouts = self.crashes = 0
-        self.pids: set[int] = set()
-        self._ran_on: dict[int, WorkerInfo] = {}  # every worker the job ran on, by pid
-        self._per_pid: dict[int, list[float]] = {}  # pid -> [shards, busy seconds]
-        self.t0 = time.perf_counter()
-        self._changed: anyio.Event | None = None
-        self.attempt_log = AttemptLog()
+        self.record = CallRecord(self._run_of)
         self.sizer = ChunkSizer(opts.chunk_size, PROFILES[opts.profile].chunk)
         self.outputs = Outputs(out, store)
 
@@ -196,26 +182,18 @@ class Job:
         """How many chunks a worker should hold at once."""
         return self.sizer.window()
 
-    # -- notification -----------------------------------------------------------------
-
-    def notify(self) -> None:
-        """Wake everyone waiting for this job to change."""
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
-
-    async def wait_change(self) -> None:
-        if self._changed is None:
-            self._changed = anyio.Event()
-        await self._changed.wait()
-
     # -- state ------------------------------------------------------------------------
 
     @property
     def finished(self) -> bool:
         if self.kind == SHARDS:
             return self.n_resolved == self.total
-        return self.exhausted and not self._retry and self.n_resolved == self.next_pos
+        return self.positions.exhausted and not self._retry and self.n_resolved == self.next_pos
+
+    @property
+    def next_pos(self) -> int:
+        """How many positions have been taken (all of them, once the job is over)."""
+        return self.positions.next_pos
 
     @property
     def over(self) -> bool:
@@ -244,9 +222,7 @@ class Job:
             return False
         if self._retry:
             return True
-        if self.kind == SHARDS:
-            return self.next_pos < (self.total or 0)
-        return not self.exhausted
+        return not self.positions.exhausted
 
     def _room(self) -> int:
         """How many more positions may be in flight: as many as its consumer, if it has
@@ -264,7 +240,7 @@ class Job:
             return None
         if self._retry:
             pos = self._retry.popleft()
-            items = [self._item_at(pos)] if self._has_items else None
+            items = [self.positions.item_at(pos)] if self.positions.has_items else None
             chunk = Chunk(seq, pos, 1, [self._next_run(pos)], items)
         else:
             remaining = None if self.total is None else self.total - self.next_pos
@@ -274,8 +250,8 @@ class Job:
                 return None
             chunk = new
         self.inflight_shards += chunk.count
-        self.chunks += 1
-        chunk.heard = time.perf_counter() - self.t0
+        self.record.chunks += 1
+        chunk.heard = self.record.now()
         if chunk.items is not None:  # held from now: counted as estimated until `sent`
             chunk.nbytes = self.sizer.bytes_of(chunk.count)
             self.held_bytes += chunk.nbytes
@@ -288,46 +264,23 @@ class Job:
             return self.runs.get(pos, 1)
         run = self.runs.get(pos, 1) + 1
         self.runs[pos] = run
-        self.retries += 1
+        self.record.retries += 1
         return run
-
-    @property
-    def _has_items(self) -> bool:
-        return self.kind != SHARDS or self.sequence is not None
-
-    def _item_at(self, pos: int) -> Any:
-        if self.kind == SHARDS:
-            assert self.layout is not None
-            return self.layout.items_of(self.sequence, pos)
-        return self._retry_items.pop(pos)
 
     def _take_new(self, seq: int, size: int) -> Chunk | None:
         first = self.next_pos
-        if self.kind == SHARDS:
-            count = min(size, (self.total or 0) - first)
-            items = None
-            if self.sequence is not None:
-                assert self.layout is not None
-                items = [
-                    self.layout.items_of(self.sequence, p) for p in range(first, first + count)
-                ]
-        else:
-            assert self._items is not None
-            try:
-                items = list(islice(self._items, size))
-            except Exception as exc:  # the caller's iterable raised: that is the call's error
-                self.exhausted = True
-                self.abort(exc)
-                return None
-            count = len(items)
+        try:
+            count, items = self.positions.take(size)
+        except Exception as exc:  # the caller's iterable raised: that is the call's error
+            self.abort(exc)
+            return None
+        if self.kind != SHARDS:
             if count < size:
-                self.exhausted = True
-                self.notify()
+                self.notify()  # the end is known now
             if not count:
                 return None
             self.results.extend([None] * count)
             self._resolved.extend(bytes(count))
-        self.next_pos += count
         return Chunk(seq, first, count, None, items)
 
     # -- outcomes ---------------------------------------------------------------------
@@ -342,16 +295,11 @@ class Job:
         base = chunk.first + k0
         if commits:
             values, errors = self.outputs.keep(base, values, errors, commits)
-        self._log_report(chunk, base, n, errors, elapsed, pid)
+        busy = self.record.reported(chunk, base, n, errors, elapsed, pid)
         if writes:
-            self.cow_writes.update((base + k, name) for k, name in writes)
+            self.record.cow_writes.update((base + k, name) for k, name in writes)
         self.inflight_shards -= n
         chunk.done = k0 + n
-        self.pids.add(pid)
-        busy = _total(elapsed)
-        row = self._per_pid.setdefault(pid, [0, 0.0])
-        row[0] += n
-        row[1] += busy
         if elapsed is not None:
             self.sizer.learn(n, busy)
         if not errors:
@@ -362,31 +310,6 @@ class Job:
             self._requeue_rest(chunk, chunk.done)
         self._let_go(chunk)
         self.notify()
-
-    def _log_report(
-        self, chunk: Chunk, base: int, n: int, errors: list[Any], elapsed: Any, pid: int
-    ) -> None:
-        """Record the runs a report tells of: one range for a report without errors
-        (O(1) here, however many shards), a row per position otherwise, and a row for
-        a run the report says was interrupted."""
-        now = time.perf_counter() - self.t0
-        log = self.attempt_log
-        if not errors:
-            attempt = self._run_of(base) if n == 1 else 1  # ranges of many are first runs
-            log.add_run(base, n, attempt, pid, now, elapsed)
-            chunk.heard = now
-            return
-        by_k = {e[0]: e[1] for e in errors}
-        times = elapsed if isinstance(elapsed, list) else [(elapsed or 0.0) / max(n, 1)] * n
-        t = now - float(sum(times[:n]))
-        for k in range(n):
-            took = float(times[k]) if k < len(times) else 0.0
-            outcome = _OUTCOME_OF.get(by_k[k], FAILED) if k in by_k else OK_RUN
-            log.add(base + k, self._run_of(base + k), pid, t, t + took, outcome)
-            t += took
-        if by_k.get(n) == INTERRUPTED:
-            log.add(base + n, self._run_of(base + n), pid, max(chunk.heard, t), now, CANCELLED)
-        chunk.heard = now
 
     def _run_of(self, pos: int) -> int:
         return self.runs.get(pos, 1)
@@ -399,7 +322,7 @@ class Job:
         base = chunk.first + k0
         self.inflight_shards -= n
         chunk.done = k0 + n
-        self.pids.add(pid)
+        self.record.heard_from(pid)
         by_k = {e[0]: e for e in report.errors}
         for k in range(n):
             pos, err = base + k, by_k.get(k)
@@ -500,18 +423,8 @@ class Job:
 
     def shard_at(self, pos: int, chunk: Chunk | None = None, k: int = 0) -> Shard:
         """The `Shard` for a position, as `fn` saw it on its last attempt."""
-        attempt = self.runs.get(pos, 1)
-        rng = None
-        if self.opts.seed is not None and self.kind == SHARDS:
-            rng = _seeding.shard_rng(self.opts.seed, pos)
-        if self.kind == SHARDS:
-            assert self.layout is not None
-            items = None
-            if self.sequence is not None:
-                items = self.layout.items_of(self.sequence, pos)
-            return Shard(pos, self.layout.indices(pos), items, rng, attempt)
         item = chunk.items[k] if chunk is not None and chunk.items is not None else None
-        return Shard(pos, range(pos, pos + 1), [item], None, attempt)
+        return self.positions.shard_at(pos, self.runs.get(pos, 1), item)
 
     def _charge(self, pos: int, chunk: Chunk, k: int, kind: int, detail: Any, pid: int) -> None:
         """A failed run of `pos`, counted against `max_retries`: run it again, or record
@@ -519,7 +432,7 @@ class Job:
         charged = self._charged.get(pos, 0) + 1
         self._charged[pos] = charged
         if kind == TIMEOUT:
-            self.timeouts += 1
+            self.record.timeouts += 1
         retry = charged <= self.opts.max_retries and (kind != RAISED or self.opts.retry_errors)
         if retry and not self.aborted:
             why = _WHY.get(kind, "it failed")
@@ -532,9 +445,8 @@ class Job:
         self._fail(pos, error, chunk, k, pid)
 
     def _push_retry(self, pos: int, chunk: Chunk, k: int) -> None:
-        if self.kind != SHARDS:
-            assert chunk.items is not None
-            self._retry_items[pos] = chunk.items[k]
+        if chunk.items is not None:
+            self.positions.keep(pos, chunk.items[k])
         self._retry.append(pos)
 
     def _error(
@@ -606,7 +518,7 @@ class Job:
         ran past the timeout (`timed_out`)."""
         pid = loss.pid
         if not timed_out:
-            self.crashes += 1
+            self.record.crashes += 1
         for i, chunk in enumerate(chunks):
             start = chunk.done
             if i > 0 or start >= chunk.count:
@@ -618,17 +530,13 @@ class Job:
                 chunk.done = start + 1
                 kind = TIMEOUT if timed_out else CRASHED
                 pos = chunk.first + start
-                self.attempt_log.add(pos, self._run_of(pos), pid, chunk.heard,
-                                     time.perf_counter() - self.t0,
-                                     TIMED_OUT if timed_out else CRASHED_RUN)  # fmt: skip
+                self.record.lost(range(pos, pos + 1), pid, chunk.heard, timed_out)
                 detail = None if timed_out else loss
                 self._charge(chunk.first + start, chunk, start, kind, detail, pid)
                 self._requeue_rest(chunk, start + 1, ran=not timed_out)
             else:
-                now = time.perf_counter() - self.t0
-                for pos in range(chunk.first + start, chunk.first + chunk.count):
-                    self.attempt_log.add(pos, self._run_of(pos), pid, chunk.heard, now,
-                                         CRASHED_RUN)  # fmt: skip
+                positions = range(chunk.first + start, chunk.first + chunk.count)
+                self.record.lost(positions, pid, chunk.heard, timed_out=False)
                 self._requeue_rest(chunk, start, ran=True)  # the culprit is one of them
         for chunk in chunks:
             self._let_go(chunk)
@@ -636,37 +544,13 @@ class Job:
 
     # -- result -----------------------------------------------------------------------
 
-    def diagnostics(self, cancelled: bool = False) -> Diagnostics:
-        return Diagnostics(
-            shards=self.total if self.total is not None else self.next_pos,
-            duration=time.perf_counter() - self.t0,
-            workers=tuple(sorted(self.pids | self._ran_on.keys())),
-            chunks=self.chunks,
-            retries=self.retries,
-            timeouts=self.timeouts,
-            crashes=self.crashes,
-            failures=len(self.failures),
-            cancelled=cancelled,
-            cow_writes=tuple(sorted(self.cow_writes)),
-            per_worker=tuple(self._worker_row(pid) for pid in sorted(self._ran_on)),
-            _attempts=self.attempt_log,
-        )
+    def diagnostics(self) -> Diagnostics:
+        shards = self.total if self.total is not None else self.next_pos
+        return self.record.diagnostics(shards, len(self.failures))
 
     def ran_on(self, worker: WorkerInfo) -> None:
-        """`worker` runs (or ran) shards of this job: it gets a row in the diagnostics
-        (and its machine, when it says, in `shards_table()`)."""
-        self._ran_on[worker.pid] = worker
-        host = getattr(worker, "host", None)
-        if host is not None:
-            self.attempt_log.hosts[worker.pid] = host
-
-    def _worker_row(self, pid: int) -> WorkerRow:
-        w = self._ran_on[pid]
-        shards, busy = self._per_pid.get(pid, (0, 0.0))
-        ended: EndReason | None = w.end_reason
-        if ended is None and not w.alive:
-            ended = "exited"
-        return WorkerRow(pid, int(shards), busy, w.peak_rss, ended)
+        """`worker` runs (or ran) shards of this job (`CallRecord.ran_on`)."""
+        self.record.ran_on(worker)
 
     def resolved_from(self, start: int) -> list[Any]:
         """The values of the resolved positions ``start, start+1, ...`` up to the first
@@ -692,20 +576,12 @@ class Job:
         store = self.outputs.store
         if store is None:
             return ShardResult(results, self.failure_list(), shards, self.diagnostics())
-        from ashard.tables import LazyResults
+        from ashard.tables import LazyResults  # pyarrow: a results store only
 
         return ShardResult(
             LazyResults(results), self.failure_list(), shards, self.diagnostics(),
             refs=results, _store=store,
         )  # fmt: skip
-
-
-def _total(elapsed: Any) -> float:
-    if elapsed is None:
-        return 0.0
-    if isinstance(elapsed, float):
-        return elapsed
-    return float(sum(elapsed))
 
 
 def _pick(elapsed: Any, k: int) -> float:

@@ -18,7 +18,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from joblib import register_parallel_backend
+import cloudpickle
+from joblib import cpu_count, register_parallel_backend
 from joblib._parallel_backends import (
     AutoBatchingMixin,
     FallbackToBackend,
@@ -73,7 +74,6 @@ def _executor(
     threads of native libraries in each worker, as joblib does for loky. Another
     `initializer` or `initargs` (compared pickled, so arguments changed in place
     count as other ones) replaces it with a fresh one, as loky does."""
-    import cloudpickle
 
     if initializer is not None and not callable(initializer):
         raise TypeError(f"initializer must be a callable, got: {initializer!r}")
@@ -94,8 +94,6 @@ def _executor(
 def _cpu_count() -> int:
     """The CPUs this process may run on (joblib's own count where it has one)."""
     try:
-        from joblib import cpu_count
-
         return max(1, int(cpu_count()))
     except Exception:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
@@ -110,7 +108,7 @@ def shutdown_all() -> None:
         ex.shutdown(wait=True)
 
 
-class AshardBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
+class AshardBackend(AutoBatchingMixin, ParallelBackendBase):
     """joblib's `ParallelBackendBase` on an `ashard.Executor`."""
 
     supports_retrieve_callback = True

@@ -16,6 +16,7 @@ expanded signature (with the record's defaults) onto the function for `help()` a
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import numbers
@@ -23,7 +24,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, TypedDict, TypeVar, get_args, get_type_hints
+from typing import Any, Literal, TypedDict, TypeVar, cast, get_args, get_type_hints
 
 from ashard._health import HealthPolicy
 from ashard.shards import Shards, shards
@@ -335,11 +336,14 @@ def resolve_shards(value: object) -> tuple[Shards, Any]:
 
 
 def check_items(items: object) -> Iterable[Any]:
+    """`items`, if it is iterable: if `iter()` takes it, the one reliable test."""
+    if isinstance(items, Iterable):
+        return items
     try:
-        iter(items)  # type: ignore[call-overload]
+        iter(cast(Any, items))  # the sequence protocol (`__getitem__`) too
     except TypeError:
         raise TypeError(f"items must be iterable, got {_show(items)}") from None
-    return items  # type: ignore[return-value]
+    return cast(Iterable[Any], items)
 
 
 def check_borrow(borrow: object, out: object) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -382,7 +386,6 @@ def check_takes(fn: Callable[..., Any], inputs: Mapping[str, Any], outputs: Mapp
     called as ``fn(first, **borrow, **out)``)."""
     if not inputs and not outputs:
         return
-    import inspect
 
     try:
         params = inspect.signature(fn).parameters
@@ -413,7 +416,6 @@ def _name_of(fn: Callable[..., Any]) -> str:
 
 
 def _nearest(name: str, names: list[str]) -> str:
-    import difflib
 
     close = difflib.get_close_matches(name, names, n=1)
     return f": did you mean {close[0]!r}?" if close else ""

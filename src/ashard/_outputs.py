@@ -105,6 +105,6 @@ def _sinks_in(out: Mapping[str, Any]) -> dict[str, TableSink]:
     are outputs: a plain call does not need it)."""
     if not out:
         return {}
-    from ashard.tables import TableSink
+    from ashard.tables import TableSink  # pyarrow: calls with outputs only
 
     return {name: v for name, v in out.items() if isinstance(v, TableSink)}

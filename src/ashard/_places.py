@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Iterable
@@ -45,7 +46,7 @@ class Place:
     def resolve(cls, path: object, filesystem: object, what: str) -> Place:
         """The place named by `path` (a local path or a URI) inside `filesystem`."""
         if filesystem is not None:
-            from pyarrow import fs as pafs
+            from pyarrow import fs as pafs  # pyarrow on first use: its import is slow
 
             if not isinstance(filesystem, pafs.FileSystem):
                 raise TypeError(
@@ -64,7 +65,7 @@ class Place:
         if isinstance(text, bytes):
             raise TypeError(f"{what} must be a str path, got bytes")
         if "://" in text and not text.startswith("file://"):
-            from pyarrow import fs as pafs
+            from pyarrow import fs as pafs  # pyarrow on first use: its import is slow
 
             try:
                 remote, root = pafs.FileSystem.from_uri(text)
@@ -86,7 +87,6 @@ class Place:
     def __reduce__(self) -> Any:
         if self.fs is None:
             return Place, (self.root,)
-        import pickle
 
         return _remote_place, (self.root, pickle.dumps(self.fs))
 
@@ -112,7 +112,7 @@ class Place:
                     "only into a new or empty directory (it never overwrites data)"
                 )
             return
-        from pyarrow import fs as pafs
+        from pyarrow import fs as pafs  # pyarrow on first use: its import is slow
 
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.File:
@@ -136,7 +136,7 @@ class Place:
                 return os.listdir(self.root)
             except FileNotFoundError:
                 return []
-        from pyarrow import fs as pafs
+        from pyarrow import fs as pafs  # pyarrow on first use: its import is slow
 
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         return [info.base_name for info in infos]
@@ -184,7 +184,6 @@ class Place:
 
 def _remote_place(root: str, fs: bytes) -> Place:
     """Unpickle a remote place; pyarrow.fs first, so its S3 cleanup runs at exit."""
-    import pickle
 
     import pyarrow.fs  # noqa: F401
 

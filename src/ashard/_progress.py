@@ -30,7 +30,7 @@ def _notebook_display() -> Any:
     shell = ipython.get_ipython() if ipython is not None else None
     if shell is None or getattr(shell, "kernel", None) is None:
         return None
-    from IPython.display import display
+    from IPython.display import display  # optional: notebooks only
 
     return display
 
@@ -51,7 +51,7 @@ class Progress:
             self._shown = display(self._bundle(), raw=True, display_id=True)
             return
         try:
-            from tqdm.std import tqdm
+            from tqdm.std import tqdm  # optional
         except ImportError:
             return
         self._bar = tqdm(total=total, desc=desc, unit=desc, file=sys.stderr,

@@ -64,9 +64,6 @@ UNREADABLE_CALL = -1
 EXIT_OVER_MEMORY = 213
 """Exit status of a worker that stopped itself past its memory limit (HELLO)."""
 
-MAX_BUFFERS = 1 << 16
-"""Out-of-band buffers one frame may carry (`ashard._serialize.pack` keeps within half)."""
-
 INTERRUPT_SIGNAL = signal.SIGUSR1
 """Sent by the parent to stop the shard a worker is running (cancellation)."""
 

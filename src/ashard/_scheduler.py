@@ -36,14 +36,13 @@ import itertools
 import os
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 
-from ashard._backend import Chunk, JobPort, JobWork
+from ashard._backend import CallWork, Chunk, JobPort, JobWork
 from ashard._framing import (
     INLINE_DECODE_LIMIT,
     Buffer,
@@ -429,17 +428,11 @@ class Scheduler:
 
     # -- one-shot calls ---------------------------------------------------------------
 
-    async def call(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        timeout: float | None,
-        max_retries: int = 0,
-    ) -> Any:
+    async def call(self, call: CallWork) -> Any:
         """Run ``fn(*args, **kwargs)`` on a worker; raise what it raises. A call whose
         worker died or hung runs again, on another worker, up to `max_retries` times."""
         seq = next(self._seq)
+        fn, args, kwargs, timeout = call.fn, call.args, call.kwargs, call.timeout
         try:
             parts = encode((CALL, seq, with_sources(fn), args, kwargs, timeout), by_value=True)
         except Exception:
@@ -452,7 +445,7 @@ class Scheduler:
                 return outcome
             if not outcome.delivered and undelivered < MAX_UNDELIVERED:
                 undelivered += 1  # it never ran: not an attempt, whatever max_retries says
-            elif attempt <= max_retries:
+            elif attempt <= call.max_retries:
                 attempt += 1
             else:
                 raise outcome.error

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import pickle
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ashard._protocol import MAX_BUFFERS, Payload
+if TYPE_CHECKING:
+    from ashard._protocol import Payload
 
 __all__ = [
+    "MAX_BUFFERS",
     "LoadError",
     "decode_exception",
     "dumps",
@@ -27,6 +29,10 @@ __all__ = [
     "show_error",
     "unpack",
 ]
+
+MAX_BUFFERS = 1 << 16
+"""Out-of-band buffers one frame may carry (`ashard._framing` checks it; `pack` keeps
+within half)."""
 
 PROTOCOL = 5
 _MAIN = b"__main__"
@@ -83,7 +89,7 @@ def dumps(obj: Any, buffers: list[pickle.PickleBuffer] | None) -> bytes:
             if buffers is not None:
                 buffers.extend(oob)
             return data
-    import cloudpickle
+    import cloudpickle  # only for what the C pickler cannot take
 
     oob.clear()
     by_value: bytes = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)

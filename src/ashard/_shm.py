@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ashard._fds import above_stdio
 
 if TYPE_CHECKING:
-    import numpy as np
+    import numpy as np  # numpy on first use: a worker and `import ashard` start without it
 
 __all__ = [
     "SHAREABLE_KINDS",
@@ -82,7 +82,7 @@ def _open_fd(name: str) -> int:
     if backend() == "memfd":
         return above_stdio(os.memfd_create(name, os.MFD_CLOEXEC))
     try:
-        import _posixshmem
+        import _posixshmem  # named segments: only where memfd is missing
     except ImportError:
         raise NotImplementedError(
             "ashard shared memory needs Linux memfd or POSIX shared memory (shm_open)"
@@ -170,7 +170,7 @@ def array_view(
     segment: Segment, dtype: np.dtype[Any], shape: tuple[int, ...], *, writable: bool
 ) -> np.ndarray[Any, Any]:
     """The parent's ndarray over a segment (an empty array for a zero-size one)."""
-    import numpy as np
+    import numpy as np  # numpy on first use: a worker and `import ashard` start without it
 
     if segment.size == 0 or segment.mmap is None:
         array: np.ndarray[Any, Any] = np.empty(shape, dtype)
@@ -197,7 +197,7 @@ def copy_into_segment(array: np.ndarray[Any, Any]) -> Segment:
     array is copied in chunks by several threads into lazily faulted memory: 2-3x
     faster here than one thread, with or without MAP_POPULATE (see RESULTS.md).
     """
-    import numpy as np
+    import numpy as np  # numpy on first use: a worker and `import ashard` start without it
 
     parallel = array.nbytes >= PARALLEL_COPY_BYTES and array.ndim > 0 and array.shape[0] > 1
     segment = Segment(array.nbytes, populate=not parallel)
@@ -215,7 +215,7 @@ def copy_into_segment(array: np.ndarray[Any, Any]) -> Segment:
 
 
 def parallel_copy(target: np.ndarray[Any, Any], source: np.ndarray[Any, Any]) -> None:
-    import numpy as np
+    import numpy as np  # numpy on first use: a worker and `import ashard` start without it
 
     global _copier
     if _copier is None:
@@ -241,7 +241,7 @@ def adopt_result(fd: int, dtype: str, shape: tuple[int, ...], fortran: bool) -> 
     private, writable mapping of its sealed segment, owning the memory (freed with
     the array). Takes `fd` (closed here); `ValueError` if the segment is not what it
     claims to be - a worker's word is not trusted."""
-    import numpy as np
+    import numpy as np  # numpy on first use: a worker and `import ashard` start without it
 
     try:
         kind = np.dtype(dtype)
@@ -268,7 +268,7 @@ def is_arrow(obj: Any) -> bool:
 def ipc_segment(data: Any) -> tuple[Segment, str]:
     """A new segment holding a Table or RecordBatch as an Arrow IPC stream, and its kind
     ("table" or "batch")."""
-    import pyarrow as pa
+    import pyarrow as pa  # pyarrow on first use: its import is slow
 
     sink = pa.MockOutputStream()
     _write_ipc(sink, data)
@@ -283,7 +283,7 @@ def ipc_segment(data: Any) -> tuple[Segment, str]:
 
 
 def _write_ipc(sink: Any, data: Any) -> None:
-    import pyarrow as pa
+    import pyarrow as pa  # pyarrow on first use: its import is slow
 
     with pa.ipc.new_stream(sink, data.schema) as writer:
         if isinstance(data, pa.Table):
@@ -294,7 +294,7 @@ def _write_ipc(sink: Any, data: Any) -> None:
 
 def open_ipc(memory: Any, kind: str) -> Any:
     """A Table or RecordBatch over Arrow IPC bytes in `memory`, without copying them."""
-    import pyarrow as pa
+    import pyarrow as pa  # pyarrow on first use: its import is slow
 
     reader = pa.ipc.open_stream(pa.py_buffer(memory))
     if kind == "table":

@@ -151,6 +151,8 @@ class ShardMapError(ExceptionGroup[ShardError]):
         message = f"{n} {noun}{'s' if n > 1 else ''} failed; first: {failures[0]}{more}"
         return cls(message, failures, result)
 
+    # `split()` / `subgroup()` keep the type and the result (typeshed's `derive` is
+    # generic in the exception type, so narrowing it is an override mypy refuses).
     def derive(self, excs: Sequence[ShardError]) -> ShardMapError:  # type: ignore[override]
         return ShardMapError(self.message, excs, self.result)
 

@@ -51,6 +51,7 @@ __all__ = ["Executor", "ExecutorUnpicklingError", "ExecutorWorkerCrashed"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+_E = TypeVar("_E", bound=BaseException)
 
 _CALL_NAMES = {"self", "fn", "timeout", "max_retries"}
 """Keyword arguments `Pool.call` would take as its own."""
@@ -70,8 +71,9 @@ class ExecutorWorkerCrashed(WorkerCrashed, BrokenProcessPool):
     @classmethod
     def of(cls, exc: WorkerCrashed) -> ExecutorWorkerCrashed:
         new = _rebuild(cls, exc.args, exc.__dict__)  # as unpickling it would
+        assert isinstance(new, cls)
         new.__cause__, new.__traceback__ = exc.__cause__, exc.__traceback__
-        return new  # type: ignore[return-value]
+        return new
 
 
 class ExecutorUnpicklingError(pickle.UnpicklingError, BrokenProcessPool):
@@ -85,7 +87,7 @@ class ExecutorUnpicklingError(pickle.UnpicklingError, BrokenProcessPool):
     def of(cls, exc: LoadError) -> ExecutorUnpicklingError:
         new = cls(str(exc))
         new.__cause__ = exc.__cause__  # the worker's traceback, or what unpickling raised
-        return _as_stdlib_raises(new)  # type: ignore[return-value]
+        return _as_stdlib_raises(new)
 
 
 class _Core:
@@ -271,7 +273,7 @@ def _settle(
         future.set_result if error is None else future.set_exception,
         value if error is None else error,
     )
-    if not future._done_callbacks:  # type: ignore[attr-defined]
+    if not future._done_callbacks:  # type: ignore[attr-defined]  # no public way to ask
         resolve()
         return
     global _callback_thread
@@ -334,7 +336,7 @@ def _no_thread(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "can't create new thread" in str(exc)
 
 
-def _as_stdlib_raises(exc: BaseException) -> BaseException:
+def _as_stdlib_raises(exc: _E) -> _E:
     """The task's exception with the worker's traceback as `ProcessPoolExecutor` gives
     it: a `concurrent.futures.process._RemoteTraceback` cause holding the text."""
     cause = exc.__cause__
@@ -444,7 +446,7 @@ class Executor(concurrent.futures.Executor):
         global _exit_registered
         with _exit_lock:
             if not _exit_registered:
-                threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
+                threading._register_atexit(_at_exit)  # type: ignore[attr-defined]  # as CPython's own
                 _exit_registered = True
 
     def submit(

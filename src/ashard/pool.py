@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 import anyio
 
-from ashard._backend import Backend, load_supervisor
+from ashard._backend import Backend, CallWork, load_supervisor
 from ashard._options import (
     MapOptions,
     ReduceOptions,
@@ -67,16 +67,16 @@ def _open_backend(
     `per_node` on each (default: its thread count). Imports happen here, on first use:
     the local backend is the supervisor (`load_supervisor` brings it in off the loop
     first), the Dask one needs the optional `distributed`."""
-    from ashard._handle import WorkerConfig
+    from ashard._handle import WorkerConfig  # the supervisor: see the docstring
 
     config = WorkerConfig(
         env=dict(env), init=init, max_frame=max_frame, memory_limit=policy.hard_cap
     )
     if cluster is None:
-        from ashard._scheduler import Scheduler
+        from ashard._scheduler import Scheduler  # the supervisor
 
         return Scheduler(size, config, policy)
-    from ashard._dask.backend import DaskBackend, check_cluster
+    from ashard._dask.backend import DaskBackend, check_cluster  # optional: distributed
 
     check_cluster(cluster)
     return DaskBackend(cluster, per_node, config, policy)
@@ -315,4 +315,4 @@ class Pool:
         fn = check_fn(fn)
         seconds = None if timeout is None else check_timeout("timeout", timeout)
         retries = check_count("max_retries", max_retries)
-        return await (await self.backend()).call(fn, args, kwargs, seconds, retries)
+        return await (await self.backend()).call(CallWork(fn, args, kwargs, seconds, retries))

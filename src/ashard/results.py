@@ -4,11 +4,13 @@ went, and `PoolStats`, a pool's counters."""
 
 from __future__ import annotations
 
+import html
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ashard._attempts import AttemptLog, timeline_png, timeline_svg
 from ashard.errors import ShardError, ShardMapError
 from ashard.shards import Shard
 
@@ -57,8 +59,8 @@ class Diagnostics:
     timeouts: int
     crashes: int
     failures: int
-    cancelled: bool = False
     notes: tuple[str, ...] = field(default=())
+    """What ashard noticed about the call that is not a failure (DESIGN 2.7)."""
     cow_writes: tuple[tuple[int, str], ...] = field(default=())
     """Under ``cow="audit"``: (shard id, borrow name) for each shard that wrote to a
     borrowed array (privately: the write was never seen elsewhere)."""
@@ -71,8 +73,6 @@ class Diagnostics:
         `worker` (pid), `host`, `start`, `end` (seconds since the call began; start is
         when it began running on the worker), `outcome` ("ok", "failed", "timeout",
         "crashed", "cancelled")."""
-        from ashard._attempts import AttemptLog
-
         log = self._attempts if self._attempts is not None else AttemptLog()
         return log.to_table()
 
@@ -82,8 +82,6 @@ class Diagnostics:
         self-contained HTML (an SVG inside) is returned. A path: the HTML is written
         there - or a PNG, if it ends in ".png" (drawn with matplotlib, which must be
         installed) - and the path is returned."""
-        from ashard._attempts import AttemptLog, timeline_png, timeline_svg
-
         log = self._attempts if self._attempts is not None else AttemptLog()
         ended = {row.pid: row.ended for row in self.per_worker}
         title = f"ashard: {self.summary()}"
@@ -121,8 +119,6 @@ class Diagnostics:
             ("worker crashes", f"{self.crashes:,}"),
             ("failures", f"{self.failures:,}"),
         ]
-        if self.cancelled:
-            rows.append(("cancelled", "yes"))
         return html_table("ashard.Diagnostics", rows)
 
     def table(self) -> str:
@@ -305,7 +301,6 @@ class PoolStats:
 
 def html_table(title: str, rows: Sequence[tuple[str, str]]) -> str:
     """A small self-contained HTML table of (name, value) rows, for notebooks."""
-    import html
 
     cells = "".join(
         f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 if TYPE_CHECKING:
-    import numpy as np
+    import numpy as np  # numpy on first use: a worker and `import ashard` start without it
 
 __all__ = ["Shard", "Shards", "shards"]
 
@@ -66,7 +66,7 @@ class Shard:
         """This shard's random generator (seeded by the call's `seed`, if it has one)."""
         rng: np.random.Generator | None = self._rng
         if rng is None:
-            import numpy as np
+            import numpy as np  # numpy on first use: a worker and `import ashard` start without it
 
             rng = np.random.default_rng()
             object.__setattr__(self, "_rng", rng)
@@ -94,7 +94,7 @@ class Shard:
             and self.items == other.items
         )
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # unhashable (it has __eq__), said for mypy
 
     def __repr__(self) -> str:
         idx = self.idx
@@ -105,7 +105,7 @@ class Shard:
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, range) and isinstance(b, range):
         return a == b
-    import numpy as np
+    import numpy as np  # numpy on first use: a worker and `import ashard` start without it
 
     return bool(np.array_equal(a, b))
 
@@ -167,7 +167,7 @@ class Shards(Sequence[Shard]):
         if self.strategy == "contiguous":
             start = k * self.block_size
             return range(start, min(start + self.block_size, self.n))
-        import numpy as np
+        import numpy as np  # numpy on first use: a worker and `import ashard` start without it
 
         return np.arange(k, self.n, self._count)
 

@@ -29,6 +29,8 @@ import warnings
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
 
+import sniffio
+
 from ashard import _calls
 from ashard import pool as _pool
 from ashard._loopthread import CANCEL_WAIT_SECONDS, SHARED
@@ -79,7 +81,6 @@ def _warn_in_a_running_loop() -> None:
     cell without ``await`` is such code on purpose (no warning in IPython), but
     said, since in a web handler it is a bug."""
     global _warned_in_loop
-    import sniffio
 
     try:
         library = sniffio.current_async_library()
@@ -132,12 +133,6 @@ class Pool:
         self._pool = _pool.Pool(workers, **settings)
 
     vars(__init__)["__signature__"] = inspect.signature(_pool.Pool.__init__)
-
-    @classmethod
-    def _wrapping(cls, pool: _pool.Pool) -> Pool:
-        self = cls.__new__(cls)
-        self._pool = pool
-        return self
 
     def __enter__(self) -> Pool:
         try:

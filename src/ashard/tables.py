@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any, Literal, Self, overload
 
 from ashard._places import Place, file_name
 from ashard._protocol import SinkRef
+from ashard._serialize import loads
 from ashard.errors import GatherTooLarge
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-    import pyarrow.dataset as pads
+    import pyarrow as pa  # pyarrow on first use: its import is slow
+    import pyarrow.dataset as pads  # pyarrow on first use: its import is slow
 
 __all__ = ["LazyResults", "ResultRef", "TableRef", "TableSink", "table_sink"]
 
@@ -61,10 +62,10 @@ class TableRef:
         """The partition as a Table."""
         with self._output.place.open_input(os.path.basename(self.path)) as f:
             if self._output.format == "parquet":
-                import pyarrow.parquet as pq
+                import pyarrow.parquet as pq  # pyarrow on first use: its import is slow
 
                 return pq.read_table(f)
-            import pyarrow as pa
+            import pyarrow as pa  # pyarrow on first use: its import is slow
 
             return pa.ipc.open_file(f).read_all()
 
@@ -82,7 +83,6 @@ class ResultRef:
 
     def load(self) -> Any:
         """The shard's value, unpickled."""
-        from ashard._serialize import loads
 
         with self._output.place.open_input(os.path.basename(self.path)) as f:
             return loads(f.read())
@@ -99,7 +99,7 @@ class _Output:
         self.schema = schema
         self._schema_key: bytes | None = None
         if schema is not None:
-            from ashard._tabular import schema_bytes
+            from ashard._tabular import schema_bytes  # pyarrow, on first use
 
             self._schema_key = schema_bytes(schema)
         self._given_schema = self._schema_key
@@ -119,7 +119,7 @@ class _Output:
         """Why a committed file with `schema` cannot be kept, or None."""
         if schema is None or schema == self._schema_key or self._schema_key is None:
             return None
-        from ashard._tabular import schema_from_bytes, schema_mismatch
+        from ashard._tabular import schema_from_bytes, schema_mismatch  # pyarrow, on first use
 
         return schema_mismatch(
             schema_from_bytes(self._schema_key), schema_from_bytes(schema), where
@@ -131,7 +131,7 @@ class _Output:
         """Keep shard `shard_id`'s committed file (checked with `check`)."""
         if self._schema_key is None and schema is not None:
             self._schema_key = schema
-            from ashard._tabular import schema_from_bytes
+            from ashard._tabular import schema_from_bytes  # pyarrow, on first use
 
             self.schema = schema_from_bytes(schema)
         path = self.place.path_of(file_name(self.format, shard_id))
@@ -154,8 +154,8 @@ class _Output:
         self.place.sweep(_PATTERN[self.format], self._kept_ids())
 
     def dataset_of(self, refs: Sequence[TableRef]) -> pads.Dataset:
-        import pyarrow as pa
-        import pyarrow.dataset as pads
+        import pyarrow as pa  # pyarrow on first use: its import is slow
+        import pyarrow.dataset as pads  # pyarrow on first use: its import is slow
 
         schema = self.schema if self.schema is not None else pa.schema([])
         return pads.dataset(
@@ -279,7 +279,7 @@ def table_sink(
     first committed partition's schema is the sink's."""
     if format not in _FORMATS:
         raise ValueError(f"format must be 'parquet' or 'arrow', got {format!r}")
-    from ashard._tabular import read_schema_arg
+    from ashard._tabular import read_schema_arg  # pyarrow, on first use
 
     checked_schema = read_schema_arg(schema)
     if path is None:

@@ -46,7 +46,7 @@ from ashard.results import PoolStats
 from ashard.tables import TableSink
 
 if TYPE_CHECKING:
-    from ashard._backend import Chunk, JobPort, JobWork
+    from ashard._backend import CallWork, Chunk, JobPort, JobWork
     from ashard._handle import WorkerConfig
     from ashard._health import EndReason, HealthPolicy
 
@@ -212,7 +212,7 @@ class DaskBackend:
         assert address is not None
         security = getattr(self._cluster, "security", None)
         try:
-            client = Client(  # type: ignore[no-untyped-call]
+            client = Client(
                 address,
                 timeout=CONNECT_TIMEOUT,
                 set_as_default=False,
@@ -230,7 +230,7 @@ class DaskBackend:
             plugin = AshardPlugin(self._name, version, self._per_node, self._config, self._policy)
             client.register_plugin(plugin, name=self._name)
         except BaseException as exc:
-            client.close()  # type: ignore[no-untyped-call]
+            client.close()
             raise _start_error(address, exc) from exc
         self._client = client
         self._refresh()
@@ -439,19 +439,12 @@ class DaskBackend:
 
     # -- one-shot calls ---------------------------------------------------------------
 
-    async def call(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        timeout: float | None,
-        max_retries: int = 0,
-    ) -> Any:
+    async def call(self, call: CallWork) -> Any:
         """``fn(*args, **kwargs)`` on a worker of some node; a run lost with its node
         runs again, on another, up to `max_retries` times."""
         await self.start()
         token = anyio.lowlevel.current_token()
-        for attempt in range(1, max_retries + 2):
+        for attempt in range(1, call.max_retries + 2):
             nodes = [n for n in self._nodes.values() if not n.gone]
             if not nodes:
                 raise WorkerStartError("the cluster has no Dask worker left")
@@ -460,7 +453,7 @@ class DaskBackend:
             node.tasks.add(task)
             try:
                 future = self._client.submit(
-                    run_call, self._name, fn, args, kwargs, timeout, max_retries,
+                    run_call, self._name, call,
                     key=f"{self._name}-call-{next(self._seq)}", workers=[node.address],
                     allow_other_workers=False, retries=0, pure=False,
                 )  # fmt: skip
@@ -480,7 +473,7 @@ class DaskBackend:
             self._crashed += 1
             loss = Loss(0, None, None, f"its Dask worker {node.address} left the cluster")
             error = failure(CRASHED, loss, subject="call", shard=None, attempts=attempt,
-                            timeout=timeout)  # fmt: skip
+                            timeout=call.timeout)  # fmt: skip
         raise error
 
 
@@ -491,14 +484,7 @@ def _answer(outcome: wire.Outcome) -> Any:
         write_text(name, text)
     if isinstance(outcome, wire.Returned):
         return outcome.value
-    raise _rebuilt(outcome)
-
-
-def _rebuilt(outcome: wire.Raised) -> BaseException:
-    exc = outcome.exc
-    if outcome.traceback is not None and exc.__cause__ is None:
-        exc.__cause__ = RemoteTraceback(outcome.traceback)
-    return exc
+    raise RemoteTraceback.attach(outcome.exc, outcome.traceback)
 
 
 def _finish(task: _Task, answer: Any, error: BaseException | None) -> None:

@@ -67,4 +67,4 @@ def _sizeof_landing(value: Landing) -> int:
     return value.nbytes
 
 
-sizeof.register(Landing)(_sizeof_landing)  # type: ignore[no-untyped-call]
+sizeof.register(Landing)(_sizeof_landing)

@@ -29,12 +29,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import cloudpickle
 from distributed import get_worker, secede
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ashard._backend import Chunk, JobWork
+from ashard._backend import CallWork, Changes, Chunk, JobWork
 from ashard._dask.landing import landed
 from ashard._dask.wire import (
     Aborted,
@@ -86,7 +85,7 @@ def _node_host(name: str) -> NodeHost:
         raise RuntimeError(f"this Dask worker has no ashard plugin {name!r} (the pool closed?)")
     host: NodeHost = plugin.host
     if host.secede:
-        secede()  # type: ignore[no-untyped-call]
+        secede()
     return host
 
 
@@ -96,9 +95,9 @@ def run_chunk(name: str, key: str, spec: bytes, borrow: Any, work: ChunkWork) ->
     return _node_host(name).run_chunk(key, spec, borrow, work)
 
 
-def run_call(name: str, fn: Any, args: Any, kwargs: Any, timeout: Any, max_retries: int) -> Outcome:
+def run_call(name: str, call: CallWork) -> Outcome:
     """A Dask task: one `call` on this node's ashard workers."""
-    return _node_host(name).run_call(fn, args, kwargs, timeout, max_retries)
+    return _node_host(name).run_call(call)
 
 
 async def end_job(name: str, key: str, cancelled: bool, dask_worker: Any = None) -> None:
@@ -248,14 +247,14 @@ class NodeHost:
         if relay is not None:
             relay.close(cancelled)
 
-    def run_call(self, fn: Any, args: Any, kwargs: Any, timeout: Any, max_retries: int) -> Outcome:
+    def run_call(self, call: CallWork) -> Outcome:
         """Blocking, in a Dask worker thread: one call on a worker of this node."""
         key = str(get_worker().get_current_task())
         loop = self._thread.loop()
         result: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
 
         def begin() -> None:
-            task = asyncio.ensure_future(self._call(fn, args, kwargs, timeout, max_retries))
+            task = asyncio.ensure_future(self._call(call))
             self._calls[key] = task
 
             def settle(t: asyncio.Task[Outcome]) -> None:
@@ -272,13 +271,11 @@ class NodeHost:
         loop.call_soon_threadsafe(begin)
         return result.result()
 
-    async def _call(
-        self, fn: Any, args: Any, kwargs: Any, timeout: Any, max_retries: int
-    ) -> Outcome:
+    async def _call(self, call: CallWork) -> Outcome:
         lines: list[tuple[str, str]] = []
         redirect(lambda name, text: lines.append((name, text)))
         try:
-            value = await self.scheduler.call(fn, args, kwargs, timeout, max_retries)
+            value = await self.scheduler.call(call)
         except Exception as exc:
             cause = exc.__cause__
             text = cause.text if isinstance(cause, RemoteTraceback) else None
@@ -338,7 +335,7 @@ def _unseen_places(spec: JobWork, where: str) -> ValueError | None:
 # -- the caller's job, as the node's scheduler sees it -----------------------------------
 
 
-class _Relay:
+class _Relay(Changes):
     """The caller's job as a node's local scheduler sees it (`ashard._backend`'s side
     of a job): chunks come from tasks, one per worker process at a time, and each
     report of the scheduler is recorded for the task that brought the chunk."""
@@ -352,7 +349,6 @@ class _Relay:
         self._error: BaseException | None = None  # what ended it early, for late chunks
         self._lines: list[Printed] = []  # printed while no chunk ran
         self._current: _Work | None = None  # whose lines are being read
-        self._changed: anyio.Event | None = None
 
     def output(self, name: str, text: str) -> None:
         """Lines a worker of this call printed: they go back with a chunk of the call
@@ -387,16 +383,6 @@ class _Relay:
 
     def served_by(self, workers: int, latency: float | None = None) -> None:
         pass  # the caller's job sizes the chunks
-
-    def notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
-
-    async def wait_change(self) -> None:
-        if self._changed is None:
-            self._changed = anyio.Event()
-        await self._changed.wait()
 
     @property
     def over(self) -> bool:

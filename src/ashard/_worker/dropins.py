@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
-
-
-def apply_chunk(fn: Callable[..., Any], chunk: Iterable[tuple[Any, ...]]) -> list[Any]:
-    """``[fn(*args) for args in chunk]``: a chunk of `Executor.map` in one round trip."""
-    return [fn(*args) for args in chunk]
 
 
 def apply_star(args: tuple[Any, ...], fn: Callable[..., Any]) -> Any:

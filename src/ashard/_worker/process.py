@@ -89,8 +89,9 @@ class _AuthkeyOnImport:
         if spec is None or spec.loader is None:
             return spec
         loader, key = spec.loader, self.key
+        from importlib.abc import Loader  # only when multiprocessing is imported
 
-        class _Loader:
+        class _Loader(Loader):
             def create_module(self, spec: Any) -> Any:
                 return loader.create_module(spec)
 
@@ -98,7 +99,7 @@ class _AuthkeyOnImport:
                 loader.exec_module(module)
                 module.current_process().authkey = key
 
-        spec.loader = _Loader()  # type: ignore[assignment]
+        spec.loader = _Loader()
         return spec
 
 

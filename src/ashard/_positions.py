@@ -1,0 +1,103 @@
+"""What a call's positions are, apart from where they stand: the shards of a layout
+(their items cut from a sequence, if the call gave one) or the items of an iterable,
+read lazily and kept only while their position may run again. The job
+(`ashard._job`) takes new positions from here and asks for a position's items and the
+`Shard` its `fn` saw; which positions are queued, in flight or resolved is the job's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from itertools import islice
+from typing import Any
+
+from ashard import _seeding
+from ashard.shards import Shard, Shards
+
+__all__ = ["ItemPositions", "Positions", "ShardPositions"]
+
+
+class Positions:
+    """New positions in order (`take`), and what each one is."""
+
+    total: int | None  # None: an iterable without a length, not read to its end yet
+    next_pos = 0  # the first position not taken yet
+    exhausted = False  # every position has been taken
+    has_items = True  # chunks carry their positions' items
+
+    def take(self, size: int) -> tuple[int, list[Any] | None]:
+        """Up to `size` new positions: (how many, their items). Raises what the caller's
+        iterable raised."""
+        raise NotImplementedError
+
+    def keep(self, pos: int, item: Any) -> None:
+        """`pos` (whose item is `item`) will run again."""
+
+    def item_at(self, pos: int) -> Any:
+        """The item of `pos`, which is about to run again."""
+        raise NotImplementedError
+
+    def shard_at(self, pos: int, attempt: int, item: Any = None) -> Shard:
+        """The `Shard` `fn` saw on run `attempt` of `pos` (`item`: its item, if known)."""
+        raise NotImplementedError
+
+
+class ShardPositions(Positions):
+    """The shards of `layout`; `sequence`: the items they are cut from; `seed`: each
+    shard's `rng`."""
+
+    def __init__(self, layout: Shards, sequence: Sequence[Any] | None, seed: int | None) -> None:
+        self.layout = layout
+        self.sequence = sequence
+        self.seed = seed
+        self.total = len(layout)
+        self.exhausted = not self.total
+        self.has_items = sequence is not None
+
+    def take(self, size: int) -> tuple[int, list[Any] | None]:
+        first = self.next_pos
+        count = min(size, len(self.layout) - first)
+        items = None
+        if self.sequence is not None:
+            items = [self.item_at(p) for p in range(first, first + count)]
+        self.next_pos += count
+        self.exhausted = self.next_pos >= len(self.layout)
+        return count, items
+
+    def item_at(self, pos: int) -> Any:
+        return self.layout.items_of(self.sequence, pos)
+
+    def shard_at(self, pos: int, attempt: int, item: Any = None) -> Shard:
+        rng = None if self.seed is None else _seeding.shard_rng(self.seed, pos)
+        items = None if self.sequence is None else self.item_at(pos)
+        return Shard(pos, self.layout.indices(pos), items, rng, attempt)
+
+
+class ItemPositions(Positions):
+    """The items of an iterable (`total`: its length, if it has one), read as they are
+    taken; an item is kept only while its position waits to run again."""
+
+    def __init__(self, items: Iterator[Any], total: int | None) -> None:
+        self._items = items
+        self.total = total
+        self._again: dict[int, Any] = {}
+
+    def take(self, size: int) -> tuple[int, list[Any] | None]:
+        try:
+            items = list(islice(self._items, size))
+        except BaseException:
+            self.exhausted = True
+            raise
+        if len(items) < size:
+            self.exhausted = True
+        self.next_pos += len(items)
+        return len(items), items
+
+    def keep(self, pos: int, item: Any) -> None:
+        self._again[pos] = item
+
+    def item_at(self, pos: int) -> Any:
+        return self._again.pop(pos)
+
+    def shard_at(self, pos: int, attempt: int, item: Any = None) -> Shard:
+        return Shard(pos, range(pos, pos + 1), [item], None, attempt)
