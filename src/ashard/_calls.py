@@ -72,6 +72,8 @@ class Runs(Protocol):
 
     @property
     def workers(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
     async def backend(self) -> Backend: ...
 
 
@@ -229,7 +231,10 @@ async def map_result(pool: Runs, job: Job, resize: int | None = None) -> list[An
 def stream(pool: Runs, job: Job, layout: Shards, resize: int | None = None) -> ShardStream:
     """A `shard_stream` job on `pool`, run when the stream is entered: a failure before
     the backend accepted the job (bad input) is raised by ``async with``; one after it
-    ends the job and reaches the consumer."""
+    ends the job and reaches the consumer. A closed pool is refused now, not only when
+    the stream is entered."""
+    if pool.closed:
+        raise RuntimeError("this ashard.Pool is closed")
 
     async def run(task_status: anyio.abc.TaskStatus[None]) -> None:
         backend = await pool.backend()
