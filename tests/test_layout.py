@@ -138,7 +138,7 @@ SUPERVISOR = {"ashard._scheduler", "ashard._workers", "ashard._handle", "ashard.
               "ashard.pool", "ashard.api", "ashard.sync", "ashard.executor", "ashard._calls",
               "ashard._backend", "ashard._stream", "ashard._job", "ashard._export",
               "ashard._consumers", "ashard._sizing", "ashard._outputs", "ashard._record",
-              "ashard._positions"}  # fmt: skip
+              "ashard._positions", "ashard._reports"}  # fmt: skip
 
 
 def test_the_worker_side_imports_no_supervisor_module() -> None:

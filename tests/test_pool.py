@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import anyio
 import pytest
 
 import ashard
+import ashard._job
 import workloads
 
 pytestmark = pytest.mark.anyio
@@ -182,3 +184,31 @@ async def test_a_pool_closed_before_its_first_use_refuses_work_and_started_nothi
             await use()
     with pytest.raises(RuntimeError, match="closed"):
         pool.shard_stream(2, workloads.shard_sum)
+
+
+async def test_a_finished_call_keeps_nothing_alive_through_a_reference_cycle() -> None:
+    """Once the caller drops a call's answer, its job and values are freed at once (by
+    reference counting), not at the next garbage collection: a 200 MB result must not
+    outlive the caller's last reference to it."""
+    with anyio.fail_after(60):
+        async with ashard.Pool(1) as pool:
+            calls = {
+                "shard_map": lambda: pool.shard_map(4, workloads.shard_sum),
+                "shard_reduce": lambda: pool.shard_reduce(4, workloads.shard_sum, max),
+                "map": lambda: pool.map(abs, range(-4, 4)),
+            }
+            for name, call in calls.items():
+                gc.collect()
+                gc.disable()
+                try:
+                    answer = await call()
+                    del answer
+                    if name == "map":
+                        async with pool.shard_stream(4, workloads.shard_sum) as stream:
+                            async for _ in stream:
+                                pass
+                        del stream
+                    left = [o for o in gc.get_objects() if isinstance(o, ashard._job.Job)]
+                    assert left == [], name
+                finally:
+                    gc.enable()

@@ -122,7 +122,7 @@ class Job(Changes):
         self.fatal: BaseException | None = None
         self.max_held = opts.max_held_bytes if opts.max_held_bytes is not None else 1 << 62
         self.held_bytes = 0  # items of chunks in flight, pickled (`sent`)
-        self.record = CallRecord(self._run_of)
+        self.record = CallRecord(self.runs)
         self.sizer = ChunkSizer(opts.chunk_size, PROFILES[opts.profile].chunk)
         self.outputs = Outputs(out, store)
 

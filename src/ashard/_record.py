@@ -5,7 +5,7 @@ and losses come in; it knows nothing of which positions are resolved."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ashard._attempts import CANCELLED, CRASHED, FAILED, OK, TIMED_OUT, AttemptLog
@@ -22,18 +22,22 @@ _OUTCOME_OF = {RAISED: FAILED, TIMEOUT: TIMED_OUT, LOCAL: FAILED}
 
 
 class CallRecord:
-    """The runs of one call and the workers that ran them. `run_of(pos)` (the job's)
-    says which run of a position a report is about."""
+    """The runs of one call and the workers that ran them. `runs` (the job's: position
+    -> its latest run, if past the first) says which run a report is about; a mapping,
+    not a method of the job, so that no cycle keeps a finished call's values alive."""
 
-    def __init__(self, run_of: Callable[[int], int]) -> None:
+    def __init__(self, runs: Mapping[int, int]) -> None:
         self.t0 = time.perf_counter()
         self.log = AttemptLog()
         self.chunks = self.retries = self.timeouts = self.crashes = 0
         self.cow_writes: set[tuple[int, str]] = set()  # (shard id, borrow name), cow="audit"
-        self._run_of = run_of
+        self._runs = runs
         self._pids: set[int] = set()
         self._ran_on: dict[int, WorkerInfo] = {}  # every worker the call ran on, by pid
         self._per_pid: dict[int, list[float]] = {}  # pid -> [shards, busy seconds]
+
+    def _run_of(self, pos: int) -> int:
+        return self._runs.get(pos, 1)
 
     def now(self) -> float:
         """Seconds since the call began."""

@@ -31,9 +31,7 @@ A worker that dies or hangs is *lost*: its chunks go back to the job
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,10 +42,8 @@ import anyio.abc
 
 from ashard._backend import CallWork, Chunk, JobPort, JobWork
 from ashard._framing import (
-    INLINE_DECODE_LIMIT,
     Buffer,
     ChannelClosed,
-    RawFrame,
     encode,
     encode_many,
 )
@@ -67,10 +63,9 @@ from ashard._protocol import (
     Payload,
     ProtocolViolation,
     Result,
-    parse_result,
 )
-from ashard._serialize import dumps_named, load_failure, loads, pack
-from ashard._shm import adopt_result
+from ashard._reports import Report, pump_output, receive
+from ashard._serialize import dumps_named, pack
 from ashard._sources import with_sources
 from ashard._workers import WorkerSet
 from ashard.errors import ShardError
@@ -266,7 +261,7 @@ class Scheduler:
         started = False
         lost: Exception | None = None  # why the worker is lost: it died, hung or misbehaved
         pump = anyio.CancelScope()  # writes the worker's output as it comes, for this job
-        tg.start_soon(_pump_output, w, pump)
+        tg.start_soon(pump_output, w, pump)
         try:
             try:
                 await self._fill(lease)
@@ -351,16 +346,16 @@ class Scheduler:
             run.encode_in_thread = True
         return encoded
 
-    async def _receive(self, lease: _Lease) -> list[_Report]:
+    async def _receive(self, lease: _Lease) -> list[Report]:
         timeout = lease.run.work.opts.timeout
         if timeout is None:
-            return await _receive(lease.worker)
+            return await receive(lease.worker)
         wait = lease.last_heard + timeout + KILL_GRACE - time.monotonic()
         with anyio.move_on_after(max(wait, 0.0)):
-            return await _receive(lease.worker)
+            return await receive(lease.worker)
         raise _Hung
 
-    def _handle(self, lease: _Lease, reports: list[_Report]) -> None:
+    def _handle(self, lease: _Lease, reports: list[Report]) -> None:
         lease.last_heard = time.monotonic()
         w, job = lease.worker, lease.run.job
         profile = PROFILES[lease.run.work.opts.profile]
@@ -395,7 +390,7 @@ class Scheduler:
                 w.interrupt()
                 with anyio.move_on_after(CANCEL_GRACE):
                     while lease.inflight:
-                        self._handle(lease, await _receive(w))
+                        self._handle(lease, await receive(w))
             except (ChannelClosed, ProtocolViolation):
                 pass
         if lease.inflight or not w.alive:
@@ -458,7 +453,7 @@ class Scheduler:
         w = await self.workers.acquire(token)
         if w.has_control:
             parts = encode_many(w.take_control()) + parts
-        answer: _Report | None = None
+        answer: Report | None = None
         lost: Exception | None = None
         w.hand(None, 1)
         try:
@@ -505,7 +500,7 @@ class Scheduler:
             w.interrupt()
             with anyio.move_on_after(CANCEL_GRACE):
                 try:
-                    await _receive(w)
+                    await receive(w)
                 except (ChannelClosed, ProtocolViolation):
                     pass
                 else:
@@ -520,25 +515,6 @@ class Scheduler:
         await self.workers.replenish()
 
 
-async def _pump_output(w: WorkerHandle, scope: anyio.CancelScope) -> None:
-    """Write what `w` prints while it runs a job's shards, as it comes (in the job's
-    task group, so in the caller's context), until `scope` is cancelled."""
-    with scope:
-        async with anyio.create_task_group() as tg:
-            for fd in w.output.open_fds():
-                tg.start_soon(_pump_fd, w, fd)
-
-
-async def _pump_fd(w: WorkerHandle, fd: int) -> None:
-    output = w.output
-    while not output.closed and fd in output.open_fds():
-        try:
-            await anyio.wait_readable(fd)
-        except (OSError, ValueError, anyio.ClosedResourceError, anyio.BusyResourceError):
-            return
-        output.drain()
-
-
 def _segments_for(run: _Run, w: WorkerHandle, msgs: list[Any]) -> list[int]:
     """Queue a SEGMENTS message for the shared memory of `run` that `w` lacks (a new or
     replacement worker); return the fds to send with it."""
@@ -549,77 +525,6 @@ def _segments_for(run: _Run, w: WorkerHandle, msgs: list[Any]) -> list[int]:
         return []
     msgs.append((SEGMENTS, [seg.id for seg in new]))
     return [seg.fd for seg in new]
-
-
-_Report = tuple[Result, "list[Any] | Exception"]
-"""A parsed RESULT and its values, or the error that unpickling them raised."""
-
-
-async def _receive(w: WorkerHandle, *, wait_first: bool = False) -> list[_Report]:
-    """The reports `w` sent, checked; large frames and values are unpickled off the
-    event loop. A message that is not a well-formed result is a `ProtocolViolation`."""
-    reports: list[_Report] = []
-    for msg in await w.channel.receive(wait_first=wait_first):
-        if isinstance(msg, RawFrame):
-            msg = await anyio.to_thread.run_sync(msg.decode)
-        report = parse_result(msg)
-        data, buffers = report.values
-        fds = w.channel.take_fds(len(report.arrays)) if report.arrays else None
-        try:
-            if not buffers and type(data) is bytes:  # small values, in the message: at once
-                values = _values_of(report)
-            elif _packed_bytes(report.values) > INLINE_DECODE_LIMIT:
-                values = await anyio.to_thread.run_sync(_values_of, report)
-            else:
-                values = _values_of(report)
-        except BaseException:
-            _close_all(fds)
-            raise
-        if fds is not None:
-            values = _adopt_arrays(report, values, fds)
-        reports.append((report, values))
-    return reports
-
-
-def _adopt_arrays(report: Result, values: list[Any] | Exception, fds: list[int]) -> Any:
-    """Put the arrays that came as segments in their places among `values`."""
-    assert report.arrays is not None
-    if isinstance(values, Exception):
-        _close_all(fds)
-        return values
-    for i, (k, dtype, shape, fortran) in enumerate(report.arrays):
-        if values[k] is not None:
-            _close_all(fds[i:])
-            raise ProtocolViolation("an array result in the place of another value")
-        try:
-            values[k] = adopt_result(fds[i], dtype, shape, fortran)
-        except (ValueError, TypeError, OSError) as exc:
-            _close_all(fds[i + 1 :])
-            raise ProtocolViolation(str(exc)) from exc
-    return values
-
-
-def _close_all(fds: list[int] | None) -> None:
-    for fd in fds or ():
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _values_of(report: Result) -> list[Any] | Exception:
-    data, buffers = report.values
-    try:
-        values = loads(data, buffers)
-    except (Exception, SystemExit) as exc:  # they pickled in the worker, do not unpickle here
-        return load_failure(exc)
-    if type(values) is not list or len(values) != report.n:
-        raise ProtocolViolation("a result whose values do not match its count")
-    return values
-
-
-def _packed_bytes(payload: Payload) -> int:
-    data, buffers = payload
-    size = data.nbytes if isinstance(data, memoryview) else len(data)
-    return int(size) + sum(int(b.nbytes) for b in buffers)
 
 
 def _sent_bytes(payload: Payload) -> int:
@@ -653,13 +558,13 @@ def _encode_run(
     return parts, unsendable, sizes
 
 
-async def _receive_call(w: WorkerHandle, seq: int, timeout: float | None) -> _Report:
-    answer: _Report | None = None
+async def _receive_call(w: WorkerHandle, seq: int, timeout: float | None) -> Report:
+    answer: Report | None = None
     if timeout is None:  # no cancel scope: it costs ~20 us, a quarter of a round trip
-        answer = (await _receive(w, wait_first=True))[0]
+        answer = (await receive(w, wait_first=True))[0]
     else:
         with anyio.move_on_after(timeout + KILL_GRACE):
-            answer = (await _receive(w, wait_first=True))[0]
+            answer = (await receive(w, wait_first=True))[0]
         if answer is None:
             raise _Hung
     if answer[0].seq not in (seq, UNREADABLE_CALL) or not answer[0].final:

@@ -16,10 +16,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
-import anyio
-
 from ashard import _spawn
-from ashard._backend import load_supervisor
 from ashard._options import (
     MapOptions,
     ReduceOptions,
@@ -94,11 +91,15 @@ async def _supervisor(pool: object) -> AsyncIterator[None]:
     if ahead:
         _spawn.prestart()
     try:
+        from ashard._backend import load_supervisor  # cold start: after the launch
+
         await load_supervisor()
         yield
     finally:
         done = _spawn.discard() if ahead else None
         if done is not None:
+            import anyio  # cold start: anyio is loaded by now (`load_supervisor`)
+
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(done.result)
 
