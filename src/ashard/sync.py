@@ -41,6 +41,7 @@ from ashard._options import (
     StreamOptions,
     takes_options,
 )
+from ashard._stream import ShardStream as AsyncShardStream
 from ashard.results import PoolStats, ReduceResult, ShardDone, ShardResult
 from ashard.shards import Shards
 
@@ -122,6 +123,21 @@ def _blocking(
     return blocking
 
 
+def _streaming(
+    method: Callable[Concatenate[_pool.Pool, _P], AsyncShardStream],
+) -> Callable[Concatenate[Pool, _P], ShardStream]:
+    """`ashard.Pool.shard_stream` for a ``with`` block: the arguments are checked here,
+    in the calling thread; the stream runs on ashard's loop thread once entered."""
+
+    @functools.wraps(method)
+    def streaming(self: Pool, /, *args: _P.args, **kwargs: _P.kwargs) -> ShardStream:
+        stream = method(self._pool, *args, **kwargs)
+        return ShardStream(lambda: stream)
+
+    streaming.__doc__ = "``with pool.shard_stream(...) as stream: for done in stream``."
+    return streaming
+
+
 class Pool:
     """`ashard.Pool` for sync code: ``with ashard.sync.Pool(4) as pool:``; the same
     arguments, methods and properties, blocking. Without ``with``, workers start on
@@ -182,21 +198,7 @@ class Pool:
     map = _blocking(_pool.Pool.map)
     call = _blocking(_pool.Pool.call)
 
-    @takes_options(StreamOptions)
-    def shard_stream(
-        self,
-        shards: int | Shards | Sequence[Any],
-        fn: Callable[..., Any],
-        *,
-        borrow: Mapping[str, Any] | None = None,
-        out: Mapping[str, Any] | None = None,
-        **options: Unpack[StreamOptions],
-    ) -> ShardStream:
-        """``with pool.shard_stream(...) as stream: for done in stream``."""
-        job, layout = _calls.shard_job(
-            shards, fn, borrow, out, options, StreamOptions, "shard_stream"
-        )
-        return ShardStream(lambda: _calls.stream(self._pool, job, layout))
+    shard_stream = _streaming(_pool.Pool.shard_stream)
 
 
 class ShardStream:
