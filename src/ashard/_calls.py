@@ -48,7 +48,7 @@ from ashard.shards import Shards
 
 if TYPE_CHECKING:
     from ashard.errors import ShardError
-    from ashard.tables import ResultStore  # pyarrow: results="table" / "disk" only
+    from ashard.tables import ResultStore
 
 __all__ = [
     "Runs",

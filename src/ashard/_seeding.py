@@ -7,7 +7,7 @@ import random
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import numpy as np  # numpy on first use: a worker and `import ashard` start without it
+    import numpy as np
 
 
 def shard_rng(seed: int, shard_id: int) -> np.random.Generator:

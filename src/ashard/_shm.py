@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ashard._fds import above_stdio
 
 if TYPE_CHECKING:
-    import numpy as np  # numpy on first use: a worker and `import ashard` start without it
+    import numpy as np
 
 __all__ = [
     "SHAREABLE_KINDS",

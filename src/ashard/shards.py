@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 if TYPE_CHECKING:
-    import numpy as np  # numpy on first use: a worker and `import ashard` start without it
+    import numpy as np
 
 __all__ = ["Shard", "Shards", "shards"]
 

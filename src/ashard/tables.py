@@ -29,8 +29,8 @@ from ashard._serialize import loads
 from ashard.errors import GatherTooLarge
 
 if TYPE_CHECKING:
-    import pyarrow as pa  # pyarrow on first use: its import is slow
-    import pyarrow.dataset as pads  # pyarrow on first use: its import is slow
+    import pyarrow as pa
+    import pyarrow.dataset as pads
 
 __all__ = ["LazyResults", "ResultRef", "TableRef", "TableSink", "table_sink"]
 
