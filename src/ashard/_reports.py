@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 
 from ashard._framing import INLINE_DECODE_LIMIT, RawFrame
-from ashard._handle import WorkerHandle
 from ashard._protocol import Payload, ProtocolViolation, Result, parse_result
 from ashard._serialize import load_failure, loads
 from ashard._shm import adopt_result
+
+if TYPE_CHECKING:
+    from ashard._handle import WorkerHandle
 
 __all__ = ["Report", "pump_output", "receive"]
 

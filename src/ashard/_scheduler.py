@@ -31,6 +31,7 @@ A worker that dies or hangs is *lost*: its chunks go back to the job
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections import deque
@@ -134,7 +135,7 @@ class Scheduler:
     """Runs jobs and calls on the worker processes of one `Pool` (a `Backend`)."""
 
     def __init__(self, size: int, config: WorkerConfig, policy: HealthPolicy) -> None:
-        self.workers = WorkerSet(size, config, policy)
+        self.workers = WorkerSet(size, functools.partial(WorkerHandle.start, config), policy)
         self.policy = policy
         self._seq = itertools.count()
         self._keys = itertools.count()

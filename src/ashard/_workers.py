@@ -19,20 +19,23 @@ import contextlib
 import os
 import threading
 from collections import Counter
-from collections.abc import Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import TYPE_CHECKING
 
 import anyio
 
-from ashard._handle import WorkerConfig, WorkerHandle
 from ashard._health import PROFILES as _PROFILES
 from ashard._health import Gauged, HealthPolicy, Monitor
 from ashard._log import logger, worker_event
 from ashard._outcomes import Loss, describe_exit, first_error
 from ashard.errors import WorkerStartError
 from ashard.results import PoolStats
+
+if TYPE_CHECKING:
+    from ashard._handle import WorkerHandle
 
 __all__ = ["BACKOFF_MAX", "START_ATTEMPTS", "WorkerSet", "spawn_delay"]
 
@@ -73,11 +76,17 @@ class _Counters:
 
 
 class WorkerSet:
-    """The worker processes of one pool, and who holds them."""
+    """The worker processes of one pool, and who holds them. `start_worker` starts one
+    (the backend says how: `WorkerHandle.start` with its config); the set decides when."""
 
-    def __init__(self, size: int, config: WorkerConfig, policy: HealthPolicy) -> None:
+    def __init__(
+        self,
+        size: int,
+        start_worker: Callable[[], Awaitable[WorkerHandle]],
+        policy: HealthPolicy,
+    ) -> None:
         self.size = size
-        self.config = config
+        self._start = start_worker
         self.policy = policy
         self.closed = False
         self._owner = os.getpid()  # a forked child must not use the parent's workers
@@ -308,7 +317,7 @@ class WorkerSet:
                 await anyio.sleep(delay)  # workers keep dying: no hot respawn loop
             try:
                 with anyio.CancelScope(shield=True):
-                    w = await WorkerHandle.start(self.config)
+                    w = await self._start()
             except WorkerStartError as exc:
                 self._counts.crashed += 1
                 self._crash_streak += 1
