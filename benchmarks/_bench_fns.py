@@ -123,3 +123,18 @@ def apply(pair: tuple[Any, tuple[Any, ...]]) -> Any:
     """``fn(*args)`` for a ``(fn, args)`` pair: a starmap over a plain map."""
     fn, args = pair
     return fn(*args)
+
+
+def inc(x: int) -> int:
+    """``x + 1``: the tiniest useful work (`bench_caller.py`'s map)."""
+    return x + 1
+
+
+def shard_id(shard: Shard) -> int:
+    """The shard's id (`bench_caller.py`'s stream of one-item shards)."""
+    return shard.id
+
+
+def borrowed_sum(shard: Shard, x: Any) -> float:
+    """A strided sum over the borrowed array `x`: it touches the pages the shard reads."""
+    return float(x[shard.id :: 4096].sum())
