@@ -186,6 +186,17 @@ def test_errors_raise_stops_dispatch_at_the_first_permanent_failure() -> None:
     assert not job.has_work() and job.take_chunk(1) is None
 
 
+def test_the_diagnostics_say_whether_the_call_stopped_before_it_was_done() -> None:
+    job = shard_job(4, max_retries=0, errors="raise")
+    first, *_ = take_all(job)
+    job.worker_lost([first], KILLED, timed_out=False)  # a permanent failure: raise stops it
+    assert job.over and job.diagnostics().cancelled
+    done = shard_job(2, errors="raise")
+    for chunk in take_all(done):
+        deliver_ok(done, chunk)
+    assert done.finished and not done.diagnostics().cancelled
+
+
 def test_an_interrupted_chunk_gives_its_rest_back_uncharged() -> None:
     job = shard_job(4, chunk_size=4)
     (chunk,) = take_all(job)

@@ -546,7 +546,8 @@ class Job(Changes):
 
     def diagnostics(self) -> Diagnostics:
         shards = self.total if self.total is not None else self.next_pos
-        return self.record.diagnostics(shards, len(self.failures))
+        cancelled = self.aborted and not self.finished  # stopped with positions unresolved
+        return self.record.diagnostics(shards, len(self.failures), cancelled)
 
     def ran_on(self, worker: WorkerInfo) -> None:
         """`worker` runs (or ran) shards of this job (`CallRecord.ran_on`)."""

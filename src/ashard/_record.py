@@ -95,7 +95,7 @@ class CallRecord:
         if host is not None:
             self.log.hosts[worker.pid] = host
 
-    def diagnostics(self, shards: int, failures: int) -> Diagnostics:
+    def diagnostics(self, shards: int, failures: int, cancelled: bool) -> Diagnostics:
         return Diagnostics(
             shards=shards,
             duration=self.now(),
@@ -105,6 +105,7 @@ class CallRecord:
             timeouts=self.timeouts,
             crashes=self.crashes,
             failures=failures,
+            cancelled=cancelled,
             cow_writes=tuple(sorted(self.cow_writes)),
             per_worker=tuple(self._worker_row(pid) for pid in sorted(self._ran_on)),
             _attempts=self.log,

@@ -59,6 +59,9 @@ class Diagnostics:
     timeouts: int
     crashes: int
     failures: int
+    cancelled: bool = False
+    """The call stopped before every shard was resolved: under ``errors="raise"`` after a
+    failure, on an error that ended it, or a stream left early."""
     notes: tuple[str, ...] = field(default=())
     """What ashard noticed about the call that is not a failure (DESIGN 2.7)."""
     cow_writes: tuple[tuple[int, str], ...] = field(default=())
@@ -119,6 +122,8 @@ class Diagnostics:
             ("worker crashes", f"{self.crashes:,}"),
             ("failures", f"{self.failures:,}"),
         ]
+        if self.cancelled:
+            rows.append(("cancelled", "yes"))
         return html_table("ashard.Diagnostics", rows)
 
     def table(self) -> str:
