@@ -360,4 +360,11 @@ async def test_a_kill_storm_loses_no_result_and_no_run_goes_uncounted(tmp_path: 
 
 
 def _child_pids() -> list[int]:
-    return [p.pid for p in psutil.Process().children()]
+    """This process's ashard worker processes (not, say, a Dask cluster's that another
+    test module left running for the session)."""
+    pids = []
+    for p in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if "ashard._worker" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+    return pids
