@@ -22,7 +22,9 @@ What is not the ledger has its own owner, which the job asks: a `ChunkSizer`
 (`ashard._sizing`) how large a chunk is and how many a worker holds; the stream buffer
 or reducer (`ashard._consumers`) where a value goes when the call does not keep it,
 and how many more positions may be in flight; `Outputs` (`ashard._outputs`) which
-committed files are kept.
+committed files are kept; `Positions` (`ashard._positions`) what a position's items
+and `Shard` are; `CallRecord` (`ashard._record`) the runs and workers the diagnostics
+tell of. A backend sees the job only as `ashard._backend.JobPort`.
 """
 
 from __future__ import annotations
