@@ -1,5 +1,6 @@
 """Turn a call's ``borrow=`` and ``out=`` into what workers receive: arrays become
-descriptors of shared-memory segments, anything else is pickled once.
+descriptors of shared-memory segments (a large array's copy reused while the array is
+unchanged: `ashard._borrowed`), anything else is pickled once.
 
 Used by the local backend, in a worker thread: copying a large array into shared
 memory or pickling a large object must not stall the event loop.
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ashard._borrowed import Lease, lease
 from ashard._framing import MAX_FDS
 from ashard._protocol import ArrayRef, IpcRef, Payload, SinkRef
 from ashard._serialize import pickle_payload
@@ -31,10 +33,11 @@ class Exported:
 
     kwargs: dict[str, Payload | ArrayRef | IpcRef | SinkRef] = field(default_factory=dict)
     segments: list[Segment] = field(default_factory=list)  # fds every worker needs
-    owned: list[SharedArray | SharedTable] = field(default_factory=list)  # for this call only
+    owned: list[SharedArray | SharedTable | Lease] = field(default_factory=list)  # ours
 
     def close(self) -> None:
-        """Release what this call shared on its own (not `share()`d or `Buffer`s)."""
+        """Release what this call shared on its own (not `share()`d or `Buffer`s) and
+        its hold on cached copies of borrowed arrays."""
         for shared in self.owned:
             shared.close()
         self.owned.clear()
@@ -70,8 +73,13 @@ def _export_borrow(
     if isinstance(value, SharedArray | Buffer):
         return _ref(exported, value.segment, value, mode)
     if _plain_array(value) and value.dtype.kind in SHAREABLE_KINDS:
-        shared = SharedArray.copy_of(value)
-        exported.owned.append(shared)
+        cached = lease(value)
+        if cached is not None:
+            exported.owned.append(cached)
+            shared = cached.shared
+        else:
+            shared = SharedArray.copy_of(value)
+            exported.owned.append(shared)
         return _ref(exported, shared.segment, shared, mode)
     if is_arrow(value):
         value = SharedTable.write(value)

@@ -20,8 +20,10 @@ import mmap
 import os
 import secrets
 import sys
+import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +46,7 @@ __all__ = [
     "open_ipc",
     "parallel_copy",
     "release_later",
+    "same_bytes",
 ]
 
 RELEASE_IN_THREAD_BYTES = 32 << 20
@@ -217,20 +220,43 @@ def copy_into_segment(array: np.ndarray[Any, Any]) -> Segment:
 def parallel_copy(target: np.ndarray[Any, Any], source: np.ndarray[Any, Any]) -> None:
     import numpy as np  # numpy on first use: a worker and `import ashard` start without it
 
+    if source.flags.c_contiguous:
+        target, source = target.reshape(-1), source.reshape(-1)
+    for _ in _by_rows(target, lambda lo, hi: np.copyto(target[lo:hi], source[lo:hi])):
+        pass  # re-raises a failed chunk's error
+
+
+def same_bytes(array: np.ndarray[Any, Any], copy: np.ndarray[Any, Any]) -> bool:
+    """Whether C-contiguous `array` holds exactly the bytes of `copy` (same dtype and
+    shape): compared as words, not values (a NaN equals itself, -0.0 differs from 0.0),
+    by several threads for a large array (numpy compares without the GIL)."""
+    import numpy as np  # numpy on first use: a worker and `import ashard` start without it
+
+    word = np.uint64 if array.nbytes % 8 == 0 else np.uint8
+    a, b = array.reshape(-1).view(word), copy.reshape(-1).view(word)
+    if array.nbytes < PARALLEL_COPY_BYTES:
+        return bool(np.array_equal(a, b))
+    differs = threading.Event()
+
+    def compare(lo: int, hi: int) -> None:
+        if not differs.is_set() and not np.array_equal(a[lo:hi], b[lo:hi]):
+            differs.set()
+
+    for _ in _by_rows(a, compare):
+        pass
+    return not differs.is_set()
+
+
+def _by_rows(array: np.ndarray[Any, Any], work: Callable[[int, int], Any]) -> Iterator[Any]:
+    """`work(lo, hi)` over spans of `array`'s first axis of about 16 MiB, on the copy
+    threads; the results in order."""
     global _copier
     if _copier is None:
         threads = min(16, max(COPY_THREADS, os.cpu_count() or 1))
         _copier = ThreadPoolExecutor(threads, thread_name_prefix="ashard-copy")
-    if source.flags.c_contiguous:
-        target, source = target.reshape(-1), source.reshape(-1)
-    rows = target.shape[0]
-    step = max(1, rows * _COPY_CHUNK_BYTES // max(target.nbytes, 1))
-    spans = [(i, min(i + step, rows)) for i in range(0, rows, step)]
-    done = _copier.map(
-        lambda span: np.copyto(target[span[0] : span[1]], source[span[0] : span[1]]), spans
-    )
-    for _ in done:  # re-raises a failed chunk's error
-        pass
+    rows = array.shape[0]
+    step = max(1, rows * _COPY_CHUNK_BYTES // max(array.nbytes, 1))
+    return _copier.map(lambda lo: work(lo, min(lo + step, rows)), range(0, rows, step))
 
 
 _NEEDED_SEALS = 2 | 4  # F_SEAL_SHRINK | F_SEAL_GROW: the size cannot change under us

@@ -1,0 +1,190 @@
+"""A borrowed array is shared once and reused while unchanged, and never seen stale:
+changed in place, other data under the same name or at the same address, views, two
+calls at once, writes a worker made under ``cow="allow"``."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+
+import ashard
+from ashard._borrowed import MIN_BYTES
+from ashard._shm import PARALLEL_COPY_BYTES
+
+pytestmark = pytest.mark.anyio
+
+N = 2 * MIN_BYTES // 8  # float64s: large enough to be kept between calls
+
+
+def total(shard: ashard.Shard, X: np.ndarray) -> float:
+    return float(X.sum())
+
+
+def total_and_segment(shard: ashard.Shard, X: np.ndarray) -> tuple[float, str]:
+    """The sum and the inode of the segment `X` lies in, as this worker maps it."""
+    address = X.__array_interface__["data"][0]
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, _, _, _, inode, *_ = line.split()
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= address < hi:
+                return float(X.sum()), inode
+    raise AssertionError("X is not in any mapping")
+
+
+def overwrite(shard: ashard.Shard, X: np.ndarray) -> float:
+    X[:] = -1.0
+    return float(X.sum())
+
+
+def wait_then_total(shard: ashard.Shard, X: np.ndarray, started: str, go: str) -> float:
+    """Sum `X` after the test says so: the test changes the array meanwhile."""
+    import time
+
+    Path(started).touch()
+    deadline = time.monotonic() + 60
+    while not Path(go).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the test never said go")
+        time.sleep(0.005)
+    return float(X.sum())
+
+
+def count_memfds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += "memfd:ashard-" in os.readlink(f"/proc/self/fd/{fd}")
+    return n
+
+
+async def test_an_unchanged_array_is_shared_once_and_a_changed_one_again() -> None:
+    X = np.arange(N, dtype=np.float64)
+    async with ashard.Pool(2) as pool:
+        first = await pool.shard_map(4, total_and_segment, borrow={"X": X})
+        memfds = await anyio.to_thread.run_sync(count_memfds)
+        again = await pool.shard_map(4, total_and_segment, borrow={"X": X})
+        assert {s for _, s in again.results} == {s for _, s in first.results}  # the same memory
+        assert await anyio.to_thread.run_sync(count_memfds) == memfds
+        assert [t for t, _ in again.results] == [float(X.sum())] * 4
+
+        X *= 3
+        changed = await pool.shard_map(4, total_and_segment, borrow={"X": X})
+        assert [t for t, _ in changed.results] == [float(X.sum())] * 4
+        assert {s for _, s in changed.results}.isdisjoint({s for _, s in first.results})
+    del X
+    gc.collect()
+    assert await anyio.to_thread.run_sync(count_memfds) == 0  # the copy went with the array
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last byte"])
+async def test_a_change_anywhere_is_seen(where: str) -> None:
+    X = np.zeros(N, dtype=np.float64)
+    async with ashard.Pool(2) as pool:
+        assert (await pool.shard_map(2, total, borrow={"X": X})).results == [0.0, 0.0]
+        if where == "last byte":
+            X.view(np.uint8)[-1] = 0x3F  # a tiny float's top byte
+        else:
+            X[0 if where == "first" else N // 2] = 1.5
+        assert (await pool.shard_map(2, total, borrow={"X": X})).results == [float(X.sum())] * 2
+        assert float(X.sum()) != 0.0
+
+
+async def test_a_large_array_compared_in_pieces_sees_a_change_in_its_last_piece() -> None:
+    X = np.zeros(PARALLEL_COPY_BYTES // 8 + N, dtype=np.float64)
+    async with ashard.Pool(1) as pool:
+        assert (await pool.shard_map(1, total, borrow={"X": X})).results == [0.0]
+        X[-1] = 7.0
+        assert (await pool.shard_map(1, total, borrow={"X": X})).results == [7.0]
+        assert (await pool.shard_map(1, total, borrow={"X": X})).results == [7.0]
+
+
+async def test_bytes_not_values_decide() -> None:
+    """NaN payloads and signed zeros compare equal as values, not as bytes."""
+    X = np.full(N, np.nan)
+    async with ashard.Pool(1) as pool:
+        await pool.shard_map(1, total, borrow={"X": X})
+        X[:] = 0.0
+        X[5] = -0.0
+        assert (await pool.shard_map(1, total_and_bits, borrow={"X": X})).results == [(0.0, True)]
+
+
+def total_and_bits(shard: ashard.Shard, X: np.ndarray) -> tuple[float, bool]:
+    return float(X.sum()), bool(np.signbit(X[5]))
+
+
+async def test_other_data_under_the_same_name_or_at_the_same_address() -> None:
+    async with ashard.Pool(2) as pool:
+        for k in range(4):
+            X = np.full(N, float(k))  # often lands where the last one was freed
+            assert (await pool.shard_map(2, total, borrow={"X": X})).results == [k * N] * 2
+            del X
+        A, B = np.full(N, 1.0), np.full(N, 2.0)
+        assert (await pool.shard_map(1, total, borrow={"X": A})).results == [N]
+        assert (await pool.shard_map(1, total, borrow={"X": B})).results == [2.0 * N]
+        assert (await pool.shard_map(1, total, borrow={"X": A})).results == [N]
+
+
+async def test_views_of_one_array_are_told_apart() -> None:
+    X = np.arange(2 * N, dtype=np.float64)
+    halves = X[:N], X[N:]
+    async with ashard.Pool(2) as pool:
+        for _ in range(2):
+            for half in halves:
+                got = await pool.shard_map(1, total, borrow={"X": half})
+                assert got.results == [float(half.sum())]
+        X[N:] = 0.0  # through the owner
+        assert (await pool.shard_map(1, total, borrow={"X": X[N:]})).results == [0.0]
+
+
+async def test_a_workers_private_writes_never_reach_a_reused_copy() -> None:
+    X = np.ones(N)
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(4, overwrite, borrow={"X": X}, cow="allow")
+        assert res.results == [-float(N)] * 4
+        assert (await pool.shard_map(4, total, borrow={"X": X})).results == [float(N)] * 4
+    assert X.sum() == N
+
+
+async def test_a_running_call_keeps_its_data_while_a_second_call_sees_the_change(
+    tmp_path: Path,
+) -> None:
+    X = np.ones(N)
+    started, go = tmp_path / "started", tmp_path / "go"
+    async with ashard.Pool(2) as pool, anyio.create_task_group() as tg:
+        first: list[float] = []
+
+        async def run_first() -> None:
+            borrow = {"X": X, "started": str(started), "go": str(go)}
+            res = await pool.shard_map(1, wait_then_total, borrow=borrow)
+            first.extend(res.results)
+
+        tg.start_soon(run_first)
+        with anyio.fail_after(60):
+            while not started.exists():  # noqa: ASYNC110 (another process writes it)
+                await anyio.sleep(0.01)
+        X[:] = 2.0  # while the first call runs on its copy
+        second = await pool.shard_map(1, total, borrow={"X": X})
+        assert second.results == [2.0 * N]
+        go.touch()
+    assert first == [float(N)]  # the copy it started with, never written over
+
+
+async def test_two_calls_at_once_with_one_array() -> None:
+    X = np.arange(N, dtype=np.float64)
+    async with ashard.Pool(2) as pool:
+        results: list[list[float]] = []
+
+        async def run() -> None:
+            results.append((await pool.shard_map(8, total, borrow={"X": X})).results)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(run)
+    assert results == [[float(X.sum())] * 8] * 3
