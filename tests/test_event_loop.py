@@ -34,3 +34,71 @@ async def test_ticker_keeps_ticking_during_cpu_heavy_shard_map() -> None:
     assert len(res.results) == 40 and res2[-1] == 199_999**2
     assert len(gaps) > 100
     assert max(gaps) < 0.05, f"event loop stalled for {max(gaps) * 1000:.1f} ms"
+
+
+def fail_on_multiples_of_7919(x: int) -> int:
+    if x % 7919 == 0:
+        raise ValueError(f"item {x}")
+    return x + 1
+
+
+async def test_the_loop_keeps_ticking_during_large_calls() -> None:
+    """A 2M-item map over a range and over a list, a 200k-shard stream and a call
+    borrowing a 100 MB array: every step of ashard's on the loop is short (a bound that
+    catches a stall, not a benchmark: the figures are in benchmarks/RESULTS.md)."""
+    import numpy as np
+
+    n = 2_000_000
+    gaps: list[float] = []
+    done = anyio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await anyio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    X = np.arange(100 << 20 >> 3, dtype=np.float64)
+    async with ashard.Pool(2) as pool, anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.sleep(0.05)
+        over_range = await pool.map(workloads.square, range(n))
+        over_list = await pool.map(workloads.square, list(range(n)))
+        seen = 0
+        layout = ashard.shards(200_000, block_size=1)
+        async with pool.shard_stream(layout, workloads.shard_sum) as stream:
+            async for _ in stream:
+                seen += 1
+        for _ in range(2):  # shared, then reused after a comparison
+            borrowed = await pool.shard_map(4, borrowed_total, borrow={"X": X})
+        done.set()
+    assert over_range == over_list == [k * k for k in range(n)]
+    assert seen == 200_000
+    assert borrowed.results == [float(X.sum())] * 4
+    assert max(gaps) < 0.5, f"the event loop stalled for {max(gaps) * 1000:.0f} ms"
+
+
+def borrowed_total(shard: ashard.Shard, X: object) -> float:
+    return float(X.sum())  # type: ignore[attr-defined]
+
+
+async def test_results_reported_in_pieces_keep_their_places() -> None:
+    """Large chunks' results come back in several reports: values and errors land at
+    their own positions, over a range and a list, with explicit and automatic chunks."""
+    n = 100_000
+    expected = [ValueError if k % 7919 == 0 else k + 1 for k in range(n)]
+    async with ashard.Pool(2) as pool:
+        for items in (range(n), list(range(n))):
+            for chunk_size in (n // 2, "auto"):
+                got = await pool.map(
+                    fail_on_multiples_of_7919, items, chunk_size=chunk_size, errors="collect"
+                )
+                assert len(got) == n
+                for k, (value, want) in enumerate(zip(got, expected, strict=True)):
+                    if want is ValueError:
+                        assert isinstance(value, ashard.ShardError), k
+                        assert f"item {k}" in str(value), k
+                    else:
+                        assert value == want, k

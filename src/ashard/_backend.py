@@ -96,7 +96,7 @@ class Chunk:
     first: int
     count: int
     attempts: list[int] | None
-    items: list[Any] | None
+    items: Sequence[Any] | None  # a list, or a range for a map over a range
     done: int = 0
     heard: float = 0.0  # seconds into the call when it was sent, or last reported on
     nbytes: int = 0  # its items, pickled, while the caller holds them

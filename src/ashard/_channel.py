@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from ashard._framing import (
     DEFAULT_MAX_FRAME,
@@ -36,6 +37,9 @@ __all__ = ["FRAME_STALL_SECONDS", "Channel"]
 
 FRAME_STALL_SECONDS = 10.0
 """Seconds a frame may stay incomplete with nothing more arriving."""
+READ_BYTES = 128 << 10
+"""Bytes read (and decoded, when they make small messages) in one step at most: the rest
+is read after the event loop had its turn."""
 WAKE_SECONDS = 0.25
 """How often an asyncio loop waiting on workers wakes, to serve what signals scheduled."""
 
@@ -125,7 +129,9 @@ class Channel:
         `wait_first` skips the read attempt that would only find the socket empty
         (right after sending a request, say).
         """
-        if wait_first and not self._early:
+        if self._early:
+            await anyio.lowlevel.checkpoint()  # what the last step left: after the loop's turn
+        elif wait_first:
             await self._wait_readable()
         while True:
             msgs = self.receive_nowait()
@@ -151,6 +157,10 @@ class Channel:
             f"a frame stayed incomplete for {FRAME_STALL_SECONDS:.0f} s with nothing more coming"
         )
 
+    def unread(self, msgs: list[Any]) -> None:
+        """Put `msgs` back, to be received first next time."""
+        self._early[:0] = msgs
+
     def receive_nowait(self) -> list[Any]:
         """Whatever complete messages can be read without waiting (maybe none)."""
         if self._early:
@@ -162,9 +172,10 @@ class Channel:
         if self._eof or self._sock.fileno() < 0:
             raise ChannelClosed("worker channel closed")
         msgs: list[Any] = []
+        budget = READ_BYTES
         while True:
             try:
-                n = self._reader.fill(self._sock)
+                n = self._reader.fill(self._sock, limit=budget)
             except BlockingIOError:
                 break
             except OSError as exc:  # ECONNRESET when the worker died mid-write
@@ -180,6 +191,9 @@ class Channel:
                 raise ChannelClosed(reason)
             if self._reader.drained and msgs:
                 break  # a short read emptied the socket; waiting again will say if not
+            budget -= n
+            if budget <= 0:
+                break  # the rest after the loop's turn: `receive` waits, ready at once
         return msgs
 
     def take_fds(self, count: int) -> list[int]:

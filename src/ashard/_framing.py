@@ -139,13 +139,14 @@ class FrameReader:
         self._done: list[Any] = []  # big frames completed by `fill`, not yet handed out
         self.drained = False  # the last `fill` got less than it asked for: likely no more
 
-    def fill(self, sock: socket.socket, flags: int = 0) -> int:
-        """One `recv_into`; returns the byte count (0 at end of stream). May raise
-        `BlockingIOError` on a non-blocking socket."""
+    def fill(self, sock: socket.socket, flags: int = 0, limit: int = 1 << 62) -> int:
+        """One `recv_into` of `limit` bytes at most; returns the byte count (0 at end of
+        stream). May raise `BlockingIOError` on a non-blocking socket."""
         if self._big is not None:
             if self._big_fill < len(self._big):
-                want = len(self._big) - self._big_fill
-                n = self._recv(sock, memoryview(self._big)[self._big_fill :], flags)
+                want = min(len(self._big) - self._big_fill, limit)
+                into = memoryview(self._big)[self._big_fill : self._big_fill + want]
+                n = self._recv(sock, into, flags)
                 self._big_fill += n
                 self.drained = n < want
                 return n
@@ -155,8 +156,8 @@ class FrameReader:
             self._compact()
             if len(self._buf) - self._hi < _MIN_READ:  # full of unread messages: grow
                 self._compact(self._hi + _SCRATCH)
-        want = len(self._buf) - self._hi
-        n = self._recv(sock, self._view[self._hi :], flags)
+        want = min(len(self._buf) - self._hi, limit)
+        n = self._recv(sock, self._view[self._hi : self._hi + want], flags)
         self._hi += n
         self.drained = n < want
         return n

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import replace
+from itertools import repeat
 from logging import WARNING
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +89,7 @@ class Job(Changes):
         out: dict[str, Any],
         layout: Shards | None,
         sequence: Sequence[Any] | None,
-        items: Iterator[Any] | None,
+        items: Iterable[Any] | None,
         total: int | None,
         stream: StreamBuffer | None,
         store: ResultStore | None = None,
@@ -103,7 +104,7 @@ class Job(Changes):
             self.positions = ShardPositions(layout, sequence, opts.seed)
         else:
             assert items is not None
-            self.positions = ItemPositions(items, total)
+            self.positions = ItemPositions(items)
         self.total = total
         self.stream = stream
         self.progress = Progress(total, f"{self.noun}s") if opts.progress else None
@@ -162,7 +163,7 @@ class Job(Changes):
         total = len(items) if isinstance(items, Sized) else None
         return cls(
             kind=ITEMS, fn=fn, opts=opts, borrow=borrow, out={}, layout=None, sequence=None,
-            items=iter(items), total=total, stream=None,
+            items=items, total=total, stream=None,
         )  # fmt: skip
 
     def work(self) -> JobWork:
@@ -281,7 +282,7 @@ class Job(Changes):
                 self.notify()  # the end is known now
             if not count:
                 return None
-            self.results.extend([None] * count)
+            self.results.extend(repeat(None, count))
             self._resolved.extend(bytes(count))
         return Chunk(seq, first, count, None, items)
 

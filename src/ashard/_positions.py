@@ -7,7 +7,7 @@ read lazily and kept only while their position may run again. The job
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from itertools import islice
 from typing import Any
 
@@ -25,7 +25,7 @@ class Positions:
     exhausted = False  # every position has been taken
     has_items = True  # chunks carry their positions' items
 
-    def take(self, size: int) -> tuple[int, list[Any] | None]:
+    def take(self, size: int) -> tuple[int, Sequence[Any] | None]:
         """Up to `size` new positions: (how many, their items). Raises what the caller's
         iterable raised."""
         raise NotImplementedError
@@ -54,7 +54,7 @@ class ShardPositions(Positions):
         self.exhausted = not self.total
         self.has_items = sequence is not None
 
-    def take(self, size: int) -> tuple[int, list[Any] | None]:
+    def take(self, size: int) -> tuple[int, Sequence[Any] | None]:
         first = self.next_pos
         count = min(size, len(self.layout) - first)
         items = None
@@ -77,17 +77,21 @@ class ItemPositions(Positions):
     """The items of an iterable (`total`: its length, if it has one), read as they are
     taken; an item is kept only while its position waits to run again."""
 
-    def __init__(self, items: Iterator[Any], total: int | None) -> None:
-        self._items = items
-        self.total = total
+    def __init__(self, items: Iterable[Any]) -> None:
+        self._range = items if type(items) is range else None  # sliced: sent as ranges
+        self._items = iter(items)
+        self.total = len(items) if isinstance(items, Sized) else None
         self._again: dict[int, Any] = {}
 
-    def take(self, size: int) -> tuple[int, list[Any] | None]:
-        try:
-            items = list(islice(self._items, size))
-        except BaseException:
-            self.exhausted = True
-            raise
+    def take(self, size: int) -> tuple[int, Sequence[Any] | None]:
+        if self._range is not None:
+            items: Sequence[Any] = self._range[self.next_pos : self.next_pos + size]
+        else:
+            try:
+                items = list(islice(self._items, size))
+            except BaseException:
+                self.exhausted = True
+                raise
         if len(items) < size:
             self.exhausted = True
         self.next_pos += len(items)

@@ -123,6 +123,38 @@ def parse_result(msg: Any) -> Result:
     return tuple.__new__(Result, msg[1:])  # skips the NamedTuple's __new__ (Python code)
 
 
+def split_result(result: Result, at: int) -> tuple[Result, Result]:
+    """`result` as two: its positions before `at` and from `at` on (``0 < at < n``), for
+    a parent that delivers a long report over several steps. Only the second is final
+    and carries the memory reading; both keep the payload, already unpickled."""
+    n = result.n
+    elapsed = result.elapsed
+    if isinstance(elapsed, list):
+        times: tuple[Any, Any] = elapsed[:at], elapsed[at:]
+    elif elapsed is None:
+        times = None, None
+    else:
+        times = elapsed * at / n, elapsed * (n - at) / n
+    errors, writes = _cut(result.errors, at), _cut(result.writes, at)
+    commits, arrays = _cut(result.commits, at), _cut(result.arrays, at)
+    head = result._replace(
+        n=at, errors=errors[0] or [], elapsed=times[0], final=False, writes=writes[0], rss=0,
+        commits=commits[0], arrays=arrays[0],
+    )  # fmt: skip
+    tail = result._replace(
+        k0=result.k0 + at, n=n - at, errors=errors[1] or [], elapsed=times[1],
+        writes=writes[1], commits=commits[1], arrays=arrays[1],
+    )  # fmt: skip
+    return head, tail
+
+
+def _cut(entries: list[Any] | None, at: int) -> tuple[Any, Any]:
+    """Entries indexed by their first field, before `at` and from `at` on, re-indexed."""
+    if entries is None:
+        return None, None
+    return [e for e in entries if e[0] < at], [(e[0] - at, *e[1:]) for e in entries if e[0] >= at]
+
+
 def _is_packed(payload: Any) -> bool:
     """A `Payload` as it arrives: its pickle in the message or beside it."""
     return (

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -26,7 +27,11 @@ from ashard._shm import adopt_result
 if TYPE_CHECKING:
     from ashard._handle import WorkerHandle
 
-__all__ = ["Report", "pump_output", "receive"]
+__all__ = ["DECODE_SECONDS", "Report", "pump_output", "receive"]
+
+DECODE_SECONDS = 0.0005
+"""Time one `receive` spends unpickling values on the loop, at most (it always takes one
+report): what is left is received next time, after the event loop had its turn."""
 
 Report = tuple[Result, "list[Any] | Exception"]
 """A parsed RESULT and its values, or the error that unpickling them raised."""
@@ -36,7 +41,12 @@ async def receive(w: WorkerHandle, *, wait_first: bool = False) -> list[Report]:
     """The reports `w` sent, checked; large frames and values are unpickled off the
     event loop. A message that is not a well-formed result is a `ProtocolViolation`."""
     reports: list[Report] = []
-    for msg in await w.channel.receive(wait_first=wait_first):
+    msgs = await w.channel.receive(wait_first=wait_first)
+    t0 = time.monotonic()
+    for i, msg in enumerate(msgs):
+        if reports and time.monotonic() - t0 >= DECODE_SECONDS:
+            w.channel.unread(msgs[i:])  # for the next step, after the loop's turn
+            break
         if isinstance(msg, RawFrame):
             msg = await anyio.to_thread.run_sync(msg.decode)
         report = parse_result(msg)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ashard._backend import CallWork, Chunk, JobPort, JobWork
 from ashard._framing import (
@@ -64,6 +65,7 @@ from ashard._protocol import (
     Payload,
     ProtocolViolation,
     Result,
+    split_result,
 )
 from ashard._reports import Report, pump_output, receive
 from ashard._serialize import dumps_named, pack
@@ -84,6 +86,9 @@ KILL_GRACE = 0.5
 MAX_UNDELIVERED = 5
 """Times in a row a call is sent again because its worker had ended before it could take
 it (those sends cost no attempt); past that it fails as a crash."""
+DELIVER_SECONDS = 0.0005
+"""Time one step of a drive spends delivering what a worker reported, at most: the rest
+is delivered after the event loop had its turn."""
 ENCODE_INLINE_SECONDS = 0.002
 """Chunks that took longer than this to pickle are pickled off the event loop next time."""
 
@@ -100,6 +105,7 @@ class _Run:
     exported: Exported | None
     loaded_on: set[WorkerHandle] = field(default_factory=set)
     encode_in_thread: bool = False
+    deliver_cost: float = 0.0  # seconds a position takes to deliver, as learned
 
 
 @dataclass(eq=False, slots=True)
@@ -110,6 +116,7 @@ class _Lease:
     run: _Run
     worker: WorkerHandle
     inflight: deque[Chunk] = field(default_factory=deque)
+    pending: deque[Report] = field(default_factory=deque)  # read, not yet delivered
     last_heard: float = 0.0
 
 
@@ -269,8 +276,12 @@ class Scheduler:
                 task_status.started()
                 started = True
                 while True:
-                    if lease.inflight:
-                        self._handle(lease, await self._receive(lease))
+                    if lease.pending:  # what the last step left: after the loop's turn
+                        await anyio.lowlevel.checkpoint()
+                        self._handle(lease, DELIVER_SECONDS)
+                    elif lease.inflight:
+                        lease.pending.extend(await self._receive(lease))
+                        self._handle(lease, DELIVER_SECONDS)
                     if not self.workers.should_yield(job):
                         await self._fill(lease)
                     if not lease.inflight:
@@ -356,12 +367,23 @@ class Scheduler:
             return await receive(lease.worker)
         raise _Hung
 
-    def _handle(self, lease: _Lease, reports: list[Report]) -> None:
-        lease.last_heard = time.monotonic()
-        w, job = lease.worker, lease.run.job
-        profile = PROFILES[lease.run.work.opts.profile]
+    def _handle(self, lease: _Lease, budget: float | None = None) -> None:
+        """Deliver the lease's pending reports: for about `budget` seconds at most (the
+        rest waits for the next step, cut where the time ran out), or all of them."""
+        lease.last_heard = t0 = time.monotonic()
+        w, run = lease.worker, lease.run
+        job, pending = run.job, lease.pending
+        profile = PROFILES[run.work.opts.profile]
         done = timed_out = 0
-        for report, values in reports:
+        heard = bool(pending)
+        while pending:
+            report, values = pending.popleft()
+            if budget is not None and report.n > 1 and not isinstance(values, Exception):
+                room = max(1, int(budget / run.deliver_cost)) if run.deliver_cost else report.n
+                if room < report.n:
+                    head, tail = split_result(report, room)
+                    pending.appendleft((tail, values[room:]))
+                    report, values = head, values[:room]
             chunk = lease.inflight[0] if lease.inflight else None
             if chunk is None or chunk.seq != report.seq or chunk.done != report.k0:
                 raise ProtocolViolation("a result for work it was not running")
@@ -377,13 +399,27 @@ class Scheduler:
             if report.final:
                 lease.inflight.popleft()
                 w.finished_work(report.rss, self.policy, profile)
-        if reports:
+            if budget is not None and time.monotonic() - t0 >= budget:
+                break
+        if done:
+            cost = (time.monotonic() - t0) / done
+            run.deliver_cost = 0.5 * (run.deliver_cost + cost) if run.deliver_cost else cost
+        if heard:
             self.workers.heard_back(done, timed_out)
+
+    def _deliver_rest(self, lease: _Lease) -> None:
+        """Deliver what was read and not delivered yet; drop it if it breaks the
+        protocol (the worker is lost then, or the job already over)."""
+        try:
+            self._handle(lease)
+        except ProtocolViolation:
+            lease.pending.clear()
 
     async def _settle(self, lease: _Lease) -> None:
         """Make the worker clean (nothing in flight) and give it back; kill it if it
         won't be."""
         w, job = lease.worker, lease.run.job
+        self._deliver_rest(lease)
         if lease.inflight and not w.channel.broken:
             job.abort()
             try:
@@ -391,7 +427,8 @@ class Scheduler:
                 w.interrupt()
                 with anyio.move_on_after(CANCEL_GRACE):
                     while lease.inflight:
-                        self._handle(lease, await receive(w))
+                        lease.pending.extend(await receive(w))
+                        self._handle(lease)
             except (ChannelClosed, ProtocolViolation):
                 pass
         if lease.inflight or not w.alive:
@@ -405,6 +442,9 @@ class Scheduler:
         """The worker died, hung or misbehaved: give its chunks back to the job and
         replace it."""
         w, job = lease.worker, lease.run.job
+        if not isinstance(why, ProtocolViolation):  # else read with what broke it: untrusted
+            self._deliver_rest(lease)  # whole reports it sent before it ended
+        lease.pending.clear()
         timed_out = await self._bury(w, why)
         chunks = list(lease.inflight)
         lease.inflight.clear()

@@ -6,7 +6,8 @@ of work (scaled by the call's profile), so tiny shards cost microseconds each, n
 round trip; it grows at most `MAX_GROWTH` times at a step, leaves work for every worker
 near the end, and keeps each worker's window of chunks within the bytes the caller may
 hold. Each of those bounds is one method (`_by_time`, `_by_share`, `_by_bytes`), and the
-size is the smallest: a new signal (the workers' memory, next) is one more bound there.
+size is the smallest, and never over `MAX_POSITIONS` (the caller's step): a new signal
+(the workers' memory, next) is one more bound there.
 
 The window hides the trip to a worker: short chunks go several at a time, long ones one
 at a time (balance over latency). A backend far from its workers (Dask) says how long
@@ -36,6 +37,10 @@ MAX_WINDOW = 8
 """The most chunks a worker holds at once."""
 MAX_GROWTH = 8
 """An automatic chunk is at most this many times the size of the one before."""
+MAX_POSITIONS = 32768
+"""An automatic chunk holds at most this many positions: the caller's own work for a
+chunk (listing its items, keeping a place for each result) is done in one step of its
+event loop, and stays well under a millisecond however cheap the work is."""
 _NO_BOUND = 1 << 62
 
 
@@ -91,7 +96,9 @@ class ChunkSizer:
         unknown) and the caller holding at most `max_held` bytes of items."""
         if self.fixed is not None:
             return self.fixed
-        size = min(self._by_time(), self._by_share(remaining), self._by_bytes(max_held))
+        size = min(
+            self._by_time(), self._by_share(remaining), self._by_bytes(max_held), MAX_POSITIONS
+        )
         self._last_size = size
         return size
 

@@ -161,7 +161,7 @@ class _Work:
     first: int
     count: int
     attempts: list[int] | None
-    items: list[Any] | None
+    items: Sequence[Any] | None
     done: concurrent.futures.Future[list[Report]]
     reports: list[Report] = field(default_factory=list)
     pids: set[int] = field(default_factory=set)

@@ -12,7 +12,7 @@ import socket
 from typing import Any
 
 from ashard._framing import DEFAULT_MAX_FRAME, encode, frame_size, send_frames
-from ashard._protocol import INTERRUPTED, RAISED, RESULT, ArrayDesc, Commit
+from ashard._protocol import INTERRUPTED, RAISED, RESULT, ArrayDesc, Commit, Payload
 from ashard._serialize import dumps, encode_exception, pack, show_error
 from ashard._worker.large_results import (
     RESULT_SEGMENT_BYTES,
@@ -22,7 +22,12 @@ from ashard._worker.large_results import (
 )
 from ashard._worker.process import private_rss
 
-__all__ = ["Reporter"]
+__all__ = ["PIECE_BYTES", "Reporter"]
+
+PIECE_BYTES = 32 << 10
+"""Many values are reported in pieces of about this size, pickled: the parent reads and
+unpickles each in a fraction of a millisecond, between steps of its event loop."""
+_MIN_PIECE = 256
 
 
 class Reporter:
@@ -34,6 +39,7 @@ class Reporter:
         self.sock = sock
         self.max_frame = DEFAULT_MAX_FRAME
         self.with_rss = True
+        self._item_bytes: float | None = None  # a value's size, pickled, as learned
 
     def send(self, msg: Any) -> None:
         send_frames(self.sock, encode(msg))
@@ -49,13 +55,61 @@ class Reporter:
         writes: list[tuple[int, str]] | None = None,
         commits: list[Commit] | None = None,
     ) -> None:
-        """Report positions ``k0 .. k0+len(values)-1`` of chunk `seq`."""
+        """Report positions ``k0 .. k0+len(values)-1`` of chunk `seq`: in pieces of about
+        `PIECE_BYTES` each, pickled, when there are many values."""
+        n = len(values)
+        step = n if writes or commits else self._piece(values)
+        if step >= n:
+            self._send_result(seq, k0, values, errors, elapsed, final, writes, commits)
+            return
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            part_errors = [(k - lo, kind, record) for k, kind, record in errors if lo <= k < hi]
+            if isinstance(elapsed, list):
+                part_elapsed: Any = elapsed[lo:hi]
+            else:
+                part_elapsed = None if elapsed is None else elapsed * (hi - lo) / n
+            last = final and hi == n
+            self._send_result(seq, k0 + lo, values[lo:hi], part_errors, part_elapsed, last)
+
+    def _piece(self, values: list[Any]) -> int:
+        """How many values go in one report: about `PIECE_BYTES`' worth, pickled, as
+        learned from the reports sent so far (a sample of these values, at first)."""
+        if len(values) <= _MIN_PIECE:
+            return len(values)
+        if self._item_bytes is None:
+            try:
+                self._learn(_MIN_PIECE, pack(values[:_MIN_PIECE]))
+            except BaseException:  # user pickling code: `_send_result` says what failed
+                return len(values)
+        assert self._item_bytes is not None
+        return max(_MIN_PIECE, int(PIECE_BYTES / self._item_bytes))
+
+    def _learn(self, n: int, payload: Payload) -> None:
+        data = payload[0]
+        if n and payload[1] == [] and isinstance(data, bytes):
+            sample = max(1.0, len(data) / n)
+            seen = self._item_bytes
+            self._item_bytes = sample if seen is None else 0.5 * (seen + sample)
+
+    def _send_result(
+        self,
+        seq: int,
+        k0: int,
+        values: list[Any],
+        errors: list[Any],
+        elapsed: Any,
+        final: bool,
+        writes: list[tuple[int, str]] | None = None,
+        commits: list[Commit] | None = None,
+    ) -> None:
         rss = private_rss() if final and self.with_rss else 0
         try:
             payload = pack(values)
         except BaseException:  # user pickling code: SystemExit is an outcome, not the end
             values, errors = _drop_unpicklable(values, errors)
             payload = pack(values)
+        self._learn(len(values), payload)
         arrays: list[ArrayDesc] | None = None
         fds: list[int] = []
         if payload[1] and oob_bytes(payload) >= RESULT_SEGMENT_BYTES:

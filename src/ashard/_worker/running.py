@@ -13,7 +13,7 @@ import functools
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ashard import _seeding
@@ -98,7 +98,9 @@ def _disarm(timeout: float | None) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def run_chunk(ctx: JobContext, chunk: RunChunk, items: list[Any] | None, report: Reporter) -> None:
+def run_chunk(
+    ctx: JobContext, chunk: RunChunk, items: Sequence[Any] | None, report: Reporter
+) -> None:
     """Run the positions of `chunk` (`items`: its items, unpacked) and report them."""
     if ctx.kind != SHARDS and ctx.timeout is None and ctx.seed is None and not ctx.audit:
         # (`map` jobs have no outputs: out= and results= are shard_map's)
@@ -107,7 +109,7 @@ def run_chunk(ctx: JobContext, chunk: RunChunk, items: list[Any] | None, report:
         _run_each(ctx, chunk, items, report)
 
 
-def _run_items_fast(ctx: JobContext, seq: int, items: list[Any], report: Reporter) -> None:
+def _run_items_fast(ctx: JobContext, seq: int, items: Sequence[Any], report: Reporter) -> None:
     """The `map` path with no timeout or seed: a tight loop, errors recorded in place."""
     fn = functools.partial(ctx.fn, **ctx.kwargs) if ctx.kwargs else ctx.fn
     values: list[Any] = []
@@ -135,7 +137,9 @@ def _run_items_fast(ctx: JobContext, seq: int, items: list[Any], report: Reporte
     report.result(seq, 0, values, errors, time.perf_counter() - t0, True)
 
 
-def _run_each(ctx: JobContext, chunk: RunChunk, items: list[Any] | None, report: Reporter) -> None:
+def _run_each(
+    ctx: JobContext, chunk: RunChunk, items: Sequence[Any] | None, report: Reporter
+) -> None:
     """One guarded call per position: timeouts, seeds, shards; flushes every so often."""
     seq, first, count, attempts = chunk.seq, chunk.first, chunk.n, chunk.attempts
     shards = ctx.kind == SHARDS
