@@ -13,20 +13,21 @@ import workloads
 pytestmark = pytest.mark.anyio
 
 
+async def ticker(gaps: list[float], done: anyio.Event) -> None:
+    """Tick every millisecond until `done`, recording the time between ticks."""
+    last = time.perf_counter()
+    while not done.is_set():
+        await anyio.sleep(0.001)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+
+
 async def test_ticker_keeps_ticking_during_cpu_heavy_shard_map() -> None:
     gaps: list[float] = []
     done = anyio.Event()
-
-    async def ticker() -> None:
-        last = time.perf_counter()
-        while not done.is_set():
-            await anyio.sleep(0.001)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
     async with ashard.Pool(2) as pool, anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
+        tg.start_soon(ticker, gaps, done)
         await anyio.sleep(0.05)
         res = await pool.shard_map(ashard.shards(40, block_size=1), lambda sh: workloads.busy(0.05))
         res2 = await pool.map(workloads.square, range(200_000))
@@ -51,18 +52,9 @@ async def test_the_loop_keeps_ticking_during_large_calls() -> None:
     n = 2_000_000
     gaps: list[float] = []
     done = anyio.Event()
-
-    async def ticker() -> None:
-        last = time.perf_counter()
-        while not done.is_set():
-            await anyio.sleep(0.001)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
     X = np.arange(100 << 20 >> 3, dtype=np.float64)
     async with ashard.Pool(2) as pool, anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
+        tg.start_soon(ticker, gaps, done)
         await anyio.sleep(0.05)
         over_range = await pool.map(workloads.square, range(n))
         over_list = await pool.map(workloads.square, list(range(n)))
