@@ -368,3 +368,26 @@ def _child_pids() -> list[int]:
             if "ashard._worker" in " ".join(p.cmdline()):
                 pids.append(p.pid)
     return pids
+
+
+def attempt_unless_victim(shard: ashard.Shard, victim: int) -> int:
+    if shard.id == victim and shard.attempt == 1:
+        workloads.die("sigkill")
+    return shard.attempt
+
+
+async def test_pieces_reported_before_a_crash_are_kept_and_the_rest_runs_again() -> None:
+    """A worker reports a long chunk in pieces as it goes; killed partway, what it
+    reported stands and only the rest of its chunk runs again, each position once."""
+    n, victim = 100_000, 40_000
+    layout = ashard.shards(n, block_size=1)
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(
+            layout, attempt_unless_victim, borrow={"victim": victim}, chunk_size=n // 2
+        )
+    assert res.ok and res.diagnostics.crashes == 1
+    again = [k for k, attempt in enumerate(res.results) if attempt == 2]
+    assert set(res.results) == {1, 2}
+    first = again[0]
+    assert again == list(range(first, n // 2))  # the killed chunk's tail, from one point on
+    assert 0 < first <= victim  # what it reported before the kill was kept

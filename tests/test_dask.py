@@ -343,3 +343,12 @@ async def test_cluster_errors_say_what_to_do(tmp_path: Path, monkeypatch: Any) -
     ):
         async with ashard.Pool(cluster=cluster.address):
             pass
+
+
+async def test_a_large_map_reported_in_pieces_arrives_whole(dask_cluster: Any) -> None:
+    """A worker reports a large chunk's values in several pieces; the node relays each."""
+    n = 200_000
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        assert await pool.map(workloads.square, range(n)) == [x * x for x in range(n)]
+        got = await pool.map(workloads.square, list(range(n)), chunk_size=n // 2)
+        assert got == [x * x for x in range(n)]
