@@ -17,7 +17,7 @@ Reported per case: loop lateness p50 / p99 / max (ms), the caller's CPU per unit
 (µs) and the rate. Medians over ``--rounds`` interpreters.
 
     python benchmarks/bench_caller.py [--rounds 3] [--cases map,stream,borrow,calls]
-                                      [--backend asyncio|trio] [--quick]
+                                      [--backend asyncio|trio|uvloop] [--quick]
 """
 
 from __future__ import annotations
@@ -158,7 +158,11 @@ async def main():
     print(json.dumps(result))
 
 
-anyio.run(main, backend={backend!r})
+BACKEND = {backend!r}
+if BACKEND == "uvloop":
+    anyio.run(main, backend="asyncio", backend_options={{"use_uvloop": True}})
+else:
+    anyio.run(main, backend=BACKEND)
 """
 
 CASES = {
@@ -186,7 +190,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
+    parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio", "uvloop"])
     parser.add_argument("--quick", action="store_true", help="a tenth of the work")
     args = parser.parse_args()
     scale = 0.1 if args.quick else 1.0

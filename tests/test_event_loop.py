@@ -94,3 +94,31 @@ async def test_results_reported_in_pieces_keep_their_places() -> None:
                         assert f"item {k}" in str(value), k
                     else:
                         assert value == want, k
+
+
+def test_everything_runs_on_uvloop() -> None:
+    """The same calls on uvloop's event loop (through anyio's asyncio backend)."""
+    import numpy as np
+
+    X = np.arange(2 << 20 >> 3, dtype=np.float64)
+
+    async def main() -> None:
+        import asyncio
+
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        with anyio.fail_after(120):
+            async with ashard.Pool(2) as pool:
+                assert await pool.call(workloads.square, 7) == 49
+                squares = await pool.map(workloads.square, range(100_000))
+                assert squares == [k * k for k in range(100_000)]
+                seen = []
+                layout = ashard.shards(1000, block_size=1)
+                async with pool.shard_stream(layout, workloads.shard_sum) as stream:
+                    async for done in stream:
+                        seen.append(done.value)
+                assert sorted(seen) == list(range(1000))
+                for _ in range(2):
+                    res = await pool.shard_map(4, borrowed_total, borrow={"X": X})
+                    assert res.results == [float(X.sum())] * 4
+
+    anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
