@@ -92,17 +92,10 @@ class Reporter:
             seen = self._item_bytes
             self._item_bytes = sample if seen is None else 0.5 * (seen + sample)
 
-    def _send_result(
-        self,
-        seq: int,
-        k0: int,
-        values: list[Any],
-        errors: list[Any],
-        elapsed: Any,
-        final: bool,
-        writes: list[tuple[int, str]] | None = None,
-        commits: list[Commit] | None = None,
-    ) -> None:
+    def _send_result(self, seq: int, k0: int, values: list[Any], errors: list[Any], elapsed: Any,
+                     final: bool, writes: list[tuple[int, str]] | None = None,
+                     commits: list[Commit] | None = None) -> None:  # fmt: skip
+        """One RESULT message: `result`'s arguments, for one piece."""
         rss = private_rss() if final and self.with_rss else 0
         try:
             payload = pack(values)
