@@ -188,3 +188,64 @@ async def test_two_calls_at_once_with_one_array() -> None:
             for _ in range(3):
                 tg.start_soon(run)
     assert results == [[float(X.sum())] * 8] * 3
+
+
+async def test_idle_copies_are_bounded_least_recently_used_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ashard import _borrowed
+
+    monkeypatch.setattr(_borrowed._cache, "_idle_limit", 3 * MIN_BYTES)  # one 2 MiB copy fits
+    A, B = np.full(N, 1.0), np.full(N, 2.0)
+    async with ashard.Pool(1) as pool:
+        first = await pool.shard_map(1, total_and_segment, borrow={"X": A})
+        one_copy = await anyio.to_thread.run_sync(count_memfds)  # its fd and its mapping's
+        await pool.shard_map(1, total_and_segment, borrow={"X": B})
+        assert await anyio.to_thread.run_sync(count_memfds) == one_copy  # A's went: B's is newer
+        again = await pool.shard_map(1, total_and_segment, borrow={"X": A})
+    assert again.results[0][0] == first.results[0][0] == float(N)
+    assert again.results[0][1] != first.results[0][1]  # copied afresh
+
+
+def test_the_memory_limit_is_the_tightest_cgroup_limit_above(tmp_path: Path) -> None:
+    """`limit_bytes` (what bounds the idle copies) inside a cgroup with a memory limit."""
+    import subprocess
+    import sys
+
+    from ashard._memory import limit_bytes, physical_bytes
+
+    assert 0 < limit_bytes() <= physical_bytes()
+    with open("/proc/self/cgroup") as f:
+        lines = [line.split(":", 2) for line in f.read().splitlines()]
+    v1 = [path for _, controllers, path in lines if "memory" in controllers.split(",")]
+    if v1:
+        folder = Path("/sys/fs/cgroup/memory" + v1[0].rstrip("/")) / f"ashard-test-{os.getpid()}"
+        limit_file = "memory.limit_in_bytes"
+    else:
+        v2 = [path for _, controllers, path in lines if controllers == ""]
+        folder = (
+            Path("/sys/fs/cgroup" + (v2[0].rstrip("/") if v2 else "")) / f"ashard-{os.getpid()}"
+        )
+        limit_file = "memory.max"
+    try:
+        folder.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot create a cgroup here ({exc}): the host case above still ran")
+    child = None
+    try:
+        (folder / limit_file).write_text(str(512 << 20))
+        code = (
+            "import sys; sys.stdin.readline(); "
+            "from ashard._memory import limit_bytes; print(limit_bytes())"
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        (folder / "cgroup.procs").write_text(str(child.pid))
+        out, _ = child.communicate("go\n", timeout=60)
+        assert int(out) == min(512 << 20, physical_bytes())
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        folder.rmdir()

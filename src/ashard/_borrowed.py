@@ -11,8 +11,8 @@ would hand back stale data: joblib's memmapping does, inside one ``Parallel``.
 
 A copy is never written once shared: a call still running on the old copy keeps it, and
 it is let go when that call ends. Copies no call is using are bounded by
-`IDLE_FRACTION` of the machine's memory (the least recently used go first), and go
-when their array is garbage collected.
+`IDLE_FRACTION` of the memory this process may use (the least recently used go first),
+and go when their array is garbage collected.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ashard._memory import limit_bytes
 from ashard._shm import same_bytes
 from ashard.shared import SharedArray
 
@@ -35,7 +36,8 @@ MIN_BYTES = 1 << 20
 """Smaller arrays are copied for every call: copying them costs less than keeping them."""
 
 IDLE_FRACTION = 0.25
-"""Copies that no running call uses may hold this share of physical memory at most."""
+"""Copies that no running call uses may hold this share of the memory this process may
+use at most (the machine's, or its cgroup's limit: `ashard._memory`)."""
 
 Key = tuple[int, int, str, tuple[int, ...], tuple[int, ...]]
 
@@ -68,9 +70,7 @@ class _Cache:
     def __init__(self) -> None:
         self._lock = threading.RLock()  # a collected owner's callback may come mid-call
         self._entries: dict[Key, _Entry] = {}
-        self._idle_limit = int(
-            IDLE_FRACTION * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        )
+        self._idle_limit = int(IDLE_FRACTION * limit_bytes())
 
     def lease(self, array: np.ndarray[Any, Any]) -> Lease | None:
         """A copy of `array` in shared memory for one call: the cached one if its bytes
