@@ -1,6 +1,7 @@
-"""A borrowed array is shared once and reused while unchanged, and never seen stale:
-changed in place, other data under the same name or at the same address, views, two
-calls at once, writes a worker made under ``cow="allow"``."""
+"""A pool shares a borrowed array once and reuses it while unchanged, and never hands it
+back stale: changed in place, other data under the same name or at the same address,
+views, two calls at once, writes a worker made under ``cow="allow"``. Its copies go with
+the pool (the default pool keeps none)."""
 
 from __future__ import annotations
 
@@ -78,9 +79,9 @@ async def test_an_unchanged_array_is_shared_once_and_a_changed_one_again() -> No
         changed = await pool.shard_map(4, total_and_segment, borrow={"X": X})
         assert [t for t, _ in changed.results] == [float(X.sum())] * 4
         assert {s for _, s in changed.results}.isdisjoint({s for _, s in first.results})
-    del X
-    gc.collect()
-    assert await anyio.to_thread.run_sync(count_memfds) == 0  # the copy went with the array
+        del X
+        gc.collect()
+        assert await anyio.to_thread.run_sync(count_memfds) == 0  # gone with the array
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last byte"])
@@ -195,8 +196,9 @@ async def test_idle_copies_are_bounded_least_recently_used_first(
 ) -> None:
     from ashard import _borrowed
 
-    monkeypatch.setattr(_borrowed._cache, "_idle_limit", 3 * MIN_BYTES)  # one 2 MiB copy fits
-    A, B = np.full(N, 1.0), np.full(N, 2.0)
+    limit = await anyio.to_thread.run_sync(_borrowed.limit_bytes)
+    monkeypatch.setattr(_borrowed, "IDLE_FRACTION", 3 * MIN_BYTES / limit)
+    A, B = np.full(N, 1.0), np.full(N, 2.0)  # one 2 MiB copy fits in the bound, not two
     async with ashard.Pool(1) as pool:
         first = await pool.shard_map(1, total_and_segment, borrow={"X": A})
         one_copy = await anyio.to_thread.run_sync(count_memfds)  # its fd and its mapping's
@@ -205,6 +207,27 @@ async def test_idle_copies_are_bounded_least_recently_used_first(
         again = await pool.shard_map(1, total_and_segment, borrow={"X": A})
     assert again.results[0][0] == first.results[0][0] == float(N)
     assert again.results[0][1] != first.results[0][1]  # copied afresh
+
+
+async def test_copies_go_with_the_pool_and_the_default_pool_keeps_none() -> None:
+    """A pool's kept copies go when it closes, the array still alive; the default pool
+    and ``keep_borrowed=False`` let each call's copy go when the call ends."""
+    X = np.arange(N, dtype=np.float64)
+    async with ashard.Pool(1) as pool:
+        await pool.shard_map(1, total, borrow={"X": X})
+        assert await anyio.to_thread.run_sync(count_memfds) > 0  # kept for the next call
+    assert await anyio.to_thread.run_sync(count_memfds) == 0
+    for _ in range(2):
+        got = await ashard.shard_map(2, total_and_segment, borrow={"X": X}, workers=1)
+        assert [t for t, _ in got.results] == [float(X.sum())] * 2
+        assert await anyio.to_thread.run_sync(count_memfds) == 0
+    async with ashard.Pool(1, keep_borrowed=False) as pool:
+        first = await pool.shard_map(1, total_and_segment, borrow={"X": X})
+        assert await anyio.to_thread.run_sync(count_memfds) == 0
+        again = await pool.shard_map(1, total_and_segment, borrow={"X": X})
+    assert first.results[0][1] != again.results[0][1]  # a copy each call
+    with pytest.raises(TypeError, match="keep_borrowed must be True or False"):
+        ashard.Pool(keep_borrowed="yes")  # type: ignore[arg-type]
 
 
 def test_the_memory_limit_is_the_tightest_cgroup_limit_above(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
-"""Arrays borrowed by calls: shared once, and shared again only when they changed.
+"""Arrays borrowed by a pool's calls: shared once, and shared again only when they changed.
 
-A plain ndarray in ``borrow=`` is copied into a segment on its first call. The segment
-is kept while the array lives, so a later call borrowing it unchanged maps the same
-memory, which its workers already hold: no copy, no new segment. Before reusing it, a
+A plain ndarray in ``borrow=`` is copied into a segment on its first call. A pool keeps
+the segment while the array lives and the pool is open (its `BorrowCache`, closed with
+it; the default pool keeps none), so a later call borrowing the array unchanged maps the
+same memory, which its workers already hold: no copy, no new segment. Before reusing it, a
 call compares the array with its copy, byte for byte (a read of both, by several
 threads): an array changed in place, or other data at the same address, gets a fresh
 segment. Where the array is (its owner, address, dtype, shape, strides) only says which
@@ -17,7 +18,6 @@ and go when their array is garbage collected.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
@@ -30,7 +30,7 @@ from ashard._memory import limit_bytes
 from ashard._shm import same_bytes
 from ashard.shared import SharedArray
 
-__all__ = ["Lease", "lease"]
+__all__ = ["BorrowCache", "Lease"]
 
 MIN_BYTES = 1 << 20
 """Smaller arrays are copied for every call: copying them costs less than keeping them."""
@@ -55,7 +55,7 @@ class _Entry:
 class Lease:
     """A call's use of a cached copy; `close()` when the call is over."""
 
-    def __init__(self, cache: _Cache, entry: _Entry) -> None:
+    def __init__(self, cache: BorrowCache, entry: _Entry) -> None:
         self._cache = cache
         self._entry: _Entry | None = entry
         self.shared = entry.shared
@@ -66,11 +66,13 @@ class Lease:
             self._cache.release(entry)
 
 
-class _Cache:
+class BorrowCache:
+    """One pool's copies of the arrays its calls borrowed; `close()` with the pool."""
+
     def __init__(self) -> None:
         self._lock = threading.RLock()  # a collected owner's callback may come mid-call
         self._entries: dict[Key, _Entry] = {}
-        self._idle_limit = int(IDLE_FRACTION * limit_bytes())
+        self._idle_limit: int | None = None  # read on first use, off the event loop
 
     def lease(self, array: np.ndarray[Any, Any]) -> Lease | None:
         """A copy of `array` in shared memory for one call: the cached one if its bytes
@@ -121,6 +123,12 @@ class _Cache:
                 entry.shared.close()
             self._evict_idle()
 
+    def close(self) -> None:
+        """Let every copy go: now if no call uses it, else when its last call ends."""
+        with self._lock:
+            for entry in list(self._entries.values()):
+                self._uncache(entry)
+
     def _owner_gone(self, key: Key) -> Any:
         def gone(_: object) -> None:
             with self._lock:
@@ -140,6 +148,8 @@ class _Cache:
             entry.shared.close()
 
     def _evict_idle(self) -> None:
+        if self._idle_limit is None:
+            self._idle_limit = int(IDLE_FRACTION * limit_bytes())
         idle = sorted(
             (e for e in self._entries.values() if e.users == 0), key=lambda e: e.last_used
         )
@@ -161,20 +171,3 @@ def _owner(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
     except TypeError:
         return None
     return array
-
-
-_cache = _Cache()
-
-
-def lease(array: np.ndarray[Any, Any]) -> Lease | None:
-    """`_Cache.lease` on the process's cache."""
-    return _cache.lease(array)
-
-
-def _after_fork_in_child() -> None:
-    """The parent's copies are the parent's to reuse: a forked child starts empty."""
-    global _cache
-    _cache = _Cache()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

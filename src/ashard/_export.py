@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ashard._borrowed import Lease, lease
+from ashard._borrowed import BorrowCache, Lease
 from ashard._framing import MAX_FDS
 from ashard._protocol import ArrayRef, IpcRef, Payload, SinkRef
 from ashard._serialize import pickle_payload
@@ -43,12 +43,15 @@ class Exported:
         self.owned.clear()
 
 
-def export(borrow: Mapping[str, Any], out: Mapping[str, Any], cow: str) -> Exported:
-    """Share or pickle every borrowed and output value; undo everything on failure."""
+def export(
+    borrow: Mapping[str, Any], out: Mapping[str, Any], cow: str, cache: BorrowCache | None
+) -> Exported:
+    """Share or pickle every borrowed and output value (arrays through `cache`, the
+    pool's, if it keeps copies); undo everything on failure."""
     exported = Exported()
     try:
         for name, value in borrow.items():
-            exported.kwargs[name] = _export_borrow(exported, name, value, _BORROW_MODE[cow])
+            exported.kwargs[name] = _export_borrow(exported, name, value, _BORROW_MODE[cow], cache)
         for name, value in out.items():
             if isinstance(value, TableSink):
                 exported.kwargs[name] = value.spec()
@@ -68,12 +71,12 @@ def export(borrow: Mapping[str, Any], out: Mapping[str, Any], cow: str) -> Expor
 
 
 def _export_borrow(
-    exported: Exported, name: str, value: Any, mode: str
+    exported: Exported, name: str, value: Any, mode: str, cache: BorrowCache | None
 ) -> Payload | ArrayRef | IpcRef:
     if isinstance(value, SharedArray | Buffer):
         return _ref(exported, value.segment, value, mode)
     if _plain_array(value) and value.dtype.kind in SHAREABLE_KINDS:
-        cached = lease(value)
+        cached = None if cache is None else cache.lease(value)
         if cached is not None:
             exported.owned.append(cached)
             shared = cached.shared

@@ -75,6 +75,7 @@ from ashard.errors import ShardError
 from ashard.results import PoolStats
 
 if TYPE_CHECKING:
+    from ashard._borrowed import BorrowCache
     from ashard._export import Exported
 
 __all__ = ["Scheduler"]
@@ -141,9 +142,13 @@ class _Undelivered(Exception):
 class Scheduler:
     """Runs jobs and calls on the worker processes of one `Pool` (a `Backend`)."""
 
-    def __init__(self, size: int, config: WorkerConfig, policy: HealthPolicy) -> None:
+    def __init__(
+        self, size: int, config: WorkerConfig, policy: HealthPolicy, keep_borrowed: bool = True
+    ) -> None:
         self.workers = WorkerSet(size, functools.partial(WorkerHandle.start, config), policy)
         self.policy = policy
+        self.borrowed: BorrowCache | None = None  # made on the first borrow, if it keeps
+        self._keep_borrowed = keep_borrowed
         self._seq = itertools.count()
         self._keys = itertools.count()
 
@@ -164,6 +169,8 @@ class Scheduler:
         await self.workers.start_all()
 
     async def aclose(self) -> None:
+        if self.borrowed is not None:
+            self.borrowed.close()
         await self.workers.aclose()
 
     def stats(self) -> PoolStats:
@@ -209,12 +216,15 @@ class Scheduler:
         work = job.work()
         exported = None
         if work.borrow or work.out:
-            from ashard._export import export  # numpy and shared memory: only when used
+            from ashard._borrowed import BorrowCache  # numpy and shared memory: when used
+            from ashard._export import export
 
+            if self._keep_borrowed and self.borrowed is None:
+                self.borrowed = BorrowCache()
             made: list[Exported] = []
 
             def share() -> Exported:
-                made.append(export(work.borrow, work.out, work.opts.cow))
+                made.append(export(work.borrow, work.out, work.opts.cow, self.borrowed))
                 return made[-1]
 
             try:

@@ -60,6 +60,7 @@ def _open_backend(
     max_frame: int,
     policy: HealthPolicy,
     cluster: object = None,
+    keep_borrowed: bool = True,
 ) -> Backend:
     """The backend of a pool (chosen here, where the pool is made, so that the seam
     imports neither of them): worker processes on this machine, or (`cluster`, a Dask
@@ -75,7 +76,7 @@ def _open_backend(
     if cluster is None:
         from ashard._scheduler import Scheduler  # the supervisor
 
-        return Scheduler(size, config, policy)
+        return Scheduler(size, config, policy, keep_borrowed)
     from ashard._dask.backend import DaskBackend, check_cluster  # optional: distributed
 
     check_cluster(cluster)
@@ -103,6 +104,12 @@ class Pool:
     `SSHCluster`, ...). Each Dask worker then hosts `workers` ashard workers (default:
     its thread count) with the same supervision; `out=` buffers are refused there.
 
+    `keep_borrowed`: the pool keeps the shared copy of an array its calls borrowed (1 MiB
+    or more) while the array lives and the pool is open, and a later call borrowing the
+    array unchanged reuses it (compared byte for byte first: a changed array is copied
+    again). False: a copy per call, let go when the call ends. The default pool keeps
+    none.
+
     Nothing a worker sends is trusted: a message larger than `max_message` (or that
     is not a valid one) breaks that worker — it is killed and replaced, its shards run
     again — and a result too large to send fails its shard, saying so.
@@ -124,6 +131,7 @@ class Pool:
         health_check_interval: float = 1.0,
         max_message: int | str = "2GiB",
         cluster: object = None,
+        keep_borrowed: bool = True,
     ) -> None:
         per_node = check_positive_int("workers", workers, allow_none=True)
         size = per_node or os.cpu_count() or 1
@@ -136,9 +144,12 @@ class Pool:
         if init is not None:
             init_payload = pickle_payload(check_fn(init, "init"), "init")
         max_frame = check_size("max_message", max_message)
+        if type(keep_borrowed) is not bool:
+            raise TypeError(f"keep_borrowed must be True or False, got {keep_borrowed!r}")
         # What the backend is made of; it is made on first use, so that making a Pool
         # (and touching `ashard.Pool`) imports no supervisor on the caller's loop.
-        self._recipe = (size, per_node, check_env(env), init_payload, max_frame, policy, cluster)
+        self._recipe = (size, per_node, check_env(env), init_payload, max_frame, policy, cluster,
+                        keep_borrowed)  # fmt: skip
         self._made: Backend | None = None
         self._closed_unmade = False
         if cluster is not None:

@@ -312,7 +312,7 @@ def default_pool() -> Pool:
     global _default
     with _default_lock:
         if _default is None or _default.closed:
-            _default = Pool()
+            _default = Pool(keep_borrowed=False)  # a copy per call: see `Pool`
         return _default
 
 
