@@ -128,15 +128,9 @@ def split_result(result: Result, at: int) -> tuple[Result, Result]:
     a parent that delivers a long report over several steps. Only the second is final
     and carries the memory reading; both keep the payload, already unpickled."""
     n = result.n
-    elapsed = result.elapsed
-    if isinstance(elapsed, list):
-        times: tuple[Any, Any] = elapsed[:at], elapsed[at:]
-    elif elapsed is None:
-        times = None, None
-    else:
-        times = elapsed * at / n, elapsed * (n - at) / n
-    errors, writes = _cut(result.errors, at), _cut(result.writes, at)
-    commits, arrays = _cut(result.commits, at), _cut(result.arrays, at)
+    times = cut_elapsed(result.elapsed, at, n)
+    errors, writes = cut_entries(result.errors, at), cut_entries(result.writes, at)
+    commits, arrays = cut_entries(result.commits, at), cut_entries(result.arrays, at)
     head = result._replace(
         n=at, errors=errors[0] or [], elapsed=times[0], final=False, writes=writes[0], rss=0,
         commits=commits[0], arrays=arrays[0],
@@ -148,11 +142,22 @@ def split_result(result: Result, at: int) -> tuple[Result, Result]:
     return head, tail
 
 
-def _cut(entries: list[Any] | None, at: int) -> tuple[Any, Any]:
-    """Entries indexed by their first field, before `at` and from `at` on, re-indexed."""
+def cut_entries(entries: list[Any] | None, at: int) -> tuple[Any, Any]:
+    """A report's entries indexed by position (errors, writes, commits, arrays): those
+    before `at`, and those from `at` on, re-indexed from 0."""
     if entries is None:
         return None, None
     return [e for e in entries if e[0] < at], [(e[0] - at, *e[1:]) for e in entries if e[0] >= at]
+
+
+def cut_elapsed(elapsed: Any, at: int, n: int) -> tuple[Any, Any]:
+    """A report's run times for its `n` positions (a list, a total, or None), cut at `at`;
+    a total is shared in proportion."""
+    if isinstance(elapsed, list):
+        return elapsed[:at], elapsed[at:]
+    if elapsed is None:
+        return None, None
+    return elapsed * at / n, elapsed * (n - at) / n
 
 
 def _is_packed(payload: Any) -> bool:

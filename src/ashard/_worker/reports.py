@@ -12,7 +12,16 @@ import socket
 from typing import Any
 
 from ashard._framing import DEFAULT_MAX_FRAME, encode, frame_size, send_frames
-from ashard._protocol import INTERRUPTED, RAISED, RESULT, ArrayDesc, Commit, Payload
+from ashard._protocol import (
+    INTERRUPTED,
+    RAISED,
+    RESULT,
+    ArrayDesc,
+    Commit,
+    Payload,
+    cut_elapsed,
+    cut_entries,
+)
 from ashard._serialize import dumps, encode_exception, pack, show_error
 from ashard._worker.large_results import (
     RESULT_SEGMENT_BYTES,
@@ -63,14 +72,13 @@ class Reporter:
             self._send_result(seq, k0, values, errors, elapsed, final, writes, commits)
             return
         for lo in range(0, n, step):
-            hi = min(lo + step, n)
-            part_errors = [(k - lo, kind, record) for k, kind, record in errors if lo <= k < hi]
-            if isinstance(elapsed, list):
-                part_elapsed: Any = elapsed[lo:hi]
+            if lo + step < n:
+                part_errors, errors = cut_entries(errors, step)
+                part_elapsed, elapsed = cut_elapsed(elapsed, step, n - lo)
+                self._send_result(seq, k0 + lo, values[lo : lo + step], part_errors, part_elapsed,
+                                  False)  # fmt: skip
             else:
-                part_elapsed = None if elapsed is None else elapsed * (hi - lo) / n
-            last = final and hi == n
-            self._send_result(seq, k0 + lo, values[lo:hi], part_errors, part_elapsed, last)
+                self._send_result(seq, k0 + lo, values[lo:], errors, elapsed, final)
 
     def _piece(self, values: list[Any]) -> int:
         """How many values go in one report: about `PIECE_BYTES`' worth, pickled, as
