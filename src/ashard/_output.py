@@ -20,13 +20,16 @@ import sys
 from collections.abc import Callable
 from typing import IO, Any
 
-__all__ = ["WorkerOutput", "redirect", "write_text"]
+__all__ = ["WorkerOutput", "marker", "redirect", "write_taken", "write_text"]
 
 _redirect: contextvars.ContextVar[Callable[[str, str], None] | None] = contextvars.ContextVar(
     "ashard_output", default=None
 )
 
 _READ = 1 << 16
+_MARK = b"\x00ashard-call:" + os.urandom(12)
+"""The start of every call marker: random per parent process, so no output can fake one."""
+_SEQ = 8
 _MAX_PARTIAL = 1 << 20
 """A line longer than this is written in pieces rather than held back."""
 
@@ -41,6 +44,7 @@ class WorkerOutput:
         for fd in self.fds:
             os.set_blocking(fd, False)
         self._partial = [b"" for _ in self.fds]
+        self._held: list[list[tuple[int | None, bytes]]] = [[] for _ in self.fds]
         self.eof = [False for _ in self.fds]
         self._poll = select.poll()
         for fd in self.fds:
@@ -48,8 +52,44 @@ class WorkerOutput:
         self.closed = False
 
     def pending(self) -> bool:
-        """Is anything waiting in the pipes (one `poll`, no waiting)?"""
-        return not self.closed and bool(self._poll.poll(0))
+        """Is anything waiting in the pipes (one `poll`, no waiting), or held for a call?"""
+        return not self.closed and (any(self._held) or bool(self._poll.poll(0)))
+
+    def take(self, seq: int) -> list[tuple[str, bytes]]:
+        """What call `seq`, the oldest this worker has not answered, wrote: everything in
+        the pipes up to the marker of a later call (kept for that call), as
+        ``(stream name, bytes)``."""
+        taken: list[tuple[str, bytes]] = []
+        if self.closed:
+            return taken
+        for i, fd in enumerate(self.fds):
+            data = self._partial[i] + self._read_all(i, fd)
+            self._partial[i] = b""
+            held = self._held[i]
+            if data:
+                _split(data, held)
+            mine = b""
+            while held and (held[0][0] is None or held[0][0] <= seq):
+                mine += held.pop(0)[1]
+            if mine:
+                taken.append((self._names[i], mine))
+        return taken
+
+    def _read_all(self, i: int, fd: int) -> bytes:
+        data = b""
+        while True:
+            try:
+                chunk = os.read(fd, _READ)
+            except (BlockingIOError, InterruptedError):
+                return data
+            except OSError:
+                return data
+            if not chunk:
+                if not self.eof[i]:
+                    self.eof[i] = True
+                    self._poll.unregister(fd)
+                return data
+            data += chunk
 
     def drain(self, *, final: bool = False) -> None:
         """Write every complete line read so far to the caller's streams (`final`: the
@@ -57,20 +97,9 @@ class WorkerOutput:
         if self.closed:
             return
         for i, fd in enumerate(self.fds):
-            data = self._partial[i]
-            while True:
-                try:
-                    chunk = os.read(fd, _READ)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    break
-                if not chunk:
-                    if not self.eof[i]:
-                        self.eof[i] = True
-                        self._poll.unregister(fd)
-                    break
-                data += chunk
+            data = b"".join(part for _, part in self._held[i]) + self._partial[i]
+            self._held[i].clear()
+            data += self._read_all(i, fd)
             if not data:
                 continue
             cut = data.rfind(b"\n") + 1
@@ -101,6 +130,32 @@ class WorkerOutput:
         for f in self._files:
             with contextlib.suppress(OSError):
                 f.close()
+
+
+def marker(seq: int) -> bytes:
+    """What a worker writes to fds 1 and 2 where the output of call `seq` begins."""
+    return _MARK + seq.to_bytes(_SEQ, "little", signed=True)
+
+
+def _split(data: bytes, held: list[tuple[int | None, bytes]]) -> None:
+    """Append `data` to `held` as pieces owned by calls: what comes before a marker
+    belongs to the owner of the last piece (None: the oldest unanswered call)."""
+    owner = held[-1][0] if held else None
+    start = 0
+    while (at := data.find(_MARK, start)) >= 0 and at + len(_MARK) + _SEQ <= len(data):
+        if at > start:
+            held.append((owner, data[start:at]))
+        seq_at = at + len(_MARK)
+        owner = int.from_bytes(data[seq_at : seq_at + _SEQ], "little", signed=True)
+        start = seq_at + _SEQ
+    if start < len(data):
+        held.append((owner, data[start:]))
+
+
+def write_taken(taken: list[tuple[str, bytes]]) -> None:
+    """Write what `WorkerOutput.take` returned, in this context."""
+    for name, data in taken:
+        _write(name, data)
 
 
 def redirect(to: Callable[[str, str], None]) -> None:

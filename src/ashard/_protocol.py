@@ -12,6 +12,13 @@ parent -> worker (each kind has its record, which `parse_order` makes)::
     FORGET   ForgetJob     key: the job is over, free its fn and borrow
     SEGMENTS AddSegments   seg_ids: shared-memory fds ride along (SCM_RIGHTS)
     DROP     DropSegments  seg_ids: close those segments
+    MARK     MarkOutput    token: write it to fds 1 and 2 (where a queued call's output
+                           begins), then go on
+    UNCALL   CancelCall    seq: do not run call `seq`, or stop it if it runs (+ SIGUSR1)
+
+A worker may hold several CALLs at once (the parent pipelines short calls): it runs them
+in order and answers each in order, seq -1 included. The parent tells where the output of
+each call after the first begins with a MARK before it.
 
 The worker exits at end of stream: the parent closes its end to stop a worker.
 
@@ -51,7 +58,7 @@ import signal
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-HELLO, JOB, RUN, CALL, CANCEL, FORGET, SEGMENTS, DROP = range(8)
+HELLO, JOB, RUN, CALL, CANCEL, FORGET, SEGMENTS, DROP, MARK, UNCALL = range(10)
 READY, INIT_FAILED, RESULT = range(100, 103)
 
 RAISED, TIMEOUT, INTERRUPTED = range(3)
@@ -362,6 +369,20 @@ class ForgetJob(NamedTuple):
     key: int
 
 
+class MarkOutput(NamedTuple):
+    """MARK: write `token` to fds 1 and 2 (after what is buffered): the call after it
+    starts there."""
+
+    token: bytes
+
+
+class CancelCall(NamedTuple):
+    """UNCALL: call `seq` is not wanted: drop it if queued (answered as interrupted),
+    interrupt it if it runs (the parent sends SIGUSR1 too); nothing if it is over."""
+
+    seq: int
+
+
 class AddSegments(NamedTuple):
     """SEGMENTS: shared-memory segments; their fds came with the frame, in this order."""
 
@@ -374,13 +395,17 @@ class DropSegments(NamedTuple):
     seg_ids: list[int]
 
 
-Order = Hello | RegisterJob | RunChunk | CallFn | CancelJob | ForgetJob | AddSegments | DropSegments
+Order = (
+    Hello | RegisterJob | RunChunk | CallFn | CancelJob | ForgetJob | AddSegments | DropSegments
+    | MarkOutput | CancelCall
+)  # fmt: skip
 """A message from the parent, parsed (`parse_order`). The parent sends each as the plain
 tuple ``(code, *fields)``: a record would pickle by its class, a cost on every message."""
 
 _KINDS: list[tuple[int, type[Order]]] = [
     (HELLO, Hello), (JOB, RegisterJob), (RUN, RunChunk), (CALL, CallFn),
     (CANCEL, CancelJob), (FORGET, ForgetJob), (SEGMENTS, AddSegments), (DROP, DropSegments),
+    (MARK, MarkOutput), (UNCALL, CancelCall),
 ]  # fmt: skip
 _ORDERS = {code: (kind, len(kind._fields) + 1) for code, kind in _KINDS}
 """Record and message length (the code, then the fields) of each kind, by code."""

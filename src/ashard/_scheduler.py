@@ -51,6 +51,7 @@ from ashard._framing import (
 )
 from ashard._handle import WorkerConfig, WorkerHandle
 from ashard._health import PROFILES, HealthPolicy
+from ashard._lanes import CANCEL_GRACE, KILL_GRACE, CallLanes, Hung, LaneLost
 from ashard._outcomes import CRASHED, call_outcome, failure, interrupt_in, unreadable_result
 from ashard._protocol import (
     CALL,
@@ -60,7 +61,6 @@ from ashard._protocol import (
     RUN,
     SEGMENTS,
     TIMEOUT,
-    UNREADABLE_CALL,
     JobSpec,
     Payload,
     ProtocolViolation,
@@ -80,10 +80,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Scheduler"]
 
-CANCEL_GRACE = 1.0
-"""Seconds a worker gets to stop a cancelled shard before it is killed."""
-KILL_GRACE = 0.5
-"""Past `timeout`, seconds the parent waits for the worker's own timer before killing."""
 MAX_UNDELIVERED = 5
 """Times in a row a call is sent again because its worker had ended before it could take
 it (those sends cost no attempt); past that it fails as a crash."""
@@ -121,15 +117,11 @@ class _Lease:
     last_heard: float = 0.0
 
 
-class _Hung(Exception):
-    """The worker said nothing for longer than the timeout allows."""
-
-
 @dataclass(frozen=True, slots=True)
 class _Lost:
     """A call whose worker died or hung, or that ran past its timeout, and the error
-    that says so. `delivered` False: the worker was dead before it could take the call
-    (the send itself failed), so the call never ran."""
+    that says so. `delivered` False: the call never started (the worker was dead
+    before it could take it, or died running a call queued before it)."""
 
     error: ShardError
     delivered: bool = True
@@ -147,6 +139,7 @@ class Scheduler:
     ) -> None:
         self.workers = WorkerSet(size, functools.partial(WorkerHandle.start, config), policy)
         self.policy = policy
+        self.lanes = CallLanes(self.workers, policy)
         self.borrowed: BorrowCache | None = None  # made on the first borrow, if it keeps
         self._keep_borrowed = keep_borrowed
         self._seq = itertools.count()
@@ -296,7 +289,7 @@ class Scheduler:
                         await self._fill(lease)
                     if not lease.inflight:
                         break
-            except (ChannelClosed, _Hung, ProtocolViolation) as exc:
+            except (ChannelClosed, Hung, ProtocolViolation) as exc:
                 lost = exc
         finally:
             if not started:
@@ -375,7 +368,7 @@ class Scheduler:
         wait = lease.last_heard + timeout + KILL_GRACE - time.monotonic()
         with anyio.move_on_after(max(wait, 0.0)):
             return await receive(lease.worker)
-        raise _Hung
+        raise Hung
 
     def _handle(self, lease: _Lease, budget: float | None = None) -> None:
         """Deliver the lease's pending reports: for about `budget` seconds at most (the
@@ -464,12 +457,9 @@ class Scheduler:
 
     async def _bury(self, w: WorkerHandle, why: Exception) -> bool:
         """Make sure a lost worker is dead and count it; True if it hung past a timeout."""
-        timed_out = isinstance(why, _Hung)
-        if isinstance(why, ProtocolViolation):
-            w.broke_protocol(str(why))
-        if timed_out or isinstance(why, ProtocolViolation) or await w.wait_exit(1.0) is None:
-            await w.kill()
-        self.workers.count_death(w, timed_out=timed_out)
+        timed_out = isinstance(why, Hung)
+        violation = str(why) if isinstance(why, ProtocolViolation) else None
+        await self.workers.bury(w, hung=timed_out, violation=violation)
         return timed_out
 
     # -- one-shot calls ---------------------------------------------------------------
@@ -500,42 +490,15 @@ class Scheduler:
         self, seq: int, parts: list[Buffer], timeout: float | None, attempt: int
     ) -> Any:
         """The value of one run of a call, or `_Lost` if its worker died or hung."""
-        token = object()
-        w = await self.workers.acquire(token)
-        if w.has_control:
-            parts = encode_many(w.take_control()) + parts
-        answer: Report | None = None
-        lost: Exception | None = None
-        w.hand(None, 1)
-        try:
-            try:
-                try:
-                    await w.channel.send(parts)
-                except ChannelClosed as exc:  # not a whole frame went: the call never ran
-                    raise _Undelivered(str(exc)) from exc
-                answer = await _receive_call(w, seq, timeout)
-                if w.output.pending():
-                    w.output.drain(final=True)
-                w.finished_work(answer[0].rss, self.policy, PROFILES["default"])
-                self.workers.heard_back(0)
-            except (ChannelClosed, _Hung, ProtocolViolation, _Undelivered) as exc:
-                lost = exc
-        finally:
-            if lost is None and answer is not None:
-                self.workers.release(w, token)  # the common case: no shielded scope to pay for
-            else:
-                with anyio.CancelScope(shield=True):
-                    if lost is not None:
-                        await self._lose_call(w, token, lost)
-                    else:
-                        await self._settle_call(w, token)
-        if lost is not None:
-            hung = isinstance(lost, _Hung)
-            kind, detail = (TIMEOUT, None) if hung else (CRASHED, self.workers.loss_of(w))
+        answer = await self.lanes.call_once(seq, parts, timeout)
+        if isinstance(answer, LaneLost):
+            hung = isinstance(answer.why, Hung)
+            kind, detail = (
+                (TIMEOUT, None) if hung else (CRASHED, self.workers.loss_of(answer.worker))
+            )
             error = failure(kind, detail, subject="call", shard=None, attempts=attempt,
                             timeout=timeout)  # fmt: skip
-            return _Lost(error, delivered=not isinstance(lost, _Undelivered))
-        assert answer is not None
+            return _Lost(error, delivered=answer.ran)
         report, values = answer
         if isinstance(values, Exception):
             raise unreadable_result("call", None, attempt, values)
@@ -544,26 +507,6 @@ class Scheduler:
             return _Lost(failure(TIMEOUT, None, subject="call", shard=None, attempts=attempt,
                                  timeout=timeout))  # fmt: skip
         return call_outcome(values, report.errors)
-
-    async def _settle_call(self, w: WorkerHandle, token: object) -> None:
-        """The caller was cancelled mid-call: interrupt, wait briefly, else kill."""
-        if not w.channel.broken and w.alive:
-            w.interrupt()
-            with anyio.move_on_after(CANCEL_GRACE):
-                try:
-                    await receive(w)
-                except (ChannelClosed, ProtocolViolation):
-                    pass
-                else:
-                    self.workers.release(w, token)
-                    return
-        await w.kill()
-        self.workers.discard(w, token)
-
-    async def _lose_call(self, w: WorkerHandle, token: object, why: Exception) -> None:
-        await self._bury(w, why)
-        self.workers.discard(w, token)
-        await self.workers.replenish()
 
 
 def _segments_for(run: _Run, w: WorkerHandle, msgs: list[Any]) -> list[int]:
@@ -607,20 +550,6 @@ def _encode_run(
         sizes.append(0 if items is None else _sent_bytes(items))
         parts += encode((RUN, key, c.seq, c.first, c.count, c.attempts, items))
     return parts, unsendable, sizes
-
-
-async def _receive_call(w: WorkerHandle, seq: int, timeout: float | None) -> Report:
-    answer: Report | None = None
-    if timeout is None:  # no cancel scope: it costs ~20 us, a quarter of a round trip
-        answer = (await receive(w, wait_first=True))[0]
-    else:
-        with anyio.move_on_after(timeout + KILL_GRACE):
-            answer = (await receive(w, wait_first=True))[0]
-        if answer is None:
-            raise _Hung
-    if answer[0].seq not in (seq, UNREADABLE_CALL) or not answer[0].final:
-        raise ProtocolViolation("an answer to a call it was not asked")
-    return answer
 
 
 def _name_unpicklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -64,6 +64,7 @@ class _Waiter:
     event: anyio.Event = field(default_factory=anyio.Event)
     worker: WorkerHandle | None = None
     spawn: bool = False
+    shared: bool = False  # `worker` is a call slot on a busy worker (`pass_slot`)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class WorkerSet:
         self._retired: list[WorkerHandle] = []
         self._leaving: set[WorkerHandle] = set()  # idle past idle_timeout, being stopped
         self._leases: dict[Tenant, int] = {}  # workers each tenant holds (absent: none)
+        self.slot_unused: Callable[[WorkerHandle], None] | None = None  # see `pass_slot`
 
     # -- what it holds ----------------------------------------------------------------
 
@@ -219,6 +221,9 @@ class WorkerSet:
             except BaseException:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+                elif waiter.worker is not None and waiter.shared:
+                    assert self.slot_unused is not None
+                    self.slot_unused(waiter.worker)
                 elif waiter.worker is not None:
                     self.release(waiter.worker, tenant)
                 elif waiter.spawn:
@@ -247,6 +252,37 @@ class WorkerSet:
         w.mark_idle()
         with self._lock:
             self._idle.append(w)
+
+    def pass_slot(self, w: WorkerHandle, tenant: Tenant) -> bool:
+        """A worker `tenant` holds can take one more of its calls: hand it, shared, to
+        the fairest waiter if that waiter is `tenant`'s (True). A waiter cancelled
+        before it takes the slot gives it back through `slot_unused`."""
+        if not self._waiters:
+            return False
+        waiter = min(self._waiters, key=lambda wt: self._leases.get(wt.tenant, 0))
+        if waiter.tenant is not tenant:
+            return False
+        self._waiters.remove(waiter)
+        waiter.worker, waiter.shared = w, True
+        waiter.event.set()
+        return True
+
+    def waiting(self) -> bool:
+        """Does any tenant wait for a worker?"""
+        return bool(self._waiters)
+
+    def can_lease_now(self) -> bool:
+        """Would `acquire` hand out an idle or new worker without waiting?"""
+        return not self._waiters and (bool(self._idle) or self._capacity() > 0)
+
+    async def bury(self, w: WorkerHandle, *, hung: bool, violation: str | None) -> None:
+        """Make sure a lost worker is dead and count it (`hung`: past a timeout;
+        `violation`: what it sent that broke the protocol)."""
+        if violation is not None:
+            w.broke_protocol(violation)
+        if hung or violation is not None or await w.wait_exit(1.0) is None:
+            await w.kill()
+        self.count_death(w, timed_out=hung)
 
     def discard(self, w: WorkerHandle, tenant: Tenant) -> None:
         """Forget a dead worker (closing its end of the channel, and any descriptor it

@@ -2,31 +2,37 @@
 as records (`ashard._protocol.parse_order`), and does what each says.
 
 After the handshake (HELLO, answered READY) the loop takes jobs, chunks, calls and
-shared segments in the order they came, except CANCEL, which acts as soon as it is
-read. It ends at end of stream: the parent closed its end, or is gone (on Linux the
-parent's death also kills the worker: `process.set_up`).
+shared segments in the order they came, except CANCEL and UNCALL, which act as soon as
+they are read (a call that cannot be loaded is answered in its turn, as seq -1). It
+ends at end of stream: the parent closed its end, or is gone (on Linux the parent's
+death also kills the worker: `process.set_up`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections import deque
+from typing import NamedTuple
 
 from ashard._fds import StdioGuard
 from ashard._framing import FrameReader, RawFrame, Unreadable
 from ashard._protocol import (
     INIT_FAILED,
     INTERRUPT_SIGNAL,
+    INTERRUPTED,
     READY,
     SHARDS,
     UNREADABLE_CALL,
     AddSegments,
     CallFn,
+    CancelCall,
     CancelJob,
     DropSegments,
     ForgetJob,
     Hello,
+    MarkOutput,
     Order,
     ProtocolViolation,
     RegisterJob,
@@ -52,7 +58,7 @@ class Worker:
         self.report = Reporter(sock)
         self.reader = FrameReader(accept_fds=True)
         self.segments = Segments()
-        self.queue: deque[Order] = deque()
+        self.queue: deque[Order | _Unloadable] = deque()
         self.jobs: dict[int, JobContext | LoadError] = {}
 
     def read(self, block: bool) -> bool:
@@ -73,17 +79,32 @@ class Worker:
         if isinstance(msg, RawFrame):
             msg = msg.decode()
         if isinstance(msg, Unreadable):  # only a CALL carries what may not unpickle here
-            error = load_error("the call's function or arguments", msg.error)
-            self.report.fail_all(UNREADABLE_CALL, 1, error)
+            self.queue.append(_Unloadable(msg.error))
             return
         order = parse_order(msg)
         if isinstance(order, CancelJob):
             self._cancel(order.key)
+        elif isinstance(order, CancelCall):
+            self._uncall(order.seq)
         else:
             self.queue.append(order)
 
+    def _uncall(self, seq: int) -> None:
+        for order in self.queue:
+            if isinstance(order, CallFn) and order.seq == seq:
+                self.queue.remove(order)
+                self.report.result(seq, 0, [], [(0, INTERRUPTED, None)], [], True)
+                return
+        running.cancel_call(seq)
+
+    def read_control(self) -> None:
+        """Take in what the parent sent, without waiting (from the interrupt handler,
+        while a call runs: the reader is not in use then)."""
+        with contextlib.suppress(OSError):
+            self.read(block=False)
+
     def _cancel(self, key: int) -> None:
-        kept: deque[Order] = deque()
+        kept: deque[Order | _Unloadable] = deque()
         for order in self.queue:
             if isinstance(order, RunChunk) and order.key == key:
                 self.report.never_ran(order.seq)
@@ -105,10 +126,18 @@ class Worker:
             self._obey(order)
             del order  # a call's arguments go now, not when the next message comes
 
-    def _obey(self, order: Order) -> None:
+    def _obey(self, order: Order | _Unloadable) -> None:
         if isinstance(order, RunChunk):
             self._run(order)
             self.stdio.check()  # user code ran: put back what it did to fds 0-2
+        elif isinstance(order, MarkOutput):
+            running.flush_stdio()
+            for fd in (1, 2):
+                with contextlib.suppress(OSError):
+                    os.write(fd, order.token)
+        elif isinstance(order, _Unloadable):
+            error = load_error("the call's function or arguments", order.error)
+            self.report.fail_all(UNREADABLE_CALL, 1, error)
         elif isinstance(order, CallFn):
             self.report.with_rss = False  # a call's latency is worth more than its memory
             running.run_call(order, self.report)
@@ -145,6 +174,12 @@ class Worker:
         running.run_chunk(ctx, chunk, items, self.report)
 
 
+class _Unloadable(NamedTuple):
+    """A CALL that did not unpickle here, answered (as seq -1) in its turn."""
+
+    error: Exception
+
+
 def _handshake(worker: Worker) -> bool:
     """Apply HELLO (the process's setup, init) and answer READY; False if the worker
     must stop."""
@@ -170,8 +205,8 @@ def main(argv: list[str]) -> None:
     """``python -m ashard._worker FD PARENT_PID``: serve the parent on socket FD."""
     fd, parent_pid = int(argv[1]), int(argv[2])
     stdio = process.set_up(parent_pid)
-    running.install_handlers(INTERRUPT_SIGNAL)
     worker = Worker(socket.socket(fileno=fd), stdio)
+    running.install_handlers(INTERRUPT_SIGNAL, worker.read_control)
     try:
         if _handshake(worker):
             worker.serve()

@@ -3,7 +3,9 @@
 Interruption is signal-driven. While user code runs, `_state.running` is true; the
 SIGALRM (per-shard timeout) and SIGUSR1 (cancellation) handlers then raise
 `Interrupted` into it. A handler clears the flag before raising, so at most one
-interruption lands per call, and never outside the guarded region.
+interruption lands per call, and never outside the guarded region. A worker may hold
+several calls: SIGUSR1 during a call stops it only if the UNCALL the parent sent first
+names it (the handler reads it), never the call queued after one that just ended.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class Interrupted(BaseException):
 class _State:
     running = False
     control_pending = False
+    call_seq: int | None = None  # the call running now (None: a chunk, or nothing)
+    stop_call = False  # the parent cancelled the running call
+    read_control: Callable[[], None] | None = None  # takes in what the parent sent
 
 
 _state = _State()
@@ -55,14 +60,28 @@ def _on_alarm(signum: int, frame: object) -> None:
 
 def _on_interrupt(signum: int, frame: object) -> None:
     _state.control_pending = True
-    if _state.running:
-        _state.running = False
-        raise Interrupted(timeout=False)
+    if not _state.running:
+        return
+    if _state.call_seq is not None and _state.read_control is not None:
+        _state.read_control()  # the UNCALL sent before the signal says which call stops
+        if not _state.stop_call:
+            return
+    _state.running = False
+    raise Interrupted(timeout=False)
 
 
-def install_handlers(interrupt_signal: int) -> None:
+def install_handlers(interrupt_signal: int, read_control: Callable[[], None]) -> None:
+    """Handle SIGALRM and `interrupt_signal`; `read_control` takes in the parent's
+    messages (called from the handler while a call runs)."""
+    _state.read_control = read_control
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(interrupt_signal, _on_interrupt)
+
+
+def cancel_call(seq: int) -> None:
+    """The parent cancelled call `seq`: stop it if it is the one running."""
+    if _state.call_seq == seq:
+        _state.stop_call = True
 
 
 def take_control_pending() -> bool:
@@ -265,9 +284,13 @@ def run_call(call: CallFn, report: Reporter) -> None:
     """One `ashard.call`."""
     seq, timeout = call.seq, call.timeout
     t0 = time.perf_counter()
+    _state.call_seq, _state.stop_call = seq, False
     _arm(timeout)
-    status, out = _guarded(call.fn, call.args, call.kwargs)
-    _disarm(timeout)
+    try:
+        status, out = _guarded(call.fn, call.args, call.kwargs)
+    finally:
+        _disarm(timeout)
+        _state.call_seq = None
     took = time.perf_counter() - t0
     if status == _OK:
         report.result(seq, 0, [out], [], [took], True)
