@@ -816,3 +816,34 @@ def make_items(n: int, size: int) -> Iterator[bytes]:
     """`n` items of `size` bytes each, made as they are read."""
     for i in range(n):
         yield bytes([i % 256]) * size
+
+
+# -- calls queued on a worker (test_call_lanes.py) ------------------------------------------
+
+
+def logged_call(log: str, tag: str, seconds: float = 0.0) -> str:
+    """Append `tag` to `log` (one line per run), sleep `seconds`, return `tag`."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{tag}\n".encode())
+    finally:
+        os.close(fd)
+    time.sleep(seconds)
+    return tag
+
+
+def sleep_deaf(seconds: float) -> float:
+    """Sleep with every signal blocked (a hang no interrupt reaches); return `seconds`."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.valid_signals()))
+    try:
+        time.sleep(seconds)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return seconds
+
+
+def print_tagged(tag: str, k: int) -> int:
+    """Print a line through Python and one through a raw write to fd 1; return `k`."""
+    print(f"{tag} py {k}")
+    os.write(1, f"{tag} raw {k}\n".encode())
+    return k

@@ -106,6 +106,7 @@ class CallLanes:
         self.policy = policy
         self._lanes: dict[WorkerHandle, _Lane] = {}
         self._last_took = SHORT  # the last call's run time, for a new lane
+        self.deepest = 0  # the most calls outstanding on one worker so far
         workers.slot_unused = self._slot_unused
 
     async def call_once(
@@ -129,6 +130,7 @@ class CallLanes:
         else:
             lane.head_since = time.monotonic()
         lane.outstanding.append(p)
+        self.deepest = max(self.deepest, len(lane.outstanding))
         w.hand(None, 1)
         try:
             await self._send(lane, encode_many(msgs) + parts if msgs else parts)
@@ -144,6 +146,10 @@ class CallLanes:
         write_taken(p.output)
         self._free_slot(lane)
         return p.answer
+
+    def outstanding(self) -> int:
+        """Calls sent and not answered, on all workers."""
+        return sum(len(lane.outstanding) for lane in self._lanes.values())
 
     # -- joining ------------------------------------------------------------------------
 

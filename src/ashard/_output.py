@@ -69,7 +69,7 @@ class WorkerOutput:
             if data:
                 _split(data, held)
             mine = b""
-            while held and (held[0][0] is None or held[0][0] <= seq):
+            while held and held[0][0] in (None, seq):
                 mine += held.pop(0)[1]
             if mine:
                 taken.append((self._names[i], mine))
@@ -139,7 +139,8 @@ def marker(seq: int) -> bytes:
 
 def _split(data: bytes, held: list[tuple[int | None, bytes]]) -> None:
     """Append `data` to `held` as pieces owned by calls: what comes before a marker
-    belongs to the owner of the last piece (None: the oldest unanswered call)."""
+    belongs to the owner of the last piece (None: the oldest unanswered call). A marker
+    always starts a piece, empty or not: what comes after it later is that call's."""
     owner = held[-1][0] if held else None
     start = 0
     while (at := data.find(_MARK, start)) >= 0 and at + len(_MARK) + _SEQ <= len(data):
@@ -148,6 +149,7 @@ def _split(data: bytes, held: list[tuple[int | None, bytes]]) -> None:
         seq_at = at + len(_MARK)
         owner = int.from_bytes(data[seq_at : seq_at + _SEQ], "little", signed=True)
         start = seq_at + _SEQ
+        held.append((owner, b""))
     if start < len(data):
         held.append((owner, data[start:]))
 

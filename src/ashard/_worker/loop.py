@@ -58,7 +58,7 @@ class Worker:
         self.report = Reporter(sock)
         self.reader = FrameReader(accept_fds=True)
         self.segments = Segments()
-        self.queue: deque[Order | _Unloadable] = deque()
+        self.queue: deque[Order | _Unloadable | _Dropped] = deque()
         self.jobs: dict[int, JobContext | LoadError] = {}
 
     def read(self, block: bool) -> bool:
@@ -90,10 +90,9 @@ class Worker:
             self.queue.append(order)
 
     def _uncall(self, seq: int) -> None:
-        for order in self.queue:
+        for i, order in enumerate(self.queue):
             if isinstance(order, CallFn) and order.seq == seq:
-                self.queue.remove(order)
-                self.report.result(seq, 0, [], [(0, INTERRUPTED, None)], [], True)
+                self.queue[i] = _Dropped(seq)  # answered in its turn: answers go in order
                 return
         running.cancel_call(seq)
 
@@ -104,7 +103,7 @@ class Worker:
             self.read(block=False)
 
     def _cancel(self, key: int) -> None:
-        kept: deque[Order | _Unloadable] = deque()
+        kept: deque[Order | _Unloadable | _Dropped] = deque()
         for order in self.queue:
             if isinstance(order, RunChunk) and order.key == key:
                 self.report.never_ran(order.seq)
@@ -126,7 +125,7 @@ class Worker:
             self._obey(order)
             del order  # a call's arguments go now, not when the next message comes
 
-    def _obey(self, order: Order | _Unloadable) -> None:
+    def _obey(self, order: Order | _Unloadable | _Dropped) -> None:
         if isinstance(order, RunChunk):
             self._run(order)
             self.stdio.check()  # user code ran: put back what it did to fds 0-2
@@ -135,6 +134,8 @@ class Worker:
             for fd in (1, 2):
                 with contextlib.suppress(OSError):
                     os.write(fd, order.token)
+        elif isinstance(order, _Dropped):
+            self.report.result(order.seq, 0, [], [(0, INTERRUPTED, None)], [], True)
         elif isinstance(order, _Unloadable):
             error = load_error("the call's function or arguments", order.error)
             self.report.fail_all(UNREADABLE_CALL, 1, error)
@@ -178,6 +179,12 @@ class _Unloadable(NamedTuple):
     """A CALL that did not unpickle here, answered (as seq -1) in its turn."""
 
     error: Exception
+
+
+class _Dropped(NamedTuple):
+    """A queued CALL the parent cancelled, answered (as interrupted) in its turn."""
+
+    seq: int
 
 
 def _handshake(worker: Worker) -> bool:

@@ -1,0 +1,271 @@
+"""Calls queued on a busy worker (`ashard._lanes`): several short calls outstanding per
+worker, each answered with its own value, output and errors; a cancelled queued call
+never runs, a cancelled running call stops without touching the call behind it; a
+worker's death or hang costs the call it ran and nothing else.
+
+Most tests raise the short-call threshold (`_lanes.SHORT`) so that any call queues
+behind a running one: the mechanics are the same for the microsecond calls that queue
+by default, only slower to observe."""
+
+from __future__ import annotations
+
+import contextvars
+import io
+import os
+import pickle
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import ashard
+import workloads
+from ashard import _lanes
+from ashard._output import WorkerOutput, marker
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def queue_anything(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(_lanes, "SHORT", 1e6)
+    yield
+
+
+async def _lanes_of(pool: ashard.Pool) -> Any:
+    return (await pool.backend()).lanes  # type: ignore[attr-defined]
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    """Poll `check` (state in the worker or a file: nothing to wait on)."""
+    while not check():  # noqa: ASYNC110
+        await anyio.sleep(0.01)
+
+
+def _runs(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+async def test_many_short_calls_queue_on_busy_workers_and_each_gets_its_own_value() -> None:
+    got: dict[int, Any] = {}
+
+    async def caller(pool: ashard.Pool, start: int) -> None:
+        for i in range(start, start + 50):
+            got[i] = await pool.call(workloads.identity, i)
+
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool:
+            async with anyio.create_task_group() as tg:
+                for t in range(16):
+                    tg.start_soon(caller, pool, t * 50)
+            lanes = await _lanes_of(pool)
+            assert lanes.deepest >= 2  # calls did queue
+            assert lanes.outstanding() == 0
+            assert pool.stats.crashed == 0
+    assert got == {i: i for i in range(800)}
+
+
+async def test_a_cancelled_queued_call_never_runs(queue_anything: None, tmp_path: Path) -> None:
+    log = tmp_path / "runs"
+    b_scope = anyio.CancelScope()
+
+    async def call_b(pool: ashard.Pool) -> None:
+        with b_scope:
+            await pool.call(workloads.logged_call, str(log), "B")
+
+    with anyio.fail_after(60):
+        async with ashard.Pool(1) as pool:
+            await pool.call(abs, -1)
+            pids = pool.pids
+            lanes = await _lanes_of(pool)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pool.call, workloads.logged_call, str(log), "A", 0.5)
+                await _until(lambda: lanes.outstanding() == 1)
+                tg.start_soon(call_b, pool)
+                await _until(lambda: lanes.outstanding() == 2)
+                b_scope.cancel()
+            assert await pool.call(workloads.logged_call, str(log), "C") == "C"
+            assert _runs(log) == ["A", "C"]
+            assert pool.pids == pids and pool.stats.crashed == 0
+
+
+async def test_cancelling_the_running_call_leaves_the_queued_one_alone(
+    queue_anything: None, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs"
+    a_scope = anyio.CancelScope()
+    results: list[str] = []
+
+    async def call_a(pool: ashard.Pool) -> None:
+        with a_scope:
+            await pool.call(workloads.logged_call, str(log), "A", 30.0)
+
+    async def call_b(pool: ashard.Pool) -> None:
+        results.append(await pool.call(workloads.logged_call, str(log), "B"))
+
+    with anyio.fail_after(20):
+        async with ashard.Pool(1) as pool:
+            await pool.call(abs, -1)
+            pids = pool.pids
+            lanes = await _lanes_of(pool)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call_a, pool)
+                await _until(lambda: _runs(log) == ["A"])
+                tg.start_soon(call_b, pool)
+                await _until(lambda: lanes.outstanding() == 2)
+                a_scope.cancel()
+            assert results == ["B"]
+            assert _runs(log) == ["A", "B"]
+            assert pool.pids == pids and pool.stats.crashed == 0  # interrupted, not killed
+
+
+async def test_a_killed_worker_costs_the_running_call_only(
+    queue_anything: None, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs"
+    outcomes: dict[str, Any] = {}
+
+    async def call(pool: ashard.Pool, tag: str, seconds: float) -> None:
+        try:
+            outcomes[tag] = await pool.call(workloads.logged_call, str(log), tag, seconds)
+        except ashard.WorkerCrashed as exc:
+            outcomes[tag] = exc
+
+    with anyio.fail_after(60):
+        async with ashard.Pool(1) as pool:
+            await pool.call(abs, -1)
+            (pid,) = pool.pids
+            lanes = await _lanes_of(pool)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, pool, "A", 30.0)
+                await _until(lambda: _runs(log) == ["A"])
+                for tag in "BCD":
+                    tg.start_soon(call, pool, tag, 0.0)
+                await _until(lambda: lanes.outstanding() == 4)
+                os.kill(pid, signal.SIGKILL)
+            assert isinstance(outcomes.pop("A"), ashard.WorkerCrashed)
+            assert outcomes == {"B": "B", "C": "C", "D": "D"}
+            assert sorted(_runs(log)) == ["A", "B", "C", "D"]  # each ran once
+            assert pool.stats.crashed == 1
+
+
+async def test_a_hung_call_times_out_and_the_queued_calls_run(queue_anything: None) -> None:
+    with anyio.fail_after(60):
+        async with ashard.Pool(1) as pool:
+            await pool.call(abs, -1)
+            lanes = await _lanes_of(pool)
+            outcomes: dict[str, Any] = {}
+
+            async def hang() -> None:
+                with pytest.raises(ashard.ShardTimeout):
+                    await pool.call(workloads.sleep_deaf, 30.0, timeout=0.3)
+                outcomes["hang"] = "timed out"
+
+            async def after(k: int) -> None:
+                outcomes[f"after {k}"] = await pool.call(abs, -k)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hang)
+                await _until(lambda: lanes.outstanding() == 1)
+                for k in (1, 2):
+                    tg.start_soon(after, k)
+                await _until(lambda: lanes.outstanding() == 3)
+            assert outcomes == {"hang": "timed out", "after 1": 1, "after 2": 2}
+            assert pool.stats.timed_out == 1
+
+
+async def test_a_queued_call_that_cannot_be_loaded_fails_alone(queue_anything: None) -> None:
+    with anyio.fail_after(60):
+        async with ashard.Pool(1) as pool:
+            await pool.call(abs, -1)
+            lanes = await _lanes_of(pool)
+            outcomes: dict[str, Any] = {}
+
+            async def run(name: str, fn: Any, *args: Any) -> None:
+                try:
+                    outcomes[name] = await pool.call(fn, *args)
+                except pickle.UnpicklingError as exc:
+                    outcomes[name] = exc
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, "slow", workloads.sleep_for, 0.5)
+                await _until(lambda: lanes.outstanding() == 1)
+                tg.start_soon(run, "bad", workloads.identity, workloads.RebuildFails())
+                await _until(lambda: lanes.outstanding() == 2)
+                tg.start_soon(run, "fine", workloads.identity, 3)
+            assert outcomes["slow"] == 0.5 and outcomes["fine"] == 3
+            assert isinstance(outcomes["bad"], pickle.UnpicklingError)
+            assert pool.stats.crashed == 0
+
+
+async def test_queued_calls_respect_max_tasks(queue_anything: None) -> None:
+    with anyio.fail_after(60):
+        async with ashard.Pool(1, max_tasks=2) as pool:
+            pids: list[int] = []
+
+            async def run() -> None:
+                pids.append(await pool.call(os.getpid))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(9):
+                    tg.start_soon(run)
+    assert len(pids) == 9
+    assert max(pids.count(pid) for pid in set(pids)) <= 2
+
+
+_cell: contextvars.ContextVar[list[str]] = contextvars.ContextVar("cell")
+
+
+class _PerTaskStream(io.TextIOBase):
+    def write(self, text: str) -> int:
+        _cell.get().append(text)
+        return len(text)
+
+
+async def test_queued_calls_keep_their_output_in_their_own_context(
+    queue_anything: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cells: dict[str, list[str]] = {tag: [] for tag in "ABCDEFGH"}
+
+    async def cell(pool: ashard.Pool, tag: str) -> None:
+        _cell.set(cells[tag])
+        for k in range(10):
+            assert await pool.call(workloads.print_tagged, tag, k) == k
+            # every line of the call is in by the time it returned
+            assert f"{tag} raw {k}\n" in "".join(cells[tag])
+
+    monkeypatch.setattr(sys, "stdout", _PerTaskStream())
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool:
+            await pool.call(abs, -1)
+            async with anyio.create_task_group() as tg:
+                for tag in cells:
+                    tg.start_soon(cell, pool, tag)
+            assert (await _lanes_of(pool)).deepest >= 2
+    for tag, chunks in cells.items():
+        lines = "".join(chunks).splitlines()
+        assert sorted(lines) == sorted(
+            f"{tag} {how} {k}" for how in ("py", "raw") for k in range(10)
+        )
+
+
+def test_a_marker_read_alone_still_starts_its_calls_output() -> None:
+    """The marker of the next call may be the last thing one read finds: what comes
+    after it in a later read is still that call's, not the call before's."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    with os.fdopen(out_r, "rb") as stdout, os.fdopen(err_r, "rb") as stderr:
+        output = WorkerOutput(stdout, stderr)
+        os.write(out_w, b"first\n" + marker(8))
+        assert output.take(7) == [("stdout", b"first\n")]
+        os.write(out_w, b"second\n" + marker(9) + b"third\n")
+        assert output.take(8) == [("stdout", b"second\n")]
+        assert output.pending()
+        assert output.take(9) == [("stdout", b"third\n")]
+        os.close(out_w)
+        os.close(err_w)
+        output.close()
