@@ -272,8 +272,7 @@ class CallLanes:
         took = report.elapsed[0] if type(report.elapsed) is list and report.elapsed else None
         lane.last_took = self._last_took = now - lane.head_since if took is None else took
         lane.head_since = now
-        if w.output.pending():
-            head.output = w.output.take(head.seq)
+        head.output = w.output.take(head.seq)
         w.finished_work(report.rss, self.policy, PROFILES["default"])
         self.workers.heard_back(0)
         if head.wake is not None:

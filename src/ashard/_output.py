@@ -62,12 +62,16 @@ class WorkerOutput:
         taken: list[tuple[str, bytes]] = []
         if self.closed:
             return taken
+        ready = self._poll.poll(0)  # one system call when the pipes are empty
         for i, fd in enumerate(self.fds):
-            data = self._partial[i] + self._read_all(i, fd)
-            self._partial[i] = b""
             held = self._held[i]
-            if data:
-                _split(data, held)
+            if self._partial[i] or any(fd == r for r, _ in ready):
+                data = self._partial[i] + self._read_all(i, fd)
+                self._partial[i] = b""
+                if data:
+                    _split(data, held)
+            if not held:
+                continue
             mine = b""
             while held and held[0][0] in (None, seq):
                 mine += held.pop(0)[1]
@@ -90,6 +94,8 @@ class WorkerOutput:
                     self._poll.unregister(fd)
                 return data
             data += chunk
+            if len(chunk) < _READ:  # a pipe's read takes all it holds
+                return data
 
     def drain(self, *, final: bool = False) -> None:
         """Write every complete line read so far to the caller's streams (`final`: the
