@@ -832,16 +832,6 @@ def logged_call(log: str, tag: str, seconds: float = 0.0) -> str:
     return tag
 
 
-def sleep_deaf(seconds: float) -> float:
-    """Sleep with every signal blocked (a hang no interrupt reaches); return `seconds`."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.valid_signals()))
-    try:
-        time.sleep(seconds)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    return seconds
-
-
 def print_tagged(tag: str, k: int) -> int:
     """Print a line through Python and one through a raw write to fd 1; return `k`."""
     print(f"{tag} py {k}")
