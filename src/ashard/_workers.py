@@ -16,10 +16,11 @@ event loop of whichever call is active.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
-from collections import Counter
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -65,6 +66,47 @@ class _Waiter:
     worker: WorkerHandle | None = None
     spawn: bool = False
     shared: bool = False  # `worker` is a call slot on a busy worker (`pass_slot`)
+    order: int = 0
+
+
+class _WaitQueue:
+    """The waiters, by tenant, each tenant's in the order they came: the fairest (the
+    tenant with the fewest leases, then the one waiting longest) is found in time
+    proportional to the tenants, not the waiters."""
+
+    def __init__(self) -> None:
+        self._by: dict[Tenant, deque[_Waiter]] = {}
+        self._count = 0
+        self._order = itertools.count()
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator[_Waiter]:
+        return (w for q in list(self._by.values()) for w in list(q))
+
+    def __contains__(self, waiter: _Waiter) -> bool:
+        q = self._by.get(waiter.tenant)
+        return q is not None and waiter in q
+
+    def append(self, waiter: _Waiter) -> None:
+        waiter.order = next(self._order)
+        self._by.setdefault(waiter.tenant, deque()).append(waiter)
+        self._count += 1
+
+    def remove(self, waiter: _Waiter) -> None:
+        q = self._by[waiter.tenant]
+        q.remove(waiter)
+        self._count -= 1
+        if not q:
+            del self._by[waiter.tenant]
+
+    def tenants(self) -> Iterable[Tenant]:
+        return self._by.keys()
+
+    def fairest(self, leases: dict[Tenant, int]) -> _Waiter:
+        tenant = min(self._by, key=lambda t: (leases.get(t, 0), self._by[t][0].order))
+        return self._by[tenant][0]
 
 
 @dataclass
@@ -99,7 +141,7 @@ class WorkerSet:
         self._workers: set[WorkerHandle] = set()
         self._starting = 0
         self._idle: list[WorkerHandle] = []
-        self._waiters: list[_Waiter] = []
+        self._waiters = _WaitQueue()
         self._retired: list[WorkerHandle] = []
         self._leaving: set[WorkerHandle] = set()  # idle past idle_timeout, being stopped
         self._leases: dict[Tenant, int] = {}  # workers each tenant holds (absent: none)
@@ -199,7 +241,7 @@ class WorkerSet:
             self._leases.pop(tenant, None)
 
     def _fairest(self) -> _Waiter:
-        waiter = min(self._waiters, key=lambda wt: self._leases.get(wt.tenant, 0))
+        waiter = self._waiters.fairest(self._leases)
         self._waiters.remove(waiter)
         return waiter
 
@@ -259,7 +301,7 @@ class WorkerSet:
         before it takes the slot gives it back through `slot_unused`."""
         if not self._waiters:
             return False
-        waiter = min(self._waiters, key=lambda wt: self._leases.get(wt.tenant, 0))
+        waiter = self._waiters.fairest(self._leases)
         if waiter.tenant is not tenant:
             return False
         self._waiters.remove(waiter)
@@ -303,8 +345,8 @@ class WorkerSet:
             t is not tenant and self._leases.get(t, 0) < held for t in self._waiting_tenants()
         )
 
-    def _waiting_tenants(self) -> Iterator[Tenant]:
-        return (wt.tenant for wt in self._waiters)
+    def _waiting_tenants(self) -> Iterable[Tenant]:
+        return self._waiters.tenants()
 
     def _wake_for_capacity(self) -> None:
         if self._waiters and self._capacity() > 0:
