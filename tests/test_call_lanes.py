@@ -10,6 +10,7 @@ by default, only slower to observe."""
 from __future__ import annotations
 
 import contextvars
+import functools
 import io
 import os
 import pickle
@@ -269,3 +270,49 @@ def test_a_marker_read_alone_still_starts_its_calls_output() -> None:
         os.close(out_w)
         os.close(err_w)
         output.close()
+
+
+async def test_a_queued_calls_timeout_counts_from_its_own_start(queue_anything: None) -> None:
+    with anyio.fail_after(60):
+        async with ashard.Pool(1) as pool:
+            await pool.call(abs, -1)
+            lanes = await _lanes_of(pool)
+            got: dict[str, Any] = {}
+
+            async def run(name: str, *args: Any, **kwargs: Any) -> None:
+                got[name] = await pool.call(workloads.sleep_for, *args, **kwargs)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, "first", 2.0)
+                await _until(lambda: lanes.outstanding() == 1)
+                # queued behind a 2 s call, it needs 0.1 s of its 0.6 s (+ 0.5 s of
+                # grace before the parent would kill): counted from when it was sent,
+                # it would be killed long before it starts
+                tg.start_soon(functools.partial(run, "queued", 0.1, timeout=0.6))
+                await _until(lambda: lanes.outstanding() == 2)
+            assert got == {"first": 2.0, "queued": 0.1}
+            assert pool.stats.timed_out == 0
+
+
+async def test_closing_the_pool_ends_queued_calls(queue_anything: None) -> None:
+    errors: list[BaseException] = []
+
+    async def run(pool: ashard.Pool, seconds: float) -> None:
+        try:
+            await pool.call(workloads.sleep_for, seconds)
+        except (ashard.WorkerCrashed, RuntimeError) as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(30):
+        pool = ashard.Pool(1)
+        await pool.start()
+        await pool.call(abs, -1)
+        lanes = await _lanes_of(pool)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, pool, 20.0)
+            await _until(lambda: lanes.outstanding() == 1)
+            for _ in range(3):
+                tg.start_soon(run, pool, 0.0)
+            await _until(lambda: lanes.outstanding() == 4)
+            await pool.aclose()
+    assert len(errors) == 4
