@@ -138,7 +138,7 @@ SUPERVISOR = {"ashard._scheduler", "ashard._workers", "ashard._handle", "ashard.
               "ashard.pool", "ashard.api", "ashard.sync", "ashard.executor", "ashard._calls",
               "ashard._backend", "ashard._stream", "ashard._job", "ashard._export",
               "ashard._consumers", "ashard._sizing", "ashard._outputs", "ashard._record",
-              "ashard._positions", "ashard._reports"}  # fmt: skip
+              "ashard._positions", "ashard._reports", "ashard._lanes"}  # fmt: skip
 
 
 def test_the_worker_side_imports_no_supervisor_module() -> None:
@@ -153,6 +153,7 @@ def test_the_dask_caller_side_loads_no_local_scheduler() -> None:
     reached = reach(graph(on_load=True), "ashard._dask.backend")
     assert "ashard._scheduler" not in reached, sorted(reached)
     assert "ashard._workers" not in reached, sorted(reached)
+    assert "ashard._lanes" not in reached, sorted(reached)
 
 
 def test_the_three_front_doors_do_not_import_one_another() -> None:

@@ -446,14 +446,20 @@ def _is_socket(fd: int, stat: Any) -> bool:
         return False
 
 
+def append_line(log: str, line: str) -> None:
+    """Append `line` to the file `log` in one write (O_APPEND: whole lines, whichever
+    process writes)."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
 def logged_run(shard: Shard, log: str, victim: int = -1, armed: str = "") -> tuple[int, int]:
     """Append this run (shard id, attempt) to `log` (O_APPEND: whole lines), then return
     them; shard `victim` SIGKILLs its worker once (`armed`)."""
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(fd, f"{shard.id} {shard.attempt} {os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
+    append_line(log, f"{shard.id} {shard.attempt} {os.getpid()}\n")
     if shard.id == victim:
         misbehave_once(armed, "sigkill")
     time.sleep(0.003)
@@ -596,11 +602,7 @@ def slow_first_logged(shard: Shard, log: str, seconds: float = 1.5) -> int:
     """Shard 0 takes `seconds`; every shard logs when it ends (monotonic clock)."""
     if shard.id == 0:
         time.sleep(seconds)
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(fd, f"{shard.id} {time.monotonic()}\n".encode())
-    finally:
-        os.close(fd)
+    append_line(log, f"{shard.id} {time.monotonic()}\n")
     return shard.id
 
 
@@ -660,11 +662,7 @@ def sleep_then_print(shard: Shard, seconds: float = 1.0) -> int:
 
 def logged_sleep(shard: Shard, log: str, seconds: float = 0.2) -> tuple[int, int]:
     """Append this run (shard id, attempt, pid) to `log`, sleep, return (id, attempt)."""
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(fd, f"{shard.id} {shard.attempt} {os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
+    append_line(log, f"{shard.id} {shard.attempt} {os.getpid()}\n")
     time.sleep(seconds)
     return shard.id, shard.attempt
 
@@ -823,11 +821,7 @@ def make_items(n: int, size: int) -> Iterator[bytes]:
 
 def logged_call(log: str, tag: str, seconds: float = 0.0) -> str:
     """Append `tag` to `log` (one line per run), sleep `seconds`, return `tag`."""
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(fd, f"{tag}\n".encode())
-    finally:
-        os.close(fd)
+    append_line(log, f"{tag}\n")
     time.sleep(seconds)
     return tag
 

@@ -11,12 +11,12 @@
                                                           ⇅ Channel (socketpair)
                                                    worker process (ashard._worker)
 
-A worker is leased to one job (or one `call`) at a time, so a channel only ever
-carries one job's chunks and its stream can be settled on its own. A drive keeps a
-small window of chunks in flight on its worker (the lease holds them), reads results,
-and refills. When a job of another caller waits with fewer workers than this job
-holds, the drive lets its window drain and hands the worker over: workers are shared
-fairly (`ashard._workers.WorkerSet`).
+A worker is leased to one job at a time (or to the pool's `call`s: `ashard._lanes`), so
+a channel only ever carries one job's chunks and its stream can be settled on its own. A
+drive keeps a small window of chunks in flight on its worker (the lease holds them),
+reads results, and refills. When a job of another caller waits with fewer workers than
+this job holds, the drive lets its window drain and hands the worker over: workers are
+shared fairly (`ashard._workers.WorkerSet`).
 
 No task outlives the call that started it, and nothing here belongs to an event loop:
 a pool's workers can serve one loop after another (Jupyter, pytest, `anyio.run`).

@@ -1,12 +1,12 @@
 """The worker set of one pool: membership, the idle list, fair leases, spawning with
 backoff, retiring and recycling, and the pool's counters.
 
-A worker is leased to one tenant at a time: a job, or one `call`. `acquire` hands out
-an idle worker (most recently used first), starts a new one while the pool is below
-its size, or waits; `release` gives a settled worker to the waiting tenant that holds
-the fewest leases (so concurrent calls share the pool fairly), else back to the idle
-list. A worker that should be recycled leaves on release instead; a dead one is
-`discard`ed and a replacement started.
+A worker is leased to one tenant at a time: a job, or the pool's calls (which may queue
+several on one worker: `pass_slot`). `acquire` hands out an idle worker (most recently
+used first), starts a new one while the pool is below its size, or waits; `release`
+gives a settled worker to the waiting tenant that holds the fewest leases (so concurrent
+calls share the pool fairly), else back to the idle list. A worker that should be
+recycled leaves on release instead; a dead one is `discard`ed and a replacement started.
 
 The idle list and the membership are shared with the health monitor's thread (through
 the `ashard._health.Watched` protocol) under one lock; everything else runs on the
