@@ -14,6 +14,7 @@ import functools
 import io
 import os
 import pickle
+import random
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -316,3 +317,29 @@ async def test_closing_the_pool_ends_queued_calls(queue_anything: None) -> None:
             await _until(lambda: lanes.outstanding() == 4)
             await pool.aclose()
     assert len(errors) == 4
+
+
+async def test_calls_cancelled_at_random_moments_leave_the_pool_sound() -> None:
+    """Callers that give up at any moment (before the send, queued, running, as their
+    answer arrives): every call that was not cancelled gets its own value, no worker is
+    lost, and the pool serves the next calls."""
+    rng = random.Random(23)
+    got: list[tuple[int, Any]] = []
+
+    async def caller(pool: ashard.Pool, start: int) -> None:
+        for i in range(start, start + 40):
+            seconds = rng.choice([0.0, 0.0, 0.0005, 0.002])
+            with anyio.move_on_after(rng.choice([1e-5, 1e-4, 5e-4, 2e-3, 10.0])):
+                got.append((i, await pool.call(workloads.sleep_then, seconds, i)))
+
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool:
+            async with anyio.create_task_group() as tg:
+                for t in range(16):
+                    tg.start_soon(caller, pool, t * 40)
+            assert all(value == i for i, value in got)
+            assert len(got) > 100  # most calls had time enough
+            assert (await _lanes_of(pool)).outstanding() == 0
+            assert pool.stats.crashed == 0
+            values = [await pool.call(workloads.identity, k) for k in range(4)]
+            assert values == list(range(4))

@@ -831,3 +831,9 @@ def print_tagged(tag: str, k: int) -> int:
     print(f"{tag} py {k}")
     os.write(1, f"{tag} raw {k}\n".encode())
     return k
+
+
+def sleep_then(seconds: float, value: Any) -> Any:
+    """Sleep `seconds`, then return `value`."""
+    time.sleep(seconds)
+    return value

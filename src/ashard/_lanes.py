@@ -199,19 +199,25 @@ class CallLanes:
     # -- sending ------------------------------------------------------------------------
 
     async def _send(self, lane: _Lane, parts: list[Buffer]) -> None:
-        """Send `parts` on the lane's channel. What other tasks send meanwhile waits in
-        the lane's outbox and goes with the next write, in order."""
+        """Send `parts` on the lane's channel after what waits in its outbox. What other
+        tasks send meanwhile waits in the outbox and goes with the next write, in order.
+        A send cancelled before its first byte went puts its frames back, first in line."""
+        lane.outbox += parts
         if lane.sending:
-            lane.outbox += parts
             return
         lane.sending = True
         try:
-            while parts:
+            while lane.outbox:
+                parts, lane.outbox = lane.outbox, []
                 batch = [q for q in lane.outstanding if not q.sent]
-                await lane.worker.channel.send(parts)
+                try:
+                    await lane.worker.channel.send(parts)
+                except BaseException:
+                    if not lane.worker.channel.broken:
+                        lane.outbox[:0] = parts
+                    raise
                 for q in batch:
                     q.sent = True
-                parts, lane.outbox = lane.outbox, []
         except ChannelClosed as exc:
             with anyio.CancelScope(shield=True):
                 await self._lose(lane, exc)
@@ -228,7 +234,9 @@ class CallLanes:
                 await p.wake.wait()
                 continue
             await self._read_for(lane, p)
-            self._pass_reading(lane)
+            if not self._pass_reading(lane):
+                with anyio.CancelScope(shield=True):
+                    await self._settle(lane)
 
     async def _read_for(
         self, lane: _Lane, p: _Pending | None, deadline: float | None = None
@@ -281,14 +289,24 @@ class CallLanes:
             write_taken(head.output)  # its caller left: written here rather than nowhere
             self._free_slot(lane)
 
-    def _pass_reading(self, lane: _Lane) -> None:
-        """The reader leaves: wake the next call that waits, to read in its turn."""
-        if lane.reading or lane.lost is not None:
-            return
-        for q in lane.outstanding:
-            if not q.abandoned and q.wake is not None:
+    def _pass_reading(self, lane: _Lane) -> bool:
+        """The reader leaves: wake the next call that waits, to read in its turn. False
+        if the lane owes answers that no caller is left to read."""
+        if lane.reading or lane.lost is not None or not lane.outstanding:
+            return True
+        live = [q for q in lane.outstanding if not q.abandoned]
+        for q in live:
+            if q.wake is not None:
                 q.wake.set()
-                return
+                break
+        return bool(live)  # one that does not wait yet reads when it comes to
+
+    async def _settle(self, lane: _Lane) -> None:
+        """Read the answers of calls whose callers left (each was told to stop); kill
+        the worker if they do not come within `CANCEL_GRACE`."""
+        await self._read_for(lane, None, time.monotonic() + CANCEL_GRACE)
+        if lane.outstanding and lane.lost is None:
+            await self._lose(lane, ChannelClosed("cancelled calls did not stop"), kill=True)
 
     # -- cancellation and loss ----------------------------------------------------------
 
@@ -307,27 +325,19 @@ class CallLanes:
         await self._send(lane, encode((UNCALL, p.seq)))
         if lane.lost is not None:
             return
-        if p.sent:
-            w.interrupt()
-        deadline = time.monotonic() + CANCEL_GRACE
-        if lane.outstanding[0] is p:  # it runs (or is about to): it must stop
+        w.interrupt()  # it reads the UNCALL at once, whether the call runs or waits
+        if p.answer is None and lane.outstanding[0] is p:  # it runs: it must stop
             if lane.reading:
                 p.wake = anyio.Event()
                 with anyio.move_on_after(CANCEL_GRACE):
                     await p.wake.wait()
             else:
-                await self._read_for(lane, p, deadline)
+                await self._read_for(lane, p, time.monotonic() + CANCEL_GRACE)
             if p.answer is None and lane.lost is None:
                 await self._lose(lane, ChannelClosed("a cancelled call did not stop"), kill=True)
                 return
-        if lane.reading or lane.lost is not None or not lane.outstanding:
-            return
-        if any(not q.abandoned for q in lane.outstanding):
-            self._pass_reading(lane)
-            return
-        await self._read_for(lane, None, deadline)  # nobody else wants them: settle
-        if lane.outstanding and lane.lost is None:
-            await self._lose(lane, ChannelClosed("cancelled calls did not stop"), kill=True)
+        if not self._pass_reading(lane):
+            await self._settle(lane)
 
     async def _lose(self, lane: _Lane, why: Exception, *, kill: bool = False) -> None:
         """The lane's worker died, hung or misbehaved (or, `kill`, would not stop): it

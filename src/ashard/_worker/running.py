@@ -47,12 +47,18 @@ class _State:
     call_seq: int | None = None  # the call running now (None: a chunk, or nothing)
     stop_call = False  # the parent cancelled the running call
     read_control: Callable[[], None] | None = None  # takes in what the parent sent
+    reading = False  # a handler is taking in the parent's messages
+    again = False  # another interrupt came meanwhile: read once more
+    alarm_due = False  # the timeout's alarm came meanwhile
 
 
 _state = _State()
 
 
 def _on_alarm(signum: int, frame: object) -> None:
+    if _state.reading:  # never raise into the reader: after it
+        _state.alarm_due = True
+        return
     if _state.running:
         _state.running = False
         raise Interrupted(timeout=True)
@@ -60,14 +66,34 @@ def _on_alarm(signum: int, frame: object) -> None:
 
 def _on_interrupt(signum: int, frame: object) -> None:
     _state.control_pending = True
+    if _state.reading:
+        _state.again = True
+        return
     if not _state.running:
         return
     if _state.call_seq is not None and _state.read_control is not None:
-        _state.read_control()  # the UNCALL sent before the signal says which call stops
+        _read_uncalls(_state.read_control)
+        if _state.alarm_due and _state.running:
+            _state.alarm_due = _state.running = False
+            raise Interrupted(timeout=True)
         if not _state.stop_call:
             return
     _state.running = False
     raise Interrupted(timeout=False)
+
+
+def _read_uncalls(read_control: Callable[[], None]) -> None:
+    """Take in the UNCALLs the parent sent before signalling (they say which call
+    stops), however many signals come meanwhile: a handler that runs during another
+    returns at once, and this one reads again."""
+    _state.reading = True
+    try:
+        _state.again = True
+        while _state.again:
+            _state.again = False
+            read_control()
+    finally:
+        _state.reading = False
 
 
 def install_handlers(interrupt_signal: int, read_control: Callable[[], None]) -> None:
@@ -284,7 +310,7 @@ def run_call(call: CallFn, report: Reporter) -> None:
     """One `ashard.call`."""
     seq, timeout = call.seq, call.timeout
     t0 = time.perf_counter()
-    _state.call_seq, _state.stop_call = seq, False
+    _state.call_seq, _state.stop_call, _state.alarm_due = seq, False, False
     _arm(timeout)
     try:
         status, out = _guarded(call.fn, call.args, call.kwargs)
