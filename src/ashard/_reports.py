@@ -39,7 +39,9 @@ Report = tuple[Result, "list[Any] | Exception"]
 
 async def receive(w: WorkerHandle, *, wait_first: bool = False) -> list[Report]:
     """The reports `w` sent, checked; large frames and values are unpickled off the
-    event loop. A message that is not a well-formed result is a `ProtocolViolation`."""
+    event loop. A message that is not a well-formed result is a `ProtocolViolation`.
+    Cancelled, it returns nothing or everything it read: the messages it took off the
+    channel are never lost (the unpickling threads are shielded)."""
     reports: list[Report] = []
     msgs = await w.channel.receive(wait_first=wait_first)
     t0 = time.monotonic()
@@ -48,7 +50,8 @@ async def receive(w: WorkerHandle, *, wait_first: bool = False) -> list[Report]:
             w.channel.unread(msgs[i:])  # for the next step, after the loop's turn
             break
         if isinstance(msg, RawFrame):
-            msg = await anyio.to_thread.run_sync(msg.decode)
+            with anyio.CancelScope(shield=True):  # taken off the channel: never lost
+                msg = await anyio.to_thread.run_sync(msg.decode)
         report = parse_result(msg)
         data, buffers = report.values
         fds = w.channel.take_fds(len(report.arrays)) if report.arrays else None
@@ -56,7 +59,8 @@ async def receive(w: WorkerHandle, *, wait_first: bool = False) -> list[Report]:
             if not buffers and type(data) is bytes:  # small values, in the message: at once
                 values = _values_of(report)
             elif _packed_bytes(report.values) > INLINE_DECODE_LIMIT:
-                values = await anyio.to_thread.run_sync(_values_of, report)
+                with anyio.CancelScope(shield=True):
+                    values = await anyio.to_thread.run_sync(_values_of, report)
             else:
                 values = _values_of(report)
         except BaseException:
