@@ -9,6 +9,7 @@ by default, only slower to observe."""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import io
@@ -343,3 +344,33 @@ async def test_calls_cancelled_at_random_moments_leave_the_pool_sound() -> None:
             assert pool.stats.crashed == 0
             values = [await pool.call(workloads.identity, k) for k in range(4)]
             assert values == list(range(4))
+
+
+async def test_workers_killed_at_random_moments_lose_no_call() -> None:
+    """SIGKILL a random worker every 50 ms while 16 tasks make short calls (queued on
+    the workers): every call still returns its own value (the running one is retried
+    under `max_retries`, the queued ones are sent again), and the pool is whole after."""
+    rng = random.Random(24)
+    got: dict[int, Any] = {}
+
+    async def caller(pool: ashard.Pool, start: int) -> None:
+        for i in range(start, start + 25):
+            got[i] = await pool.call(workloads.sleep_then, 0.001, i, max_retries=5)
+
+    async def killer(pool: ashard.Pool) -> None:
+        for _ in range(8):
+            await anyio.sleep(0.05)
+            if pool.pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(rng.choice(pool.pids), signal.SIGKILL)
+
+    with anyio.fail_after(120):
+        async with ashard.Pool(2) as pool:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(killer, pool)
+                for t in range(16):
+                    tg.start_soon(caller, pool, t * 25)
+            assert got == {i: i for i in range(400)}
+            assert pool.stats.crashed >= 1
+            assert (await _lanes_of(pool)).outstanding() == 0
+            assert await pool.call(workloads.identity, 7) == 7
