@@ -374,3 +374,35 @@ async def test_workers_killed_at_random_moments_lose_no_call() -> None:
             assert pool.stats.crashed >= 1
             assert (await _lanes_of(pool)).outstanding() == 0
             assert await pool.call(workloads.identity, 7) == 7
+
+
+@pytest.mark.parametrize("kind", ["garbage", "stale-result", "unknown-message"])
+async def test_a_worker_that_breaks_the_protocol_costs_only_its_running_call(
+    queue_anything: None, tmp_path: Path, kind: str
+) -> None:
+    """A call that writes hostile bytes into the channel while calls wait behind it:
+    the worker is killed, that call fails as a crash, and the queued ones run elsewhere."""
+    armed = tmp_path / "armed"
+    armed.touch()
+    with anyio.fail_after(60):
+        async with ashard.Pool(1) as pool:
+            await pool.call(abs, -1)
+            lanes = await _lanes_of(pool)
+            got: dict[str, Any] = {}
+
+            async def run(name: str, fn: Any, *args: Any) -> None:
+                try:
+                    got[name] = await pool.call(fn, *args)
+                except ashard.WorkerCrashed as exc:
+                    got[name] = exc
+
+            async with anyio.create_task_group() as tg:
+                hostile = workloads.call_writing_hostile_once
+                tg.start_soon(run, "hostile", hostile, str(armed), kind, 0.3, "h")
+                await _until(lambda: lanes.outstanding() == 1)
+                for k in range(3):
+                    tg.start_soon(run, f"queued {k}", workloads.identity, k)
+                await _until(lambda: lanes.outstanding() == 4)
+            assert isinstance(got.pop("hostile"), ashard.WorkerCrashed)
+            assert got == {f"queued {k}": k for k in range(3)}
+            assert pool.stats.crashed == 1

@@ -837,3 +837,11 @@ def sleep_then(seconds: float, value: Any) -> Any:
     """Sleep `seconds`, then return `value`."""
     time.sleep(seconds)
     return value
+
+
+def call_writing_hostile_once(armed: str, kind: str, seconds: float, value: Any) -> Any:
+    """Sleep `seconds`, write `kind` of hostile bytes into the channel (in the one
+    worker that claims `armed`), return `value`."""
+    time.sleep(seconds)
+    write_hostile_once(armed, kind)
+    return value
