@@ -51,10 +51,6 @@ class WorkerOutput:
             self._poll.register(fd, select.POLLIN | select.POLLHUP)
         self.closed = False
 
-    def pending(self) -> bool:
-        """Is anything waiting in the pipes (one `poll`, no waiting), or held for a call?"""
-        return not self.closed and (any(self._held) or bool(self._poll.poll(0)))
-
     def take(self, seq: int) -> list[tuple[str, bytes]]:
         """What call `seq`, the oldest this worker has not answered, wrote: everything in
         the pipes up to the marker of a later call (kept for that call), as

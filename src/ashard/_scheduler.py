@@ -127,10 +127,6 @@ class _Lost:
     delivered: bool = True
 
 
-class _Undelivered(Exception):
-    """The worker's channel refused the call: the worker ended before taking it."""
-
-
 class Scheduler:
     """Runs jobs and calls on the worker processes of one `Pool` (a `Backend`)."""
 
