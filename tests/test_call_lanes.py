@@ -18,7 +18,7 @@ import pickle
 import random
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,16 @@ async def _until(check: Callable[[], bool]) -> None:
     """Poll `check` (state in the worker or a file: nothing to wait on)."""
     while not check():  # noqa: ASYNC110
         await anyio.sleep(0.01)
+
+
+async def _record(
+    outcomes: dict[str, Any], name: str, call: Awaitable[Any], errors: type[BaseException]
+) -> None:
+    """outcomes[name] = what `call` gives, or the `errors` it raises."""
+    try:
+        outcomes[name] = await call
+    except errors as exc:
+        outcomes[name] = exc
 
 
 def _runs(log: Path) -> list[str]:
@@ -188,18 +198,15 @@ async def test_a_queued_call_that_cannot_be_loaded_fails_alone(queue_anything: N
             lanes = await _lanes_of(pool)
             outcomes: dict[str, Any] = {}
 
-            async def run(name: str, fn: Any, *args: Any) -> None:
-                try:
-                    outcomes[name] = await pool.call(fn, *args)
-                except pickle.UnpicklingError as exc:
-                    outcomes[name] = exc
+            def run(name: str, fn: Any, *args: Any) -> None:
+                tg.start_soon(_record, outcomes, name, pool.call(fn, *args), pickle.UnpicklingError)
 
             async with anyio.create_task_group() as tg:
-                tg.start_soon(run, "slow", workloads.sleep_for, 0.5)
+                run("slow", workloads.sleep_for, 0.5)
                 await _until(lambda: lanes.outstanding() == 1)
-                tg.start_soon(run, "bad", workloads.identity, workloads.RebuildFails())
+                run("bad", workloads.identity, workloads.RebuildFails())
                 await _until(lambda: lanes.outstanding() == 2)
-                tg.start_soon(run, "fine", workloads.identity, 3)
+                run("fine", workloads.identity, 3)
             assert outcomes["slow"] == 0.5 and outcomes["fine"] == 3
             assert isinstance(outcomes["bad"], pickle.UnpicklingError)
             assert pool.stats.crashed == 0
@@ -389,18 +396,14 @@ async def test_a_worker_that_breaks_the_protocol_costs_only_its_running_call(
             lanes = await _lanes_of(pool)
             got: dict[str, Any] = {}
 
-            async def run(name: str, fn: Any, *args: Any) -> None:
-                try:
-                    got[name] = await pool.call(fn, *args)
-                except ashard.WorkerCrashed as exc:
-                    got[name] = exc
+            def run(name: str, fn: Any, *args: Any) -> None:
+                tg.start_soon(_record, got, name, pool.call(fn, *args), ashard.WorkerCrashed)
 
             async with anyio.create_task_group() as tg:
-                hostile = workloads.call_writing_hostile_once
-                tg.start_soon(run, "hostile", hostile, str(armed), kind, 0.3, "h")
+                run("hostile", workloads.call_writing_hostile_once, str(armed), kind, 0.3, "h")
                 await _until(lambda: lanes.outstanding() == 1)
                 for k in range(3):
-                    tg.start_soon(run, f"queued {k}", workloads.identity, k)
+                    run(f"queued {k}", workloads.identity, k)
                 await _until(lambda: lanes.outstanding() == 4)
             assert isinstance(got.pop("hostile"), ashard.WorkerCrashed)
             assert got == {f"queued {k}": k for k in range(3)}

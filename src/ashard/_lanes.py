@@ -38,7 +38,7 @@ from ashard._framing import Buffer, ChannelClosed, encode, encode_many
 from ashard._health import PROFILES
 from ashard._output import marker, write_taken
 from ashard._protocol import MARK, UNCALL, UNREADABLE_CALL, ProtocolViolation
-from ashard._reports import Report, receive
+from ashard._reports import Report, receive_until
 
 if TYPE_CHECKING:
     from ashard._handle import WorkerHandle
@@ -186,7 +186,7 @@ class CallLanes:
         """A call is done with the lane: hand its place to a call waiting for a worker,
         or, when no call is left, give the worker back."""
         lane.slots -= 1
-        if lane.lost is None and not self.workers.should_yield(self):
+        if lane.lost is None and self.workers.waiting() and not self.workers.should_yield(self):
             now = time.monotonic()
             while self._has_room(lane, now) and self.workers.pass_slot(lane.worker, self):
                 lane.slots += 1
@@ -260,7 +260,7 @@ class CallLanes:
             until = None if head.timeout is None else lane.head_since + head.timeout + KILL_GRACE
             if deadline is not None and (until is None or deadline < until):
                 until = deadline
-            reports = await _receive_until(w, until)
+            reports = await receive_until(w, until, wait_first=True)
             if reports is None:
                 if until == deadline:
                     return
@@ -363,12 +363,3 @@ class CallLanes:
                 self._free_slot(lane)
         if not kill:
             await self.workers.replenish()
-
-
-async def _receive_until(w: WorkerHandle, until: float | None) -> list[Report] | None:
-    """What `w` reports next, or None if nothing came by `until` (monotonic)."""
-    if until is None:  # no cancel scope: it costs ~20 us, a quarter of a round trip
-        return await receive(w, wait_first=True)
-    with anyio.move_on_after(max(until - time.monotonic(), 0.0)):
-        return await receive(w, wait_first=True)
-    return None

@@ -67,7 +67,7 @@ from ashard._protocol import (
     Result,
     split_result,
 )
-from ashard._reports import Report, pump_output, receive
+from ashard._reports import Report, pump_output, receive, receive_until
 from ashard._serialize import dumps_named, pack
 from ashard._sources import with_sources
 from ashard._workers import WorkerSet
@@ -359,12 +359,11 @@ class Scheduler:
 
     async def _receive(self, lease: _Lease) -> list[Report]:
         timeout = lease.run.work.opts.timeout
-        if timeout is None:
-            return await receive(lease.worker)
-        wait = lease.last_heard + timeout + KILL_GRACE - time.monotonic()
-        with anyio.move_on_after(max(wait, 0.0)):
-            return await receive(lease.worker)
-        raise Hung
+        until = None if timeout is None else lease.last_heard + timeout + KILL_GRACE
+        reports = await receive_until(lease.worker, until)
+        if reports is None:
+            raise Hung
+        return reports
 
     def _handle(self, lease: _Lease, budget: float | None = None) -> None:
         """Deliver the lease's pending reports: for about `budget` seconds at most (the
