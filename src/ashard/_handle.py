@@ -25,7 +25,6 @@ from logging import INFO
 from typing import Any
 
 import anyio
-import psutil
 
 from ashard import _spawn
 from ashard._channel import Channel
@@ -183,6 +182,7 @@ class WorkerHandle:
     def read_rss(self) -> int:
         """Private resident memory (RSS minus shared pages) read with psutil; 0 if the
         process is gone. Blocking (a /proc read): call it off the event loop."""
+        import psutil  # here, not at the top: off a cold start's way to its first result
 
         try:
             if self._ps is None:

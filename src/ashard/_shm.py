@@ -18,7 +18,6 @@ import fcntl
 import itertools
 import mmap
 import os
-import secrets
 import sys
 import threading
 import time
@@ -90,7 +89,7 @@ def _open_fd(name: str) -> int:
         raise NotImplementedError(
             "ashard shared memory needs Linux memfd or POSIX shared memory (shm_open)"
         ) from None
-    path = f"/{name}-{secrets.token_hex(4)}"
+    path = f"/{name}-{os.urandom(4).hex()}"
     fd: int = _posixshmem.shm_open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
     _posixshmem.shm_unlink(path)  # from now on only descriptors keep it alive
     return above_stdio(fd)

@@ -4,7 +4,6 @@ went, and `PoolStats`, a pool's counters."""
 
 from __future__ import annotations
 
-import html
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -306,6 +305,7 @@ class PoolStats:
 
 def html_table(title: str, rows: Sequence[tuple[str, str]]) -> str:
     """A small self-contained HTML table of (name, value) rows, for notebooks."""
+    import html
 
     cells = "".join(
         f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
