@@ -138,3 +138,21 @@ def shard_id(shard: Shard) -> int:
 def borrowed_sum(shard: Shard, x: Any) -> float:
     """A strided sum over the borrowed array `x`: it touches the pages the shard reads."""
     return float(x[shard.id :: 4096].sum())
+
+
+def stamp_sleep(x: Any, seconds: float) -> tuple[int, float]:
+    """Sleep `seconds`; return this process's pid and the wall-clock time it started."""
+    import os
+
+    started = time.time()
+    time.sleep(seconds)
+    return os.getpid(), started
+
+
+def spike_mib(x: Any, mib: int, seconds: float = 0.5) -> Any:
+    """Hold `mib` MiB (touched) for `seconds`, let it go; return x."""
+    block = bytearray(mib << 20)
+    block[::4096] = b"\x01" * len(block[::4096])
+    time.sleep(seconds)
+    del block
+    return x

@@ -77,11 +77,11 @@ def test_a_report_split_in_two_keeps_every_position_in_its_place() -> None:
     report = Result(
         seq=3, k0=10, n=6, values=(b"", []), errors=[(1, 1, "a"), (4, 2, "b")],
         elapsed=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6], final=True, writes=[(5, "X")], rss=99,
-        commits=None, arrays=[(2, "f8", (3,), False)],
+        commits=None, arrays=[(2, "f8", (3,), False)], peak=7,
     )  # fmt: skip
     head, tail = split_result(report, 4)
-    assert (head.k0, head.n, head.final, head.rss) == (10, 4, False, 0)
-    assert (tail.k0, tail.n, tail.final, tail.rss) == (14, 2, True, 99)
+    assert (head.k0, head.n, head.final, head.rss, head.peak) == (10, 4, False, 0, 0)
+    assert (tail.k0, tail.n, tail.final, tail.rss, tail.peak) == (14, 2, True, 99, 7)
     assert head.errors == [(1, 1, "a")] and tail.errors == [(0, 2, "b")]
     assert head.elapsed == [0.1, 0.2, 0.3, 0.4] and tail.elapsed == [0.5, 0.6]
     assert head.writes == [] and tail.writes == [(1, "X")]

@@ -5,6 +5,7 @@ Dask worker or needs a broken one."""
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import time
@@ -352,3 +353,30 @@ async def test_a_large_map_reported_in_pieces_arrives_whole(dask_cluster: Any) -
         assert await pool.map(workloads.square, range(n)) == [x * x for x in range(n)]
         got = await pool.map(workloads.square, list(range(n)), chunk_size=n // 2)
         assert got == [x * x for x in range(n)]
+
+
+async def test_footprint_is_refused_on_a_cluster_naming_it_and_cluster(dask_cluster: Any) -> None:
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        with pytest.raises(ValueError, match=r"footprint= .*cluster="):
+            await pool.shard_map(4, workloads.shard_sum, footprint="10MB")
+        assert await pool.map(workloads.square, [3]) == [9]  # nothing changed
+
+
+async def test_min_workers_and_idle_timeout_apply_per_dask_worker(dask_cluster: Any) -> None:
+    pids = await anyio.to_thread.run_sync(_dask_worker_pids, dask_cluster)
+    with anyio.fail_after(90):
+        async with ashard.Pool(
+            cluster=dask_cluster, workers=2, min_workers=1, idle_timeout=0.3,
+            health_check_interval=0.05,
+        ) as pool:  # fmt: skip
+            res = await pool.shard_map(
+                ashard.shards(16, block_size=1), functools.partial(workloads.sleep_pid, seconds=0.2)
+            )
+            assert res.ok and len(set(res.results)) >= 3  # grew past one per node
+            while len(await anyio.to_thread.run_sync(_ashard_workers_under, pids)) > 2:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+            await anyio.sleep(1.0)  # three idle timeouts more: one per node stays
+            left = await anyio.to_thread.run_sync(_ashard_workers_under, pids)
+            assert len(left) == 2
+            assert {p.parent().pid for p in left if p.parent()} <= set(pids)
+            assert (await pool.shard_map(2, workloads.pid_of)).ok

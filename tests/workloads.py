@@ -289,12 +289,12 @@ def hostile_bytes(kind: str) -> bytes:
     if kind == "bad-pickle":
         return frame(b"\x80\x05this is no pickle")
     if kind == "stale-result":
-        msg = (102, 10**9, 0, 0, (b"\x80\x05]\x94.", []), [], None, True, None, 0, None, None)
+        msg = (102, 10**9, 0, 0, (b"\x80\x05]\x94.", []), [], None, True, None, 0, None, None, 0)
         return frame(pickle.dumps(msg, protocol=5))
     if kind.startswith("array-"):  # a result claiming a 1 MiB array in a segment
         values = (pickle.dumps([None], protocol=5), [])
         arrays = [(0, "<f8", (1 << 17,), False)]
-        msg = (102, 10**9, 0, 1, values, [], None, True, None, 0, None, arrays)
+        msg = (102, 10**9, 0, 1, values, [], None, True, None, 0, None, arrays, 0)
         return frame(pickle.dumps(msg, protocol=5))
     raise AssertionError(kind)
 
@@ -624,7 +624,7 @@ def shard_dying_mid_array_once(shard: Shard, armed: str) -> int:
     os.ftruncate(fd, 1 << 20)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     values = (pickle.dumps([None], protocol=5), [])
-    msg = (102, 0, 0, 1, values, [], [0.0], True, None, 0, None, [(0, "<f8", (1 << 17,), False)])
+    msg = (102, 0, 0, 1, values, [], [0.0], True, None, 0, None, [(0, "<f8", (1 << 17,), False)], 0)
     payload = pickle.dumps(msg, protocol=5)
     head = struct.pack("<IIQ", _framing.MAGIC, 0, len(payload) + 1000)  # more than will come
     with socket.socket(fileno=os.dup(channel_fd())) as sock:
@@ -845,3 +845,69 @@ def call_writing_hostile_once(armed: str, kind: str, seconds: float, value: Any)
     time.sleep(seconds)
     write_hostile_once(armed, kind)
     return value
+
+
+def sleep_pid(shard: Shard, seconds: float = 0.2) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def interval(shard: Shard, seconds: float = 0.3) -> tuple[float, float]:
+    """The wall-clock interval this shard ran in."""
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time()
+
+
+def interval_of_item(x: Any, seconds: float = 0.3) -> tuple[float, float]:
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time()
+
+
+def most_overlapping(intervals: Any, sizes: Any = None) -> int:
+    """The most of `intervals` ((start, end) pairs) that ran at one moment, or (with
+    `sizes`, one per interval) the largest sum of their sizes at one moment."""
+    sizes = [1] * len(intervals) if sizes is None else sizes
+    edges = sorted([(s, n) for (s, _), n in zip(intervals, sizes, strict=True)]
+                   + [(e, -n) for (_, e), n in zip(intervals, sizes, strict=True)])  # fmt: skip
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+_KEPT: list[Any] = []  # per worker process: what `hoard` keeps
+
+
+def hoard(shard: Shard, mib: int, hold: float = 0.0, free_after: float | None = None) -> int:
+    """Keep `mib` MiB of private memory in this worker (touched), sleep `hold` seconds,
+    and give it back `free_after` seconds later if that is given; return the pid."""
+    block = bytearray(mib << 20)
+    block[::4096] = b"\x01" * len(block[::4096])
+    _KEPT.append(block)
+    if free_after is not None:
+        import threading
+
+        threading.Timer(free_after, _KEPT.clear).start()
+    time.sleep(hold)
+    return os.getpid()
+
+
+def spike(shard: Shard, mib: int, seconds: float = 0.2) -> tuple[float, float]:
+    """Hold `mib` MiB (touched) for `seconds`, let it go; the wall-clock interval."""
+    start = time.time()
+    block = bytearray(mib << 20)
+    block[::4096] = b"\x01" * len(block[::4096])
+    time.sleep(seconds)
+    del block
+    return start, time.time()
+
+
+def leak_mib(x: int) -> int:
+    """Keep one more MiB (touched) in this worker; return x."""
+    block = bytearray(1 << 20)
+    block[::4096] = b"\x01" * len(block[::4096])
+    _KEPT.append(block)
+    return x

@@ -19,6 +19,7 @@ __all__ = [
     "ExecutorUnpicklingError",
     "ExecutorWorkerCrashed",
     "GatherTooLarge",
+    "MemoryDiagnostics",
     "Pool",
     "PoolStats",
     "ReduceResult",
@@ -68,6 +69,7 @@ _LAZY = {
     "WorkerCrashed": "ashard.errors",
     "WorkerStartError": "ashard.errors",
     "Diagnostics": "ashard.results",
+    "MemoryDiagnostics": "ashard.results",
     "Executor": "ashard.executor",
     "ExecutorUnpicklingError": "ashard.executor",
     "ExecutorWorkerCrashed": "ashard.executor",
@@ -123,6 +125,7 @@ if _typing.TYPE_CHECKING:
     from ashard.pool import Pool
     from ashard.results import (
         Diagnostics,
+        MemoryDiagnostics,
         PoolStats,
         ReduceResult,
         ShardDone,

@@ -81,6 +81,8 @@ class WorkerHandle:
         self._rss = self._peak_rss = self._baseline_rss = 0  # private memory, bytes
         self._idle_since = time.monotonic()
         self._recycle: RecycleReason | None = None
+        self._paused_since: float | None = None  # above mem_pause since (monotonic)
+        self.oom_counted = False  # its cgroup counted an OOM kill when it died
         self._ended: EndReason | None = None
         self._violation: str | None = None  # what it sent that broke the protocol
         self._ps: Any = None
@@ -169,6 +171,11 @@ class WorkerHandle:
         return True
 
     @property
+    def rss(self) -> int:
+        """The last reading of its private resident memory, bytes (0: none yet)."""
+        return self._rss
+
+    @property
     def peak_rss(self) -> int:
         """The highest reading of its private resident memory, bytes."""
         return self._peak_rss
@@ -203,6 +210,22 @@ class WorkerHandle:
     def recycle_reason(self) -> RecycleReason | None:
         """Why it should be replaced once its current work is done, if it should."""
         return self._recycle
+
+    @property
+    def paused(self) -> bool:
+        """Above `mem_pause`: it takes no new work until it falls back below."""
+        return self._paused_since is not None
+
+    def paused_for(self, now: float) -> float:
+        return 0.0 if self._paused_since is None else now - self._paused_since
+
+    def set_paused(self, paused: bool, now: float) -> None:
+        self._paused_since = now if paused else None
+
+    def recycle_for(self, reason: RecycleReason) -> None:
+        """Replace it once its current work is done (the first reason stays)."""
+        if self._recycle is None:
+            self._recycle = reason
 
     def finished_work(self, rss: int, policy: HealthPolicy, profile: Profile) -> None:
         """A chunk or call is done: record the memory it reported (bytes), and whether

@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 __all__ = [
     "PROFILES",
@@ -34,12 +34,16 @@ __all__ = [
     "Watched",
 ]
 
-RecycleReason = Literal["mem_cap", "drift", "max_tasks"]
+RecycleReason = Literal["mem_cap", "drift", "max_tasks", "pause_timeout", "all_paused"]
 """Why a healthy worker is replaced once its current work is done."""
 EndReason = Literal[RecycleReason, "mem_hard", "idle", "crashed", "timed out", "protocol", "exited"]
 """Why a worker ended: recycled, killed past the hard memory limit, idle past
 `idle_timeout`, crashed, killed past a timeout, killed for sending what is not a valid
 message ("protocol"), or exited with the pool."""
+
+
+PAUSE_HYSTERESIS = 0.05
+"""A paused worker resumes below ``(mem_pause - PAUSE_HYSTERESIS) * mem_cap``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,21 @@ class HealthPolicy:
     interval: float = 1.0
     max_tasks: int | None = None
     idle_timeout: float | None = None
+    min_workers: int | None = None  # None: the pool's size (it never scales down)
+    mem_pause: float = 0.8  # with mem_cap: above this share of it a worker takes no work
+    pause_timeout: float = 10.0  # seconds paused before it is recycled
+    mem_budget: int | Literal["auto"] | None = None  # see `ashard._budget`
+
+    def pause_change(self, rss: int, paused: bool) -> bool | None:
+        """Should a worker holding `rss` bytes pause (True) or resume (False), being
+        `paused` now? None: it stays as it is. It resumes a little below where it paused."""
+        if self.mem_cap is None:
+            return None
+        if not paused and rss > self.mem_pause * self.mem_cap:
+            return True
+        if paused and rss < (self.mem_pause - PAUSE_HYSTERESIS) * self.mem_cap:
+            return False
+        return None
 
     @property
     def hard_cap(self) -> int | None:
@@ -135,6 +154,7 @@ class Watched(Protocol):
     def closed(self) -> bool: ...
     def check_interval(self) -> float: ...
     def health_targets(self) -> list[Gauged]: ...
+    def gauged(self, w: Any) -> None: ...
     def reap_idle(self, now: float) -> None: ...
 
 
@@ -178,6 +198,7 @@ def check(watched: Watched) -> None:
         w.observe(rss)
         if policy.over_hard_cap(rss):
             w.kill_for("mem_hard")  # its shards are retried; the drive sees EOF
+        watched.gauged(w)
     watched.reap_idle(time.monotonic())
 
 

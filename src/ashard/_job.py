@@ -38,6 +38,7 @@ from logging import WARNING
 from typing import TYPE_CHECKING, Any
 
 from ashard._backend import Changes, Chunk, JobWork, WorkerInfo
+from ashard._budget import MemoryLog
 from ashard._consumers import UNBOUNDED
 from ashard._health import PROFILES
 from ashard._log import worker_event
@@ -120,6 +121,7 @@ class Job(Changes):
         self._unrun: set[int] = set()  # queued again without having run
         self.failures: dict[int, ShardError] = {}
         self._retry: deque[int] = deque()
+        self._held_back: deque[Chunk] = deque()  # taken, then refused room (`put_back`)
         self.inflight_shards = 0
         self.aborted = False
         self.fatal: BaseException | None = None
@@ -219,7 +221,11 @@ class Job(Changes):
     def has_work(self) -> bool:
         """Could a chunk be dispatched now? Not while the caller holds `max_held_bytes`
         of items in flight or values waiting (once some are, they will be let go)."""
-        if self.aborted or self._room() <= 0:
+        if self.aborted:
+            return False
+        if self._held_back:
+            return True
+        if self._room() <= 0:
             return False
         if self.held_bytes >= self.max_held:
             return False
@@ -241,13 +247,17 @@ class Job(Changes):
         """The next chunk to send (at most `limit` positions), or None."""
         if not self.has_work():
             return None
+        if self._held_back:
+            first = self._held_back[0]
+            return self._held_back.popleft() if limit is None or first.count <= limit else None
         if self._retry:
             pos = self._retry.popleft()
             items = [self.positions.item_at(pos)] if self.positions.has_items else None
             chunk = Chunk(seq, pos, 1, [self._next_run(pos)], items)
         else:
             remaining = None if self.total is None else self.total - self.next_pos
-            size = min(self.sizer.next_size(remaining, self.max_held), self._room())
+            wanted = self.sizer.next_size(remaining, self.max_held, self.record.now())
+            size = min(wanted, self._room())
             new = self._take_new(seq, size if limit is None else min(size, limit))
             if new is None:
                 return None
@@ -255,10 +265,50 @@ class Job(Changes):
         self.inflight_shards += chunk.count
         self.record.chunks += 1
         chunk.heard = self.record.now()
+        if self._what.opts.footprint is not None:
+            try:
+                chunk.footprint = self._footprint(chunk)
+            except Exception as exc:  # the caller's footprint() failed: the call does
+                self.abort(exc)
+                return None
         if chunk.items is not None:  # held from now: counted as estimated until `sent`
             chunk.nbytes = self.sizer.bytes_of(chunk.count)
             self.held_bytes += chunk.nbytes
         return chunk
+
+    def put_back(self, chunk: Chunk) -> None:
+        """`chunk`, just taken, found no room in the memory budget: it goes out first
+        once there is."""
+        self._held_back.appendleft(chunk)
+
+    def _footprint(self, chunk: Chunk) -> int | None:
+        """The bytes the largest shard of `chunk` may use (its shards run one at a time),
+        as `footprint=` says; None until "learn" has learned."""
+        given = self._what.opts.footprint
+        memory = self.record.memory
+        if isinstance(given, int) or given is None:
+            memory.footprint_per_shard = given
+            return given
+        if given == "learn":
+            return memory.footprint_per_shard
+        assert callable(given)
+        biggest = 0
+        for k in range(chunk.count):
+            pos = chunk.first + k
+            if self.kind == SHARDS:
+                subject = self.positions.shard_at(pos, 1)
+            else:
+                assert chunk.items is not None
+                subject = chunk.items[k]
+            value = given(subject)
+            if type(value) is not int or value < 0:
+                raise TypeError(
+                    f"footprint must give a number of bytes (an int >= 0) for each "
+                    f"{self.noun}, got {value!r} for {self.noun} {pos}"
+                )
+            biggest = max(biggest, value)
+        memory.footprint_per_shard = max(memory.footprint_per_shard or 0, biggest)
+        return biggest
 
     def _next_run(self, pos: int) -> int:
         """The number of the run `pos` is about to have (`Shard.attempt`)."""
@@ -305,6 +355,9 @@ class Job(Changes):
         chunk.done = k0 + n
         if elapsed is not None:
             self.sizer.learn(n, busy)
+        cap = self.record.memory.cap
+        if report.final and report.rss and cap:
+            self.sizer.pressed(report.rss / cap)
         if not errors:
             self._store(base, values, chunk, k0, elapsed, pid)
         else:
@@ -550,11 +603,22 @@ class Job(Changes):
     def diagnostics(self) -> Diagnostics:
         shards = self.total if self.total is not None else self.next_pos
         cancelled = self.aborted and not self.finished  # stopped with positions unresolved
-        return self.record.diagnostics(shards, len(self.failures), cancelled)
+        return self.record.diagnostics(
+            shards, len(self.failures), cancelled, tuple(self.sizer.autotune)
+        )
 
     def ran_on(self, worker: WorkerInfo) -> None:
         """`worker` runs (or ran) shards of this job (`CallRecord.ran_on`)."""
         self.record.ran_on(worker)
+
+    def scaled(self, before: int, after: int, reason: str, ended: str | None) -> None:
+        """The pool went from `before` to `after` workers while this job ran."""
+        self.record.scaled(before, after, reason, ended)
+
+    @property
+    def memory(self) -> MemoryLog:
+        """Where a backend notes the budget, admission and memory recycling."""
+        return self.record.memory
 
     def resolved_from(self, start: int) -> list[Any]:
         """The values of the resolved positions ``start, start+1, ...`` up to the first

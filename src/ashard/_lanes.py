@@ -176,6 +176,7 @@ class CallLanes:
             and lane.last_took < SHORT
             and (not lane.outstanding or now - lane.head_since < SHORT)
             and w.recycle_reason is None
+            and not w.paused
             and (limit is None or w.tasks + lane.slots - len(lane.outstanding) < limit)
         )
 
@@ -282,6 +283,7 @@ class CallLanes:
         lane.head_since = now
         head.output = w.output.take(head.seq)
         w.finished_work(report.rss, self.policy, PROFILES["default"])
+        self.workers.gauged(w)
         self.workers.heard_back(0)
         if head.wake is not None:
             head.wake.set()

@@ -50,6 +50,8 @@ __all__ = [
 
 ChunkSize = int | Literal["auto"]
 Cow = Literal["deny", "audit", "allow"]
+Footprint = int | str | Callable[[Any], int] | None
+"""Bytes per shard: a size, a callable of the shard (of the item, for `map`), or "learn"."""
 ErrorsMode = Literal["raise", "collect"]
 ProfileName = Literal["default", "memory", "speed"]
 ResultsMode = Literal["memory", "table", "disk"]
@@ -187,6 +189,21 @@ def _check_held_bytes(name: str, value: object) -> int | None:
     return size
 
 
+def _check_footprint(name: str, value: object) -> Footprint:
+    """`footprint`: None, "learn", bytes per shard (an int >= 0 or a size such as
+    "200MB"), or a callable giving a shard's bytes."""
+    if value is None or value == "learn" or (type(value) is int and value >= 0):
+        return cast(Footprint, value)
+    if isinstance(value, str):
+        return parse_bytes(name, value)
+    if callable(value):
+        return cast(Footprint, value)
+    raise TypeError(
+        f"{name} must be bytes per shard (an int >= 0 or a size such as '200MB'), a "
+        f"callable footprint(shard) -> int, 'learn' or None, got {_show(value)}"
+    )
+
+
 # -- the per-call options ----------------------------------------------------------------
 
 
@@ -214,6 +231,7 @@ class CallOptions:
     results_path: str | None = field(default=None, metadata=_checked_by(_check_path))
     max_held_bytes: int | None = field(default=DEFAULT_HELD_BYTES,
                                        metadata=_checked_by(_check_held_bytes))  # fmt: skip
+    footprint: Footprint = field(default=None, metadata=_checked_by(_check_footprint))
 
     @classmethod
     def build(cls, given: Mapping[str, object], accepted: type, where: str) -> CallOptions:
@@ -247,6 +265,7 @@ class MapOptions(TypedDict, total=False):
     progress: bool
     profile: ProfileName
     max_held_bytes: int | str | None
+    footprint: Footprint
 
 
 class ShardOptions(MapOptions, total=False):
@@ -457,8 +476,12 @@ def health_policy(
     health_check_interval: object,
     max_tasks: object,
     idle_timeout: object,
+    min_workers: int | None = None,
+    mem_budget: object = None,
+    mem_pause: object = 0.8,
+    pause_timeout: object = 10.0,
 ) -> HealthPolicy:
-    """The checked health limits of a `Pool`."""
+    """The checked health limits of a `Pool` (`min_workers` checked by the caller)."""
     return HealthPolicy(
         mem_cap=parse_bytes("mem_cap", mem_cap),
         hard_factor=_check_factor(hard_cap),
@@ -468,7 +491,42 @@ def health_policy(
         idle_timeout=(
             None if idle_timeout is None else _check_seconds("idle_timeout", idle_timeout)
         ),
+        min_workers=min_workers,
+        mem_budget=_check_budget(mem_budget),
+        mem_pause=_check_share("mem_pause", mem_pause),
+        pause_timeout=_check_seconds("pause_timeout", pause_timeout),
     )
+
+
+def _check_share(name: str, value: object) -> float:
+    """A share of `mem_cap`: above 0, at most 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a share of mem_cap such as 0.8, got {_show(value)}")
+    if not 0 < float(value) <= 1:
+        raise ValueError(f"{name} must be a share of mem_cap above 0 and at most 1, got {value!r}")
+    return float(value)
+
+
+def _check_budget(value: object) -> int | Literal["auto"] | None:
+    """`mem_budget`: None, "auto", or a size."""
+    if value == "auto":
+        return "auto"
+    try:
+        return parse_bytes("mem_budget", value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{exc} (or 'auto', or None)") from None
+
+
+def check_min_workers(value: object, workers: int, idle_timeout: object) -> int | None:
+    """`min_workers` of a pool of `workers`: 0 to `workers`; not given, 0 when
+    `idle_timeout` is (idle workers exit, as in v1), else None (all of them)."""
+    if value is None:
+        return None if idle_timeout is None else 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"min_workers must be an int from 0 to workers, got {_show(value)}")
+    if not 0 <= value <= workers:
+        raise ValueError(f"min_workers must be from 0 to workers ({workers}), got {value!r}")
+    return value
 
 
 def _check_factor(value: object) -> float:

@@ -59,6 +59,7 @@ class Loss:
     signal: int | None
     note: str | None = None
     memory_tight: bool = False  # its memory was near a limit (a SIGKILL: likely the OOM killer)
+    oom: bool = False  # the kernel's out-of-memory killer or ashard's hard limit ended it
 
 
 def remote_exception(record: ExcRecord) -> BaseException:
@@ -104,6 +105,7 @@ def failure(
         attempts=attempts,
         exitcode=loss.exitcode,
         signal=loss.signal,
+        oom=loss.oom,
     )
 
 

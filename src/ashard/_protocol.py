@@ -27,13 +27,15 @@ worker -> parent::
     READY        pid, private rss after init (bytes)
     INIT_FAILED  exception record
     RESULT       seq, k0, n, values payload, errors, elapsed, final, writes, rss,
-                 commits, arrays              (array segment fds ride along)
+                 commits, arrays, peak        (array segment fds ride along)
 
 A RESULT reports chunk positions ``k0 .. k0+n-1`` of chunk `seq`. `errors` is a list of
 ``(k, kind, detail)`` for positions k (counted from k0): RAISED (detail: exception
 record) or TIMEOUT (detail: seconds run) for ``k < n``, or INTERRUPTED at ``k == n``
 (positions from there on never ran: the chunk ends, and they go back to the queue).
-`final` says the chunk is over; `rss` is the worker's private memory then (bytes).
+`final` says the chunk is over; `rss` is the worker's private memory then (bytes), and
+`peak` (jobs that ask, `JobSpec.peak`) how far its private memory rose during the chunk
+above where it started (bytes; 0 otherwise).
 `commits` lists the files positions committed to table sinks and results stores:
 ``(k, name, rows, bytes, memory, schema)`` (name "" for the results store; rows -1 for
 a pickled result; memory: the rows' in-memory bytes; schema: its serialized pyarrow
@@ -106,14 +108,15 @@ class Result(NamedTuple):
     rss: int
     commits: list[Commit] | None
     arrays: list[ArrayDesc] | None
+    peak: int = 0
 
 
 def parse_result(msg: Any) -> Result:
     """`msg` as a `Result`, or `ProtocolViolation` if it is not a well-formed one."""
-    if type(msg) is not tuple or len(msg) != 12 or msg[0] != RESULT:
+    if type(msg) is not tuple or len(msg) != 13 or msg[0] != RESULT:
         raise ProtocolViolation(f"expected a result message, got {_describe(msg)}")
-    _, seq, k0, n, values, errors, _elapsed, final, _writes, rss, commits, arrays = msg
-    if not (type(seq) is int and type(k0) is int and type(n) is int and type(rss) is int):
+    _, seq, k0, n, values, errors, _elapsed, final, _writes, rss, commits, arrays, peak = msg
+    if not all(type(v) is int for v in (seq, k0, n, rss, peak)):
         raise ProtocolViolation("a result message with counts that are not ints")
     if k0 < 0 or n < 0 or type(final) is not bool:
         raise ProtocolViolation("a result message with bad counts or flags")
@@ -140,7 +143,7 @@ def split_result(result: Result, at: int) -> tuple[Result, Result]:
     commits, arrays = cut_entries(result.commits, at), cut_entries(result.arrays, at)
     head = result._replace(
         n=at, errors=errors[0] or [], elapsed=times[0], final=False, writes=writes[0], rss=0,
-        commits=commits[0], arrays=arrays[0],
+        commits=commits[0], arrays=arrays[0], peak=0,
     )  # fmt: skip
     tail = result._replace(
         k0=result.k0 + at, n=n - at, errors=errors[1] or [], elapsed=times[1],
@@ -315,6 +318,7 @@ class JobSpec(NamedTuple):
     layout: Any  # ashard.Shards for SHARDS jobs, else None
     sys_path: list[str]
     results: SinkRef | None = None
+    peak: bool = False  # report each chunk's peak memory growth (`footprint="learn"`)
 
 
 class Hello(NamedTuple):

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ashard._attempts import CANCELLED, CRASHED, FAILED, OK, TIMED_OUT, AttemptLog
+from ashard._budget import MemoryLog
 from ashard._outputs import LOCAL
 from ashard._protocol import INTERRUPTED, RAISED, TIMEOUT
 from ashard.results import Diagnostics, WorkerRow
@@ -35,6 +36,8 @@ class CallRecord:
         self._pids: set[int] = set()
         self._ran_on: dict[int, WorkerInfo] = {}  # every worker the call ran on, by pid
         self._per_pid: dict[int, list[float]] = {}  # pid -> [shards, busy seconds]
+        self.scaling: list[tuple[float, int, int, str]] = []
+        self.memory = MemoryLog()
 
     def _run_of(self, pos: int) -> int:
         return self._runs.get(pos, 1)
@@ -95,7 +98,22 @@ class CallRecord:
         if host is not None:
             self.log.hosts[worker.pid] = host
 
-    def diagnostics(self, shards: int, failures: int, cancelled: bool) -> Diagnostics:
+    def scaled(self, before: int, after: int, reason: str, ended: str | None) -> None:
+        """The pool went from `before` to `after` workers, for `reason` (a stop: the
+        worker ended for `ended`). Told from the health monitor's thread too."""
+        if reason == "paused":
+            self.memory.pauses += 1
+            return
+        self.scaling.append((self.now(), before, after, reason))
+        self.memory.stopped(ended)
+
+    def diagnostics(
+        self,
+        shards: int,
+        failures: int,
+        cancelled: bool,
+        autotune: tuple[tuple[float, int, str], ...] = (),
+    ) -> Diagnostics:
         return Diagnostics(
             shards=shards,
             duration=self.now(),
@@ -108,6 +126,9 @@ class CallRecord:
             cancelled=cancelled,
             cow_writes=tuple(sorted(self.cow_writes)),
             per_worker=tuple(self._worker_row(pid) for pid in sorted(self._ran_on)),
+            memory=self.memory.report(),
+            scaling=tuple(self.scaling),
+            autotune=autotune,
             _attempts=self.log,
         )
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from ashard._backend import CallWork, Chunk, JobPort, JobWork
+from ashard._budget import Budget
 from ashard._framing import (
     Buffer,
     ChannelClosed,
@@ -52,6 +54,7 @@ from ashard._framing import (
 from ashard._handle import WorkerConfig, WorkerHandle
 from ashard._health import PROFILES, HealthPolicy
 from ashard._lanes import CANCEL_GRACE, KILL_GRACE, CallLanes, Hung, LaneLost
+from ashard._log import logger
 from ashard._outcomes import CRASHED, call_outcome, failure, interrupt_in, unreadable_result
 from ashard._protocol import (
     CALL,
@@ -86,6 +89,8 @@ it (those sends cost no attempt); past that it fails as a crash."""
 DELIVER_SECONDS = 0.0005
 """Time one step of a drive spends delivering what a worker reported, at most: the rest
 is delivered after the event loop had its turn."""
+AUTO_BUDGET_SHARE = 0.85
+"""`mem_budget="auto"`: this share of the memory the process may still use."""
 ENCODE_INLINE_SECONDS = 0.002
 """Chunks that took longer than this to pickle are pickled off the event loop next time."""
 
@@ -103,6 +108,9 @@ class _Run:
     loaded_on: set[WorkerHandle] = field(default_factory=set)
     encode_in_thread: bool = False
     deliver_cost: float = 0.0  # seconds a position takes to deliver, as learned
+    acquiring: int = 0  # workers being leased for it now
+    budget: Budget | None = None  # the pool's memory budget, if the job is held to it
+    blocked: bool = False  # a chunk found no room in the budget; none was made since
 
 
 @dataclass(eq=False, slots=True)
@@ -137,6 +145,7 @@ class Scheduler:
         self.policy = policy
         self.lanes = CallLanes(self.workers, policy)
         self.borrowed: BorrowCache | None = None  # made on the first borrow, if it keeps
+        self.budget: Budget | None = None  # made for the first job held to one
         self._keep_borrowed = keep_borrowed
         self._seq = itertools.count()
         self._keys = itertools.count()
@@ -154,8 +163,8 @@ class Scheduler:
     def resize(self, size: int) -> None:
         self.workers.resize(size)
 
-    async def start(self) -> None:
-        await self.workers.start_all()
+    async def start(self, up_to: int | None = None) -> None:
+        await self.workers.start_all(up_to)
 
     async def aclose(self) -> None:
         if self.borrowed is not None:
@@ -178,7 +187,7 @@ class Scheduler:
         task_status.started()  # the job is accepted (the pool may resize for it now)
         job.served_by(self.size)
         try:
-            with self.workers.watching(run.work.opts.profile):
+            with self.workers.watching(run.work.opts.profile), self.workers.listening(job.scaled):
                 async with anyio.create_task_group() as tg:
                     lease_scope = anyio.CancelScope()
                     tg.start_soon(self._lease_loop, run, tg, lease_scope)
@@ -198,6 +207,7 @@ class Scheduler:
             raise
         finally:
             self._forget(run)
+            _warn_oversized(run)
 
     async def _prepare(self, job: JobPort) -> _Run:
         """Share or pickle the job's borrow and out, off the event loop; nothing leaks
@@ -225,8 +235,30 @@ class Scheduler:
         opts = work.opts
         borrow = exported.kwargs if exported else None
         spec = JobSpec(work.kind, work.fn, borrow, opts.timeout, opts.seed, work.layout,
-                       work.sys_path, work.results)  # fmt: skip
-        return _Run(job, work, next(self._keys), spec, exported)
+                       work.sys_path, work.results, opts.footprint == "learn")  # fmt: skip
+        run = _Run(job, work, next(self._keys), spec, exported)
+        job.memory.cap = self.policy.mem_cap
+        if self.policy.mem_budget is not None or opts.footprint is not None:
+            run.budget = await self._budget()
+            job.memory.budget, job.memory.budget_source = run.budget.total, run.budget.source
+        return run
+
+    async def _budget(self) -> Budget:
+        """The pool's memory budget, made on first use: `mem_budget` bytes, or ("auto",
+        or a `footprint=` without `mem_budget`) a share of what this process may still
+        use, read off the event loop."""
+        if self.budget is None:
+            given = self.policy.mem_budget
+            if isinstance(given, int):
+                budget = Budget(given, "given")
+            else:
+                from ashard._memory import available_bytes
+
+                room, source = await anyio.to_thread.run_sync(available_bytes)
+                budget = Budget(max(1, int(AUTO_BUDGET_SHARE * room)), source)
+            if self.budget is None:  # no other call made it meanwhile
+                self.budget = budget
+        return self.budget
 
     def _forget(self, run: _Run) -> None:
         """The job is over: workers that loaded it drop its fn and borrow, and the
@@ -242,17 +274,38 @@ class Scheduler:
     async def _lease_loop(
         self, run: _Run, tg: anyio.abc.TaskGroup, scope: anyio.CancelScope
     ) -> None:
+        """Lease workers while the job has work: as many at a time as it holds (so a
+        job on an empty elastic pool doubles its workers as they come, and a small job
+        does not ask for workers it will not use)."""
         job = run.job
         with scope:
-            try:
+            async with anyio.create_task_group() as acquiring:
                 while not job.over:
-                    if job.has_work() and self.workers.leases(job) < self.workers.size:
-                        w = await self.workers.acquire(job)
-                        await tg.start(self._drive, run, w, tg)
+                    held = self.workers.leases(job)
+                    if (
+                        job.has_work()
+                        and not run.blocked
+                        and self._room_for_another(run)
+                        and held + run.acquiring < self.workers.size
+                        and run.acquiring < max(1, held)
+                    ):
+                        run.acquiring += 1
+                        acquiring.start_soon(self._lease, run, tg)
                     else:
                         await job.wait_change()
-            except Exception as exc:  # no worker could be had: the job cannot go on
-                job.abort(exc)
+
+    async def _lease(self, run: _Run, tg: anyio.abc.TaskGroup) -> None:
+        """One worker for the job, driven in `tg`."""
+        job = run.job
+        try:
+            w = await self.workers.acquire(job)
+        except Exception as exc:  # no worker could be had: the job cannot go on
+            job.abort(exc)
+            return
+        finally:
+            run.acquiring -= 1
+            job.notify()
+        await tg.start(self._drive, run, w, tg)
 
     async def _drive(
         self,
@@ -291,6 +344,8 @@ class Scheduler:
             if not started:
                 task_status.started()
             pump.cancel()
+            if run.budget is not None:
+                run.budget.put_down(lease)
             with anyio.CancelScope(shield=True):
                 if lost is None:
                     await self._settle(lease)
@@ -304,13 +359,15 @@ class Scheduler:
         job = run.job
         msgs = w.take_control()
         was_idle = not lease.inflight
-        room = job.window() - len(lease.inflight) if w.recycle_reason is None else 0
+        room = 0 if w.recycle_reason is not None or w.paused else job.window() - len(lease.inflight)
         limit = None if self.policy.max_tasks is None else self.policy.max_tasks - w.tasks
         chunks: list[Chunk] = []
         taken = 0
         while len(chunks) < room and (limit is None or limit > 0):
             chunk = job.take_chunk(next(self._seq), limit)
             if chunk is None:
+                break
+            if run.budget is not None and not self._admit(lease, chunks, chunk):
                 break
             chunks.append(chunk)
             taken += chunk.count
@@ -342,6 +399,62 @@ class Scheduler:
                     lease.inflight.remove(chunk)
                 job.undelivered(fresh)
                 raise
+
+    def _admit(self, lease: _Lease, adding: list[Chunk], chunk: Chunk) -> bool:
+        """Reserve room in the budget for `chunk` on the lease's worker (which holds its
+        in-flight chunks and `adding`); if there is none, the job gets it back, and is
+        told when room is made."""
+        run = lease.run
+        budget, memory = run.budget, run.job.memory
+        assert budget is not None
+        need = chunk.footprint
+        if need is None and run.work.opts.footprint == "learn":
+            need = budget.total  # nothing learned yet: it runs alone
+        if not budget.fits(lease, need, self.workers.measured_bytes()):
+            run.job.put_back(chunk)
+            _wait_for_room(run)
+            return False
+        if need is not None and need > budget.total and chunk.footprint is not None:
+            memory.oversized.append((chunk.first, need))
+        held = max((c.footprint or 0 for c in (*lease.inflight, *adding)), default=0)
+        budget.hold(lease, max(held, need or 0))
+        memory.admitted(budget.reserved)
+        return True
+
+    def _room_for_another(self, run: _Run) -> bool:
+        """Could one more worker get a chunk of this job within the budget, beside those
+        being leased for it? (So that a pool held to one starts no worker it could not
+        use.) Footprints known only once a chunk is formed (callables) are left to
+        admission."""
+        budget = run.budget
+        if budget is None:
+            return True
+        given = run.work.opts.footprint
+        if isinstance(given, int):
+            need = given
+        elif given == "learn":
+            need = run.job.memory.footprint_per_shard or budget.total
+        else:
+            return True
+        leased = self.workers.leases(run.job)  # some may not have reserved yet
+        reserving = leased - sum(1 for key in budget.holders() if getattr(key, "run", None) is run)
+        coming = run.acquiring + reserving + 1
+        if not budget.reserved and coming == 1:
+            return True  # the first runs, whatever it needs
+        if budget.reserved + need * coming <= budget.total:
+            return True
+        _wait_for_room(run)
+        return False
+
+    def _rehold(self, lease: _Lease) -> None:
+        """The lease's worker finished a chunk: its reservation is what it still holds."""
+        budget = lease.run.budget
+        if budget is None:
+            return
+        if lease.inflight:
+            budget.hold(lease, max(c.footprint or 0 for c in lease.inflight))
+        else:
+            budget.put_down(lease)
 
     async def _encode(
         self, run: _Run, msgs: list[Any], chunks: list[Chunk]
@@ -396,7 +509,11 @@ class Scheduler:
                 timed_out += sum(1 for e in report.errors if e[1] == TIMEOUT)
             if report.final:
                 lease.inflight.popleft()
+                if report.peak:
+                    job.memory.learned(report.peak)
+                self._rehold(lease)
                 w.finished_work(report.rss, self.policy, profile)
+                self.workers.gauged(w)
             if budget is not None and time.monotonic() - t0 >= budget:
                 break
         if done:
@@ -502,6 +619,44 @@ class Scheduler:
             return _Lost(failure(TIMEOUT, None, subject="call", shard=None, attempts=attempt,
                                  timeout=timeout))  # fmt: skip
         return call_outcome(values, report.errors)
+
+
+def _wait_for_room(run: _Run) -> None:
+    """The job's work waits for room in the budget: it takes no worker or chunk until
+    some is made (counted as an admission wait until its next chunk is admitted)."""
+    budget = run.budget
+    assert budget is not None
+    run.job.memory.waits()
+    if not run.blocked:
+        run.blocked = True
+        budget.wait_for_room(functools.partial(_unblock, run))
+        logger.debug(
+            "work waits for room in the memory budget (%d of %d bytes reserved)",
+            budget.reserved, budget.total, extra={"reason": "admission"},
+        )  # fmt: skip
+
+
+def _unblock(run: _Run) -> None:
+    """Room was made in the budget: the job may take workers and chunks again."""
+    run.blocked = False
+    run.job.notify()
+
+
+def _warn_oversized(run: _Run) -> None:
+    """One warning per call for the shards that ran alone, larger than the budget."""
+    memory = run.job.memory
+    if not memory.oversized or run.budget is None:
+        return
+    noun = "shard" if run.work.layout is not None else "item"
+    shown = ", ".join(f"{noun} {pos} ({nbytes / 2**20:.0f} MiB)" for pos, nbytes in
+                      memory.oversized[:10])  # fmt: skip
+    more = f" and {len(memory.oversized) - 10} more" if len(memory.oversized) > 10 else ""
+    warnings.warn(
+        f"{shown}{more}: footprint larger than the pool's mem_budget "
+        f"({run.budget.total / 2**20:.0f} MiB); each ran alone",
+        ResourceWarning,
+        stacklevel=1,
+    )
 
 
 def _segments_for(run: _Run, w: WorkerHandle, msgs: list[Any]) -> list[int]:

@@ -6,15 +6,20 @@ of work (scaled by the call's profile), so tiny shards cost microseconds each, n
 round trip; it grows at most `MAX_GROWTH` times at a step, leaves work for every worker
 near the end, and keeps each worker's window of chunks within the bytes the caller may
 hold. Each of those bounds is one method (`_by_time`, `_by_share`, `_by_bytes`), and the
-size is the smallest, and never over `MAX_POSITIONS` (the caller's step): a new signal
-(the workers' memory, next) is one more bound there.
+size is the smallest, and never over `MAX_POSITIONS` (the caller's step). The workers'
+memory is one more bound (`_by_memory`): once a worker reports memory near `mem_cap`,
+chunks halve, so that memory is checked between fewer shards before the hard limit
+would stop the worker. A shard's time is smoothed (`SMOOTHING`): one slow chunk does not
+swing the size. Each change of an automatic size is a row of `autotune`: (seconds into
+the call, size, reason).
 
 The window hides the trip to a worker: short chunks go several at a time, long ones one
 at a time (balance over latency). A backend far from its workers (Dask) says how long
 a trip takes (`served_by`): chunks then grow to carry several trips of work each.
 
 A `ChunkSizer` changes only through its own methods (`served_by`, `learn`,
-`learn_item_bytes`) and knows nothing of the job: it is told numbers, and answers them.
+`learn_item_bytes`, `pressed`) and knows nothing of the job: it is told numbers, and
+answers them.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ MAX_WINDOW = 8
 """The most chunks a worker holds at once."""
 MAX_GROWTH = 8
 """An automatic chunk is at most this many times the size of the one before."""
+SMOOTHING = 0.25
+"""Weight of a new sample of a shard's time in the running estimate."""
+MEMORY_SHRINK_AT = 0.7
+"""Chunks halve while a worker reports this share of `mem_cap` or more."""
 MAX_POSITIONS = 32768
 """An automatic chunk holds at most this many positions: the caller's own work for a
 chunk (listing its items, keeping a place for each result) is done in one step of its
@@ -56,6 +65,8 @@ class ChunkSizer:
         self._target = TARGET_CHUNK_SECONDS * work_factor  # seconds of work per chunk
         self._latency = HIDE_LATENCY_SECONDS  # of a trip to a worker
         self._workers = 1
+        self._pressure = 0.0  # the last share of mem_cap a worker reported
+        self.autotune: list[tuple[float, int, str]] = []  # (seconds, size, reason)
 
     # -- what it is told ----------------------------------------------------------------
 
@@ -75,7 +86,7 @@ class ChunkSizer:
             return
         sample = seconds / n
         seen = self._per_shard
-        self._per_shard = sample if seen is None else 0.5 * (seen + sample)
+        self._per_shard = sample if seen is None else seen + SMOOTHING * (sample - seen)
 
     def learn_item_bytes(self, n: int, nbytes: int) -> None:
         """The items of `n` positions are `nbytes` long, pickled."""
@@ -85,20 +96,32 @@ class ChunkSizer:
         seen = self._item_bytes
         self._item_bytes = sample if seen is None else 0.5 * (seen + sample)
 
+    def pressed(self, share: float) -> None:
+        """A worker reported memory at `share` of `mem_cap` after a chunk."""
+        self._pressure = share
+
     # -- what it answers ----------------------------------------------------------------
 
     def bytes_of(self, n: int) -> int:
         """About what the items of `n` positions weigh, pickled (0 until one chunk is sent)."""
         return int(n * self._item_bytes) if self._item_bytes else 0
 
-    def next_size(self, remaining: int | None, max_held: int) -> int:
+    def next_size(self, remaining: int | None, max_held: int, now: float = 0.0) -> int:
         """The size of the next chunk of new positions, `remaining` of them left (None:
-        unknown) and the caller holding at most `max_held` bytes of items."""
+        unknown) and the caller holding at most `max_held` bytes of items; `now`,
+        seconds into the call, stamps a change in `autotune`."""
         if self.fixed is not None:
             return self.fixed
-        size = min(
-            self._by_time(), self._by_share(remaining), self._by_bytes(max_held), MAX_POSITIONS
-        )
+        bounds = (
+            (self._by_time(), "shrink_time"), (self._by_share(remaining), "tail"),
+            (self._by_bytes(max_held), "shrink_mem"), (self._by_memory(), "shrink_mem"),
+            (MAX_POSITIONS, "shrink_time"),
+        )  # fmt: skip
+        size, why = min(bounds, key=lambda bound: bound[0])
+        last = self._last_size
+        if not self.autotune or size != last:
+            reason = "start" if not self.autotune else "grow" if size > last else why
+            self.autotune.append((now, size, reason))
         self._last_size = size
         return size
 
@@ -126,6 +149,12 @@ class ChunkSizer:
         if remaining is None:
             return _NO_BOUND
         return max(1, math.ceil(remaining / (2 * self._workers)))
+
+    def _by_memory(self) -> int:
+        """Half the last size while a worker's memory is near `mem_cap`."""
+        if self._pressure < MEMORY_SHRINK_AT:
+            return _NO_BOUND
+        return max(1, self._last_size // 2)
 
     def _by_bytes(self, max_held: int) -> int:
         """Each worker's window of chunks within the bytes the caller holds."""

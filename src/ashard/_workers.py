@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
+import signal
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
@@ -38,7 +41,7 @@ from ashard.results import PoolStats
 if TYPE_CHECKING:
     from ashard._handle import WorkerHandle
 
-__all__ = ["BACKOFF_MAX", "START_ATTEMPTS", "WorkerSet", "spawn_delay"]
+__all__ = ["BACKOFF_MAX", "IDLE_TIMEOUT", "START_ATTEMPTS", "Scaled", "WorkerSet", "spawn_delay"]
 
 BACKOFF_FREE_CRASHES = 2
 """Crashes in a row that are replaced at once; after that, spawns back off."""
@@ -46,9 +49,19 @@ BACKOFF_MAX = 0.5
 """Seconds: the longest pause before spawning a replacement in a crash storm."""
 START_ATTEMPTS = 5
 """Failed starts in a row after which a worker cannot be had."""
+IDLE_TIMEOUT = 15.0
+"""Seconds an idle worker above `min_workers` stays, when `idle_timeout` is not given."""
 
 Tenant = Hashable
 """Whatever holds leases: a job, or a token for one call (compared by identity)."""
+Scaled = Callable[[int, int, str, str | None], None]
+"""Told of each worker start and stop: (workers before, workers after, reason, and for a
+stop the worker's end reason); and of each pause: (n, n, "paused", None)."""
+_STOP_REASON = {
+    "idle": "idle", "mem_cap": "memory", "mem_hard": "memory", "pause_timeout": "pause_timeout",
+    "all_paused": "all_paused",
+}  # fmt: skip
+"""A worker's end reason -> the reason a scaling event gives; others are "recycle"."""
 
 
 def spawn_delay(streak: int) -> float:
@@ -115,6 +128,7 @@ class _Counters:
     crashed: int = 0
     timed_out: int = 0
     shards_done: int = 0
+    pauses: int = 0
     recycled_by: Counter[str] = field(default_factory=Counter)  # reason -> workers
 
 
@@ -146,6 +160,8 @@ class WorkerSet:
         self._leaving: set[WorkerHandle] = set()  # idle past idle_timeout, being stopped
         self._leases: dict[Tenant, int] = {}  # workers each tenant holds (absent: none)
         self.slot_unused: Callable[[WorkerHandle], None] | None = None  # see `pass_slot`
+        self._listeners: list[Scaled] = []  # the calls running now (`listening`)
+        self._oom_seen: int | None = None  # the cgroups' OOM kills when last read
 
     # -- what it holds ----------------------------------------------------------------
 
@@ -153,14 +169,20 @@ class WorkerSet:
         c = self._counts
         with self._lock:
             alive = sum(1 for w in (*self._workers, *self._leaving) if w.alive)
+            paused = sum(1 for w in self._workers if w.paused)
         recycled = sum(c.recycled_by.values())
         return PoolStats(
-            alive, c.started, c.crashed, c.timed_out, recycled, c.shards_done, dict(c.recycled_by)
-        )
+            alive, c.started, c.crashed, c.timed_out, recycled, c.shards_done,
+            dict(c.recycled_by), paused,
+        )  # fmt: skip
 
     def pids(self) -> list[int]:
         """Process ids of the live workers."""
         return sorted(w.pid for w in self._workers if w.alive)
+
+    def measured_bytes(self) -> int:
+        """The private memory of the live workers, as last read, in all."""
+        return sum(w.rss for w in self._workers)
 
     def leases(self, tenant: Tenant) -> int:
         """How many workers `tenant` holds."""
@@ -176,8 +198,50 @@ class WorkerSet:
                 "(ashard's module-level functions use a default pool of the child's own)"
             )
 
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers kept alive (idle ones above it leave after `idle_limit`)."""
+        fewest = self.policy.min_workers
+        return self.size if fewest is None else min(fewest, self.size)
+
+    @property
+    def idle_limit(self) -> float | None:
+        """Seconds an idle worker above `min_workers` stays; None: it stays."""
+        if self.policy.idle_timeout is not None:
+            return self.policy.idle_timeout
+        return IDLE_TIMEOUT if self.min_workers < self.size else None
+
     def _capacity(self) -> int:
         return self.size - len(self._workers) - self._starting
+
+    def _may_start(self) -> bool:
+        """Is there room for a new worker, and is it its turn? About one start at a time
+        per live worker: a burst of work on an empty pool is no storm of starts."""
+        return self._capacity() > 0 and self._starting < max(1, len(self._workers))
+
+    @contextmanager
+    def listening(self, scaled: Scaled) -> Iterator[None]:
+        """Meanwhile, `scaled` is told of every worker start and stop (from the event
+        loop, or from the health monitor's thread for idle workers leaving)."""
+        with self._lock:
+            self._listeners.append(scaled)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._listeners.remove(scaled)
+
+    def _scaled(self, before: int, after: int, reason: str, ended: str | None = None) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for tell in listeners:
+            tell(before, after, reason, ended)
+
+    def _stopped(self, w: WorkerHandle, reason: str | None = None) -> None:
+        """`w` just left the membership: a scaling event."""
+        why = reason or _STOP_REASON.get(w.end_reason or "", "recycle")
+        n = len(self._workers)
+        self._scaled(n + 1, n, why, w.end_reason)
 
     # -- events from the drives ------------------------------------------------------
 
@@ -220,7 +284,9 @@ class WorkerSet:
         elif w.violation is not None:
             note = f"killed by ashard: it broke the channel protocol (it sent {w.violation})"
         tight = self.policy.near_memory_limit(w.peak_rss)
-        return Loss(w.pid, exitcode, signum, note, tight)
+        killed = signum == signal.SIGKILL
+        oom = w.end_reason == "mem_hard" or (killed and (tight or w.oom_counted))
+        return Loss(w.pid, exitcode, signum, note, tight, oom)
 
     @contextmanager
     def watching(self, profile: str) -> Iterator[None]:
@@ -246,7 +312,9 @@ class WorkerSet:
         return waiter
 
     async def acquire(self, tenant: Tenant) -> WorkerHandle:
-        """A worker for `tenant`: an idle one, a new one, or the next one released."""
+        """A worker for `tenant`: an idle one, a new one, or the next one released.
+        Paused workers are not handed out; when every live worker is paused, the largest
+        is recycled at once, so that no call stalls on them."""
         while True:
             self.check_open()
             if not self._waiters:
@@ -254,12 +322,21 @@ class WorkerSet:
                 if w is not None:
                     self._leases[tenant] = self._leases.get(tenant, 0) + 1
                     return w
-                if self._capacity() > 0:
+                if self._may_start():
                     return await self._spawn_for(tenant)
+            if self._recycle_largest_if_all_paused():
+                continue  # a place for a new worker (a waiter may have been woken to start it)
             waiter = _Waiter(tenant)
             self._waiters.append(waiter)
+            # a paused idle worker may resume, or time out, on the monitor's thread:
+            # look again every round of it
+            recheck = self.check_interval() if self._paused_idle() else math.inf
             try:
-                await waiter.event.wait()
+                with anyio.move_on_after(recheck):
+                    await waiter.event.wait()
+                if not waiter.event.is_set():
+                    self._waiters.remove(waiter)
+                    continue
             except BaseException:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
@@ -273,7 +350,7 @@ class WorkerSet:
                 raise
             if waiter.worker is not None:
                 return waiter.worker
-            if waiter.spawn and self._capacity() > 0:
+            if waiter.spawn and self._may_start():
                 return await self._spawn_for(tenant)
 
     def release(self, w: WorkerHandle, tenant: Tenant) -> None:
@@ -285,7 +362,7 @@ class WorkerSet:
         if self.closed or len(self._workers) > self.size:
             self._retire(w)
             return
-        if self._waiters:
+        if self._waiters and not w.paused:  # a paused one waits, idle, to resume or go
             waiter = self._fairest()
             waiter.worker = w
             self._leases[waiter.tenant] = self._leases.get(waiter.tenant, 0) + 1
@@ -315,7 +392,50 @@ class WorkerSet:
 
     def can_lease_now(self) -> bool:
         """Would `acquire` hand out an idle or new worker without waiting?"""
-        return not self._waiters and (bool(self._idle) or self._capacity() > 0)
+        return not self._waiters and (any(not w.paused for w in self._idle) or self._may_start())
+
+    def gauged(self, w: WorkerHandle) -> None:
+        """`w`'s memory was just read (the loop's thread or the monitor's): pause or
+        resume it, and mark it for recycling once it was paused `pause_timeout`."""
+        now = time.monotonic()
+        change = self.policy.pause_change(w.rss, w.paused)
+        if change is not None:
+            w.set_paused(change, now)
+            mib = w.rss / 2**20
+            if change:
+                self._counts.pauses += 1
+                n = len(self._workers)
+                self._scaled(n, n, "paused")
+                worker_event(INFO, f"worker {w.pid} paused: {mib:.0f} MiB is over mem_pause",
+                             w.pid, reason="paused")  # fmt: skip
+            else:
+                worker_event(INFO, f"worker {w.pid} resumed: {mib:.0f} MiB", w.pid,
+                             reason="resumed")  # fmt: skip
+        if w.paused and w.paused_for(now) >= self.policy.pause_timeout:
+            w.recycle_for("pause_timeout")
+
+    def _paused_idle(self) -> bool:
+        return any(w.paused for w in self._idle)
+
+    def _recycle_largest_if_all_paused(self) -> bool:
+        """Every live worker is paused and the pool is full: recycle the largest, at once
+        if it is idle (True), else once its work is done. One at a time: not while a
+        worker starts or there is room for one."""
+        if self._capacity() > 0 or self._starting:
+            return False
+        with self._lock:
+            members = list(self._workers)
+        if not members or not all(w.paused for w in members):
+            return False
+        largest = max(members, key=lambda w: w.rss)
+        largest.recycle_for("all_paused")
+        with self._lock:
+            idle = largest in self._idle
+            if idle:
+                self._idle.remove(largest)
+        if idle:
+            self._recycle(largest)
+        return idle
 
     async def bury(self, w: WorkerHandle, *, hung: bool, violation: str | None) -> None:
         """Make sure a lost worker is dead and count it (`hung`: past a timeout;
@@ -324,6 +444,11 @@ class WorkerSet:
             w.broke_protocol(violation)
         if hung or violation is not None or await w.wait_exit(1.0) is None:
             await w.kill()
+        if self._oom_seen is not None:  # did the kernel's OOM killer count a kill since?
+            from ashard._memory import oom_kills
+
+            seen, self._oom_seen = self._oom_seen, await anyio.to_thread.run_sync(oom_kills)
+            w.oom_counted = self._oom_seen > seen
         self.count_death(w, timed_out=hung)
 
     def discard(self, w: WorkerHandle, tenant: Tenant) -> None:
@@ -331,7 +456,10 @@ class WorkerSet:
         sent that nothing claimed); a waiter may start a replacement."""
         self._unlease(tenant)
         with self._lock:
+            member = w in self._workers
             self._workers.discard(w)
+        if member:
+            self._stopped(w, "crash")
         w.channel.close()
         w.output.close()  # what it said as it died goes to the call that lost it
         self._wake_for_capacity()
@@ -349,36 +477,46 @@ class WorkerSet:
         return self._waiters.tenants()
 
     def _wake_for_capacity(self) -> None:
-        if self._waiters and self._capacity() > 0:
+        if self._waiters and self._may_start():
             waiter = self._fairest()
             waiter.spawn = True
             waiter.event.set()
 
     def _pop_idle(self) -> WorkerHandle | None:
+        """The idle worker used last that is not paused (a dead one found is counted)."""
         while True:
             with self._lock:
-                if not self._idle:
+                ready = [i for i, w in enumerate(self._idle) if not w.paused]
+                if not ready:
                     return None
-                w = self._idle.pop()
+                w = self._idle.pop(ready[-1])
             if w.alive:
                 return w
             with self._lock:
                 self._workers.discard(w)
             self.count_death(w, timed_out=False)
+            self._stopped(w, "crash")
 
     # -- spawning, recycling, retiring ------------------------------------------------
 
-    async def _spawn_for(self, tenant: Tenant) -> WorkerHandle:
+    async def _spawn_for(self, tenant: Tenant, reason: str = "backlog") -> WorkerHandle:
+        if self._oom_seen is None:  # where out-of-memory kills are counted from
+            from ashard._memory import oom_kills
+
+            self._oom_seen = await anyio.to_thread.run_sync(oom_kills)
         self._starting += 1
         try:
             w = await self._start_worker()
         finally:
             self._starting -= 1
+            self._wake_for_capacity()  # one more live worker: one more start may go
         if self.closed:
             await w.stop(1.0)
             self.check_open()
         with self._lock:
             self._workers.add(w)
+        n = len(self._workers)
+        self._scaled(n - 1, n, reason)
         self._counts.started += 1
         self._leases[tenant] = self._leases.get(tenant, 0) + 1
         self._ensure_monitor()
@@ -414,14 +552,18 @@ class WorkerSet:
             return
         token = object()
         with contextlib.suppress(WorkerStartError):
-            self.release(await self._spawn_for(token), token)
+            self.release(await self._spawn_for(token, "crash"), token)
 
-    async def start_all(self) -> None:
-        """Bring the pool up to size (for a warm `async with Pool(...)`)."""
+    async def start_all(self, up_to: int | None = None) -> None:
+        """Bring the pool up to its size, or to `up_to` workers (for a warm
+        `async with Pool(...)`), all at once."""
         token = object()
+        room = self._capacity()
+        if up_to is not None:
+            room = min(room, up_to - len(self._workers) - self._starting)
         try:
             async with anyio.create_task_group() as tg:
-                for _ in range(self._capacity()):
+                for _ in range(room):
                     tg.start_soon(self._start_one, token)
         except BaseExceptionGroup as group:
             first = first_error(group)
@@ -438,6 +580,7 @@ class WorkerSet:
         w.mark_ended(reason)
         worker_event(INFO, f"worker {w.pid} recycled ({reason})", w.pid, reason=reason)
         self._retire(w)
+        self._stopped(w)
         self._wake_for_capacity()
 
     def _retire(self, w: WorkerHandle) -> None:
@@ -503,21 +646,32 @@ class WorkerSet:
             return [w for w in self._workers if w.proc.returncode is None]
 
     def reap_idle(self, now: float) -> None:
-        """Stop the idle workers past `idle_timeout` (blocking: the monitor's thread).
-        They leave the pool at once (a new worker may start in their place) but count
-        as alive until reaped."""
-        limit = self.policy.idle_timeout
-        if limit is None or self.closed:
+        """Stop the workers idle past `idle_limit`, the longest idle first, down to
+        `min_workers` (blocking: the monitor's thread). They leave the pool at once (a
+        new worker may start in their place) but count as alive until reaped."""
+        limit = self.idle_limit
+        if self.closed:
             return
         with self._lock:
-            expired = [w for w in self._idle if w.idle_for(now) >= limit and not w.has_control]
+            expired: list[WorkerHandle] = []
+            if limit is not None:
+                expired = [w for w in self._idle if w.idle_for(now) >= limit]
+                expired.sort(key=lambda w: w.idle_for(now), reverse=True)
+                del expired[max(0, len(self._workers) - self.min_workers) :]
+            expired += [w for w in self._idle if w.recycle_reason and w not in expired]
+            expired = [w for w in expired if not w.has_control]
             for w in expired:
+                reason = w.recycle_reason or "idle"
                 self._idle.remove(w)
                 self._workers.discard(w)
-                w.mark_ended("idle")
-                self._counts.recycled_by["idle"] += 1
-                worker_event(INFO, f"worker {w.pid} recycled (idle)", w.pid, reason="idle")
+                w.mark_ended(reason)
+                self._counts.recycled_by[reason] += 1
+                worker_event(INFO, f"worker {w.pid} recycled ({reason})", w.pid, reason=reason)
             self._leaving.update(expired)
+        n = len(self._workers) + len(expired)
+        for i, w in enumerate(expired):
+            reason = w.recycle_reason or "idle"
+            self._scaled(n - i, n - i - 1, _STOP_REASON.get(reason, "recycle"), reason)
         for w in expired:
             w.stop_blocking()
         with self._lock:

@@ -60,7 +60,7 @@ def default_pool() -> Pool:
     if _default is None or _default.closed:
         from ashard.pool import Pool  # cold start: see the module docstring
 
-        _default = Pool(keep_borrowed=False)  # a copy per call: see `Pool`
+        _default = Pool(keep_borrowed=False, min_workers=0)  # a copy per call: see `Pool`
     return _default
 
 

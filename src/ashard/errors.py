@@ -87,7 +87,10 @@ class ShardTimeout(ShardError, TimeoutError):
 
 
 class WorkerCrashed(ShardError):
-    """The worker running the shard died: `exitcode` (if it exited) or `signal` (if killed)."""
+    """The worker running the shard died: `exitcode` (if it exited) or `signal` (if
+    killed). `oom`: the kernel's out-of-memory killer (a SIGKILL with the worker near its
+    limit, or counted in its cgroup's ``memory.events``) or ashard's hard memory limit
+    ended it."""
 
     __module__ = "ashard"
 
@@ -99,10 +102,12 @@ class WorkerCrashed(ShardError):
         attempts: int,
         exitcode: int | None,
         signal: int | None,
+        oom: bool = False,
     ) -> None:
         super().__init__(message, shard=shard, attempts=attempts)
         self.exitcode = exitcode
         self.signal = signal
+        self.oom = oom
 
 
 class WorkerStartError(RuntimeError):

@@ -24,6 +24,7 @@ from ashard._options import (
     check_count,
     check_env,
     check_fn,
+    check_min_workers,
     check_positive_int,
     check_size,
     check_timeout,
@@ -92,12 +93,28 @@ class Pool:
     `init` runs once in every new worker; `env` adds environment variables for them.
 
     Health: a worker's private memory (RSS less shared pages) is read every
-    `health_check_interval` seconds and after every chunk. Above `mem_cap` ("512MB",
-    "2GB" or bytes) it is replaced between shards; above ``mem_cap * hard_cap`` it is
-    killed at once and its shard retried. `recycle` replaces workers whose memory grew
+    `health_check_interval` seconds and after every chunk. Above ``mem_pause * mem_cap``
+    it is paused: it gets no new work until it falls back a little below (after
+    `pause_timeout` seconds paused it is recycled; when every worker is paused the
+    largest is recycled at once). Above `mem_cap` ("512MB", "2GB" or bytes) it is
+    replaced between shards; above ``mem_cap * hard_cap`` it is killed at once and its
+    shard retried. `recycle` replaces workers whose memory grew
     past their post-`init` baseline by that fraction (True: 0.5; False: never).
-    `max_tasks` replaces a worker after that many shards or calls; `idle_timeout` lets
-    idle workers exit (new ones start on demand).
+    `max_tasks` replaces a worker after that many shards or calls.
+
+    Elastic: `workers` is the most the pool runs, `min_workers` the fewest it keeps
+    (default: all of them; 0 when `idle_timeout` is given). Below the most, workers
+    start as queued work needs them, about one start at a time per live worker; above
+    the fewest, a worker idle for `idle_timeout` seconds (default 15 when `min_workers`
+    is below `workers`) exits. A busy worker is never stopped to scale down. Entering
+    ``async with`` starts `min_workers` when given, else every worker.
+
+    `mem_budget` ("6GB", bytes, or "auto": 0.85 x the memory this process may still use,
+    under its cgroup's limit if it has one) is what the running shards may use together:
+    a chunk starts only when its `footprint` (a call's option: bytes per shard) fits
+    beside the running ones; one larger than the budget runs alone, never refused.
+    Without `footprint` the budget holds back new chunks while the workers' measured
+    memory is over it.
 
     `cluster=` runs the pool on a Dask distributed cluster: a scheduler address
     (``"tcp://host:8786"``), a `distributed.Client` or a cluster object (`LocalCluster`,
@@ -124,6 +141,10 @@ class Pool:
         mem_cap: int | str | None = None,
         max_tasks: int | None = None,
         idle_timeout: float | None = None,
+        min_workers: int | None = None,
+        mem_budget: int | str | None = None,
+        mem_pause: float = 0.8,
+        pause_timeout: float = 10.0,
         init: Callable[[], Any] | None = None,
         env: Mapping[str, str] | None = None,
         recycle: bool | float = True,
@@ -135,10 +156,17 @@ class Pool:
     ) -> None:
         per_node = check_positive_int("workers", workers, allow_none=True)
         size = per_node or os.cpu_count() or 1
+        fewest = check_min_workers(min_workers, size, idle_timeout)
+        if cluster is not None and mem_budget is not None:
+            raise ValueError(
+                "mem_budget is not supported on a cluster pool (cluster=): each Dask worker "
+                "has its own memory; use Dask's worker memory limits there"
+            )
         policy = health_policy(
             mem_cap=mem_cap, hard_cap=hard_cap, recycle=recycle,
             health_check_interval=health_check_interval, max_tasks=max_tasks,
-            idle_timeout=idle_timeout,
+            idle_timeout=idle_timeout, min_workers=fewest, mem_budget=mem_budget,
+            mem_pause=mem_pause, pause_timeout=pause_timeout,
         )  # fmt: skip
         init_payload = None
         if init is not None:
@@ -151,6 +179,7 @@ class Pool:
         self._recipe = (size, per_node, check_env(env), init_payload, max_frame, policy, cluster,
                         keep_borrowed)  # fmt: skip
         self._made: Backend | None = None
+        self._warm = min_workers  # what entering starts (None: every worker)
         self._closed_unmade = False
         if cluster is not None:
             self._make()  # a cluster pool connects at once (and imports dask)
@@ -178,8 +207,9 @@ class Pool:
     # -- lifecycle --------------------------------------------------------------------
 
     async def __aenter__(self) -> Pool:
+        """Start `min_workers` workers when it was given, else every worker."""
         try:
-            await self.start()
+            await (await self.backend()).start(self._warm)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.aclose()

@@ -16,7 +16,32 @@ from ashard.shards import Shard
 if TYPE_CHECKING:
     from ashard._health import EndReason
 
-__all__ = ["Diagnostics", "PoolStats", "ReduceResult", "ShardDone", "ShardResult", "WorkerRow"]
+__all__ = [
+    "Diagnostics", "MemoryDiagnostics", "PoolStats", "ReduceResult", "ShardDone", "ShardResult",
+    "WorkerRow",
+]  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryDiagnostics:
+    """Memory during one call (DESIGN 2.5). `budget`: the pool's `mem_budget` in bytes
+    (None: none), from `budget_source` ("given", "host", "cgroup"); `peak_reserved`: the
+    most the running chunks' footprints reserved at once; `admission_waits`: times a
+    chunk waited for room in the budget, `admission_wait_s` how long in all; `pauses`:
+    workers paused over `mem_pause`; `recycled`: workers replaced for memory, by reason
+    ("pause_timeout", "all_paused", "mem_cap", "hard_cap"); `footprint_per_shard`: bytes,
+    given or learned (the largest a callable gave), or None."""
+
+    __module__ = "ashard"
+
+    budget: int | None = None
+    budget_source: str | None = None
+    peak_reserved: int = 0
+    admission_waits: int = 0
+    admission_wait_s: float = 0.0
+    pauses: int = 0
+    recycled: Mapping[str, int] = field(default_factory=dict)
+    footprint_per_shard: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +93,20 @@ class Diagnostics:
     borrowed array (privately: the write was never seen elsewhere)."""
     per_worker: tuple[WorkerRow, ...] = field(default=())
     """A row per worker that ran shards of the call, by pid."""
+    memory: MemoryDiagnostics = field(default_factory=MemoryDiagnostics)
+    """Budget, admission, pauses and memory recycling during the call."""
+    scaling: tuple[tuple[float, int, int, str], ...] = field(default=())
+    """Every worker start and stop of the pool while the call ran, in order:
+    ``(seconds_into_call, workers_before, workers_after, reason)``, reason one of
+    "backlog" (started for queued work), "idle" (left after `idle_timeout`), "memory"
+    (replaced over `mem_cap` or its hard limit), "crash" (died, or killed past a
+    timeout, and its replacement), "recycle" (replaced for `max_tasks` or growth).
+    A replacement is a stop, then a start."""
+    autotune: tuple[tuple[float, int, str], ...] = field(default=())
+    """Each size `chunk_size="auto"` chose, when it changed: ``(seconds_into_call,
+    chunk_size, reason)``, reason one of "start", "grow", "shrink_time" (shards took
+    longer), "shrink_mem" (a worker neared `mem_cap`, or the caller's `max_held_bytes`),
+    "tail" (leaving work for every worker near the end)."""
     _attempts: Any = field(default=None, repr=False, compare=False)
 
     def shards_table(self) -> Any:
@@ -290,7 +329,9 @@ class PoolStats:
     Python, or their worker killed); `shards_done`: shards and items finished.
     `recycled` counts workers replaced on purpose; `recycled_by` splits it by reason:
     "mem_cap" (above the cap, replaced between shards), "mem_hard" (far above it,
-    killed at once), "drift", "max_tasks", "idle" (left after `idle_timeout`)."""
+    killed at once), "drift", "max_tasks", "idle" (left after `idle_timeout`),
+    "pause_timeout" (paused over `mem_pause` that long), "all_paused" (the largest, when
+    every worker was paused)."""
 
     __module__ = "ashard"
 
@@ -301,6 +342,8 @@ class PoolStats:
     recycled: int
     shards_done: int
     recycled_by: Mapping[str, int] = field(default_factory=dict)
+    paused: int = 0
+    """Workers paused now: above ``mem_pause * mem_cap``, taking no new work."""
 
 
 def html_table(title: str, rows: Sequence[tuple[str, str]]) -> str:

@@ -151,11 +151,7 @@ class Pool:
     vars(__init__)["__signature__"] = inspect.signature(_pool.Pool.__init__)
 
     def __enter__(self) -> Pool:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
+        _block(self._pool.__aenter__())  # closes the pool if it fails
         return self
 
     def __exit__(self, *exc_info: object) -> None:

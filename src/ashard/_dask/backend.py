@@ -200,7 +200,7 @@ class DaskBackend:
             "is made: make another Pool(cluster=..., workers=...)"
         )
 
-    async def start(self) -> None:
+    async def start(self, up_to: int | None = None) -> None:
         async with self._lock:
             if self._closed:
                 raise RuntimeError("the pool is closed")
@@ -306,6 +306,11 @@ class DaskBackend:
         the borrow goes on its own, outputs as their specs); its borrow is scattered to
         every node once (off the loop), landing in each node's shared memory
         (`ashard._dask.landing`)."""
+        if work.opts.footprint is not None:
+            raise ValueError(
+                "footprint= is not supported on a cluster pool (cluster=): it needs the "
+                "pool's mem_budget, which a cluster pool does not have"
+            )
         out = {name: sink.spec() for name, sink in work.out.items()}  # table sinks only
         spec = replace(work, borrow={}, out=out)
         try:  # once per call here, once per call on each node (not per chunk)

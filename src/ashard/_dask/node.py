@@ -34,6 +34,7 @@ from distributed import get_worker, secede
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ashard._backend import CallWork, Changes, Chunk, JobWork
+from ashard._budget import MemoryLog
 from ashard._dask.landing import landed
 from ashard._dask.wire import (
     Aborted,
@@ -345,6 +346,7 @@ class _Relay(Changes):
         self._queue: deque[_Work] = deque()
         self._of: dict[Chunk, _Work] = {}
         self._workers: dict[int, Any] = {}
+        self._memory = MemoryLog()
         self._closed = self._cancelled = False
         self._error: BaseException | None = None  # what ended it early, for late chunks
         self._lines: list[Printed] = []  # printed while no chunk ran
@@ -416,8 +418,19 @@ class _Relay(Changes):
         self._of[chunk] = work
         return chunk
 
+    def put_back(self, chunk: Chunk) -> None:
+        self._queue.appendleft(self._of.pop(chunk))
+
     def ran_on(self, worker: Any) -> None:
         self._workers[worker.pid] = worker
+
+    def scaled(self, before: int, after: int, reason: str, ended: str | None) -> None:
+        """A node's pool changes size: not reported to the caller (yet)."""
+
+    @property
+    def memory(self) -> MemoryLog:
+        """Memory on a node: not reported to the caller (yet)."""
+        return self._memory
 
     def deliver(self, chunk: Chunk, report: Result, values: list[Any], pid: int) -> None:
         work = self._of[chunk]

@@ -38,6 +38,7 @@ class JobContext(NamedTuple):
     outputs: list[TableWriter | ResultWriter]
     stores_results: bool
     read_only: tuple[str, ...]
+    peak: bool = False  # measure each chunk's peak memory growth (`JobSpec.peak`)
 
 
 def load_job(spec: JobSpec, segments: Segments, stdio: StdioGuard) -> JobContext | LoadError:
@@ -77,7 +78,7 @@ def load_job(spec: JobSpec, segments: Segments, stdio: StdioGuard) -> JobContext
     )
     return JobContext(
         spec.kind, fn, kwargs, spec.timeout, spec.seed, spec.layout, audit, outputs,
-        spec.results is not None, read_only,
+        spec.results is not None, read_only, spec.peak,
     )  # fmt: skip
 
 

@@ -172,6 +172,8 @@ class Worker:
                 what = "item" if ctx.kind != SHARDS else "the items of shard"
                 self.report.fail_all(chunk.seq, 1, load_error(f"{what} {chunk.first}", failure))
             return
+        if ctx.peak:
+            self.report.peak_from = process.peak_start()
         running.run_chunk(ctx, chunk, items, self.report)
 
 

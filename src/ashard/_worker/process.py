@@ -22,7 +22,14 @@ from typing import Any
 from ashard._fds import StdioGuard
 from ashard._protocol import EXIT_OVER_MEMORY, Hello
 
-__all__ = ["MEMORY_WATCH_SECONDS", "configure", "private_rss", "set_up"]
+__all__ = [
+    "MEMORY_WATCH_SECONDS",
+    "configure",
+    "peak_growth",
+    "peak_start",
+    "private_rss",
+    "set_up",
+]
 
 
 def set_up(parent_pid: int) -> StdioGuard:
@@ -118,6 +125,43 @@ def private_rss() -> int:
         return (int(fields[1]) - int(fields[2])) * _PAGE
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def peak_start() -> int:
+    """Start measuring a peak: reset the kernel's high-water mark of this process's
+    resident memory (VmHWM) and return its private (anonymous) memory now, bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status().get("RssAnon", 0)
+    except OSError:
+        return 0
+
+
+def peak_growth(start: int) -> int:
+    """How far private memory rose above `start` since `peak_start`: the high-water
+    mark less the file and shared pages resident now (borrowed shared memory is no
+    shard's own), bytes; 0 where it cannot be read."""
+    status = _status()
+    if "VmHWM" not in status:
+        return 0
+    own = status["VmHWM"] - status.get("RssFile", 0) - status.get("RssShmem", 0)
+    return max(0, own - start)
+
+
+def _status() -> dict[str, int]:
+    """The kB fields of /proc/self/status, in bytes."""
+    fields: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                parts = value.split()
+                if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+                    fields[key] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return fields
 
 
 MEMORY_WATCH_SECONDS = 0.005

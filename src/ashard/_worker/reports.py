@@ -29,7 +29,7 @@ from ashard._worker.large_results import (
     oob_bytes,
     segment_results,
 )
-from ashard._worker.process import private_rss
+from ashard._worker.process import peak_growth, private_rss
 
 __all__ = ["PIECE_BYTES", "Reporter"]
 
@@ -48,6 +48,7 @@ class Reporter:
         self.sock = sock
         self.max_frame = DEFAULT_MAX_FRAME
         self.with_rss = True
+        self.peak_from: int | None = None  # the chunk's starting memory, when it measures
         self._item_bytes: float | None = None  # a value's size, pickled, as learned
 
     def send(self, msg: Any) -> None:
@@ -105,6 +106,9 @@ class Reporter:
                      commits: list[Commit] | None = None) -> None:  # fmt: skip
         """One RESULT message: `result`'s arguments, for one piece."""
         rss = private_rss() if final and self.with_rss else 0
+        peak = 0
+        if final and self.peak_from is not None:
+            peak, self.peak_from = peak_growth(self.peak_from), None
         try:
             payload = pack(values)
         except BaseException:  # user pickling code: SystemExit is an outcome, not the end
@@ -118,15 +122,16 @@ class Reporter:
             if arrays:
                 payload = pack(values)
         n = len(values)
-        msg = (RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss, commits, arrays)
+        msg = (RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss, commits, arrays,
+               peak)  # fmt: skip
         parts = encode(msg)
         size = len(parts[0]) + len(parts[1]) if len(parts) == 2 else frame_size(parts)
         if size > self.max_frame:
             values, errors = _too_large(values, errors, frame_size(parts), self.max_frame)
             payload = pack(values)
-            parts = encode(
-                (RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss, commits, None)
-            )
+            msg = (RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss, commits,
+                   None, peak)  # fmt: skip
+            parts = encode(msg)
             close_all(fds)
             fds = []
         try:

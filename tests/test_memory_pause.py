@@ -1,0 +1,98 @@
+"""Memory pause (DESIGN 2.5): a worker over ``mem_pause * mem_cap`` gets no new work; it
+resumes below (with hysteresis), is recycled after `pause_timeout`, and when every
+worker is paused the largest is recycled at once, so no call stalls."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import anyio
+import psutil
+import pytest
+
+import ashard
+from workloads import hoard, pid_of, sleep_pid
+
+pytestmark = pytest.mark.anyio
+
+
+def pausing_pool(workers: int, mem_cap: str, mem_pause: float, timeout: float) -> ashard.Pool:
+    """A pool that pauses at `mem_pause` of `mem_cap`, reads memory every 50 ms and
+    does not recycle for growth (so only pauses and their timeouts act)."""
+    return ashard.Pool(workers, mem_cap=mem_cap, mem_pause=mem_pause, pause_timeout=timeout,
+                       health_check_interval=0.05, recycle=False)  # fmt: skip
+
+
+async def test_a_paused_worker_gets_no_work_and_is_recycled_after_pause_timeout() -> None:
+    with anyio.fail_after(90):
+        async with pausing_pool(2, "600MB", 0.5, 0.6) as pool:
+            first = await pool.shard_map(1, partial(hoard, mib=400))
+            (hoarder,) = first.results
+            assert first.diagnostics.memory.pauses == 1
+            assert pool.stats.paused == 1
+            res = await pool.shard_map(
+                ashard.shards(30, block_size=1), partial(sleep_pid, seconds=0.1)
+            )
+            assert res.ok and hoarder not in res.results  # paused: no work
+            assert res.diagnostics.memory.recycled == {"pause_timeout": 1}
+            assert ("pause_timeout") in [why for _, _, _, why in res.diagnostics.scaling]
+            assert pool.stats.recycled_by["pause_timeout"] == 1 and pool.stats.crashed == 0
+            assert not psutil.pid_exists(hoarder) or psutil.Process(hoarder).status() == "zombie"
+            assert pool.stats.paused == 0
+
+
+async def test_when_every_worker_is_paused_the_largest_is_recycled_at_once() -> None:
+    with anyio.fail_after(90):
+        async with pausing_pool(2, "800MB", 0.25, 600) as pool:
+            sizes = [300, 450]
+            first = await pool.shard_map(
+                ashard.shards(2, block_size=1),
+                lambda shard: hoard(shard, mib=sizes[shard.id], hold=0.5),
+            )
+            small, large = first.results
+            assert small != large and pool.stats.paused == 2
+            res = await pool.shard_map(ashard.shards(4, block_size=1), pid_of)
+            assert res.ok and not {small, large} & set(res.results)
+            assert res.diagnostics.memory.recycled == {"all_paused": 1}
+            assert pool.stats.recycled_by["all_paused"] == 1
+            assert small in pool.pids and large not in pool.pids
+            assert pool.stats.paused == 1
+
+
+async def test_a_worker_that_falls_back_below_resumes() -> None:
+    with anyio.fail_after(90):
+        async with pausing_pool(1, "600MB", 0.5, 600) as pool:
+            first = await pool.shard_map(1, partial(hoard, mib=400, free_after=0.5))
+            (pid,) = first.results
+            assert pool.stats.paused == 1
+            while pool.stats.paused:  # noqa: ASYNC110 (the monitor reads it again)
+                await anyio.sleep(0.05)
+            res = await pool.shard_map(ashard.shards(3, block_size=1), pid_of)
+            assert res.ok and set(res.results) == {pid}  # it resumed and took the work
+            assert pool.stats.paused == 0 and pool.stats.recycled == 0
+
+
+async def test_calls_are_not_sent_to_a_paused_worker() -> None:
+    with anyio.fail_after(90):
+        async with pausing_pool(2, "600MB", 0.5, 600) as pool:
+            first = await pool.shard_map(1, partial(hoard, mib=400))
+            (hoarder,) = first.results
+            pids = {await pool.call(sleep_pid, None, 0.05) for _ in range(6)}
+            assert hoarder not in pids
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error", "match"),
+    [
+        ("mem_pause", 0, ValueError, "mem_pause must be a share of mem_cap above 0"),
+        ("mem_pause", 1.5, ValueError, "mem_pause must be a share of mem_cap above 0"),
+        ("mem_pause", "high", TypeError, "mem_pause must be a share of mem_cap such as 0.8"),
+        ("pause_timeout", 0, ValueError, "pause_timeout must be a positive"),
+        ("pause_timeout", "soon", TypeError, "pause_timeout must be a positive number"),
+    ],
+)
+def test_bad_pause_settings_are_refused_naming_them(
+    option: str, value: object, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        ashard.Pool(2, mem_cap="1GB", **{option: value})
