@@ -380,3 +380,19 @@ async def test_min_workers_and_idle_timeout_apply_per_dask_worker(dask_cluster: 
             assert len(left) == 2
             assert {p.parent().pid for p in left if p.parent()} <= set(pids)
             assert (await pool.shard_map(2, workloads.pid_of)).ok
+
+
+async def test_mem_pause_applies_per_dask_worker(dask_cluster: Any) -> None:
+    """One ashard worker per Dask worker: the one holding memory over mem_pause is
+    paused, so (every worker of its node paused) it is recycled at once, and gets no
+    more work."""
+    with anyio.fail_after(90):
+        async with ashard.Pool(
+            cluster=dask_cluster, workers=1, mem_cap="600MB", mem_pause=0.5,
+            pause_timeout=600, health_check_interval=0.05, recycle=False,
+        ) as pool:  # fmt: skip
+            first = await pool.shard_map(1, functools.partial(workloads.hoard, mib=400))
+            (hoarder,) = first.results
+            res = await pool.shard_map(ashard.shards(8, block_size=1), workloads.pid_of)
+            assert res.ok and hoarder not in res.results
+            assert not psutil.pid_exists(hoarder) or psutil.Process(hoarder).status() == "zombie"
