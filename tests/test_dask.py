@@ -115,6 +115,11 @@ async def test_timeouts_stop_shards_in_python_and_in_c(dask_cluster: Any) -> Non
             assert res.failures[0].shard is not None and res.failures[0].shard.id == 1
             assert res.failures[0].attempts == 2
             assert [res.results[i] for i in (0, 2, 3)] == [0, 2, 3]
+            stack = res.failures[0].stack  # type: ignore[attr-defined]
+            if fn is workloads.python_sleep:  # stopped in Python: where, from the node
+                assert stack is not None and "python_sleep" in stack
+            else:  # killed on its node: the node's dump does not travel to the caller yet
+                assert stack is None
         assert await pool.call(workloads.square, 3) == 9  # the pool is still whole
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
+import traceback
+from typing import Any
 
+import anyio
 import pytest
 
 import ashard
@@ -68,3 +71,51 @@ async def test_call_timeout() -> None:
         await ashard.call(workloads.sleep_for, 30, timeout=0.3)
     assert time.monotonic() - t0 < 1.3
     assert await ashard.call(abs, -2) == 2
+
+
+async def test_a_python_hang_carries_the_stack_where_it_was_stopped() -> None:
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool:
+            res = await pool.shard_map(
+                ashard.shards(3, block_size=1), workloads.python_sleep, timeout=0.3,
+                max_retries=0, errors="collect",
+            )  # fmt: skip
+            (err,) = res.failures
+            assert isinstance(err, ashard.ShardTimeout) and err.stack is not None
+            assert "python_sleep" in err.stack and "time.sleep(60)" in err.stack
+            assert any("python_sleep" in note for note in err.__notes__)
+            assert "python_sleep" in "".join(traceback.format_exception(err))
+            with pytest.raises(ashard.ShardTimeout) as raised:
+                await pool.call(workloads.sleep_for, 30, timeout=0.3)
+            assert raised.value.stack is not None and "sleep_for" in raised.value.stack
+
+
+async def test_a_worker_that_cannot_answer_has_no_stack_and_the_note_says_why() -> None:
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool:
+            res = await pool.shard_map(
+                ashard.shards(3, block_size=1), workloads.deaf_sleep, timeout=0.3,
+                max_retries=0, errors="collect",
+            )  # fmt: skip
+    (err,) = res.failures
+    assert isinstance(err, ashard.ShardTimeout) and err.stack is None
+    assert any("no stack" in note and "killed" in note for note in err.__notes__)
+
+
+@pytest.mark.parametrize("fn", [workloads.blocked_sleep_but_dump, workloads.blocked_sleep])
+async def test_a_c_hang_has_every_threads_stack_from_a_dump_before_the_kill(fn: Any) -> None:
+    """Signals blocked in the hung thread (all of them but the dump signal, or all):
+    the worker's faulthandler answers the dump signal (from another of its threads if
+    need be) with every thread's stack, before the kill."""
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool:
+            res = await pool.shard_map(
+                ashard.shards(3, block_size=1), fn, timeout=0.3, max_retries=0,
+                errors="collect",
+            )  # fmt: skip
+            assert pool.stats.timed_out == 1  # killed: the interrupt did not reach it
+    (err,) = res.failures
+    assert isinstance(err, ashard.ShardTimeout) and err.stack is not None
+    assert fn.__name__ in err.stack and "hread 0x" in err.stack
+    rows = res.diagnostics.shards_table().to_pylist()
+    assert [r["outcome"] for r in rows if r["shard_id"] == 1] == ["timeout"]

@@ -102,7 +102,7 @@ async def test_shards_table_has_a_row_per_run_and_the_timeline_draws_them(tmp_pa
                                        max_retries=0, errors="collect", chunk_size=1)  # fmt: skip
     table = res.diagnostics.shards_table()
     assert table.column_names == ["shard_id", "attempt", "worker", "host", "start", "end",
-                                  "outcome"]  # fmt: skip
+                                  "outcome", "stack"]  # fmt: skip
     rows = table.to_pylist()
     assert len(rows) == 7  # six shards, one of them twice
     (crashed,) = [r for r in rows if r["outcome"] == "crashed"]
@@ -114,7 +114,10 @@ async def test_shards_table_has_a_row_per_run_and_the_timeline_draws_them(tmp_pa
     assert [r["outcome"] for r in failing.diagnostics.shards_table().to_pylist()].count(
         "failed"
     ) == 1
-    assert "timeout" in timed.diagnostics.shards_table().column("outcome").to_pylist()
+    timed_rows = timed.diagnostics.shards_table().to_pylist()
+    (stopped,) = [r for r in timed_rows if r["outcome"] == "timeout"]
+    assert stopped["shard_id"] == 1 and "python_sleep" in stopped["stack"]
+    assert all(r["stack"] is None for r in timed_rows if r is not stopped)
 
     page = res.diagnostics.timeline()
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "</svg>" in page

@@ -911,3 +911,28 @@ def leak_mib(x: int) -> int:
     block[::4096] = b"\x01" * len(block[::4096])
     _KEPT.append(block)
     return x
+
+
+def blocked_sleep_but_dump(shard: Shard, victim: int = 1) -> int:
+    """Shard `victim` sleeps with every signal blocked but SIGKILL and ashard's stack
+    dump signal (a C hang that ignores the interrupt)."""
+    if shard.id == victim:
+        from ashard._protocol import DUMP_SIGNAL
+
+        signal.pthread_sigmask(
+            signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, DUMP_SIGNAL}
+        )
+        time.sleep(60)
+    return shard.id
+
+
+def deaf_sleep(shard: Shard, victim: int = 1) -> int:
+    """Shard `victim` ignores ashard's stack dump signal, then sleeps with every signal
+    blocked: nothing but SIGKILL reaches the worker, and it cannot say where it is."""
+    if shard.id == victim:
+        from ashard._protocol import DUMP_SIGNAL
+
+        signal.signal(DUMP_SIGNAL, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL})
+        time.sleep(60)
+    return shard.id

@@ -51,6 +51,7 @@ class AttemptLog:
         self.durations = array("f")
         self.host = _host()
         self.hosts: dict[int, str] = {}  # pid -> machine, for workers on other machines
+        self.stacks: dict[tuple[int, int], str] = {}  # (shard, attempt) -> where it timed out
 
     def __len__(self) -> int:
         return len(self.firsts)
@@ -122,6 +123,10 @@ class AttemptLog:
                 "start": pa.array(columns[3], pa.float64()),
                 "end": pa.array(columns[4], pa.float64()),
                 "outcome": pa.array([OUTCOMES[o] for o in columns[5]], pa.string()),
+                "stack": pa.array(
+                    [self.stacks.get(key) for key in zip(columns[0], columns[1], strict=True)],
+                    pa.string(),
+                ),
             }
         )
         return table.sort_by([("start", "ascending"), ("shard_id", "ascending")])

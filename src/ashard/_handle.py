@@ -35,6 +35,7 @@ from ashard._outcomes import describe_exit, start_failure
 from ashard._output import WorkerOutput
 from ashard._protocol import (
     DROP,
+    DUMP_SIGNAL,
     EXIT_OVER_MEMORY,
     FORGET,
     HELLO,
@@ -83,6 +84,8 @@ class WorkerHandle:
         self._recycle: RecycleReason | None = None
         self._paused_since: float | None = None  # above mem_pause since (monotonic)
         self.oom_counted = False  # its cgroup counted an OOM kill when it died
+        self._stack_fd: int | None = None  # a memfd its faulthandler dumps stacks into
+        self.hang_stack: str | None = None  # what it dumped before it was killed hung
         self._ended: EndReason | None = None
         self._violation: str | None = None  # what it sent that broke the protocol
         self._ps: Any = None
@@ -153,6 +156,8 @@ class WorkerHandle:
             raise WorkerStartError(f"worker {self.pid} answered its start with something else")
         self._baseline_rss = reply[2]
         self.observe(reply[2])
+        if reply[3]:
+            self._stack_fd = self.channel.take_fds(1)[0]
 
     # -- what it has done -------------------------------------------------------------
 
@@ -344,7 +349,7 @@ class WorkerHandle:
     def stop_blocking(self) -> None:
         """Let it exit (EOF on its channel) and reap it, killing it if it lingers.
         Blocking: for the monitor's thread."""
-        self.channel.close()
+        self.close_channel()
         if not self.reap(2.0):
             self.signal(signal.SIGKILL)
             self.reap(5.0)
@@ -359,10 +364,32 @@ class WorkerHandle:
             delay = min(delay * 2, 0.05)
         return code
 
+    async def dump_stack(self, wait: float) -> str | None:
+        """Every thread's stack, written by the worker's faulthandler when asked (it does
+        so even when the worker is stuck in C code), within `wait` seconds; None if it
+        cannot say (every signal blocked, or no memfd)."""
+        fd = self._stack_fd
+        if fd is None or not self.alive:
+            return None
+        start = os.fstat(fd).st_size
+        self.signal(DUMP_SIGNAL)
+        return await anyio.to_thread.run_sync(_read_dump, fd, start, wait)
+
+    def close_channel(self) -> None:
+        """Close its channel (it exits at EOF) and what else the parent holds of it."""
+        self._close_stack_fd()
+        self.channel.close()
+
+    def _close_stack_fd(self) -> None:
+        fd, self._stack_fd = self._stack_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     async def kill(self) -> int:
         """SIGKILL the worker and reap it; returns the exit status."""
         self.signal(signal.SIGKILL)
-        self.channel.close()
+        self.close_channel()
         code = await self.wait_exit(10.0)
         _live.discard(self)
         self.output.close()
@@ -370,7 +397,7 @@ class WorkerHandle:
 
     async def stop(self, grace: float) -> None:
         """Ask the worker to exit (EOF on its channel); kill it after `grace` seconds."""
-        self.channel.close()
+        self.close_channel()
         if await self.wait_exit(grace) is None:
             await self.kill()
         _live.discard(self)
@@ -405,11 +432,27 @@ def _disown_all() -> None:
 os.register_at_fork(after_in_child=_disown_all)
 
 
+def _read_dump(fd: int, start: int, wait: float) -> str | None:
+    """What faulthandler wrote to `fd` past `start`, once it stops growing (it writes
+    in pieces), within `wait` seconds; None if nothing came. Blocking: a thread's."""
+    deadline = time.monotonic() + wait
+    size = start
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+        now = os.fstat(fd).st_size
+        if now > start and now == size:
+            break
+        size = now
+    if size <= start:
+        return None
+    return os.pread(fd, size - start, start).decode("utf-8", "replace")
+
+
 def kill_all_now() -> None:
     """At interpreter exit: no worker may outlive the parent."""
     handles = list(_live)
     for h in handles:
-        h.channel.close()
+        h.close_channel()
     deadline = time.monotonic() + 1.0
     for h in handles:
         try:

@@ -587,7 +587,7 @@ class Job(Changes):
                 kind = TIMEOUT if timed_out else CRASHED
                 pos = chunk.first + start
                 self.record.lost(range(pos, pos + 1), pid, chunk.heard, timed_out)
-                detail = None if timed_out else loss
+                detail = (0.0, loss.stack) if timed_out else loss
                 self._charge(chunk.first + start, chunk, start, kind, detail, pid)
                 self._requeue_rest(chunk, start + 1, ran=not timed_out)
             else:

@@ -60,6 +60,7 @@ class Loss:
     note: str | None = None
     memory_tight: bool = False  # its memory was near a limit (a SIGKILL: likely the OOM killer)
     oom: bool = False  # the kernel's out-of-memory killer or ashard's hard limit ended it
+    stack: str | None = None  # killed hung past a timeout: its threads' stacks, if it said
 
 
 def remote_exception(record: ExcRecord) -> BaseException:
@@ -91,10 +92,12 @@ def failure(
         )
         err.__cause__ = exc
         return err
-    if kind == TIMEOUT:
+    if kind == TIMEOUT:  # detail: (seconds, stack) from the worker, or None (killed)
+        stack = detail[1] if isinstance(detail, tuple) else None
         return ShardTimeout(
-            f"{subject} ran past its timeout of {timeout} s{tries}", shard=shard, attempts=attempts
-        )
+            f"{subject} ran past its timeout of {timeout} s{tries}", shard=shard,
+            attempts=attempts, stack=stack,
+        )  # fmt: skip
     assert kind == CRASHED, kind
     loss: Loss = detail
     note = f"; {loss.note}" if loss.note else ""

@@ -31,7 +31,8 @@ worker -> parent::
 
 A RESULT reports chunk positions ``k0 .. k0+n-1`` of chunk `seq`. `errors` is a list of
 ``(k, kind, detail)`` for positions k (counted from k0): RAISED (detail: exception
-record) or TIMEOUT (detail: seconds run) for ``k < n``, or INTERRUPTED at ``k == n``
+record) or TIMEOUT (detail: seconds run, and the Python stack where it was stopped or
+None) for ``k < n``, or INTERRUPTED at ``k == n``
 (positions from there on never ran: the chunk ends, and they go back to the queue).
 `final` says the chunk is over; `rss` is the worker's private memory then (bytes), and
 `peak` (jobs that ask, `JobSpec.peak`) how far its private memory rose during the chunk
@@ -64,7 +65,7 @@ HELLO, JOB, RUN, CALL, CANCEL, FORGET, SEGMENTS, DROP, MARK, UNCALL = range(10)
 READY, INIT_FAILED, RESULT = range(100, 103)
 
 RAISED, TIMEOUT, INTERRUPTED = range(3)
-_DETAIL_KINDS = {RAISED: tuple, TIMEOUT: float, INTERRUPTED: type(None)}
+_DETAIL_KINDS = {RAISED: tuple, TIMEOUT: tuple, INTERRUPTED: type(None)}
 
 ITEMS, SHARDS = range(2)
 
@@ -75,6 +76,9 @@ EXIT_OVER_MEMORY = 213
 
 INTERRUPT_SIGNAL = signal.SIGUSR1
 """Sent by the parent to stop the shard a worker is running (cancellation)."""
+DUMP_SIGNAL = signal.SIGUSR2
+"""Sent by the parent before it kills a worker hung past its timeout: faulthandler
+writes every thread's stack to the memfd the worker sent with READY."""
 
 
 Payload = tuple[Any, list[Any]]
@@ -183,7 +187,10 @@ def _is_packed(payload: Any) -> bool:
 
 def is_ready(msg: Any) -> bool:
     """Is `msg` a well-formed READY?"""
-    return type(msg) is tuple and len(msg) == 3 and msg[0] == READY and type(msg[2]) is int
+    return (
+        type(msg) is tuple and len(msg) == 4 and msg[0] == READY and type(msg[2]) is int
+        and msg[3] in (0, 1)
+    )  # fmt: skip
 
 
 def is_init_failure(msg: Any) -> bool:
@@ -211,6 +218,17 @@ def _check_errors(errors: Any, n: int) -> None:
             raise ProtocolViolation(f"a malformed error entry: {_describe(entry)}")
         if kind == RAISED and not _is_record(detail):
             raise ProtocolViolation("an exception record that is not one")
+        if kind == TIMEOUT and not _is_timeout(detail):
+            raise ProtocolViolation(f"a malformed timeout entry: {_describe(entry)}")
+
+
+def _is_timeout(detail: tuple[Any, ...]) -> bool:
+    """(seconds run, the stack where it stopped or None)."""
+    return (
+        len(detail) == 2
+        and type(detail[0]) is float
+        and (detail[1] is None or type(detail[1]) is str)
+    )
 
 
 def _check_entries(entries: Any, what: str, valid: Callable[[Any], bool]) -> None:

@@ -65,6 +65,9 @@ class CallRecord:
             chunk.heard = now
             return busy
         by_k = {e[0]: e[1] for e in errors}
+        for k, kind, detail in errors:
+            if kind == TIMEOUT and detail[1] is not None:  # where the worker stopped it
+                self.log.stacks[(base + k, self._run_of(base + k))] = detail[1]
         times = elapsed if isinstance(elapsed, list) else [(elapsed or 0.0) / max(n, 1)] * n
         t = now - float(sum(times[:n]))
         for k in range(n):

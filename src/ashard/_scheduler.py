@@ -605,9 +605,8 @@ class Scheduler:
         answer = await self.lanes.call_once(seq, parts, timeout)
         if isinstance(answer, LaneLost):
             hung = isinstance(answer.why, Hung)
-            kind, detail = (
-                (TIMEOUT, None) if hung else (CRASHED, self.workers.loss_of(answer.worker))
-            )
+            loss = self.workers.loss_of(answer.worker)
+            kind, detail = (TIMEOUT, (0.0, loss.stack)) if hung else (CRASHED, loss)
             error = failure(kind, detail, subject="call", shard=None, attempts=attempt,
                             timeout=timeout)  # fmt: skip
             return _Lost(error, delivered=answer.ran)
@@ -616,8 +615,8 @@ class Scheduler:
             raise unreadable_result("call", None, attempt, values)
         if report.errors and report.errors[0][1] == TIMEOUT:  # stopped in Python: worker fine
             self.workers.heard_back(0, timed_out=1)
-            return _Lost(failure(TIMEOUT, None, subject="call", shard=None, attempts=attempt,
-                                 timeout=timeout))  # fmt: skip
+            return _Lost(failure(TIMEOUT, report.errors[0][2], subject="call", shard=None,
+                                 attempts=attempt, timeout=timeout))  # fmt: skip
         return call_outcome(values, report.errors)
 
 

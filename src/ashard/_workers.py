@@ -49,6 +49,8 @@ BACKOFF_MAX = 0.5
 """Seconds: the longest pause before spawning a replacement in a crash storm."""
 START_ATTEMPTS = 5
 """Failed starts in a row after which a worker cannot be had."""
+DUMP_WAIT = 0.5
+"""Seconds a worker hung past its timeout gets to dump its stacks before it is killed."""
 IDLE_TIMEOUT = 15.0
 """Seconds an idle worker above `min_workers` stays, when `idle_timeout` is not given."""
 
@@ -286,7 +288,7 @@ class WorkerSet:
         tight = self.policy.near_memory_limit(w.peak_rss)
         killed = signum == signal.SIGKILL
         oom = w.end_reason == "mem_hard" or (killed and (tight or w.oom_counted))
-        return Loss(w.pid, exitcode, signum, note, tight, oom)
+        return Loss(w.pid, exitcode, signum, note, tight, oom, w.hang_stack)
 
     @contextmanager
     def watching(self, profile: str) -> Iterator[None]:
@@ -442,6 +444,8 @@ class WorkerSet:
         `violation`: what it sent that broke the protocol)."""
         if violation is not None:
             w.broke_protocol(violation)
+        if hung:  # where it hangs, before it goes: every thread's stack, if it can say
+            w.hang_stack = await w.dump_stack(DUMP_WAIT)
         if hung or violation is not None or await w.wait_exit(1.0) is None:
             await w.kill()
         if self._oom_seen is not None:  # did the kernel's OOM killer count a kill since?
@@ -460,7 +464,7 @@ class WorkerSet:
             self._workers.discard(w)
         if member:
             self._stopped(w, "crash")
-        w.channel.close()
+        w.close_channel()
         w.output.close()  # what it said as it died goes to the call that lost it
         self._wake_for_capacity()
 
@@ -494,6 +498,7 @@ class WorkerSet:
                 return w
             with self._lock:
                 self._workers.discard(w)
+            w.close_channel()
             self.count_death(w, timed_out=False)
             self._stopped(w, "crash")
 
@@ -587,7 +592,7 @@ class WorkerSet:
         """Let a worker go without waiting: closing its channel makes it exit."""
         with self._lock:
             self._workers.discard(w)
-        w.channel.close()
+        w.close_channel()
         self._retired.append(w)
         for r in self._retired:
             if r.proc.poll() is not None:

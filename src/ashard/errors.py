@@ -81,9 +81,25 @@ class ShardFailed(ShardError):
 
 
 class ShardTimeout(ShardError, TimeoutError):
-    """The shard ran past `timeout` seconds on every attempt."""
+    """The shard ran past `timeout` seconds on every attempt. `stack`: its Python stack
+    where it was stopped (the last attempt's; also a note on the exception), or None
+    when the worker could not say (it was killed: a hang in code that ignores the
+    interrupt)."""
 
     __module__ = "ashard"
+
+    def __init__(
+        self, message: str, *, shard: Shard | None, attempts: int, stack: str | None = None
+    ) -> None:
+        super().__init__(message, shard=shard, attempts=attempts)
+        self.stack = stack
+        if stack is not None:
+            self.add_note(f"ashard: where it was stopped:\n{stack.rstrip()}")
+        else:
+            self.add_note(
+                "ashard: no stack: the worker did not answer the interrupt (a hang in C "
+                "code that ignores signals) and was killed"
+            )
 
 
 class WorkerCrashed(ShardError):

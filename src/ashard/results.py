@@ -113,7 +113,8 @@ class Diagnostics:
         """A `pyarrow.Table` with a row per run of a shard: `shard_id`, `attempt`,
         `worker` (pid), `host`, `start`, `end` (seconds since the call began; start is
         when it began running on the worker), `outcome` ("ok", "failed", "timeout",
-        "crashed", "cancelled")."""
+        "crashed", "cancelled"), `stack` (a run that timed out: its Python stack where
+        the worker stopped it; else null)."""
         log = self._attempts if self._attempts is not None else AttemptLog()
         return log.to_table()
 

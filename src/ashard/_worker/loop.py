@@ -206,7 +206,9 @@ def _handshake(worker: Worker) -> bool:
             worker.report.send((INIT_FAILED, encode_exception(exc)))
             return False
         worker.stdio.check()
-    worker.report.send((READY, os.getpid(), process.private_rss()))
+    dump = process.stack_dump_fd()  # where its stacks go if it ever hangs in C code
+    fds = [] if dump is None else [dump]
+    worker.report.send((READY, os.getpid(), process.private_rss(), len(fds)), fds)
     return True
 
 

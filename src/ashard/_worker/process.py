@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from ashard._fds import StdioGuard
-from ashard._protocol import EXIT_OVER_MEMORY, Hello
+from ashard._protocol import DUMP_SIGNAL, EXIT_OVER_MEMORY, Hello
 
 __all__ = [
     "MEMORY_WATCH_SECONDS",
@@ -29,6 +29,7 @@ __all__ = [
     "peak_start",
     "private_rss",
     "set_up",
+    "stack_dump_fd",
 ]
 
 
@@ -125,6 +126,18 @@ def private_rss() -> int:
         return (int(fields[1]) - int(fields[2])) * _PAGE
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def stack_dump_fd() -> int | None:
+    """A memfd that faulthandler writes every thread's stack to on `DUMP_SIGNAL` (from C:
+    it works while the interpreter is stuck in C code), sent to the parent; None if
+    one cannot be made."""
+    try:
+        fd = os.memfd_create("ashard-stack", os.MFD_CLOEXEC)
+        faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True, chain=False)
+    except (AttributeError, OSError, RuntimeError, ValueError):
+        return None
+    return fd
 
 
 def peak_start() -> int:

@@ -51,8 +51,8 @@ class Reporter:
         self.peak_from: int | None = None  # the chunk's starting memory, when it measures
         self._item_bytes: float | None = None  # a value's size, pickled, as learned
 
-    def send(self, msg: Any) -> None:
-        send_frames(self.sock, encode(msg))
+    def send(self, msg: Any, fds: list[int] | None = None) -> None:
+        send_frames(self.sock, encode(msg), fds or [])
 
     def result(
         self,

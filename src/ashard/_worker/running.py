@@ -15,6 +15,7 @@ import functools
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,9 +37,11 @@ class Interrupted(BaseException):
     """Raised into user code by a signal handler; a BaseException so `except Exception`
     in user code does not swallow it."""
 
-    def __init__(self, timeout: bool) -> None:
+    def __init__(self, timeout: bool, frame: Any = None) -> None:
         super().__init__("timeout" if timeout else "interrupted")
         self.timeout = timeout
+        # where the shard was stopped (a timeout): its stack, for `ShardTimeout.stack`
+        self.stack = None if frame is None else "".join(traceback.format_stack(frame))
 
 
 class _State:
@@ -61,7 +64,7 @@ def _on_alarm(signum: int, frame: object) -> None:
         return
     if _state.running:
         _state.running = False
-        raise Interrupted(timeout=True)
+        raise Interrupted(timeout=True, frame=frame)
 
 
 def _on_interrupt(signum: int, frame: object) -> None:
@@ -75,7 +78,7 @@ def _on_interrupt(signum: int, frame: object) -> None:
         _read_uncalls(_state.read_control)
         if _state.alarm_due and _state.running:
             _state.alarm_due = _state.running = False
-            raise Interrupted(timeout=True)
+            raise Interrupted(timeout=True, frame=frame)
         if not _state.stop_call:
             return
     _state.running = False
@@ -237,7 +240,7 @@ def _run_each(
                     _hint_shard(out)
                 errors.append((k - k0, RAISED, encode_exception(out)))
             elif out.timeout:
-                errors.append((k - k0, TIMEOUT, took))
+                errors.append((k - k0, TIMEOUT, (took, out.stack)))
             else:
                 errors.append((k - k0, INTERRUPTED, None))
                 values.pop()
@@ -323,7 +326,7 @@ def run_call(call: CallFn, report: Reporter) -> None:
     elif status == _ERR:
         report.result(seq, 0, [None], [(0, RAISED, encode_exception(out))], [took], True)
     elif out.timeout:
-        report.result(seq, 0, [None], [(0, TIMEOUT, took)], [took], True)
+        report.result(seq, 0, [None], [(0, TIMEOUT, (took, out.stack))], [took], True)
     else:
         report.result(seq, 0, [], [(0, INTERRUPTED, None)], [], True)
 
