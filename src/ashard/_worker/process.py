@@ -133,7 +133,7 @@ def stack_dump_fd() -> int | None:
     it works while the interpreter is stuck in C code), sent to the parent; None if
     one cannot be made."""
     try:
-        fd = os.memfd_create("ashard-stack", os.MFD_CLOEXEC)
+        fd = os.memfd_create("ashard.stack", os.MFD_CLOEXEC)  # not a data segment (ashard-*)
         faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True, chain=False)
     except (AttributeError, OSError, RuntimeError, ValueError):
         return None
