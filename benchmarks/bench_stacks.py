@@ -29,6 +29,13 @@ def python_hang(shard: ashard.Shard) -> None:
 
 
 def c_hang(shard: ashard.Shard) -> None:
+    """Deaf to the interrupt (every signal blocked but SIGKILL and the dump signal)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGUSR2})
+    time.sleep(60)
+
+
+def deaf_hang(shard: ashard.Shard) -> None:
+    """Every signal blocked: the worker cannot answer, and is killed after the wait."""
     signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL})
     time.sleep(60)
 
@@ -45,7 +52,9 @@ async def main(rounds: int) -> None:
     rows = []
     async with ashard.Pool(1) as pool:
         await pool.shard_map(1, len)
-        for name, fn in (("Python hang", python_hang), ("C hang (signals blocked)", c_hang)):
+        cases = (("Python hang", python_hang), ("hang deaf to the interrupt", c_hang),
+                 ("every signal blocked", deaf_hang))  # fmt: skip
+        for name, fn in cases:
             runs = [await once(pool, fn) for _ in range(rounds)]
             took = statistics.median(t for t, _ in runs)
             rows.append(f"| {name} | {took:.3f} | {sum(ok for _, ok in runs)}/{rounds} |")
