@@ -399,6 +399,8 @@ class WorkerSet:
     def gauged(self, w: WorkerHandle) -> None:
         """`w`'s memory was just read (the loop's thread or the monitor's): pause or
         resume it, and mark it for recycling once it was paused `pause_timeout`."""
+        if self.policy.mem_cap is None:  # no pauses without a cap: nothing to do, per chunk
+            return
         now = time.monotonic()
         change = self.policy.pause_change(w.rss, w.paused)
         if change is not None:
@@ -417,13 +419,13 @@ class WorkerSet:
             w.recycle_for("pause_timeout")
 
     def _paused_idle(self) -> bool:
-        return any(w.paused for w in self._idle)
+        return self.policy.mem_cap is not None and any(w.paused for w in self._idle)
 
     def _recycle_largest_if_all_paused(self) -> bool:
         """Every live worker is paused and the pool is full: recycle the largest, at once
         if it is idle (True), else once its work is done. One at a time: not while a
         worker starts or there is room for one."""
-        if self._capacity() > 0 or self._starting:
+        if self.policy.mem_cap is None or self._capacity() > 0 or self._starting:
             return False
         with self._lock:
             members = list(self._workers)
