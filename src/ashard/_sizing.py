@@ -46,6 +46,8 @@ SMOOTHING = 0.25
 """Weight of a new sample of a shard's time in the running estimate."""
 MEMORY_SHRINK_AT = 0.7
 """Chunks halve while a worker reports this share of `mem_cap` or more."""
+MAX_AUTOTUNE_ROWS = 1000
+"""`autotune` keeps at most this many rows (the first ones)."""
 MAX_POSITIONS = 32768
 """An automatic chunk holds at most this many positions: the caller's own work for a
 chunk (listing its items, keeping a place for each result) is done in one step of its
@@ -118,10 +120,7 @@ class ChunkSizer:
             (MAX_POSITIONS, "shrink_time"),
         )  # fmt: skip
         size, why = min(bounds, key=lambda bound: bound[0])
-        last = self._last_size
-        if not self.autotune or size != last:
-            reason = "start" if not self.autotune else "grow" if size > last else why
-            self.autotune.append((now, size, reason))
+        self._note(now, size, why)
         self._last_size = size
         return size
 
@@ -149,6 +148,18 @@ class ChunkSizer:
         if remaining is None:
             return _NO_BOUND
         return max(1, math.ceil(remaining / (2 * self._workers)))
+
+    def _note(self, now: float, size: int, why: str) -> None:
+        """A row of `autotune` when the size moved by a quarter or more since the last
+        row (the smoothed estimate wobbles by a position or two from chunk to chunk: a
+        row each would grow with the call), at most `MAX_AUTOTUNE_ROWS`."""
+        rows = self.autotune
+        if not rows:
+            rows.append((now, size, "start"))
+            return
+        last = rows[-1][1]
+        if len(rows) < MAX_AUTOTUNE_ROWS and abs(size - last) * 4 >= last:
+            rows.append((now, size, "grow" if size > last else why))
 
     def _by_memory(self) -> int:
         """Half the last size while a worker's memory is near `mem_cap`."""

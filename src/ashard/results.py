@@ -103,7 +103,8 @@ class Diagnostics:
     timeout, and its replacement), "recycle" (replaced for `max_tasks` or growth).
     A replacement is a stop, then a start."""
     autotune: tuple[tuple[float, int, str], ...] = field(default=())
-    """Each size `chunk_size="auto"` chose, when it changed: ``(seconds_into_call,
+    """Each size `chunk_size="auto"` chose, when it moved by a quarter or more (the
+    first 1,000 such): ``(seconds_into_call,
     chunk_size, reason)``, reason one of "start", "grow", "shrink_time" (shards took
     longer), "shrink_mem" (a worker neared `mem_cap`, or the caller's `max_held_bytes`),
     "tail" (leaving work for every worker near the end)."""
