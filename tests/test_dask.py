@@ -149,6 +149,24 @@ async def test_errors_keep_their_type_and_the_remote_traceback(dask_cluster: Any
             await pool.shard_map(2, _Unpicklable())
 
 
+async def test_error_rules_and_a_predicate_decide_in_the_caller(dask_cluster: Any) -> None:
+    """The rules (a lambda predicate too, which the cluster could not unpickle) stay in
+    the caller: skip, a retry with backoff and a named crash, as on a local pool."""
+    plan = {1: ("ValueError", 0), 2: ("ConnectionError", 1), 3: ("sigkill", 0)}
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        res = await pool.shard_map(
+            ashard.shards(5, block_size=1), workloads.raise_as_planned, borrow={"plan": plan},
+            chunk_size=1, retry_errors=lambda exc: False, errors="collect",
+            on_error={ValueError: "skip", ConnectionError: ashard.Retry(1, backoff=0.2),
+                      ashard.WorkerCrashed: "raise"},
+        )  # fmt: skip
+    assert res.skipped == (1,) and res.results == [0, None, 20, None, 40]
+    assert [(type(f), f.shard_id, f.attempts) for f in res.failures] == [
+        (ashard.WorkerCrashed, 3, 1)
+    ]
+    assert res.diagnostics.error_retries == 1
+
+
 class _Unpicklable:
     def __call__(self, shard: Any) -> None:
         pass

@@ -23,7 +23,7 @@ import ashard
 import workloads
 
 OPTIONS = ["chunk_size", "timeout", "max_retries", "retry_errors", "seed", "cow", "errors",
-           "progress", "profile"]  # fmt: skip
+           "progress", "profile", "on_error"]  # fmt: skip
 WORDS = ["auto", "deny", "allow", "audit", "raise", "collect", "default", "memory", "speed"]
 
 odd_values = st.one_of(

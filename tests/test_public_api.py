@@ -22,7 +22,7 @@ CONTRACT = {
     "shards", "Shard", "Shards", "ShardResult", "ShardDone", "ShardError", "ShardFailed",
     "ShardTimeout", "WorkerCrashed", "ShardMapError",
     "table_sink", "TableSink", "TableRef", "ResultRef", "shard_reduce", "ReduceResult",
-    "SchemaMismatch", "GatherTooLarge",
+    "SchemaMismatch", "GatherTooLarge", "retry_failed", "Retry", "Backoff",
 }  # fmt: skip
 
 
@@ -39,7 +39,7 @@ def test_shard_map_signature_matches_the_contract() -> None:
     expected = {
         "borrow": None, "out": None, "pool": None, "workers": None, "chunk_size": "auto",
         "timeout": None, "max_retries": 3, "retry_errors": False, "seed": None, "cow": "deny",
-        "errors": "raise", "progress": False,
+        "errors": "raise", "progress": False, "on_error": None,
     }  # fmt: skip
     for name, default in expected.items():
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
@@ -125,6 +125,8 @@ def test_public_classes_report_the_public_module() -> None:
         (ashard.shard_stream, ["results", "results_path"]),
         (ashard.shard_reduce, ["init", "ordered", "borrow", "out", "max_pending", "results"]),
         (ashard.Pool.shard_reduce, ["init", "ordered", "max_pending", "timeout", "errors"]),
+        (ashard.retry_failed, ["only", "pool", "on_error", "retry_errors", "timeout"]),
+        (ashard.Pool.retry_failed, ["only", "on_error", "errors", "seed"]),
     ],
 )
 def test_signatures_show_every_option_with_its_default(fn: object, options: list[str]) -> None:

@@ -3,6 +3,7 @@ usually does; tests of closures, lambdas and `__main__` functions build their ow
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import os
 import random
@@ -936,3 +937,39 @@ def deaf_sleep(shard: Shard, victim: int = 1) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL})
         time.sleep(60)
     return shard.id
+
+
+def raise_as_planned(shard: Shard, plan: dict[int, tuple[str, int]]) -> int:
+    """Shard `id` of `plan` does what `plan[id]` names on its first `n` runs (n 0: on every
+    run): raise the builtin exception of that name, "sigkill" its worker or "hang"."""
+    what = plan.get(shard.id)
+    if what is not None:
+        name, times = what
+        if times == 0 or shard.attempt <= times:
+            if name == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if name == "hang":
+                time.sleep(60)
+            raise getattr(builtins, name)(f"shard {shard.id} run {shard.attempt}")
+    return shard.id * 10
+
+
+def fail_while_armed(
+    shard: Shard, armed: str, bad: dict[int, str], log: str, rows: Any = None, draw: bool = False
+) -> Any:
+    """Log the run; shard `id` of `bad` raises the builtin exception named there while the
+    file `armed` exists. Returns the shard's id, or (`draw`) the first draw of its `rng`;
+    with `rows` (a table sink), writes the shard's id and value there too."""
+    append_line(log, f"{shard.id}\n")
+    if shard.id in bad and os.path.exists(armed):
+        raise getattr(builtins, bad[shard.id])(f"shard {shard.id} failed while armed")
+    value = float(shard.rng.random()) if draw else float(shard.id)
+    if rows is not None:
+        rows.write({"id": [shard.id], "value": [value]})
+    return value
+
+
+def table_while_armed(shard: Shard, armed: str, bad: dict[int, str], log: str) -> Any:
+    """`fail_while_armed`, returning a one-row table (for ``results="table"``)."""
+    value = fail_while_armed(shard, armed, bad, log)
+    return {"id": [shard.id], "value": [value]}

@@ -13,6 +13,7 @@ import typing as _typing
 from ashard._version import __version__ as __version__
 
 __all__ = [
+    "Backoff",
     "Buffer",
     "Diagnostics",
     "Executor",
@@ -24,6 +25,7 @@ __all__ = [
     "PoolStats",
     "ReduceResult",
     "ResultRef",
+    "Retry",
     "SchemaMismatch",
     "Shard",
     "ShardDone",
@@ -46,6 +48,7 @@ __all__ = [
     "default_pool",
     "map",
     "register_joblib",
+    "retry_failed",
     "shard_map",
     "shard_reduce",
     "shard_stream",
@@ -68,6 +71,8 @@ _LAZY = {
     "ShardTimeout": "ashard.errors",
     "WorkerCrashed": "ashard.errors",
     "WorkerStartError": "ashard.errors",
+    "Backoff": "ashard._rules",
+    "Retry": "ashard._rules",
     "Diagnostics": "ashard.results",
     "MemoryDiagnostics": "ashard.results",
     "Executor": "ashard.executor",
@@ -89,6 +94,7 @@ _LAZY = {
     "call": "ashard.api",
     "default_pool": "ashard.api",
     "map": "ashard.api",
+    "retry_failed": "ashard.api",
     "shard_map": "ashard.api",
     "shard_reduce": "ashard.api",
     "shard_stream": "ashard.api",
@@ -101,11 +107,13 @@ _LAZY = {
 
 if _typing.TYPE_CHECKING:
     from ashard._joblib import register_joblib
+    from ashard._rules import Backoff, Retry
     from ashard._stream import ShardStream
     from ashard.api import (
         call,
         default_pool,
         map,
+        retry_failed,
         shard_map,
         shard_reduce,
         shard_stream,

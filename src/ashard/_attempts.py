@@ -52,6 +52,7 @@ class AttemptLog:
         self.host = _host()
         self.hosts: dict[int, str] = {}  # pid -> machine, for workers on other machines
         self.stacks: dict[tuple[int, int], str] = {}  # (shard, attempt) -> where it timed out
+        self.rules: dict[tuple[int, int], str] = {}  # (shard, attempt) -> the on_error rule
 
     def __len__(self) -> int:
         return len(self.firsts)
@@ -114,6 +115,7 @@ class AttemptLog:
 
         runs = self.runs()
         columns = list(zip(*runs, strict=True)) if runs else [()] * 6
+        keys = list(zip(columns[0], columns[1], strict=True))
         table = pa.table(
             {
                 "shard_id": pa.array(columns[0], pa.int64()),
@@ -123,10 +125,8 @@ class AttemptLog:
                 "start": pa.array(columns[3], pa.float64()),
                 "end": pa.array(columns[4], pa.float64()),
                 "outcome": pa.array([OUTCOMES[o] for o in columns[5]], pa.string()),
-                "stack": pa.array(
-                    [self.stacks.get(key) for key in zip(columns[0], columns[1], strict=True)],
-                    pa.string(),
-                ),
+                "stack": pa.array([self.stacks.get(key) for key in keys], pa.string()),
+                "rule": pa.array([self.rules.get(key) for key in keys], pa.string()),
             }
         )
         return table.sort_by([("start", "ascending"), ("shard_id", "ascending")])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
@@ -57,6 +58,8 @@ __all__ = [
     "map_result",
     "reduce_job",
     "reduce_result",
+    "retry_job",
+    "retry_result",
     "run_job",
     "shard_job",
     "shard_result",
@@ -92,21 +95,49 @@ def shard_job(
     accepted: type,
     where: str,
     reducer: Any = None,
+    earlier: ShardResult | None = None,
 ) -> tuple[Job, Shards]:
     """The job of a `shard_map`, `shard_stream` or `shard_reduce` call, every
-    argument checked (nothing is made on disk yet)."""
+    argument checked (nothing is made on disk yet); `earlier`: the result of the
+    `shard_map` this call runs part of again (`retry_job`), whose outputs it writes to."""
     opts = CallOptions.build(options, accepted, where)
     checked_fn = check_fn(fn)
     layout, sequence = resolve_shards(shards)
-    inputs, outputs = check_borrow(borrow, out)
+    inputs, outputs = check_borrow(borrow, out, again=earlier is not None)
     check_takes(checked_fn, inputs, outputs, "shard")
-    store = results_store(opts)
+    store = results_store(opts) if earlier is None else earlier._store
     payload = pickle_payload(with_sources(checked_fn), "fn")
     buffer = None
     if accepted is StreamOptions:
         buffer = StreamBuffer(opts.ordered, opts.max_pending or DEFAULT_MAX_PENDING)
     job = Job.of_shards(payload, opts, layout, sequence, inputs, outputs, buffer, store, reducer)
+    if accepted is ShardOptions and reducer is None:
+        job.given = _Given(checked_fn, shards, borrow, out, dict(options))
     return job, layout
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Given:
+    """What a `shard_map` call was given, as given: `retry_failed` builds its job again
+    from it (with the call's shards, borrow, out, seed and options)."""
+
+    fn: Callable[..., Any]
+    shards: object
+    borrow: object
+    out: object
+    options: Mapping[str, object]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Again:
+    """What `retry_failed` needs of a finished `shard_map`: the pool it ran on, what it
+    was given (None when every shard succeeded: nothing is held for nothing to rerun),
+    which positions were resolved, and why each skipped shard was skipped."""
+
+    pool: Runs
+    given: _Given | None
+    resolved: bytes
+    skipped: Mapping[int, ShardError]
 
 
 def results_store(opts: CallOptions) -> ResultStore | None:
@@ -198,17 +229,119 @@ async def shard_result(
     """Run a `shard_map` job on `pool`: its `ShardResult` (raising under
     ``errors="raise"``)."""
     await run_job(await pool.backend(), job, resize)
-    result = job.result(layout)
+    resolved = job.unfinished()
+    complete = not job.failures and not job.skipped and resolved.find(0) == -1
+    given = None if complete else job.given
+    result = job.result(layout, _Again(pool, given, resolved, dict(job.skipped)))
     if job.opts.errors == "raise":
         result.raise_for_failures()
     return result
+
+
+_FIXED = ("results", "results_path")
+"""Options `retry_failed` cannot change: it writes where the call wrote."""
+
+
+async def retry_result(
+    result: object, fn: object, only: object, options: Mapping[str, object], pool: Runs | None
+) -> ShardResult:
+    """Run `retry_failed` (see `retry_job`) and merge: a `ShardResult` for the whole
+    call (raising under ``errors="raise"``)."""
+    made = retry_job(result, fn, only, options, pool)
+    if isinstance(made, ShardResult):
+        return made
+    job, layout, target = made
+    if target.closed:
+        raise RuntimeError(
+            "retry_failed: the pool this call ran on is closed; pass pool= (such as "
+            "ashard.default_pool()) to run the failed shards on another"
+        )
+    return await shard_result(target, job, layout)
+
+
+def retry_job(
+    result: object, fn: object, only: object, options: Mapping[str, object], pool: Runs | None
+) -> tuple[Job, Shards, Runs] | ShardResult:
+    """The job of `retry_failed(result, fn, only=..., **options)`: the failed and skipped
+    shards of `result` (those whose exception is of the types `only` names, if given)
+    and any that never finished, on `pool` or the pool the call ran on. A result with
+    nothing to run again comes back as a new `ShardResult` at once."""
+    again = result._again if isinstance(result, ShardResult) else None
+    if not isinstance(again, _Again):
+        raise TypeError(
+            "retry_failed takes the ShardResult of a shard_map call (or the .result of its "
+            f"ShardMapError), got {type(result).__name__}"
+        )
+    assert isinstance(result, ShardResult)
+    types = _check_only(only)
+    for name in _FIXED:
+        if name in options:
+            raise ValueError(
+                f"retry_failed writes where the call wrote: {name} cannot change (drop {name}=)"
+            )
+    failures = {f.shard_id: f for f in result.failures if f.shard_id is not None}
+    todo = _todo(again, failures, types)
+    if not todo or again.given is None:
+        return ShardResult(
+            list(result.results) if result._store is None else result.results,
+            list(result.failures), result.shards, result.diagnostics, result.refs,
+            result.skipped, result._store, again,
+        )  # fmt: skip
+    given = again.given
+    merged = {**given.options, **options}
+    job, layout = shard_job(
+        given.shards, given.fn if fn is None else fn, given.borrow, given.out, merged,
+        ShardOptions, "retry_failed", earlier=result,
+    )  # fmt: skip
+    earlier = result.refs if result._store is not None else result.results
+    job.resume(todo, earlier, failures, again.skipped)
+    return job, layout, again.pool if pool is None else pool
+
+
+def _check_only(only: object) -> tuple[type[BaseException], ...] | None:
+    if only is None:
+        return None
+    if isinstance(only, type) and issubclass(only, BaseException):
+        return (only,)
+    if (
+        isinstance(only, tuple)
+        and only
+        and all(isinstance(t, type) and issubclass(t, BaseException) for t in only)
+    ):
+        return only
+    raise TypeError(
+        f"only must be an exception type or a tuple of them, got {type(only).__name__} {only!r}"
+    )
+
+
+def _todo(
+    again: _Again,
+    failures: Mapping[int, ShardError],
+    types: tuple[type[BaseException], ...] | None,
+) -> list[int]:
+    """The positions to run again: failed and skipped ones (of `types`, if given, as the
+    `ShardError` or as what `fn` raised), and any the call never finished."""
+
+    def chosen(error: ShardError) -> bool:
+        return types is None or isinstance(error, types) or isinstance(error.__cause__, types)
+
+    todo = {pos for pos, err in failures.items() if chosen(err)}
+    todo.update(pos for pos, err in again.skipped.items() if chosen(err))
+    resolved = again.resolved
+    pos = resolved.find(0)
+    while pos != -1:
+        todo.add(pos)
+        pos = resolved.find(0, pos + 1)
+    return sorted(todo)
 
 
 async def reduce_result(pool: Runs, job: Job, resize: int | None = None) -> ReduceResult:
     """Run a `shard_reduce` job on `pool`: its `ReduceResult`."""
     await run_job(await pool.backend(), job, resize)
     assert job.reducer is not None
-    result = ReduceResult(job.reducer.value, job.failure_list(), job.diagnostics())
+    result = ReduceResult(
+        job.reducer.value, job.failure_list(), job.diagnostics(), tuple(sorted(job.skipped))
+    )
     if job.opts.errors == "raise":
         result.raise_for_failures()
     return result

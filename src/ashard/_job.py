@@ -29,13 +29,17 @@ tell of. A backend sees the job only as `ashard._backend.JobPort`.
 
 from __future__ import annotations
 
+import heapq
 import sys
+import time
 from collections import deque
-from collections.abc import Iterable, Sequence, Sized
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import replace
 from itertools import repeat
 from logging import WARNING
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from ashard._backend import Changes, Chunk, JobWork, WorkerInfo
 from ashard._budget import MemoryLog
@@ -64,6 +68,7 @@ from ashard._protocol import (
     Result,
 )
 from ashard._record import CallRecord
+from ashard._rules import RETRY, SKIP, ErrorRules
 from ashard._sizing import ChunkSizer
 from ashard.errors import ShardError
 from ashard.results import Diagnostics, ShardDone, ShardResult
@@ -117,10 +122,12 @@ class Job(Changes):
         self._resolved = bytearray(total if kind == SHARDS and total else 0)
         self.n_resolved = 0
         self.runs: dict[int, int] = {}  # position -> its latest run, if past the first
-        self._charged: dict[int, int] = {}  # position -> failures counted against it
+        self.rules = ErrorRules(opts.max_retries, opts.retry_errors, opts.on_error)
+        self.skipped: dict[int, ShardError] = {}  # resolved as None by an on_error "skip"
         self._unrun: set[int] = set()  # queued again without having run
         self.failures: dict[int, ShardError] = {}
         self._retry: deque[int] = deque()
+        self._delayed: list[tuple[float, int]] = []  # (due, position): a backoff's wait
         self._held_back: deque[Chunk] = deque()  # taken, then refused room (`put_back`)
         self.inflight_shards = 0
         self.aborted = False
@@ -130,6 +137,7 @@ class Job(Changes):
         self.record = CallRecord(self.runs)
         self.sizer = ChunkSizer(opts.chunk_size, PROFILES[opts.profile].chunk)
         self.outputs = Outputs(out, store)
+        self.given: Any = None  # a shard_map's arguments, for `retry_failed` (`ashard._calls`)
 
     @classmethod
     def of_shards(
@@ -152,6 +160,30 @@ class Job(Changes):
             sequence=sequence, items=None, total=len(layout), stream=stream, store=store,
             reducer=reducer,
         )  # fmt: skip
+
+    def resume(
+        self,
+        todo: Sequence[int],
+        earlier: Sequence[Any],
+        failures: Mapping[int, ShardError],
+        skipped: Mapping[int, ShardError],
+    ) -> None:
+        """Run only positions `todo` (sorted) of a `shard_map` that ran before
+        (`retry_failed`): every other position keeps what that run resolved it to - its
+        value (or its stored file's ref) in `earlier`, its failure or its skip."""
+        assert self.kind == SHARDS and self.stream is None and self.reducer is None
+        assert isinstance(self.positions, ShardPositions) and self.total is not None
+        self.results = list(earlier)
+        self._resolved = bytearray(b"\x01") * self.total
+        for pos in todo:
+            self._resolved[pos] = 0
+            self.results[pos] = None
+        self.n_resolved = self.total - len(todo)
+        rerun = set(todo)
+        self.failures = {p: e for p, e in failures.items() if p not in rerun}
+        self.skipped = {p: e for p, e in skipped.items() if p not in rerun}
+        self.positions.restrict(todo)
+        self.outputs.again = True
 
     @classmethod
     def of_items(
@@ -193,7 +225,12 @@ class Job(Changes):
     def finished(self) -> bool:
         if self.kind == SHARDS:
             return self.n_resolved == self.total
-        return self.positions.exhausted and not self._retry and self.n_resolved == self.next_pos
+        return (
+            self.positions.exhausted
+            and not self._retry
+            and not self._delayed
+            and self.n_resolved == self.next_pos
+        )
 
     @property
     def next_pos(self) -> int:
@@ -229,9 +266,30 @@ class Job(Changes):
             return False
         if self.held_bytes >= self.max_held:
             return False
+        if self._delayed:
+            self._release_due()
         if self._retry:
             return True
         return not self.positions.exhausted
+
+    def _release_due(self) -> bool:
+        """Move the retries whose backoff is over to the queue; did any?"""
+        delayed, now, moved = self._delayed, time.monotonic(), False
+        while delayed and delayed[0][0] <= now:
+            self._retry.append(heapq.heappop(delayed)[1])
+            moved = True
+        return moved
+
+    async def wait_change(self) -> None:
+        """Until something changes, or the next backoff ends (a retry comes due: the
+        job's own timer, so a waiting shard holds no worker and no task)."""
+        if not self._delayed:
+            await super().wait_change()
+            return
+        with anyio.move_on_after(max(0.0, self._delayed[0][0] - time.monotonic())):
+            await super().wait_change()
+        if self._release_due():
+            self.notify()
 
     def _room(self) -> int:
         """How many more positions may be in flight: as many as its consumer, if it has
@@ -255,7 +313,7 @@ class Job(Changes):
             items = [self.positions.item_at(pos)] if self.positions.has_items else None
             chunk = Chunk(seq, pos, 1, [self._next_run(pos)], items)
         else:
-            remaining = None if self.total is None else self.total - self.next_pos
+            remaining = self.positions.left
             wanted = self.sizer.next_size(remaining, self.max_held, self.record.now())
             size = min(wanted, self._room())
             new = self._take_new(seq, size if limit is None else min(size, limit))
@@ -470,12 +528,14 @@ class Job(Changes):
         elapsed: Any,
         j: int,
         pid: int | None,
+        *,
+        skipped: bool = False,
     ) -> None:
         assert self.stream is not None
         took = _pick(elapsed, j)
         attempts = self.runs.get(pos, 1)
         shard = error.shard if error is not None and error.shard else self.shard_at(pos, chunk, k)
-        self.stream.push(ShardDone(shard, value, error, attempts, pid, took))
+        self.stream.push(ShardDone(shard, value, error, attempts, pid, took, skipped))
 
     def shard_at(self, pos: int, chunk: Chunk | None = None, k: int = 0) -> Shard:
         """The `Shard` for a position, as `fn` saw it on its last attempt."""
@@ -483,27 +543,64 @@ class Job(Changes):
         return self.positions.shard_at(pos, self.runs.get(pos, 1), item)
 
     def _charge(self, pos: int, chunk: Chunk, k: int, kind: int, detail: Any, pid: int) -> None:
-        """A failed run of `pos`, counted against `max_retries`: run it again, or record
-        the permanent failure."""
-        charged = self._charged.get(pos, 0) + 1
-        self._charged[pos] = charged
+        """A failed run of `pos`: what its error rules (`ErrorRules`) say follows it -
+        run it again (now, or after a backoff), skip it, or its permanent failure."""
         if kind == TIMEOUT:
             self.record.timeouts += 1
-        retry = charged <= self.opts.max_retries and (kind != RAISED or self.opts.retry_errors)
-        if retry and not self.aborted:
-            why = _WHY.get(kind, "it failed")
-            worker_event(WARNING, f"{self.noun} {pos} will run again: {why} on worker {pid} "
-                         f"(failure {charged} of at most {self.opts.max_retries + 1})", pid,
-                         shard_id=pos, reason=why)  # fmt: skip
-            self._push_retry(pos, chunk, k)
+        rules = self.rules
+        run = self.runs.get(pos, 1)
+        error = None if rules.plain else self._error(pos, chunk, k, kind, detail, run)
+        try:
+            decision = rules.decide(pos, kind, error)
+        except Exception as exc:  # the caller's retry_errors predicate raised: the call's
+            self.abort(exc)
             return
-        error = self._error(pos, chunk, k, kind, detail, self.runs.get(pos, 1))
+        if decision.rule is not None:
+            self.record.log.rules[(pos, run)] = decision.rule
+        if decision.action == RETRY and not self.aborted:
+            why = _WHY.get(kind, "it failed")
+            budget = "max_retries" if decision.rule is None else "its on_error rule"
+            wait = f" in {decision.delay:.3g} s" if decision.delay else ""
+            worker_event(WARNING, f"{self.noun} {pos} will run again{wait}: {why} on worker "
+                         f"{pid} (retry {decision.count} of {decision.limit}, {budget})", pid,
+                         shard_id=pos, reason=why)  # fmt: skip
+            if kind == RAISED:
+                self.record.error_retries += 1
+            self._push_retry(pos, chunk, k, decision.delay)
+            return
+        if decision.action == SKIP:
+            assert error is not None  # a rule decided: the error was made to match it
+            self._skip(pos, error, chunk, k, pid)
+            return
+        if error is None:
+            error = self._error(pos, chunk, k, kind, detail, run)
         self._fail(pos, error, chunk, k, pid)
 
-    def _push_retry(self, pos: int, chunk: Chunk, k: int) -> None:
+    def _push_retry(self, pos: int, chunk: Chunk, k: int, delay: float = 0.0) -> None:
         if chunk.items is not None:
             self.positions.keep(pos, chunk.items[k])
-        self._retry.append(pos)
+        if delay > 0:
+            heapq.heappush(self._delayed, (time.monotonic() + delay, pos))
+        else:
+            self._retry.append(pos)
+
+    def _skip(self, pos: int, error: ShardError, chunk: Chunk, k: int, pid: int | None) -> None:
+        """An on_error rule skips `pos` (which failed with `error`): resolved, its value
+        None, not a failure."""
+        if self._resolved[pos]:
+            raise RuntimeError(f"ashard internal error: {self.noun} {pos} resolved twice")
+        self._resolved[pos] = 1
+        self.n_resolved += 1
+        self.skipped[pos] = error
+        if self.progress is not None:
+            self.progress.update(1)
+        if self.stream is not None:
+            self._emit(pos, None, None, chunk, k, None, 0, pid, skipped=True)
+        elif self.reducer is not None and not self.aborted:
+            try:
+                self.reducer.skip(pos)
+            except Exception as exc:
+                self.abort(exc)
 
     def _error(
         self, pos: int, chunk: Chunk, k: int, kind: int, detail: Any, attempts: int
@@ -604,7 +701,7 @@ class Job(Changes):
         shards = self.total if self.total is not None else self.next_pos
         cancelled = self.aborted and not self.finished  # stopped with positions unresolved
         return self.record.diagnostics(
-            shards, len(self.failures), cancelled, tuple(self.sizer.autotune)
+            shards, len(self.failures), cancelled, tuple(self.sizer.autotune), len(self.skipped)
         )
 
     def ran_on(self, worker: WorkerInfo) -> None:
@@ -639,17 +736,26 @@ class Job(Changes):
     def failure_list(self) -> list[ShardError]:
         return [self.failures[p] for p in sorted(self.failures)]
 
-    def result(self, shards: Sequence[Shard]) -> ShardResult:
+    def result(self, shards: Sequence[Shard], again: Any = None) -> ShardResult:
+        """The call's `ShardResult` (`again`: what `retry_failed` needs of the call)."""
         results = self.results if self.stream is None else [None] * len(shards)
+        skipped = tuple(sorted(self.skipped))
         store = self.outputs.store
         if store is None:
-            return ShardResult(results, self.failure_list(), shards, self.diagnostics())
+            return ShardResult(
+                results, self.failure_list(), shards, self.diagnostics(), skipped=skipped,
+                _again=again,
+            )  # fmt: skip
         from ashard.tables import LazyResults  # pyarrow: a results store only
 
         return ShardResult(
             LazyResults(results), self.failure_list(), shards, self.diagnostics(),
-            refs=results, _store=store,
+            refs=results, skipped=skipped, _store=store, _again=again,
         )  # fmt: skip
+
+    def unfinished(self) -> bytes:
+        """A byte per position: 1 where it is resolved (`retry_failed` reruns the rest)."""
+        return bytes(self._resolved)
 
 
 def _pick(elapsed: Any, k: int) -> float:

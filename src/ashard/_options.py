@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypedDict, TypeVar, cast, get_args, get_type_hints
 
 from ashard._health import HealthPolicy
+from ashard._rules import OnError, RetryErrors, check_on_error, check_retry_errors
 from ashard.shards import Shards, shards
 
 __all__ = [
@@ -219,7 +220,9 @@ class CallOptions:
     chunk_size: ChunkSize = field(default="auto", metadata=_checked_by(_check_chunk_size))
     timeout: float | None = field(default=None, metadata=_checked_by(check_timeout))
     max_retries: int = field(default=3, metadata=_checked_by(check_count))
-    retry_errors: bool = field(default=False, metadata=_checked_by(_check_bool))
+    retry_errors: RetryErrors = field(default=False,
+                                      metadata=_checked_by(check_retry_errors))  # fmt: skip
+    on_error: OnError | None = field(default=None, metadata=_checked_by(check_on_error))
     seed: int | None = field(default=None, metadata=_checked_by(_check_seed))
     cow: Cow = field(default="deny", metadata=_checked_by(_one_of(Cow)))
     errors: ErrorsMode = field(default="raise", metadata=_checked_by(_one_of(ErrorsMode)))
@@ -259,7 +262,8 @@ class MapOptions(TypedDict, total=False):
     chunk_size: ChunkSize
     timeout: float | None
     max_retries: int
-    retry_errors: bool
+    retry_errors: RetryErrors
+    on_error: OnError | None
     seed: int | None
     errors: ErrorsMode
     progress: bool
@@ -365,9 +369,11 @@ def check_items(items: object) -> Iterable[Any]:
     return cast(Iterable[Any], items)
 
 
-def check_borrow(borrow: object, out: object) -> tuple[dict[str, Any], dict[str, Any]]:
+def check_borrow(
+    borrow: object, out: object, again: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The borrowed objects and the outputs (buffers, table sinks), as keyword
-    arguments for `fn`."""
+    arguments for `fn` (`again`: for `retry_failed`, whose sinks hold its first run)."""
     inputs = _check_names("borrow", borrow)
     outputs = _check_names("out", out)
     if not inputs and not outputs:
@@ -385,7 +391,7 @@ def check_borrow(borrow: object, out: object) -> tuple[dict[str, Any], dict[str,
         raise ValueError("the same TableSink is given twice in out=")
     for name, value in outputs.items():
         if isinstance(value, TableSink):
-            value.check_usable(name)
+            value.check_usable(name, again)
         elif not isinstance(value, Buffer):
             raise TypeError(
                 f"out[{name!r}] must be an ashard.Buffer (from ashard.buffer()) or an "

@@ -30,6 +30,7 @@ class Outputs:
 
     def __init__(self, out: Mapping[str, Any], store: ResultStore | None) -> None:
         self.store = store
+        self.again = False  # `retry_failed`: the outputs already hold the call's first run
         self._sinks = _sinks_in(out)
         self._by_name: dict[str, TableSink | ResultStore] = dict(self._sinks)
         if store is not None:
@@ -44,14 +45,14 @@ class Outputs:
         claimed: list[TableSink] = []
         try:
             for name, sink in self._sinks.items():
-                sink.claim(name)
+                sink.claim(name, again=self.again)
                 claimed.append(sink)
             for output in self._by_name.values():
-                output.start()
+                output.start(again=self.again)
         except BaseException:  # nothing ran: the sinks are as they were
             for sink in claimed:
-                sink.unclaim()
-            if self.store is not None and self.store.temporary:
+                sink.unclaim(again=self.again)
+            if self.store is not None and self.store.temporary and not self.again:
                 self.store.close()
             raise
 
@@ -64,6 +65,8 @@ class Outputs:
         finally:
             for sink in self._sinks.values():
                 sink.release()
+            if self.store is not None:
+                self.store.release()
 
     def keep(
         self, base: int, values: list[Any], errors: list[Any], commits: list[Commit]

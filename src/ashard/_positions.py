@@ -25,6 +25,11 @@ class Positions:
     exhausted = False  # every position has been taken
     has_items = True  # chunks carry their positions' items
 
+    @property
+    def left(self) -> int | None:
+        """How many positions are still to be taken (None: not known)."""
+        return None if self.total is None else self.total - self.next_pos
+
     def take(self, size: int) -> tuple[int, Sequence[Any] | None]:
         """Up to `size` new positions: (how many, their items). Raises what the caller's
         iterable raised."""
@@ -44,7 +49,7 @@ class Positions:
 
 class ShardPositions(Positions):
     """The shards of `layout`; `sequence`: the items they are cut from; `seed`: each
-    shard's `rng`."""
+    shard's `rng`. `restrict` narrows them to some positions (`retry_failed`)."""
 
     def __init__(self, layout: Shards, sequence: Sequence[Any] | None, seed: int | None) -> None:
         self.layout = layout
@@ -53,15 +58,43 @@ class ShardPositions(Positions):
         self.total = len(layout)
         self.exhausted = not self.total
         self.has_items = sequence is not None
+        self._only: Sequence[int] | None = None  # sorted; None: every position
+        self._at = 0  # into `_only`
+
+    def restrict(self, only: Sequence[int]) -> None:
+        """Take only these positions (sorted, none taken yet), consecutive ones together."""
+        self._only = only
+        self._at = 0
+        self._moved()
+
+    def _moved(self) -> None:
+        only = self._only
+        assert only is not None
+        self.exhausted = self._at >= len(only)
+        self.next_pos = len(self.layout) if self.exhausted else only[self._at]
+
+    @property
+    def left(self) -> int:
+        if self._only is None:
+            return len(self.layout) - self.next_pos
+        return len(self._only) - self._at
 
     def take(self, size: int) -> tuple[int, Sequence[Any] | None]:
         first = self.next_pos
-        count = min(size, len(self.layout) - first)
+        if self._only is None:
+            count = min(size, len(self.layout) - first)
+            self.next_pos += count
+            self.exhausted = self.next_pos >= len(self.layout)
+        else:
+            only, at = self._only, self._at
+            count = 0 if self.exhausted or size <= 0 else 1
+            while count < size and at + count < len(only) and only[at + count] == first + count:
+                count += 1
+            self._at += count
+            self._moved()
         items = None
         if self.sequence is not None:
             items = [self.item_at(p) for p in range(first, first + count)]
-        self.next_pos += count
-        self.exhausted = self.next_pos >= len(self.layout)
         return count, items
 
     def item_at(self, pos: int) -> Any:

@@ -31,6 +31,7 @@ class CallRecord:
         self.t0 = time.perf_counter()
         self.log = AttemptLog()
         self.chunks = self.retries = self.timeouts = self.crashes = 0
+        self.error_retries = 0  # runs after fn raised, retried by retry_errors or a rule
         self.cow_writes: set[tuple[int, str]] = set()  # (shard id, borrow name), cow="audit"
         self._runs = runs
         self._pids: set[int] = set()
@@ -116,6 +117,7 @@ class CallRecord:
         failures: int,
         cancelled: bool,
         autotune: tuple[tuple[float, int, str], ...] = (),
+        skipped: int = 0,
     ) -> Diagnostics:
         return Diagnostics(
             shards=shards,
@@ -132,6 +134,8 @@ class CallRecord:
             memory=self.memory.report(),
             scaling=tuple(self.scaling),
             autotune=autotune,
+            error_retries=self.error_retries,
+            skipped=skipped,
             _attempts=self.log,
         )
 

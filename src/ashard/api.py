@@ -35,6 +35,7 @@ __all__ = [
     "call",
     "default_pool",
     "map",
+    "retry_failed",
     "shard_map",
     "shard_reduce",
     "shard_stream",
@@ -209,6 +210,34 @@ async def map(
         target, size = _target(pool, workers)
         job = _calls.map_job(fn, items, borrow, options)
         return await _calls.map_result(target, job, size)
+
+
+@takes_options(ShardOptions)
+async def retry_failed(
+    result: ShardResult,
+    fn: Callable[..., Any] | None = None,
+    *,
+    only: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+    pool: Pool | None = None,
+    **options: Unpack[ShardOptions],
+) -> ShardResult:
+    """Run again only the failed and skipped shards of `result` (a `shard_map`'s, or
+    the ``.result`` of its `ShardMapError`), and any it never finished - with `only`
+    (an exception type or tuple), only the failed and skipped ones whose error, or
+    what `fn` raised, is of those types. They run with the call's shards, borrow, out,
+    seed (the same ``(seed, shard.id)`` streams) and options, or the `fn` and options
+    given here (not `results` / `results_path`: the rerun writes where the call wrote),
+    counting attempts afresh. Returns a new `ShardResult` for the whole call: earlier
+    successes kept as they were (under ``results="table"`` / ``"disk"`` their files are
+    reused and the new result shares the first's directory: close one when done with
+    both), the rerun shards' outcomes merged in; its `diagnostics` tell of the rerun.
+    It runs on the pool the call ran on, or on `pool`."""
+    from ashard._backend import load_supervisor  # cold start: see the module docstring
+
+    await load_supervisor()
+    from ashard import _calls  # loaded just now, off the loop
+
+    return await _calls.retry_result(result, fn, only, options, pool)
 
 
 async def call(

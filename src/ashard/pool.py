@@ -343,6 +343,22 @@ class Pool:
 
         return await _calls.map_result(self, _calls.map_job(fn, items, borrow, options))
 
+    @takes_options(ShardOptions)
+    async def retry_failed(
+        self,
+        result: ShardResult,
+        fn: Callable[..., Any] | None = None,
+        *,
+        only: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+        **options: Unpack[ShardOptions],
+    ) -> ShardResult:
+        """Run the failed (and skipped) shards of `result` again on this pool; see
+        `ashard.retry_failed`."""
+        await load_supervisor()
+        from ashard import _calls  # loaded just now, off the loop (`load_supervisor`)
+
+        return await _calls.retry_result(result, fn, only, options, self)
+
     async def call(
         self,
         /,

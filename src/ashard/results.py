@@ -67,10 +67,12 @@ class Diagnostics:
     *process* that ran some of them (replacements of crashed or recycled workers
     included, so it can exceed the pool's size). `chunks`: messages that carried
     shards to workers (several shards each). `retries`: runs after a shard's first
-    (after a crash, a timeout or, with `retry_errors`, a failure), whether or not
-    `max_retries` was charged for them. `timeouts`: runs that went past `timeout`
-    (interrupted, or killed). `crashes`: workers that died while running the call's
-    shards. `failures`: shards that failed for good."""
+    (after a crash, a timeout or a failure that `retry_errors` or an `on_error` rule
+    retries), whether or not `max_retries` was charged for them; `error_retries`: those
+    of them that followed a failure of `fn` (counted apart from crashes and timeouts).
+    `timeouts`: runs that went past `timeout` (interrupted, or killed). `crashes`:
+    workers that died while running the call's shards. `failures`: shards that failed
+    for good; `skipped`: shards an `on_error` rule skipped (not failures)."""
 
     __module__ = "ashard"
 
@@ -102,6 +104,10 @@ class Diagnostics:
     (replaced over `mem_cap` or its hard limit), "crash" (died, or killed past a
     timeout, and its replacement), "recycle" (replaced for `max_tasks` or growth).
     A replacement is a stop, then a start."""
+    error_retries: int = 0
+    """Runs after `fn` raised (retried by `retry_errors` or an `on_error` rule)."""
+    skipped: int = 0
+    """Shards an `on_error` rule skipped: their value is None, they are not failures."""
     autotune: tuple[tuple[float, int, str], ...] = field(default=())
     """Each size `chunk_size="auto"` chose, when it moved by a quarter or more (the
     first 1,000 such): ``(seconds_into_call,
@@ -115,7 +121,9 @@ class Diagnostics:
         `worker` (pid), `host`, `start`, `end` (seconds since the call began; start is
         when it began running on the worker), `outcome` ("ok", "failed", "timeout",
         "crashed", "cancelled"), `stack` (a run that timed out: its Python stack where
-        the worker stopped it; else null)."""
+        the worker stopped it; else null), `rule` (the `on_error` rule that decided
+        what followed a failed run: "retry", "skip" or "raise" - "raise" too for a
+        `Retry` whose attempts were spent; null where no rule matched)."""
         log = self._attempts if self._attempts is not None else AttemptLog()
         return log.to_table()
 
@@ -141,11 +149,12 @@ class Diagnostics:
     def summary(self) -> str:
         """One line for humans."""
         n = len(self.workers)
+        skipped = f", {self.skipped} skipped" if self.skipped else ""
         return (
             f"{self.shards} shards on {n} worker process{'' if n == 1 else 'es'} in "
             f"{self.duration:.3f} s ({self.chunks} chunks, {self.retries} retries, "
             f"{self.timeouts} timeouts, {self.crashes} worker crashes, "
-            f"{self.failures} failures)"
+            f"{self.failures} failures{skipped})"
         )
 
     def __repr__(self) -> str:
@@ -180,7 +189,8 @@ class Diagnostics:
 @dataclass(frozen=True, slots=True)
 class ShardDone:
     """One finished shard from `shard_stream`: its value, or the error under
-    ``errors="collect"``; the attempts it took, the worker pid and its run time."""
+    ``errors="collect"``; the attempts it took, the worker pid and its run time;
+    `skipped`: an `on_error` rule skipped it (value None, error None)."""
 
     __module__ = "ashard"
 
@@ -190,6 +200,7 @@ class ShardDone:
     attempts: int
     worker: int | None
     elapsed: float
+    skipped: bool = False
 
 
 class _Outcome:
@@ -213,7 +224,9 @@ class _Outcome:
 @dataclass(frozen=True, slots=True)
 class ShardResult(_Outcome):
     """The outcome of `shard_map`: `results` in shard order (`None` where a shard
-    failed or never ran), the permanent `failures`, the `shards` and `diagnostics`.
+    failed, was skipped or never ran), the permanent `failures`, the `shards` and
+    `diagnostics`; `skipped`: the ids of shards an `on_error` rule skipped (not
+    failures: `ok` can be True).
 
     Under ``results="table"`` / ``"disk"`` the values stay in files the workers wrote:
     `results` is a lazy sequence loading each on access, `refs` holds a `TableRef` /
@@ -228,7 +241,9 @@ class ShardResult(_Outcome):
     shards: Sequence[Shard]
     diagnostics: Diagnostics
     refs: Sequence[Any] = field(default=())
+    skipped: tuple[int, ...] = field(default=())
     _store: Any = field(default=None, repr=False, compare=False)
+    _again: Any = field(default=None, repr=False, compare=False)  # for `retry_failed`
 
     def table(self, max_bytes: int = 256 * 2**20) -> Any:
         """Every shard's table as one `pyarrow.Table`, in shard order (``results="table"``).
@@ -270,6 +285,8 @@ class ShardResult(_Outcome):
     def __repr__(self) -> str:
         d = self.diagnostics
         state = "ok" if self.ok else f"{len(self.failures)} failed"
+        if self.skipped:
+            state += f", {len(self.skipped)} skipped"
         where = "" if self._store is None else f", results in {self._store.place.describe()}"
         return (
             f"<ashard.ShardResult {len(self.results):,} shards, {state}; {d.retries} retries, "
@@ -281,6 +298,7 @@ class ShardResult(_Outcome):
         rows = [
             ("shards", f"{len(self.results):,}"),
             ("failures", f"{len(self.failures):,}"),
+            ("skipped", f"{len(self.skipped):,}"),
             ("retries", f"{d.retries:,}"),
             ("worker crashes", f"{d.crashes:,}"),
             ("timeouts", f"{d.timeouts:,}"),
@@ -296,13 +314,15 @@ class ShardResult(_Outcome):
 class ReduceResult(_Outcome):
     """The outcome of `shard_reduce`: the combined `value` (None if no shard
     succeeded and there was no `init`), the permanent `failures` (skipped under
-    ``errors="collect"``) and the `diagnostics`."""
+    ``errors="collect"``), the `diagnostics` and `skipped`, the ids of shards an
+    `on_error` rule skipped (left out of the value, as failures are)."""
 
     __module__ = "ashard"
 
     value: Any
     failures: list[ShardError]
     diagnostics: Diagnostics
+    skipped: tuple[int, ...] = field(default=())
 
     def __repr__(self) -> str:
         value = repr(self.value)

@@ -51,6 +51,7 @@ __all__ = [
     "call",
     "default_pool",
     "map",
+    "retry_failed",
     "shard_map",
     "shard_reduce",
     "shard_stream",
@@ -193,6 +194,7 @@ class Pool:
     shard_reduce = _blocking(_pool.Pool.shard_reduce)
     map = _blocking(_pool.Pool.map)
     call = _blocking(_pool.Pool.call)
+    retry_failed = _blocking(_pool.Pool.retry_failed)
 
     shard_stream = _streaming(_pool.Pool.shard_stream)
 
@@ -398,6 +400,21 @@ def map(
     job = _calls.map_job(fn, items, borrow, options)
     target, size = _target(pool, workers)
     return _block(_calls.map_result(target, job, size))
+
+
+@takes_options(ShardOptions)
+def retry_failed(
+    result: ShardResult,
+    fn: Callable[..., Any] | None = None,
+    *,
+    only: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+    pool: Pool | None = None,
+    **options: Unpack[ShardOptions],
+) -> ShardResult:
+    """`ashard.retry_failed`, blocking: the failed (and skipped) shards of `result` run
+    again, on the pool the call ran on or `pool`."""
+    inner = pool._pool if isinstance(pool, Pool) else pool
+    return _block(_calls.retry_result(result, fn, only, options, inner))
 
 
 def call(

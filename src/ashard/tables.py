@@ -110,8 +110,9 @@ class _Output:
         """What a worker needs to write here for the running call."""
         return SinkRef(self.kind, self.place, self.format, self._given_schema, self._token)
 
-    def start(self) -> None:
-        """A call starts writing here (off the event loop: it may touch the filesystem)."""
+    def start(self, again: bool = False) -> None:
+        """A call starts writing here (off the event loop: it may touch the filesystem);
+        `again`: the call's `retry_failed`, writing beside what its first run kept."""
         self._token = secrets.token_hex(4)
         self.place.create()
 
@@ -229,29 +230,30 @@ class TableSink(_Output):
         if self.closed:
             raise ValueError("this TableSink is closed")
 
-    def check_usable(self, name: str) -> None:
-        """Refuse a sink that cannot take a new call's output."""
+    def check_usable(self, name: str, again: bool = False) -> None:
+        """Refuse a sink that cannot take a new call's output (`again`: more of the
+        output of the call it holds, from `retry_failed`)."""
         if self.closed:
             raise ValueError(f"out[{name!r}] is a closed TableSink")
         if self._state == "busy":
             raise ValueError(f"out[{name!r}]: this TableSink is in use by another call")
-        if self._state == "used":
+        if self._state == "used" and not again:
             raise ValueError(
                 f"out[{name!r}]: this TableSink already holds the output of a call "
                 "(a sink collects one call's output: make a new one with ashard.table_sink())"
             )
 
-    def claim(self, name: str) -> None:
-        self.check_usable(name)
+    def claim(self, name: str, again: bool = False) -> None:
+        self.check_usable(name, again)
         self._state = "busy"
 
     def release(self) -> None:
         """The call that claimed the sink is over: its partitions are the sink's."""
         self._state = "used"
 
-    def unclaim(self) -> None:
+    def unclaim(self, again: bool = False) -> None:
         """The call that claimed the sink never ran."""
-        self._state = "new"
+        self._state = "used" if again else "new"
 
     def _keep(self, ref: TableRef | ResultRef) -> None:
         assert isinstance(ref, TableRef)
@@ -308,8 +310,21 @@ class ResultStore(_Output):
         super().__init__(mode, place or Place(""), fmt, None)
         self._committed = bytearray()
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._busy = False
 
-    def start(self) -> None:
+    def start(self, again: bool = False) -> None:
+        if again:  # `retry_failed`: the directory holds the first run's files
+            if self.closed:
+                raise ValueError(
+                    "this result is closed: its files were removed, so retry_failed has "
+                    "no stored results to keep"
+                )
+            if self._busy:
+                raise ValueError("another retry_failed of this result is running")
+            self._busy = True
+            self._token = secrets.token_hex(4)
+            return
+        self._busy = True
         if self.temporary:
             self.place = Place(tempfile.mkdtemp(prefix="ashard-results-"))
             self._finalizer = weakref.finalize(self, self.place.remove_tree)
@@ -325,6 +340,10 @@ class ResultStore(_Output):
 
     def _kept_ids(self) -> Any:
         return _Flags(self._committed)
+
+    def release(self) -> None:
+        """The call writing here is over."""
+        self._busy = False
 
     def close(self) -> None:
         self.closed = True

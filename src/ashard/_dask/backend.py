@@ -312,7 +312,9 @@ class DaskBackend:
                 "pool's mem_budget, which a cluster pool does not have"
             )
         out = {name: sink.spec() for name, sink in work.out.items()}  # table sinks only
-        spec = replace(work, borrow={}, out=out)
+        # the error rules and footprint are the caller's job's: they stay here
+        opts = replace(work.opts, retry_errors=False, on_error=None, footprint=None)
+        spec = replace(work, borrow={}, out=out, opts=opts)
         try:  # once per call here, once per call on each node (not per chunk)
             spec_bytes = pickle.dumps(spec, protocol=5)
         except Exception as exc:
