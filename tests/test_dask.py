@@ -167,6 +167,31 @@ async def test_error_rules_and_a_predicate_decide_in_the_caller(dask_cluster: An
     assert res.diagnostics.error_retries == 1
 
 
+async def test_stacks_of_busy_workers_on_every_node(dask_cluster: Any, tmp_path: Path) -> None:
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        result: list[Any] = []
+
+        async def run() -> None:
+            result.append(
+                await pool.shard_map(
+                    ashard.shards(1),
+                    workloads.shard_waiting_here,
+                    borrow={"directory": str(tmp_path)},
+                )
+            )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            with anyio.fail_after(30):
+                while not (tmp_path / "started-0").exists():  # noqa: ASYNC110 (a worker writes it)
+                    await anyio.sleep(0.01)
+            stacks = await pool.stacks()
+            (tmp_path / "release").touch()
+    ((shard, text),) = stacks.values()
+    assert shard == 0 and text is not None and "shard_waiting_here" in text
+    assert result[0].results == ["0"] and result[0].diagnostics.retries == 0
+
+
 class _Unpicklable:
     def __call__(self, shard: Any) -> None:
         pass

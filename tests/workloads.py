@@ -973,3 +973,19 @@ def table_while_armed(shard: Shard, armed: str, bad: dict[int, str], log: str) -
     """`fail_while_armed`, returning a one-row table (for ``results="table"``)."""
     value = fail_while_armed(shard, armed, bad, log)
     return {"id": [shard.id], "value": [value]}
+
+
+def waiting_here(directory: str, key: str) -> str:
+    """Touch ``started-{key}`` in `directory`, then wait in this function until the file
+    ``release`` appears there (the stacks tests look for this function's name)."""
+    path = os.path.join(directory, f"started-{key}")
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY))
+    release = os.path.join(directory, "release")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return key
+
+
+def shard_waiting_here(shard: Shard, directory: str) -> str:
+    return waiting_here(directory, str(shard.id))

@@ -147,6 +147,10 @@ class CallLanes:
         self._free_slot(lane)
         return p.answer
 
+    def busy(self) -> list[WorkerHandle]:
+        """The workers with a call outstanding."""
+        return [lane.worker for lane in self._lanes.values() if lane.outstanding]
+
     def outstanding(self) -> int:
         """Calls sent and not answered, on all workers."""
         return sum(len(lane.outstanding) for lane in self._lanes.values())

@@ -73,7 +73,7 @@ from ashard._protocol import (
 from ashard._reports import Report, pump_output, receive, receive_until
 from ashard._serialize import dumps_named, pack
 from ashard._sources import with_sources
-from ashard._workers import WorkerSet
+from ashard._workers import DUMP_WAIT, WorkerSet
 from ashard.errors import ShardError
 from ashard.results import PoolStats
 
@@ -149,6 +149,7 @@ class Scheduler:
         self._keep_borrowed = keep_borrowed
         self._seq = itertools.count()
         self._keys = itertools.count()
+        self._leases: dict[WorkerHandle, _Lease] = {}  # the workers jobs drive now
 
     # -- the pool ---------------------------------------------------------------------
 
@@ -176,6 +177,28 @@ class Scheduler:
 
     def pids(self) -> list[int]:
         return self.workers.pids()
+
+    async def stacks(self) -> dict[int, tuple[int | None, str | None]]:
+        """Every busy worker's stack now, by pid, with the position it runs (the first of
+        its oldest chunk not yet reported; None for a `call`): its faulthandler dumps
+        every thread from a signal handler, and the shard goes on undisturbed. The
+        text is None where the worker could not answer within `DUMP_WAIT`."""
+        busy: dict[WorkerHandle, int | None] = {}
+        for w, lease in list(self._leases.items()):
+            if lease.inflight and w.alive:
+                chunk = lease.inflight[0]
+                busy[w] = chunk.first + min(chunk.done, chunk.count - 1)
+        for w in self.lanes.busy():
+            busy.setdefault(w, None)
+        found: dict[int, tuple[int | None, str | None]] = {}
+
+        async def ask(w: WorkerHandle, pos: int | None) -> None:
+            found[w.pid] = (pos, await w.dump_stack(DUMP_WAIT))
+
+        async with anyio.create_task_group() as tg:
+            for w, pos in busy.items():
+                tg.start_soon(ask, w, pos)
+        return dict(sorted(found.items()))
 
     # -- jobs -------------------------------------------------------------------------
 
@@ -316,6 +339,7 @@ class Scheduler:
         task_status: anyio.abc.TaskStatus[None],
     ) -> None:
         lease = _Lease(run, w)
+        self._leases[w] = lease
         job = run.job
         job.ran_on(w)
         started = False
@@ -341,6 +365,7 @@ class Scheduler:
             except (ChannelClosed, Hung, ProtocolViolation) as exc:
                 lost = exc
         finally:
+            self._leases.pop(w, None)
             if not started:
                 task_status.started()
             pump.cancel()

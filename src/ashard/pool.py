@@ -252,6 +252,16 @@ class Pool:
         """Process ids of the live workers."""
         return self._made.pids() if self._made is not None else []
 
+    async def stacks(self) -> dict[int, tuple[int | None, str | None]]:
+        """The current stack of every busy worker, without disturbing its work:
+        ``{pid: (shard_id, stack_text)}`` - `shard_id` the shard (or `map` item) it runs,
+        None for a `call`; the text every thread's stack, as faulthandler writes it,
+        None if the worker could not answer within half a second. Idle workers are left
+        out (an idle or unstarted pool gives ``{}``)."""
+        if self._made is None or self.closed:
+            return {}
+        return await self._made.stacks()
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self.pids)} alive"
         return f"<ashard.Pool workers={self.workers} {state}>"

@@ -184,6 +184,10 @@ class Pool:
     def pids(self) -> list[int]:
         return self._pool.pids
 
+    def stacks(self) -> dict[int, tuple[int | None, str | None]]:
+        """`ashard.Pool.stacks`, blocking."""
+        return _block(self._pool.stacks())
+
     def __repr__(self) -> str:
         return repr(self._pool).replace("<ashard.Pool", "<ashard.sync.Pool", 1)
 

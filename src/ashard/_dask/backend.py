@@ -36,7 +36,14 @@ from distributed import Client
 
 from ashard._dask import wire
 from ashard._dask.landing import landing
-from ashard._dask.node import AshardPlugin, cancel_call, end_job, run_call, run_chunk
+from ashard._dask.node import (
+    AshardPlugin,
+    cancel_call,
+    end_job,
+    node_stacks,
+    run_call,
+    run_chunk,
+)
 from ashard._outcomes import CRASHED, Loss, failure
 from ashard._output import write_text
 from ashard._protocol import TIMEOUT
@@ -268,6 +275,18 @@ class DaskBackend:
 
     def pids(self) -> list[int]:
         return []  # the processes are on other machines: see diagnostics' per_worker
+
+    async def stacks(self) -> dict[int, tuple[int | None, str | None]]:
+        """Every busy ashard worker's stack, asked of each node at once (off the loop)."""
+        client = self._client
+        if client is None:
+            return {}
+        name = self._name
+        per_node = await anyio.to_thread.run_sync(lambda: client.run(node_stacks, name))
+        found: dict[int, tuple[int | None, str | None]] = {}
+        for stacks in per_node.values():
+            found.update(stacks)
+        return dict(sorted(found.items()))
 
     # -- jobs -------------------------------------------------------------------------
 

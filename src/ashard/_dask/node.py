@@ -108,6 +108,17 @@ async def end_job(name: str, key: str, cancelled: bool, dask_worker: Any = None)
         plugin.host.end_job(key, cancelled)
 
 
+async def node_stacks(
+    name: str, dask_worker: Any = None
+) -> dict[int, tuple[int | None, str | None]]:
+    """Run by the caller on every Dask worker: the stacks of this node's busy workers."""
+    plugin = dask_worker.plugins.get(name) if dask_worker is not None else None
+    host = getattr(plugin, "host", None)
+    if not isinstance(host, NodeHost):
+        return {}
+    return await host.stacks()
+
+
 async def cancel_call(key: str, dask_worker: Any = None) -> None:
     """Run by the caller on every Dask worker: interrupt the task `key` if it runs here."""
     for plugin in list(getattr(dask_worker, "plugins", {}).values()):
@@ -283,6 +294,11 @@ class NodeHost:
             exc.__cause__ = None
             return Raised(_portable(exc), text, lines)
         return Returned(value, lines)
+
+    async def stacks(self) -> dict[int, tuple[int | None, str | None]]:
+        """The node's busy workers' stacks (`Scheduler.stacks`, on the node's loop)."""
+        asked = asyncio.run_coroutine_threadsafe(self.scheduler.stacks(), self._thread.loop())
+        return await asyncio.wrap_future(asked)
 
     def cancel_call(self, key: str) -> None:
         self._soon(self._cancel_call, key)
