@@ -192,6 +192,16 @@ async def test_stacks_of_busy_workers_on_every_node(dask_cluster: Any, tmp_path:
     assert result[0].results == ["0"] and result[0].diagnostics.retries == 0
 
 
+async def test_hygiene_notes_come_back_from_the_nodes(dask_cluster: Any, tmp_path: Path) -> None:
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        with pytest.warns(ashard.HygieneWarning, match="ASHARD_TEST_LEFT"):
+            res = await pool.shard_map(
+                ashard.shards(1), workloads.change_process_state,
+                borrow={"where": str(tmp_path)},
+            )  # fmt: skip
+        assert "os.environ['ASHARD_TEST_LEFT'] was set; restored" in res.diagnostics.hygiene[0]
+
+
 class _Unpicklable:
     def __call__(self, shard: Any) -> None:
         pass

@@ -989,3 +989,88 @@ def waiting_here(directory: str, key: str) -> str:
 
 def shard_waiting_here(shard: Shard, directory: str) -> str:
     return waiting_here(directory, str(shard.id))
+
+
+# -- hygiene between tasks (test_hygiene.py) ---------------------------------------------
+
+
+def change_process_state(shard: Shard, where: str) -> int:
+    """Shard 0 changes everything hygiene puts back; the others change nothing."""
+    if shard.id == 0:
+        import logging
+        import warnings
+
+        os.environ["ASHARD_TEST_LEFT"] = "1"
+        os.environ.pop("ASHARD_TEST_KEPT", None)
+        os.chdir(where)
+        sys.path.append("/nowhere/at/all")
+        warnings.simplefilter("ignore")
+        logging.basicConfig(level=logging.DEBUG)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)  # ashard's timeouts use it
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # ashard's stack dumps use it
+        random.seed(42)
+    return shard.id
+
+
+def process_state(_: Any = None) -> dict[str, Any]:
+    """What a task sees of the state `change_process_state` changes."""
+    import logging
+    import warnings
+
+    return {
+        "left": os.environ.get("ASHARD_TEST_LEFT"),
+        "kept": os.environ.get("ASHARD_TEST_KEPT"),
+        "cwd": os.getcwd(),
+        "nowhere": "/nowhere/at/all" in sys.path,
+        "filters": len(warnings.filters),
+        "handlers": len(logging.root.handlers),
+        "level": logging.root.level,
+        "sigterm": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+        "draw": random.random(),
+        "pid": os.getpid(),
+    }
+
+
+def state_after(shard: Shard, where: str) -> Any:
+    """Shard 0 changes the state; shard 1 reports it (run them in order on one worker)."""
+    if shard.id == 0:
+        return change_process_state(shard, where)
+    return process_state()
+
+
+_LEFT_OPEN: list[Any] = []  # files a shard leaves open on purpose
+
+
+def leave_things_behind(shard: Shard, directory: str) -> int:
+    """Shard 0 leaves a non-daemon thread, a child process and an open file."""
+    import subprocess
+    import threading
+
+    if shard.id == 0:
+        stop = os.path.join(directory, "stop")
+        threading.Thread(
+            target=lambda: [time.sleep(0.01) for _ in iter(lambda: os.path.exists(stop), True)],
+            name="left-behind",
+        ).start()
+        child = subprocess.Popen(["sleep", "30"])
+        append_line(os.path.join(directory, "child"), f"{child.pid}\n")
+        _LEFT_OPEN.append(open(os.path.join(directory, "open-file"), "w"))  # noqa: SIM115
+    return os.getpid()
+
+
+def set_up_in_init() -> None:
+    """An `init` that changes the process: its changes are the baseline."""
+    import warnings
+
+    os.environ["ASHARD_TEST_INIT"] = "yes"
+    warnings.filterwarnings("ignore", message="ashard-test-init")
+
+
+def env_of(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def set_env(name: str, value: str) -> str:
+    os.environ[name] = value
+    return value

@@ -20,6 +20,7 @@ __all__ = [
     "ExecutorUnpicklingError",
     "ExecutorWorkerCrashed",
     "GatherTooLarge",
+    "HygieneWarning",
     "MemoryDiagnostics",
     "Pool",
     "PoolStats",
@@ -64,6 +65,7 @@ from ashard.shards import Shard, Shards, shards
 
 _LAZY = {
     "GatherTooLarge": "ashard.errors",
+    "HygieneWarning": "ashard.errors",
     "SchemaMismatch": "ashard.errors",
     "ShardError": "ashard.errors",
     "ShardFailed": "ashard.errors",
@@ -121,6 +123,7 @@ if _typing.TYPE_CHECKING:
     )
     from ashard.errors import (
         GatherTooLarge,
+        HygieneWarning,
         SchemaMismatch,
         ShardError,
         ShardFailed,

@@ -40,6 +40,7 @@ from ashard._options import (
     check_takes,
     resolve_shards,
 )
+from ashard._outcomes import warn_hygiene
 from ashard._serialize import pickle_payload
 from ashard._sources import with_sources
 from ashard._stream import ShardStream
@@ -209,6 +210,8 @@ async def running(job: Job) -> AsyncIterator[None]:
                 await anyio.to_thread.run_sync(job.outputs.close)
     finally:
         job.close()
+        if job.record.hygiene:
+            warn_hygiene(job.record.hygiene, job.noun)
 
 
 async def run_job(backend: Backend, job: Job, resize: int | None = None) -> None:

@@ -63,6 +63,7 @@ class WorkerConfig:
     init: Payload | None = None
     max_frame: int = DEFAULT_MAX_FRAME
     memory_limit: int | None = None  # private memory past which the worker stops itself
+    hygiene: str = "check"  # what the worker puts back after each task (`Pool(hygiene=)`)
 
 
 class WorkerHandle:
@@ -125,7 +126,7 @@ class WorkerHandle:
         try:
             with anyio.fail_after(START_TIMEOUT):
                 hello = (HELLO, list(sys.path), config.init, config.max_frame,
-                         config.memory_limit, _mp_authkey())  # fmt: skip
+                         config.memory_limit, _mp_authkey(), config.hygiene)  # fmt: skip
                 await self.channel.send(encode(hello))
                 reply = (await self.channel.receive())[0]
         except ProtocolViolation as exc:
@@ -232,12 +233,17 @@ class WorkerHandle:
         if self._recycle is None:
             self._recycle = reason
 
-    def finished_work(self, rss: int, policy: HealthPolicy, profile: Profile) -> None:
+    def finished_work(
+        self, rss: int, policy: HealthPolicy, profile: Profile, left: bool = False
+    ) -> None:
         """A chunk or call is done: record the memory it reported (bytes), and whether
-        the worker should be replaced now that it is free (the first reason stays)."""
+        the worker should be replaced now that it is free (the first reason stays);
+        `left`: it left threads, processes or descriptors behind (`hygiene="recycle"`)."""
         self.observe(rss)
         if self._recycle is None:
             self._recycle = policy.soft_reason(self._tasks, self._rss, self._baseline_rss, profile)
+        if self._recycle is None and left and policy.hygiene == "recycle":
+            self._recycle = "hygiene"
 
     @property
     def end_reason(self) -> EndReason | None:
@@ -371,9 +377,16 @@ class WorkerHandle:
         fd = self._stack_fd
         if fd is None or not self.alive:
             return None
-        start = os.fstat(fd).st_size
-        self.signal(DUMP_SIGNAL)
-        return await anyio.to_thread.run_sync(_read_dump, fd, start, wait)
+        try:  # its own copy: the worker's may be closed meanwhile (it died)
+            own = os.dup(fd)
+            start = os.fstat(own).st_size
+        except OSError:
+            return None
+        try:
+            self.signal(DUMP_SIGNAL)
+            return await anyio.to_thread.run_sync(_read_dump, own, start, wait)
+        finally:
+            os.close(own)
 
     def close_channel(self) -> None:
         """Close its channel (it exits at EOF) and what else the parent holds of it."""

@@ -34,7 +34,7 @@ __all__ = [
     "Watched",
 ]
 
-RecycleReason = Literal["mem_cap", "drift", "max_tasks", "pause_timeout", "all_paused"]
+RecycleReason = Literal["mem_cap", "drift", "max_tasks", "pause_timeout", "all_paused", "hygiene"]
 """Why a healthy worker is replaced once its current work is done."""
 EndReason = Literal[RecycleReason, "mem_hard", "idle", "crashed", "timed out", "protocol", "exited"]
 """Why a worker ended: recycled, killed past the hard memory limit, idle past
@@ -92,6 +92,7 @@ class HealthPolicy:
     mem_pause: float = 0.8  # with mem_cap: above this share of it a worker takes no work
     pause_timeout: float = 10.0  # seconds paused before it is recycled
     mem_budget: int | Literal["auto"] | None = None  # see `ashard._budget`
+    hygiene: Literal["check", "recycle", "off"] = "check"  # see `ashard._worker.hygiene`
 
     def pause_change(self, rss: int, paused: bool) -> bool | None:
         """Should a worker holding `rss` bytes pause (True) or resume (False), being

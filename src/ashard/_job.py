@@ -422,8 +422,17 @@ class Job(Changes):
             self._store_mixed(base, values, errors, chunk, k0, elapsed, pid)
         if report.final and chunk.done < chunk.count:  # the worker stopped early
             self._requeue_rest(chunk, chunk.done)
+        if report.hygiene is not None:
+            self._hygiene(chunk, report.hygiene[0])
         self._let_go(chunk)
         self.notify()
+
+    def _hygiene(self, chunk: Chunk, notes: list[str]) -> None:
+        """What `chunk`'s shards changed in their worker (noted under its first)."""
+        last = chunk.first + max(chunk.done, 1) - 1
+        where = "" if last == chunk.first else f"in {self.noun}s {chunk.first}-{last}: "
+        said = self.record.hygiene.get(chunk.first, ())
+        self.record.hygiene[chunk.first] = said + tuple(where + note for note in notes)
 
     def _run_of(self, pos: int) -> int:
         return self.runs.get(pos, 1)
@@ -450,6 +459,8 @@ class Job(Changes):
                 self._push_retry(pos, chunk, k0 + k)  # it ran: its next run counts
         if report.final and chunk.done < chunk.count:
             self._requeue_rest(chunk, chunk.done)
+        if report.hygiene is not None:
+            self._hygiene(chunk, report.hygiene[0])
         self._let_go(chunk)
         self.notify()
 

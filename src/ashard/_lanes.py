@@ -286,7 +286,8 @@ class CallLanes:
         lane.last_took = self._last_took = now - lane.head_since if took is None else took
         lane.head_since = now
         head.output = w.output.take(head.seq)
-        w.finished_work(report.rss, self.policy, PROFILES["default"])
+        left = report.hygiene is not None and report.hygiene[1]
+        w.finished_work(report.rss, self.policy, PROFILES["default"], left)
         self.workers.gauged(w)
         self.workers.heard_back(0)
         if head.wake is not None:

@@ -56,6 +56,7 @@ Footprint = int | str | Callable[[Any], int] | None
 ErrorsMode = Literal["raise", "collect"]
 ProfileName = Literal["default", "memory", "speed"]
 ResultsMode = Literal["memory", "table", "disk"]
+Hygiene = Literal["check", "recycle", "off"]
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -486,6 +487,7 @@ def health_policy(
     mem_budget: object = None,
     mem_pause: object = 0.8,
     pause_timeout: object = 10.0,
+    hygiene: object = "check",
 ) -> HealthPolicy:
     """The checked health limits of a `Pool` (`min_workers` checked by the caller)."""
     return HealthPolicy(
@@ -501,6 +503,7 @@ def health_policy(
         mem_budget=_check_budget(mem_budget),
         mem_pause=_check_share("mem_pause", mem_pause),
         pause_timeout=_check_seconds("pause_timeout", pause_timeout),
+        hygiene=_one_of(Hygiene)("hygiene", hygiene),
     )
 
 

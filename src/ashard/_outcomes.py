@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import signal as _signal
 import traceback
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +21,7 @@ from ashard._protocol import INTERRUPTED, RAISED, TIMEOUT
 from ashard._serialize import ExcRecord, LoadError, decode_exception
 from ashard._serialize import show_error as _show
 from ashard.errors import (
+    HygieneWarning,
     RemoteTraceback,
     ShardError,
     ShardFailed,
@@ -43,6 +46,7 @@ __all__ = [
     "start_failure",
     "unreadable_result",
     "unsendable_items",
+    "warn_hygiene",
 ]
 
 CRASHED = -1
@@ -178,6 +182,20 @@ def start_failure(pid: int, record: ExcRecord) -> WorkerStartError:
     err = WorkerStartError(f"init failed in worker {pid}: {exc!r}")
     err.__cause__ = exc
     return err
+
+
+def warn_hygiene(notes: Mapping[int | None, tuple[str, ...]], noun: str) -> None:
+    """One `HygieneWarning` for a call whose tasks (`noun`s, by position; None: a
+    `call`) changed process-wide state in their workers, naming the first."""
+    (first, said), more = next(iter(notes.items())), len(notes) - 1
+    where = noun if first is None else f"{noun} {first}"
+    rest = f" ({more} more {noun}s did too: see Diagnostics.hygiene)" if more else ""
+    warnings.warn(
+        HygieneWarning(
+            f"ashard: {where} changed its worker's process-wide state: {'; '.join(said)}{rest}"
+        ),
+        stacklevel=2,
+    )
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:

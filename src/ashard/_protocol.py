@@ -4,7 +4,7 @@ these codes; the comments give the rest of each tuple.
 parent -> worker (each kind has its record, which `parse_order` makes)::
 
     HELLO    Hello         sys_path, init payload | None, max_frame, memory limit
-                           (bytes) | None, the multiprocessing authkey | None
+                           (bytes) | None, the multiprocessing authkey | None, hygiene
     JOB      RegisterJob   key, JobSpec: register fn and borrow for a call
     RUN      RunChunk      key, seq, first, n, attempts | None, items payload | None
     CALL     CallFn        seq, fn, args, kwargs, timeout: one call, no job
@@ -27,7 +27,7 @@ worker -> parent::
     READY        pid, private rss after init (bytes)
     INIT_FAILED  exception record
     RESULT       seq, k0, n, values payload, errors, elapsed, final, writes, rss,
-                 commits, arrays, peak        (array segment fds ride along)
+                 commits, arrays, peak, hygiene        (array segment fds ride along)
 
 A RESULT reports chunk positions ``k0 .. k0+n-1`` of chunk `seq`. `errors` is a list of
 ``(k, kind, detail)`` for positions k (counted from k0): RAISED (detail: exception
@@ -36,7 +36,9 @@ None) for ``k < n``, or INTERRUPTED at ``k == n``
 (positions from there on never ran: the chunk ends, and they go back to the queue).
 `final` says the chunk is over; `rss` is the worker's private memory then (bytes), and
 `peak` (jobs that ask, `JobSpec.peak`) how far its private memory rose during the chunk
-above where it started (bytes; 0 otherwise).
+above where it started (bytes; 0 otherwise); `hygiene` (a final report only) what the
+task changed in process-wide state, ``(notes, left)``: one-line notes, and whether it
+left threads, processes or descriptors behind - or None.
 `commits` lists the files positions committed to table sinks and results stores:
 ``(k, name, rows, bytes, memory, schema)`` (name "" for the results store; rows -1 for
 a pickled result; memory: the rows' in-memory bytes; schema: its serialized pyarrow
@@ -113,13 +115,16 @@ class Result(NamedTuple):
     commits: list[Commit] | None
     arrays: list[ArrayDesc] | None
     peak: int = 0
+    hygiene: tuple[list[str], bool] | None = None
 
 
 def parse_result(msg: Any) -> Result:
     """`msg` as a `Result`, or `ProtocolViolation` if it is not a well-formed one."""
-    if type(msg) is not tuple or len(msg) != 13 or msg[0] != RESULT:
+    if type(msg) is not tuple or len(msg) != 14 or msg[0] != RESULT:
         raise ProtocolViolation(f"expected a result message, got {_describe(msg)}")
-    _, seq, k0, n, values, errors, _elapsed, final, _writes, rss, commits, arrays, peak = msg
+    _, seq, k0, n, values, errors, _elapsed, final, _writes, rss, commits, arrays, peak, hyg = msg
+    if hyg is not None and not _is_notes(hyg):
+        raise ProtocolViolation("a result message whose hygiene notes are not notes")
     if not all(type(v) is int for v in (seq, k0, n, rss, peak)):
         raise ProtocolViolation("a result message with counts that are not ints")
     if k0 < 0 or n < 0 or type(final) is not bool:
@@ -137,6 +142,18 @@ def parse_result(msg: Any) -> Result:
     return tuple.__new__(Result, msg[1:])  # skips the NamedTuple's __new__ (Python code)
 
 
+def _is_notes(hygiene: Any) -> bool:
+    """``(notes, left)``: a short list of short strings, and a bool."""
+    return (
+        type(hygiene) is tuple
+        and len(hygiene) == 2
+        and type(hygiene[0]) is list
+        and len(hygiene[0]) <= 64
+        and all(type(note) is str and len(note) <= 1000 for note in hygiene[0])
+        and type(hygiene[1]) is bool
+    )
+
+
 def split_result(result: Result, at: int) -> tuple[Result, Result]:
     """`result` as two: its positions before `at` and from `at` on (``0 < at < n``), for
     a parent that delivers a long report over several steps. Only the second is final
@@ -147,7 +164,7 @@ def split_result(result: Result, at: int) -> tuple[Result, Result]:
     commits, arrays = cut_entries(result.commits, at), cut_entries(result.arrays, at)
     head = result._replace(
         n=at, errors=errors[0] or [], elapsed=times[0], final=False, writes=writes[0], rss=0,
-        commits=commits[0], arrays=arrays[0], peak=0,
+        commits=commits[0], arrays=arrays[0], peak=0, hygiene=None,
     )  # fmt: skip
     tail = result._replace(
         k0=result.k0 + at, n=n - at, errors=errors[1] or [], elapsed=times[1],
@@ -347,6 +364,7 @@ class Hello(NamedTuple):
     max_frame: int
     memory_limit: int | None
     authkey: bytes | None
+    hygiene: str = "check"  # "check" | "recycle" | "off" (`ashard._worker.hygiene`)
 
 
 class RegisterJob(NamedTuple):

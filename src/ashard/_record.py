@@ -32,6 +32,7 @@ class CallRecord:
         self.log = AttemptLog()
         self.chunks = self.retries = self.timeouts = self.crashes = 0
         self.error_retries = 0  # runs after fn raised, retried by retry_errors or a rule
+        self.hygiene: dict[int | None, tuple[str, ...]] = {}  # position -> what it changed
         self.cow_writes: set[tuple[int, str]] = set()  # (shard id, borrow name), cow="audit"
         self._runs = runs
         self._pids: set[int] = set()
@@ -135,6 +136,7 @@ class CallRecord:
             scaling=tuple(self.scaling),
             autotune=autotune,
             error_retries=self.error_retries,
+            hygiene=dict(self.hygiene),
             skipped=skipped,
             _attempts=self.log,
         )

@@ -55,7 +55,14 @@ from ashard._handle import WorkerConfig, WorkerHandle
 from ashard._health import PROFILES, HealthPolicy
 from ashard._lanes import CANCEL_GRACE, KILL_GRACE, CallLanes, Hung, LaneLost
 from ashard._log import logger
-from ashard._outcomes import CRASHED, call_outcome, failure, interrupt_in, unreadable_result
+from ashard._outcomes import (
+    CRASHED,
+    call_outcome,
+    failure,
+    interrupt_in,
+    unreadable_result,
+    warn_hygiene,
+)
 from ashard._protocol import (
     CALL,
     CANCEL,
@@ -537,7 +544,8 @@ class Scheduler:
                 if report.peak:
                     job.memory.learned(report.peak)
                 self._rehold(lease)
-                w.finished_work(report.rss, self.policy, profile)
+                left = report.hygiene is not None and report.hygiene[1]
+                w.finished_work(report.rss, self.policy, profile, left)
                 self.workers.gauged(w)
             if budget is not None and time.monotonic() - t0 >= budget:
                 break
@@ -642,6 +650,8 @@ class Scheduler:
             self.workers.heard_back(0, timed_out=1)
             return _Lost(failure(TIMEOUT, report.errors[0][2], subject="call", shard=None,
                                  attempts=attempt, timeout=timeout))  # fmt: skip
+        if report.hygiene is not None:
+            warn_hygiene({None: tuple(report.hygiene[0])}, "call")
         return call_outcome(values, report.errors)
 
 

@@ -11,9 +11,11 @@ Shard outcomes share one base so callers can catch them together::
      │    └── ShardMapError         errors="raise": the failures, plus .result
      ├── RuntimeError
      │    └── WorkerStartError      a worker could not start (bad interpreter, init failed)
-     └── ValueError
-          ├── SchemaMismatch        a table written to a sink does not fit its schema
-          └── GatherTooLarge        res.table() would hold more than max_bytes
+     ├── ValueError
+     │    ├── SchemaMismatch        a table written to a sink does not fit its schema
+     │    └── GatherTooLarge        res.table() would hold more than max_bytes
+     └── UserWarning
+          └── HygieneWarning        (a warning) tasks changed their worker's process-wide state
 
 Bad arguments raise the builtin `TypeError` / `ValueError` before any worker runs.
 The errors are made from worker reports in one place, `ashard._outcomes`.
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GatherTooLarge",
+    "HygieneWarning",
     "SchemaMismatch",
     "ShardError",
     "ShardFailed",
@@ -38,6 +41,14 @@ __all__ = [
     "WorkerCrashed",
     "WorkerStartError",
 ]
+
+
+class HygieneWarning(UserWarning):
+    """Warned once per call whose shards (or whose `call`) changed process-wide state in
+    their worker: what was put back, and what could not be (threads, processes or file
+    descriptors left behind). `Diagnostics.hygiene` lists every note by shard."""
+
+    __module__ = "ashard"
 
 
 class ShardError(Exception):

@@ -11,7 +11,7 @@ import atexit
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 import anyio
 
@@ -72,7 +72,11 @@ def _open_backend(
     from ashard._handle import WorkerConfig  # the supervisor: see the docstring
 
     config = WorkerConfig(
-        env=dict(env), init=init, max_frame=max_frame, memory_limit=policy.hard_cap
+        env=dict(env),
+        init=init,
+        max_frame=max_frame,
+        memory_limit=policy.hard_cap,
+        hygiene=policy.hygiene,
     )
     if cluster is None:
         from ashard._scheduler import Scheduler  # the supervisor
@@ -127,6 +131,14 @@ class Pool:
     again). False: a copy per call, let go when the call ends. The default pool keeps
     none.
 
+    `hygiene`: after each chunk or call a worker puts back what user code changed in
+    process-wide state - `os.environ`, the working directory, `sys.path`, `warnings`
+    filters, the root logger, signal handlers, `sys.settrace`/`setprofile`, `random`
+    after `random.seed` - and reports what it cannot (threads, child processes or file
+    descriptors left behind): `Diagnostics.hygiene`, and one `ashard.HygieneWarning` per
+    call. "recycle" also replaces a worker that left something behind; "off" checks
+    nothing. What `init` does is the baseline, not a change.
+
     Nothing a worker sends is trusted: a message larger than `max_message` (or that
     is not a valid one) breaks that worker — it is killed and replaced, its shards run
     again — and a result too large to send fails its shard, saying so.
@@ -153,6 +165,7 @@ class Pool:
         max_message: int | str = "2GiB",
         cluster: object = None,
         keep_borrowed: bool = True,
+        hygiene: Literal["check", "recycle", "off"] = "check",
     ) -> None:
         per_node = check_positive_int("workers", workers, allow_none=True)
         size = per_node or os.cpu_count() or 1
@@ -166,7 +179,7 @@ class Pool:
             mem_cap=mem_cap, hard_cap=hard_cap, recycle=recycle,
             health_check_interval=health_check_interval, max_tasks=max_tasks,
             idle_timeout=idle_timeout, min_workers=fewest, mem_budget=mem_budget,
-            mem_pause=mem_pause, pause_timeout=pause_timeout,
+            mem_pause=mem_pause, pause_timeout=pause_timeout, hygiene=hygiene,
         )  # fmt: skip
         init_payload = None
         if init is not None:

@@ -108,6 +108,11 @@ class Diagnostics:
     """Runs after `fn` raised (retried by `retry_errors` or an `on_error` rule)."""
     skipped: int = 0
     """Shards an `on_error` rule skipped: their value is None, they are not failures."""
+    hygiene: Mapping[int | None, tuple[str, ...]] = field(default_factory=dict)
+    """What shards changed in their worker's process-wide state (``Pool(hygiene=...)``):
+    shard id -> one-line notes, such as "os.environ['X'] was set; restored" (a chunk of
+    several shards is checked as one: its notes sit under its first shard, and say
+    which shards ran)."""
     autotune: tuple[tuple[float, int, str], ...] = field(default=())
     """Each size `chunk_size="auto"` chose, when it moved by a quarter or more (the
     first 1,000 such): ``(seconds_into_call,

@@ -41,6 +41,7 @@ from ashard._protocol import (
 )
 from ashard._serialize import LoadError, encode_exception, load_failure, unpack
 from ashard._worker import process, running
+from ashard._worker.hygiene import Hygiene
 from ashard._worker.jobs import JobContext, load_error, load_job
 from ashard._worker.reports import Reporter
 from ashard._worker.segments import Segments
@@ -60,6 +61,16 @@ class Worker:
         self.segments = Segments()
         self.queue: deque[Order | _Unloadable | _Dropped] = deque()
         self.jobs: dict[int, JobContext | LoadError] = {}
+        self.hygiene: Hygiene | None = None  # made after init (`Pool(hygiene="off")`: none)
+
+    def clean_up_after(self, dump_fd: int | None, mode: str) -> None:
+        """From now on (init is done: its work is the baseline), put back what each task
+        changes in the process, as `mode` says."""
+        if mode == "off":
+            return
+        reader = self.reader
+        self.hygiene = Hygiene(mode, lambda: set(reader.fds or ()), dump_fd)
+        self.report.on_final = self.hygiene.end
 
     def read(self, block: bool) -> bool:
         """Take in what the socket holds; False at end of stream."""
@@ -140,6 +151,8 @@ class Worker:
             error = load_error("the call's function or arguments", order.error)
             self.report.fail_all(UNREADABLE_CALL, 1, error)
         elif isinstance(order, CallFn):
+            if self.hygiene is not None:
+                self.hygiene.begin(order.seq, seeded=False, loaded=True)
             self.report.with_rss = False  # a call's latency is worth more than its memory
             running.run_call(order, self.report)
             self.report.with_rss = True
@@ -147,6 +160,8 @@ class Worker:
         elif isinstance(order, RegisterJob):
             self.jobs[order.key] = load_job(order.spec, self.segments, self.stdio)
             self.stdio.check()
+            if self.hygiene is not None:  # what loading it did is not a task's doing
+                self.hygiene.rebase()
         elif isinstance(order, ForgetJob):
             self.jobs.pop(order.key, None)
         elif isinstance(order, AddSegments):
@@ -174,6 +189,8 @@ class Worker:
             return
         if ctx.peak:
             self.report.peak_from = process.peak_start()
+        if self.hygiene is not None:
+            self.hygiene.begin(chunk.seq, ctx.seed is not None, fds=not ctx.outputs)
         running.run_chunk(ctx, chunk, items, self.report)
 
 
@@ -207,6 +224,7 @@ def _handshake(worker: Worker) -> bool:
             return False
         worker.stdio.check()
     dump = process.stack_dump_fd()  # where its stacks go if it ever hangs in C code
+    worker.clean_up_after(dump, hello.hygiene)
     fds = [] if dump is None else [dump]
     worker.report.send((READY, os.getpid(), process.private_rss(), len(fds)), fds)
     return True

@@ -9,6 +9,7 @@ goes on; a large array leaves through a sealed memfd (`large_results`), not the 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from ashard._framing import DEFAULT_MAX_FRAME, encode, frame_size, send_frames
@@ -49,6 +50,8 @@ class Reporter:
         self.max_frame = DEFAULT_MAX_FRAME
         self.with_rss = True
         self.peak_from: int | None = None  # the chunk's starting memory, when it measures
+        # the hygiene check of task `seq`, made as its final report goes (`Hygiene.end`)
+        self.on_final: Callable[[int], tuple[list[str], bool] | None] | None = None
         self._item_bytes: float | None = None  # a value's size, pickled, as learned
 
     def send(self, msg: Any, fds: list[int] | None = None) -> None:
@@ -105,6 +108,7 @@ class Reporter:
                      final: bool, writes: list[tuple[int, str]] | None = None,
                      commits: list[Commit] | None = None) -> None:  # fmt: skip
         """One RESULT message: `result`'s arguments, for one piece."""
+        hygiene = self.on_final(seq) if final and self.on_final is not None else None
         rss = private_rss() if final and self.with_rss else 0
         peak = 0
         if final and self.peak_from is not None:
@@ -123,14 +127,14 @@ class Reporter:
                 payload = pack(values)
         n = len(values)
         msg = (RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss, commits, arrays,
-               peak)  # fmt: skip
+               peak, hygiene)  # fmt: skip
         parts = encode(msg)
         size = len(parts[0]) + len(parts[1]) if len(parts) == 2 else frame_size(parts)
         if size > self.max_frame:
             values, errors = _too_large(values, errors, frame_size(parts), self.max_frame)
             payload = pack(values)
             msg = (RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss, commits,
-                   None, peak)  # fmt: skip
+                   None, peak, hygiene)  # fmt: skip
             parts = encode(msg)
             close_all(fds)
             fds = []

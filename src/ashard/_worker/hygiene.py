@@ -1,0 +1,342 @@
+"""Hygiene between tasks (DESIGN 2.6): after each chunk or call, put back what user code
+changed in process-wide state that is cheap to restore, and say what it cannot.
+
+Restored, each to its *baseline* (the state after `init` and after a job was loaded:
+work done there is not a change): `os.environ`, the working directory, `sys.path`, the
+`warnings` filters, the root logger's handlers and level, `sys.settrace` /
+`sys.setprofile`, signal handlers (ashard's own too: its timeout and interrupt handlers,
+and the faulthandler of its stack dumps), and the `random` module after `random.seed`
+or `random.setstate` (reseeded from fresh entropy, unless the call has a `seed=`, which
+sets it per shard anyway). Reported, not restored: non-daemon threads left running,
+child processes left running, file descriptors left open.
+
+Every check is cheap, so the tiny-task cost stays small: dict and list comparisons, one
+`getcwd`, a thread count, one `pread` of the main thread's children, and the lowest free
+descriptor number before and after (a descriptor left open takes the lowest free
+number, so it moves). Signal handlers and the `random` seeding are watched by wrapping
+`signal.signal`, `random.seed` and `random.setstate`: nothing to compare per chunk.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import random
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Hygiene", "Notes"]
+
+Notes = tuple[list[str], bool]
+"""What one chunk or call left: one-line notes, and whether it left something that could
+not be put back (threads, processes, descriptors)."""
+
+_MAX_NOTES = 20
+
+
+class Hygiene:
+    """The baseline of one worker process, and the check after each task."""
+
+    def __init__(self, mode: str, keep_fds: Callable[[], set[int]], dump_fd: int | None) -> None:
+        self.mode = mode
+        self._keep_fds = keep_fds  # descriptors ashard itself opened meanwhile
+        self._dump_fd = dump_fd
+        self.seq: int | None = None  # the chunk or call being run (None: none)
+        self._seeded = False
+        self._low = 0
+        self._touched_signals: dict[int, Any] = {}  # signum -> its handler before
+        self._random_set = False
+        self._seen_threads: set[int] = set()
+        self._seen_children: set[int] = set()
+        self._children_fd = _open_children()
+        self._wrap()
+        self.rebase()
+
+    # -- baseline ---------------------------------------------------------------------
+
+    def rebase(self) -> None:
+        """Take what is now as the baseline (after `init`, after a job is loaded)."""
+        self._env = dict(os.environ._data)  # type: ignore[attr-defined]
+        self._cwd = _cwd()
+        self._path = list(sys.path)
+        self._filters = _warning_filters()
+        self._logging = _root_logger()
+        self._trace = sys.gettrace(), sys.getprofile()
+        self._threads = threading.active_count()
+        self._seen_threads = {t.ident for t in threading.enumerate() if t.ident is not None}
+
+    def _wrap(self) -> None:
+        """Watch `signal.signal`, `random.seed` and `random.setstate` from now on."""
+        real_signal = signal.signal
+        touched = self._touched_signals
+
+        def watched_signal(signum: Any, handler: Any) -> Any:
+            number = int(signum)
+            if number not in touched:
+                touched[number] = signal.getsignal(number)
+            return real_signal(signum, handler)
+
+        watched_signal.__doc__ = real_signal.__doc__
+        signal.signal = watched_signal  # type: ignore[assignment]
+        self._real_signal = real_signal
+        real_seed, real_setstate = random.seed, random.setstate
+
+        def watched_seed(*args: Any, **kwargs: Any) -> None:
+            self._random_set = True
+            real_seed(*args, **kwargs)
+
+        def watched_setstate(state: Any) -> None:
+            self._random_set = True
+            real_setstate(state)
+
+        watched_seed.__doc__, watched_setstate.__doc__ = real_seed.__doc__, real_setstate.__doc__
+        random.seed, random.setstate = watched_seed, watched_setstate
+        self._real_seed = real_seed
+
+    # -- around each task ---------------------------------------------------------------
+
+    def begin(self, seq: int, seeded: bool, fds: bool = True, loaded: bool = False) -> None:
+        """Task `seq` starts (`seeded`: its call has a `seed=`, which sets `random`;
+        `fds`: look for descriptors it leaves open - not while ashard's own outputs
+        open files and connections of their own; `loaded`: its own code was just
+        unpickled - a call's function - and what that did, importing, is baseline)."""
+        self.seq = seq
+        self._seeded = seeded
+        if loaded and self._moved():
+            self.rebase()
+        self._low = _lowest_free() if fds else -1
+
+    def end(self, seq: int) -> Notes | None:
+        """Task `seq` is over: put back what it changed; what it left, or None."""
+        if seq != self.seq:
+            return None
+        self.seq = None
+        notes: list[str] = []
+        self._restore(notes)
+        left = self._left_behind(notes)
+        if not notes:
+            return None
+        if len(notes) > _MAX_NOTES:
+            notes[_MAX_NOTES:] = [f"... and {len(notes) - _MAX_NOTES} more"]
+        return notes, left
+
+    def _moved(self) -> bool:
+        """Is the restorable state other than the baseline?"""
+        warnings, logging = sys.modules.get("warnings"), sys.modules.get("logging")
+        return (
+            os.environ._data != self._env  # type: ignore[attr-defined]
+            or _cwd() != self._cwd
+            or sys.path != self._path
+            or (warnings is not None and warnings.filters != self._filters)
+            or (logging is not None and _root_logger() != self._logging)
+            or (sys.gettrace(), sys.getprofile()) != self._trace
+        )
+
+    def _restore(self, notes: list[str]) -> None:
+        env = os.environ._data  # type: ignore[attr-defined]
+        if env != self._env:
+            _restore_env(env, self._env, notes)
+        if (cwd := _cwd()) != self._cwd and self._cwd is not None:
+            try:
+                os.chdir(self._cwd)
+                notes.append(f"the working directory was changed to {cwd!r}; restored")
+            except OSError as exc:
+                notes.append(f"the working directory was changed to {cwd!r}; not restored: {exc}")
+        if sys.path != self._path:
+            sys.path[:] = self._path
+            notes.append("sys.path was changed; restored")
+        warnings = sys.modules.get("warnings")
+        if warnings is not None and self._filters is not None and warnings.filters != self._filters:
+            warnings.filters[:] = self._filters
+            mutated = getattr(warnings, "_filters_mutated", None)
+            if mutated is not None:
+                mutated()
+            notes.append("the warnings filters were changed; restored")
+        self._restore_logging(notes)
+        if (sys.gettrace(), sys.getprofile()) != self._trace:
+            sys.settrace(self._trace[0])
+            sys.setprofile(self._trace[1])
+            notes.append("sys.settrace or sys.setprofile was called; restored")
+        if self._touched_signals:
+            self._restore_signals(notes)
+        if self._random_set:
+            self._random_set = False
+            if not self._seeded:
+                self._real_seed()
+                notes.append(
+                    "random.seed or random.setstate was called; the random module was "
+                    "reseeded from fresh entropy"
+                )
+
+    def _restore_logging(self, notes: list[str]) -> None:
+        logging = sys.modules.get("logging")
+        if logging is None:
+            return
+        root = logging.root
+        handlers, level = self._logging if self._logging is not None else ([], logging.WARNING)
+        if root.handlers != handlers:
+            root.handlers[:] = handlers
+            notes.append("the root logger's handlers were changed; restored")
+        if root.level != level:
+            root.setLevel(level)
+            notes.append("the root logger's level was changed; restored")
+
+    def _restore_signals(self, notes: list[str]) -> None:
+        from ashard._protocol import DUMP_SIGNAL
+
+        touched = dict(self._touched_signals)
+        self._touched_signals.clear()  # the same dict: the wrapper writes to it
+        for number, before in sorted(touched.items()):
+            if signal.getsignal(number) == before:
+                continue
+            try:
+                self._real_signal(number, before if before is not None else signal.SIG_DFL)
+                if number == DUMP_SIGNAL and self._dump_fd is not None:
+                    # faulthandler believes it still holds the signal: it re-installs
+                    # its handler only once it has let go of it
+                    faulthandler.unregister(number)
+                    faulthandler.register(number, file=self._dump_fd, all_threads=True,
+                                          chain=False)  # fmt: skip
+            except (OSError, ValueError, TypeError) as exc:
+                notes.append(f"the handler of {_signal_name(number)} was changed; not restored: "
+                             f"{exc}")  # fmt: skip
+                continue
+            notes.append(f"the handler of {_signal_name(number)} was changed; restored")
+
+    def _left_behind(self, notes: list[str]) -> bool:
+        left = False
+        if threading.active_count() > self._threads:
+            for t in threading.enumerate():
+                if t.ident not in self._seen_threads and t.is_alive():
+                    if t.ident is not None:
+                        self._seen_threads.add(t.ident)
+                    if not t.daemon:
+                        notes.append(f"a non-daemon thread {t.name!r} was left running")
+                        left = True
+        if self._children_fd is not None:
+            try:
+                listed = os.pread(self._children_fd, 4096, 0)
+            except OSError:
+                listed = b""
+            for pid in (int(p) for p in listed.split()):
+                if pid not in self._seen_children and _running(pid):
+                    self._seen_children.add(pid)
+                    notes.append(f"child process {pid} ({_command(pid)}) was left running")
+                    left = True
+        low = _lowest_free() if self._low >= 0 else -1
+        if low > self._low:
+            keep = self._keep_fds()
+            opened = [fd for fd in range(self._low, low) if fd not in keep and _is_users(fd)]
+            for fd in opened[:5]:
+                notes.append(f"file descriptor {fd} ({_target(fd)}) was left open")
+            if len(opened) > 5:
+                notes.append(f"... and {len(opened) - 5} more file descriptors were left open")
+            left = left or bool(opened)
+        return left
+
+
+# -- the pieces -----------------------------------------------------------------------
+
+
+def _open_children() -> int | None:
+    """The main thread's list of child processes (Linux), kept open to re-read."""
+    try:
+        path = f"/proc/self/task/{threading.get_native_id()}/children"
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (OSError, AttributeError):
+        return None
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # removed under it
+        return None
+
+
+def _warning_filters() -> list[Any] | None:
+    warnings = sys.modules.get("warnings")
+    return None if warnings is None else list(warnings.filters)
+
+
+def _root_logger() -> tuple[list[Any], int] | None:
+    logging = sys.modules.get("logging")
+    if logging is None:
+        return None
+    return list(logging.root.handlers), logging.root.level
+
+
+def _restore_env(env: dict[bytes, bytes], base: dict[bytes, bytes], notes: list[str]) -> None:
+    """Put `os.environ` (its bytes mapping `env`) back to `base`, through putenv."""
+    for key in [k for k in env if k not in base]:
+        os.unsetenv(key)
+        del env[key]
+        notes.append(f"os.environ[{_text(key)!r}] was set; restored")
+    for key, value in base.items():
+        now = env.get(key)
+        if now != value:
+            os.putenv(key, value)
+            env[key] = value
+            what = "removed" if now is None else "changed"
+            notes.append(f"os.environ[{_text(key)!r}] was {what}; restored")
+
+
+def _text(key: bytes) -> str:
+    return key.decode(sys.getfilesystemencoding(), "surrogateescape")
+
+
+def _lowest_free() -> int:
+    """The lowest free descriptor number (where the next `open` lands)."""
+    try:
+        fd = os.dup(0)
+    except OSError:  # fd 0 closed (user code did it; the guard puts it back after)
+        try:
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return 0
+    os.close(fd)
+    return fd
+
+
+def _is_users(fd: int) -> bool:
+    """Is `fd` open, and not one of ashard's shared-memory segments?"""
+    target = _target(fd)
+    return target is not None and not target.startswith("/memfd:ashard")
+
+
+def _target(fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+def _running(pid: int) -> bool:
+    """Is child `pid` running (not a zombie)?"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X", b"")
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    text = b" ".join(w for w in words if w).decode("utf-8", "replace")
+    return text[:60] + "..." if len(text) > 60 else text
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
