@@ -1074,3 +1074,42 @@ def env_of(name: str) -> str | None:
 def set_env(name: str, value: str) -> str:
     os.environ[name] = value
     return value
+
+
+# -- tracing (test_tracing.py) -------------------------------------------------------------
+
+
+def otel_setup() -> None:
+    """A worker's `otel_setup`: a tracer provider that writes every span it ends, as a
+    JSON line, to the file named by $ASHARD_TEST_SPANS (at once: a killed worker loses
+    only the span it had open)."""
+    import json
+
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    path = os.environ["ASHARD_TEST_SPANS"]
+
+    class LineExporter(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            for span in spans:
+                ctx, parent = span.get_span_context(), span.parent
+                line = {
+                    "name": span.name,
+                    "trace_id": ctx.trace_id,
+                    "span_id": ctx.span_id,
+                    "parent_id": parent.span_id if parent is not None else None,
+                    "attributes": dict(span.attributes or {}),
+                    "pid": os.getpid(),
+                }
+                append_line(path, json.dumps(line) + "\n")
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(LineExporter()))
+    trace.set_tracer_provider(provider)
+
+
+def otel_loaded(_: Any = None) -> bool:
+    return "opentelemetry" in sys.modules

@@ -103,6 +103,7 @@ class Chunk:
     heard: float = 0.0  # seconds into the call when it was sent, or last reported on
     nbytes: int = 0  # its items, pickled, while the caller holds them
     footprint: int | None = None  # bytes its largest shard may use (`footprint=`)
+    trace: str | None = None  # its attempt span's W3C traceparent, when the call is traced
 
     def reported(self, upto: int) -> None:
         """Its worker reported every position before `upto`."""
@@ -137,6 +138,7 @@ class CallWork:
     kwargs: dict[str, Any]
     timeout: float | None
     max_retries: int = 0
+    trace: Any = None  # its `ashard._tracing.CallTrace`, when the caller traces
 
 
 class WorkerInfo(Protocol):

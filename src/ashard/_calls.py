@@ -44,6 +44,7 @@ from ashard._outcomes import warn_hygiene
 from ashard._serialize import pickle_payload
 from ashard._sources import with_sources
 from ashard._stream import ShardStream
+from ashard._tracing import call_trace
 from ashard.errors import ShardMapError
 from ashard.results import ReduceResult, ShardResult
 from ashard.shards import Shards
@@ -112,6 +113,7 @@ def shard_job(
     if accepted is StreamOptions:
         buffer = StreamBuffer(opts.ordered, opts.max_pending or DEFAULT_MAX_PENDING)
     job = Job.of_shards(payload, opts, layout, sequence, inputs, outputs, buffer, store, reducer)
+    job.api = where
     if accepted is ShardOptions and reducer is None:
         job.given = _Given(checked_fn, shards, borrow, out, dict(options))
     return job, layout
@@ -198,6 +200,8 @@ async def running(job: Job) -> AsyncIterator[None]:
     """Within: `job`'s outputs (table sinks, results store) are open. On leaving, what
     its workers left that no accepted shard owns is swept (shielded: a cancelled call
     still sweeps) and the job is closed."""
+    job.trace = trace = call_trace(job.api, **_call_attributes(job))
+    error: BaseException | None = None
     try:
         if not job.outputs:
             yield
@@ -208,10 +212,23 @@ async def running(job: Job) -> AsyncIterator[None]:
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(job.outputs.close)
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         job.close()
+        if trace is not None:
+            trace.close(error if error is not None else job.fatal, len(job.failures))
         if job.record.hygiene:
             warn_hygiene(job.record.hygiene, job.noun)
+
+
+def _call_attributes(job: Job) -> dict[str, Any]:
+    """The attributes of a call's span: how many positions (if known) and retries."""
+    attributes: dict[str, Any] = {"ashard.max_retries": job.opts.max_retries}
+    if job.total is not None:
+        attributes[f"ashard.{job.noun}s"] = job.total
+    return attributes
 
 
 async def run_job(backend: Backend, job: Job, resize: int | None = None) -> None:

@@ -64,6 +64,7 @@ class WorkerConfig:
     max_frame: int = DEFAULT_MAX_FRAME
     memory_limit: int | None = None  # private memory past which the worker stops itself
     hygiene: str = "check"  # what the worker puts back after each task (`Pool(hygiene=)`)
+    otel_setup: str | None = None  # installs the worker's tracer provider (`Pool(otel_setup=)`)
 
 
 class WorkerHandle:
@@ -126,7 +127,8 @@ class WorkerHandle:
         try:
             with anyio.fail_after(START_TIMEOUT):
                 hello = (HELLO, list(sys.path), config.init, config.max_frame,
-                         config.memory_limit, _mp_authkey(), config.hygiene)  # fmt: skip
+                         config.memory_limit, _mp_authkey(), config.hygiene,
+                         config.otel_setup)  # fmt: skip
                 await self.channel.send(encode(hello))
                 reply = (await self.channel.receive())[0]
         except ProtocolViolation as exc:

@@ -70,6 +70,7 @@ from ashard._protocol import (
 from ashard._record import CallRecord
 from ashard._rules import RETRY, SKIP, ErrorRules
 from ashard._sizing import ChunkSizer
+from ashard._tracing import CallTrace
 from ashard.errors import ShardError
 from ashard.results import Diagnostics, ShardDone, ShardResult
 from ashard.shards import Shard, Shards
@@ -79,6 +80,8 @@ if TYPE_CHECKING:
     from ashard.tables import ResultStore
 
 _WHY = {CRASHED: "its worker died", TIMEOUT: "it ran past its timeout", RAISED: "fn raised"}
+_OUTCOMES = {RAISED: "error", TIMEOUT: "timeout", INTERRUPTED: "cancelled"}
+"""A report's error kinds as attempt outcomes (`ashard._tracing`)."""
 
 
 class Job(Changes):
@@ -138,6 +141,8 @@ class Job(Changes):
         self.sizer = ChunkSizer(opts.chunk_size, PROFILES[opts.profile].chunk)
         self.outputs = Outputs(out, store)
         self.given: Any = None  # a shard_map's arguments, for `retry_failed` (`ashard._calls`)
+        self.api = "map" if kind != SHARDS else "shard_map"  # the call's name, for its span
+        self.trace: CallTrace | None = None  # its spans, when the caller traces
 
     @classmethod
     def of_shards(
@@ -323,6 +328,9 @@ class Job(Changes):
         self.inflight_shards += chunk.count
         self.record.chunks += 1
         chunk.heard = self.record.now()
+        if self.trace is not None:
+            attempt = chunk.attempts[0] if chunk.attempts else 1
+            chunk.trace = self.trace.attempt(chunk, chunk.first, chunk.count, attempt, self.noun)
         if self._what.opts.footprint is not None:
             try:
                 chunk.footprint = self._footprint(chunk)
@@ -424,8 +432,19 @@ class Job(Changes):
             self._requeue_rest(chunk, chunk.done)
         if report.hygiene is not None:
             self._hygiene(chunk, report.hygiene[0])
+        if self.trace is not None:
+            self._traced(chunk, report, pid)
         self._let_go(chunk)
         self.notify()
+
+    def _traced(self, chunk: Chunk, report: Result, pid: int) -> None:
+        """What `report` says of `chunk`'s attempt span."""
+        assert self.trace is not None
+        for _, kind, _ in report.errors:
+            if kind not in (RAISED, TIMEOUT):  # those are told by `_charge`, after their rule
+                self.trace.saw(chunk, _OUTCOMES.get(kind, "error"))
+        if report.final:
+            self.trace.ended(chunk, pid)
 
     def _hygiene(self, chunk: Chunk, notes: list[str]) -> None:
         """What `chunk`'s shards changed in their worker (noted under its first)."""
@@ -461,6 +480,8 @@ class Job(Changes):
             self._requeue_rest(chunk, chunk.done)
         if report.hygiene is not None:
             self._hygiene(chunk, report.hygiene[0])
+        if self.trace is not None and report.final:
+            self.trace.ended(chunk, pid, "error")
         self._let_go(chunk)
         self.notify()
 
@@ -476,6 +497,8 @@ class Job(Changes):
                 f"{self.noun} {chunk.first}", self.shard_at(chunk.first, chunk), exc
             )
             self._fail(chunk.first, error, chunk, 0, None)
+        if self.trace is not None:
+            self.trace.ended(chunk, None, "error")
         self.notify()
 
     def _store(
@@ -568,6 +591,9 @@ class Job(Changes):
             return
         if decision.rule is not None:
             self.record.log.rules[(pos, run)] = decision.rule
+        if self.trace is not None and kind != CRASHED:  # a crash: `worker_lost` tells it
+            skipped = decision.action == SKIP
+            self.trace.saw(chunk, "skipped" if skipped else _OUTCOMES[kind])
         if decision.action == RETRY and not self.aborted:
             why = _WHY.get(kind, "it failed")
             budget = "max_retries" if decision.rule is None else "its on_error rule"
@@ -603,6 +629,8 @@ class Job(Changes):
         self._resolved[pos] = 1
         self.n_resolved += 1
         self.skipped[pos] = error
+        if self.trace is not None:
+            self.trace.saw(chunk, "skipped")
         if self.progress is not None:
             self.progress.update(1)
         if self.stream is not None:
@@ -675,6 +703,8 @@ class Job(Changes):
         for chunk in chunks:
             self._requeue_rest(chunk, chunk.done)
             self._let_go(chunk)
+            if self.trace is not None:
+                self.trace.ended(chunk, None, "cancelled")
         self.notify()
 
     def worker_lost(self, chunks: Sequence[Chunk], loss: Loss, *, timed_out: bool) -> None:
@@ -702,8 +732,11 @@ class Job(Changes):
                 positions = range(chunk.first + start, chunk.first + chunk.count)
                 self.record.lost(positions, pid, chunk.heard, timed_out=False)
                 self._requeue_rest(chunk, start, ran=True)  # the culprit is one of them
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
             self._let_go(chunk)
+            if self.trace is not None:  # those queued behind it never started
+                lost = "timeout" if timed_out else "crash"
+                self.trace.ended(chunk, pid, lost if i == 0 else "cancelled")
         self.notify()
 
     # -- result -----------------------------------------------------------------------

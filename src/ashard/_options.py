@@ -38,6 +38,7 @@ __all__ = [
     "StreamOptions",
     "check_borrow",
     "check_count",
+    "check_entry_point",
     "check_env",
     "check_fn",
     "check_items",
@@ -462,6 +463,22 @@ def _check_names(what: str, value: object) -> dict[str, Any]:
 
 
 # -- a pool's settings -------------------------------------------------------------------
+
+
+_ENTRY_POINT = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+
+def check_entry_point(name: str, value: object) -> str | None:
+    """None, or "pkg.module:function" (checked for its form only: it is imported where
+    it runs, in the workers)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _ENTRY_POINT.match(value):
+        raise ValueError(
+            f"{name} must be 'pkg.module:function' (a function the workers can import), "
+            f"got {value!r}"
+        )
+    return value
 
 
 def check_env(env: object) -> dict[str, str]:

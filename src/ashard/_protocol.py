@@ -4,9 +4,11 @@ these codes; the comments give the rest of each tuple.
 parent -> worker (each kind has its record, which `parse_order` makes)::
 
     HELLO    Hello         sys_path, init payload | None, max_frame, memory limit
-                           (bytes) | None, the multiprocessing authkey | None, hygiene
+                           (bytes) | None, the multiprocessing authkey | None, hygiene,
+                           otel_setup | None
     JOB      RegisterJob   key, JobSpec: register fn and borrow for a call
-    RUN      RunChunk      key, seq, first, n, attempts | None, items payload | None
+    RUN      RunChunk      key, seq, first, n, attempts | None, items payload | None,
+                           traceparent | None (W3C: the caller's attempt span)
     CALL     CallFn        seq, fn, args, kwargs, timeout: one call, no job
     CANCEL   CancelJob     key: drop queued chunks of a job (+ SIGUSR1)
     FORGET   ForgetJob     key: the job is over, free its fn and borrow
@@ -365,6 +367,7 @@ class Hello(NamedTuple):
     memory_limit: int | None
     authkey: bytes | None
     hygiene: str = "check"  # "check" | "recycle" | "off" (`ashard._worker.hygiene`)
+    otel_setup: str | None = None  # "pkg.module:function" installing a tracer provider
 
 
 class RegisterJob(NamedTuple):
@@ -385,6 +388,7 @@ class RunChunk(NamedTuple):
     n: int
     attempts: list[int] | None
     items: Payload | None
+    trace: str | None  # the W3C traceparent of the caller's attempt span, if it traces
 
 
 class CallFn(NamedTuple):

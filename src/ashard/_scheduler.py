@@ -81,7 +81,7 @@ from ashard._reports import Report, pump_output, receive, receive_until
 from ashard._serialize import dumps_named, pack
 from ashard._sources import with_sources
 from ashard._workers import DUMP_WAIT, WorkerSet
-from ashard.errors import ShardError
+from ashard.errors import ShardError, ShardTimeout
 from ashard.results import PoolStats
 
 if TYPE_CHECKING:
@@ -620,8 +620,12 @@ class Scheduler:
             _name_unpicklable(fn, args, kwargs)
             raise
         attempt, undelivered = 1, 0
+        trace = call.trace
         while True:
-            outcome = await self._call_once(seq, parts, timeout, attempt)
+            if trace is None:
+                outcome = await self._call_once(seq, parts, timeout, attempt)
+            else:
+                outcome = await self._traced_call(trace, seq, parts, timeout, attempt)
             if not isinstance(outcome, _Lost):
                 return outcome
             if not outcome.delivered and undelivered < MAX_UNDELIVERED:
@@ -630,6 +634,27 @@ class Scheduler:
                 attempt += 1
             else:
                 raise outcome.error
+
+    async def _traced_call(
+        self, trace: Any, seq: int, parts: list[Buffer], timeout: float | None, attempt: int
+    ) -> Any:
+        """`_call_once`, in an attempt span of the call's trace."""
+        key = (seq, attempt, object())  # a run that never started is tried again as itself
+        trace.call_attempt(key, attempt)
+        try:
+            outcome = await self._call_once(seq, parts, timeout, attempt)
+        except BaseException as exc:
+            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+            trace.ended(key, None, "cancelled" if cancelled else "error")
+            raise
+        if isinstance(outcome, _Lost):
+            lost = outcome.error
+            pid = getattr(lost, "pid", None)
+            kind = "timeout" if isinstance(lost, ShardTimeout) else "crash"
+            trace.ended(key, pid, kind if outcome.delivered else "cancelled")
+        else:
+            trace.ended(key, None)
+        return outcome
 
     async def _call_once(
         self, seq: int, parts: list[Buffer], timeout: float | None, attempt: int
@@ -732,7 +757,7 @@ def _encode_run(
             sizes.append(0)
             continue
         sizes.append(0 if items is None else _sent_bytes(items))
-        parts += encode((RUN, key, c.seq, c.first, c.count, c.attempts, items))
+        parts += encode((RUN, key, c.seq, c.first, c.count, c.attempts, items, c.trace))
     return parts, unsendable, sizes
 
 

@@ -22,6 +22,7 @@ from ashard._options import (
     ShardOptions,
     StreamOptions,
     check_count,
+    check_entry_point,
     check_env,
     check_fn,
     check_min_workers,
@@ -62,6 +63,7 @@ def _open_backend(
     policy: HealthPolicy,
     cluster: object = None,
     keep_borrowed: bool = True,
+    otel_setup: str | None = None,
 ) -> Backend:
     """The backend of a pool (chosen here, where the pool is made, so that the seam
     imports neither of them): worker processes on this machine, or (`cluster`, a Dask
@@ -77,6 +79,7 @@ def _open_backend(
         max_frame=max_frame,
         memory_limit=policy.hard_cap,
         hygiene=policy.hygiene,
+        otel_setup=otel_setup,
     )
     if cluster is None:
         from ashard._scheduler import Scheduler  # the supervisor
@@ -139,6 +142,14 @@ class Pool:
     call. "recycle" also replaces a worker that left something behind; "off" checks
     nothing. What `init` does is the baseline, not a change.
 
+    Tracing: when the application has an OpenTelemetry tracer provider that records,
+    each call is a span (``ashard.shard_map``, ``ashard.call``, ...) with a child span
+    ``ashard.attempt`` per attempt, made in the caller (so a killed worker's attempt
+    still has its span, with outcome "crash"). `otel_setup` ("pkg.module:function",
+    importable in the workers) runs once in each new worker to install its tracer
+    provider; each chunk then makes an ``ashard.run`` span there, under its attempt,
+    flushed before the worker exits.
+
     Nothing a worker sends is trusted: a message larger than `max_message` (or that
     is not a valid one) breaks that worker — it is killed and replaced, its shards run
     again — and a result too large to send fails its shard, saying so.
@@ -166,6 +177,7 @@ class Pool:
         cluster: object = None,
         keep_borrowed: bool = True,
         hygiene: Literal["check", "recycle", "off"] = "check",
+        otel_setup: str | None = None,
     ) -> None:
         per_node = check_positive_int("workers", workers, allow_none=True)
         size = per_node or os.cpu_count() or 1
@@ -185,12 +197,13 @@ class Pool:
         if init is not None:
             init_payload = pickle_payload(check_fn(init, "init"), "init")
         max_frame = check_size("max_message", max_message)
+        setup = check_entry_point("otel_setup", otel_setup)
         if type(keep_borrowed) is not bool:
             raise TypeError(f"keep_borrowed must be True or False, got {keep_borrowed!r}")
         # What the backend is made of; it is made on first use, so that making a Pool
         # (and touching `ashard.Pool`) imports no supervisor on the caller's loop.
         self._recipe = (size, per_node, check_env(env), init_payload, max_frame, policy, cluster,
-                        keep_borrowed)  # fmt: skip
+                        keep_borrowed, setup)  # fmt: skip
         self._made: Backend | None = None
         self._warm = min_workers  # what entering starts (None: every worker)
         self._closed_unmade = False
@@ -395,4 +408,17 @@ class Pool:
         fn = check_fn(fn)
         seconds = None if timeout is None else check_timeout("timeout", timeout)
         retries = check_count("max_retries", max_retries)
-        return await (await self.backend()).call(CallWork(fn, args, kwargs, seconds, retries))
+        backend = await self.backend()
+        from ashard._tracing import call_trace  # loaded with the supervisor by now
+
+        trace = call_trace("call", **{"ashard.max_retries": retries})
+        work = CallWork(fn, args, kwargs, seconds, retries, trace)
+        if trace is None:
+            return await backend.call(work)
+        try:
+            value = await backend.call(work)
+        except BaseException as exc:
+            trace.close(exc)
+            raise
+        trace.close()
+        return value

@@ -414,7 +414,7 @@ class DaskBackend:
     def _submit(self, call: _Call, batch: _Batch, token: Any) -> None:
         batch.node.tasks.add(batch)
         chunk = batch.chunk
-        work = (chunk.first, chunk.count, chunk.attempts, chunk.items)
+        work = (chunk.first, chunk.count, chunk.attempts, chunk.items, chunk.trace)
         future = self._client.submit(
             run_chunk, self._name, call.key, call.spec, call.borrow, work,
             key=f"{call.key}-{chunk.seq}", workers=[batch.node.address],

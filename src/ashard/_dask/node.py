@@ -69,8 +69,8 @@ __all__ = ["AshardPlugin", "NodeHost", "cancel_call", "end_job", "run_call", "ru
 ENDED_KEPT = 10_000
 """Calls a node remembers as over, so that a late task of one does not revive it."""
 
-ChunkWork = tuple[int, int, list[int] | None, list[Any] | None]
-"""A chunk as its task carries it: first position, count, attempts, items."""
+ChunkWork = tuple[int, int, list[int] | None, list[Any] | None, str | None]
+"""A chunk as its task carries it: first position, count, attempts, items, traceparent."""
 
 
 # -- the task functions Dask runs on a node ----------------------------------------------
@@ -174,6 +174,7 @@ class _Work:
     count: int
     attempts: list[int] | None
     items: Sequence[Any] | None
+    trace: str | None  # the caller's attempt span, W3C
     done: concurrent.futures.Future[list[Report]]
     reports: list[Report] = field(default_factory=list)
     pids: set[int] = field(default_factory=set)
@@ -214,9 +215,9 @@ class NodeHost:
 
     def run_chunk(self, key: str, spec: bytes, borrow: Any, work: ChunkWork) -> list[Report]:
         """Blocking, in a Dask worker thread: queue the chunk and wait for its end."""
-        first, count, attempts, items = work
+        first, count, attempts, items, trace = work
         done: concurrent.futures.Future[list[Report]] = concurrent.futures.Future()
-        work_ = _Work(first, count, attempts, items, done)
+        work_ = _Work(first, count, attempts, items, trace, done)
         self._soon(self._enqueue, key, spec, borrow, work_)
         return done.result()
 
@@ -430,7 +431,7 @@ class _Relay(Changes):
         if self._lines:
             work.reports.extend(self._lines)
             self._lines.clear()
-        chunk = Chunk(seq, work.first, work.count, work.attempts, work.items)
+        chunk = Chunk(seq, work.first, work.count, work.attempts, work.items, trace=work.trace)
         self._of[chunk] = work
         return chunk
 

@@ -14,7 +14,7 @@ import contextlib
 import os
 import socket
 from collections import deque
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ashard._fds import StdioGuard
 from ashard._framing import FrameReader, RawFrame, Unreadable
@@ -62,6 +62,7 @@ class Worker:
         self.queue: deque[Order | _Unloadable | _Dropped] = deque()
         self.jobs: dict[int, JobContext | LoadError] = {}
         self.hygiene: Hygiene | None = None  # made after init (`Pool(hygiene="off")`: none)
+        self.tracing: Any = None  # a `WorkerTracing`, with `Pool(otel_setup=...)`
 
     def clean_up_after(self, dump_fd: int | None, mode: str) -> None:
         """From now on (init is done: its work is the baseline), put back what each task
@@ -191,7 +192,11 @@ class Worker:
             self.report.peak_from = process.peak_start()
         if self.hygiene is not None:
             self.hygiene.begin(chunk.seq, ctx.seed is not None, fds=not ctx.outputs)
-        running.run_chunk(ctx, chunk, items, self.report)
+        if self.tracing is not None and chunk.trace is not None:
+            with self.tracing.run(chunk.trace, chunk.first, chunk.n):
+                running.run_chunk(ctx, chunk, items, self.report)
+        else:
+            running.run_chunk(ctx, chunk, items, self.report)
 
 
 class _Unloadable(NamedTuple):
@@ -216,13 +221,17 @@ def _handshake(worker: Worker) -> bool:
         raise ProtocolViolation(f"expected HELLO first, got {type(hello).__name__}")
     process.configure(hello)
     worker.report.max_frame = hello.max_frame
-    if hello.init is not None:
-        try:
+    try:
+        if hello.init is not None:
             unpack(hello.init)()
-        except BaseException as exc:  # reported to the parent, which fails the pool start
-            worker.report.send((INIT_FAILED, encode_exception(exc)))
-            return False
-        worker.stdio.check()
+        if hello.otel_setup is not None:
+            from ashard._worker.tracing import WorkerTracing  # opentelemetry: only then
+
+            worker.tracing = WorkerTracing(hello.otel_setup)
+    except BaseException as exc:  # reported to the parent, which fails the pool start
+        worker.report.send((INIT_FAILED, encode_exception(exc)))
+        return False
+    worker.stdio.check()
     dump = process.stack_dump_fd()  # where its stacks go if it ever hangs in C code
     worker.clean_up_after(dump, hello.hygiene)
     fds = [] if dump is None else [dump]
@@ -243,4 +252,6 @@ def main(argv: list[str]) -> None:
         pass
     finally:
         running.flush_stdio()
+        if worker.tracing is not None:
+            worker.tracing.flush()
     os._exit(0)
