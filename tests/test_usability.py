@@ -102,7 +102,7 @@ async def test_shards_table_has_a_row_per_run_and_the_timeline_draws_them(tmp_pa
                                        max_retries=0, errors="collect", chunk_size=1)  # fmt: skip
     table = res.diagnostics.shards_table()
     assert table.column_names == ["shard_id", "attempt", "worker", "host", "start", "end",
-                                  "outcome", "stack"]  # fmt: skip
+                                  "outcome", "stack", "rule"]  # fmt: skip
     rows = table.to_pylist()
     assert len(rows) == 7  # six shards, one of them twice
     (crashed,) = [r for r in rows if r["outcome"] == "crashed"]

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import builtins
 import ctypes
+import logging
 import os
 import random
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -891,7 +893,9 @@ def hoard(shard: Shard, mib: int, hold: float = 0.0, free_after: float | None = 
     if free_after is not None:
         import threading
 
-        threading.Timer(free_after, _KEPT.clear).start()
+        timer = threading.Timer(free_after, _KEPT.clear)
+        timer.daemon = True  # not a thread left running: hygiene would say so
+        timer.start()
     time.sleep(hold)
     return os.getpid()
 
@@ -997,9 +1001,6 @@ def shard_waiting_here(shard: Shard, directory: str) -> str:
 def change_process_state(shard: Shard, where: str) -> int:
     """Shard 0 changes everything hygiene puts back; the others change nothing."""
     if shard.id == 0:
-        import logging
-        import warnings
-
         os.environ["ASHARD_TEST_LEFT"] = "1"
         os.environ.pop("ASHARD_TEST_KEPT", None)
         os.chdir(where)
@@ -1015,9 +1016,6 @@ def change_process_state(shard: Shard, where: str) -> int:
 
 def process_state(_: Any = None) -> dict[str, Any]:
     """What a task sees of the state `change_process_state` changes."""
-    import logging
-    import warnings
-
     return {
         "left": os.environ.get("ASHARD_TEST_LEFT"),
         "kept": os.environ.get("ASHARD_TEST_KEPT"),
@@ -1061,8 +1059,6 @@ def leave_things_behind(shard: Shard, directory: str) -> int:
 
 def set_up_in_init() -> None:
     """An `init` that changes the process: its changes are the baseline."""
-    import warnings
-
     os.environ["ASHARD_TEST_INIT"] = "yes"
     warnings.filterwarnings("ignore", message="ashard-test-init")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from ashard._attempts import AttemptLog, timeline_png, timeline_svg
@@ -271,6 +271,15 @@ class ShardResult(_Outcome):
         if store.closed:
             raise ValueError("this result is closed: its files were removed")
         return store
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        """Pickled without what `retry_failed` holds of its call (its pool, fn, borrow):
+        a result that was pickled cannot be retried."""
+        return tuple(None if f.name == "_again" else getattr(self, f.name) for f in fields(self))
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        for f, value in zip(fields(self), state, strict=True):
+            object.__setattr__(self, f.name, value)
 
     def close(self) -> None:
         """Remove the temporary results directory (``results="table"`` / ``"disk"``

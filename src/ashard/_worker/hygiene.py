@@ -67,6 +67,7 @@ class Hygiene:
         self._trace = sys.gettrace(), sys.getprofile()
         self._threads = threading.active_count()
         self._seen_threads = {t.ident for t in threading.enumerate() if t.ident is not None}
+        self._modules = len(sys.modules)
 
     def _wrap(self) -> None:
         """Watch `signal.signal`, `random.seed` and `random.setstate` from now on."""
@@ -105,8 +106,10 @@ class Hygiene:
         unpickled - a call's function - and what that did, importing, is baseline)."""
         self.seq = seq
         self._seeded = seeded
-        if loaded and self._moved():
-            self.rebase()
+        modules = len(sys.modules)
+        if (loaded or modules != self._modules) and self._moved():
+            self.rebase()  # loading it (unpickling its items) imported what changed it
+        self._modules = modules
         self._low = _lowest_free() if fds else -1
 
     def end(self, seq: int) -> Notes | None:
@@ -117,6 +120,7 @@ class Hygiene:
         notes: list[str] = []
         self._restore(notes)
         left = self._left_behind(notes)
+        self._modules = len(sys.modules)
         if not notes:
             return None
         if len(notes) > _MAX_NOTES:
@@ -150,11 +154,16 @@ class Hygiene:
             notes.append("sys.path was changed; restored")
         warnings = sys.modules.get("warnings")
         if warnings is not None and self._filters is not None and warnings.filters != self._filters:
-            warnings.filters[:] = self._filters
-            mutated = getattr(warnings, "_filters_mutated", None)
-            if mutated is not None:
-                mutated()
-            notes.append("the warnings filters were changed; restored")
+            if len(sys.modules) != self._modules:
+                # a module imported meanwhile added them (numpy does): that is not the
+                # task's change to put back, but what importing it does, as in `init`
+                self._filters = list(warnings.filters)
+            else:
+                warnings.filters[:] = self._filters
+                mutated = getattr(warnings, "_filters_mutated", None)
+                if mutated is not None:
+                    mutated()
+                notes.append("the warnings filters were changed; restored")
         self._restore_logging(notes)
         if (sys.gettrace(), sys.getprofile()) != self._trace:
             sys.settrace(self._trace[0])
