@@ -96,12 +96,14 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}; 2 workers; medians of "
           f"{a.rounds} rounds (each case a fresh interpreter, cases alternating).\n")  # fmt: skip
     base = {k: statistics.median(r[k] for r in seen["hygiene off"]) for k in seen["hygiene off"][0]}
-    print("| case | tiny map, µs/item | vs off | chunk_size=1, µs/task | vs off | "
-          "call, µs | vs off |")
+    print(
+        "| case | tiny map, µs/item | vs off | chunk_size=1, µs/task | vs off | call, µs | vs off |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, _, _ in CASES:
         med = {k: statistics.median(r[k] for r in seen[name]) for k in base}
-        cells = [f"{med[k]:.3f} | {med[k] / base[k]:.2f}x" for k in ("tiny_us", "task_us", "call_us")]
+        keys = ("tiny_us", "task_us", "call_us")
+        cells = [f"{med[k]:.3f} | {med[k] / base[k]:.2f}x" for k in keys]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

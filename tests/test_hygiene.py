@@ -87,6 +87,7 @@ async def test_what_cannot_be_put_back_is_reported_and_recycle_replaces(tmp_path
                 assert "a non-daemon thread 'left-behind' was left running" in notes
                 assert "child process" in notes and "(sleep 30) was left running" in notes
                 assert "open-file) was left open" in notes
+                assert "socket" not in notes  # the worker's own channel sits above it
                 after = await pool.call(os.getpid)
                 if mode == "check":
                     assert res.results[1] == res.results[0] == after
@@ -110,6 +111,12 @@ async def test_off_checks_nothing(tmp_path: Path) -> None:
             )
         assert res.diagnostics.hygiene == {}
         assert res.results[1]["left"] == "1" and res.results[1]["cwd"] == str(tmp_path)
+        assert not res.results[1]["sigterm"]  # the shard's own SIGTERM handler stayed
+        # ashard's own handlers are put back even so: a timeout still stops a shard
+        res = await pool.shard_map(
+            2, workloads.python_sleep, timeout=0.5, max_retries=0, errors="collect"
+        )
+        assert [type(f) for f in res.failures] == [ashard.ShardTimeout]
 
 
 async def test_init_is_the_baseline_and_calls_are_checked_too() -> None:

@@ -6,6 +6,7 @@ trio; the sync API at the end."""
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,10 @@ async def test_bad_arguments_are_refused_naming_them(tmp_path: Path) -> None:
         assert state.ran() == [0, 1, 2]  # nothing ran for the refused calls
     with pytest.raises(RuntimeError, match="pool this call ran on is closed; pass pool="):
         await ashard.retry_failed(res)
+    copy = pickle.loads(pickle.dumps(res))  # a result pickles, without its call
+    assert copy.results == res.results and [f.shard_id for f in copy.failures] == [0]
+    with pytest.raises(TypeError, match="holds no call to run again"):
+        await ashard.retry_failed(copy)
     state.disarm()
     async with ashard.Pool(1) as other:
         assert (await ashard.retry_failed(res, pool=other)).ok

@@ -287,6 +287,11 @@ def retry_job(
     and any that never finished, on `pool` or the pool the call ran on. A result with
     nothing to run again comes back as a new `ShardResult` at once."""
     again = result._again if isinstance(result, ShardResult) else None
+    if isinstance(result, ShardResult) and again is None:
+        raise TypeError(
+            "retry_failed: this ShardResult holds no call to run again (it was pickled, or "
+            "made by hand); it takes the result of a shard_map as that call returned it"
+        )
     if not isinstance(again, _Again):
         raise TypeError(
             "retry_failed takes the ShardResult of a shard_map call (or the .result of its "

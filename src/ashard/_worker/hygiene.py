@@ -28,6 +28,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from ashard._protocol import DUMP_SIGNAL, INTERRUPT_SIGNAL
+
 __all__ = ["Hygiene", "Notes"]
 
 Notes = tuple[list[str], bool]
@@ -35,6 +37,8 @@ Notes = tuple[list[str], bool]
 not be put back (threads, processes, descriptors)."""
 
 _MAX_NOTES = 20
+_OWN_SIGNALS = frozenset({signal.SIGALRM, INTERRUPT_SIGNAL, DUMP_SIGNAL})
+"""The handlers ashard's timeouts, interrupts and stack dumps need: put back always."""
 
 
 class Hygiene:
@@ -47,6 +51,8 @@ class Hygiene:
         self.seq: int | None = None  # the chunk or call being run (None: none)
         self._seeded = False
         self._low = 0
+        self._fds = _open_fds()  # the descriptors open when last looked at
+        self._end_low = _lowest_free()  # the lowest free one then
         self._touched_signals: dict[int, Any] = {}  # signum -> its handler before
         self._random_set = False
         self._seen_threads: set[int] = set()
@@ -105,12 +111,16 @@ class Hygiene:
         open files and connections of their own; `loaded`: its own code was just
         unpickled - a call's function - and what that did, importing, is baseline)."""
         self.seq = seq
+        if self.mode == "off":
+            return
         self._seeded = seeded
         modules = len(sys.modules)
         if (loaded or modules != self._modules) and self._moved():
             self.rebase()  # loading it (unpickling its items) imported what changed it
         self._modules = modules
         self._low = _lowest_free() if fds else -1
+        if self._low >= 0 and self._low != self._end_low:  # opened or closed meanwhile
+            self._fds = _open_fds()
 
     def end(self, seq: int) -> Notes | None:
         """Task `seq` is over: put back what it changed; what it left, or None."""
@@ -118,6 +128,10 @@ class Hygiene:
             return None
         self.seq = None
         notes: list[str] = []
+        if self.mode == "off":  # ashard's own handlers only, silently: its timeouts,
+            if self._touched_signals:  # interrupts and stack dumps depend on them
+                self._restore_signals(notes, only=_OWN_SIGNALS)
+            return None
         self._restore(notes)
         left = self._left_behind(notes)
         self._modules = len(sys.modules)
@@ -193,13 +207,11 @@ class Hygiene:
             root.setLevel(level)
             notes.append("the root logger's level was changed; restored")
 
-    def _restore_signals(self, notes: list[str]) -> None:
-        from ashard._protocol import DUMP_SIGNAL
-
+    def _restore_signals(self, notes: list[str], only: frozenset[int] | None = None) -> None:
         touched = dict(self._touched_signals)
         self._touched_signals.clear()  # the same dict: the wrapper writes to it
         for number, before in sorted(touched.items()):
-            if signal.getsignal(number) == before:
+            if signal.getsignal(number) == before or (only is not None and number not in only):
                 continue
             try:
                 self._real_signal(number, before if before is not None else signal.SIG_DFL)
@@ -236,14 +248,18 @@ class Hygiene:
                     notes.append(f"child process {pid} ({_command(pid)}) was left running")
                     left = True
         low = _lowest_free() if self._low >= 0 else -1
-        if low > self._low:
-            keep = self._keep_fds()
-            opened = [fd for fd in range(self._low, low) if fd not in keep and _is_users(fd)]
+        if low > self._low:  # something took the lowest free one: which are new?
+            keep, now = self._keep_fds(), _open_fds()
+            new = sorted(now - self._fds - keep)
+            self._fds = now
+            opened = [fd for fd in new if _is_users(fd)]
             for fd in opened[:5]:
                 notes.append(f"file descriptor {fd} ({_target(fd)}) was left open")
             if len(opened) > 5:
                 notes.append(f"... and {len(opened) - 5} more file descriptors were left open")
             left = left or bool(opened)
+        if low >= 0:
+            self._end_low = low
         return left
 
 
@@ -295,6 +311,15 @@ def _restore_env(env: dict[bytes, bytes], base: dict[bytes, bytes], notes: list[
 
 def _text(key: bytes) -> str:
     return key.decode(sys.getfilesystemencoding(), "surrogateescape")
+
+
+def _open_fds() -> set[int]:
+    """The open descriptors (less the one listing them takes: the lowest free)."""
+    listing = _lowest_free()
+    try:
+        return {int(name) for name in os.listdir("/proc/self/fd")} - {listing}
+    except OSError:
+        return set()
 
 
 def _lowest_free() -> int:

@@ -66,9 +66,7 @@ class Worker:
 
     def clean_up_after(self, dump_fd: int | None, mode: str) -> None:
         """From now on (init is done: its work is the baseline), put back what each task
-        changes in the process, as `mode` says."""
-        if mode == "off":
-            return
+        changes in the process, as `mode` says ("off": ashard's own signal handlers only)."""
         reader = self.reader
         self.hygiene = Hygiene(mode, lambda: set(reader.fds or ()), dump_fd)
         self.report.on_final = self.hygiene.end
