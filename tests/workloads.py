@@ -1109,3 +1109,81 @@ def otel_setup() -> None:
 
 def otel_loaded(_: Any = None) -> bool:
     return "opentelemetry" in sys.modules
+
+
+# -- async def shards (test_async_shards.py) -------------------------------------------------
+
+
+async def nap(shard: Shard, seconds: float = 0.5) -> int:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+    return shard.id
+
+
+async def nap_trio(shard: Shard, seconds: float = 0.2) -> int:
+    import trio
+
+    await trio.sleep(seconds)
+    return shard.id
+
+
+async def nap_item(x: int) -> int:
+    import asyncio
+
+    await asyncio.sleep(0.01)
+    return x * 2
+
+
+async def nap_with_finally(shard: Shard, directory: str) -> int:
+    import asyncio
+
+    try:
+        await asyncio.sleep(30)
+    finally:
+        append_line(os.path.join(directory, f"finally-{shard.id}"), "ran\n")
+    return shard.id
+
+
+async def block_the_loop(shard: Shard) -> int:
+    time.sleep(30)  # noqa: ASYNC251 (on purpose: the whole loop stops here)
+    return shard.id
+
+
+async def raise_custom_async(shard: Shard) -> None:
+    import asyncio
+
+    await asyncio.sleep(0)
+    raise CustomError(shard.id)
+
+
+async def draw_async(shard: Shard) -> float:
+    import asyncio
+
+    await asyncio.sleep(0.01)
+    assert shard.rng is not None
+    return float(shard.rng.random())
+
+
+def draw_sync(shard: Shard) -> float:
+    assert shard.rng is not None
+    return float(shard.rng.random())
+
+
+def _lines(path: str) -> int:
+    with open(path) as f:
+        return len(f.read().splitlines())
+
+
+async def all_in_flight_then_die(shard: Shard, log: str, count: int) -> tuple[int, int]:
+    """Log the run; the first run of shard 0 waits until `count` runs started, then
+    SIGKILLs its worker with all of them in flight."""
+    import asyncio
+
+    append_line(log, f"{shard.id} {shard.attempt}\n")
+    if shard.id == 0 and shard.attempt == 1:
+        while _lines(log) < count:  # noqa: ASYNC110 (other shards write it)
+            await asyncio.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+    await asyncio.sleep(0.3)
+    return shard.id, shard.attempt

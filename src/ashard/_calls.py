@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import anyio
 import anyio.abc
 
+from ashard._asyncfn import is_async_fn
 from ashard._backend import Accepted, Backend
 from ashard._consumers import Reducer, StreamBuffer
 from ashard._job import Job
@@ -34,6 +35,7 @@ from ashard._options import (
     ShardOptions,
     StreamOptions,
     check_borrow,
+    check_concurrency_fn,
     check_fn,
     check_items,
     check_positive_int,
@@ -107,6 +109,9 @@ def shard_job(
     layout, sequence = resolve_shards(shards)
     inputs, outputs = check_borrow(borrow, out, again=earlier is not None)
     check_takes(checked_fn, inputs, outputs, "shard")
+    check_concurrency_fn(opts, checked_fn, where)
+    if is_async_fn(checked_fn):
+        _refuse_async_outputs(opts, outputs)
     store = results_store(opts) if earlier is None else earlier._store
     payload = pickle_payload(with_sources(checked_fn), "fn")
     buffer = None
@@ -141,6 +146,23 @@ class _Again:
     given: _Given | None
     resolved: bytes
     skipped: Mapping[int, ShardError]
+
+
+def _refuse_async_outputs(opts: CallOptions, outputs: Mapping[str, Any]) -> None:
+    """What an ``async def`` fn cannot use yet: outputs the worker writes per shard."""
+    if outputs:
+        name = next(iter(outputs))
+        raise ValueError(
+            f"out[{name!r}]: an async def fn cannot write to out= yet (its shards overlap on "
+            "the worker's loop); return the values, or use a plain fn"
+        )
+    if opts.results != "memory":
+        raise ValueError(
+            f'results="{opts.results}": an async def fn cannot store its results yet; use '
+            'results="memory", or a plain fn'
+        )
+    if opts.cow == "audit":
+        raise ValueError('cow="audit" is not supported with an async def fn yet')
 
 
 def results_store(opts: CallOptions) -> ResultStore | None:
@@ -189,6 +211,7 @@ def map_job(fn: object, items: object, borrow: object, options: Mapping[str, obj
     iterable = check_items(items)
     inputs, _ = check_borrow(borrow, None)
     check_takes(checked_fn, inputs, {}, "item")
+    check_concurrency_fn(opts, checked_fn, "map")
     return Job.of_items(pickle_payload(with_sources(checked_fn), "fn"), opts, iterable, inputs)
 
 

@@ -65,6 +65,7 @@ class WorkerConfig:
     memory_limit: int | None = None  # private memory past which the worker stops itself
     hygiene: str = "check"  # what the worker puts back after each task (`Pool(hygiene=)`)
     otel_setup: str | None = None  # installs the worker's tracer provider (`Pool(otel_setup=)`)
+    worker_loop: str = "asyncio"  # where `async def` shards run (`Pool(worker_loop=)`)
 
 
 class WorkerHandle:
@@ -128,7 +129,7 @@ class WorkerHandle:
             with anyio.fail_after(START_TIMEOUT):
                 hello = (HELLO, list(sys.path), config.init, config.max_frame,
                          config.memory_limit, _mp_authkey(), config.hygiene,
-                         config.otel_setup)  # fmt: skip
+                         config.otel_setup, config.worker_loop)  # fmt: skip
                 await self.channel.send(encode(hello))
                 reply = (await self.channel.receive())[0]
         except ProtocolViolation as exc:

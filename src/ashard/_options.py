@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypedDict, TypeVar, cast, get_args, get_type_hints
 
+from ashard._asyncfn import is_async_fn
 from ashard._health import HealthPolicy
 from ashard._rules import OnError, RetryErrors, check_on_error, check_retry_errors
 from ashard.shards import Shards, shards
@@ -37,6 +38,7 @@ __all__ = [
     "ShardOptions",
     "StreamOptions",
     "check_borrow",
+    "check_concurrency_fn",
     "check_count",
     "check_entry_point",
     "check_env",
@@ -45,6 +47,7 @@ __all__ = [
     "check_positive_int",
     "check_size",
     "check_timeout",
+    "check_worker_loop",
     "health_policy",
     "resolve_shards",
     "takes_options",
@@ -207,6 +210,23 @@ def _check_footprint(name: str, value: object) -> Footprint:
     )
 
 
+def _check_concurrency(name: str, value: object) -> int:
+    size = check_positive_int(name, value)
+    assert size is not None
+    return size
+
+
+def check_concurrency_fn(opts: CallOptions, fn: Callable[..., Any], where: str) -> None:
+    """`shard_concurrency` above 1 runs several shards of a worker at once on its event
+    loop: only an ``async def`` fn can."""
+    if opts.shard_concurrency > 1 and not is_async_fn(fn):
+        raise ValueError(
+            f"shard_concurrency={opts.shard_concurrency} runs that many shards of a worker at "
+            f"once on its event loop, so fn must be an async def function; {_name_of(fn)} is "
+            f"a plain one (for {where}, drop shard_concurrency, or make fn async)"
+        )
+
+
 # -- the per-call options ----------------------------------------------------------------
 
 
@@ -237,6 +257,7 @@ class CallOptions:
     max_held_bytes: int | None = field(default=DEFAULT_HELD_BYTES,
                                        metadata=_checked_by(_check_held_bytes))  # fmt: skip
     footprint: Footprint = field(default=None, metadata=_checked_by(_check_footprint))
+    shard_concurrency: int = field(default=1, metadata=_checked_by(_check_concurrency))
 
     @classmethod
     def build(cls, given: Mapping[str, object], accepted: type, where: str) -> CallOptions:
@@ -272,6 +293,7 @@ class MapOptions(TypedDict, total=False):
     profile: ProfileName
     max_held_bytes: int | str | None
     footprint: Footprint
+    shard_concurrency: int
 
 
 class ShardOptions(MapOptions, total=False):
@@ -479,6 +501,23 @@ def check_entry_point(name: str, value: object) -> str | None:
             f"got {value!r}"
         )
     return value
+
+
+WorkerLoop = Literal["asyncio", "uvloop", "trio"]
+
+
+def check_worker_loop(value: object) -> str:
+    """`worker_loop`: "asyncio", or "uvloop" / "trio" where that library is installed
+    (looked up, not imported)."""
+    import importlib.util
+
+    loop = _one_of(WorkerLoop)("worker_loop", value)
+    if loop != "asyncio" and importlib.util.find_spec(loop) is None:
+        raise ValueError(
+            f"worker_loop={loop!r} needs the {loop} package, which cannot be imported here "
+            f"(pip install {loop}), or use worker_loop='asyncio'"
+        )
+    return str(loop)
 
 
 def check_env(env: object) -> dict[str, str]:

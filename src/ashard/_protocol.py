@@ -5,7 +5,7 @@ parent -> worker (each kind has its record, which `parse_order` makes)::
 
     HELLO    Hello         sys_path, init payload | None, max_frame, memory limit
                            (bytes) | None, the multiprocessing authkey | None, hygiene,
-                           otel_setup | None
+                           otel_setup | None, worker_loop
     JOB      RegisterJob   key, JobSpec: register fn and borrow for a call
     RUN      RunChunk      key, seq, first, n, attempts | None, items payload | None,
                            traceparent | None (W3C: the caller's attempt span)
@@ -356,6 +356,7 @@ class JobSpec(NamedTuple):
     sys_path: list[str]
     results: SinkRef | None = None
     peak: bool = False  # report each chunk's peak memory growth (`footprint="learn"`)
+    concurrency: int = 1  # an async fn's shards in flight at once (`shard_concurrency`)
 
 
 class Hello(NamedTuple):
@@ -368,6 +369,7 @@ class Hello(NamedTuple):
     authkey: bytes | None
     hygiene: str = "check"  # "check" | "recycle" | "off" (`ashard._worker.hygiene`)
     otel_setup: str | None = None  # "pkg.module:function" installing a tracer provider
+    worker_loop: str = "asyncio"  # the loop async shards run on: "asyncio" | "uvloop" | "trio"
 
 
 class RegisterJob(NamedTuple):

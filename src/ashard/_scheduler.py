@@ -265,7 +265,8 @@ class Scheduler:
         opts = work.opts
         borrow = exported.kwargs if exported else None
         spec = JobSpec(work.kind, work.fn, borrow, opts.timeout, opts.seed, work.layout,
-                       work.sys_path, work.results, opts.footprint == "learn")  # fmt: skip
+                       work.sys_path, work.results, opts.footprint == "learn",
+                       opts.shard_concurrency)  # fmt: skip
         run = _Run(job, work, next(self._keys), spec, exported)
         job.memory.cap = self.policy.mem_cap
         if self.policy.mem_budget is not None or opts.footprint is not None:

@@ -29,6 +29,7 @@ from ashard._options import (
     check_positive_int,
     check_size,
     check_timeout,
+    check_worker_loop,
     health_policy,
     takes_options,
 )
@@ -64,6 +65,7 @@ def _open_backend(
     cluster: object = None,
     keep_borrowed: bool = True,
     otel_setup: str | None = None,
+    worker_loop: str = "asyncio",
 ) -> Backend:
     """The backend of a pool (chosen here, where the pool is made, so that the seam
     imports neither of them): worker processes on this machine, or (`cluster`, a Dask
@@ -80,6 +82,7 @@ def _open_backend(
         memory_limit=policy.hard_cap,
         hygiene=policy.hygiene,
         otel_setup=otel_setup,
+        worker_loop=worker_loop,
     )
     if cluster is None:
         from ashard._scheduler import Scheduler  # the supervisor
@@ -150,6 +153,10 @@ class Pool:
     provider; each chunk then makes an ``ashard.run`` span there, under its attempt,
     flushed before the worker exits.
 
+    `async def` functions run on an event loop each worker keeps: `worker_loop`
+    "asyncio" (default), "uvloop" or "trio"; a call's `shard_concurrency` says how many
+    of a worker's shards run on it at once.
+
     Nothing a worker sends is trusted: a message larger than `max_message` (or that
     is not a valid one) breaks that worker — it is killed and replaced, its shards run
     again — and a result too large to send fails its shard, saying so.
@@ -178,6 +185,7 @@ class Pool:
         keep_borrowed: bool = True,
         hygiene: Literal["check", "recycle", "off"] = "check",
         otel_setup: str | None = None,
+        worker_loop: Literal["asyncio", "uvloop", "trio"] = "asyncio",
     ) -> None:
         per_node = check_positive_int("workers", workers, allow_none=True)
         size = per_node or os.cpu_count() or 1
@@ -198,12 +206,13 @@ class Pool:
             init_payload = pickle_payload(check_fn(init, "init"), "init")
         max_frame = check_size("max_message", max_message)
         setup = check_entry_point("otel_setup", otel_setup)
+        loop = check_worker_loop(worker_loop)
         if type(keep_borrowed) is not bool:
             raise TypeError(f"keep_borrowed must be True or False, got {keep_borrowed!r}")
         # What the backend is made of; it is made on first use, so that making a Pool
         # (and touching `ashard.Pool`) imports no supervisor on the caller's loop.
         self._recipe = (size, per_node, check_env(env), init_payload, max_frame, policy, cluster,
-                        keep_borrowed, setup)  # fmt: skip
+                        keep_borrowed, setup, loop)  # fmt: skip
         self._made: Backend | None = None
         self._warm = min_workers  # what entering starts (None: every worker)
         self._closed_unmade = False

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ashard._asyncfn import is_async_fn
 from ashard._fds import StdioGuard
 from ashard._protocol import ArrayRef, IpcRef, JobSpec, SinkRef
 from ashard._serialize import LoadError, load_failure, unpack
@@ -39,6 +40,8 @@ class JobContext(NamedTuple):
     stores_results: bool
     read_only: tuple[str, ...]
     peak: bool = False  # measure each chunk's peak memory growth (`JobSpec.peak`)
+    is_async: bool = False  # fn is an ``async def``: it runs on the worker's loop
+    concurrency: int = 1  # async shards in flight at once (`shard_concurrency`)
 
 
 def load_job(spec: JobSpec, segments: Segments, stdio: StdioGuard) -> JobContext | LoadError:
@@ -78,7 +81,7 @@ def load_job(spec: JobSpec, segments: Segments, stdio: StdioGuard) -> JobContext
     )
     return JobContext(
         spec.kind, fn, kwargs, spec.timeout, spec.seed, spec.layout, audit, outputs,
-        spec.results is not None, read_only, spec.peak,
+        spec.results is not None, read_only, spec.peak, is_async_fn(fn), spec.concurrency,
     )  # fmt: skip
 
 

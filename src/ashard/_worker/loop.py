@@ -16,6 +16,7 @@ import socket
 from collections import deque
 from typing import Any, NamedTuple
 
+from ashard._asyncfn import is_async_fn
 from ashard._fds import StdioGuard
 from ashard._framing import FrameReader, RawFrame, Unreadable
 from ashard._protocol import (
@@ -150,10 +151,18 @@ class Worker:
             error = load_error("the call's function or arguments", order.error)
             self.report.fail_all(UNREADABLE_CALL, 1, error)
         elif isinstance(order, CallFn):
+            is_async = is_async_fn(order.fn)
+            if is_async:
+                from ashard._worker import asyncrun  # the loop and anyio: when first used
+
+                asyncrun.prepare()
             if self.hygiene is not None:
                 self.hygiene.begin(order.seq, seeded=False, loaded=True)
             self.report.with_rss = False  # a call's latency is worth more than its memory
-            running.run_call(order, self.report)
+            if is_async:
+                asyncrun.run_call(order, self.report)
+            else:
+                running.run_call(order, self.report)
             self.report.with_rss = True
             self.stdio.check()
         elif isinstance(order, RegisterJob):
@@ -188,13 +197,20 @@ class Worker:
             return
         if ctx.peak:
             self.report.peak_from = process.peak_start()
+        if ctx.is_async:
+            from ashard._worker import asyncrun  # the loop and anyio: when first used
+
+            asyncrun.prepare()
         if self.hygiene is not None:
             self.hygiene.begin(chunk.seq, ctx.seed is not None, fds=not ctx.outputs)
+        run = running.run_chunk
+        if ctx.is_async:
+            run = asyncrun.run_chunk
         if self.tracing is not None and chunk.trace is not None:
             with self.tracing.run(chunk.trace, chunk.first, chunk.n):
-                running.run_chunk(ctx, chunk, items, self.report)
+                run(ctx, chunk, items, self.report)
         else:
-            running.run_chunk(ctx, chunk, items, self.report)
+            run(ctx, chunk, items, self.report)
 
 
 class _Unloadable(NamedTuple):
@@ -218,6 +234,10 @@ def _handshake(worker: Worker) -> bool:
     if not isinstance(hello, Hello):
         raise ProtocolViolation(f"expected HELLO first, got {type(hello).__name__}")
     process.configure(hello)
+    if hello.worker_loop != "asyncio":
+        from ashard._worker import asyncrun
+
+        asyncrun.configure(hello.worker_loop)
     worker.report.max_frame = hello.max_frame
     try:
         if hello.init is not None:

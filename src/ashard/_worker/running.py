@@ -53,6 +53,8 @@ class _State:
     reading = False  # a handler is taking in the parent's messages
     again = False  # another interrupt came meanwhile: read once more
     alarm_due = False  # the timeout's alarm came meanwhile
+    async_running = False  # async shards or a call run on the worker's loop (asyncrun)
+    stop_async = False  # the parent interrupted them: their watcher cancels them
 
 
 _state = _State()
@@ -72,7 +74,7 @@ def _on_interrupt(signum: int, frame: object) -> None:
     if _state.reading:
         _state.again = True
         return
-    if not _state.running:
+    if not _state.running and not _state.async_running:
         return
     if _state.call_seq is not None and _state.read_control is not None:
         _read_uncalls(_state.read_control)
@@ -81,6 +83,9 @@ def _on_interrupt(signum: int, frame: object) -> None:
             raise Interrupted(timeout=True, frame=frame)
         if not _state.stop_call:
             return
+    if not _state.running:  # async code between steps: its watcher cancels it
+        _state.stop_async = True
+        return
     _state.running = False
     raise Interrupted(timeout=False)
 

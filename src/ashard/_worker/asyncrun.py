@@ -1,0 +1,366 @@
+"""``async def`` shard functions on the worker's own event loop (DESIGN 2.7).
+
+The loop is asyncio by default, made once and kept for the worker's life (so objects
+bound to it, a client session cached in a module, work across chunks); uvloop the same;
+trio runs each chunk in `trio.run` (it has no loop to keep). A chunk's shards run as
+tasks, at most `shard_concurrency` at once, and are reported in order as their prefix
+completes, as plain shards are.
+
+* **Timeouts** cancel the shard's coroutine (its ``finally`` runs); its stack where the
+  cancellation reached it is its `ShardTimeout.stack`. A coroutine that blocks the loop
+  past its deadline (``time.sleep`` in async code) is stopped by the worker's timer as a
+  plain shard is: the timer is armed for each step of user code (`_Traced`), so the
+  interrupt lands in that shard's frame and names it.
+* **Interruption** (the caller cancelled): the signal handler sets a flag that a watcher
+  task turns into cancelling every shard; a shard blocking the loop is interrupted in
+  its frame. What finished before the first unfinished shard is reported; the rest goes
+  back to the caller's queue.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ashard import _seeding
+from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT, CallFn, RunChunk
+from ashard._serialize import encode_exception
+from ashard._worker.running import FLUSH_INTERVAL, Interrupted, _state
+from ashard.shards import Shard
+
+if TYPE_CHECKING:
+    from ashard._worker.jobs import JobContext
+    from ashard._worker.reports import Reporter
+
+__all__ = ["configure", "run_call", "run_chunk"]
+
+WATCH_SECONDS = 0.005
+"""How often a running chunk looks for the caller's interrupt."""
+FINALLY_GRACE = 1.0
+"""Seconds a cancelled coroutine's cleanup may hold the loop before it is interrupted."""
+
+_kind = "asyncio"
+_loop: Any = None
+
+
+def configure(kind: str) -> None:
+    """The worker's loop: "asyncio", "uvloop" or "trio" (`Pool(worker_loop=...)`)."""
+    global _kind
+    _kind = kind
+
+
+def prepare() -> None:
+    """Make the worker's loop, and load what runs on it, if that is not done yet: before
+    a task starts, so that hygiene counts the loop's descriptors as the worker's own."""
+    global _loop
+    if _loop is not None:
+        return
+    import anyio  # noqa: F401 (the supervisor's library runs the shards)
+
+    if _kind == "trio":
+        import trio  # a loop per chunk: `trio.run`
+
+        trio.run(trio.sleep, 0)  # what its first run opens and keeps is open from now
+        _loop = False
+        return
+    import asyncio
+
+    if _kind == "uvloop":
+        import uvloop
+
+        _loop = uvloop.new_event_loop()
+    else:
+        _loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(_loop)
+    _loop.run_until_complete(asyncio.sleep(0))  # a first turn opens what the loop keeps
+
+
+def _run(main: Callable[[], Awaitable[None]]) -> None:
+    """Run `main` on the worker's loop."""
+    prepare()
+    if _kind == "trio":
+        import trio
+
+        trio.run(main)
+        return
+    _loop.run_until_complete(main())
+
+
+def _is_cancel(exc: BaseException) -> bool:
+    return type(exc).__name__ in ("CancelledError", "Cancelled")
+
+
+def _coro_stack(coro: Any) -> str | None:
+    """Where a suspended coroutine waits: its frames, outermost first."""
+    frames = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append((frame, frame.f_lineno))
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    if not frames:
+        return None
+    return "".join(traceback.StackSummary.extract(frames).format())
+
+
+class _Traced:
+    """Awaits a user coroutine step by step: while one of its steps runs, the worker's
+    timer is armed for the shard's deadline (a step that holds the loop past it is
+    interrupted in its own frame), and where it was when cancelled is kept."""
+
+    __slots__ = ("coro", "deadline", "stack")
+
+    def __init__(self, coro: Any, deadline: float | None) -> None:
+        self.coro = coro
+        self.deadline = deadline
+        self.stack: str | None = None
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self.coro
+        value: Any = None
+        exc: BaseException | None = None
+        while True:
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if exc is not None and _is_cancel(exc):  # its finally gets time to run
+                    left = FINALLY_GRACE
+                signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
+            _state.running = True
+            try:
+                if exc is None:
+                    yielded = coro.send(value)
+                else:
+                    if self.stack is None and _is_cancel(exc):
+                        self.stack = _coro_stack(coro)
+                    yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            finally:
+                _state.running = False
+                if self.deadline is not None:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            value, exc = None, None
+            try:
+                value = yield yielded
+            except BaseException as raised:  # thrown in by the loop: a cancellation
+                exc = raised
+
+
+class _Chunk:
+    """One chunk's shards as they end, reported in order as their prefix completes."""
+
+    def __init__(self, seq: int, count: int, report: Reporter, flush_each: bool) -> None:
+        self.seq = seq
+        self.count = count
+        self.report = report
+        self.flush_each = flush_each  # a timeout: the parent hears of each shard at once
+        self.outcomes: list[tuple[int, Any, float] | None] = [None] * count
+        self.reported = 0
+        self.stopped = False
+        self.scope: Any = None
+        self.last_flush = time.perf_counter()
+
+    def ended(self, k: int, status: int, detail: Any, took: float) -> None:
+        self.outcomes[k] = (status, detail, took)
+        done = self.reported
+        while done < self.count and self.outcomes[done] is not None:
+            done += 1
+        now = time.perf_counter()
+        if done == self.count:
+            return  # the final report goes once the loop is left (`finish`): hygiene looks then
+        if done > self.reported and (self.flush_each or now - self.last_flush >= FLUSH_INTERVAL):
+            self._send(done, final=False)
+            self.last_flush = now
+
+    def _send(self, upto: int, final: bool, interrupted: bool = False) -> None:
+        k0 = self.reported
+        values: list[Any] = []
+        errors: list[Any] = []
+        elapsed: list[float] = []
+        for k in range(k0, upto):
+            outcome = self.outcomes[k]
+            assert outcome is not None
+            status, detail, took = outcome
+            elapsed.append(took)
+            if status == _OK:
+                values.append(detail)
+                continue
+            values.append(None)
+            errors.append((k - k0, status, detail))
+        if interrupted:
+            errors.append((upto - k0, INTERRUPTED, None))
+        self.reported = upto
+        self.report.result(self.seq, k0, values, errors, elapsed, final)
+
+    def stop(self) -> None:
+        """The caller interrupted it: cancel every shard."""
+        self.stopped = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def finish(self) -> None:
+        """After the last task: the rest of the report, if something was left out."""
+        if self.reported == self.count:
+            return
+        done = self.reported
+        while done < self.count and self.outcomes[done] is not None:
+            done += 1
+        self._send(done, final=True, interrupted=done < self.count)
+
+
+_OK = -100  # a shard that returned (statuses otherwise are the protocol's error kinds)
+
+
+def run_chunk(
+    ctx: JobContext, chunk: RunChunk, items: Sequence[Any] | None, report: Reporter
+) -> None:
+    """Run the positions of `chunk` (`items`: its items) on the worker's loop."""
+    state = _Chunk(chunk.seq, chunk.n, report, ctx.timeout is not None)
+    _state.stop_async = False
+    _state.async_running = True
+    try:
+        _run(lambda: _chunk(ctx, chunk, items, state))
+    finally:
+        _state.async_running = False
+    state.finish()
+
+
+async def _chunk(
+    ctx: JobContext, chunk: RunChunk, items: Sequence[Any] | None, state: _Chunk
+) -> None:
+    import anyio  # the supervisor's library: loaded when a worker first runs async code
+
+    limiter = anyio.Semaphore(max(1, ctx.concurrency))
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(_watch, state)
+        async with anyio.create_task_group() as shards:
+            state.scope = shards.cancel_scope
+            for k in range(chunk.n):
+                await limiter.acquire()
+                if state.stopped:
+                    limiter.release()
+                    break
+                shards.start_soon(_one, ctx, chunk, items, k, limiter, state)
+        outer.cancel_scope.cancel()
+
+
+async def _watch(state: _Chunk) -> None:
+    import anyio
+
+    while True:
+        await anyio.sleep(WATCH_SECONDS)
+        if _state.stop_async:
+            state.stop()
+            return
+
+
+async def _one(
+    ctx: JobContext,
+    chunk: RunChunk,
+    items: Sequence[Any] | None,
+    k: int,
+    limiter: Any,
+    state: _Chunk,
+) -> None:
+    """Shard `k` of the chunk: its outcome, told to `state`."""
+    import anyio
+
+    pos = chunk.first + k
+    attempt = chunk.attempts[k] if chunk.attempts else 1
+    item = items[k] if items is not None else None
+    if ctx.kind == SHARDS:
+        assert ctx.layout is not None
+        rng = None if ctx.seed is None else _seeding.shard_rng(ctx.seed, pos)
+        args: tuple[Any, ...] = (Shard(pos, ctx.layout.indices(pos), item, rng, attempt),)
+    else:
+        args = (item,)
+    if ctx.seed is not None:
+        _seeding.seed_globals(ctx.seed, pos)  # shared by the shards in flight: see DESIGN 2.7
+    timeout = ctx.timeout
+    t0 = time.perf_counter()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    status: int = _OK
+    detail: Any = None
+    try:
+        try:
+            traced = _Traced(ctx.fn(*args, **ctx.kwargs), deadline)
+        except BaseException as exc:  # user code: the call itself raised
+            status, detail = RAISED, encode_exception(exc)
+        else:
+            with anyio.CancelScope(deadline=math.inf if timeout is None else
+                                   anyio.current_time() + timeout) as scope:  # fmt: skip
+                detail = await traced
+            if scope.cancel_called and not state.stopped:
+                status, detail = TIMEOUT, (time.perf_counter() - t0, traced.stack)
+    except Interrupted as exc:  # the timer or the caller stopped a step holding the loop
+        if exc.timeout:
+            status, detail = TIMEOUT, (time.perf_counter() - t0, exc.stack)
+        else:
+            state.stop()
+            return
+    except anyio.get_cancelled_exc_class():
+        raise  # the caller interrupted the chunk: this shard goes back unreported
+    except BaseException as exc:  # user code: SystemExit and KeyboardInterrupt are outcomes too
+        status, detail = RAISED, encode_exception(exc)
+    finally:
+        limiter.release()
+    state.ended(k, status, detail, time.perf_counter() - t0)
+
+
+def run_call(call: CallFn, report: Reporter) -> None:
+    """One `call` of an ``async def`` function, on the worker's loop."""
+    box: list[tuple[int, Any, float]] = []
+    _state.call_seq, _state.stop_call, _state.alarm_due = call.seq, False, False
+    _state.stop_async = False
+    _state.async_running = True
+    try:
+        _run(lambda: _call(call, box))
+    finally:
+        _state.async_running = False
+        _state.call_seq = None
+    if not box:
+        report.result(call.seq, 0, [], [(0, INTERRUPTED, None)], [], True)
+        return
+    status, detail, took = box[0]
+    if status == _OK:
+        report.result(call.seq, 0, [detail], [], [took], True)
+    else:
+        report.result(call.seq, 0, [None], [(0, status, detail)], [took], True)
+
+
+async def _call(call: CallFn, box: list[tuple[int, Any, float]]) -> None:
+    import anyio
+
+    timeout = call.timeout
+    t0 = time.perf_counter()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            while not (_state.stop_async or _state.stop_call):  # noqa: ASYNC110 (a signal sets it)
+                await anyio.sleep(WATCH_SECONDS)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            traced = _Traced(call.fn(*call.args, **call.kwargs), deadline)
+            with anyio.CancelScope(deadline=math.inf if timeout is None else
+                                   anyio.current_time() + timeout) as scope:  # fmt: skip
+                value = await traced
+            if scope.cancel_called:
+                box.append((TIMEOUT, (time.perf_counter() - t0, traced.stack), 0.0))
+            else:
+                box.append((_OK, value, time.perf_counter() - t0))
+        except Interrupted as exc:
+            if exc.timeout:
+                box.append((TIMEOUT, (time.perf_counter() - t0, exc.stack), 0.0))
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # user code: SystemExit and KeyboardInterrupt too
+            box.append((RAISED, encode_exception(exc), time.perf_counter() - t0))
+        tg.cancel_scope.cancel()

@@ -1,0 +1,155 @@
+"""`async def` shard functions (DESIGN 2.7) on the workers' own event loops: shards of a
+worker overlap up to `shard_concurrency`, a timeout cancels a coroutine (its `finally`
+runs), a coroutine that blocks its loop is stopped as a hung shard, a killed worker's
+in-flight shards all run again once, exceptions keep their type, seeds hold, the caller
+can cancel; map, call and stream take async fns; trio and uvloop worker loops. Real
+workers, under asyncio and trio in the caller."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import ashard
+import workloads
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_shards_overlap_up_to_shard_concurrency() -> None:
+    async with ashard.Pool(2) as pool:
+        t0 = time.monotonic()
+        res = await pool.shard_map(ashard.shards(64, block_size=1), workloads.nap,
+                                   shard_concurrency=32)  # fmt: skip
+        took = time.monotonic() - t0
+    assert res.results == list(range(64)) and res.ok
+    assert took < 8  # one at a time would take 16 s per worker
+
+
+async def test_a_timeout_cancels_the_coroutine_and_its_finally_runs(tmp_path: Path) -> None:
+    async with ashard.Pool(1) as pool:
+        res = await pool.shard_map(
+            ashard.shards(2, block_size=1), workloads.nap_with_finally,
+            borrow={"directory": str(tmp_path)}, timeout=0.5, max_retries=0,
+            errors="collect", shard_concurrency=2,
+        )  # fmt: skip
+        assert [type(f) for f in res.failures] == [ashard.ShardTimeout] * 2
+        stacks = [f.stack for f in res.failures]  # type: ignore[attr-defined]
+        assert all("nap_with_finally" in (s or "") for s in stacks), stacks
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["finally-0", "finally-1"]
+        assert pool.stats.crashed == 0 and (await pool.shard_map(2, workloads.nap)).ok
+
+
+async def test_a_coroutine_blocking_its_loop_is_stopped_in_its_frame() -> None:
+    async with ashard.Pool(1) as pool:
+        pid = (await pool.call(workloads.otel_loaded), pool.pids)[1]
+        res = await pool.shard_map(1, workloads.block_the_loop, timeout=0.5, max_retries=0,
+                                   errors="collect")  # fmt: skip
+        (error,) = res.failures
+        assert isinstance(error, ashard.ShardTimeout)
+        assert "block_the_loop" in (error.stack or "")
+        assert pool.pids == pid  # stopped in Python: the worker lives on
+
+
+async def test_a_killed_worker_runs_each_in_flight_shard_again_once(tmp_path: Path) -> None:
+    log = tmp_path / "runs.log"
+    async with ashard.Pool(1) as pool:
+        with anyio.fail_after(60):
+            res = await pool.shard_map(
+                ashard.shards(16, block_size=1), workloads.all_in_flight_then_die,
+                borrow={"log": str(log), "count": 16}, shard_concurrency=16,
+            )  # fmt: skip
+    assert res.ok and sorted(v[0] for v in res.results) == list(range(16))
+    runs = Counter(int(line.split()[0]) for line in log.read_text().splitlines())
+    assert runs == dict.fromkeys(range(16), 2)  # in flight when it died, then once more
+    assert res.diagnostics.crashes == 1
+
+
+async def test_exceptions_keep_their_type() -> None:
+    res = await ashard.shard_map(ashard.shards(3, block_size=1), workloads.raise_custom_async,
+                                 errors="collect", workers=1)  # fmt: skip
+    assert [type(f.__cause__) for f in res.failures] == [workloads.CustomError] * 3
+    assert [f.__cause__.code for f in res.failures] == [0, 1, 2]  # type: ignore[union-attr]
+
+
+async def test_seeds_per_shard_as_for_a_plain_function() -> None:
+    async with ashard.Pool(2) as pool:
+        plain = await pool.shard_map(ashard.shards(8, block_size=1), workloads.draw_sync, seed=5)
+        both = await pool.shard_map(ashard.shards(8, block_size=1), workloads.draw_async,
+                                    seed=5, shard_concurrency=4)  # fmt: skip
+    assert both.results == plain.results
+
+
+async def test_the_caller_cancelling_cancels_the_coroutines(tmp_path: Path) -> None:
+    async with ashard.Pool(1) as pool:
+        t0 = time.monotonic()
+        with anyio.move_on_after(1.0):
+            await pool.shard_map(
+                ashard.shards(4, block_size=1), workloads.nap_with_finally,
+                borrow={"directory": str(tmp_path)}, shard_concurrency=4,
+            )  # fmt: skip
+        assert time.monotonic() - t0 < 10
+        assert len(list(tmp_path.iterdir())) == 4  # each coroutine's finally ran
+        assert (await pool.shard_map(2, workloads.nap)).ok  # the worker is fine
+
+
+async def test_map_call_and_stream_take_async_functions() -> None:
+    async with ashard.Pool(2) as pool:
+        assert await pool.map(workloads.nap_item, range(20), shard_concurrency=8) == [
+            2 * x for x in range(20)
+        ]
+        assert await pool.call(workloads.nap_item, 21) == 42
+        seen = []
+        async with pool.shard_stream(ashard.shards(6, block_size=1), workloads.nap,
+                                     shard_concurrency=3) as stream:  # fmt: skip
+            async for done in stream:
+                seen.append(done.value)
+        assert sorted(seen) == list(range(6))
+
+
+@pytest.mark.parametrize(("loop", "fn"), [("trio", "nap_trio"), ("uvloop", "nap")])
+async def test_trio_and_uvloop_worker_loops(loop: str, fn: str) -> None:
+    pytest.importorskip(loop)  # the test extra installs both
+    async with ashard.Pool(1, worker_loop=loop) as pool:  # type: ignore[arg-type]
+        t0 = time.monotonic()
+        res = await pool.shard_map(ashard.shards(8, block_size=1), getattr(workloads, fn),
+                                   borrow={"seconds": 0.3}, shard_concurrency=8)  # fmt: skip
+        assert res.results == list(range(8)) and time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: ashard.shard_map(2, workloads.nap, shard_concurrency=0), "shard_concurrency"),
+        (
+            lambda: ashard.shard_map(2, workloads.shard_sum, shard_concurrency=4),
+            "shard_concurrency=4 .* fn must be an async def function",
+        ),
+        (lambda: ashard.map(workloads.square, [1], shard_concurrency=2), "async def"),
+        (
+            lambda: ashard.shard_map(2, workloads.nap, results="disk"),
+            'results="disk": an async def fn cannot store its results yet',
+        ),
+    ],
+)
+async def test_bad_concurrency_and_what_async_cannot_do_yet_are_refused(
+    call: Any, match: str
+) -> None:
+    with pytest.raises((TypeError, ValueError), match=match):
+        await call()
+
+
+async def test_out_is_refused_for_an_async_fn_before_anything_runs() -> None:
+    refused = pytest.raises(ValueError, match=r"out\['seconds'\]: an async def fn cannot")
+    with ashard.buffer("f8", (2,)) as buf, refused:
+        await ashard.shard_map(2, workloads.nap, out={"seconds": buf}, workers=1)
+
+
+def test_a_worker_loop_that_cannot_be_had_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match="worker_loop must be one of"):
+        ashard.Pool(1, worker_loop="curio")  # type: ignore[arg-type]
