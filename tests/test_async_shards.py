@@ -112,6 +112,12 @@ async def test_map_call_and_stream_take_async_functions() -> None:
         assert sorted(seen) == list(range(6))
 
 
+def test_the_executor_takes_async_functions() -> None:
+    with ashard.Executor(max_workers=1) as ex:
+        assert ex.submit(workloads.nap_item, 4).result() == 8
+        assert list(ex.map(workloads.nap_item, [1, 2, 3])) == [2, 4, 6]
+
+
 @pytest.mark.parametrize(("loop", "fn"), [("trio", "nap_trio"), ("uvloop", "nap")])
 async def test_trio_and_uvloop_worker_loops(loop: str, fn: str) -> None:
     pytest.importorskip(loop)  # the test extra installs both

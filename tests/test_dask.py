@@ -202,6 +202,14 @@ async def test_hygiene_notes_come_back_from_the_nodes(dask_cluster: Any, tmp_pat
         assert "os.environ['ASHARD_TEST_LEFT'] was set; restored" in res.diagnostics.hygiene[0]
 
 
+async def test_async_shards_overlap_on_the_nodes_too(dask_cluster: Any) -> None:
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        t0 = time.monotonic()
+        res = await pool.shard_map(ashard.shards(32, block_size=1), workloads.nap,
+                                   borrow={"seconds": 0.5}, shard_concurrency=16)  # fmt: skip
+        assert res.results == list(range(32)) and time.monotonic() - t0 < 5  # one at a time: 8
+
+
 class _Unpicklable:
     def __call__(self, shard: Any) -> None:
         pass

@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import anyio
 
 from ashard import _calls
+from ashard._asyncfn import is_async_fn
 from ashard._backend import import_supervisor
 from ashard._loopthread import SHARED
 from ashard._options import check_count, check_timeout
 from ashard._serialize import LoadError
-from ashard._worker.dropins import apply_star
+from ashard._worker.dropins import apply_star, apply_star_async
 from ashard.errors import (
     RemoteTraceback,
     ShardError,
@@ -189,7 +190,8 @@ class _Core:
             if self.shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
         options = {"timeout": self.timeout, "max_retries": self.max_retries, "errors": "collect"}
-        job = _calls.map_job(apply_star, items, {"fn": fn}, options)
+        star = apply_star_async if is_async_fn(fn) else apply_star
+        job = _calls.map_job(star, items, {"fn": fn}, options)
         results: queue.SimpleQueue[Any] = queue.SimpleQueue()
         pumping = self.runner.submit(self._pump(job, len(items), results))
         return _results(results, len(items), deadline, pumping)

@@ -160,16 +160,18 @@ class _Chunk:
         self.report = report
         self.flush_each = flush_each  # a timeout: the parent hears of each shard at once
         self.outcomes: list[tuple[int, Any, float] | None] = [None] * count
-        self.reported = 0
+        self.reported = 0  # positions reported
+        self.complete = 0  # positions before the first unfinished one
         self.stopped = False
         self.scope: Any = None
         self.last_flush = time.perf_counter()
 
     def ended(self, k: int, status: int, detail: Any, took: float) -> None:
         self.outcomes[k] = (status, detail, took)
-        done = self.reported
+        done = self.complete
         while done < self.count and self.outcomes[done] is not None:
             done += 1
+        self.complete = done
         now = time.perf_counter()
         if done == self.count:
             return  # the final report goes once the loop is left (`finish`): hygiene looks then
@@ -207,7 +209,7 @@ class _Chunk:
         """After the last task: the rest of the report, if something was left out."""
         if self.reported == self.count:
             return
-        done = self.reported
+        done = self.complete
         while done < self.count and self.outcomes[done] is not None:
             done += 1
         self._send(done, final=True, interrupted=done < self.count)
@@ -235,17 +237,23 @@ async def _chunk(
 ) -> None:
     import anyio  # the supervisor's library: loaded when a worker first runs async code
 
-    limiter = anyio.Semaphore(max(1, ctx.concurrency))
     async with anyio.create_task_group() as outer:
         outer.start_soon(_watch, state)
         async with anyio.create_task_group() as shards:
             state.scope = shards.cancel_scope
-            for k in range(chunk.n):
-                await limiter.acquire()
-                if state.stopped:
-                    limiter.release()
-                    break
-                shards.start_soon(_one, ctx, chunk, items, k, limiter, state)
+            if ctx.concurrency <= 1:  # one at a time: no task per shard
+                for k in range(chunk.n):
+                    if state.stopped:
+                        break
+                    await _one(ctx, chunk, items, k, None, state)
+            else:
+                limiter = anyio.Semaphore(ctx.concurrency)
+                for k in range(chunk.n):
+                    await limiter.acquire()
+                    if state.stopped:
+                        limiter.release()
+                        break
+                    shards.start_soon(_one, ctx, chunk, items, k, limiter, state)
         outer.cancel_scope.cancel()
 
 
@@ -288,15 +296,18 @@ async def _one(
     detail: Any = None
     try:
         try:
-            traced = _Traced(ctx.fn(*args, **ctx.kwargs), deadline)
+            coro = ctx.fn(*args, **ctx.kwargs)
         except BaseException as exc:  # user code: the call itself raised
             status, detail = RAISED, encode_exception(exc)
         else:
-            with anyio.CancelScope(deadline=math.inf if timeout is None else
-                                   anyio.current_time() + timeout) as scope:  # fmt: skip
-                detail = await traced
-            if scope.cancel_called and not state.stopped:
-                status, detail = TIMEOUT, (time.perf_counter() - t0, traced.stack)
+            if timeout is None:  # nothing to stop it for: awaited as it is
+                detail = await coro
+            else:
+                traced = _Traced(coro, deadline)
+                with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
+                    detail = await traced
+                if scope.cancel_called and not state.stopped:
+                    status, detail = TIMEOUT, (time.perf_counter() - t0, traced.stack)
     except Interrupted as exc:  # the timer or the caller stopped a step holding the loop
         if exc.timeout:
             status, detail = TIMEOUT, (time.perf_counter() - t0, exc.stack)
@@ -308,7 +319,8 @@ async def _one(
     except BaseException as exc:  # user code: SystemExit and KeyboardInterrupt are outcomes too
         status, detail = RAISED, encode_exception(exc)
     finally:
-        limiter.release()
+        if limiter is not None:
+            limiter.release()
     state.ended(k, status, detail, time.perf_counter() - t0)
 
 

@@ -9,3 +9,8 @@ from typing import Any
 def apply_star(args: tuple[Any, ...], fn: Callable[..., Any]) -> Any:
     """``fn(*args)``: `Executor.map` as an ashard `map` over argument tuples."""
     return fn(*args)
+
+
+async def apply_star_async(args: tuple[Any, ...], fn: Callable[..., Any]) -> Any:
+    """``await fn(*args)``: `Executor.map` of an ``async def`` fn."""
+    return await fn(*args)
