@@ -56,6 +56,14 @@ async def test_a_coroutine_blocking_its_loop_is_stopped_in_its_frame() -> None:
         assert pool.pids == pid  # stopped in Python: the worker lives on
 
 
+async def test_a_shard_holding_its_loop_is_named_in_the_notes() -> None:
+    res = await ashard.shard_map(ashard.shards(3, block_size=1), workloads.block_briefly,
+                                 chunk_size=3, workers=1)  # fmt: skip
+    assert res.ok and res.results == [0, 1, 2]
+    (note,) = [n for n in res.diagnostics.notes if "event loop" in n]
+    assert "was blocked for 1." in note and "shards 1 ran" in note
+
+
 async def test_a_killed_worker_runs_each_in_flight_shard_again_once(tmp_path: Path) -> None:
     log = tmp_path / "runs.log"
     async with ashard.Pool(1) as pool:

@@ -1185,5 +1185,15 @@ async def all_in_flight_then_die(shard: Shard, log: str, count: int) -> tuple[in
         while _lines(log) < count:  # noqa: ASYNC110 (other shards write it)
             await asyncio.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.05)
     return shard.id, shard.attempt
+
+
+async def block_briefly(shard: Shard, victim: int = 1, seconds: float = 1.3) -> int:
+    """Shard `victim` holds its worker's loop for `seconds` (blocking code in async def)."""
+    import asyncio
+
+    await asyncio.sleep(0)
+    if shard.id == victim:
+        time.sleep(seconds)  # noqa: ASYNC251 (on purpose)
+    return shard.id

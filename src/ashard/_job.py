@@ -434,7 +434,7 @@ class Job(Changes):
         if report.final and chunk.done < chunk.count:  # the worker stopped early
             self._requeue_rest(chunk, chunk.done)
         if report.hygiene is not None:
-            self._hygiene(chunk, report.hygiene[0])
+            self._hygiene(chunk, report.hygiene)
         if self.trace is not None:
             self._traced(chunk, report, pid)
         self._let_go(chunk)
@@ -449,8 +449,14 @@ class Job(Changes):
         if report.final:
             self.trace.ended(chunk, pid)
 
-    def _hygiene(self, chunk: Chunk, notes: list[str]) -> None:
-        """What `chunk`'s shards changed in their worker (noted under its first)."""
+    def _hygiene(self, chunk: Chunk, hygiene: tuple[Any, ...]) -> None:
+        """What `chunk`'s shards changed in their worker (noted under its first), and
+        the worker's remarks on them, for `Diagnostics.notes`."""
+        notes = hygiene[0]
+        if len(hygiene) > 2:
+            self.record.notes.extend(hygiene[2])
+        if not notes:
+            return
         last = chunk.first + max(chunk.done, 1) - 1
         where = "" if last == chunk.first else f"in {self.noun}s {chunk.first}-{last}: "
         said = self.record.hygiene.get(chunk.first, ())
@@ -482,7 +488,7 @@ class Job(Changes):
         if report.final and chunk.done < chunk.count:
             self._requeue_rest(chunk, chunk.done)
         if report.hygiene is not None:
-            self._hygiene(chunk, report.hygiene[0])
+            self._hygiene(chunk, report.hygiene)
         if self.trace is not None and report.final:
             self.trace.ended(chunk, pid, "error")
         self._let_go(chunk)

@@ -40,7 +40,8 @@ None) for ``k < n``, or INTERRUPTED at ``k == n``
 `peak` (jobs that ask, `JobSpec.peak`) how far its private memory rose during the chunk
 above where it started (bytes; 0 otherwise); `hygiene` (a final report only) what the
 task changed in process-wide state, ``(notes, left)``: one-line notes, and whether it
-left threads, processes or descriptors behind - or None.
+left threads, processes or descriptors behind - or None; a third element, when there
+is one, holds remarks for the call's `Diagnostics.notes` (an event loop held too long).
 `commits` lists the files positions committed to table sinks and results stores:
 ``(k, name, rows, bytes, memory, schema)`` (name "" for the results store; rows -1 for
 a pickled result; memory: the rows' in-memory bytes; schema: its serialized pyarrow
@@ -117,7 +118,7 @@ class Result(NamedTuple):
     commits: list[Commit] | None
     arrays: list[ArrayDesc] | None
     peak: int = 0
-    hygiene: tuple[list[str], bool] | None = None
+    hygiene: tuple[Any, ...] | None = None  # (notes, left) or (notes, left, remarks)
 
 
 def parse_result(msg: Any) -> Result:
@@ -145,14 +146,21 @@ def parse_result(msg: Any) -> Result:
 
 
 def _is_notes(hygiene: Any) -> bool:
-    """``(notes, left)``: a short list of short strings, and a bool."""
+    """``(notes, left)`` or ``(notes, left, remarks)``: short lists of short strings,
+    and a bool."""
     return (
         type(hygiene) is tuple
-        and len(hygiene) == 2
-        and type(hygiene[0]) is list
-        and len(hygiene[0]) <= 64
-        and all(type(note) is str and len(note) <= 1000 for note in hygiene[0])
+        and len(hygiene) in (2, 3)
         and type(hygiene[1]) is bool
+        and all(_is_lines(part) for part in hygiene[:1] + hygiene[2:])
+    )
+
+
+def _is_lines(lines: Any) -> bool:
+    return (
+        type(lines) is list
+        and len(lines) <= 64
+        and all(type(line) is str and len(line) <= 1000 for line in lines)
     )
 
 

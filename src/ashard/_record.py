@@ -33,6 +33,7 @@ class CallRecord:
         self.chunks = self.retries = self.timeouts = self.crashes = 0
         self.error_retries = 0  # runs after fn raised, retried by retry_errors or a rule
         self.hygiene: dict[int | None, tuple[str, ...]] = {}  # position -> what it changed
+        self.notes: list[str] = []  # what the workers remarked on (`Diagnostics.notes`)
         self.cow_writes: set[tuple[int, str]] = set()  # (shard id, borrow name), cow="audit"
         self._runs = runs
         self._pids: set[int] = set()
@@ -137,6 +138,7 @@ class CallRecord:
             autotune=autotune,
             error_retries=self.error_retries,
             hygiene=dict(self.hygiene),
+            notes=tuple(self.notes),
             skipped=skipped,
             _attempts=self.log,
         )

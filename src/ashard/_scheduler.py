@@ -676,7 +676,7 @@ class Scheduler:
             self.workers.heard_back(0, timed_out=1)
             return _Lost(failure(TIMEOUT, report.errors[0][2], subject="call", shard=None,
                                  attempts=attempt, timeout=timeout))  # fmt: skip
-        if report.hygiene is not None:
+        if report.hygiene is not None and report.hygiene[0]:
             warn_hygiene({None: tuple(report.hygiene[0])}, "call")
         return call_outcome(values, report.errors)
 

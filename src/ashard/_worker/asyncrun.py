@@ -20,6 +20,7 @@ completes, as plain shards are.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 import traceback
@@ -40,6 +41,8 @@ __all__ = ["configure", "run_call", "run_chunk"]
 
 WATCH_SECONDS = 0.005
 """How often a running chunk looks for the caller's interrupt."""
+BLOCKED_SECONDS = 1.0
+"""A loop held this long by a shard's code is named in the call's `Diagnostics.notes`."""
 FINALLY_GRACE = 1.0
 """Seconds a cancelled coroutine's cleanup may hold the loop before it is interrupted."""
 
@@ -163,8 +166,23 @@ class _Chunk:
         self.reported = 0  # positions reported
         self.complete = 0  # positions before the first unfinished one
         self.stopped = False
+        self.running: set[int] = set()  # positions whose coroutines are under way
+        self.first = 0  # the chunk's first position (for the notes)
+        self.noun = "shard"
+        self.tick = time.perf_counter()  # when the watcher last woke (the loop turned)
         self.scope: Any = None
         self.last_flush = time.perf_counter()
+
+    def held(self, ks: Sequence[int], seconds: float) -> None:
+        """The loop was held `seconds` while positions `ks` ran: say so."""
+        ids = ", ".join(str(self.first + k) for k in sorted(ks)[:5])
+        more = " ..." if len(ks) > 5 else ""
+        self.report.notes.append(
+            f"the event loop of worker {os.getpid()} was blocked for {seconds:.1f} s while "
+            f"{self.noun}s {ids}{more} ran: blocking code in async def (time.sleep, a "
+            "blocking call) holds every shard of the worker; await it, or use a thread"
+        )
+        self.tick = time.perf_counter()  # said once
 
     def ended(self, k: int, status: int, detail: Any, took: float) -> None:
         self.outcomes[k] = (status, detail, took)
@@ -223,6 +241,7 @@ def run_chunk(
 ) -> None:
     """Run the positions of `chunk` (`items`: its items) on the worker's loop."""
     state = _Chunk(chunk.seq, chunk.n, report, ctx.timeout is not None)
+    state.first, state.noun = chunk.first, "shard" if ctx.kind == SHARDS else "item"
     _state.stop_async = False
     _state.async_running = True
     try:
@@ -258,10 +277,16 @@ async def _chunk(
 
 
 async def _watch(state: _Chunk) -> None:
+    """Stop the chunk when the caller interrupts it, and name the shards under way when
+    the loop was held for `BLOCKED_SECONDS` (this task woke that much late)."""
     import anyio
 
     while True:
+        state.tick = time.perf_counter()
         await anyio.sleep(WATCH_SECONDS)
+        held = time.perf_counter() - state.tick - WATCH_SECONDS
+        if held >= BLOCKED_SECONDS and state.running:  # not named by a shard that ended
+            state.held(list(state.running), held)
         if _state.stop_async:
             state.stop()
             return
@@ -292,6 +317,7 @@ async def _one(
     timeout = ctx.timeout
     t0 = time.perf_counter()
     deadline = None if timeout is None else time.monotonic() + timeout
+    state.running.add(k)
     status: int = _OK
     detail: Any = None
     try:
@@ -319,8 +345,12 @@ async def _one(
     except BaseException as exc:  # user code: SystemExit and KeyboardInterrupt are outcomes too
         status, detail = RAISED, encode_exception(exc)
     finally:
+        state.running.discard(k)
         if limiter is not None:
             limiter.release()
+    stalled = time.perf_counter() - state.tick
+    if stalled >= BLOCKED_SECONDS + WATCH_SECONDS:  # it ended the step that held the loop
+        state.held([k], stalled)
     state.ended(k, status, detail, time.perf_counter() - t0)
 
 

@@ -50,6 +50,7 @@ class Reporter:
         self.max_frame = DEFAULT_MAX_FRAME
         self.with_rss = True
         self.peak_from: int | None = None  # the chunk's starting memory, when it measures
+        self.notes: list[str] = []  # for the call's `Diagnostics.notes`, sent with a final report
         # the hygiene check of task `seq`, made as its final report goes (`Hygiene.end`)
         self.on_final: Callable[[int], tuple[list[str], bool] | None] | None = None
         self._item_bytes: float | None = None  # a value's size, pickled, as learned
@@ -108,7 +109,12 @@ class Reporter:
                      final: bool, writes: list[tuple[int, str]] | None = None,
                      commits: list[Commit] | None = None) -> None:  # fmt: skip
         """One RESULT message: `result`'s arguments, for one piece."""
-        hygiene = self.on_final(seq) if final and self.on_final is not None else None
+        hygiene: tuple[Any, ...] | None = None
+        if final and self.on_final is not None:
+            hygiene = self.on_final(seq)
+        if final and self.notes:
+            notes, left = hygiene if hygiene is not None else ([], False)
+            hygiene, self.notes = (notes, left, self.notes[:16]), []
         rss = private_rss() if final and self.with_rss else 0
         peak = 0
         if final and self.peak_from is not None:
