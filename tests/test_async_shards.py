@@ -146,8 +146,8 @@ async def test_trio_and_uvloop_worker_loops(loop: str, fn: str) -> None:
         ),
         (lambda: ashard.map(workloads.square, [1], shard_concurrency=2), "async def"),
         (
-            lambda: ashard.shard_map(2, workloads.nap, results="disk"),
-            'results="disk": an async def fn cannot store its results yet',
+            lambda: ashard.shard_map(2, workloads.nap, results="disk", shard_concurrency=2),
+            'shard_concurrency=2 with results="disk"',
         ),
     ],
 )
@@ -158,10 +158,24 @@ async def test_bad_concurrency_and_what_async_cannot_do_yet_are_refused(
         await call()
 
 
-async def test_out_is_refused_for_an_async_fn_before_anything_runs() -> None:
-    refused = pytest.raises(ValueError, match=r"out\['seconds'\]: an async def fn cannot")
-    with ashard.buffer("f8", (2,)) as buf, refused:
-        await ashard.shard_map(2, workloads.nap, out={"seconds": buf}, workers=1)
+async def test_outputs_take_async_shards_one_at_a_time(tmp_path: Path) -> None:
+    async with ashard.Pool(2) as pool:
+        with ashard.buffer("i8", (6,)) as buf:
+            res = await pool.shard_map(ashard.shards(6, block_size=1), workloads.fill_async,
+                                       out={"out": buf}, shard_concurrency=3)  # fmt: skip
+            assert res.ok and list(buf.array) == [0, 2, 4, 6, 8, 10]
+        sink = ashard.table_sink(tmp_path / "rows")
+        res = await pool.shard_map(ashard.shards(5, block_size=1), workloads.write_rows_async,
+                                   out={"rows": sink})  # fmt: skip
+        table = await anyio.to_thread.run_sync(sink.read)
+        assert sorted(table.column("id").to_pylist()) == list(range(5)) and res.ok
+        with await pool.shard_map(ashard.shards(4, block_size=1), workloads.table_async,
+                                  results="table") as stored:  # fmt: skip
+            assert sorted(stored.table().column("id").to_pylist()) == [0, 1, 2, 3]
+        with pytest.raises(ValueError, match=r"shard_concurrency=2 with out\['rows'\]"):
+            await pool.shard_map(2, workloads.write_rows_async,
+                                 out={"rows": ashard.table_sink(tmp_path / "other")},
+                                 shard_concurrency=2)  # fmt: skip
 
 
 def test_a_worker_loop_that_cannot_be_had_is_refused_naming_it() -> None:

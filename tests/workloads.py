@@ -1197,3 +1197,26 @@ async def block_briefly(shard: Shard, victim: int = 1, seconds: float = 1.3) -> 
     if shard.id == victim:
         time.sleep(seconds)  # noqa: ASYNC251 (on purpose)
     return shard.id
+
+
+async def write_rows_async(shard: Shard, rows: Any) -> int:
+    import asyncio
+
+    await asyncio.sleep(0)
+    rows.write({"id": [shard.id]})
+    return shard.id
+
+
+async def fill_async(shard: Shard, out: Any) -> int:
+    import asyncio
+
+    await asyncio.sleep(0)
+    out[shard.id] = shard.id * 2
+    return shard.id
+
+
+async def table_async(shard: Shard) -> Any:
+    import asyncio
+
+    await asyncio.sleep(0)
+    return {"id": [shard.id]}

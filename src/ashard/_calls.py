@@ -110,7 +110,7 @@ def shard_job(
     inputs, outputs = check_borrow(borrow, out, again=earlier is not None)
     check_takes(checked_fn, inputs, outputs, "shard")
     check_concurrency_fn(opts, checked_fn, where)
-    if is_async_fn(checked_fn):
+    if is_async_fn(checked_fn) and (outputs or opts.results != "memory" or opts.cow == "audit"):
         _refuse_async_outputs(opts, outputs)
     store = results_store(opts) if earlier is None else earlier._store
     payload = pickle_payload(with_sources(checked_fn), "fn")
@@ -149,17 +149,17 @@ class _Again:
 
 
 def _refuse_async_outputs(opts: CallOptions, outputs: Mapping[str, Any]) -> None:
-    """What an ``async def`` fn cannot use yet: outputs the worker writes per shard."""
-    if outputs:
-        name = next(iter(outputs))
+    """What an ``async def`` fn cannot do: write table sinks or a results store with
+    several shards in flight (their files are written shard by shard), or audit writes."""
+    from ashard.tables import TableSink  # only when there are outputs
+
+    sinks = [name for name, value in outputs.items() if isinstance(value, TableSink)]
+    if opts.shard_concurrency > 1 and (sinks or opts.results != "memory"):
+        what = f"out[{sinks[0]!r}] (a TableSink)" if sinks else f'results="{opts.results}"'
         raise ValueError(
-            f"out[{name!r}]: an async def fn cannot write to out= yet (its shards overlap on "
-            "the worker's loop); return the values, or use a plain fn"
-        )
-    if opts.results != "memory":
-        raise ValueError(
-            f'results="{opts.results}": an async def fn cannot store its results yet; use '
-            'results="memory", or a plain fn'
+            f"shard_concurrency={opts.shard_concurrency} with {what}: an async def fn writes "
+            "tables and stored results one shard at a time; drop shard_concurrency, or "
+            "return the values"
         )
     if opts.cow == "audit":
         raise ValueError('cow="audit" is not supported with an async def fn yet')

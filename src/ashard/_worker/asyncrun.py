@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 from ashard import _seeding
 from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT, CallFn, RunChunk
 from ashard._serialize import encode_exception
-from ashard._worker.running import FLUSH_INTERVAL, Interrupted, _state
+from ashard._worker.running import _ERR, FLUSH_INTERVAL, Interrupted, _settle_outputs, _state
+from ashard._worker.running import _OK as SYNC_OK
 from ashard.shards import Shard
 
 if TYPE_CHECKING:
@@ -172,6 +173,7 @@ class _Chunk:
         self.tick = time.perf_counter()  # when the watcher last woke (the loop turned)
         self.scope: Any = None
         self.last_flush = time.perf_counter()
+        self.commits: dict[int, list[Any]] = {}  # position -> the files it committed
 
     def held(self, ks: Sequence[int], seconds: float) -> None:
         """The loop was held `seconds` while positions `ks` ran: say so."""
@@ -202,7 +204,9 @@ class _Chunk:
         values: list[Any] = []
         errors: list[Any] = []
         elapsed: list[float] = []
+        commits: list[Any] = []
         for k in range(k0, upto):
+            commits.extend((k - k0, *entry[1:]) for entry in self.commits.pop(k, ()))
             outcome = self.outcomes[k]
             assert outcome is not None
             status, detail, took = outcome
@@ -215,7 +219,7 @@ class _Chunk:
         if interrupted:
             errors.append((upto - k0, INTERRUPTED, None))
         self.reported = upto
-        self.report.result(self.seq, k0, values, errors, elapsed, final)
+        self.report.result(self.seq, k0, values, errors, elapsed, final, None, commits or None)
 
     def stop(self) -> None:
         """The caller interrupted it: cancel every shard."""
@@ -315,6 +319,8 @@ async def _one(
     if ctx.seed is not None:
         _seeding.seed_globals(ctx.seed, pos)  # shared by the shards in flight: see DESIGN 2.7
     timeout = ctx.timeout
+    for output in ctx.outputs:  # one shard at a time (checked in the caller)
+        output.begin(pos, attempt)
     t0 = time.perf_counter()
     deadline = None if timeout is None else time.monotonic() + timeout
     state.running.add(k)
@@ -348,10 +354,25 @@ async def _one(
         state.running.discard(k)
         if limiter is not None:
             limiter.release()
+    if ctx.outputs:
+        status, detail = _settle(ctx, status, detail, k, state)
     stalled = time.perf_counter() - state.tick
     if stalled >= BLOCKED_SECONDS + WATCH_SECONDS:  # it ended the step that held the loop
         state.held([k], stalled)
     state.ended(k, status, detail, time.perf_counter() - t0)
+
+
+def _settle(ctx: JobContext, status: int, detail: Any, k: int, state: _Chunk) -> tuple[int, Any]:
+    """After shard `k`: its files committed if it succeeded (`running._settle_outputs`),
+    else discarded; a write that fails fails the shard."""
+    mine: list[Any] = []
+    settled, out = _settle_outputs(ctx, SYNC_OK if status == _OK else _ERR, detail, 0, mine)
+    if status != _OK:
+        return status, detail
+    if settled == _ERR:
+        return RAISED, encode_exception(out)
+    state.commits[k] = mine
+    return _OK, out
 
 
 def run_call(call: CallFn, report: Reporter) -> None:
