@@ -178,6 +178,19 @@ async def test_outputs_take_async_shards_one_at_a_time(tmp_path: Path) -> None:
                                  shard_concurrency=2)  # fmt: skip
 
 
+async def test_cow_audit_names_the_async_shard_that_wrote() -> None:
+    import numpy as np
+
+    X = np.zeros(1 << 18)  # 2 MiB: shared, not pickled
+    res = await ashard.shard_map(ashard.shards(3, block_size=1), workloads.write_borrowed_async,
+                                 borrow={"X": X}, cow="audit", workers=1)  # fmt: skip
+    assert res.results == [0.0, 99.0, 0.0] and X[0] == 0.0  # private, and seen only by shard 1
+    assert res.diagnostics.cow_writes == ((1, "X"),)
+    with pytest.raises(ValueError, match='shard_concurrency=2 with cow="audit"'):
+        await ashard.shard_map(2, workloads.write_borrowed_async, borrow={"X": X},
+                               cow="audit", shard_concurrency=2, workers=1)  # fmt: skip
+
+
 def test_a_worker_loop_that_cannot_be_had_is_refused_naming_it() -> None:
     with pytest.raises(ValueError, match="worker_loop must be one of"):
         ashard.Pool(1, worker_loop="curio")  # type: ignore[arg-type]

@@ -1220,3 +1220,12 @@ async def table_async(shard: Shard) -> Any:
 
     await asyncio.sleep(0)
     return {"id": [shard.id]}
+
+
+async def write_borrowed_async(shard: Shard, X: np.ndarray) -> float:
+    import asyncio
+
+    await asyncio.sleep(0)
+    if shard.id == 1:
+        X[0] = 99.0
+    return float(X[0])

@@ -149,20 +149,23 @@ class _Again:
 
 
 def _refuse_async_outputs(opts: CallOptions, outputs: Mapping[str, Any]) -> None:
-    """What an ``async def`` fn cannot do: write table sinks or a results store with
-    several shards in flight (their files are written shard by shard), or audit writes."""
+    """What an ``async def`` fn cannot do with several shards in flight: write table
+    sinks or a results store (their files go shard by shard) or audit writes."""
     from ashard.tables import TableSink  # only when there are outputs
 
     sinks = [name for name, value in outputs.items() if isinstance(value, TableSink)]
-    if opts.shard_concurrency > 1 and (sinks or opts.results != "memory"):
-        what = f"out[{sinks[0]!r}] (a TableSink)" if sinks else f'results="{opts.results}"'
+    if opts.shard_concurrency > 1 and (sinks or opts.results != "memory" or opts.cow == "audit"):
+        if sinks:
+            what = f"out[{sinks[0]!r}] (a TableSink)"
+        elif opts.cow == "audit":
+            what = 'cow="audit"'
+        else:
+            what = f'results="{opts.results}"'
         raise ValueError(
             f"shard_concurrency={opts.shard_concurrency} with {what}: an async def fn writes "
-            "tables and stored results one shard at a time; drop shard_concurrency, or "
-            "return the values"
+            "tables and stored results, and has its writes audited, one shard at a time; "
+            "drop shard_concurrency, or that option"
         )
-    if opts.cow == "audit":
-        raise ValueError('cow="audit" is not supported with an async def fn yet')
 
 
 def results_store(opts: CallOptions) -> ResultStore | None:

@@ -174,6 +174,7 @@ class _Chunk:
         self.scope: Any = None
         self.last_flush = time.perf_counter()
         self.commits: dict[int, list[Any]] = {}  # position -> the files it committed
+        self.writes: dict[int, list[str]] = {}  # position -> borrowed arrays it wrote (audit)
 
     def held(self, ks: Sequence[int], seconds: float) -> None:
         """The loop was held `seconds` while positions `ks` ran: say so."""
@@ -205,8 +206,10 @@ class _Chunk:
         errors: list[Any] = []
         elapsed: list[float] = []
         commits: list[Any] = []
+        writes: list[tuple[int, str]] = []
         for k in range(k0, upto):
             commits.extend((k - k0, *entry[1:]) for entry in self.commits.pop(k, ()))
+            writes.extend((k - k0, name) for name in self.writes.pop(k, ()))
             outcome = self.outcomes[k]
             assert outcome is not None
             status, detail, took = outcome
@@ -219,7 +222,9 @@ class _Chunk:
         if interrupted:
             errors.append((upto - k0, INTERRUPTED, None))
         self.reported = upto
-        self.report.result(self.seq, k0, values, errors, elapsed, final, None, commits or None)
+        self.report.result(
+            self.seq, k0, values, errors, elapsed, final, writes or None, commits or None
+        )
 
     def stop(self) -> None:
         """The caller interrupted it: cancel every shard."""
@@ -321,6 +326,7 @@ async def _one(
     timeout = ctx.timeout
     for output in ctx.outputs:  # one shard at a time (checked in the caller)
         output.begin(pos, attempt)
+    dirty = [a.dirty() for a in ctx.audit]  # cow="audit": one shard at a time too
     t0 = time.perf_counter()
     deadline = None if timeout is None else time.monotonic() + timeout
     state.running.add(k)
@@ -356,6 +362,10 @@ async def _one(
             limiter.release()
     if ctx.outputs:
         status, detail = _settle(ctx, status, detail, k, state)
+    for audited, before in zip(ctx.audit, dirty, strict=True):
+        if audited.dirty() > before:
+            state.writes.setdefault(k, []).append(audited.name)
+            ctx.kwargs[audited.name] = audited.refresh()
     stalled = time.perf_counter() - state.tick
     if stalled >= BLOCKED_SECONDS + WATCH_SECONDS:  # it ended the step that held the loop
         state.held([k], stalled)
