@@ -138,7 +138,9 @@ class Job(Changes):
         self.max_held = opts.max_held_bytes if opts.max_held_bytes is not None else 1 << 62
         self.held_bytes = 0  # items of chunks in flight, pickled (`sent`)
         self.record = CallRecord(self.runs)
-        self.sizer = ChunkSizer(opts.chunk_size, PROFILES[opts.profile].chunk)
+        self.sizer = ChunkSizer(
+            opts.chunk_size, PROFILES[opts.profile].chunk, opts.shard_concurrency
+        )
         self.outputs = Outputs(out, store)
         self.given: Any = None  # a shard_map's arguments, for `retry_failed` (`ashard._calls`)
         self.api = "map" if kind != SHARDS else "shard_map"  # the call's name, for its span

@@ -59,8 +59,9 @@ class ChunkSizer:
     """One call's chunk sizes and windows. `chunk_size`: a fixed size, or "auto";
     `work_factor`: the profile's factor on the work per chunk."""
 
-    def __init__(self, chunk_size: int | str, work_factor: float = 1.0) -> None:
+    def __init__(self, chunk_size: int | str, work_factor: float = 1.0, together: int = 1) -> None:
         self.fixed = chunk_size if isinstance(chunk_size, int) else None
+        self._together = max(1, together)  # positions a worker runs at once (async shards)
         self._per_shard: float | None = None  # seconds a position runs, as learned
         self._item_bytes: float | None = None  # a position's items, pickled, as learned
         self._last_size = 1
@@ -83,10 +84,11 @@ class ChunkSizer:
             self._target = max(self._target, TRIPS_PER_CHUNK * latency)
 
     def learn(self, n: int, seconds: float) -> None:
-        """`n` positions ran in `seconds` in all."""
+        """`n` positions ran in `seconds` in all (each its own wall time: with several
+        at once, a position holds its worker for that share of it)."""
         if not n:
             return
-        sample = seconds / n
+        sample = seconds / n / self._together
         seen = self._per_shard
         self._per_shard = sample if seen is None else seen + SMOOTHING * (sample - seen)
 

@@ -207,9 +207,11 @@ class _Chunk:
         elapsed: list[float] = []
         commits: list[Any] = []
         writes: list[tuple[int, str]] = []
+        if self.commits or self.writes:  # outputs or cow="audit": one shard at a time
+            for k in range(k0, upto):
+                commits.extend((k - k0, *entry[1:]) for entry in self.commits.pop(k, ()))
+                writes.extend((k - k0, name) for name in self.writes.pop(k, ()))
         for k in range(k0, upto):
-            commits.extend((k - k0, *entry[1:]) for entry in self.commits.pop(k, ()))
-            writes.extend((k - k0, name) for name in self.writes.pop(k, ()))
             outcome = self.outcomes[k]
             assert outcome is not None
             status, detail, took = outcome
@@ -326,7 +328,7 @@ async def _one(
     timeout = ctx.timeout
     for output in ctx.outputs:  # one shard at a time (checked in the caller)
         output.begin(pos, attempt)
-    dirty = [a.dirty() for a in ctx.audit]  # cow="audit": one shard at a time too
+    dirty = [a.dirty() for a in ctx.audit] if ctx.audit else None  # one at a time too
     t0 = time.perf_counter()
     deadline = None if timeout is None else time.monotonic() + timeout
     state.running.add(k)
@@ -362,10 +364,11 @@ async def _one(
             limiter.release()
     if ctx.outputs:
         status, detail = _settle(ctx, status, detail, k, state)
-    for audited, before in zip(ctx.audit, dirty, strict=True):
-        if audited.dirty() > before:
-            state.writes.setdefault(k, []).append(audited.name)
-            ctx.kwargs[audited.name] = audited.refresh()
+    if dirty is not None:
+        for audited, before in zip(ctx.audit, dirty, strict=True):
+            if audited.dirty() > before:
+                state.writes.setdefault(k, []).append(audited.name)
+                ctx.kwargs[audited.name] = audited.refresh()
     stalled = time.perf_counter() - state.tick
     if stalled >= BLOCKED_SECONDS + WATCH_SECONDS:  # it ended the step that held the loop
         state.held([k], stalled)
