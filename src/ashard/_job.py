@@ -635,22 +635,10 @@ class Job(Changes):
     def _skip(self, pos: int, error: ShardError, chunk: Chunk, k: int, pid: int | None) -> None:
         """An on_error rule skips `pos` (which failed with `error`): resolved, its value
         None, not a failure."""
-        if self._resolved[pos]:
-            raise RuntimeError(f"ashard internal error: {self.noun} {pos} resolved twice")
-        self._resolved[pos] = 1
-        self.n_resolved += 1
         self.skipped[pos] = error
         if self.trace is not None:
             self.trace.saw(chunk, "skipped")
-        if self.progress is not None:
-            self.progress.update(1)
-        if self.stream is not None:
-            self._emit(pos, None, None, chunk, k, None, 0, pid, skipped=True)
-        elif self.reducer is not None and not self.aborted:
-            try:
-                self.reducer.skip(pos)
-            except Exception as exc:
-                self.abort(exc)
+        self._resolve_valueless(pos, None, chunk, k, pid)
 
     def _error(
         self, pos: int, chunk: Chunk, k: int, kind: int, detail: Any, attempts: int
@@ -665,22 +653,28 @@ class Job(Changes):
         )
 
     def _fail(self, pos: int, error: ShardError, chunk: Chunk, k: int, pid: int | None) -> None:
+        self.failures[pos] = error
+        self._resolve_valueless(pos, error, chunk, k, pid)
+        if self.opts.errors == "raise":
+            self.abort()
+
+    def _resolve_valueless(
+        self, pos: int, error: ShardError | None, chunk: Chunk, k: int, pid: int | None
+    ) -> None:
+        """`pos` is resolved without a value: failed (`error`) or skipped (None)."""
         if self._resolved[pos]:
             raise RuntimeError(f"ashard internal error: {self.noun} {pos} resolved twice")
         self._resolved[pos] = 1
         self.n_resolved += 1
-        self.failures[pos] = error
         if self.progress is not None:
             self.progress.update(1)
         if self.stream is not None:
-            self._emit(pos, None, error, chunk, k, None, 0, pid)
+            self._emit(pos, None, error, chunk, k, None, 0, pid, skipped=error is None)
         elif self.reducer is not None and not self.aborted:
             try:
                 self.reducer.skip(pos)
             except Exception as exc:
                 self.abort(exc)
-        if self.opts.errors == "raise":
-            self.abort()
 
     def _requeue_rest(self, chunk: Chunk, start: int, *, ran: bool = False) -> None:
         """Queue positions ``start ..`` of `chunk` again, one by one and uncharged: they
