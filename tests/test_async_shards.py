@@ -146,50 +146,50 @@ async def test_trio_and_uvloop_worker_loops(loop: str, fn: str) -> None:
             "shard_concurrency=4 .* fn must be an async def function",
         ),
         (lambda: ashard.map(workloads.square, [1], shard_concurrency=2), "async def"),
-        (
-            lambda: ashard.shard_map(2, workloads.nap, results="disk", shard_concurrency=2),
-            'shard_concurrency=2 with results="disk"',
-        ),
     ],
 )
-async def test_bad_concurrency_and_what_async_cannot_do_yet_are_refused(
-    call: Any, match: str
-) -> None:
+async def test_bad_concurrency_is_refused(call: Any, match: str) -> None:
     with pytest.raises((TypeError, ValueError), match=match):
         await call()
 
 
-async def test_outputs_take_async_shards_one_at_a_time(tmp_path: Path) -> None:
+@pytest.mark.parametrize("together", [1, 4])
+async def test_outputs_of_async_shards_each_their_own(tmp_path: Path, together: int) -> None:
+    """Table sinks, stored results and output buffers take async shards one at a time
+    and several at once: each shard's writes land in its own partition, and a shard
+    that fails after writing leaves nothing."""
     async with ashard.Pool(2) as pool:
         with ashard.buffer("i8", (6,)) as buf:
             res = await pool.shard_map(ashard.shards(6, block_size=1), workloads.fill_async,
-                                       out={"out": buf}, shard_concurrency=3)  # fmt: skip
+                                       out={"out": buf}, shard_concurrency=together)  # fmt: skip
             assert res.ok and list(buf.array) == [0, 2, 4, 6, 8, 10]
         sink = ashard.table_sink(tmp_path / "rows")
-        res = await pool.shard_map(ashard.shards(5, block_size=1), workloads.write_rows_async,
-                                   out={"rows": sink})  # fmt: skip
+        res = await pool.shard_map(ashard.shards(8, block_size=1), workloads.write_rows_async,
+                                   borrow={"fail": 3}, out={"rows": sink}, chunk_size=4,
+                                   errors="collect", shard_concurrency=together)  # fmt: skip
         table = await anyio.to_thread.run_sync(sink.read)
-        assert sorted(table.column("id").to_pylist()) == list(range(5)) and res.ok
-        with await pool.shard_map(ashard.shards(4, block_size=1), workloads.table_async,
-                                  results="table") as stored:  # fmt: skip
-            assert sorted(stored.table().column("id").to_pylist()) == [0, 1, 2, 3]
-        with pytest.raises(ValueError, match=r"shard_concurrency=2 with out\['rows'\]"):
-            await pool.shard_map(2, workloads.write_rows_async,
-                                 out={"rows": ashard.table_sink(tmp_path / "other")},
-                                 shard_concurrency=2)  # fmt: skip
+        kept = sorted(i for i in range(8) if i != 3)
+        assert sorted(table.column("id").to_pylist()) == sorted(kept * 2)
+        assert [f.shard_id for f in res.failures] == [3]
+        assert [res.results[i] for i in kept] == kept
+        with await pool.shard_map(ashard.shards(8, block_size=1), workloads.table_async,
+                                  results="table", chunk_size=4,
+                                  shard_concurrency=together) as stored:  # fmt: skip
+            assert sorted(stored.table().column("id").to_pylist()) == list(range(8))
 
 
-async def test_cow_audit_names_the_async_shard_that_wrote() -> None:
+@pytest.mark.parametrize("together", [1, 3])
+async def test_cow_audit_names_the_async_shard_that_wrote(together: int) -> None:
+    """Under cow="audit" each async shard sees the original data, even while another
+    shard of its worker that wrote to it is in flight, and only the writer is named."""
     import numpy as np
 
     X = np.zeros(1 << 18)  # 2 MiB: shared, not pickled
     res = await ashard.shard_map(ashard.shards(3, block_size=1), workloads.write_borrowed_async,
-                                 borrow={"X": X}, cow="audit", workers=1)  # fmt: skip
+                                 borrow={"X": X}, cow="audit", workers=1, chunk_size=3,
+                                 shard_concurrency=together)  # fmt: skip
     assert res.results == [0.0, 99.0, 0.0] and X[0] == 0.0  # private, and seen only by shard 1
     assert res.diagnostics.cow_writes == ((1, "X"),)
-    with pytest.raises(ValueError, match='shard_concurrency=2 with cow="audit"'):
-        await ashard.shard_map(2, workloads.write_borrowed_async, borrow={"X": X},
-                               cow="audit", shard_concurrency=2, workers=1)  # fmt: skip
 
 
 def test_a_worker_loop_that_cannot_be_had_is_refused_naming_it() -> None:

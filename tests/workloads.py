@@ -1199,11 +1199,17 @@ async def block_briefly(shard: Shard, victim: int = 1, seconds: float = 1.3) -> 
     return shard.id
 
 
-async def write_rows_async(shard: Shard, rows: Any) -> int:
+async def write_rows_async(shard: Shard, rows: Any, fail: int = -1) -> int:
+    """Two writes with other shards' in between (when several are in flight); shard
+    `fail` raises after its writes."""
     import asyncio
 
     await asyncio.sleep(0)
     rows.write({"id": [shard.id]})
+    await asyncio.sleep(0.01)
+    rows.write({"id": [shard.id]})
+    if shard.id == fail:
+        raise ValueError(f"shard {fail} fails after writing")
     return shard.id
 
 
@@ -1223,9 +1229,13 @@ async def table_async(shard: Shard) -> Any:
 
 
 async def write_borrowed_async(shard: Shard, X: np.ndarray) -> float:
+    """Shard 1 writes X[0] at once; the others look at it later (while shard 1 is still
+    in flight, when they run together)."""
     import asyncio
 
-    await asyncio.sleep(0)
     if shard.id == 1:
         X[0] = 99.0
+        await asyncio.sleep(0.1)
+    else:
+        await asyncio.sleep(0.05)
     return float(X[0])

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import anyio
 import anyio.abc
 
-from ashard._asyncfn import is_async_fn
 from ashard._backend import Accepted, Backend
 from ashard._consumers import Reducer, StreamBuffer
 from ashard._job import Job
@@ -110,8 +109,6 @@ def shard_job(
     inputs, outputs = check_borrow(borrow, out, again=earlier is not None)
     check_takes(checked_fn, inputs, outputs, "shard")
     check_concurrency_fn(opts, checked_fn, where)
-    if is_async_fn(checked_fn) and (outputs or opts.results != "memory" or opts.cow == "audit"):
-        _refuse_async_outputs(opts, outputs)
     store = results_store(opts) if earlier is None else earlier._store
     payload = pickle_payload(with_sources(checked_fn), "fn")
     buffer = None
@@ -146,26 +143,6 @@ class _Again:
     given: _Given | None
     resolved: bytes
     skipped: Mapping[int, ShardError]
-
-
-def _refuse_async_outputs(opts: CallOptions, outputs: Mapping[str, Any]) -> None:
-    """What an ``async def`` fn cannot do with several shards in flight: write table
-    sinks or a results store (their files go shard by shard) or audit writes."""
-    from ashard.tables import TableSink  # only when there are outputs
-
-    sinks = [name for name, value in outputs.items() if isinstance(value, TableSink)]
-    if opts.shard_concurrency > 1 and (sinks or opts.results != "memory" or opts.cow == "audit"):
-        if sinks:
-            what = f"out[{sinks[0]!r}] (a TableSink)"
-        elif opts.cow == "audit":
-            what = 'cow="audit"'
-        else:
-            what = f'results="{opts.results}"'
-        raise ValueError(
-            f"shard_concurrency={opts.shard_concurrency} with {what}: an async def fn writes "
-            "tables and stored results, and has its writes audited, one shard at a time; "
-            "drop shard_concurrency, or that option"
-        )
 
 
 def results_store(opts: CallOptions) -> ResultStore | None:

@@ -207,7 +207,7 @@ class _Chunk:
         elapsed: list[float] = []
         commits: list[Any] = []
         writes: list[tuple[int, str]] = []
-        if self.commits or self.writes:  # outputs or cow="audit": one shard at a time
+        if self.commits or self.writes:  # outputs or cow="audit": entries name their shard
             for k in range(k0, upto):
                 commits.extend((k - k0, *entry[1:]) for entry in self.commits.pop(k, ()))
                 writes.extend((k - k0, name) for name in self.writes.pop(k, ()))
@@ -326,9 +326,14 @@ async def _one(
     if ctx.seed is not None:
         _seeding.seed_globals(ctx.seed, pos)  # shared by the shards in flight: see DESIGN 2.7
     timeout = ctx.timeout
-    for output in ctx.outputs:  # one shard at a time (checked in the caller)
+    kwargs, outputs, audit = ctx.kwargs, ctx.outputs, ctx.audit
+    if ctx.concurrency > 1 and (outputs or audit):  # shards at once: each its own
+        outputs, audit = [o.fork() for o in outputs], [a.fork() for a in audit]
+        kwargs = {**kwargs, **{o.name: o for o in outputs if o.name}}
+        kwargs.update((a.name, a.array) for a in audit)
+    for output in outputs:
         output.begin(pos, attempt)
-    dirty = [a.dirty() for a in ctx.audit] if ctx.audit else None  # one at a time too
+    dirty = [a.dirty() for a in audit] if audit else None
     t0 = time.perf_counter()
     deadline = None if timeout is None else time.monotonic() + timeout
     state.running.add(k)
@@ -336,7 +341,7 @@ async def _one(
     detail: Any = None
     try:
         try:
-            coro = ctx.fn(*args, **ctx.kwargs)
+            coro = ctx.fn(*args, **kwargs)
         except BaseException as exc:  # user code: the call itself raised
             status, detail = RAISED, encode_exception(exc)
         else:
@@ -362,24 +367,29 @@ async def _one(
         state.running.discard(k)
         if limiter is not None:
             limiter.release()
-    if ctx.outputs:
-        status, detail = _settle(ctx, status, detail, k, state)
+    if outputs:
+        status, detail = _settle(ctx, status, detail, k, state, outputs)
     if dirty is not None:
-        for audited, before in zip(ctx.audit, dirty, strict=True):
+        for audited, before in zip(audit, dirty, strict=True):
             if audited.dirty() > before:
                 state.writes.setdefault(k, []).append(audited.name)
-                ctx.kwargs[audited.name] = audited.refresh()
+                if audit is ctx.audit:  # the job's own mapping: the next shard's is fresh
+                    ctx.kwargs[audited.name] = audited.refresh()
     stalled = time.perf_counter() - state.tick
     if stalled >= BLOCKED_SECONDS + WATCH_SECONDS:  # it ended the step that held the loop
         state.held([k], stalled)
     state.ended(k, status, detail, time.perf_counter() - t0)
 
 
-def _settle(ctx: JobContext, status: int, detail: Any, k: int, state: _Chunk) -> tuple[int, Any]:
-    """After shard `k`: its files committed if it succeeded (`running._settle_outputs`),
-    else discarded; a write that fails fails the shard."""
+def _settle(
+    ctx: JobContext, status: int, detail: Any, k: int, state: _Chunk, outputs: Sequence[Any]
+) -> tuple[int, Any]:
+    """After shard `k`: its files (in `outputs`) committed if it succeeded
+    (`running._settle_outputs`), else discarded; a write that fails fails the shard."""
     mine: list[Any] = []
-    settled, out = _settle_outputs(ctx, SYNC_OK if status == _OK else _ERR, detail, 0, mine)
+    settled, out = _settle_outputs(
+        ctx, SYNC_OK if status == _OK else _ERR, detail, 0, mine, outputs
+    )
     if status != _OK:
         return status, detail
     if settled == _ERR:

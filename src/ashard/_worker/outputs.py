@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import Any, Self
 
 from ashard._fds import StdioGuard
 from ashard._places import Pending, Place, file_name, write_bytes
@@ -43,6 +43,21 @@ class _Output:
     def begin(self, pos: int, attempt: int) -> None:
         self._pos = pos
         self._attempt = attempt
+
+    def fork(self) -> Self:
+        """A writer of its own for one shard, when several shards of a worker run at once
+        (an ``async def`` fn with ``shard_concurrency``): they never share a file."""
+        twin = object.__new__(type(self))  # not `copy.copy`: a writer refuses to be pickled
+        twin.__dict__.update(self.__dict__)
+        twin._pos = None
+        twin._reset()  # its own file and rows (the original's, if any, stay the original's)
+        return twin
+
+    def _reset(self) -> None:
+        """Forget the running shard's file (without closing it)."""
+
+    def abort(self) -> None:
+        self._pos = None
 
     def _pending(self) -> Pending:
         assert self._pos is not None
@@ -166,9 +181,6 @@ class ResultWriter(_Output):
         if guard is not None:
             guard.check()
         return f"{self.ref.token}-{os.getpid()}-{self._attempt}"
-
-    def abort(self) -> None:
-        self._pos = None
 
 
 def _open_writer(fmt: str, target: Any, schema: Any) -> Any:

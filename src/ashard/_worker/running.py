@@ -27,7 +27,7 @@ from ashard._worker.reports import Reporter
 from ashard.shards import Shard
 
 if TYPE_CHECKING:
-    from ashard._worker.outputs import Finished
+    from ashard._worker.outputs import Finished, ResultWriter, TableWriter
 
 FLUSH_INTERVAL = 0.02
 """Seconds of finished shards a worker may hold before reporting them."""
@@ -284,12 +284,19 @@ def _hint_shard(exc: TypeError | AttributeError) -> None:
 
 
 def _settle_outputs(
-    ctx: JobContext, status: int, out: Any, k: int, commits: list[Commit]
+    ctx: JobContext,
+    status: int,
+    out: Any,
+    k: int,
+    commits: list[Commit],
+    outputs: Sequence[TableWriter | ResultWriter] | None = None,
 ) -> tuple[int, Any]:
-    """After one shard: commit what it wrote to every output if it succeeded (then
-    the results store holds its value, and None goes back), else discard it. A
-    failure to write or commit fails the shard, and nothing of it stays visible."""
-    outputs = ctx.outputs
+    """After one shard: commit what it wrote to every output (the job's, or the
+    shard's own `outputs`) if it succeeded (then the results store holds its value,
+    and None goes back), else discard it. A failure to write or commit fails the
+    shard, and nothing of it stays visible."""
+    if outputs is None:
+        outputs = ctx.outputs
     if status != _OK:
         for output in outputs:
             output.abort()

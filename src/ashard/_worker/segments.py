@@ -84,6 +84,11 @@ class Audited:
         self._ref = ref
         self.array = self.refresh()
 
+    def fork(self) -> Audited:
+        """A mapping of its own for one shard, when several shards of a worker run at
+        once: each starts from the original data, and its writes are counted apart."""
+        return Audited(self.name, self._segments, self._ref)
+
     def refresh(self) -> Any:
         self.array = self._segments.view(self._ref)
         self._key = f"{self.array.__array_interface__['data'][0]:x}-".encode()
