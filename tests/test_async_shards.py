@@ -32,12 +32,32 @@ async def test_shards_overlap_up_to_shard_concurrency() -> None:
     assert took < 8  # one at a time would take 16 s per worker
 
 
-async def test_a_timeout_cancels_the_coroutine_and_its_finally_runs(tmp_path: Path) -> None:
+async def test_chunks_join_to_keep_shard_concurrency_in_flight() -> None:
+    """Chunks smaller than `shard_concurrency` run together on the worker's loop (the
+    next joins as the ones under way are all started), never more than that many at
+    once; each chunk still answers in order, a failure in a joined one included."""
+    res = await ashard.shard_map(ashard.shards(12, block_size=1), workloads.nap_span,
+                                 borrow={"fail": 7}, chunk_size=2, shard_concurrency=4,
+                                 workers=1, errors="collect")  # fmt: skip
+    assert [f.shard_id for f in res.failures] == [7]
+    spans = [v for v in res.results if v is not None]
+    assert len(spans) == 11 and res.results[7] is None
+    edges = sorted([(t0, 1) for t0, _ in spans] + [(t1, -1) for _, t1 in spans])
+    running = [0]
+    for _, step in edges:
+        running.append(running[-1] + step)
+    assert 2 < max(running) <= 4  # over a chunk's 2: chunks joined; never over 4
+
+
+@pytest.mark.parametrize("chunk_size", ["auto", 1])
+async def test_a_timeout_cancels_the_coroutine_and_its_finally_runs(
+    tmp_path: Path, chunk_size: Any
+) -> None:
     async with ashard.Pool(1) as pool:
         res = await pool.shard_map(
             ashard.shards(2, block_size=1), workloads.nap_with_finally,
             borrow={"directory": str(tmp_path)}, timeout=0.5, max_retries=0,
-            errors="collect", shard_concurrency=2,
+            errors="collect", shard_concurrency=2, chunk_size=chunk_size,
         )  # fmt: skip
         assert [type(f) for f in res.failures] == [ashard.ShardTimeout] * 2
         stacks = [f.stack for f in res.failures]  # type: ignore[attr-defined]
@@ -65,13 +85,18 @@ async def test_a_shard_holding_its_loop_is_named_in_the_notes() -> None:
     assert re.search(r"was blocked for [1-9][0-9]*\.[0-9] s", note) and "shards 1 ran" in note
 
 
-async def test_a_killed_worker_runs_each_in_flight_shard_again_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk_size", ["auto", 4])
+async def test_a_killed_worker_runs_each_in_flight_shard_again_once(
+    tmp_path: Path, chunk_size: Any
+) -> None:
+    """16 shards in flight (one chunk, or four joined) when the worker is SIGKILLed."""
     log = tmp_path / "runs.log"
     async with ashard.Pool(1) as pool:
         with anyio.fail_after(60):
             res = await pool.shard_map(
                 ashard.shards(16, block_size=1), workloads.all_in_flight_then_die,
                 borrow={"log": str(log), "count": 16}, shard_concurrency=16,
+                chunk_size=chunk_size,
             )  # fmt: skip
     assert res.ok and sorted(v[0] for v in res.results) == list(range(16))
     runs = Counter(int(line.split()[0]) for line in log.read_text().splitlines())
@@ -94,13 +119,18 @@ async def test_seeds_per_shard_as_for_a_plain_function() -> None:
     assert both.results == plain.results
 
 
-async def test_the_caller_cancelling_cancels_the_coroutines(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk_size", ["auto", 1])
+async def test_the_caller_cancelling_cancels_the_coroutines(
+    tmp_path: Path, chunk_size: Any
+) -> None:
+    """The caller cancels while 4 coroutines run: one chunk, or four joined."""
     async with ashard.Pool(1) as pool:
         t0 = time.monotonic()
         with anyio.move_on_after(1.0):
             await pool.shard_map(
                 ashard.shards(4, block_size=1), workloads.nap_with_finally,
                 borrow={"directory": str(tmp_path)}, shard_concurrency=4,
+                chunk_size=chunk_size,
             )  # fmt: skip
         assert time.monotonic() - t0 < 10
         assert len(list(tmp_path.iterdir())) == 4  # each coroutine's finally ran

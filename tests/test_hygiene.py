@@ -142,6 +142,21 @@ async def test_a_map_chunk_is_checked_as_one_and_says_which_items_ran() -> None:
     assert values == list(range(20))
 
 
+async def test_async_chunks_that_ran_together_are_checked_as_one() -> None:
+    """Chunks of async shards joined on a worker's loop are checked when the last ends:
+    the note says which shards ran together, and the next task finds it put back."""
+    async with ashard.Pool(1) as pool:
+        with pytest.warns(ashard.HygieneWarning, match="ASHARD_TEST_ASYNC") as caught:
+            res = await pool.shard_map(ashard.shards(6, block_size=1), workloads.set_env_async,
+                                       borrow={"name": "ASHARD_TEST_ASYNC"}, chunk_size=2,
+                                       shard_concurrency=6)  # fmt: skip
+        assert res.ok and len(caught) == 1
+        (notes,) = res.diagnostics.hygiene.values()
+        assert any("ASHARD_TEST_ASYNC'] was set; restored" in n for n in notes), notes
+        assert any("shards 0-5 ran at once on its event loop" in n for n in notes), notes
+        assert await pool.call(workloads.env_of, "ASHARD_TEST_ASYNC") is None
+
+
 def test_a_bad_hygiene_is_refused_naming_it() -> None:
     with pytest.raises(ValueError, match="hygiene must be one of 'check', 'recycle', 'off'"):
         ashard.Pool(1, hygiene="sometimes")  # type: ignore[arg-type]

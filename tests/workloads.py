@@ -1067,6 +1067,16 @@ def env_of(name: str) -> str | None:
     return os.environ.get(name)
 
 
+async def set_env_async(shard: Shard, name: str, victim: int = 1) -> int:
+    """Shard `victim` sets `name` in its worker's environment."""
+    import asyncio
+
+    if shard.id == victim:
+        os.environ[name] = "1"
+    await asyncio.sleep(0.3)
+    return shard.id
+
+
 def set_env(name: str, value: str) -> str:
     os.environ[name] = value
     return value
@@ -1133,6 +1143,17 @@ async def nap_item(x: int) -> int:
 
     await asyncio.sleep(0.01)
     return x * 2
+
+
+async def nap_span(shard: Shard, fail: int = -1) -> tuple[float, float]:
+    """When it ran (monotonic: one clock for the machine); shard `fail` raises."""
+    import asyncio
+
+    t0 = time.monotonic()
+    await asyncio.sleep(0.2)
+    if shard.id == fail:
+        raise ValueError(f"shard {fail} fails")
+    return t0, time.monotonic()
 
 
 async def nap_with_finally(shard: Shard, directory: str) -> int:

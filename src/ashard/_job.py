@@ -322,9 +322,6 @@ class Job(Changes):
         else:
             remaining = self.positions.left
             wanted = self.sizer.next_size(remaining, self.max_held, self.record.now())
-            together = self.opts.shard_concurrency  # an async fn's shards in flight at once
-            if together > 1:
-                wanted = max(wanted, together if remaining is None else min(together, remaining))
             size = min(wanted, self._room())
             new = self._take_new(seq, size if limit is None else min(size, limit))
             if new is None:

@@ -14,7 +14,9 @@ swing the size. Each change of an automatic size is a row of `autotune`: (second
 the call, size, reason).
 
 The window hides the trip to a worker: short chunks go several at a time, long ones one
-at a time (balance over latency). A backend far from its workers (Dask) says how long
+at a time (balance over latency), except that a worker running `async def` shards
+several at once holds enough chunks to run that many, and one more, which joins the
+others as their shards end. A backend far from its workers (Dask) says how long
 a trip takes (`served_by`): chunks then grow to carry several trips of work each.
 
 A `ChunkSizer` changes only through its own methods (`served_by`, `learn`,
@@ -129,19 +131,23 @@ class ChunkSizer:
     def window(self) -> int:
         """How many chunks a worker should hold at once."""
         far = self._latency > HIDE_LATENCY_SECONDS
+        least = 2 if far else 1
+        if self._together > 1:  # async shards: enough to run that many, and one to join
+            least = max(2, math.ceil(self._together / (self.fixed or self._last_size)) + 1)
         if self._per_shard is None:
-            return 2 if far else 1  # until a first result says how long shards take
+            return least  # until a first result says how long shards take
         chunk_time = self._per_shard * self._last_size
         if chunk_time >= (FAR_LONG_TRIPS * self._latency if far else LONG_CHUNK_SECONDS):
-            return 1
-        return min(MAX_WINDOW, max(2, 1 + math.ceil(self._latency / max(chunk_time, 1e-6))))
+            return least
+        hide = min(MAX_WINDOW, max(2, 1 + math.ceil(self._latency / max(chunk_time, 1e-6))))
+        return max(least, hide)
 
     # -- the bounds on an automatic size (each at least 1) -------------------------------
 
     def _by_time(self) -> int:
         """About `_target` seconds of work, growing at most `MAX_GROWTH` times a step."""
-        if self._per_shard is None:
-            return 1  # until a first result says how long shards take
+        if self._per_shard is None:  # until a first result says how long shards take:
+            return self._together  # one, or as many as run at once
         want = self._target / max(self._per_shard, 1e-9)
         return max(1, min(int(want), self._last_size * MAX_GROWTH))
 

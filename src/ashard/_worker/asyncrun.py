@@ -22,10 +22,12 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import time
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ashard import _seeding
 from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT, CallFn, RunChunk
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
     from ashard._worker.jobs import JobContext
     from ashard._worker.reports import Reporter
 
-__all__ = ["configure", "run_call", "run_chunk"]
+__all__ = ["Joiner", "configure", "run_call", "run_chunk"]
 
 WATCH_SECONDS = 0.005
 """How often a running chunk looks for the caller's interrupt."""
@@ -155,31 +157,61 @@ class _Traced:
                 exc = raised
 
 
-class _Chunk:
-    """One chunk's shards as they end, reported in order as their prefix completes."""
+class _Batch:
+    """The chunks running together on the worker's loop: the one it was given, and the
+    ones of the same job that joined it as its shards were all started (`Joiner`), so
+    that the worker keeps `shard_concurrency` shards in flight across chunk ends. The
+    parent hears of them in the order it sent them: a chunk reports only once every
+    chunk before it has made its final report."""
 
-    def __init__(self, seq: int, count: int, report: Reporter, flush_each: bool) -> None:
-        self.seq = seq
-        self.count = count
+    def __init__(self, report: Reporter, noun: str) -> None:
         self.report = report
-        self.flush_each = flush_each  # a timeout: the parent hears of each shard at once
-        self.outcomes: list[tuple[int, Any, float] | None] = [None] * count
-        self.reported = 0  # positions reported
-        self.complete = 0  # positions before the first unfinished one
-        self.stopped = False
+        self.noun = noun
+        self.chunks: deque[_Chunk] = deque()  # not yet finally reported, in order
         self.running: set[int] = set()  # positions whose coroutines are under way
-        self.first = 0  # the chunk's first position (for the notes)
-        self.noun = "shard"
+        self.stopped = False
         self.tick = time.perf_counter()  # when the watcher last woke (the loop turned)
-        self.scope: Any = None
-        self.last_flush = time.perf_counter()
-        self.commits: dict[int, list[Any]] = {}  # position -> the files it committed
-        self.writes: dict[int, list[str]] = {}  # position -> borrowed arrays it wrote (audit)
+        self.scope: Any = None  # the shards' task group's
+        self.idle: Any = None  # the joiner's wait for a chunk: ends when no shard runs
 
-    def held(self, ks: Sequence[int], seconds: float) -> None:
-        """The loop was held `seconds` while positions `ks` ran: say so."""
-        ids = ", ".join(str(self.first + k) for k in sorted(ks)[:5])
-        more = " ..." if len(ks) > 5 else ""
+    def add(self, chunk: RunChunk, flush_each: bool) -> _Chunk:
+        state = _Chunk(self, chunk.seq, chunk.n, flush_each)
+        self.chunks.append(state)
+        self.flush()  # the chunk before it may have been complete, waiting to be the last
+        return state
+
+    def flush(self) -> None:
+        """Report what the first chunks finished. The last chunk's final report waits for
+        the loop to be left (`finish`): the worker's hygiene check goes with it."""
+        chunks = self.chunks
+        while chunks:
+            head = chunks[0]
+            if head.complete == head.count:
+                if len(chunks) == 1:
+                    return
+                head.send(head.count, final=True)
+                chunks.popleft()
+                continue
+            now = time.perf_counter()
+            if head.complete > head.reported and (
+                head.flush_each or now - head.last_flush >= FLUSH_INTERVAL
+            ):
+                head.send(head.complete, final=False)
+                head.last_flush = now
+            return
+
+    def started(self, pos: int) -> None:
+        self.running.add(pos)
+
+    def left(self, pos: int) -> None:
+        self.running.discard(pos)
+        if not self.running and self.idle is not None:
+            self.idle.cancel()
+
+    def held(self, positions: Sequence[int], seconds: float) -> None:
+        """The loop was held `seconds` while `positions` ran: say so."""
+        ids = ", ".join(str(p) for p in sorted(positions)[:5])
+        more = " ..." if len(positions) > 5 else ""
         self.report.notes.append(
             f"the event loop of worker {os.getpid()} was blocked for {seconds:.1f} s while "
             f"{self.noun}s {ids}{more} ran: blocking code in async def (time.sleep, a "
@@ -187,20 +219,43 @@ class _Chunk:
         )
         self.tick = time.perf_counter()  # said once
 
+    def stop(self) -> None:
+        """The caller interrupted it: cancel every shard."""
+        self.stopped = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def finish(self) -> None:
+        """After the loop: the rest of each chunk's report, in order."""
+        while self.chunks:
+            self.chunks.popleft().finish()
+
+
+class _Chunk:
+    """One chunk's shards as they end, reported in order as their prefix completes."""
+
+    def __init__(self, batch: _Batch, seq: int, count: int, flush_each: bool) -> None:
+        self.batch = batch
+        self.seq = seq
+        self.count = count
+        self.flush_each = flush_each  # a timeout: the parent hears of each shard at once
+        self.outcomes: list[tuple[int, Any, float] | None] = [None] * count
+        self.reported = 0  # positions reported
+        self.complete = 0  # positions before the first unfinished one
+        self.last_flush = time.perf_counter()
+        self.commits: dict[int, list[Any]] = {}  # position -> the files it committed
+        self.writes: dict[int, list[str]] = {}  # position -> borrowed arrays it wrote (audit)
+
     def ended(self, k: int, status: int, detail: Any, took: float) -> None:
         self.outcomes[k] = (status, detail, took)
         done = self.complete
         while done < self.count and self.outcomes[done] is not None:
             done += 1
         self.complete = done
-        now = time.perf_counter()
-        if done == self.count:
-            return  # the final report goes once the loop is left (`finish`): hygiene looks then
-        if done > self.reported and (self.flush_each or now - self.last_flush >= FLUSH_INTERVAL):
-            self._send(done, final=False)
-            self.last_flush = now
+        if self.batch.chunks[0] is self:
+            self.batch.flush()
 
-    def _send(self, upto: int, final: bool, interrupted: bool = False) -> None:
+    def send(self, upto: int, final: bool, interrupted: bool = False) -> None:
         k0 = self.reported
         values: list[Any] = []
         errors: list[Any] = []
@@ -224,82 +279,126 @@ class _Chunk:
         if interrupted:
             errors.append((upto - k0, INTERRUPTED, None))
         self.reported = upto
-        self.report.result(
+        self.batch.report.result(
             self.seq, k0, values, errors, elapsed, final, writes or None, commits or None
         )
 
-    def stop(self) -> None:
-        """The caller interrupted it: cancel every shard."""
-        self.stopped = True
-        if self.scope is not None:
-            self.scope.cancel()
-
     def finish(self) -> None:
-        """After the last task: the rest of the report, if something was left out."""
+        """After the last task: the rest of the report (what did not finish goes back)."""
         if self.reported == self.count:
             return
         done = self.complete
         while done < self.count and self.outcomes[done] is not None:
             done += 1
-        self._send(done, final=True, interrupted=done < self.count)
+        self.send(done, final=True, interrupted=done < self.count)
 
 
 _OK = -100  # a shard that returned (statuses otherwise are the protocol's error kinds)
 
 
+class Joiner(Protocol):
+    """The worker's queue, asked for the next chunk of a job while chunks of it run."""
+
+    sock: socket.socket  # readable when something may have come
+
+    def __call__(self, key: int) -> tuple[RunChunk, Sequence[Any] | None] | bool:
+        """That chunk and its items if it is next; True if nothing came yet; False if
+        something else is next (or the channel ended): no chunk joins any more."""
+        ...
+
+
 def run_chunk(
-    ctx: JobContext, chunk: RunChunk, items: Sequence[Any] | None, report: Reporter
+    ctx: JobContext,
+    chunk: RunChunk,
+    items: Sequence[Any] | None,
+    report: Reporter,
+    joiner: Joiner | None = None,
 ) -> None:
-    """Run the positions of `chunk` (`items`: its items) on the worker's loop."""
-    state = _Chunk(chunk.seq, chunk.n, report, ctx.timeout is not None)
-    state.first, state.noun = chunk.first, "shard" if ctx.kind == SHARDS else "item"
+    """Run the positions of `chunk` (`items`: its items) on the worker's loop, and those
+    of the chunks of its job that `joiner` hands over meanwhile."""
+    batch = _Batch(report, "shard" if ctx.kind == SHARDS else "item")
+    state = batch.add(chunk, ctx.timeout is not None)
     _state.stop_async = False
     _state.async_running = True
     try:
-        _run(lambda: _chunk(ctx, chunk, items, state))
+        _run(lambda: _chunks(ctx, chunk, items, state, joiner))
     finally:
         _state.async_running = False
-    state.finish()
+    batch.finish()
 
 
-async def _chunk(
-    ctx: JobContext, chunk: RunChunk, items: Sequence[Any] | None, state: _Chunk
+async def _chunks(
+    ctx: JobContext,
+    chunk: RunChunk,
+    items: Sequence[Any] | None,
+    state: _Chunk,
+    joiner: Joiner | None,
 ) -> None:
     import anyio  # the supervisor's library: loaded when a worker first runs async code
 
+    batch = state.batch
     async with anyio.create_task_group() as outer:
-        outer.start_soon(_watch, state)
+        outer.start_soon(_watch, batch)
         async with anyio.create_task_group() as shards:
-            state.scope = shards.cancel_scope
+            batch.scope = shards.cancel_scope
             if ctx.concurrency <= 1:  # one at a time: no task per shard
                 for k in range(chunk.n):
-                    if state.stopped:
+                    if batch.stopped:
                         break
                     await _one(ctx, chunk, items, k, None, state)
             else:
                 limiter = anyio.Semaphore(ctx.concurrency)
-                for k in range(chunk.n):
-                    await limiter.acquire()
-                    if state.stopped:
-                        limiter.release()
-                        break
-                    shards.start_soon(_one, ctx, chunk, items, k, limiter, state)
+                got: tuple[RunChunk, Sequence[Any] | None] | None = (chunk, items)
+                while got is not None:
+                    chunk, items = got
+                    for k in range(chunk.n):
+                        await limiter.acquire()
+                        if batch.stopped:
+                            limiter.release()
+                            break
+                        shards.start_soon(_one, ctx, chunk, items, k, limiter, state)
+                    got = None if joiner is None else await _join(chunk.key, batch, limiter, joiner)
+                    if got is not None:
+                        state = batch.add(got[0], ctx.timeout is not None)
         outer.cancel_scope.cancel()
 
 
-async def _watch(state: _Chunk) -> None:
-    """Stop the chunk when the caller interrupts it, and name the shards under way when
+async def _join(
+    key: int, batch: _Batch, limiter: Any, joiner: Joiner
+) -> tuple[RunChunk, Sequence[Any] | None] | None:
+    """Once a shard's place is free, the job's next chunk, if it comes before the
+    shards under way have all ended (and nothing else comes first)."""
+    import anyio
+
+    await limiter.acquire()  # a place for its first shard
+    limiter.release()
+    while not batch.stopped:
+        got = joiner(key)
+        if got is False:
+            return None
+        if got is not True:
+            return got
+        if not batch.running:
+            return None  # nothing under way: the worker's own loop takes what comes
+        with anyio.CancelScope() as batch.idle:
+            await anyio.wait_readable(joiner.sock)
+        batch.idle = None
+    return None
+
+
+async def _watch(batch: _Batch) -> None:
+    """Stop the shards when the caller interrupts them, and name those under way when
     the loop was held for `BLOCKED_SECONDS` (this task woke that much late)."""
     import anyio
 
     while True:
-        state.tick = time.perf_counter()
+        batch.tick = time.perf_counter()
         await anyio.sleep(WATCH_SECONDS)
-        held = time.perf_counter() - state.tick - WATCH_SECONDS
-        if held >= BLOCKED_SECONDS and state.running:  # not named by a shard that ended
-            state.held(list(state.running), held)
+        held = time.perf_counter() - batch.tick - WATCH_SECONDS
+        if held >= BLOCKED_SECONDS and batch.running:  # not named by a shard that ended
+            batch.held(list(batch.running), held)
         if _state.stop_async:
-            state.stop()
+            batch.stop()
             return
 
 
@@ -315,6 +414,7 @@ async def _one(
     import anyio
 
     pos = chunk.first + k
+    batch = state.batch
     attempt = chunk.attempts[k] if chunk.attempts else 1
     item = items[k] if items is not None else None
     if ctx.kind == SHARDS:
@@ -336,7 +436,7 @@ async def _one(
     dirty = [a.dirty() for a in audit] if audit else None
     t0 = time.perf_counter()
     deadline = None if timeout is None else time.monotonic() + timeout
-    state.running.add(k)
+    batch.started(pos)
     status: int = _OK
     detail: Any = None
     try:
@@ -351,20 +451,20 @@ async def _one(
                 traced = _Traced(coro, deadline)
                 with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
                     detail = await traced
-                if scope.cancel_called and not state.stopped:
+                if scope.cancel_called and not batch.stopped:
                     status, detail = TIMEOUT, (time.perf_counter() - t0, traced.stack)
     except Interrupted as exc:  # the timer or the caller stopped a step holding the loop
         if exc.timeout:
             status, detail = TIMEOUT, (time.perf_counter() - t0, exc.stack)
         else:
-            state.stop()
+            batch.stop()
             return
     except anyio.get_cancelled_exc_class():
         raise  # the caller interrupted the chunk: this shard goes back unreported
     except BaseException as exc:  # user code: SystemExit and KeyboardInterrupt are outcomes too
         status, detail = RAISED, encode_exception(exc)
     finally:
-        state.running.discard(k)
+        batch.left(pos)
         if limiter is not None:
             limiter.release()
     if outputs:
@@ -375,9 +475,9 @@ async def _one(
                 state.writes.setdefault(k, []).append(audited.name)
                 if audit is ctx.audit:  # the job's own mapping: the next shard's is fresh
                     ctx.kwargs[audited.name] = audited.refresh()
-    stalled = time.perf_counter() - state.tick
+    stalled = time.perf_counter() - batch.tick
     if stalled >= BLOCKED_SECONDS + WATCH_SECONDS:  # it ended the step that held the loop
-        state.held([k], stalled)
+        batch.held([pos], stalled)
     state.ended(k, status, detail, time.perf_counter() - t0)
 
 

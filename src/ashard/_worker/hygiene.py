@@ -49,6 +49,7 @@ class Hygiene:
         self._keep_fds = keep_fds  # descriptors ashard itself opened meanwhile
         self._dump_fd = dump_fd
         self.seq: int | None = None  # the chunk or call being run (None: none)
+        self._together = ""  # the tasks that ran with it, if others did
         self._seeded = False
         self._low = 0
         self._fds = _open_fds()  # the descriptors open when last looked at
@@ -111,6 +112,7 @@ class Hygiene:
         open files and connections of their own; `loaded`: its own code was just
         unpickled - a call's function - and what that did, importing, is baseline)."""
         self.seq = seq
+        self._together = ""
         if self.mode == "off":
             return
         self._seeded = seeded
@@ -121,6 +123,13 @@ class Hygiene:
         self._low = _lowest_free() if fds else -1
         if self._low >= 0 and self._low != self._end_low:  # opened or closed meanwhile
             self._fds = _open_fds()
+
+    def carry(self, seq: int, together: str) -> None:
+        """Task `seq` joins the one under way (async chunks of a job run together): they
+        are checked as one, when `seq`'s final report goes; `together` says which ran."""
+        if self.seq is not None:
+            self.seq = seq
+            self._together = together
 
     def end(self, seq: int) -> Notes | None:
         """Task `seq` is over: put back what it changed; what it left, or None."""
@@ -137,6 +146,8 @@ class Hygiene:
         self._modules = len(sys.modules)
         if not notes:
             return None
+        if self._together:
+            notes = [f"{note} ({self._together})" for note in notes]
         if len(notes) > _MAX_NOTES:
             notes[_MAX_NOTES:] = [f"... and {len(notes) - _MAX_NOTES} more"]
         return notes, left

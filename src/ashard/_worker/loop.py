@@ -64,6 +64,9 @@ class Worker:
         self.jobs: dict[int, JobContext | LoadError] = {}
         self.hygiene: Hygiene | None = None  # made after init (`Pool(hygiene="off")`: none)
         self.tracing: Any = None  # a `WorkerTracing`, with `Pool(otel_setup=...)`
+        self.holding = False  # chunks are under way that answer first: CANCEL/UNCALL wait
+        self.held: list[CancelJob | CancelCall] = []
+        self._batch = (0, "shard")  # the first position of the chunks running together
 
     def clean_up_after(self, dump_fd: int | None, mode: str) -> None:
         """From now on (init is done: its work is the baseline), put back what each task
@@ -93,7 +96,9 @@ class Worker:
             self.queue.append(_Unloadable(msg.error))
             return
         order = parse_order(msg)
-        if isinstance(order, CancelJob):
+        if self.holding and isinstance(order, CancelJob | CancelCall):
+            self.held.append(order)
+        elif isinstance(order, CancelJob):
             self._cancel(order.key)
         elif isinstance(order, CancelCall):
             self._uncall(order.seq)
@@ -112,6 +117,46 @@ class Worker:
         while a call runs: the reader is not in use then)."""
         with contextlib.suppress(OSError):
             self.read(block=False)
+
+    def join_next(self, key: int) -> tuple[RunChunk, Any] | bool:
+        """The next chunk of job `key`, to run beside its chunks under way (async shards,
+        `asyncrun.Joiner`), if it is next in the queue; True if nothing came yet; False
+        if something else is next. What the parent cancels meanwhile acts after them."""
+        if not self.queue:
+            if self.held:
+                return False
+            self.holding = True
+            try:
+                alive = self.read(block=False)
+            except OSError:
+                alive = False
+            finally:
+                self.holding = False
+            if not alive or self.held:
+                return False
+            if not self.queue:
+                return True
+        order = self.queue[0]
+        if not isinstance(order, RunChunk) or order.key != key:
+            return False
+        try:
+            items = None if order.items is None else unpack(order.items)
+        except (Exception, SystemExit):  # it fails in its turn, saying so
+            return False
+        self.queue.popleft()
+        if self.hygiene is not None:
+            first, noun = self._batch
+            last = order.first + order.n - 1
+            self.hygiene.carry(order.seq, f"{noun}s {first}-{last} ran at once on its event loop")
+        return order, items
+
+    def _act_on_held(self) -> None:
+        held, self.held = self.held, []
+        for order in held:
+            if isinstance(order, CancelJob):
+                self._cancel(order.key)
+            else:
+                self._uncall(order.seq)
 
     def _cancel(self, key: int) -> None:
         kept: deque[Order | _Unloadable | _Dropped] = deque()
@@ -203,6 +248,11 @@ class Worker:
             asyncrun.prepare()
         if self.hygiene is not None:
             self.hygiene.begin(chunk.seq, ctx.seed is not None, fds=not ctx.outputs)
+        if ctx.is_async and ctx.concurrency > 1 and not ctx.peak and self.tracing is None:
+            self._batch = chunk.first, "shard" if ctx.kind == SHARDS else "item"
+            asyncrun.run_chunk(ctx, chunk, items, self.report, _Joiner(self))
+            self._act_on_held()
+            return
         run = running.run_chunk
         if ctx.is_async:
             run = asyncrun.run_chunk
@@ -211,6 +261,17 @@ class Worker:
                 run(ctx, chunk, items, self.report)
         else:
             run(ctx, chunk, items, self.report)
+
+
+class _Joiner:
+    """The worker's queue as `asyncrun.Joiner`."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.sock = worker.sock
+        self.join_next = worker.join_next
+
+    def __call__(self, key: int) -> tuple[RunChunk, Any] | bool:
+        return self.join_next(key)
 
 
 class _Unloadable(NamedTuple):
