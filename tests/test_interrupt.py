@@ -28,12 +28,13 @@ SCRIPT = """
     import workloads
 
     async def long_call():
-        return await ashard.call(workloads.touch_sleep_touch, {started!r}, {finished!r}, 5.0)
+        return await ashard.call(workloads.touch_sleep_touch, {started!r}, {finished!r}, 2.0)
 
     async def long_map():
         fn = workloads.shard_touch_sleep_touch
         layout = ashard.shards(4, block_size=1)
-        res = await ashard.shard_map(layout, fn, borrow={{"directory": {tmp!r}}}, workers=2)
+        borrow = {{"directory": {tmp!r}, "seconds": 2.0}}
+        res = await ashard.shard_map(layout, fn, borrow=borrow, workers=2)
         return res.results
 
     try:
@@ -77,7 +78,7 @@ def test_sigint_stops_the_work_within_a_second(backend: str, what: str, tmp_path
     assert lines[0].startswith("interrupted at "), out + err
     assert float(lines[0].split()[-1]) - sent < 1.0
     assert lines[1] == "after 5", out + err
-    time.sleep(5.5)  # past the end of the sleep the runs were stopped in
+    time.sleep(2.5)  # past the end of the sleep the runs were stopped in
     assert not list(tmp_path.glob("done-*")), "a stopped run went on to its end"
 
 
@@ -90,7 +91,7 @@ def test_the_jupyter_stop_button_stops_an_awaited_call_within_a_second() -> None
         assert _execute(kc, setup)[0] == "ok"
         code = (
             "try:\n"
-            "    await ashard.call(workloads.touch_sleep_touch, d + '/s', d + '/f', 5.0)\n"
+            "    await ashard.call(workloads.touch_sleep_touch, d + '/s', d + '/f', 3.0)\n"
             "finally:\n"
             "    print(f'ended at {time.monotonic():.3f}')\n"
         )
@@ -104,7 +105,7 @@ def test_the_jupyter_stop_button_stops_an_awaited_call_within_a_second() -> None
         assert ended - sent < 1.0, output
         status, output = _execute(kc, "print(await ashard.call(abs, -3))")
         assert (status, output.strip()) == ("ok", "3")
-        time.sleep(4.5)
+        time.sleep(3.0)  # past the end of the sleep the call was stopped in
         status, output = _execute(kc, "print(os.path.exists(d + '/s'), os.path.exists(d + '/f'))")
         assert output.strip() == "True False", output
         _execute(kc, "await ashard.shutdown()")

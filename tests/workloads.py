@@ -498,9 +498,11 @@ def touch_sleep_touch(started: str, finished: str, seconds: float = 5.0) -> str:
     return "finished"
 
 
-def shard_touch_sleep_touch(shard: Shard, directory: str) -> str:
+def shard_touch_sleep_touch(shard: Shard, directory: str, seconds: float = 5.0) -> str:
     return touch_sleep_touch(
-        os.path.join(directory, f"started-{shard.id}"), os.path.join(directory, f"done-{shard.id}")
+        os.path.join(directory, f"started-{shard.id}"),
+        os.path.join(directory, f"done-{shard.id}"),
+        seconds,
     )
 
 
