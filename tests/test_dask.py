@@ -208,6 +208,12 @@ async def test_async_shards_overlap_on_the_nodes_too(dask_cluster: Any) -> None:
         res = await pool.shard_map(ashard.shards(32, block_size=1), workloads.nap,
                                    borrow={"seconds": 0.5}, shard_concurrency=16)  # fmt: skip
         assert res.results == list(range(32)) and time.monotonic() - t0 < 5  # one at a time: 8
+        res = await pool.shard_map(ashard.shards(12, block_size=1), workloads.nap_span,
+                                   borrow={"fail": 7}, chunk_size=2, shard_concurrency=4,
+                                   timeout=30, errors="collect")  # fmt: skip
+        assert [f.shard_id for f in res.failures] == [7]
+        spans = [v for v in res.results if v is not None]
+        assert len(spans) == 11 and 2 < workloads.most_at_once(spans) <= 4  # chunks joined
 
 
 class _Unpicklable:

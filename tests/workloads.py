@@ -1147,15 +1147,28 @@ async def nap_item(x: int) -> int:
     return x * 2
 
 
-async def nap_span(shard: Shard, fail: int = -1) -> tuple[float, float]:
-    """When it ran (monotonic: one clock for the machine); shard `fail` raises."""
+async def nap_span(shard: Shard, fail: int = -1) -> tuple[int, float, float]:
+    """Where and when it ran (monotonic: one clock for the machine); shard `fail` raises."""
     import asyncio
 
     t0 = time.monotonic()
     await asyncio.sleep(0.2)
     if shard.id == fail:
         raise ValueError(f"shard {fail} fails")
-    return t0, time.monotonic()
+    return os.getpid(), t0, time.monotonic()
+
+
+def most_at_once(spans: list[tuple[int, float, float]]) -> int:
+    """The most spans of one process that overlapped."""
+    most = 0
+    for pid in {s[0] for s in spans}:
+        edges = sorted([(t0, 1) for p, t0, _ in spans if p == pid]
+                       + [(t1, -1) for p, _, t1 in spans if p == pid])  # fmt: skip
+        running = 0
+        for _, step in edges:
+            running += step
+            most = max(most, running)
+    return most
 
 
 async def nap_with_finally(shard: Shard, directory: str) -> int:

@@ -67,6 +67,7 @@ class ChunkSizer:
         self._per_shard: float | None = None  # seconds a position runs, as learned
         self._item_bytes: float | None = None  # a position's items, pickled, as learned
         self._last_size = 1
+        self._biggest = 1  # the largest automatic size so far
         self._target = TARGET_CHUNK_SECONDS * work_factor  # seconds of work per chunk
         self._latency = HIDE_LATENCY_SECONDS  # of a trip to a worker
         self._workers = 1
@@ -126,6 +127,7 @@ class ChunkSizer:
         size, why = min(bounds, key=lambda bound: bound[0])
         self._note(now, size, why)
         self._last_size = size
+        self._biggest = max(self._biggest, size)
         return size
 
     def window(self) -> int:
@@ -133,7 +135,8 @@ class ChunkSizer:
         far = self._latency > HIDE_LATENCY_SECONDS
         least = 2 if far else 1
         if self._together > 1:  # async shards: enough to run that many, and one to join
-            least = max(2, math.ceil(self._together / (self.fixed or self._last_size)) + 1)
+            size = self.fixed or self._biggest  # not the tail's small ones: a worker that
+            least = max(2, math.ceil(self._together / size) + 1)  # took many is busy
         if self._per_shard is None:
             return least  # until a first result says how long shards take
         chunk_time = self._per_shard * self._last_size

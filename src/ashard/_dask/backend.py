@@ -155,6 +155,7 @@ class _Call:
     key: str
     spec: bytes  # the pickled `JobWork`, its borrow left out
     borrow: Any  # the Dask future of the scattered borrow, or None
+    together: int  # async shards a worker runs at once (`shard_concurrency`)
     nodes: set[_Node] = field(default_factory=set)
     running: dict[_Batch, Any] = field(default_factory=dict)  # batch -> its Dask future
 
@@ -354,7 +355,7 @@ class DaskBackend:
                 borrow = dict(zip(names, await anyio.to_thread.run_sync(scatter), strict=True))
             except Exception as exc:
                 raise TypeError(f"borrow cannot be sent to the cluster: {exc}") from exc
-        return _Call(job, key, spec_bytes, borrow)
+        return _Call(job, key, spec_bytes, borrow, work.opts.shard_concurrency)
 
     def _serve(self, call: _Call, node: _Node, tg: anyio.abc.TaskGroup) -> None:
         call.nodes.add(node)
@@ -416,7 +417,7 @@ class DaskBackend:
         chunk = batch.chunk
         work = (chunk.first, chunk.count, chunk.attempts, chunk.items, chunk.trace)
         future = self._client.submit(
-            run_chunk, self._name, call.key, call.spec, call.borrow, work,
+            run_chunk, self._name, call.key, call.spec, call.borrow, work, call.together,
             key=f"{call.key}-{chunk.seq}", workers=[batch.node.address],
             allow_other_workers=False, retries=0, pure=False,
         )  # fmt: skip

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import math
 import os
 import pickle
 from collections import deque
@@ -76,24 +77,28 @@ ChunkWork = tuple[int, int, list[int] | None, list[Any] | None, str | None]
 # -- the task functions Dask runs on a node ----------------------------------------------
 
 
-def _node_host(name: str) -> NodeHost:
+def _node_host(name: str, together: int = 1) -> NodeHost:
     """This node's host of pool `name`, for a task that will wait on it. Where the
-    node has more ashard workers than Dask threads, the task leaves Dask's thread pool
-    (`secede`, which costs the scheduler a message), so that how many chunks the node
-    runs at once is its ashard workers' count."""
+    node has more ashard workers than Dask threads, or a worker runs several chunks at
+    once (`together`: async shards in flight on one), the task leaves Dask's thread
+    pool (`secede`, which costs the scheduler a message), so that how many chunks the
+    node runs at once is what its ashard workers take."""
     plugin: Any = get_worker().plugins.get(name)
     if plugin is None or plugin.host is None:
         raise RuntimeError(f"this Dask worker has no ashard plugin {name!r} (the pool closed?)")
     host: NodeHost = plugin.host
-    if host.secede:
+    if host.secede or together > 1:
         secede()
     return host
 
 
-def run_chunk(name: str, key: str, spec: bytes, borrow: Any, work: ChunkWork) -> list[Report]:
+def run_chunk(
+    name: str, key: str, spec: bytes, borrow: Any, work: ChunkWork, together: int = 1
+) -> list[Report]:
     """A Dask task: run one chunk of call `key` on this node's ashard workers; what
-    happened to it, as reports for the caller's job."""
-    return _node_host(name).run_chunk(key, spec, borrow, work)
+    happened to it, as reports for the caller's job (`together`: the call's
+    `shard_concurrency`)."""
+    return _node_host(name, together).run_chunk(key, spec, borrow, work)
 
 
 def run_call(name: str, call: CallWork) -> Outcome:
@@ -355,7 +360,8 @@ def _unseen_places(spec: JobWork, where: str) -> ValueError | None:
 
 class _Relay(Changes):
     """The caller's job as a node's local scheduler sees it (`ashard._backend`'s side
-    of a job): chunks come from tasks, one per worker process at a time, and each
+    of a job): chunks come from tasks, one per worker process at a time (or enough to
+    keep `shard_concurrency` async shards in flight), and each
     report of the scheduler is recorded for the task that brought the chunk."""
 
     def __init__(self, spec: JobWork, borrow: dict[str, Any]) -> None:
@@ -368,6 +374,7 @@ class _Relay(Changes):
         self._error: BaseException | None = None  # what ended it early, for late chunks
         self._lines: list[Printed] = []  # printed while no chunk ran
         self._current: _Work | None = None  # whose lines are being read
+        self._last_count = 1  # positions in the chunk that came last
 
     def output(self, name: str, text: str) -> None:
         """Lines a worker of this call printed: they go back with a chunk of the call
@@ -384,6 +391,7 @@ class _Relay(Changes):
             work.done.set_result([Aborted(error)])
             return
         self._queue.append(work)
+        self._last_count = work.count
         self.notify()
 
     def close(self, cancelled: bool) -> None:
@@ -422,7 +430,12 @@ class _Relay(Changes):
         return bool(self._queue) and not self._closed
 
     def window(self) -> int:
-        return 1
+        """One chunk per worker process at a time; for async shards run several at once,
+        enough to run that many and one more to join them (`ChunkSizer.window`)."""
+        together = self._work.opts.shard_concurrency
+        if together <= 1:
+            return 1
+        return max(2, math.ceil(together / max(1, self._last_count)) + 1)
 
     def take_chunk(self, seq: int, limit: int | None = None) -> Chunk | None:
         if not self.has_work():
