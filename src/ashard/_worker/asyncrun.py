@@ -2,9 +2,14 @@
 
 The loop is asyncio by default, made once and kept for the worker's life (so objects
 bound to it, a client session cached in a module, work across chunks); uvloop the same;
-trio runs each chunk in `trio.run` (it has no loop to keep). A chunk's shards run as
-tasks, at most `shard_concurrency` at once, and are reported in order as their prefix
-completes, as plain shards are.
+trio runs each batch of chunks in `trio.run` (it has no loop to keep). A chunk's shards
+run as tasks, at most `shard_concurrency` at once, and are reported in order as their
+prefix completes, as plain shards are. Once all of a chunk's shards have started, the
+job's next chunk joins them when a place is free (`_Batch`, `Joiner`): the worker keeps
+`shard_concurrency` shards in flight across chunk ends, and each chunk still answers in
+the order the parent sent it. With several at once, each shard writes its outputs
+through a writer of its own and sees borrowed arrays under ``cow="audit"`` through a
+mapping of its own.
 
 * **Timeouts** cancel the shard's coroutine (its ``finally`` runs); its stack where the
   cancellation reached it is its `ShardTimeout.stack`. A coroutine that blocks the loop
