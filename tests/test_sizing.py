@@ -76,3 +76,19 @@ def test_a_far_backend_gets_larger_chunks_and_a_window_to_hide_its_trip() -> Non
     assert near.next_size(UNKNOWN, ROOMY) == 100  # 10 ms of work
     assert far.next_size(UNKNOWN, ROOMY) == 5000  # 5 trips of 0.1 s of work
     assert far.window() == 2  # 0.5 s a chunk: shorter than 50 trips, so not alone
+
+
+def test_async_shards_several_at_once_get_chunks_enough_to_keep_them_in_flight() -> None:
+    """With `together` shards of a worker in flight, a chunk starts at that size and a
+    worker holds enough chunks to run that many plus one to join them, the tail's small
+    chunks too."""
+    sizer = ChunkSizer("auto", together=16)
+    sizer.served_by(2)
+    assert sizer.window() == 2 and sizer.next_size(UNKNOWN, ROOMY) == 16
+    sizer.learn(16, 16 * 0.04)  # 40 ms each, 16 at once: 2.5 ms of the worker's time
+    assert sizer.next_size(UNKNOWN, ROOMY) == 4  # 10 ms of the worker's time
+    assert sizer.window() == 5  # 16 / 4 running, and one more
+    assert sizer.next_size(4, ROOMY) == 1  # the tail: a share for each worker
+    assert sizer.window() == 17
+    fixed = ChunkSizer(2, together=16)
+    assert fixed.window() == 9

@@ -392,11 +392,16 @@ class Scheduler:
         job = run.job
         msgs = w.take_control()
         was_idle = not lease.inflight
-        room = 0 if w.recycle_reason is not None or w.paused else job.window() - len(lease.inflight)
+        shut = w.recycle_reason is not None or w.paused
         limit = None if self.policy.max_tasks is None else self.policy.max_tasks - w.tasks
         chunks: list[Chunk] = []
         taken = 0
-        while len(chunks) < room and (limit is None or limit > 0):
+        # the window as it is after each chunk: a smaller chunk may make it wider
+        while (
+            not shut
+            and len(lease.inflight) + len(chunks) < job.window()
+            and (limit is None or limit > 0)
+        ):
             chunk = job.take_chunk(next(self._seq), limit)
             if chunk is None:
                 break

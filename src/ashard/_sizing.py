@@ -67,7 +67,7 @@ class ChunkSizer:
         self._per_shard: float | None = None  # seconds a position runs, as learned
         self._item_bytes: float | None = None  # a position's items, pickled, as learned
         self._last_size = 1
-        self._biggest = 1  # the largest automatic size so far
+        self._taken = self._together  # the size of the chunk taken last (for the window)
         self._target = TARGET_CHUNK_SECONDS * work_factor  # seconds of work per chunk
         self._latency = HIDE_LATENCY_SECONDS  # of a trip to a worker
         self._workers = 1
@@ -126,8 +126,7 @@ class ChunkSizer:
         )  # fmt: skip
         size, why = min(bounds, key=lambda bound: bound[0])
         self._note(now, size, why)
-        self._last_size = size
-        self._biggest = max(self._biggest, size)
+        self._last_size = self._taken = size
         return size
 
     def window(self) -> int:
@@ -135,8 +134,7 @@ class ChunkSizer:
         far = self._latency > HIDE_LATENCY_SECONDS
         least = 2 if far else 1
         if self._together > 1:  # async shards: enough to run that many, and one to join
-            size = self.fixed or self._biggest  # not the tail's small ones: a worker that
-            least = max(2, math.ceil(self._together / size) + 1)  # took many is busy
+            least = max(2, math.ceil(self._together / (self.fixed or self._taken)) + 1)
         if self._per_shard is None:
             return least  # until a first result says how long shards take
         chunk_time = self._per_shard * self._last_size

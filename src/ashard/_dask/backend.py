@@ -385,15 +385,13 @@ class DaskBackend:
                 self._settle(call, batch)
             if node.gone or job.over:
                 return
-            room = node.slots * job.window() - len(inflight)
-            while room > 0:
+            while len(inflight) < node.slots * job.window():  # as it is after each chunk
                 chunk = job.take_chunk(next(self._seq))
                 if chunk is None:
                     break
                 batch = _Batch(node, on_done=job.notify, chunk=chunk)
                 inflight.append(batch)
                 self._submit(call, batch, token)
-                room -= 1
             await job.wait_change()
 
     def _settle(self, call: _Call, batch: _Batch) -> None:
