@@ -1,7 +1,8 @@
 """`async def` shards (issue 26): shards that each await a 10 ms sleep (an I/O stand-in)
 with 1, 16 and 128 in flight per worker - ashard beside aiomultiprocess (its
 ``childconcurrency``) and a thread pool (``time.sleep`` in 2 x concurrency threads) -
-and what an async shard costs over a plain one on the tiny row.
+what an async shard costs over a plain one on the tiny row, and 128 in flight made of
+chunks of 16 (chunks joining on the worker's loop).
 
     python benchmarks/bench_async.py [--shards 10000] [--rounds 3]
 """
@@ -89,6 +90,11 @@ async def main(shards: int, rounds: int) -> None:
             best = n * NAP / (WORKERS * concurrency)
             cells = " | ".join(f"{statistics.median(v):.2f}" for v in got.values())
             rows.append(f"| {concurrency} | {n:,} | {best:.2f} | {cells} |")
+        small = []  # chunks of 16 with 128 in flight: the next chunks must join to fill it
+        layout = ashard.shards(shards, block_size=1)
+        for _ in range(rounds):
+            small.append(await timed(lambda: pool.shard_map(layout, nap, shard_concurrency=128,
+                                                            chunk_size=16)))  # fmt: skip
         tiny = 200_000
         plain, both = [], []
         for _ in range(rounds):
@@ -102,6 +108,10 @@ async def main(shards: int, rounds: int) -> None:
     )
     print("|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
+    print(
+        f"\nashard with chunk_size=16 and 128 in flight, {shards:,} shards: "
+        f"{statistics.median(small):.2f} s (ideal {shards * NAP / (WORKERS * 128):.2f} s)"
+    )
     p, b = statistics.median(plain) / tiny * 1e6, statistics.median(both) / tiny * 1e6
     print(
         f"\nTiny row, {tiny:,} items: plain fn {p:.3f} µs/item, async fn {b:.3f} µs/item "

@@ -7,6 +7,8 @@ workers, under asyncio and trio in the caller."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import time
 from collections import Counter
@@ -131,6 +133,20 @@ async def test_the_caller_cancelling_cancels_the_coroutines(
         assert time.monotonic() - t0 < 10
         assert len(list(tmp_path.iterdir())) == 4  # each coroutine's finally ran
         assert (await pool.shard_map(2, workloads.nap)).ok  # the worker is fine
+
+
+async def test_what_async_shards_print_reaches_the_callers_stdout() -> None:
+    """Lines of shards in flight together (joined chunks too) reach the stdout of the
+    call that ran them, whole, by the time it returns."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        res = await ashard.shard_map(ashard.shards(12, block_size=1), workloads.print_async,
+                                     borrow={"tag": "A"}, chunk_size=2, shard_concurrency=6,
+                                     workers=1)  # fmt: skip
+    assert res.ok
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("A ")]
+    expected = [f"A {i} {which}" for i in range(12) for which in ("first", "second")]
+    assert sorted(lines) == sorted(expected)
 
 
 async def test_map_call_and_stream_take_async_functions() -> None:

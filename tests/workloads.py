@@ -1171,6 +1171,16 @@ def most_at_once(spans: list[tuple[int, float, float]]) -> int:
     return most
 
 
+async def print_async(shard: Shard, tag: str) -> int:
+    """Two lines, with other shards' in between when several run at once."""
+    import asyncio
+
+    print(f"{tag} {shard.id} first", flush=True)
+    await asyncio.sleep(0.01)
+    print(f"{tag} {shard.id} second", flush=True)
+    return shard.id
+
+
 async def nap_with_finally(shard: Shard, directory: str) -> int:
     import asyncio
 
