@@ -47,15 +47,13 @@ async def test_chunks_join_to_keep_shard_concurrency_in_flight() -> None:
     assert 2 < workloads.most_at_once(spans) <= 4  # over a chunk's 2: chunks joined
 
 
-@pytest.mark.parametrize("chunk_size", ["auto", 1])
-async def test_a_timeout_cancels_the_coroutine_and_its_finally_runs(
-    tmp_path: Path, chunk_size: Any
-) -> None:
+async def test_a_timeout_cancels_the_coroutine_and_its_finally_runs(tmp_path: Path) -> None:
+    """Two shards, each a chunk, the second joined to the first."""
     async with ashard.Pool(1) as pool:
         res = await pool.shard_map(
             ashard.shards(2, block_size=1), workloads.nap_with_finally,
             borrow={"directory": str(tmp_path)}, timeout=0.5, max_retries=0,
-            errors="collect", shard_concurrency=2, chunk_size=chunk_size,
+            errors="collect", shard_concurrency=2, chunk_size=1,
         )  # fmt: skip
         assert [type(f) for f in res.failures] == [ashard.ShardTimeout] * 2
         stacks = [f.stack for f in res.failures]  # type: ignore[attr-defined]
@@ -117,18 +115,14 @@ async def test_seeds_per_shard_as_for_a_plain_function() -> None:
     assert both.results == plain.results
 
 
-@pytest.mark.parametrize("chunk_size", ["auto", 1])
-async def test_the_caller_cancelling_cancels_the_coroutines(
-    tmp_path: Path, chunk_size: Any
-) -> None:
-    """The caller cancels while 4 coroutines run: one chunk, or four joined."""
+async def test_the_caller_cancelling_cancels_the_coroutines(tmp_path: Path) -> None:
+    """The caller cancels while 4 coroutines run, in four chunks joined."""
     async with ashard.Pool(1) as pool:
         t0 = time.monotonic()
         with anyio.move_on_after(1.0):
             await pool.shard_map(
                 ashard.shards(4, block_size=1), workloads.nap_with_finally,
-                borrow={"directory": str(tmp_path)}, shard_concurrency=4,
-                chunk_size=chunk_size,
+                borrow={"directory": str(tmp_path)}, shard_concurrency=4, chunk_size=1,
             )  # fmt: skip
         assert time.monotonic() - t0 < 10
         assert len(list(tmp_path.iterdir())) == 4  # each coroutine's finally ran
