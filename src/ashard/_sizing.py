@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["TRIPS_PER_CHUNK", "ChunkSizer"]
+__all__ = ["TRIPS_PER_CHUNK", "ChunkSizer", "joining_window"]
 
 TARGET_CHUNK_SECONDS = 0.01
 """`chunk_size="auto"` aims for chunks of about this much work."""
@@ -55,6 +55,12 @@ MAX_POSITIONS = 32768
 chunk (listing its items, keeping a place for each result) is done in one step of its
 event loop, and stays well under a millisecond however cheap the work is."""
 _NO_BOUND = 1 << 62
+
+
+def joining_window(together: int, size: int) -> int:
+    """Chunks of `size` positions a worker running `together` async shards at once
+    holds: enough to run that many, and one more to join them as they end."""
+    return max(2, math.ceil(together / max(1, size)) + 1)
 
 
 class ChunkSizer:
@@ -133,8 +139,8 @@ class ChunkSizer:
         """How many chunks a worker should hold at once."""
         far = self._latency > HIDE_LATENCY_SECONDS
         least = 2 if far else 1
-        if self._together > 1:  # async shards: enough to run that many, and one to join
-            least = max(2, math.ceil(self._together / (self.fixed or self._taken)) + 1)
+        if self._together > 1:
+            least = joining_window(self._together, self.fixed or self._taken)
         if self._per_shard is None:
             return least  # until a first result says how long shards take
         chunk_time = self._per_shard * self._last_size

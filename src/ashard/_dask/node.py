@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import math
 import os
 import pickle
 from collections import deque
@@ -53,6 +52,7 @@ from ashard._dask.wire import (
 )
 from ashard._loopthread import LoopThread
 from ashard._output import redirect
+from ashard._sizing import joining_window
 from ashard.errors import RemoteTraceback
 
 NO_VALUES: Payload = (b"", [])
@@ -433,9 +433,7 @@ class _Relay(Changes):
         """One chunk per worker process at a time; for async shards run several at once,
         enough to run that many and one more to join them (`ChunkSizer.window`)."""
         together = self._work.opts.shard_concurrency
-        if together <= 1:
-            return 1
-        return max(2, math.ceil(together / max(1, self._last_count)) + 1)
+        return 1 if together <= 1 else joining_window(together, self._last_count)
 
     def take_chunk(self, seq: int, limit: int | None = None) -> Chunk | None:
         if not self.has_work():
