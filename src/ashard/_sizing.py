@@ -72,8 +72,7 @@ class ChunkSizer:
         self._together = max(1, together)  # positions a worker runs at once (async shards)
         self._per_shard: float | None = None  # seconds a position runs, as learned
         self._item_bytes: float | None = None  # a position's items, pickled, as learned
-        self._last_size = 1
-        self._taken = self._together  # the size of the chunk taken last (for the window)
+        self._last_size = self._together  # the size of the chunk taken last
         self._target = TARGET_CHUNK_SECONDS * work_factor  # seconds of work per chunk
         self._latency = HIDE_LATENCY_SECONDS  # of a trip to a worker
         self._workers = 1
@@ -132,7 +131,7 @@ class ChunkSizer:
         )  # fmt: skip
         size, why = min(bounds, key=lambda bound: bound[0])
         self._note(now, size, why)
-        self._last_size = self._taken = size
+        self._last_size = size
         return size
 
     def window(self) -> int:
@@ -140,7 +139,7 @@ class ChunkSizer:
         far = self._latency > HIDE_LATENCY_SECONDS
         least = 2 if far else 1
         if self._together > 1:
-            least = joining_window(self._together, self.fixed or self._taken)
+            least = joining_window(self._together, self.fixed or self._last_size)
         if self._per_shard is None:
             return least  # until a first result says how long shards take
         chunk_time = self._per_shard * self._last_size
