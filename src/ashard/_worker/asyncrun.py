@@ -438,7 +438,9 @@ async def _one(
         kwargs.update((a.name, a.array) for a in audit)
     for output in outputs:
         output.begin(pos, attempt)
-    dirty = [a.dirty() for a in audit] if audit else None
+    dirty = None
+    if audit:  # a shard's own fresh mapping has nothing written yet: no smaps read for it
+        dirty = [0] * len(audit) if audit is not ctx.audit else [a.dirty() for a in audit]
     t0 = time.perf_counter()
     deadline = None if timeout is None else time.monotonic() + timeout
     batch.started(pos)
