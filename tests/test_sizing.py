@@ -33,12 +33,34 @@ def test_the_profile_scales_the_work_a_chunk_carries() -> None:
 
 def test_near_the_end_every_worker_is_left_a_share() -> None:
     sizer = ChunkSizer("auto")
-    sizer.learn(1000, 0.001)  # tiny positions: time alone would say large chunks
+    sizer.learn(1000, 1.0)  # 1 ms a position: time alone would say chunks of 10
     sizer.served_by(4)
     for _ in range(5):
         sizer.next_size(UNKNOWN, ROOMY)
-    assert sizer.next_size(80, ROOMY) == 10  # half of an 80 / 4 share
+    assert sizer.next_size(40, ROOMY) == 5  # half of a 40 / 4 share
     assert sizer.next_size(3, ROOMY) == 1
+
+
+def test_the_tail_is_not_cut_below_a_quarter_of_a_trip_of_work() -> None:
+    sizer = ChunkSizer("auto")
+    sizer.learn(1000, 0.001)  # 1 us a position: a quarter of a 1 ms trip is 250 of them
+    sizer.served_by(4)
+    for _ in range(5):
+        sizer.next_size(UNKNOWN, ROOMY)
+    assert sizer.next_size(8000, ROOMY) == 1000  # half of an 8000 / 4 share
+    assert sizer.next_size(800, ROOMY) == 250  # not 100: that balances little
+    assert sizer.next_size(100, ROOMY) == 100  # what is left, in one chunk
+
+
+def test_a_shards_time_is_learned_by_positions_not_by_chunks() -> None:
+    sizer = ChunkSizer("auto")
+    for _ in range(3):
+        sizer.learn(1, 0.001)  # chunks of one: mostly a chunk's fixed cost
+    sizer.learn(10_000, 0.01)  # 1 us a position, over many
+    sizer.served_by(1)
+    sizer.next_size(UNKNOWN, ROOMY)
+    # about 1 us, not the ~250 us an average of the four samples would say
+    assert sizer.window() > 1 and 1e-6 <= sizer._per_shard <= 1.2e-6  # type: ignore[operator]
 
 
 def test_each_workers_window_of_chunks_fits_the_bytes_the_caller_may_hold() -> None:

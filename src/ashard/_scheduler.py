@@ -114,10 +114,22 @@ class _Run:
     exported: Exported | None
     loaded_on: set[WorkerHandle] = field(default_factory=set)
     encode_in_thread: bool = False
-    deliver_cost: float = 0.0  # seconds a position takes to deliver, as learned
+    deliver_spent: float = 0.0  # seconds spent delivering, older steps weighing less
+    deliver_done: float = 0.0  # the positions delivered in them, weighed alike
     acquiring: int = 0  # workers being leased for it now
     budget: Budget | None = None  # the pool's memory budget, if the job is held to it
     blocked: bool = False  # a chunk found no room in the budget; none was made since
+
+    def delivered(self, n: int, seconds: float) -> None:
+        """One step delivered `n` positions in `seconds`."""
+        self.deliver_spent = 0.5 * self.deliver_spent + seconds
+        self.deliver_done = 0.5 * self.deliver_done + n
+
+    def deliver_cost(self) -> float:
+        """Seconds a position takes to deliver, as learned (0.0: not yet). Weighed by
+        positions, not by steps: a step's own fixed cost, paid by the first reports of
+        one position each, must not make every later position look that dear."""
+        return self.deliver_spent / self.deliver_done if self.deliver_done else 0.0
 
 
 @dataclass(eq=False, slots=True)
@@ -527,8 +539,10 @@ class Scheduler:
         heard = bool(pending)
         while pending:
             report, values = pending.popleft()
+            t1 = time.monotonic()
             if budget is not None and report.n > 1 and not isinstance(values, Exception):
-                room = max(1, int(budget / run.deliver_cost)) if run.deliver_cost else report.n
+                cost = run.deliver_cost()
+                room = max(1, int((budget - (t1 - t0)) / cost)) if cost else report.n
                 if room < report.n:
                     head, tail = split_result(report, room)
                     pending.appendleft((tail, values[room:]))
@@ -543,6 +557,7 @@ class Scheduler:
             else:
                 job.deliver(chunk, report, values, w.pid)
             done += report.n
+            run.delivered(report.n, time.monotonic() - t1)
             if report.errors:
                 timed_out += sum(1 for e in report.errors if e[1] == TIMEOUT)
             if report.final:
@@ -555,9 +570,6 @@ class Scheduler:
                 self.workers.gauged(w)
             if budget is not None and time.monotonic() - t0 >= budget:
                 break
-        if done:
-            cost = (time.monotonic() - t0) / done
-            run.deliver_cost = 0.5 * (run.deliver_cost + cost) if run.deliver_cost else cost
         if heard:
             self.workers.heard_back(done, timed_out)
 

@@ -9,9 +9,10 @@ hold. Each of those bounds is one method (`_by_time`, `_by_share`, `_by_bytes`),
 size is the smallest, and never over `MAX_POSITIONS` (the caller's step). The workers'
 memory is one more bound (`_by_memory`): once a worker reports memory near `mem_cap`,
 chunks halve, so that memory is checked between fewer shards before the hard limit
-would stop the worker. A shard's time is smoothed (`SMOOTHING`): one slow chunk does not
-swing the size. Each change of an automatic size is a row of `autotune`: (seconds into
-the call, size, reason).
+would stop the worker. A shard's time is smoothed (`SMOOTHING`), weighed by positions:
+one slow chunk does not swing the size, and the first chunks of one position (their
+time mostly a chunk's fixed cost) do not hold it down. Each change of an automatic size
+is a row of `autotune`: (seconds into the call, size, reason).
 
 The window hides the trip to a worker: short chunks go several at a time, long ones one
 at a time (balance over latency), except that a worker running `async def` shards
@@ -45,7 +46,9 @@ MAX_WINDOW = 8
 MAX_GROWTH = 8
 """An automatic chunk is at most this many times the size of the one before."""
 SMOOTHING = 0.25
-"""Weight of a new sample of a shard's time in the running estimate."""
+"""How fast a shard's learned time forgets: each chunk's sample weighs by its positions,
+and what was learned before it by ``1 - SMOOTHING`` of its own (a chunk of one position
+says little next to one of thousands, whose fixed costs are shared)."""
 MEMORY_SHRINK_AT = 0.7
 """Chunks halve while a worker reports this share of `mem_cap` or more."""
 MAX_AUTOTUNE_ROWS = 1000
@@ -71,6 +74,8 @@ class ChunkSizer:
         self.fixed = chunk_size if isinstance(chunk_size, int) else None
         self._together = max(1, together)  # positions a worker runs at once (async shards)
         self._per_shard: float | None = None  # seconds a position runs, as learned
+        self._spent = 0.0  # seconds of the positions run, older chunks weighing less
+        self._ran = 0.0  # those positions, weighed alike
         self._item_bytes: float | None = None  # a position's items, pickled, as learned
         self._last_size = self._together  # the size of the chunk taken last
         self._target = TARGET_CHUNK_SECONDS * work_factor  # seconds of work per chunk
@@ -96,9 +101,10 @@ class ChunkSizer:
         at once, a position holds its worker for that share of it)."""
         if not n:
             return
-        sample = seconds / n / self._together
-        seen = self._per_shard
-        self._per_shard = sample if seen is None else seen + SMOOTHING * (sample - seen)
+        keep = 1.0 - SMOOTHING
+        self._spent = keep * self._spent + seconds
+        self._ran = keep * self._ran + n * self._together
+        self._per_shard = self._spent / self._ran
 
     def learn_item_bytes(self, n: int, nbytes: int) -> None:
         """The items of `n` positions are `nbytes` long, pickled."""
@@ -158,10 +164,16 @@ class ChunkSizer:
         return max(1, min(int(want), self._last_size * MAX_GROWTH))
 
     def _by_share(self, remaining: int | None) -> int:
-        """Leave work for every worker: half a share each of what remains."""
+        """Leave work for every worker: half a share each of what remains, but never
+        less than a quarter of a trip to a worker's worth of work (chunks shorter than
+        that balance little and each costs a trip of its own)."""
         if remaining is None:
             return _NO_BOUND
-        return max(1, math.ceil(remaining / (2 * self._workers)))
+        share = math.ceil(remaining / (2 * self._workers))
+        if self._per_shard is not None:
+            least = int(self._latency / (4 * max(self._per_shard, 1e-9)))
+            share = max(share, min(least, remaining))
+        return max(1, share)
 
     def _note(self, now: float, size: int, why: str) -> None:
         """A row of `autotune` when the size moved by a quarter or more since the last
