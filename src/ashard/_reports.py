@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DECODE_SECONDS", "Report", "pump_output", "receive", "receive_until"]
 
-DECODE_SECONDS = 0.0005
+DECODE_SECONDS = 0.0002
 """Time one `receive` spends unpickling values on the loop, at most (it always takes one
 report): what is left is received next time, after the event loop had its turn."""
 

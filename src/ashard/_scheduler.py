@@ -93,9 +93,10 @@ __all__ = ["Scheduler"]
 MAX_UNDELIVERED = 5
 """Times in a row a call is sent again because its worker had ended before it could take
 it (those sends cost no attempt); past that it fails as a crash."""
-DELIVER_SECONDS = 0.0005
+DELIVER_SECONDS = 0.0002
 """Time one step of a drive spends delivering what a worker reported, at most: the rest
-is delivered after the event loop had its turn."""
+is delivered after the event loop had its turn. Each worker's drive takes such a step in
+the same turn of the loop, so this is well under the millisecond a turn may take."""
 AUTO_BUDGET_SHARE = 0.85
 """`mem_budget="auto"`: this share of the memory the process may still use."""
 ENCODE_INLINE_SECONDS = 0.002
