@@ -100,7 +100,10 @@ the same turn of the loop, so this is well under the millisecond a turn may take
 AUTO_BUDGET_SHARE = 0.85
 """`mem_budget="auto"`: this share of the memory the process may still use."""
 ENCODE_INLINE_SECONDS = 0.002
-"""Chunks that took longer than this to pickle are pickled off the event loop next time."""
+"""Chunks that took longer than this to pickle are pickled off the event loop..."""
+SLOW_ENCODES = 3
+"""...once this many sends in a row did (the clock is the wall's: on a busy machine the
+OS pauses the caller for milliseconds at a time, and one paused send says nothing)."""
 
 
 @dataclass(eq=False)
@@ -115,6 +118,7 @@ class _Run:
     exported: Exported | None
     loaded_on: set[WorkerHandle] = field(default_factory=set)
     encode_in_thread: bool = False
+    slow_encodes: int = 0  # sends in a row that took over ENCODE_INLINE_SECONDS
     deliver_spent: float = 0.0  # seconds spent delivering, older steps weighing less
     deliver_done: float = 0.0  # the positions delivered in them, weighed alike
     acquiring: int = 0  # workers being leased for it now
@@ -517,8 +521,11 @@ class Scheduler:
             return await anyio.to_thread.run_sync(_encode_run, run.key, msgs, chunks)
         t0 = time.perf_counter()
         encoded = _encode_run(run.key, msgs, chunks)
-        if time.perf_counter() - t0 > ENCODE_INLINE_SECONDS:
-            run.encode_in_thread = True
+        if time.perf_counter() - t0 <= ENCODE_INLINE_SECONDS:
+            run.slow_encodes = 0
+        else:  # a pickle is slow, or the OS paused this one: slow several times in a row
+            run.slow_encodes += 1
+            run.encode_in_thread = run.slow_encodes >= SLOW_ENCODES
         return encoded
 
     async def _receive(self, lease: _Lease) -> list[Report]:
