@@ -1285,3 +1285,17 @@ async def write_borrowed_async(shard: Shard, X: np.ndarray) -> float:
     else:
         await asyncio.sleep(0.05)
     return float(X[0])
+
+
+def doze(seconds: float) -> float:
+    """Sleep `seconds`; return them."""
+    time.sleep(seconds)
+    return seconds
+
+
+def spin_for_shard(shard: Shard, delays: list[float]) -> int:
+    """Keep the CPU busy ``delays[shard.id]`` seconds; return the shard's id."""
+    end = time.perf_counter() + delays[shard.id]
+    while time.perf_counter() < end:
+        pass
+    return shard.id

@@ -17,6 +17,8 @@ parent -> worker (each kind has its record, which `parse_order` makes)::
     MARK     MarkOutput    token: write it to fds 1 and 2 (where a queued call's output
                            begins), then go on
     UNCALL   CancelCall    seq: do not run call `seq`, or stop it if it runs (+ SIGUSR1)
+    RECALL   RecallChunks  key, seq: the chunks of job `key` from `seq` on that have not
+                           started go back (each answered as never run, in its turn)
 
 A worker may hold several CALLs at once (the parent pipelines short calls): it runs them
 in order and answers each in order, seq -1 included. The parent tells where the output of
@@ -66,7 +68,7 @@ import signal
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-HELLO, JOB, RUN, CALL, CANCEL, FORGET, SEGMENTS, DROP, MARK, UNCALL = range(10)
+HELLO, JOB, RUN, CALL, CANCEL, FORGET, SEGMENTS, DROP, MARK, UNCALL, RECALL = range(11)
 READY, INIT_FAILED, RESULT = range(100, 103)
 
 RAISED, TIMEOUT, INTERRUPTED = range(3)
@@ -437,6 +439,15 @@ class CancelCall(NamedTuple):
     seq: int
 
 
+class RecallChunks(NamedTuple):
+    """RECALL: the chunks of job `key` numbered `seq` or later that have not started
+    are not to run here: each is answered as never run, in its turn (the parent runs
+    them elsewhere). One that started runs and is answered as usual."""
+
+    key: int
+    seq: int
+
+
 class AddSegments(NamedTuple):
     """SEGMENTS: shared-memory segments; their fds came with the frame, in this order."""
 
@@ -451,7 +462,7 @@ class DropSegments(NamedTuple):
 
 Order = (
     Hello | RegisterJob | RunChunk | CallFn | CancelJob | ForgetJob | AddSegments | DropSegments
-    | MarkOutput | CancelCall
+    | MarkOutput | CancelCall | RecallChunks
 )  # fmt: skip
 """A message from the parent, parsed (`parse_order`). The parent sends each as the plain
 tuple ``(code, *fields)``: a record would pickle by its class, a cost on every message."""
@@ -459,7 +470,7 @@ tuple ``(code, *fields)``: a record would pickle by its class, a cost on every m
 _KINDS: list[tuple[int, type[Order]]] = [
     (HELLO, Hello), (JOB, RegisterJob), (RUN, RunChunk), (CALL, CallFn),
     (CANCEL, CancelJob), (FORGET, ForgetJob), (SEGMENTS, AddSegments), (DROP, DropSegments),
-    (MARK, MarkOutput), (UNCALL, CancelCall),
+    (MARK, MarkOutput), (UNCALL, CancelCall), (RECALL, RecallChunks),
 ]  # fmt: skip
 _ORDERS = {code: (kind, len(kind._fields) + 1) for code, kind in _KINDS}
 """Record and message length (the code, then the fields) of each kind, by code."""

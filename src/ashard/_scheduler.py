@@ -16,7 +16,11 @@ a channel only ever carries one job's chunks and its stream can be settled on it
 drive keeps a small window of chunks in flight on its worker (the lease holds them),
 reads results, and refills. When a job of another caller waits with fewer workers than
 this job holds, the drive lets its window drain and hands the worker over: workers are
-shared fairly (`ashard._workers.WorkerSet`).
+shared fairly (`ashard._workers.WorkerSet`). A window is the worker's own queue: near
+the end of a job, when a worker has nothing left to take while another has said nothing
+for `STALL_SECONDS` with single shards queued behind the one it runs, the lease loop asks
+for those back (RECALL): the worker answers each as never run when its turn comes, and
+they are queued again, uncharged, for whichever worker is free first.
 
 No task outlives the call that started it, and nothing here belongs to an event loop:
 a pool's workers can serve one loop after another (Jupyter, pytest, `anyio.run`).
@@ -68,6 +72,7 @@ from ashard._protocol import (
     CANCEL,
     INTERRUPTED,
     JOB,
+    RECALL,
     RUN,
     SEGMENTS,
     TIMEOUT,
@@ -101,6 +106,9 @@ AUTO_BUDGET_SHARE = 0.85
 """`mem_budget="auto"`: this share of the memory the process may still use."""
 ENCODE_INLINE_SECONDS = 0.002
 """Chunks that took longer than this to pickle are pickled off the event loop..."""
+STALL_SECONDS = 0.002
+"""A worker silent this long with single shards queued behind the one it runs, while
+the job has nothing left for an idle worker, is asked to give the queued ones back."""
 SLOW_ENCODES = 3
 """...once this many sends in a row did (the clock is the wall's: on a busy machine the
 OS pauses the caller for milliseconds at a time, and one paused send says nothing)."""
@@ -147,6 +155,7 @@ class _Lease:
     inflight: deque[Chunk] = field(default_factory=deque)
     pending: deque[Report] = field(default_factory=deque)  # read, not yet delivered
     last_heard: float = 0.0
+    recalled: set[int] = field(default_factory=set)  # seqs of chunks asked back (RECALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,8 +348,36 @@ class Scheduler:
                     ):
                         run.acquiring += 1
                         acquiring.start_soon(self._lease, run, tg)
+                    elif self._may_recall(run, held):
+                        with anyio.move_on_after(STALL_SECONDS):
+                            await job.wait_change()
+                        self._recall_stalled(run)
                     else:
                         await job.wait_change()
+
+    def _may_recall(self, run: _Run, held: int) -> bool:
+        """Could a worker of `run` be holding shards another worker would run sooner?
+        Only near the end: the job has nothing left to hand out, a worker could take
+        more of it, and some worker holds single shards queued behind the one it runs."""
+        if run.job.has_work() or held + run.acquiring >= self.workers.size:
+            return False
+        return any(_recallable(lease) for lease in self._leases.values() if lease.run is run)
+
+    def _recall_stalled(self, run: _Run) -> None:
+        """Ask each worker of `run` that has said nothing for `STALL_SECONDS`, with single
+        shards queued behind the one it runs, to give those back (RECALL): they are
+        queued again, uncharged, for whichever worker is free first. A worker's queue is
+        its own, so without this a slow shard would hold the ones behind it while other
+        workers stand idle at the end of a call."""
+        now = time.monotonic()
+        for lease in list(self._leases.values()):
+            if lease.run is not run or not _recallable(lease):
+                continue
+            if now - lease.last_heard < STALL_SECONDS:
+                continue
+            queued = list(lease.inflight)[1:]
+            if lease.worker.channel.post(encode((RECALL, run.key, queued[0].seq))):
+                lease.recalled.update(c.seq for c in queued)
 
     async def _lease(self, run: _Run, tg: anyio.abc.TaskGroup) -> None:
         """One worker for the job, driven in `tg`."""
@@ -402,6 +439,7 @@ class Scheduler:
                     w.output.drain(final=True)  # all of the job's lines, before it returns
                 else:
                     await self._lose(lease, lost)
+            job.notify()  # a worker less: another may hold what this one could run
 
     async def _fill(self, lease: _Lease) -> None:
         """Top up the lease's window with its job's chunks, in one send."""
@@ -562,8 +600,12 @@ class Scheduler:
                 raise ProtocolViolation("a result that does not fit its chunk")
             if isinstance(values, Exception):
                 job.deliver_unreadable(chunk, report, w.pid, values)
+            elif chunk.seq in lease.recalled and _never_ran(report):
+                job.undelivered([chunk])  # given back unrun: queued again, uncharged
             else:
                 job.deliver(chunk, report, values, w.pid)
+            if report.final:
+                lease.recalled.discard(chunk.seq)
             done += report.n
             run.delivered(report.n, time.monotonic() - t1)
             if report.errors:
@@ -794,3 +836,17 @@ def _name_unpicklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         dumps_named(arg, f"argument {i} of the call", [])
     for name, value in kwargs.items():
         dumps_named(value, f"keyword argument {name!r} of the call", [])
+
+
+def _recallable(lease: _Lease) -> bool:
+    """Does `lease`'s worker hold single shards queued behind the one it runs, none of
+    them asked back yet?"""
+    inflight = lease.inflight
+    if len(inflight) < 2 or lease.recalled:
+        return False
+    return all(c.count == 1 and not c.done for c in itertools.islice(inflight, 1, None))
+
+
+def _never_ran(report: Result) -> bool:
+    """Is `report` a chunk's answer that it never ran (RECALL, CANCEL)?"""
+    return report.final and report.n == 0 and report.errors == [(0, INTERRUPTED, None)]

@@ -2,10 +2,12 @@
 as records (`ashard._protocol.parse_order`), and does what each says.
 
 After the handshake (HELLO, answered READY) the loop takes jobs, chunks, calls and
-shared segments in the order they came, except CANCEL and UNCALL, which act as soon as
-they are read (a call that cannot be loaded is answered in its turn, as seq -1). It
-ends at end of stream: the parent closed its end, or is gone (on Linux the parent's
-death also kills the worker: `process.set_up`).
+shared segments in the order they came, except CANCEL, UNCALL and RECALL, which act as
+soon as they are read (a call that cannot be loaded is answered in its turn, as seq -1).
+Between orders it reads what came at least every `READ_EVERY` seconds, so that a RECALL
+finds the chunks queued behind a long one before they start. It ends at end of stream:
+the parent closed its end, or is gone (on Linux the parent's death also kills the
+worker: `process.set_up`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections import deque
 from typing import Any, NamedTuple
 
@@ -36,6 +39,7 @@ from ashard._protocol import (
     MarkOutput,
     Order,
     ProtocolViolation,
+    RecallChunks,
     RegisterJob,
     RunChunk,
     parse_order,
@@ -47,7 +51,12 @@ from ashard._worker.jobs import JobContext, load_error, load_job
 from ashard._worker.reports import Reporter
 from ashard._worker.segments import Segments
 
-__all__ = ["Worker", "main"]
+__all__ = ["READ_EVERY", "Worker", "main"]
+
+READ_EVERY = 0.001
+"""Seconds between reads of the socket while orders wait in the queue, at most."""
+
+_Control = CancelJob | CancelCall | RecallChunks
 
 
 class Worker:
@@ -60,13 +69,14 @@ class Worker:
         self.report = Reporter(sock)
         self.reader = FrameReader(accept_fds=True)
         self.segments = Segments()
-        self.queue: deque[Order | _Unloadable | _Dropped] = deque()
+        self.queue: deque[Order | _Unloadable | _Dropped | _Recalled] = deque()
         self.jobs: dict[int, JobContext | LoadError] = {}
         self.hygiene: Hygiene | None = None  # made after init (`Pool(hygiene="off")`: none)
         self.tracing: Any = None  # a `WorkerTracing`, with `Pool(otel_setup=...)`
         self.holding = False  # chunks are under way that answer first: CANCEL/UNCALL wait
-        self.held: list[CancelJob | CancelCall] = []
+        self.held: list[_Control] = []
         self._batch = (0, "shard")  # the first position of the chunks running together
+        self._read_at = 0.0  # time.monotonic() of the last read of the socket
 
     def clean_up_after(self, dump_fd: int | None, mode: str) -> None:
         """From now on (init is done: its work is the baseline), put back what each task
@@ -77,6 +87,7 @@ class Worker:
 
     def read(self, block: bool) -> bool:
         """Take in what the socket holds; False at end of stream."""
+        self._read_at = time.monotonic()
         while True:
             try:
                 n = self.reader.fill(self.sock, 0 if block else socket.MSG_DONTWAIT)
@@ -96,14 +107,26 @@ class Worker:
             self.queue.append(_Unloadable(msg.error))
             return
         order = parse_order(msg)
-        if self.holding and isinstance(order, CancelJob | CancelCall):
-            self.held.append(order)
-        elif isinstance(order, CancelJob):
+        if isinstance(order, _Control):
+            if self.holding:
+                self.held.append(order)
+            else:
+                self._control(order)
+        else:
+            self.queue.append(order)
+
+    def _control(self, order: _Control) -> None:
+        if isinstance(order, CancelJob):
             self._cancel(order.key)
         elif isinstance(order, CancelCall):
             self._uncall(order.seq)
         else:
-            self.queue.append(order)
+            self._recall(order.key, order.seq)
+
+    def _recall(self, key: int, seq: int) -> None:
+        for i, order in enumerate(self.queue):
+            if isinstance(order, RunChunk) and order.key == key and order.seq >= seq:
+                self.queue[i] = _Recalled(order.seq)  # answered in its turn
 
     def _uncall(self, seq: int) -> None:
         for i, order in enumerate(self.queue):
@@ -153,13 +176,10 @@ class Worker:
     def _act_on_held(self) -> None:
         held, self.held = self.held, []
         for order in held:
-            if isinstance(order, CancelJob):
-                self._cancel(order.key)
-            else:
-                self._uncall(order.seq)
+            self._control(order)
 
     def _cancel(self, key: int) -> None:
-        kept: deque[Order | _Unloadable | _Dropped] = deque()
+        kept: deque[Order | _Unloadable | _Dropped | _Recalled] = deque()
         for order in self.queue:
             if isinstance(order, RunChunk) and order.key == key:
                 self.report.never_ran(order.seq)
@@ -173,7 +193,8 @@ class Worker:
                 if not self.read(block=True):
                     return
                 continue
-            if running.take_control_pending() and not self.read(block=False):
+            due = time.monotonic() - self._read_at >= READ_EVERY
+            if (running.take_control_pending() or due) and not self.read(block=False):
                 return
             if not self.queue:
                 continue
@@ -181,7 +202,7 @@ class Worker:
             self._obey(order)
             del order  # a call's arguments go now, not when the next message comes
 
-    def _obey(self, order: Order | _Unloadable | _Dropped) -> None:
+    def _obey(self, order: Order | _Unloadable | _Dropped | _Recalled) -> None:
         if isinstance(order, RunChunk):
             self._run(order)
             self.stdio.check()  # user code ran: put back what it did to fds 0-2
@@ -192,6 +213,8 @@ class Worker:
                     os.write(fd, order.token)
         elif isinstance(order, _Dropped):
             self.report.result(order.seq, 0, [], [(0, INTERRUPTED, None)], [], True)
+        elif isinstance(order, _Recalled):
+            self.report.never_ran(order.seq)
         elif isinstance(order, _Unloadable):
             error = load_error("the call's function or arguments", order.error)
             self.report.fail_all(UNREADABLE_CALL, 1, error)
@@ -282,6 +305,12 @@ class _Unloadable(NamedTuple):
 
 class _Dropped(NamedTuple):
     """A queued CALL the parent cancelled, answered (as interrupted) in its turn."""
+
+    seq: int
+
+
+class _Recalled(NamedTuple):
+    """A queued chunk the parent recalled, answered (as never run) in its turn."""
 
     seq: int
 
