@@ -80,7 +80,10 @@ def test_short_chunks_go_several_at_a_time_long_ones_alone() -> None:
     assert sizer.window() == 1  # until a first result says how long shards take
     sizer.learn(1, 1e-5)
     sizer.next_size(UNKNOWN, ROOMY)
-    assert sizer.window() == MAX_WINDOW  # 80 us chunks: many hide a 1 ms trip, at most 8
+    assert sizer.window() == 14  # 80 us chunks: 1 + 1 ms / 80 us of them hide a 1 ms trip
+    tiny = ChunkSizer(1)  # 1 us chunks of one position: as many as hide a trip, at most
+    tiny.learn(1, 1e-6)
+    assert tiny.window() == MAX_WINDOW < 1000
     slow = ChunkSizer("auto")
     slow.learn(1, 0.01)
     slow.next_size(UNKNOWN, ROOMY)

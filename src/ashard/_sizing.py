@@ -41,7 +41,7 @@ TRIPS_PER_CHUNK = 5
 """A chunk carries at least this many times its trip to a far worker in work."""
 FAR_LONG_TRIPS = 50
 """Far workers hold one chunk at a time only when it is this many trips long."""
-MAX_WINDOW = 8
+MAX_WINDOW = 32
 """The most chunks a worker holds at once."""
 MAX_GROWTH = 8
 """An automatic chunk is at most this many times the size of the one before."""
