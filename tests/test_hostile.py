@@ -117,6 +117,16 @@ async def test_a_result_over_max_message_fails_its_shard_not_the_worker() -> Non
     assert res.results == [0, None, 2]
 
 
+async def test_results_too_large_together_but_not_alone_all_come_back() -> None:
+    async with ashard.Pool(1, max_message="1MB") as pool:
+        pid = pool.pids[0]
+        res = await pool.shard_map(  # one chunk of four results of 0.4 MB: 1.6 MB in all
+            ashard.shards(4, block_size=1), lambda sh: bytes(400_000), chunk_size=4
+        )
+        assert pool.pids == [pid]
+    assert res.results == [bytes(400_000)] * 4
+
+
 async def test_max_message_is_checked() -> None:
     with pytest.raises(ValueError, match="max_message must be a number of bytes"):
         ashard.Pool(1, max_message="huge")

@@ -108,7 +108,27 @@ class Reporter:
     def _send_result(self, seq: int, k0: int, values: list[Any], errors: list[Any], elapsed: Any,
                      final: bool, writes: list[tuple[int, str]] | None = None,
                      commits: list[Commit] | None = None) -> None:  # fmt: skip
-        """One RESULT message: `result`'s arguments, for one piece."""
+        """One RESULT message: `result`'s arguments, for one piece. Values too large
+        together for one message go in halves, so that only a value too large on its
+        own fails (not its neighbours in the chunk)."""
+        try:
+            payload = pack(values)
+        except BaseException:  # user pickling code: SystemExit is an outcome, not the end
+            values, errors = _drop_unpicklable(values, errors)
+            payload = pack(values)
+        self._learn(len(values), payload)
+        n = len(values)
+        if n > 1 and _in_message(payload) > self.max_frame:
+            half = n // 2
+            head_errors, errors = cut_entries(errors, half)
+            head_elapsed, elapsed = cut_elapsed(elapsed, half, n)
+            head_writes, writes = cut_entries(writes, half)
+            head_commits, commits = cut_entries(commits, half)
+            self._send_result(seq, k0, values[:half], head_errors, head_elapsed, False,
+                              head_writes, head_commits)  # fmt: skip
+            self._send_result(seq, k0 + half, values[half:], errors, elapsed, final, writes,
+                              commits)  # fmt: skip
+            return
         hygiene: tuple[Any, ...] | None = None
         if final and self.on_final is not None:
             hygiene = self.on_final(seq)
@@ -119,19 +139,12 @@ class Reporter:
         peak = 0
         if final and self.peak_from is not None:
             peak, self.peak_from = peak_growth(self.peak_from), None
-        try:
-            payload = pack(values)
-        except BaseException:  # user pickling code: SystemExit is an outcome, not the end
-            values, errors = _drop_unpicklable(values, errors)
-            payload = pack(values)
-        self._learn(len(values), payload)
         arrays: list[ArrayDesc] | None = None
         fds: list[int] = []
         if payload[1] and oob_bytes(payload) >= RESULT_SEGMENT_BYTES:
             values, arrays, fds = segment_results(values)
             if arrays:
                 payload = pack(values)
-        n = len(values)
         msg = (RESULT, seq, k0, n, payload, errors, elapsed, final, writes, rss, commits, arrays,
                peak, hygiene)  # fmt: skip
         parts = encode(msg)
@@ -158,6 +171,17 @@ class Reporter:
     def never_ran(self, seq: int) -> None:
         """Chunk `seq` ends before its first position ran: the parent queues it again."""
         self.result(seq, 0, [], [(0, INTERRUPTED, None)], None, True)
+
+
+def _in_message(payload: Payload) -> int:
+    """About the bytes `payload` adds to its message: what is not large enough to leave
+    through a segment of its own (`segment_results`)."""
+    size = memoryview(payload[0]).nbytes
+    for buffer in payload[1]:
+        nbytes = memoryview(buffer).nbytes
+        if nbytes < RESULT_SEGMENT_BYTES:
+            size += nbytes
+    return size
 
 
 def _too_large(
