@@ -17,6 +17,7 @@ import array
 import contextlib
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,9 @@ READ_BYTES = 128 << 10
 is read after the event loop had its turn."""
 WAKE_SECONDS = 0.25
 """How often an asyncio loop waiting on workers wakes, to serve what signals scheduled."""
+YIELD_SECONDS = 0.0005
+"""A reader whose messages are always there already (a fast worker) still lets the event
+loop have its turn this often: `receive` then yields before it reads."""
 
 
 class Channel:
@@ -54,6 +58,7 @@ class Channel:
         self._eof = False
         self._early: list[Any] = []  # messages read while a send was waiting
         self._backlog: list[Buffer] = []  # the rest of a `post` the socket did not take
+        self._yielded = 0.0  # time.monotonic() when `receive` last let the loop run
         self.broken = False
 
     def fileno(self) -> int:
@@ -129,10 +134,11 @@ class Channel:
         `wait_first` skips the read attempt that would only find the socket empty
         (right after sending a request, say).
         """
-        if self._early:
-            await anyio.lowlevel.checkpoint()  # what the last step left: after the loop's turn
-        elif wait_first:
+        if wait_first and not self._early:
             await self._wait_readable()
+        elif self._early or time.monotonic() - self._yielded >= YIELD_SECONDS:
+            await anyio.lowlevel.checkpoint()  # what the last step left: after the loop's turn
+            self._yielded = time.monotonic()
         while True:
             msgs = self.receive_nowait()
             if msgs:
@@ -144,9 +150,11 @@ class Channel:
         try:
             if not self._reader.partial:
                 await anyio.wait_readable(self._sock)
+                self._yielded = time.monotonic()
                 return
             with anyio.move_on_after(FRAME_STALL_SECONDS):
                 await anyio.wait_readable(self._sock)
+                self._yielded = time.monotonic()
                 return
         except (anyio.ClosedResourceError, OSError) as exc:
             raise ChannelClosed("worker channel closed") from exc
