@@ -106,12 +106,12 @@ AUTO_BUDGET_SHARE = 0.85
 """`mem_budget="auto"`: this share of the memory the process may still use."""
 ENCODE_INLINE_SECONDS = 0.002
 """Chunks that took longer than this to pickle are pickled off the event loop..."""
-STALL_SECONDS = 0.002
-"""A worker silent this long with single shards queued behind the one it runs, while
-the job has nothing left for an idle worker, is asked to give the queued ones back."""
 SLOW_ENCODES = 3
 """...once this many sends in a row did (the clock is the wall's: on a busy machine the
 OS pauses the caller for milliseconds at a time, and one paused send says nothing)."""
+STALL_SECONDS = 0.002
+"""A worker silent this long with single shards queued behind the one it runs, while
+the job has nothing left for an idle worker, is asked to give the queued ones back."""
 
 
 @dataclass(eq=False)
@@ -606,8 +606,9 @@ class Scheduler:
                 job.deliver(chunk, report, values, w.pid)
             if report.final:
                 lease.recalled.discard(chunk.seq)
-            done += report.n
-            run.delivered(report.n, time.monotonic() - t1)
+            if report.n:
+                done += report.n
+                run.delivered(report.n, time.monotonic() - t1)
             if report.errors:
                 timed_out += sum(1 for e in report.errors if e[1] == TIMEOUT)
             if report.final:

@@ -73,7 +73,7 @@ class Worker:
         self.jobs: dict[int, JobContext | LoadError] = {}
         self.hygiene: Hygiene | None = None  # made after init (`Pool(hygiene="off")`: none)
         self.tracing: Any = None  # a `WorkerTracing`, with `Pool(otel_setup=...)`
-        self.holding = False  # chunks are under way that answer first: CANCEL/UNCALL wait
+        self.holding = False  # chunks are under way that answer first: control orders wait
         self.held: list[_Control] = []
         self._batch = (0, "shard")  # the first position of the chunks running together
         self._read_at = 0.0  # time.monotonic() of the last read of the socket
