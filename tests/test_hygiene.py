@@ -181,3 +181,24 @@ async def test_stacks_still_answer_after_a_shard_took_the_dump_signal(tmp_path: 
             (tmp_path / "release").touch()
         ((_, text),) = stacks.values()
         assert text is not None and "shard_waiting_here" in text
+
+
+def test_a_child_is_named_by_its_command_even_as_its_exec_finishes() -> None:
+    import subprocess
+
+    from ashard._worker.hygiene import _command
+
+    for _ in range(200):  # Popen returns while exec still maps the arguments (~5 % of tries)
+        child = subprocess.Popen(["sleep", "30"])
+        try:
+            assert _command(child.pid) == "sleep 30"
+        finally:
+            child.kill()
+            child.wait()
+    zombie = subprocess.Popen(["true"])
+    try:
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        assert _command(zombie.pid) == "[true]"
+    finally:
+        zombie.wait()

@@ -25,6 +25,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -370,14 +371,29 @@ def _running(pid: int) -> bool:
     return state not in (b"Z", b"X", b"")
 
 
+COMMAND_TRIES = 20
+"""How many times a child's empty command line is read again, a millisecond apart.
+
+A child whose `exec` has closed its close-on-exec pipe (so `subprocess.Popen` returned)
+has no arguments mapped yet for a few microseconds; a zombie has none for good."""
+
+
 def _command(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            words = f.read().split(b"\0")
+    for _ in range(COMMAND_TRIES):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                words = f.read().split(b"\0")
+        except OSError:
+            return "?"
+        text = b" ".join(w for w in words if w).decode("utf-8", "replace")
+        if text:
+            return text[:60] + "..." if len(text) > 60 else text
+        time.sleep(0.001)
+    try:  # a zombie or a kernel thread: its name is all there is, bracketed as ps does
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return "[" + f.read().strip().decode("utf-8", "replace") + "]"
     except OSError:
         return "?"
-    text = b" ".join(w for w in words if w).decode("utf-8", "replace")
-    return text[:60] + "..." if len(text) > 60 else text
 
 
 def _signal_name(number: int) -> str:
