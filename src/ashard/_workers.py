@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 import signal
 import threading
@@ -332,9 +331,11 @@ class WorkerSet:
             self._waiters.append(waiter)
             # a paused idle worker may resume, or time out, on the monitor's thread:
             # look again every round of it
-            recheck = self.check_interval() if self._paused_idle() else math.inf
             try:
-                with anyio.move_on_after(recheck):
+                if self._paused_idle():
+                    with anyio.move_on_after(self.check_interval()):
+                        await waiter.event.wait()
+                else:  # no cancel scope: it costs about as much as the rest of the wait
                     await waiter.event.wait()
                 if not waiter.event.is_set():
                     self._waiters.remove(waiter)
