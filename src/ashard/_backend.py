@@ -128,7 +128,7 @@ class JobWork:
     results: SinkRef | None  # where results="table" / "disk" go (the call's outputs open)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)  # not frozen: a frozen init costs a call ~1 us
 class CallWork:
     """One `call`: ``fn(*args, **kwargs)`` on a worker, stopped past `timeout`; a run
     lost with its worker (or stopped) runs again up to `max_retries` times."""

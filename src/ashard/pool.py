@@ -34,6 +34,7 @@ from ashard._options import (
     takes_options,
 )
 from ashard._serialize import pickle_payload
+from ashard._tracing import call_trace
 from ashard.shards import Shards
 
 if TYPE_CHECKING:
@@ -418,8 +419,6 @@ class Pool:
         seconds = None if timeout is None else check_timeout("timeout", timeout)
         retries = check_count("max_retries", max_retries)
         backend = await self.backend()
-        from ashard._tracing import call_trace  # loaded with the supervisor by now
-
         trace = call_trace("call", **{"ashard.max_retries": retries})
         work = CallWork(fn, args, kwargs, seconds, retries, trace)
         if trace is None:
