@@ -83,6 +83,9 @@ class _Waiter:
     order: int = 0
 
 
+_NO_SCOPE = contextlib.nullcontext()
+
+
 class _WaitQueue:
     """The waiters, by tenant, each tenant's in the order they came: the fairest (the
     tenant with the fewest leases, then the one waiting longest) is found in time
@@ -331,11 +334,9 @@ class WorkerSet:
             self._waiters.append(waiter)
             # a paused idle worker may resume, or time out, on the monitor's thread:
             # look again every round of it
-            try:
-                if self._paused_idle():
-                    with anyio.move_on_after(self.check_interval()):
-                        await waiter.event.wait()
-                else:  # no cancel scope: it costs about as much as the rest of the wait
+            try:  # no cancel scope otherwise: it costs about as much as the rest of the wait
+                recheck = self._paused_idle()
+                with anyio.move_on_after(self.check_interval()) if recheck else _NO_SCOPE:
                     await waiter.event.wait()
                 if not waiter.event.is_set():
                     self._waiters.remove(waiter)
