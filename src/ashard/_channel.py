@@ -43,9 +43,11 @@ READ_BYTES = 128 << 10
 is read after the event loop had its turn."""
 WAKE_SECONDS = 0.25
 """How often an asyncio loop waiting on workers wakes, to serve what signals scheduled."""
-YIELD_SECONDS = 0.0005
+YIELD_SECONDS = 0.0002
 """A reader whose messages are always there already (a fast worker) still lets the event
-loop have its turn this often: `receive` then yields before it reads."""
+loop have its turn this often: `receive` then yields before it reads. The same as the
+budgets of decoding and delivering, so that one step of a job's drive (receive, deliver,
+send more) stays well under a millisecond."""
 
 
 class Channel:
@@ -58,7 +60,7 @@ class Channel:
         self._eof = False
         self._early: list[Any] = []  # messages read while a send was waiting
         self._backlog: list[Buffer] = []  # the rest of a `post` the socket did not take
-        self._yielded = 0.0  # time.monotonic() when `receive` last let the loop run
+        self._yielded = 0.0  # time.monotonic() when this reader last let the loop run
         self.broken = False
 
     def fileno(self) -> int:
@@ -137,13 +139,18 @@ class Channel:
         if wait_first and not self._early:
             await self._wait_readable()
         elif self._early or time.monotonic() - self._yielded >= YIELD_SECONDS:
-            await anyio.lowlevel.checkpoint()  # what the last step left: after the loop's turn
-            self._yielded = time.monotonic()
+            await self.checkpoint()  # what the last step left: after the loop's turn
         while True:
             msgs = self.receive_nowait()
             if msgs:
                 return msgs
             await self._wait_readable()
+
+    async def checkpoint(self) -> None:
+        """Let the event loop have its turn, as this channel's reader: the next
+        `receive` counts its time from here."""
+        await anyio.lowlevel.checkpoint()
+        self._yielded = time.monotonic()
 
     async def _wait_readable(self) -> None:
         ticker = _ticking()

@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 
 from ashard._backend import CallWork, Chunk, JobPort, JobWork
 from ashard._budget import Budget
@@ -415,7 +414,7 @@ class Scheduler:
                 started = True
                 while True:
                     if lease.pending:  # what the last step left: after the loop's turn
-                        await anyio.lowlevel.checkpoint()
+                        await w.channel.checkpoint()
                         self._handle(lease, DELIVER_SECONDS)
                     elif lease.inflight:
                         lease.pending.extend(await self._receive(lease))
