@@ -7,6 +7,7 @@ These drive `ashard._job.Job` the way a backend does (`take_chunk`, `deliver`,
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ import ashard
 from ashard._attempts import CRASHED, OK
 from ashard._backend import Chunk
 from ashard._consumers import StreamBuffer
-from ashard._job import Job
+from ashard._job import OLD_AT, Job
 from ashard._options import CallOptions
 from ashard._outcomes import Loss
 from ashard._protocol import INTERRUPTED, RAISED, Payload, Result
@@ -222,6 +223,32 @@ def test_map_reads_items_lazily_and_a_retried_item_keeps_its_value() -> None:
     job.worker_lost([chunk], KILLED, timed_out=False)
     retried = take_all(job)[:4]
     assert [c.items for c in retried] == [[f"item {i}"] for i in range(4)]
+
+
+def young(obj: object) -> bool:
+    """Is `obj` in one of the garbage collector's young generations?"""
+    return any(o is obj for generation in (0, 1) for o in gc.get_objects(generation))
+
+
+def test_a_long_results_list_is_old_so_young_collections_never_walk_its_slots() -> None:
+    layout = ashard.shards(OLD_AT + 10, block_size=1)
+    job = Job.of_shards(FN, CallOptions(chunk_size=1), layout, None, {}, {})
+    assert len(job.results) == OLD_AT + 10 and not young(job.results)
+
+    items = Job.of_items(FN, CallOptions(chunk_size=1000), iter(range(3 * OLD_AT)), {})
+    while len(items.results) < OLD_AT:  # a map's grows as its items are taken
+        assert items.take_chunk(0) is not None
+    assert not young(items.results)
+
+
+def test_a_long_results_list_is_left_alone_when_the_collector_is_off() -> None:
+    gc.disable()
+    try:
+        layout = ashard.shards(OLD_AT + 10, block_size=1)
+        job = Job.of_shards(FN, CallOptions(chunk_size=1), layout, None, {}, {})
+        assert young(job.results)  # no collection ran: the user turned them off
+    finally:
+        gc.enable()
 
 
 def test_a_stream_dispatches_no_more_than_max_pending_ahead() -> None:

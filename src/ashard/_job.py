@@ -29,6 +29,7 @@ tell of. A backend sees the job only as `ashard._backend.JobPort`.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import sys
 import time
@@ -82,6 +83,8 @@ if TYPE_CHECKING:
 _WHY = {CRASHED: "its worker died", TIMEOUT: "it ran past its timeout", RAISED: "fn raised"}
 _OUTCOMES = {RAISED: "error", TIMEOUT: "timeout", INTERRUPTED: "cancelled"}
 """A report's error kinds as attempt outcomes (`ashard._tracing`)."""
+OLD_AT = 1 << 14
+"""Slots from which a results list is moved out of the collector's young generations."""
 
 
 class Job(Changes):
@@ -121,7 +124,7 @@ class Job(Changes):
         # a stream hands values to its consumer and keeps none of them; a reduce
         # combines them
         keep = kind == SHARDS and stream is None and reducer is None
-        self.results: list[Any] = [None] * (total or 0) if keep else []
+        self.results: list[Any] = _slots(total or 0) if keep else []
         self._resolved = bytearray(total if kind == SHARDS and total else 0)
         self.n_resolved = 0
         self.runs: dict[int, int] = {}  # position -> its latest run, if past the first
@@ -180,7 +183,8 @@ class Job(Changes):
         value (or its stored file's ref) in `earlier`, its failure or its skip."""
         assert self.kind == SHARDS and self.stream is None and self.reducer is None
         assert isinstance(self.positions, ShardPositions) and self.total is not None
-        self.results = list(earlier)
+        self.results = _slots(0)
+        self.results.extend(earlier)
         self._resolved = bytearray(b"\x01") * self.total
         for pos in todo:
             self._resolved[pos] = 0
@@ -400,6 +404,8 @@ class Job(Changes):
                 self.notify()  # the end is known now
             if not count:
                 return None
+            if len(self.results) < OLD_AT <= len(self.results) + count:
+                _make_old(self.results)
             self.results.extend(repeat(None, count))
             self._resolved.extend(bytes(count))
         return Chunk(seq, first, count, None, items)
@@ -802,6 +808,29 @@ class Job(Changes):
     def unfinished(self) -> bytes:
         """A byte per position: 1 where it is resolved (`retry_failed` reruns the rest)."""
         return bytes(self._resolved)
+
+
+def _slots(n: int) -> list[Any]:
+    """A results list of `n` Nones, made old at once if it is long (`_make_old`)."""
+    if n < OLD_AT:
+        return [None] * n
+    results: list[Any] = []
+    _make_old(results)
+    results.extend(repeat(None, n))
+    return results
+
+
+def _make_old(results: list[Any]) -> None:
+    """Move `results` (still short) to the garbage collector's oldest generation.
+
+    A collection walks every slot of every list in the generations it collects. A
+    results list made young and grown to a million slots before the next young
+    collection (the job's own objects die as fast as they are made, so that can be a
+    long while) cost that collection 8-12 ms on the loop, each time; in the oldest
+    generation only a full collection walks it. A user who turned the collector off is
+    left alone."""
+    if gc.isenabled():
+        gc.collect(1)  # what survives generations 0 and 1 moves to the oldest
 
 
 def _pick(elapsed: Any, k: int) -> float:
