@@ -94,6 +94,11 @@ async def test_unpicklable_result_fails_that_shard_only() -> None:
         ({"workers": "2"}, TypeError, "workers must be a positive int"),
         ({"init": 3}, TypeError, "init must be callable"),
         ({"env": {"A": 1}}, TypeError, "env must map str to str"),
+        ({"worker_nice": -1}, ValueError, "worker_nice must be an int from 0 to 19, got -1"),
+        ({"worker_nice": 20}, ValueError, "worker_nice must be an int from 0 to 19, got 20"),
+        ({"worker_nice": True}, TypeError, "worker_nice must be an int from 0 to 19"),
+        ({"worker_nice": 2.5}, TypeError, "worker_nice must be an int from 0 to 19"),
+        ({"worker_nice": "10"}, TypeError, "worker_nice must be an int from 0 to 19"),
     ],
 )
 def test_pool_refuses_bad_arguments(

@@ -77,6 +77,20 @@ async def test_init_runs_once_per_worker_and_env_is_set() -> None:
         assert await pool.call(_read_env, "ASHARD_TEST_VAR") == "hello"
 
 
+async def test_workers_run_nicer_than_the_caller_every_thread_of_them() -> None:
+    caller = os.getpriority(os.PRIO_PROCESS, 0)
+    with anyio.fail_after(60):
+        async with ashard.Pool(1, init=workloads.start_idle_thread) as pool:
+            default = await pool.call(workloads.thread_nices)
+        async with ashard.Pool(1, worker_nice=3, mem_cap="4GB") as pool:
+            three = await pool.call(workloads.thread_nices)  # and the memory watcher
+        async with ashard.Pool(1, worker_nice=0) as pool:
+            same = await pool.call(workloads.thread_nices)
+    assert len(default) >= 2 and set(default) == {min(caller + 10, 19)}
+    assert len(three) >= 2 and set(three) == {min(caller + 3, 19)}
+    assert set(same) == {caller}
+
+
 def _broken_init() -> None:
     raise RuntimeError("cannot initialise")
 

@@ -66,6 +66,7 @@ class WorkerConfig:
     hygiene: str = "check"  # what the worker puts back after each task (`Pool(hygiene=)`)
     otel_setup: str | None = None  # installs the worker's tracer provider (`Pool(otel_setup=)`)
     worker_loop: str = "asyncio"  # where `async def` shards run (`Pool(worker_loop=)`)
+    nice: int = 0  # niceness steps below the parent's (`Pool(worker_nice=)`)
 
 
 class WorkerHandle:
@@ -129,7 +130,7 @@ class WorkerHandle:
             with anyio.fail_after(START_TIMEOUT):
                 hello = (HELLO, list(sys.path), config.init, config.max_frame,
                          config.memory_limit, _mp_authkey(), config.hygiene,
-                         config.otel_setup, config.worker_loop)  # fmt: skip
+                         config.otel_setup, config.worker_loop, config.nice)  # fmt: skip
                 await self.channel.send(encode(hello))
                 reply = (await self.channel.receive())[0]
         except ProtocolViolation as exc:

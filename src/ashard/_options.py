@@ -48,6 +48,7 @@ __all__ = [
     "check_size",
     "check_timeout",
     "check_worker_loop",
+    "check_worker_nice",
     "health_policy",
     "resolve_shards",
     "takes_options",
@@ -518,6 +519,21 @@ def check_worker_loop(value: object) -> str:
             f"(pip install {loop}), or use worker_loop='asyncio'"
         )
     return str(loop)
+
+
+MAX_NICE = 19
+"""The lowest priority a process can have (Linux and macOS)."""
+
+
+def check_worker_nice(value: object) -> int:
+    """`worker_nice`: how many steps of niceness the workers run below the caller, 0 to
+    `MAX_NICE` (more priority than the caller would take privileges)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"worker_nice must be an int from 0 to {MAX_NICE}, got {_show(value)}")
+    nice = int(value)
+    if not 0 <= nice <= MAX_NICE:
+        raise ValueError(f"worker_nice must be an int from 0 to {MAX_NICE}, got {nice}")
+    return nice
 
 
 def check_env(env: object) -> dict[str, str]:

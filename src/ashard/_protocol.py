@@ -380,6 +380,7 @@ class Hello(NamedTuple):
     hygiene: str = "check"  # "check" | "recycle" | "off" (`ashard._worker.hygiene`)
     otel_setup: str | None = None  # "pkg.module:function" installing a tracer provider
     worker_loop: str = "asyncio"  # the loop async shards run on: "asyncio" | "uvloop" | "trio"
+    nice: int = 0  # steps of niceness to add to what the worker inherited from its parent
 
 
 class RegisterJob(NamedTuple):

@@ -30,6 +30,7 @@ from ashard._options import (
     check_size,
     check_timeout,
     check_worker_loop,
+    check_worker_nice,
     health_policy,
     takes_options,
 )
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Pool"]
 
+WORKER_NICE = 10
+"""Steps of niceness workers run below the caller by default (`Pool(worker_nice=)`)."""
 _atexit_registered = False
 
 
@@ -67,6 +70,7 @@ def _open_backend(
     keep_borrowed: bool = True,
     otel_setup: str | None = None,
     worker_loop: str = "asyncio",
+    worker_nice: int = 0,
 ) -> Backend:
     """The backend of a pool (chosen here, where the pool is made, so that the seam
     imports neither of them): worker processes on this machine, or (`cluster`, a Dask
@@ -84,6 +88,7 @@ def _open_backend(
         hygiene=policy.hygiene,
         otel_setup=otel_setup,
         worker_loop=worker_loop,
+        nice=worker_nice,
     )
     if cluster is None:
         from ashard._scheduler import Scheduler  # the supervisor
@@ -158,6 +163,12 @@ class Pool:
     "asyncio" (default), "uvloop" or "trio"; a call's `shard_concurrency` says how many
     of a worker's shards run on it at once.
 
+    Workers run `worker_nice` steps of niceness below the caller (default 10, as the
+    `nice` command; Ray's workers run at 15): when the machine's CPUs are all busy, the
+    kernel lets the caller's event loop run first, so that the loop stays responsive and
+    the caller, which feeds every worker, is not the bottleneck. Nice values count among
+    the processes of one session or container; 0 runs workers at the caller's priority.
+
     Nothing a worker sends is trusted: a message larger than `max_message` (or that
     is not a valid one) breaks that worker — it is killed and replaced, its shards run
     again — and a result too large to send fails its shard, saying so.
@@ -187,6 +198,7 @@ class Pool:
         hygiene: Literal["check", "recycle", "off"] = "check",
         otel_setup: str | None = None,
         worker_loop: Literal["asyncio", "uvloop", "trio"] = "asyncio",
+        worker_nice: int = WORKER_NICE,
     ) -> None:
         per_node = check_positive_int("workers", workers, allow_none=True)
         size = per_node or os.cpu_count() or 1
@@ -208,12 +220,13 @@ class Pool:
         max_frame = check_size("max_message", max_message)
         setup = check_entry_point("otel_setup", otel_setup)
         loop = check_worker_loop(worker_loop)
+        nice = check_worker_nice(worker_nice)
         if type(keep_borrowed) is not bool:
             raise TypeError(f"keep_borrowed must be True or False, got {keep_borrowed!r}")
         # What the backend is made of; it is made on first use, so that making a Pool
         # (and touching `ashard.Pool`) imports no supervisor on the caller's loop.
         self._recipe = (size, per_node, check_env(env), init_payload, max_frame, policy, cluster,
-                        keep_borrowed, setup, loop)  # fmt: skip
+                        keep_borrowed, setup, loop, nice)  # fmt: skip
         self._made: Backend | None = None
         self._warm = min_workers  # what entering starts (None: every worker)
         self._closed_unmade = False

@@ -45,11 +45,29 @@ def set_up(parent_pid: int) -> StdioGuard:
 
 def configure(hello: Hello) -> None:
     """Take what HELLO asks of the process (the job of `init` is the loop's)."""
+    _renice(hello.nice)  # first: the threads started from here on inherit it
     sys.path[:] = hello.sys_path
     if hello.authkey is not None:
         _share_mp_authkey(hello.authkey)
     if hello.memory_limit is not None:
         _watch_memory(hello.memory_limit)
+
+
+def _renice(by: int) -> None:
+    """Run `by` steps of niceness below the parent (whose value the worker inherited),
+    every thread of it: Linux keeps a nice value per thread."""
+    if by <= 0:
+        return
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:  # not Linux: the value is the process's
+        threads = [0]
+    for tid in threads:
+        try:
+            now = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(now + by, 19))
+        except OSError:  # a thread that just ended
+            pass
 
 
 def _die_with_parent(parent_pid: int) -> None:
