@@ -288,6 +288,22 @@ async def test_large_arrays_copied_by_several_threads_arrive_intact(layout: str)
     assert res.results == [weighted_sum(None, np.ascontiguousarray(array))]  # type: ignore[arg-type]
 
 
+def test_the_copy_threads_run_nicer_than_the_caller() -> None:
+    import threading
+
+    from ashard._shm import COPY_NICE, PARALLEL_COPY_BYTES, copy_into_segment
+
+    caller = os.getpriority(os.PRIO_PROCESS, 0)
+    segment = copy_into_segment(np.ones(PARALLEL_COPY_BYTES // 8, dtype=np.float64))
+    segment.close()
+    copiers = [t.native_id for t in threading.enumerate() if t.name.startswith("ashard-copy")]
+    assert copiers
+    assert {os.getpriority(os.PRIO_PROCESS, tid) for tid in copiers if tid} == {
+        min(caller + COPY_NICE, 19)
+    }
+    assert os.getpriority(os.PRIO_PROCESS, 0) == caller  # the caller's own thread is as it was
+
+
 async def test_replacement_worker_gets_the_shared_inputs() -> None:
     X = np.arange(1000, dtype=np.int64)
     res = await ashard.shard_map(

@@ -188,6 +188,10 @@ _COPY_CHUNK_BYTES = 16 << 20
 COPY_THREADS = 8
 """Threads for a large copy, even on few cores: the work is waiting on page faults
 (on a VM, the host's as well), and more of them in flight finish sooner."""
+COPY_NICE = 10
+"""Steps of niceness the copy threads run below the caller's threads, as the workers
+do by default (`Pool(worker_nice=)`): eight of them busy would otherwise keep the
+caller's event loop waiting for a CPU."""
 _copier: ThreadPoolExecutor | None = None
 
 
@@ -252,10 +256,25 @@ def _by_rows(array: np.ndarray[Any, Any], work: Callable[[int, int], Any]) -> It
     global _copier
     if _copier is None:
         threads = min(16, max(COPY_THREADS, os.cpu_count() or 1))
-        _copier = ThreadPoolExecutor(threads, thread_name_prefix="ashard-copy")
+        _copier = ThreadPoolExecutor(
+            threads, thread_name_prefix="ashard-copy", initializer=_lower_priority
+        )
     rows = array.shape[0]
     step = max(1, rows * _COPY_CHUNK_BYTES // max(array.nbytes, 1))
     return _copier.map(lambda lo: work(lo, min(lo + step, rows)), range(0, rows, step))
+
+
+def _lower_priority() -> None:
+    """Run this thread `COPY_NICE` steps nicer (Linux keeps a nice value per thread;
+    elsewhere a thread's id is not something to renice)."""
+    if not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(now + COPY_NICE, 19))
+    except OSError:  # not allowed here: the copy runs as it is
+        pass
 
 
 _NEEDED_SEALS = 2 | 4  # F_SEAL_SHRINK | F_SEAL_GROW: the size cannot change under us
