@@ -28,6 +28,7 @@ from typing import Any, Literal, TypedDict, TypeVar, cast, get_args, get_type_hi
 
 from ashard._asyncfn import is_async_fn
 from ashard._health import HealthPolicy
+from ashard._priority import MAX_NICE
 from ashard._rules import OnError, RetryErrors, check_on_error, check_retry_errors
 from ashard.shards import Shards, shards
 
@@ -519,10 +520,6 @@ def check_worker_loop(value: object) -> str:
             f"(pip install {loop}), or use worker_loop='asyncio'"
         )
     return str(loop)
-
-
-MAX_NICE = 19
-"""The lowest priority a process can have (Linux and macOS)."""
 
 
 def check_worker_nice(value: object) -> int:

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from ashard._fds import above_stdio
+from ashard._priority import lower
 
 if TYPE_CHECKING:
     import numpy as np
@@ -269,12 +270,7 @@ def _lower_priority() -> None:
     elsewhere a thread's id is not something to renice)."""
     if not sys.platform.startswith("linux"):
         return
-    tid = threading.get_native_id()
-    try:
-        now = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(now + COPY_NICE, 19))
-    except OSError:  # not allowed here: the copy runs as it is
-        pass
+    lower(threading.get_native_id(), COPY_NICE)
 
 
 _NEEDED_SEALS = 2 | 4  # F_SEAL_SHRINK | F_SEAL_GROW: the size cannot change under us

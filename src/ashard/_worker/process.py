@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from ashard._fds import StdioGuard
+from ashard._priority import lower
 from ashard._protocol import DUMP_SIGNAL, EXIT_OVER_MEMORY, Hello
 
 __all__ = [
@@ -63,11 +64,7 @@ def _renice(by: int) -> None:
     except OSError:  # not Linux: the value is the process's
         threads = [0]
     for tid in threads:
-        try:
-            now = os.getpriority(os.PRIO_PROCESS, tid)
-            os.setpriority(os.PRIO_PROCESS, tid, min(now + by, 19))
-        except OSError:  # a thread that just ended
-            pass
+        lower(tid, by)
 
 
 def _die_with_parent(parent_pid: int) -> None:
