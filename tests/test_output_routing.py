@@ -12,6 +12,7 @@ import functools
 import io
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -65,6 +66,27 @@ async def test_redirect_stdout_captures_every_kind_of_worker_output() -> None:
     assert _lines([out.getvalue()], "T") == _expected("T", ("py", "raw", "c"), 6)
     assert _lines([err.getvalue()], "T") == _expected("T", ("err",), 6)
     assert _lines([out.getvalue()], "C") == _expected("C", ("py", "raw", "c"), 1)
+
+
+async def test_a_long_jobs_output_is_written_while_it_runs(tmp_path: Path) -> None:
+    seen = anyio.Event()
+
+    class Watched(io.StringIO):
+        def write(self, text: str) -> int:
+            written = super().write(text)
+            if "still running" in self.getvalue():
+                seen.set()
+            return written
+
+    out = Watched()
+    flag = str(tmp_path / "go on")
+    fn = functools.partial(workloads.print_then_wait, flag=flag, line="still running")
+    with anyio.fail_after(30), contextlib.redirect_stdout(out):  # the shard waits 300 s
+        async with ashard.Pool(1) as pool, anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(pool.shard_map, 1, fn))
+            await seen.wait()  # written while the shard waits for the flag
+            Path(flag).touch()
+    assert out.getvalue().count("still running") == 1
 
 
 async def test_two_concurrent_calls_keep_their_lines_in_their_own_context() -> None:

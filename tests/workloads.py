@@ -1315,3 +1315,12 @@ def start_idle_thread() -> None:
     import threading
 
     threading.Thread(target=threading.Event().wait, daemon=True).start()
+
+
+def print_then_wait(shard: Shard, flag: str, line: str) -> int:
+    """Print `line` (raw, to fd 1), then wait until file `flag` exists (300 s at most)."""
+    os.write(1, f"{line}\n".encode())
+    end = time.monotonic() + 300
+    while not os.path.exists(flag) and time.monotonic() < end:
+        time.sleep(0.01)
+    return shard.id

@@ -101,6 +101,10 @@ DELIVER_SECONDS = 0.0002
 """Time one step of a drive spends delivering what a worker reported, at most: the rest
 is delivered after the event loop had its turn. Each worker's drive takes such a step in
 the same turn of the loop, so this is well under the millisecond a turn may take."""
+PUMP_AFTER_SECONDS = 0.05
+"""A job's worker output is written as it comes once the job has run this long on the
+worker; before, at the end or then. Most jobs end sooner, and the tasks that pump it
+would cost a short job a quarter of its time on the loop."""
 AUTO_BUDGET_SHARE = 0.85
 """`mem_budget="auto"`: this share of the memory the process may still use."""
 ENCODE_INLINE_SECONDS = 0.002
@@ -406,19 +410,24 @@ class Scheduler:
         started = False
         lost: Exception | None = None  # why the worker is lost: it died, hung or misbehaved
         pump = anyio.CancelScope()  # writes the worker's output as it comes, for this job
-        tg.start_soon(pump_output, w, pump)
+        pump_at: float | None = time.monotonic() + PUMP_AFTER_SECONDS  # None: it pumps
         try:
             try:
                 await self._fill(lease)
                 task_status.started()
                 started = True
                 while True:
+                    if pump_at is not None and time.monotonic() >= pump_at:
+                        tg.start_soon(pump_output, w, pump)
+                        pump_at = None
                     if lease.pending:  # what the last step left: after the loop's turn
                         await w.channel.checkpoint()
                         self._handle(lease, DELIVER_SECONDS)
                     elif lease.inflight:
-                        lease.pending.extend(await self._receive(lease))
-                        self._handle(lease, DELIVER_SECONDS)
+                        reports = await self._receive(lease, pump_at)
+                        if reports:  # else woken to start the pump
+                            lease.pending.extend(reports)
+                            self._handle(lease, DELIVER_SECONDS)
                     if not self.workers.should_yield(job):
                         await self._fill(lease)
                     if not lease.inflight:
@@ -429,7 +438,8 @@ class Scheduler:
             self._leases.pop(w, None)
             if not started:
                 task_status.started()
-            pump.cancel()
+            if pump_at is None:
+                pump.cancel()
             if run.budget is not None:
                 run.budget.put_down(lease)
             with anyio.CancelScope(shield=True):
@@ -565,9 +575,12 @@ class Scheduler:
             run.encode_in_thread = run.slow_encodes >= SLOW_ENCODES
         return encoded
 
-    async def _receive(self, lease: _Lease) -> list[Report]:
+    async def _receive(self, lease: _Lease, wake: float | None = None) -> list[Report]:
+        """What the lease's worker reports next; none if `wake` (monotonic) came first."""
         timeout = lease.run.work.opts.timeout
         until = None if timeout is None else lease.last_heard + timeout + KILL_GRACE
+        if wake is not None and (until is None or wake < until):
+            return await receive_until(lease.worker, wake) or []
         reports = await receive_until(lease.worker, until)
         if reports is None:
             raise Hung
