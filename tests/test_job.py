@@ -241,14 +241,20 @@ def test_a_long_results_list_is_old_so_young_collections_never_walk_its_slots() 
     assert not young(items.results)
 
 
-def test_a_long_results_list_is_left_alone_when_the_collector_is_off() -> None:
-    gc.disable()
+@pytest.mark.parametrize("how", ["disable", "threshold 0"])
+def test_a_long_results_list_is_left_alone_when_the_collector_is_off(how: str) -> None:
+    thresholds = gc.get_threshold()
+    if how == "disable":
+        gc.disable()
+    else:
+        gc.set_threshold(0)
     try:
         layout = ashard.shards(OLD_AT + 10, block_size=1)
         job = Job.of_shards(FN, CallOptions(chunk_size=1), layout, None, {}, {})
         assert young(job.results)  # no collection ran: the user turned them off
     finally:
         gc.enable()
+        gc.set_threshold(*thresholds)
 
 
 def test_a_stream_dispatches_no_more_than_max_pending_ahead() -> None:

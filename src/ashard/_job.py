@@ -827,9 +827,10 @@ def _make_old(results: list[Any]) -> None:
     results list made young and grown to a million slots before the next young
     collection (the job's own objects die as fast as they are made, so that can be a
     long while) cost that collection 8-12 ms on the loop, each time; in the oldest
-    generation only a full collection walks it. A user who turned the collector off is
-    left alone."""
-    if gc.isenabled():
+    generation only a full collection walks it. A user who turned the collector off
+    (`gc.disable()`, or a threshold of 0) is left alone: the young generations may then
+    hold any number of objects, and nothing walks the list anyway."""
+    if gc.isenabled() and gc.get_threshold()[0] > 0:
         gc.collect(1)  # what survives generations 0 and 1 moves to the oldest
 
 
