@@ -280,6 +280,31 @@ def test_a_marker_read_alone_still_starts_its_calls_output() -> None:
         output.close()
 
 
+def test_calls_that_print_nothing_leave_only_their_markers_and_hand_on_the_rest() -> None:
+    """A read that is exactly one marker (the call before printed nothing) starts the
+    next call's output all the same, on stdout and stderr alike."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    with os.fdopen(out_r, "rb") as stdout, os.fdopen(err_r, "rb") as stderr:
+        output = WorkerOutput(stdout, stderr)
+        for fd in (out_w, err_w):
+            os.write(fd, marker(2))
+        assert output.take(1) == []
+        for fd in (out_w, err_w):
+            os.write(fd, marker(3))
+        assert output.take(2) == []
+        os.write(out_w, b"three says\n")
+        os.write(err_w, b"three warns\n")
+        for fd in (out_w, err_w):
+            os.write(fd, marker(4))
+        assert output.take(3) == [("stdout", b"three says\n"), ("stderr", b"three warns\n")]
+        os.write(out_w, b"four\n")
+        assert output.take(4) == [("stdout", b"four\n")]
+        os.close(out_w)
+        os.close(err_w)
+        output.close()
+
+
 async def test_a_queued_calls_timeout_counts_from_its_own_start(queue_anything: None) -> None:
     with anyio.fail_after(60):
         async with ashard.Pool(1) as pool:

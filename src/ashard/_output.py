@@ -30,6 +30,7 @@ _READ = 1 << 16
 _MARK = b"\x00ashard-call:" + os.urandom(12)
 """The start of every call marker: random per parent process, so no output can fake one."""
 _SEQ = 8
+_MARKER_SIZE = len(_MARK) + _SEQ
 _MAX_PARTIAL = 1 << 20
 """A line longer than this is written in pieces rather than held back."""
 
@@ -58,12 +59,14 @@ class WorkerOutput:
         taken: list[tuple[str, bytes]] = []
         if self.closed:
             return taken
-        ready = self._poll.poll(0)  # one system call when the pipes are empty
+        readable = [fd for fd, _ in self._poll.poll(0)]  # one system call when empty
         for i, fd in enumerate(self.fds):
             held = self._held[i]
-            if self._partial[i] or any(fd == r for r, _ in ready):
-                data = self._partial[i] + self._read_all(i, fd)
-                self._partial[i] = b""
+            partial = self._partial[i]
+            if partial or fd in readable:
+                data = self._read_all(i, fd)
+                if partial:
+                    data, self._partial[i] = partial + data, b""
                 if data:
                     _split(data, held)
             if not held:
@@ -143,6 +146,9 @@ def _split(data: bytes, held: list[tuple[int | None, bytes]]) -> None:
     """Append `data` to `held` as pieces owned by calls: what comes before a marker
     belongs to the owner of the last piece (None: the oldest unanswered call). A marker
     always starts a piece, empty or not: what comes after it later is that call's."""
+    if len(data) == _MARKER_SIZE and data.startswith(_MARK):  # a call that wrote nothing
+        held.append((int.from_bytes(data[-_SEQ:], "little", signed=True), b""))
+        return
     owner = held[-1][0] if held else None
     start = 0
     while (at := data.find(_MARK, start)) >= 0 and at + len(_MARK) + _SEQ <= len(data):
