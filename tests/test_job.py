@@ -235,6 +235,9 @@ def test_a_long_results_list_is_old_so_young_collections_never_walk_its_slots() 
     job = Job.of_shards(FN, CallOptions(chunk_size=1), layout, None, {}, {})
     assert len(job.results) == OLD_AT + 10 and not young(job.results)
 
+    job.resume([0], [1] * (OLD_AT + 10), {}, {})  # retry_failed: a list of its own
+    assert job.results[1] == 1 and not young(job.results)
+
     items = Job.of_items(FN, CallOptions(chunk_size=1000), iter(range(3 * OLD_AT)), {})
     while len(items.results) < OLD_AT:  # a map's grows as its items are taken
         assert items.take_chunk(0) is not None

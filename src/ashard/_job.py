@@ -183,8 +183,7 @@ class Job(Changes):
         value (or its stored file's ref) in `earlier`, its failure or its skip."""
         assert self.kind == SHARDS and self.stream is None and self.reducer is None
         assert isinstance(self.positions, ShardPositions) and self.total is not None
-        self.results = _slots(0)
-        self.results.extend(earlier)
+        self.results = _slots(self.total, earlier)
         self._resolved = bytearray(b"\x01") * self.total
         for pos in todo:
             self._resolved[pos] = 0
@@ -810,13 +809,14 @@ class Job(Changes):
         return bytes(self._resolved)
 
 
-def _slots(n: int) -> list[Any]:
-    """A results list of `n` Nones, made old at once if it is long (`_make_old`)."""
+def _slots(n: int, values: Iterable[Any] | None = None) -> list[Any]:
+    """A results list of `n` slots (`values`, else Nones), made old before it is filled
+    if it is long (`_make_old`)."""
     if n < OLD_AT:
-        return [None] * n
+        return [None] * n if values is None else list(values)
     results: list[Any] = []
     _make_old(results)
-    results.extend(repeat(None, n))
+    results.extend(repeat(None, n) if values is None else values)
     return results
 
 
