@@ -10,7 +10,6 @@ its worker last said something about its chunk.
 
 from __future__ import annotations
 
-import html
 import socket
 from array import array
 from collections.abc import Mapping
@@ -142,6 +141,7 @@ def timeline_svg(
     """Workers x time as self-contained HTML with an SVG inside: a box per run, colored
     by outcome (a retry outlined), a cross where a worker crashed or was killed, and
     how each worker ended at the end of its lane."""
+    import html  # only for a picture: not on the supervisor's import path
 
     pids = sorted(set(log.pids) | set(ended))
     lane, width, left, top = 22, 900, 90, 40

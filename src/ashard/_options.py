@@ -16,7 +16,6 @@ expanded signature (with the record's defaults) onto the function for `help()` a
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import numbers
@@ -467,6 +466,7 @@ def _name_of(fn: Callable[..., Any]) -> str:
 
 
 def _nearest(name: str, names: list[str]) -> str:
+    import difflib  # for a bad argument's message only
 
     close = difflib.get_close_matches(name, names, n=1)
     return f": did you mean {close[0]!r}?" if close else ""

@@ -7,7 +7,6 @@ are kept to what the engine needs.)"""
 
 from __future__ import annotations
 
-import html
 import sys
 import time
 from typing import Any
@@ -76,6 +75,8 @@ class Progress:
 
     def _bundle(self) -> dict[str, str]:
         """The notebook display: an HTML bar with the line beside it, and the line."""
+        import html  # in a notebook only
+
         line = self.line()
         value = f' value="{self.done}" max="{self.total}"' if self.total else ""
         bar = f'<progress{value} style="width:16em;vertical-align:middle"></progress>'

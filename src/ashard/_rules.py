@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import math
 import numbers
-import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ashard._protocol import RAISED
 from ashard.errors import ShardError, ShardTimeout, WorkerCrashed
+
+if TYPE_CHECKING:
+    import random
 
 __all__ = [
     "Backoff",
@@ -225,7 +227,7 @@ class ErrorRules:
         """No rule and no filter: a decision needs no exception (the common case)."""
         self._charged: dict[int, int] = {}  # position -> failures against max_retries
         self._by_rule: dict[tuple[int, int], int] = {}  # (position, rule) -> its retries
-        self._rng = random.Random()
+        self._rng: random.Random | None = None  # a backoff's jitter, made when first needed
 
     def decide(self, pos: int, kind: int, error: ShardError | None) -> Decision:
         """What follows a failed run of `pos`: `kind` RAISED, TIMEOUT or CRASHED;
@@ -255,6 +257,10 @@ class ErrorRules:
         if done >= rule.attempts:
             return Decision(FAIL, "raise")
         self._by_rule[(pos, index)] = done + 1
+        if self._rng is None:
+            import random  # a rule that retries: not on the supervisor's import path
+
+            self._rng = random.Random()
         return Decision(RETRY, "retry", rule.delay(done + 1, self._rng), done + 1, rule.attempts)
 
     def _retries_user_error(self, error: ShardError | None) -> bool:

@@ -3,7 +3,6 @@ depend on worker count, chunking, scheduling or retries."""
 
 from __future__ import annotations
 
-import random
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,6 +18,8 @@ def shard_rng(seed: int, shard_id: int) -> np.random.Generator:
 
 def seed_globals(seed: int, shard_id: int) -> None:
     """Seed `random` and the legacy `numpy.random` state for one shard."""
+    import random
+
     import numpy as np  # numpy on first use: a worker and `import ashard` start without it
 
     py_seq, np_seq = np.random.SeedSequence([seed, shard_id, 1]).spawn(2)
