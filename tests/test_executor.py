@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -186,6 +187,19 @@ def test_what_the_standard_librarys_own_tests_expect() -> None:
             event = manager.Event()
             assert ex.submit(workloads.set_event, event).result(timeout=60) is True
             assert event.is_set()
+
+
+def test_a_result_handed_over_is_held_by_nothing_while_the_next_runs(tmp_path: Path) -> None:
+    gate = str(tmp_path / "gate")
+    with ashard.Executor(1) as ex:
+        results = ex.map(workloads.payload_past_gate, range(2), [gate] * 2)
+        first = next(results)
+        ref = weakref.ref(first)
+        del first
+        gc.collect()
+        assert ref() is None  # item 1 still runs: nothing waiting for it holds item 0
+        open(gate, "w").close()
+        assert next(results).n == 1
 
 
 def test_initializer_and_a_failing_one() -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
+from pathlib import Path
 
 import anyio
 import pytest
@@ -44,6 +47,25 @@ async def test_done_records_describe_the_shard() -> None:
             assert d.worker in pool.pids
             assert d.elapsed >= 0
             assert d.shard.items == d.value
+
+
+async def test_a_value_let_go_is_held_by_nothing_while_the_next_shard_runs(
+    tmp_path: Path,
+) -> None:
+    gate = str(tmp_path / "gate")
+    with anyio.fail_after(60):
+        async with ashard.shard_stream(
+            ashard.shards(2, block_size=1), workloads.shard_payload_past_gate, workers=1,
+            ordered=True, borrow={"gate": gate},
+        ) as s:  # fmt: skip
+            it = aiter(s)
+            first = await anext(it)
+            ref = weakref.ref(first.value)
+            del first
+            gc.collect()
+            assert ref() is None  # shard 1 still runs: nothing waiting for it holds shard 0's
+            open(gate, "w").close()
+            assert (await anext(it)).value.n == 1
 
 
 async def test_slow_consumer_holds_at_most_max_pending() -> None:

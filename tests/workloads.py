@@ -810,6 +810,18 @@ def make_payload(n: int) -> Payload:
     return Payload(n)
 
 
+def payload_past_gate(n: int, gate: str) -> Payload:
+    """`Payload(n)` at once for 0; the others once the file `gate` exists."""
+    deadline = time.monotonic() + 60
+    while n and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return Payload(n)
+
+
+def shard_payload_past_gate(shard: Shard, gate: str) -> Payload:
+    return payload_past_gate(shard.id, gate)
+
+
 def megabyte_value(shard: Shard) -> bytes:
     """A 1 MB value, quickly."""
     return bytes([shard.id % 256]) * 1_000_000

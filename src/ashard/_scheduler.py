@@ -423,11 +423,8 @@ class Scheduler:
                     if lease.pending:  # what the last step left: after the loop's turn
                         await w.channel.checkpoint()
                         self._handle(lease, DELIVER_SECONDS)
-                    elif lease.inflight:
-                        reports = await self._receive(lease, pump_at)
-                        if reports:  # else woken to start the pump
-                            lease.pending.extend(reports)
-                            self._handle(lease, DELIVER_SECONDS)
+                    elif lease.inflight and await self._receive(lease, pump_at):
+                        self._handle(lease, DELIVER_SECONDS)  # (False: woken for the pump)
                     if not self.workers.should_yield(job):
                         await self._fill(lease)
                     if not lease.inflight:
@@ -575,16 +572,22 @@ class Scheduler:
             run.encode_in_thread = run.slow_encodes >= SLOW_ENCODES
         return encoded
 
-    async def _receive(self, lease: _Lease, wake: float | None = None) -> list[Report]:
-        """What the lease's worker reports next; none if `wake` (monotonic) came first."""
+    async def _receive(self, lease: _Lease, wake: float | None = None) -> bool:
+        """Add what the lease's worker reports next to its pending reports; False if
+        `wake` (monotonic) came first. No frame here keeps the reports (their values):
+        once delivered and handed on, the caller alone holds them."""
         timeout = lease.run.work.opts.timeout
         until = None if timeout is None else lease.last_heard + timeout + KILL_GRACE
         if wake is not None and (until is None or wake < until):
-            return await receive_until(lease.worker, wake) or []
-        reports = await receive_until(lease.worker, until)
-        if reports is None:
-            raise Hung
-        return reports
+            reports = await receive_until(lease.worker, wake)
+        else:
+            reports = await receive_until(lease.worker, until)
+            if reports is None:
+                raise Hung
+        if not reports:
+            return False
+        lease.pending.extend(reports)
+        return True
 
     def _handle(self, lease: _Lease, budget: float | None = None) -> None:
         """Deliver the lease's pending reports: for about `budget` seconds at most (the
