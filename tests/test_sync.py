@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import textwrap
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,3 +174,21 @@ def test_sync_from_ashards_own_loop_is_refused_not_a_deadlock() -> None:
     with pytest.raises(RuntimeError, match="own event loop thread"):
         ashard.sync.shard_reduce(ashard.shards(3, block_size=1), workloads.shard_sum, combine)
     assert ashard.sync.call(abs, -2) == 2  # the pool goes on
+
+
+def test_a_streamed_value_let_go_is_held_by_nothing_while_the_next_shard_runs(
+    tmp_path: Path,
+) -> None:
+    gate = str(tmp_path / "gate")
+    with ashard.sync.shard_stream(
+        ashard.shards(2, block_size=1), workloads.shard_payload_past_gate, workers=1,
+        ordered=True, borrow={"gate": gate},
+    ) as stream:  # fmt: skip
+        dones = iter(stream)
+        first = next(dones)
+        ref = weakref.ref(first.value)
+        del first
+        gc.collect()
+        assert ref() is None  # shard 1 still runs: nothing waiting for it holds shard 0's
+        open(gate, "w").close()
+        assert next(dones).value.n == 1

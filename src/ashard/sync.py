@@ -257,6 +257,7 @@ class ShardStream:
                         self._queue.put(("error", exc))
                         break
                     self._queue.put(("item", done))
+                    del done  # the consumer alone holds what it was given
         except BaseException as exc:
             if not entered or not self._closing:
                 self._queue.put(("error", exc))
