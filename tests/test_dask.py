@@ -6,9 +6,11 @@ Dask worker or needs a broken one."""
 from __future__ import annotations
 
 import functools
+import gc
 import operator
 import os
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -289,6 +291,25 @@ async def test_stream_early_exit_and_cancellation_stop_running_shards(
         assert await pool.call(workloads.square, 5) == 25
         await anyio.sleep(max(0.0, t0 + 5.5 - time.monotonic()))  # past the 5 s sleep
         assert not [p for p in tmp_path.iterdir() if p.name.startswith("done-")]
+
+
+async def test_a_streamed_value_let_go_is_held_by_nothing_while_the_next_shard_runs(
+    dask_cluster: Any, tmp_path: Path
+) -> None:
+    gate = str(tmp_path / "gate")  # the cluster's nodes are on this machine
+    with anyio.fail_after(60):
+        async with ashard.Pool(cluster=dask_cluster) as pool, pool.shard_stream(
+            ashard.shards(2, block_size=1), workloads.shard_payload_past_gate,
+            ordered=True, chunk_size=1, borrow={"gate": gate},
+        ) as stream:  # fmt: skip
+            dones = aiter(stream)
+            first = await anext(dones)
+            ref = weakref.ref(first.value)
+            del first
+            gc.collect()
+            assert ref() is None  # shard 1 still runs: nothing waiting holds shard 0's
+            open(gate, "w").close()
+            assert (await anext(dones)).value.n == 1
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # slow: one backend is enough here

@@ -401,7 +401,8 @@ class DaskBackend:
         node.tasks.discard(batch)
         call.running.pop(batch, None)
         if batch.answer is not None:
-            self._replay(job, batch.chunk, node, batch.answer)
+            answer, batch.answer = batch.answer, None  # told once: the job holds it now
+            self._replay(job, batch.chunk, node, answer)
         elif batch.error is not None and not node.gone:
             job.abort(batch.error)
         else:
