@@ -18,7 +18,7 @@ def shard_rng(seed: int, shard_id: int) -> np.random.Generator:
 
 def seed_globals(seed: int, shard_id: int) -> None:
     """Seed `random` and the legacy `numpy.random` state for one shard."""
-    import random
+    import random  # here: the caller imports this module, and never seeds
 
     import numpy as np  # numpy on first use: a worker and `import ashard` start without it
 
