@@ -42,6 +42,25 @@ async def test_pool_without_context_manager_starts_on_demand() -> None:
     await pool.aclose()
 
 
+async def test_a_burst_of_first_calls_starts_no_more_workers_than_the_pool_holds() -> None:
+    pool = ashard.Pool(2)  # nothing started: the calls start it
+    pids: list[int] = []
+
+    async def one() -> None:
+        pids.append(await pool.call(os.getpid))
+
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for _ in range(16):
+                    tg.start_soon(one)
+        assert len(pids) == 16
+        assert pool.stats.started <= 2, pool.stats  # a storm of starts made one per call
+        assert set(pids) <= set(pool.pids)
+    finally:
+        await pool.aclose()
+
+
 async def test_default_pool_is_shared_and_resizable() -> None:
     p = ashard.default_pool()
     assert p is ashard.default_pool()

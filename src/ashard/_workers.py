@@ -509,12 +509,14 @@ class WorkerSet:
     # -- spawning, recycling, retiring ------------------------------------------------
 
     async def _spawn_for(self, tenant: Tenant, reason: str = "backlog") -> WorkerHandle:
-        if self._oom_seen is None:  # where out-of-memory kills are counted from
-            from ashard._memory import oom_kills
-
-            self._oom_seen = await anyio.to_thread.run_sync(oom_kills)
-        self._starting += 1
+        self._starting += 1  # before any wait: `_may_start` counts it from now on
         try:
+            if self._oom_seen is None:  # where out-of-memory kills are counted from
+                from ashard._memory import oom_kills
+
+                seen = await anyio.to_thread.run_sync(oom_kills)
+                if self._oom_seen is None:
+                    self._oom_seen = seen
             w = await self._start_worker()
         finally:
             self._starting -= 1
