@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -25,14 +26,15 @@ from ashard._fds import above_stdio
 _spawner: ThreadPoolExecutor | None = None
 _Launched = Future[subprocess.Popen[bytes]]
 _ahead: tuple[int, _Launched, socket.socket] | None = None
+_lock = threading.RLock()  # first calls may come from several threads (ashard.sync)
 
 
 def _after_fork_in_child() -> None:
-    """The spawner thread and the worker launched ahead are the parent's."""
-    global _spawner, _ahead
+    """The spawner thread, the worker launched ahead and the lock are the parent's."""
+    global _spawner, _ahead, _lock
     if _ahead is not None:
         _ahead[2].close()  # this process's copy of the parent's end
-    _spawner, _ahead = None, None
+    _spawner, _ahead, _lock = None, None, threading.RLock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -61,8 +63,9 @@ def _above_stdio(sock: socket.socket) -> socket.socket:
 
 def _submit(parent: socket.socket, child: socket.socket, env_extra: Mapping[str, str]) -> _Launched:
     global _spawner
-    if _spawner is None:
-        _spawner = ThreadPoolExecutor(1, thread_name_prefix="ashard-spawner")
+    with _lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(1, thread_name_prefix="ashard-spawner")
 
     def launch() -> subprocess.Popen[bytes]:
         try:
@@ -93,10 +96,11 @@ def spawn_blocking(
 def prestart() -> None:
     """Launch one worker with the default environment ahead of need (once)."""
     global _ahead
-    if _ahead is not None and _ahead[0] == os.getpid():
-        return
-    parent, child = socket_pair()
-    _ahead = (os.getpid(), _submit(parent, child, {}), parent)
+    with _lock:
+        if _ahead is not None and _ahead[0] == os.getpid():
+            return
+        parent, child = socket_pair()
+        _ahead = (os.getpid(), _submit(parent, child, {}), parent)
 
 
 def take(
@@ -104,10 +108,11 @@ def take(
 ) -> tuple[Future[subprocess.Popen[bytes]], socket.socket] | None:
     """The worker launched ahead, if there is one for this environment."""
     global _ahead
-    if env_extra or _ahead is None or _ahead[0] != os.getpid():
-        return None
-    _, launched, parent = _ahead
-    _ahead = None
+    with _lock:
+        if env_extra or _ahead is None or _ahead[0] != os.getpid():
+            return None
+        _, launched, parent = _ahead
+        _ahead = None
     return launched, parent
 
 
