@@ -85,6 +85,72 @@ def test_a_first_call_with_bad_arguments_leaves_no_process() -> None:
     assert out == "ok"
 
 
+def test_a_sync_first_call_launches_its_worker_before_the_supervisor_loads() -> None:
+    out = run_fresh(
+        """
+        import ashard.sync
+        assert "ashard._calls" not in sys.modules and "ashard._scheduler" not in sys.modules
+        pid = ashard.sync.call(os.getpid)
+        first = launched[0].result()
+        assert first.pid == pid, (first.pid, pid)
+        assert ashard.sync.default_pool().pids[0] == pid
+        assert ashard.sync.map(abs, [-1, -2]) == [1, 2]
+        ashard.sync.shutdown()
+        print("ok")
+        """
+    )
+    assert out == "ok"
+
+
+def test_a_sync_first_call_with_bad_arguments_leaves_no_process() -> None:
+    out = run_fresh(
+        """
+        import ashard.sync
+        for bad in (lambda: ashard.sync.call(abs, -1, timeout=-1),
+                    lambda: ashard.sync.map(abs, [1], chunk_size="big")):
+            ashard.sync.shutdown()  # each is a first call on a fresh default pool
+            try:
+                bad()
+            except (TypeError, ValueError):
+                pass
+            else:
+                raise AssertionError("no error")
+            assert psutil.Process().children() == []
+        assert len(launched) == 2  # each launched one ahead, and ended it before raising
+        assert ashard.sync.call(abs, -3) == 3  # a later call starts afresh
+        ashard.sync.shutdown()
+        print("ok")
+        """
+    )
+    assert out == "ok"
+
+
+def test_sync_first_calls_from_many_threads_leave_no_process_behind() -> None:
+    out = run_fresh(
+        """
+        import threading
+        import ashard.sync
+        pids, errors = [], []
+        def one():
+            try:
+                pids.append(ashard.sync.call(os.getpid))
+            except BaseException as exc:
+                errors.append(exc)
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(pids) == 8, errors
+        assert set(pids) <= set(ashard.sync.default_pool().pids)
+        ashard.sync.shutdown()
+        assert psutil.Process().children() == [], psutil.Process().children()
+        print("ok")
+        """
+    )
+    assert out == "ok"
+
+
 def test_a_first_call_cancelled_at_once_leaves_no_process() -> None:
     out = run_fresh(
         """

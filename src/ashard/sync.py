@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import inspect
 import os
@@ -31,8 +32,9 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
 
 import sniffio
 
-from ashard import _calls
+from ashard import _spawn
 from ashard import pool as _pool
+from ashard._backend import import_supervisor
 from ashard._loopthread import CANCEL_WAIT_SECONDS, SHARED
 from ashard._options import (
     MapOptions,
@@ -306,6 +308,25 @@ class ShardStream:
                 raise
 
 
+@contextlib.contextmanager
+def _supervised(pool: object, *, ahead: bool = True) -> Iterator[None]:
+    """Within: the supervisor is imported, in this thread (`import ashard.sync` leaves it
+    out). On the sync default pool's first call (`ahead`), its first worker is launched
+    before the import, so that the two start side by side, as `ashard.api` does for the
+    async default pool; the worker is ended if the call leaves without having taken it
+    (bad arguments)."""
+    launch = ahead and pool is None and (_default is None or _default.closed)
+    if launch:
+        _spawn.prestart()
+    try:
+        import_supervisor()  # cold start: after the launch
+        yield
+    finally:
+        done = _spawn.discard() if launch else None
+        if done is not None:
+            done.result()
+
+
 # -- the module-level API ----------------------------------------------------------------
 
 
@@ -332,6 +353,8 @@ def _target(pool: Pool | _pool.Pool | None, workers: int | None) -> tuple[_pool.
     """The pool a call runs on (the sync default pool), and the size `workers` asks of
     it (taken once the call is accepted, as in `ashard.api`)."""
     inner = pool._pool if isinstance(pool, Pool) else pool
+    from ashard import _calls  # loaded by now (`_supervised`)
+
     return _calls.choose_pool(
         inner, workers, lambda: default_pool()._pool, _pool.Pool, "ashard.sync.Pool"
     )
@@ -349,9 +372,12 @@ def shard_map(
     **options: Unpack[ShardOptions],
 ) -> ShardResult:
     """`ashard.shard_map`, blocking."""
-    job, layout = _calls.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
-    target, size = _target(pool, workers)
-    return _block(_calls.shard_result(target, job, layout, size))
+    with _supervised(pool):
+        from ashard import _calls  # loaded just now (`_supervised`)
+
+        job, layout = _calls.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
+        target, size = _target(pool, workers)
+        return _block(_calls.shard_result(target, job, layout, size))
 
 
 @takes_options(StreamOptions)
@@ -366,9 +392,13 @@ def shard_stream(
     **options: Unpack[StreamOptions],
 ) -> ShardStream:
     """`ashard.shard_stream` for a ``with`` block iterated with ``for``."""
-    job, layout = _calls.shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
-    target, size = _target(pool, workers)
-    return ShardStream(lambda: _calls.stream(target, job, layout, size))
+    with _supervised(pool, ahead=False):  # the stream starts once entered
+        from ashard import _calls  # loaded just now (`_supervised`)
+
+        job, layout = _calls.shard_job(shards, fn, borrow, out, options, StreamOptions,
+                                      "shard_stream")  # fmt: skip
+        target, size = _target(pool, workers)
+        return ShardStream(lambda: _calls.stream(target, job, layout, size))
 
 
 @takes_options(ReduceOptions)
@@ -386,9 +416,12 @@ def shard_reduce(
     **options: Unpack[ReduceOptions],
 ) -> ReduceResult:
     """`ashard.shard_reduce`, blocking."""
-    job, _ = _calls.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
-    target, size = _target(pool, workers)
-    return _block(_calls.reduce_result(target, job, size))
+    with _supervised(pool):
+        from ashard import _calls  # loaded just now (`_supervised`)
+
+        job, _ = _calls.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
+        target, size = _target(pool, workers)
+        return _block(_calls.reduce_result(target, job, size))
 
 
 @takes_options(MapOptions)
@@ -402,9 +435,12 @@ def map(
     **options: Unpack[MapOptions],
 ) -> list[Any]:
     """`ashard.map`, blocking."""
-    job = _calls.map_job(fn, items, borrow, options)
-    target, size = _target(pool, workers)
-    return _block(_calls.map_result(target, job, size))
+    with _supervised(pool):
+        from ashard import _calls  # loaded just now (`_supervised`)
+
+        job = _calls.map_job(fn, items, borrow, options)
+        target, size = _target(pool, workers)
+        return _block(_calls.map_result(target, job, size))
 
 
 @takes_options(ShardOptions)
@@ -419,7 +455,10 @@ def retry_failed(
     """`ashard.retry_failed`, blocking: the failed (and skipped) shards of `result` run
     again, on the pool the call ran on or `pool`."""
     inner = pool._pool if isinstance(pool, Pool) else pool
-    return _block(_calls.retry_result(result, fn, only, options, inner))
+    with _supervised(inner, ahead=False):
+        from ashard import _calls  # loaded just now (`_supervised`)
+
+        return _block(_calls.retry_result(result, fn, only, options, inner))
 
 
 def call(
@@ -430,7 +469,8 @@ def call(
     **kwargs: Any,
 ) -> Any:
     """`ashard.call`, blocking: ``fn(*args, **kwargs)`` on a warm worker."""
-    return default_pool().call(fn, *args, timeout=timeout, max_retries=max_retries, **kwargs)
+    with _supervised(None):
+        return default_pool().call(fn, *args, timeout=timeout, max_retries=max_retries, **kwargs)
 
 
 def __dir__() -> list[str]:
