@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import ctypes
+import gc
 import logging
 import os
 import random
@@ -12,6 +13,7 @@ import signal
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -820,6 +822,20 @@ def payload_past_gate(n: int, gate: str) -> Payload:
 
 def shard_payload_past_gate(shard: Shard, gate: str) -> Payload:
     return payload_past_gate(shard.id, gate)
+
+
+async def first_value_is_let_go(stream: Any, gate: str) -> None:
+    """In the caller: the first value of a stream of `shard_payload_past_gate` over two
+    shards is freed once dropped, while the second shard still runs; then it is let
+    through."""
+    dones = aiter(stream)
+    first = await anext(dones)
+    ref = weakref.ref(first.value)
+    del first
+    gc.collect()
+    assert ref() is None  # shard 1 still runs: nothing waiting for it holds shard 0's
+    open(gate, "w").close()
+    assert (await anext(dones)).value.n == 1
 
 
 def megabyte_value(shard: Shard) -> bytes:
