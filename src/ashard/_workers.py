@@ -514,9 +514,7 @@ class WorkerSet:
             if self._oom_seen is None:  # where out-of-memory kills are counted from
                 from ashard._memory import oom_kills
 
-                seen = await anyio.to_thread.run_sync(oom_kills)
-                if self._oom_seen is None:
-                    self._oom_seen = seen
+                self._oom_seen = await anyio.to_thread.run_sync(oom_kills)
             w = await self._start_worker()
         finally:
             self._starting -= 1
