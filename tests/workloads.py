@@ -812,11 +812,17 @@ def make_payload(n: int) -> Payload:
     return Payload(n)
 
 
+def wait_for_file(path: str, seconds: float) -> None:
+    """Until the file `path` exists, `seconds` at most."""
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def payload_past_gate(n: int, gate: str) -> Payload:
     """`Payload(n)` at once for 0; the others once the file `gate` exists."""
-    deadline = time.monotonic() + 60
-    while n and not os.path.exists(gate) and time.monotonic() < deadline:
-        time.sleep(0.005)
+    if n:
+        wait_for_file(gate, 60)
     return Payload(n)
 
 
@@ -1348,7 +1354,5 @@ def start_idle_thread() -> None:
 def print_then_wait(shard: Shard, flag: str, line: str) -> int:
     """Print `line` (raw, to fd 1), then wait until file `flag` exists (300 s at most)."""
     os.write(1, f"{line}\n".encode())
-    end = time.monotonic() + 300
-    while not os.path.exists(flag) and time.monotonic() < end:
-        time.sleep(0.01)
+    wait_for_file(flag, 300)
     return shard.id
