@@ -61,6 +61,42 @@ async def test_a_burst_of_first_calls_starts_no_more_workers_than_the_pool_holds
         await pool.aclose()
 
 
+async def test_calls_while_the_pool_starts_start_no_more_workers_than_it_holds() -> None:
+    pool = ashard.Pool(2)
+    pids: list[int] = []
+
+    async def one() -> None:
+        pids.append(await pool.call(os.getpid))
+
+    try:
+        with anyio.fail_after(60):
+            await pool.backend()  # made, nothing started yet
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pool.start)  # counts its room, then starts two workers
+                for _ in range(8):
+                    tg.start_soon(one)  # arrive before those starts have begun
+        assert len(pids) == 8
+        assert pool.stats.started == 2, pool.stats  # one more came for the calls
+        assert set(pids) <= set(pool.pids)
+    finally:
+        await pool.aclose()
+
+
+async def test_a_cancelled_start_leaves_the_pool_its_room() -> None:
+    pool = ashard.Pool(2)
+    try:
+        with anyio.fail_after(60):
+            await pool.backend()
+            with anyio.CancelScope() as scope:
+                scope.cancel()  # the starts are counted as starting, then cancelled
+                await pool.start()
+            assert pool.stats.started == 0
+            assert await pool.map(abs, range(-20, 0), chunk_size=1) == list(range(20, 0, -1))
+        assert 1 <= pool.stats.started <= 2, pool.stats
+    finally:
+        await pool.aclose()
+
+
 async def test_default_pool_is_shared_and_resizable() -> None:
     p = ashard.default_pool()
     assert p is ashard.default_pool()

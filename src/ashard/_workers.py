@@ -565,21 +565,34 @@ class WorkerSet:
 
     async def start_all(self, up_to: int | None = None) -> None:
         """Bring the pool up to its size, or to `up_to` workers (for a warm
-        `async with Pool(...)`), all at once."""
+        `async with Pool(...)`), all at once. The room is counted as starting at once,
+        so a call that comes before these starts have begun starts none of its own."""
         token = object()
         room = self._capacity()
         if up_to is not None:
             room = min(room, up_to - len(self._workers) - self._starting)
+        if room <= 0:
+            return
+        unclaimed = room
+        self._starting += room
+
+        async def start_one() -> None:
+            nonlocal unclaimed
+            unclaimed -= 1
+            self._starting -= 1  # `_spawn_for` counts it again, with no wait between
+            self.release(await self._spawn_for(token), token)
+
         try:
             async with anyio.create_task_group() as tg:
                 for _ in range(room):
-                    tg.start_soon(self._start_one, token)
+                    tg.start_soon(start_one)
         except BaseExceptionGroup as group:
             first = first_error(group)
             raise first from first.__cause__
-
-    async def _start_one(self, tenant: Tenant) -> None:
-        self.release(await self._spawn_for(tenant), tenant)
+        finally:
+            if unclaimed:  # cancelled before some starts began
+                self._starting -= unclaimed
+                self._wake_for_capacity()
 
     def _recycle(self, w: WorkerHandle) -> None:
         """Replace `w` (clean, nothing in flight): it exits, a new one starts on demand."""
