@@ -287,6 +287,14 @@ async def test_a_200_mb_array_arrives_without_a_copy_in_the_parent() -> None:
                 assert "ashard-result" not in f.read()  # freed with the arrays
 
 
+async def test_a_large_result_neither_c_nor_fortran_ordered_arrives_intact() -> None:
+    with anyio.fail_after(60):
+        async with ashard.Pool(1) as pool:
+            strided = await pool.call(workloads.every_other, workloads.make_big_array, 16)
+    assert np.array_equal(strided, workloads.make_big_array(16)[::2])
+    assert strided.flags.c_contiguous  # the segment holds it in C order
+
+
 async def test_a_worker_dying_mid_transfer_leaks_no_segment(tmp_path: str) -> None:
     armed = os.path.join(tmp_path, "armed")
     open(armed, "w").close()

@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -597,6 +597,11 @@ def big_array(shard: Shard, mib: int = 200, order: str = "C") -> np.ndarray:
 def make_big_array(mib: int, order: str = "C") -> np.ndarray:
     a = np.arange(mib * 2**20 // 8, dtype=np.float64)
     return np.asfortranarray(a.reshape(-1, 8)) if order == "F" else a
+
+
+def every_other(make: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
+    """Every other element of what `make(*args)` returns: a strided view."""
+    return make(*args)[::2]
 
 
 def floats_of(shard: Shard, seed: int = 7) -> float:

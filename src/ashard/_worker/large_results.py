@@ -71,29 +71,37 @@ def _segmentable(np: Any, value: Any) -> bool:
 
 def _sealed_copy(np: Any, value: Any, fortran: bool) -> int:
     # on demand: _shm takes ~10 ms to import, for arrays only
-    from ashard._shm import PARALLEL_COPY_BYTES, parallel_copy
+    from ashard._shm import write_array
 
     fd = above_stdio(os.memfd_create("ashard-result", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
     try:
         os.ftruncate(fd, value.nbytes)
-        mm = mmap.mmap(fd, value.nbytes)
-        try:
-            target = np.ndarray(value.shape, value.dtype, buffer=mm, order="F" if fortran else "C")
-            source = value
-            if fortran:
-                target, source = target.T, source.T  # both C-ordered views
-            if value.nbytes >= PARALLEL_COPY_BYTES and target.ndim and target.shape[0] > 1:
-                parallel_copy(target, source)
-            else:
-                np.copyto(target, source, casting="no")
-            del target, source
-        finally:
-            mm.close()
+        source = value.T if fortran else value  # C-ordered, as the segment holds it
+        if source.flags.c_contiguous:
+            write_array(fd, source)
+        else:
+            _copy_through_mapping(np, fd, source)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _copy_through_mapping(np: Any, fd: int, source: Any) -> None:
+    """Copy strided `source` into `fd` in C order, through a mapping."""
+    from ashard._shm import PARALLEL_COPY_BYTES, parallel_copy
+
+    mm = mmap.mmap(fd, source.nbytes)
+    try:
+        target = np.ndarray(source.shape, source.dtype, buffer=mm)
+        if source.nbytes >= PARALLEL_COPY_BYTES and target.ndim and target.shape[0] > 1:
+            parallel_copy(target, source)
+        else:
+            np.copyto(target, source, casting="no")
+        del target
+    finally:
+        mm.close()
 
 
 def close_all(fds: list[int]) -> None:

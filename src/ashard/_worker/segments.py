@@ -66,7 +66,7 @@ class Segments:
             key = (ref.seg_id, ref.mode)
             mm = self._shared.get(key)
             if mm is None:
-                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                flags = mmap.MAP_SHARED
                 mm = self._shared[key] = mmap.mmap(fd, ref.size, flags=flags, prot=_PROT[ref.mode])
         else:  # "cow" / "audit": this call's own private copy-on-write mapping
             mm = mmap.mmap(fd, ref.size, flags=mmap.MAP_PRIVATE)
