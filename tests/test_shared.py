@@ -277,6 +277,58 @@ async def test_named_fallback_is_unlinked_while_workers_map_it(
     assert await anyio.to_thread.run_sync(count_memfds) == 0
 
 
+def maps_numpy(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as maps:
+        return "_multiarray_umath" in maps.read()
+
+
+async def test_a_call_borrowing_an_array_has_every_worker_import_numpy() -> None:
+    X = np.arange(1000, dtype=np.int64)
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool:
+            assert not any(maps_numpy(pid) for pid in pool.pids)  # workers start without it
+            res = await pool.shard_map(1, describe, borrow={"X": X})  # one worker runs it;
+            # the other imports numpy in its turn, though it runs nothing of this call
+            assert res.ok
+            while not all(maps_numpy(pid) for pid in pool.pids):  # noqa: ASYNC110 (another process)
+                await anyio.sleep(0.01)
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_imports_what_it_is_asked_to_preload_in_its_turn() -> None:
+    # the parent asks its workers to import numpy while it copies a borrowed array
+    from ashard._framing import encode
+    from ashard._handle import WorkerConfig, WorkerHandle
+    from ashard._protocol import ITEMS, JOB, RUN, JobSpec
+    from ashard._reports import receive
+    from ashard._serialize import pack
+
+    probe = "'numpy' in __import__('sys').modules"
+    w = await WorkerHandle.start(WorkerConfig())
+    try:
+        spec = JobSpec(ITEMS, pack(eval), None, None, None, None, list(sys.path))
+
+        async def ask(seq: int) -> object:
+            await w.channel.send(encode((RUN, 7, seq, seq, 1, None, pack([probe]), None)))
+            answers: list = []
+            while not answers:
+                answers = await receive(w)
+            [(report, values)] = answers
+            assert report.seq == seq and not report.errors
+            return values[0]
+
+        await w.channel.send(encode((JOB, 7, spec)))
+        assert await ask(0) is False  # a worker starts without numpy
+        w.preload(["numpy", "no_such_module_anywhere"])  # one that fails is passed over
+        w.preload(["numpy"])  # asked once
+        assert await ask(1) is True
+        assert await ask(2) is True
+    finally:
+        w.close_channel()
+        with anyio.CancelScope(shield=True):
+            await w.kill()
+
+
 @pytest.mark.parametrize("layout", ["strided", "fortran"])
 async def test_large_arrays_copied_by_several_threads_arrive_intact(layout: str) -> None:
     from ashard._shm import PARALLEL_COPY_BYTES

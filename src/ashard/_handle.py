@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any
@@ -40,6 +40,7 @@ from ashard._protocol import (
     FORGET,
     HELLO,
     INTERRUPT_SIGNAL,
+    PRELOAD,
     Payload,
     ProtocolViolation,
     is_init_failure,
@@ -81,6 +82,7 @@ class WorkerHandle:
         self._forget: list[int] = []  # jobs it may drop, told with the next send
         self._segments: set[int] = set()  # shared-memory segments it holds
         self._drops: list[int] = []  # segments it should close, told with the next send
+        self._preloaded: set[str] = set()  # modules it was asked to import ahead
         self._tasks = 0  # shards and calls handed to it (for max_tasks)
         self._disowned = False  # a forked child's copy of the parent's handle
         self._rss = self._peak_rss = self._baseline_rss = 0  # private memory, bytes
@@ -281,6 +283,13 @@ class WorkerHandle:
             self._segments.discard(seg_id)
             self._drops.append(seg_id)
             self.flush_control()
+
+    def preload(self, modules: Sequence[str]) -> None:
+        """Ask the worker to import `modules` now, once each: a call that needs them is
+        being prepared. A hint: not sent while a send is under way."""
+        new = [m for m in modules if m not in self._preloaded]
+        if new and self.proc.returncode is None and self.channel.post(encode((PRELOAD, new))):
+            self._preloaded.update(new)
 
     @property
     def has_control(self) -> bool:

@@ -19,6 +19,7 @@ parent -> worker (each kind has its record, which `parse_order` makes)::
     UNCALL   CancelCall    seq: do not run call `seq`, or stop it if it runs (+ SIGUSR1)
     RECALL   RecallChunks  key, seq: the chunks of job `key` from `seq` on that have not
                            started go back (each answered as never run, in its turn)
+    PRELOAD  Preload       modules: import them now (a call about to come needs them)
 
 A worker may hold several CALLs at once (the parent pipelines short calls): it runs them
 in order and answers each in order, seq -1 included. The parent tells where the output of
@@ -68,7 +69,7 @@ import signal
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-HELLO, JOB, RUN, CALL, CANCEL, FORGET, SEGMENTS, DROP, MARK, UNCALL, RECALL = range(11)
+HELLO, JOB, RUN, CALL, CANCEL, FORGET, SEGMENTS, DROP, MARK, UNCALL, RECALL, PRELOAD = range(12)
 READY, INIT_FAILED, RESULT = range(100, 103)
 
 RAISED, TIMEOUT, INTERRUPTED = range(3)
@@ -461,9 +462,17 @@ class DropSegments(NamedTuple):
     seg_ids: list[int]
 
 
+class Preload(NamedTuple):
+    """PRELOAD: import these modules now, in turn with other orders. The parent sends it
+    before it prepares a call that will need them (numpy, for borrowed arrays), so the
+    import overlaps that work instead of following it. One that fails is left alone."""
+
+    modules: list[str]
+
+
 Order = (
     Hello | RegisterJob | RunChunk | CallFn | CancelJob | ForgetJob | AddSegments | DropSegments
-    | MarkOutput | CancelCall | RecallChunks
+    | MarkOutput | CancelCall | RecallChunks | Preload
 )  # fmt: skip
 """A message from the parent, parsed (`parse_order`). The parent sends each as the plain
 tuple ``(code, *fields)``: a record would pickle by its class, a cost on every message."""
@@ -471,7 +480,7 @@ tuple ``(code, *fields)``: a record would pickle by its class, a cost on every m
 _KINDS: list[tuple[int, type[Order]]] = [
     (HELLO, Hello), (JOB, RegisterJob), (RUN, RunChunk), (CALL, CallFn),
     (CANCEL, CancelJob), (FORGET, ForgetJob), (SEGMENTS, AddSegments), (DROP, DropSegments),
-    (MARK, MarkOutput), (UNCALL, CancelCall), (RECALL, RecallChunks),
+    (MARK, MarkOutput), (UNCALL, CancelCall), (RECALL, RecallChunks), (PRELOAD, Preload),
 ]  # fmt: skip
 _ORDERS = {code: (kind, len(kind._fields) + 1) for code, kind in _KINDS}
 """Record and message length (the code, then the fields) of each kind, by code."""

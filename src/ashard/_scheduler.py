@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sys
 import time
 import warnings
 from collections import deque
@@ -279,6 +280,8 @@ class Scheduler:
 
             if self._keep_borrowed and self.borrowed is None:
                 self.borrowed = BorrowCache()
+            if any(_needs_numpy(v) for v in (*work.borrow.values(), *work.out.values())):
+                self.workers.preload(("numpy",))  # while the arrays are copied, not after
             made: list[Exported] = []
 
             def share() -> Exported:
@@ -783,6 +786,17 @@ def _unblock(run: _Run) -> None:
     """Room was made in the budget: the job may take workers and chunks again."""
     run.blocked = False
     run.job.notify()
+
+
+def _needs_numpy(value: object) -> bool:
+    """Does a worker need numpy to take `value` in (an array, or a shared one)? Looked
+    up, not imported: neither numpy nor `ashard.shared` is loaded on the event loop."""
+    np, shared = sys.modules.get("numpy"), sys.modules.get("ashard.shared")
+    if np is None:
+        return False
+    return isinstance(value, np.ndarray) or (
+        shared is not None and isinstance(value, shared.SharedArray | shared.Buffer)
+    )
 
 
 def _warn_oversized(run: _Run) -> None:

@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -183,6 +183,14 @@ class WorkerSet:
     def pids(self) -> list[int]:
         """Process ids of the live workers."""
         return sorted(w.pid for w in self._workers if w.alive)
+
+    def preload(self, modules: Sequence[str]) -> None:
+        """Ask every live worker to import `modules` now (`WorkerHandle.preload`)."""
+        with self._lock:
+            members = list(self._workers)
+        for w in members:
+            if w.alive:
+                w.preload(modules)
 
     def measured_bytes(self) -> int:
         """The private memory of the live workers, as last read, in all."""

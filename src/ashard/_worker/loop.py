@@ -13,6 +13,7 @@ worker: `process.set_up`).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import socket
 import time
@@ -38,6 +39,7 @@ from ashard._protocol import (
     Hello,
     MarkOutput,
     Order,
+    Preload,
     ProtocolViolation,
     RecallChunks,
     RegisterJob,
@@ -246,6 +248,12 @@ class Worker:
             self.segments.add(order.seg_ids, [fds.popleft() for _ in order.seg_ids])
         elif isinstance(order, DropSegments):
             self.segments.drop(order.seg_ids)
+        elif isinstance(order, Preload):
+            for name in order.modules:
+                with contextlib.suppress(Exception):  # the call that needs it will say why
+                    importlib.import_module(name)
+            if self.hygiene is not None:  # what importing did is not a task's doing
+                self.hygiene.rebase()
 
     def _run(self, chunk: RunChunk) -> None:
         ctx = self.jobs.get(chunk.key)
