@@ -14,10 +14,12 @@ leak-proof as a memfd except for the instant between ``shm_open`` and ``shm_unli
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import mmap
 import os
+import queue
 import sys
 import threading
 import time
@@ -128,19 +130,23 @@ class Segment:
     def closed(self) -> bool:
         return not self._finalizer.alive
 
-    def map_in(self) -> None:
-        """Map the pages written through the descriptor into the parent's mapping now.
+    def map_in(self, written: Callable[[], int | None]) -> None:
+        """Map the pages written through the descriptor into the parent's mapping, as
+        `written()` says how far the writing got (None: it is over).
 
         Workers map them as well, so the memory counts as shared between processes, not
         as one worker's own; and the parent's first read of it costs no page faults. In
         steps: each `madvise` holds the GIL (about 0.4 ms for 8 MiB here)."""
-        if self.mmap is None or not sys.platform.startswith("linux"):
-            return
-        for start in range(0, self.size, _MAP_IN_BYTES):
-            try:
-                self.mmap.madvise(_MADV_POPULATE_READ, start, min(_MAP_IN_BYTES, self.size - start))
-            except OSError:  # a kernel before 5.14: pages are mapped on first touch
-                return
+        mm = self.mmap if sys.platform.startswith("linux") else None
+        mapped = 0
+        while (upto := written()) is not None:
+            while mm is not None and mapped < upto:
+                step = min(_MAP_IN_BYTES, upto - mapped)
+                try:
+                    mm.madvise(_MADV_POPULATE_READ, mapped, step)
+                except OSError:  # a kernel before 5.14: pages are mapped on first touch
+                    mm = None
+                mapped += step
 
     def close(self) -> None:
         """Close the descriptor and tell every worker holding it to drop it."""
@@ -226,10 +232,7 @@ def copy_into_segment(array: np.ndarray[Any, Any]) -> Segment:
     if array.flags.c_contiguous:
         segment = Segment(array.nbytes, populate=False)
         try:
-            if array.nbytes >= PARALLEL_COPY_BYTES:
-                _copy_threads().submit(_write_and_map, segment, array).result()  # a nicer thread
-            else:
-                _write_and_map(segment, array)
+            _write_and_map(segment, array)
         except BaseException:
             segment.close()
             raise
@@ -250,27 +253,52 @@ def copy_into_segment(array: np.ndarray[Any, Any]) -> Segment:
 
 
 def _write_and_map(segment: Segment, array: np.ndarray[Any, Any]) -> None:
-    write_array(segment.fd, array)
-    segment.map_in()
+    """Write `array` into `segment`, a large one on a (nicer) copy thread while this
+    thread maps in what is written: 1 GiB in 0.32 s, against 0.36 s one after the
+    other. Returns once the writing is over, whatever happened."""
+    if array.nbytes < PARALLEL_COPY_BYTES:
+        write_array(segment.fd, array)
+        segment.map_in(iter((array.nbytes, None)).__next__)
+        return
+    progress: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    writing = _copy_threads().submit(write_array, segment.fd, array, progress.put)
+    writing.add_done_callback(lambda _: progress.put(None))
+    try:
+        segment.map_in(progress.get)
+    finally:
+        error = writing.exception()  # waits: nothing may write into a closed descriptor
+    if error is not None:
+        raise error
 
 
 _WRITE_BYTES = 64 << 20
 
 
-def write_array(fd: int, array: np.ndarray[Any, Any]) -> None:
+def write_array(
+    fd: int, array: np.ndarray[Any, Any], progress: Callable[[int], object] | None = None
+) -> None:
     """Write the bytes of C-contiguous `array` at the start of `fd` (a memfd, sized).
 
     The kernel fills the segment's pages as it writes, which beats faulting a fresh
     mapping in and copying into it: 1 GiB in 0.33 s in one thread, against 0.40 s
     through a mapping with eight (see RESULTS.md). Memory running out is an error here
-    (ENOSPC), not a SIGBUS on a page of a mapping.
+    (ENOSPC), not a SIGBUS on a page of a mapping. `progress` is told the bytes
+    written so far, after each step.
     """
     import numpy as np  # numpy on first use: a worker and `import ashard` start without it
 
     data = array.reshape(-1).view(np.uint8).data
     done = 0
     while done < len(data):
-        done += os.pwrite(fd, data[done : done + _WRITE_BYTES], done)
+        try:
+            done += os.pwrite(fd, data[done : done + _WRITE_BYTES], done)
+        except OSError as exc:
+            if exc.errno != errno.EFAULT:
+                raise
+            why = "the array's memory cannot be read (a memory-mapped file cut short?)"
+            raise OSError(errno.EFAULT, why) from None
+        if progress is not None:
+            progress(done)
 
 
 def parallel_copy(target: np.ndarray[Any, Any], source: np.ndarray[Any, Any]) -> None:
