@@ -277,6 +277,19 @@ async def test_named_fallback_is_unlinked_while_workers_map_it(
     assert await anyio.to_thread.run_sync(count_memfds) == 0
 
 
+async def test_a_memmap_cut_short_fails_by_name_and_the_caller_lives_on(tmp_path: Path) -> None:
+    path = tmp_path / "cut"
+    m = np.memmap(path, dtype=np.float64, mode="w+", shape=(100_000,))
+    m[:] = 1.0
+    m.flush()
+    os.truncate(path, 4 * 4096)  # reading past this would be a SIGBUS in the caller
+    with pytest.raises(OSError, match=r"borrow\['X'\]: .*cut short"):
+        await ashard.shard_map(2, describe, borrow={"X": m}, workers=1)
+    with pytest.raises(OSError, match=r"share\(\)'s array: .*cut short"):
+        ashard.share(m)
+    assert await anyio.to_thread.run_sync(count_memfds) == 0  # the segments went with it
+
+
 def maps_numpy(pid: int) -> bool:
     with open(f"/proc/{pid}/maps") as maps:
         return "_multiarray_umath" in maps.read()

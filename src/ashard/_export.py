@@ -76,13 +76,16 @@ def _export_borrow(
     if isinstance(value, SharedArray | Buffer):
         return _ref(exported, value.segment, value, mode)
     if _plain_array(value) and value.dtype.kind in SHAREABLE_KINDS:
-        cached = None if cache is None else cache.lease(value)
-        if cached is not None:
-            exported.owned.append(cached)
-            shared = cached.shared
-        else:
-            shared = SharedArray.copy_of(value)
-            exported.owned.append(shared)
+        try:
+            cached = None if cache is None else cache.lease(value)
+            if cached is not None:
+                exported.owned.append(cached)
+                shared = cached.shared
+            else:
+                shared = SharedArray.copy_of(value)
+                exported.owned.append(shared)
+        except OSError as exc:
+            raise OSError(exc.errno, f"borrow[{name!r}]: {exc.strerror}") from exc
         return _ref(exported, shared.segment, shared, mode)
     if is_arrow(value):
         value = SharedTable.write(value)

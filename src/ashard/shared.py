@@ -183,7 +183,10 @@ def share(obj: Any) -> SharedArray | SharedTable:
                 "(.data and .mask), or pass it in borrow= to have it pickled whole"
             )
         check_shareable(obj, "share()'s array")
-        return SharedArray.copy_of(obj)
+        try:
+            return SharedArray.copy_of(obj)
+        except OSError as exc:
+            raise OSError(exc.errno, f"share()'s array: {exc.strerror}") from exc
     if is_arrow(obj):
         return SharedTable.write(obj)
     raise TypeError(
