@@ -290,20 +290,25 @@ async def test_a_memmap_cut_short_fails_by_name_and_the_caller_lives_on(tmp_path
     assert await anyio.to_thread.run_sync(count_memfds) == 0  # the segments went with it
 
 
-def maps_numpy(pid: int) -> bool:
+def maps_library(pid: int, name: str) -> bool:
     with open(f"/proc/{pid}/maps") as maps:
-        return "_multiarray_umath" in maps.read()
+        return name in maps.read()
 
 
-async def test_a_call_borrowing_an_array_has_every_worker_import_numpy() -> None:
-    X = np.arange(1000, dtype=np.int64)
+@pytest.mark.parametrize("kind", ["array", "table"])
+async def test_a_call_borrowing_data_has_every_worker_import_what_reads_it(kind: str) -> None:
+    import pyarrow as pa
+
+    library = "_multiarray_umath" if kind == "array" else "libarrow."
+    data = np.arange(1000, dtype=np.int64)
+    fn = describe if kind == "array" else table_summary
+    borrowed = data if kind == "array" else pa.table({"x": data})
     with anyio.fail_after(60):
         async with ashard.Pool(2) as pool:
-            assert not any(maps_numpy(pid) for pid in pool.pids)  # workers start without it
-            res = await pool.shard_map(1, describe, borrow={"X": X})  # one worker runs it;
-            # the other imports numpy in its turn, though it runs nothing of this call
-            assert res.ok
-            while not all(maps_numpy(pid) for pid in pool.pids):  # noqa: ASYNC110 (another process)
+            assert not any(maps_library(pid, library) for pid in pool.pids)  # not at start
+            res = await pool.shard_map(1, fn, borrow={"X" if kind == "array" else "T": borrowed})
+            assert res.ok  # one worker ran it; the other imports it in its turn, all the same
+            while not all(maps_library(pid, library) for pid in pool.pids):  # noqa: ASYNC110 (another process)
                 await anyio.sleep(0.01)
 
 

@@ -280,8 +280,9 @@ class Scheduler:
 
             if self._keep_borrowed and self.borrowed is None:
                 self.borrowed = BorrowCache()
-            if any(_needs_numpy(v) for v in (*work.borrow.values(), *work.out.values())):
-                self.workers.preload(("numpy",))  # while the arrays are copied, not after
+            modules = _imports_for((*work.borrow.values(), *work.out.values()))
+            if modules:
+                self.workers.preload(modules)  # while the data is copied, not after
             made: list[Exported] = []
 
             def share() -> Exported:
@@ -788,15 +789,25 @@ def _unblock(run: _Run) -> None:
     run.job.notify()
 
 
-def _needs_numpy(value: object) -> bool:
-    """Does a worker need numpy to take `value` in (an array, or a shared one)? Looked
-    up, not imported: neither numpy nor `ashard.shared` is loaded on the event loop."""
-    np, shared = sys.modules.get("numpy"), sys.modules.get("ashard.shared")
-    if np is None:
-        return False
-    return isinstance(value, np.ndarray) or (
-        shared is not None and isinstance(value, shared.SharedArray | shared.Buffer)
-    )
+def _imports_for(values: tuple[object, ...]) -> list[str]:
+    """What workers import to take `values` in: numpy for arrays (shared or not), pyarrow
+    for tables and table sinks. The types are looked up where the caller already has
+    them: nothing is imported here, on the event loop."""
+    np, pa = sys.modules.get("numpy"), sys.modules.get("pyarrow")
+    shared, tables = sys.modules.get("ashard.shared"), sys.modules.get("ashard.tables")
+    arrays: tuple[type, ...] = (np.ndarray,) if np is not None else ()
+    tabular: tuple[type, ...] = (pa.Table, pa.RecordBatch) if pa is not None else ()
+    if shared is not None:
+        arrays = (*arrays, shared.SharedArray, shared.Buffer)
+        tabular = (*tabular, shared.SharedTable)
+    if tables is not None:
+        tabular = (*tabular, tables.TableSink)
+    wanted = []
+    if any(isinstance(v, arrays) for v in values):
+        wanted.append("numpy")
+    if any(isinstance(v, tabular) for v in values):
+        wanted.append("pyarrow")
+    return wanted
 
 
 def _warn_oversized(run: _Run) -> None:
