@@ -258,7 +258,7 @@ def _write_and_map(segment: Segment, array: np.ndarray[Any, Any]) -> None:
     other. Returns once the writing is over, whatever happened."""
     if array.nbytes < PARALLEL_COPY_BYTES:
         write_array(segment.fd, array)
-        segment.map_in(iter((array.nbytes, None)).__next__)
+        segment.map_in(iter((array.nbytes, None)).__next__)  # all written, then over
         return
     progress: queue.SimpleQueue[int | None] = queue.SimpleQueue()
     writing = _copy_threads().submit(write_array, segment.fd, array, progress.put)
@@ -281,9 +281,9 @@ def write_array(
 
     The kernel fills the segment's pages as it writes, which beats faulting a fresh
     mapping in and copying into it: 1 GiB in 0.33 s in one thread, against 0.40 s
-    through a mapping with eight (see RESULTS.md). Memory running out is an error here
-    (ENOSPC), not a SIGBUS on a page of a mapping. `progress` is told the bytes
-    written so far, after each step.
+    through a mapping with eight (see RESULTS.md). What the kernel cannot do (memory it
+    cannot read, a full tmpfs) is an `OSError` here, not a SIGBUS on a page of a
+    mapping. `progress` is told the bytes written so far, after each step.
     """
     import numpy as np  # numpy on first use: a worker and `import ashard` start without it
 
