@@ -129,30 +129,25 @@ class Segment:
     def closed(self) -> bool:
         return not self._finalizer.alive
 
-    def map_in(self, written: Callable[[], int | None]) -> None:
-        """Map the pages written through the descriptor into the parent's mapping, as
-        `written()` says how far the writing got (None: it is over).
+    def map_in(self, start: int, stop: int) -> None:
+        """Map bytes `start`..`stop`, written through the descriptor, into the parent's
+        mapping now.
 
         Workers map them as well, so the memory counts as shared between processes, not
         as one worker's own; and the parent's first read of it costs no page faults.
         `madvise` is called through ctypes, which lets the GIL go: `mmap.madvise` holds
         it, and mapping 1 GiB in at once held it for 55 ms (steps of 8 MiB still kept
         the caller's event loop waiting 4-8 ms, at p99)."""
-        madvise = _madvise() if self.mmap is not None else None
-        if madvise is None:
-            while written() is not None:
-                pass
+        global _populate_works
+        madvise = _madvise()
+        if self.mmap is None or madvise is None or not _populate_works or stop <= start:
             return
         import ctypes  # loaded by `_madvise`
 
-        view = ctypes.c_char.from_buffer(self.mmap)  # type: ignore[arg-type]
+        view = ctypes.c_char.from_buffer(self.mmap)
         try:
-            base, mapped = ctypes.addressof(view), 0
-            while (upto := written()) is not None:
-                if madvise is not None and upto > mapped:
-                    if madvise(base + mapped, upto - mapped, _MADV_POPULATE_READ) != 0:
-                        madvise = None  # a kernel before 5.14: pages are mapped on first touch
-                    mapped = upto
+            if madvise(ctypes.addressof(view) + start, stop - start, _MADV_POPULATE_READ):
+                _populate_works = False  # a kernel before 5.14: pages map on first touch
         finally:
             del view  # the mapping may be closed once no view of it remains
 
@@ -168,6 +163,7 @@ class Segment:
 
 
 _madvise_fn: Any = None
+_populate_works = True  # MADV_POPULATE_READ: until the kernel says it has none
 
 
 def _madvise() -> Any:
@@ -282,13 +278,16 @@ def _write_and_map(segment: Segment, array: np.ndarray[Any, Any]) -> None:
     other. Returns once the writing is over, whatever happened."""
     if array.nbytes < PARALLEL_COPY_BYTES:
         write_array(segment.fd, array)
-        segment.map_in(iter((array.nbytes, None)).__next__)  # all written, then over
+        segment.map_in(0, array.nbytes)
         return
     progress: queue.SimpleQueue[int | None] = queue.SimpleQueue()
     writing = _copy_threads().submit(write_array, segment.fd, array, progress.put)
     writing.add_done_callback(lambda _: progress.put(None))
     try:
-        segment.map_in(progress.get)
+        mapped = 0
+        while (written := progress.get()) is not None:
+            segment.map_in(mapped, written)
+            mapped = written
     finally:
         error = writing.exception()  # waits: nothing may write into a closed descriptor
     if error is not None:
