@@ -263,6 +263,48 @@ async def test_queued_calls_keep_their_output_in_their_own_context(
         )
 
 
+def _bulk_lines(tag: str, lines: int) -> list[str]:
+    return [f"{tag} {i:08d} ".ljust(99, "x") for i in range(lines)]
+
+
+async def test_a_call_printing_more_than_a_pipe_holds_is_answered_with_every_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker blocked on a full stdout pipe is read while its call runs: the call
+    is answered (it hung before), with all its 2 MB of lines in order."""
+    cell: list[str] = []
+    _cell.set(cell)
+    monkeypatch.setattr(sys, "stdout", _PerTaskStream())
+    with anyio.fail_after(60):
+        async with ashard.Pool(1) as pool:
+            assert await pool.call(workloads.print_bulk, "A", 20_000) == 20_000
+    assert "".join(cell).splitlines() == _bulk_lines("A", 20_000)
+
+
+async def test_queued_calls_printing_more_than_a_pipe_holds_each_get_their_own(
+    queue_anything: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls queued on one worker, each printing several pipes' worth while the others
+    wait: read early, every line still goes to its own call's context, in order."""
+    cells: dict[str, list[str]] = {tag: [] for tag in "ABCD"}
+
+    async def cell(pool: ashard.Pool, tag: str) -> None:
+        _cell.set(cells[tag])
+        for _ in range(2):
+            assert await pool.call(workloads.print_bulk, tag, 3_000) == 3_000
+
+    monkeypatch.setattr(sys, "stdout", _PerTaskStream())
+    with anyio.fail_after(60):
+        async with ashard.Pool(1) as pool:
+            await pool.call(abs, -1)
+            async with anyio.create_task_group() as tg:
+                for tag in cells:
+                    tg.start_soon(cell, pool, tag)
+            assert (await _lanes_of(pool)).deepest >= 2
+    for tag, chunks in cells.items():
+        assert "".join(chunks).splitlines() == _bulk_lines(tag, 3_000) * 2
+
+
 def test_a_marker_read_alone_still_starts_its_calls_output() -> None:
     """The marker of the next call may be the last thing one read finds: what comes
     after it in a later read is still that call's, not the call before's."""
@@ -271,9 +313,12 @@ def test_a_marker_read_alone_still_starts_its_calls_output() -> None:
     with os.fdopen(out_r, "rb") as stdout, os.fdopen(err_r, "rb") as stderr:
         output = WorkerOutput(stdout, stderr)
         os.write(out_w, b"first\n" + marker(8))
+        output.pull()
         assert output.take(7) == [("stdout", b"first\n")]
         os.write(out_w, b"second\n" + marker(9) + b"third\n")
+        output.pull()
         assert output.take(8) == [("stdout", b"second\n")]
+        output.pull()
         assert output.take(9) == [("stdout", b"third\n")]
         os.close(out_w)
         os.close(err_w)
@@ -289,16 +334,20 @@ def test_calls_that_print_nothing_leave_only_their_markers_and_hand_on_the_rest(
         output = WorkerOutput(stdout, stderr)
         for fd in (out_w, err_w):
             os.write(fd, marker(2))
+        output.pull()
         assert output.take(1) == []
         for fd in (out_w, err_w):
             os.write(fd, marker(3))
+        output.pull()
         assert output.take(2) == []
         os.write(out_w, b"three says\n")
         os.write(err_w, b"three warns\n")
         for fd in (out_w, err_w):
             os.write(fd, marker(4))
+        output.pull()
         assert output.take(3) == [("stdout", b"three says\n"), ("stderr", b"three warns\n")]
         os.write(out_w, b"four\n")
+        output.pull()
         assert output.take(4) == [("stdout", b"four\n")]
         os.close(out_w)
         os.close(err_w)

@@ -161,3 +161,16 @@ def test_in_jupyter_output_goes_to_the_cell_that_launched_the_work(capture_fd: b
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+async def test_an_init_printing_more_than_a_pipe_holds_starts_its_worker() -> None:
+    """What `init` prints is read while the worker starts: an init that fills its
+    stdout pipe does not hang the start (it did, for `START_TIMEOUT`); every line is
+    written, in order."""
+    buf = io.StringIO()
+    init = functools.partial(workloads.print_bulk, "init", 5_000)  # 500 kB
+    with anyio.fail_after(30), contextlib.redirect_stdout(buf):
+        async with ashard.Pool(1, init=init) as pool:
+            assert await pool.call(abs, -3) == 3
+    expected = [f"init {i:08d} ".ljust(99, "x") for i in range(5_000)]
+    assert buf.getvalue().splitlines() == expected

@@ -877,6 +877,19 @@ def print_tagged(tag: str, k: int) -> int:
     return k
 
 
+def print_bulk(tag: str, lines: int) -> int:
+    """Print `lines` lines of 100 bytes, half through Python and half as raw writes to
+    fd 1 (more than a pipe holds, for a few thousand); return `lines`."""
+    for i in range(lines):
+        line = f"{tag} {i:08d} ".ljust(99, "x") + "\n"
+        if i % 2:
+            os.write(1, line.encode())
+        else:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    return lines
+
+
 def sleep_then(seconds: float, value: Any) -> Any:
     """Sleep `seconds`, then return `value`."""
     time.sleep(seconds)

@@ -130,21 +130,26 @@ class Channel:
             with contextlib.suppress(ChannelClosed):  # the next send or receive reports it
                 self._early.extend(self._read_available())
 
-    async def receive(self, *, wait_first: bool = False) -> list[Any]:
+    async def receive(self, *, wait_first: bool = False, wake: int | None = None) -> list[Any]:
         """At least one message; raises `ChannelClosed` once the stream has ended.
 
         `wait_first` skips the read attempt that would only find the socket empty
-        (right after sending a request, say).
+        (right after sending a request, say). `wake`: a descriptor readable whenever
+        the socket is, and at other times too (`WorkerOutput.fileno`), waited on instead
+        of the socket: then what came after one wait is returned, maybe nothing.
         """
+        waited = False
         if wait_first and not self._early:
-            await self._wait_readable()
+            await self._wait_readable(wake)
+            waited = True
         elif self._early or time.monotonic() - self._yielded >= YIELD_SECONDS:
             await self.checkpoint()  # what the last step left: after the loop's turn
         while True:
             msgs = self.receive_nowait()
-            if msgs:
+            if msgs or (waited and wake is not None):
                 return msgs
-            await self._wait_readable()
+            await self._wait_readable(wake)
+            waited = True
 
     async def checkpoint(self) -> None:
         """Let the event loop have its turn, as this channel's reader: the next
@@ -152,18 +157,20 @@ class Channel:
         await anyio.lowlevel.checkpoint()
         self._yielded = time.monotonic()
 
-    async def _wait_readable(self) -> None:
+    async def _wait_readable(self, wake: int | None = None) -> None:
+        if self._sock.fileno() < 0:
+            raise ChannelClosed("worker channel closed")
         ticker = _ticking()
         try:
-            if not self._reader.partial:
-                await anyio.wait_readable(self._sock)
+            if not self._reader.partial:  # (within a frame: only the socket has a say)
+                await anyio.wait_readable(self._sock if wake is None else wake)
                 self._yielded = time.monotonic()
                 return
             with anyio.move_on_after(FRAME_STALL_SECONDS):
                 await anyio.wait_readable(self._sock)
                 self._yielded = time.monotonic()
                 return
-        except (anyio.ClosedResourceError, OSError) as exc:
+        except (anyio.ClosedResourceError, OSError, ValueError) as exc:  # ValueError: fd -1
             raise ChannelClosed("worker channel closed") from exc
         finally:
             if ticker is not None:

@@ -78,6 +78,7 @@ class WorkerHandle:
         self.pid = proc.pid
         self.channel = channel
         self.output = WorkerOutput(proc.stdout, proc.stderr)
+        self.output.watch(channel.fileno())
         self._jobs: set[int] = set()  # keys of the jobs the worker has loaded
         self._forget: list[int] = []  # jobs it may drop, told with the next send
         self._segments: set[int] = set()  # shared-memory segments it holds
@@ -134,7 +135,9 @@ class WorkerHandle:
                          config.memory_limit, _mp_authkey(), config.hygiene,
                          config.otel_setup, config.worker_loop, config.nice)  # fmt: skip
                 await self.channel.send(encode(hello))
-                reply = (await self.channel.receive())[0]
+                while not (msgs := await self.channel.receive(wake=self.output.fileno())):
+                    self.output.drain()  # what `init` prints, as it comes: it may not fit a pipe
+                reply = msgs[0]
         except ProtocolViolation as exc:
             raise WorkerStartError(f"worker {self.pid} broke the protocol: it sent {exc}") from None
         except TimeoutError:
@@ -405,6 +408,7 @@ class WorkerHandle:
         """Close its channel (it exits at EOF) and what else the parent holds of it."""
         self._close_stack_fd()
         self.channel.close()
+        self.output.wake_waiters()  # a call's reader waits on it, watching the channel
 
     def _close_stack_fd(self) -> None:
         fd, self._stack_fd = self._stack_fd, None

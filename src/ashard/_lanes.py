@@ -22,7 +22,8 @@ behind it never ran: they are sent again, at no attempt's cost). When a lane's w
 dies or hangs, the call it ran is lost (a crash or a timeout) and the others are sent
 again. Each call after the first on a lane is preceded by a MARK, so the worker's output
 is split between the calls exactly (`WorkerOutput.take`) and written by each call's own
-task.
+task. The reader also wakes when the worker's stdout or stderr has something to read,
+and reads it, so a worker is never left blocked on a full pipe.
 """
 
 from __future__ import annotations
@@ -265,11 +266,12 @@ class CallLanes:
             until = None if head.timeout is None else lane.head_since + head.timeout + KILL_GRACE
             if deadline is not None and (until is None or deadline < until):
                 until = deadline
-            reports = await receive_until(w, until, wait_first=True)
+            reports = await receive_until(w, until, wait_first=True, wake=w.output.fileno())
             if reports is None:
                 if until == deadline:
                     return
                 raise Hung
+            w.output.pull()  # what it wrote, up to its last answer at least
             for report in reports:
                 self._hand(lane, report)
 

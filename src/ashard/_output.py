@@ -5,8 +5,11 @@ whatever `fn` prints - from Python or C - is read here and written, whole lines 
 time, to `sys.stdout` / `sys.stderr` as the task that made the call sees them: the
 writes happen in that task's context (a job's drive or pump task, a call's own task),
 which is what `contextlib.redirect_stdout` and ipykernel (output in the cell that
-launched the work, fd capture on or off) go by. Each worker serves one call at a
-time, so lines of concurrent calls never mix. What a worker prints while no call
+launched the work, fd capture on or off) go by. Calls queued on one worker are told
+apart by the marker the worker writes before each (`marker`): `pull` reads and splits,
+`take` hands a call its share. A call's reader waits on `WorkerOutput.fileno()`, which
+is readable when the channel or a pipe is, so a call printing more than a pipe holds is
+read while it runs instead of blocking its worker. What a worker prints while no call
 holds it (its start, `init`) goes to the parent's streams of the moment.
 """
 
@@ -19,6 +22,8 @@ import select
 import sys
 from collections.abc import Callable
 from typing import IO, Any
+
+import anyio
 
 __all__ = ["WorkerOutput", "marker", "redirect", "write_taken", "write_text"]
 
@@ -47,30 +52,47 @@ class WorkerOutput:
         self._partial = [b"" for _ in self.fds]
         self._held: list[list[tuple[int | None, bytes]]] = [[] for _ in self.fds]
         self.eof = [False for _ in self.fds]
-        self._poll = select.poll()
+        self._epoll = select.epoll()  # the pipes and `watch`ed descriptors
         for fd in self.fds:
-            self._poll.register(fd, select.POLLIN | select.POLLHUP)
+            self._epoll.register(fd, select.EPOLLIN)
         self.closed = False
 
-    def take(self, seq: int) -> list[tuple[str, bytes]]:
-        """What call `seq`, the oldest this worker has not answered, wrote: everything in
-        the pipes up to the marker of a later call (kept for that call), as
-        ``(stream name, bytes)``."""
-        taken: list[tuple[str, bytes]] = []
+    def fileno(self) -> int:
+        """A descriptor readable while a pipe has something to read (or has ended) or a
+        `watch`ed descriptor is readable: what a call waiting for its answer waits on,
+        so that a worker blocked on a full pipe is read while its call runs."""
+        return -1 if self.closed else self._epoll.fileno()
+
+    def watch(self, fd: int) -> None:
+        """Make `fileno()` readable whenever `fd` is too (the worker's channel)."""
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def wake_waiters(self) -> None:
+        """Wake whoever waits on `fileno()` (the watched channel was closed)."""
+        with contextlib.suppress(Exception):  # no event loop at interpreter exit
+            anyio.notify_closing(self._epoll.fileno())
+
+    def pull(self) -> None:
+        """Read what the pipes hold now and keep it for the calls it belongs to (`take`):
+        after each batch of answers, and whenever `fileno()` was readable."""
         if self.closed:
-            return taken
-        readable = [fd for fd, _ in self._poll.poll(0)]  # one system call when empty
+            return
+        ready = {fd for fd, _ in self._epoll.poll(0)}  # one system call when empty
         for i, fd in enumerate(self.fds):
-            held = self._held[i]
             partial = self._partial[i]
-            if partial or fd in readable:
+            if partial or fd in ready:
                 data = self._read_all(i, fd)
                 if partial:
                     data, self._partial[i] = partial + data, b""
                 if data:
-                    _split(data, held)
-            if not held:
-                continue
+                    _split(data, self._held[i])
+
+    def take(self, seq: int) -> list[tuple[str, bytes]]:
+        """What call `seq`, the oldest this worker has not answered, wrote, as far as
+        `pull` read: everything up to the marker of a later call (kept for that call), as
+        ``(stream name, bytes)``."""
+        taken: list[tuple[str, bytes]] = []
+        for i, held in enumerate(self._held):
             mine = b""
             while held and held[0][0] in (None, seq):
                 mine += held.pop(0)[1]
@@ -86,11 +108,12 @@ class WorkerOutput:
             except (BlockingIOError, InterruptedError):
                 return data
             except OSError:
-                return data
+                chunk = b""  # unreadable: as good as ended (or `fileno()` never rests)
             if not chunk:
                 if not self.eof[i]:
                     self.eof[i] = True
-                    self._poll.unregister(fd)
+                    with contextlib.suppress(OSError, ValueError):
+                        self._epoll.unregister(fd)
                 return data
             data += chunk
             if len(chunk) < _READ:  # a pipe's read takes all it holds
@@ -122,6 +145,7 @@ class WorkerOutput:
         """Close this process's descriptors of the pipes, writing nothing (a forked
         child's copies)."""
         self.closed = True
+        self._epoll.close()
         for f in self._files:
             with contextlib.suppress(OSError):
                 f.close()
@@ -132,6 +156,8 @@ class WorkerOutput:
             return
         self.drain(final=True)
         self.closed = True
+        self.wake_waiters()
+        self._epoll.close()
         for f in self._files:
             with contextlib.suppress(OSError):
                 f.close()

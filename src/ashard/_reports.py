@@ -37,13 +37,16 @@ Report = tuple[Result, "list[Any] | Exception"]
 """A parsed RESULT and its values, or the error that unpickling them raised."""
 
 
-async def receive(w: WorkerHandle, *, wait_first: bool = False) -> list[Report]:
+async def receive(
+    w: WorkerHandle, *, wait_first: bool = False, wake: int | None = None
+) -> list[Report]:
     """The reports `w` sent, checked; large frames and values are unpickled off the
     event loop. A message that is not a well-formed result is a `ProtocolViolation`.
     Cancelled, it returns nothing or everything it read: the messages it took off the
-    channel are never lost (the unpickling threads are shielded)."""
+    channel are never lost (the unpickling threads are shielded). `wake`: as in
+    `Channel.receive` (then it may return no report)."""
     reports: list[Report] = []
-    msgs = await w.channel.receive(wait_first=wait_first)
+    msgs = await w.channel.receive(wait_first=wait_first, wake=wake)
     t0 = time.monotonic()
     for i, msg in enumerate(msgs):
         if reports and time.monotonic() - t0 >= DECODE_SECONDS:
@@ -73,13 +76,13 @@ async def receive(w: WorkerHandle, *, wait_first: bool = False) -> list[Report]:
 
 
 async def receive_until(
-    w: WorkerHandle, until: float | None, *, wait_first: bool = False
+    w: WorkerHandle, until: float | None, *, wait_first: bool = False, wake: int | None = None
 ) -> list[Report] | None:
     """`receive`, or None if nothing came by `until` (monotonic; None: no limit)."""
     if until is None:  # no cancel scope: it costs ~20 us, a quarter of a call's round trip
-        return await receive(w, wait_first=wait_first)
+        return await receive(w, wait_first=wait_first, wake=wake)
     with anyio.move_on_after(max(until - time.monotonic(), 0.0)):
-        return await receive(w, wait_first=wait_first)
+        return await receive(w, wait_first=wait_first, wake=wake)
     return None
 
 
