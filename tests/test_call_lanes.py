@@ -354,6 +354,27 @@ def test_calls_that_print_nothing_leave_only_their_markers_and_hand_on_the_rest(
         output.close()
 
 
+def test_a_running_calls_whole_lines_are_handed_out_early_and_the_rest_kept() -> None:
+    """`take_lines` gives the running call its whole lines so far; the piece of a line
+    and what later calls printed stay for `take`."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    with os.fdopen(out_r, "rb") as stdout, os.fdopen(err_r, "rb") as stderr:
+        output = WorkerOutput(stdout, stderr)
+        os.write(out_w, b"one\ntw")
+        assert output.pull()
+        assert output.take_lines(1) == [("stdout", b"one\n")]
+        os.write(out_w, b"o\n" + marker(2) + b"next\n")
+        output.pull()
+        assert output.take_lines(1) == [("stdout", b"two\n")]
+        assert output.take(1) == []
+        assert output.take(2) == [("stdout", b"next\n")]
+        assert not output.pull()
+        os.close(out_w)
+        os.close(err_w)
+        output.close()
+
+
 async def test_a_queued_calls_timeout_counts_from_its_own_start(queue_anything: None) -> None:
     with anyio.fail_after(60):
         async with ashard.Pool(1) as pool:

@@ -89,6 +89,26 @@ async def test_a_long_jobs_output_is_written_while_it_runs(tmp_path: Path) -> No
     assert out.getvalue().count("still running") == 1
 
 
+async def test_a_long_calls_output_is_written_while_it_runs(tmp_path: Path) -> None:
+    seen = anyio.Event()
+
+    class Watched(io.StringIO):
+        def write(self, text: str) -> int:
+            written = super().write(text)
+            if "still running" in self.getvalue():
+                seen.set()
+            return written
+
+    out = Watched()
+    flag = str(tmp_path / "go on")
+    with anyio.fail_after(30), contextlib.redirect_stdout(out):  # the call waits 300 s
+        async with ashard.Pool(1) as pool, anyio.create_task_group() as tg:
+            tg.start_soon(pool.call, workloads.say_then_wait, flag, "still running")
+            await seen.wait()  # written while the call waits for the flag
+            Path(flag).touch()
+    assert out.getvalue() == "still running\n"
+
+
 async def test_two_concurrent_calls_keep_their_lines_in_their_own_context() -> None:
     cells: dict[str, list[str]] = {"A": [], "B": []}
 

@@ -1369,6 +1369,13 @@ def start_idle_thread() -> None:
     threading.Thread(target=threading.Event().wait, daemon=True).start()
 
 
+def say_then_wait(flag: str, line: str) -> str:
+    """A call's `print_then_wait`: print `line` (raw, to fd 1), wait for file `flag`."""
+    os.write(1, f"{line}\n".encode())
+    wait_for_file(flag, 300)
+    return line
+
+
 def print_then_wait(shard: Shard, flag: str, line: str) -> int:
     """Print `line` (raw, to fd 1), then wait until file `flag` exists (300 s at most)."""
     os.write(1, f"{line}\n".encode())

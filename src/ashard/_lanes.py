@@ -23,7 +23,9 @@ dies or hangs, the call it ran is lost (a crash or a timeout) and the others are
 again. Each call after the first on a lane is preceded by a MARK, so the worker's output
 is split between the calls exactly (`WorkerOutput.take`) and written by each call's own
 task. The reader also wakes when the worker's stdout or stderr has something to read,
-and reads it, so a worker is never left blocked on a full pipe.
+and reads it, so a worker is never left blocked on a full pipe; the lines of the call
+that runs are written as they come when the reader is that call's own task (it is,
+unless its caller left).
 """
 
 from __future__ import annotations
@@ -271,7 +273,8 @@ class CallLanes:
                 if until == deadline:
                     return
                 raise Hung
-            w.output.pull()  # what it wrote, up to its last answer at least
+            if w.output.pull() and p is not None and lane.outstanding and lane.outstanding[0] is p:
+                write_taken(w.output.take_lines(p.seq))  # p runs: its lines as they come
             for report in reports:
                 self._hand(lane, report)
 

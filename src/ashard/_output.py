@@ -72,12 +72,14 @@ class WorkerOutput:
         with contextlib.suppress(Exception):  # no event loop at interpreter exit
             anyio.notify_closing(self._epoll.fileno())
 
-    def pull(self) -> None:
+    def pull(self) -> bool:
         """Read what the pipes hold now and keep it for the calls it belongs to (`take`):
-        after each batch of answers, and whenever `fileno()` was readable."""
+        after each batch of answers, and whenever `fileno()` was readable. True if it
+        read anything."""
         if self.closed:
-            return
+            return False
         ready = {fd for fd, _ in self._epoll.poll(0)}  # one system call when empty
+        read = False
         for i, fd in enumerate(self.fds):
             partial = self._partial[i]
             if partial or fd in ready:
@@ -86,6 +88,8 @@ class WorkerOutput:
                     data, self._partial[i] = partial + data, b""
                 if data:
                     _split(data, self._held[i])
+                    read = True
+        return read
 
     def take(self, seq: int) -> list[tuple[str, bytes]]:
         """What call `seq`, the oldest this worker has not answered, wrote, as far as
@@ -98,6 +102,23 @@ class WorkerOutput:
                 mine += held.pop(0)[1]
             if mine:
                 taken.append((self._names[i], mine))
+        return taken
+
+    def take_lines(self, seq: int) -> list[tuple[str, bytes]]:
+        """Of what `take(seq)` would give now, the whole lines: call `seq` still runs,
+        and what it printed so far is written as it comes rather than held."""
+        taken: list[tuple[str, bytes]] = []
+        for i, held in enumerate(self._held):
+            mine = b""
+            while held and held[0][0] in (None, seq):
+                mine += held.pop(0)[1]
+            cut = mine.rfind(b"\n") + 1
+            if len(mine) - cut > _MAX_PARTIAL:
+                cut = len(mine)
+            if cut < len(mine):
+                held.insert(0, (seq, mine[cut:]))
+            if cut:
+                taken.append((self._names[i], mine[:cut]))
         return taken
 
     def _read_all(self, i: int, fd: int) -> bytes:
