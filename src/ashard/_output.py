@@ -52,25 +52,28 @@ class WorkerOutput:
         self._partial = [b"" for _ in self.fds]
         self._held: list[list[tuple[int | None, bytes]]] = [[] for _ in self.fds]
         self.eof = [False for _ in self.fds]
-        self._epoll = select.epoll()  # the pipes and `watch`ed descriptors
+        self._ready = _Readiness()  # the pipes and `watch`ed descriptors
         for fd in self.fds:
-            self._epoll.register(fd, select.EPOLLIN)
+            self._ready.register(fd)
         self.closed = False
 
-    def fileno(self) -> int:
+    def fileno(self) -> int | None:
         """A descriptor readable while a pipe has something to read (or has ended) or a
         `watch`ed descriptor is readable: what a call waiting for its answer waits on,
-        so that a worker blocked on a full pipe is read while its call runs."""
-        return -1 if self.closed else self._epoll.fileno()
+        so that a worker blocked on a full pipe is read while its call runs (-1 once
+        closed; None without epoll: then the pipes are read only with answers)."""
+        return -1 if self.closed else self._ready.fileno()
 
     def watch(self, fd: int) -> None:
         """Make `fileno()` readable whenever `fd` is too (the worker's channel)."""
-        self._epoll.register(fd, select.EPOLLIN)
+        self._ready.register(fd)
 
     def wake_waiters(self) -> None:
         """Wake whoever waits on `fileno()` (the watched channel was closed)."""
-        with contextlib.suppress(Exception):  # no event loop at interpreter exit
-            anyio.notify_closing(self._epoll.fileno())
+        fd = self.fileno()
+        if fd is not None and fd >= 0:
+            with contextlib.suppress(Exception):  # no event loop at interpreter exit
+                anyio.notify_closing(fd)
 
     def pull(self) -> bool:
         """Read what the pipes hold now and keep it for the calls it belongs to (`take`):
@@ -78,7 +81,7 @@ class WorkerOutput:
         read anything."""
         if self.closed:
             return False
-        ready = {fd for fd, _ in self._epoll.poll(0)}  # one system call when empty
+        ready = self._ready.ready()
         read = False
         for i, fd in enumerate(self.fds):
             partial = self._partial[i]
@@ -133,8 +136,7 @@ class WorkerOutput:
             if not chunk:
                 if not self.eof[i]:
                     self.eof[i] = True
-                    with contextlib.suppress(OSError, ValueError):
-                        self._epoll.unregister(fd)
+                    self._ready.unregister(fd)
                 return data
             data += chunk
             if len(chunk) < _READ:  # a pipe's read takes all it holds
@@ -166,7 +168,7 @@ class WorkerOutput:
         """Close this process's descriptors of the pipes, writing nothing (a forked
         child's copies)."""
         self.closed = True
-        self._epoll.close()
+        self._ready.close()
         for f in self._files:
             with contextlib.suppress(OSError):
                 f.close()
@@ -176,12 +178,47 @@ class WorkerOutput:
         if self.closed:
             return
         self.drain(final=True)
-        self.closed = True
         self.wake_waiters()
-        self._epoll.close()
+        self.closed = True
+        self._ready.close()
         for f in self._files:
             with contextlib.suppress(OSError):
                 f.close()
+
+
+class _Readiness:
+    """Which of a set of descriptors are readable: an epoll set, itself a descriptor to
+    wait on (Linux); `select.poll` elsewhere, with nothing to wait on."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        self._poll = select.poll() if self._epoll is None else None
+
+    def fileno(self) -> int | None:
+        return None if self._epoll is None else self._epoll.fileno()
+
+    def register(self, fd: int) -> None:
+        if self._epoll is not None:
+            self._epoll.register(fd, select.EPOLLIN)
+        elif self._poll is not None:
+            self._poll.register(fd, select.POLLIN)
+
+    def unregister(self, fd: int) -> None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            elif self._poll is not None:
+                self._poll.unregister(fd)
+
+    def ready(self) -> set[int]:
+        """The registered descriptors readable now (one system call)."""
+        if self._epoll is not None:
+            return {fd for fd, _ in self._epoll.poll(0)}
+        return {fd for fd, _ in self._poll.poll(0)} if self._poll is not None else set()
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
 
 
 def marker(seq: int) -> bytes:
