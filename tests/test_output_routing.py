@@ -109,6 +109,31 @@ async def test_a_long_calls_output_is_written_while_it_runs(tmp_path: Path) -> N
     assert out.getvalue() == "still running\n"
 
 
+def _bulk_shard(shard: ashard.Shard) -> int:
+    return workloads.print_bulk(f"shard {shard.id}", 3_000)
+
+
+async def test_a_jobs_output_is_read_before_its_pumping_tasks_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before the tasks that pump a job's output start (`PUMP_AFTER_SECONDS`), the
+    job's drive reads what the worker prints: a shard printing more than a pipe holds
+    is not left blocked until then (here: never)."""
+    from ashard import _scheduler
+
+    monkeypatch.setattr(_scheduler, "PUMP_AFTER_SECONDS", 1e6)
+    buf = io.StringIO()
+    with anyio.fail_after(60), contextlib.redirect_stdout(buf):
+        async with ashard.Pool(1) as pool:
+            result = await pool.shard_map(ashard.shards(2, block_size=1), _bulk_shard)
+    assert result.results == [3_000, 3_000]
+    lines = buf.getvalue().splitlines()
+    for i in range(2):
+        assert [line for line in lines if line.startswith(f"shard {i} ")] == [
+            f"shard {i} {k:08d} ".ljust(99, "x") for k in range(3_000)
+        ]
+
+
 async def test_two_concurrent_calls_keep_their_lines_in_their_own_context() -> None:
     cells: dict[str, list[str]] = {"A": [], "B": []}
 

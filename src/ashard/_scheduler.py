@@ -103,9 +103,10 @@ DELIVER_SECONDS = 0.0002
 is delivered after the event loop had its turn. Each worker's drive takes such a step in
 the same turn of the loop, so this is well under the millisecond a turn may take."""
 PUMP_AFTER_SECONDS = 0.05
-"""A job's worker output is written as it comes once the job has run this long on the
-worker; before, at the end or then. Most jobs end sooner, and the tasks that pump it
-would cost a short job a quarter of its time on the loop."""
+"""A job's worker output is written by tasks of their own (they pump it as it comes)
+once the job has run this long on the worker; before, the job's drive writes it when
+it wakes for it. Most jobs end sooner, and the pumping tasks would cost a short job a
+quarter of its time on the loop."""
 AUTO_BUDGET_SHARE = 0.85
 """`mem_budget="auto"`: this share of the memory the process may still use."""
 ENCODE_INLINE_SECONDS = 0.002
@@ -578,17 +579,24 @@ class Scheduler:
 
     async def _receive(self, lease: _Lease, wake: float | None = None) -> bool:
         """Add what the lease's worker reports next to its pending reports; False if
-        `wake` (monotonic) came first. No frame here keeps the reports (their values):
-        once delivered and handed on, the caller alone holds them."""
+        `wake` (monotonic: when the pump starts) came first, or if the worker printed
+        before then: the drive writes that itself, so that a worker that prints more
+        than a pipe holds is not left blocked until the pump runs. No frame here keeps
+        the reports (their values): once delivered and handed on, the caller alone
+        holds them."""
+        w = lease.worker
         timeout = lease.run.work.opts.timeout
         until = None if timeout is None else lease.last_heard + timeout + KILL_GRACE
+        output = None if wake is None else w.output.fileno()
         if wake is not None and (until is None or wake < until):
-            reports = await receive_until(lease.worker, wake)
+            reports = await receive_until(w, wake, wake=output)
         else:
-            reports = await receive_until(lease.worker, until)
+            reports = await receive_until(w, until, wake=output)
             if reports is None:
                 raise Hung
         if not reports:
+            if reports is not None:  # woken by its output
+                w.output.drain()
             return False
         lease.pending.extend(reports)
         return True
