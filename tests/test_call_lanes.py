@@ -305,6 +305,36 @@ async def test_queued_calls_printing_more_than_a_pipe_holds_each_get_their_own(
         assert "".join(chunks).splitlines() == _bulk_lines(tag, 3_000) * 2
 
 
+async def test_cancelled_calls_lines_never_land_in_another_calls_context(
+    queue_anything: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Printing calls queued on two workers, cancelled at random moments (before they
+    start, as they run, as they answer): every line goes to the context of the call
+    that printed it, in order, and a call that was not cancelled gets all of its
+    lines. (A cancelled call's lines went to whichever call's task read its answer.)"""
+    monkeypatch.setattr(sys, "stdout", _PerTaskStream())
+    rng = random.Random(2026)
+    records: list[tuple[str, int, list[str], bool]] = []
+
+    async def caller(pool: ashard.Pool, t: int) -> None:
+        for k in range(8):
+            tag, mine = f"{t}.{k}", []
+            _cell.set(mine)
+            n = rng.choice([0, 10, 300, 1_000])
+            with anyio.move_on_after(rng.choice([0.001, 0.003, 0.01, 0.03, 60])) as scope:
+                assert await pool.call(workloads.print_bulk, tag, n) == n
+            records.append((tag, n, mine, not scope.cancelled_caught))
+
+    with anyio.fail_after(120):
+        async with ashard.Pool(2) as pool, anyio.create_task_group() as tg:
+            for t in range(8):
+                tg.start_soon(caller, pool, t)
+    assert {done for *_, done in records} == {True, False}
+    for tag, n, mine, done in records:
+        lines, want = "".join(mine).splitlines(), _bulk_lines(tag, n)
+        assert lines == (want if done else want[: len(lines)]), tag
+
+
 def test_a_marker_read_alone_still_starts_its_calls_output() -> None:
     """The marker of the next call may be the last thing one read finds: what comes
     after it in a later read is still that call's, not the call before's."""
@@ -352,6 +382,22 @@ def test_calls_that_print_nothing_leave_only_their_markers_and_hand_on_the_rest(
         os.close(out_w)
         os.close(err_w)
         output.close()
+
+
+def test_what_is_drained_at_the_end_never_carries_a_marker() -> None:
+    """A lost worker's pipes are drained whole at the end: the markers of the calls it
+    held are taken out, not written as output."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    with os.fdopen(out_r, "rb") as stdout, os.fdopen(err_r, "rb") as stderr:
+        output = WorkerOutput(stdout, stderr)
+        os.write(out_w, b"before\n" + marker(5) + b"after")
+        os.close(out_w)
+        os.close(err_w)
+        written = io.StringIO()
+        with contextlib.redirect_stdout(written):
+            output.close()
+    assert written.getvalue() == "before\nafter"
 
 
 def test_a_running_calls_whole_lines_are_handed_out_early_and_the_rest_kept() -> None:

@@ -30,6 +30,7 @@ unless its caller left).
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ class _Pending:
     output: list[tuple[str, bytes]] = field(default_factory=list)
     wake: anyio.Event | None = None
     abandoned: bool = False  # its caller left: whoever resolves it frees its slot
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
+    """Its caller's: what it prints is written there, whichever task reads it."""
 
 
 @dataclass(eq=False, slots=True)
@@ -273,8 +276,9 @@ class CallLanes:
                 if until == deadline:
                     return
                 raise Hung
-            if w.output.pull() and p is not None and lane.outstanding and lane.outstanding[0] is p:
-                write_taken(w.output.take_lines(p.seq))  # p runs: its lines as they come
+            if w.output.pull() and lane.outstanding:  # the running call's lines, as they come
+                head = lane.outstanding[0]
+                head.context.run(write_taken, w.output.take_lines(head.seq))
             for report in reports:
                 self._hand(lane, report)
 
@@ -297,8 +301,8 @@ class CallLanes:
         self.workers.heard_back(0)
         if head.wake is not None:
             head.wake.set()
-        if head.abandoned:
-            write_taken(head.output)  # its caller left: written here rather than nowhere
+        if head.abandoned:  # its caller left: its output goes where the caller's went
+            head.context.run(write_taken, head.output)
             self._free_slot(lane)
 
     def _pass_reading(self, lane: _Lane) -> bool:
@@ -327,6 +331,7 @@ class CallLanes:
         the worker if it does not stop within `CANCEL_GRACE`. Someone is left to read
         what the lane still owes."""
         if p.answer is not None or lane.lost is not None:
+            write_taken(p.output)  # answered (or lost) as its caller was cancelled
             self._free_slot(lane)
             return
         p.abandoned = True
@@ -360,6 +365,9 @@ class CallLanes:
         w = lane.worker
         pending = list(lane.outstanding)
         lane.outstanding.clear()
+        w.output.pull()  # what it printed goes to its callers, not to whoever reads
+        for q in pending:
+            q.context.run(write_taken, w.output.take(q.seq))
         for i, q in enumerate(pending):
             q.ran = i == 0 and q.sent
         if kill:

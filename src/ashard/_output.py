@@ -148,9 +148,12 @@ class WorkerOutput:
         if self.closed:
             return
         for i, fd in enumerate(self.fds):
-            data = b"".join(part for _, part in self._held[i]) + self._partial[i]
-            self._held[i].clear()
-            data += self._read_all(i, fd)
+            held = self._held[i]
+            data = self._partial[i] + self._read_all(i, fd)
+            if data:
+                _split(data, held)  # (a call's marker is never output)
+            data = b"".join(part for _, part in held)
+            held.clear()
             if not data:
                 continue
             cut = data.rfind(b"\n") + 1
