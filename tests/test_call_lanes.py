@@ -335,6 +335,50 @@ async def test_cancelled_calls_lines_never_land_in_another_calls_context(
         assert lines == (want if done else want[: len(lines)]), tag
 
 
+async def test_workers_killed_under_queued_printing_calls_cost_no_line_its_place(
+    queue_anything: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers SIGKILLed from outside every 50-200 ms while printing calls queue on them
+    and callers give up at random: a call that returns has its value and every line of
+    its own; one that crashed or was cancelled has a first part of its lines; no line
+    lands in another call's context."""
+    monkeypatch.setattr(sys, "stdout", _PerTaskStream())
+    rng = random.Random(7)
+    records: list[tuple[str, int, list[str], bool]] = []
+
+    async def caller(pool: ashard.Pool, t: int) -> None:
+        for k in range(25):
+            tag, mine = f"{t}.{k}", []
+            _cell.set(mine)
+            n = rng.choice([0, 10, 300, 1_000])
+            done = False
+            with anyio.move_on_after(rng.choice([0.003, 0.02, 60, 60])):
+                try:
+                    assert await pool.call(workloads.print_bulk, tag, n) == n
+                    done = True
+                except (ashard.WorkerCrashed, ashard.WorkerStartError):
+                    pass
+            records.append((tag, n, mine, done))
+
+    async def killer(pool: ashard.Pool) -> None:
+        while True:
+            await anyio.sleep(rng.uniform(0.05, 0.2))
+            with contextlib.suppress(ProcessLookupError, IndexError):
+                os.kill(rng.choice(pool.pids), signal.SIGKILL)
+
+    with anyio.fail_after(120):
+        async with ashard.Pool(2) as pool, anyio.create_task_group() as tg:
+            tg.start_soon(killer, pool)
+            async with anyio.create_task_group() as callers:
+                for t in range(8):
+                    callers.start_soon(caller, pool, t)
+            tg.cancel_scope.cancel()
+    assert any(done for *_, done in records)
+    for tag, n, mine, done in records:
+        lines, want = "".join(mine).splitlines(), _bulk_lines(tag, n)
+        assert lines == (want if done else want[: len(lines)]), tag
+
+
 def test_a_marker_read_alone_still_starts_its_calls_output() -> None:
     """The marker of the next call may be the last thing one read finds: what comes
     after it in a later read is still that call's, not the call before's."""
