@@ -236,26 +236,40 @@ class _PerTaskStream(io.TextIOBase):
         return len(text)
 
 
+async def _in_cells(
+    workers: int,
+    cells: dict[str, list[str]],
+    body: Callable[[ashard.Pool, str], Awaitable[None]],
+) -> None:
+    """`body(pool, tag)` for every cell at once, each in its own cell's context, on a
+    warm pool whose calls queue (checked: they did)."""
+
+    async def cell(pool: ashard.Pool, tag: str) -> None:
+        _cell.set(cells[tag])
+        await body(pool, tag)
+
+    with anyio.fail_after(60):
+        async with ashard.Pool(workers) as pool:
+            await pool.call(abs, -1)
+            async with anyio.create_task_group() as tg:
+                for tag in cells:
+                    tg.start_soon(cell, pool, tag)
+            assert (await _lanes_of(pool)).deepest >= 2
+
+
 async def test_queued_calls_keep_their_output_in_their_own_context(
     queue_anything: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cells: dict[str, list[str]] = {tag: [] for tag in "ABCDEFGH"}
 
-    async def cell(pool: ashard.Pool, tag: str) -> None:
-        _cell.set(cells[tag])
+    async def calls(pool: ashard.Pool, tag: str) -> None:
         for k in range(10):
             assert await pool.call(workloads.print_tagged, tag, k) == k
             # every line of the call is in by the time it returned
             assert f"{tag} raw {k}\n" in "".join(cells[tag])
 
     monkeypatch.setattr(sys, "stdout", _PerTaskStream())
-    with anyio.fail_after(60):
-        async with ashard.Pool(2) as pool:
-            await pool.call(abs, -1)
-            async with anyio.create_task_group() as tg:
-                for tag in cells:
-                    tg.start_soon(cell, pool, tag)
-            assert (await _lanes_of(pool)).deepest >= 2
+    await _in_cells(2, cells, calls)
     for tag, chunks in cells.items():
         lines = "".join(chunks).splitlines()
         assert sorted(lines) == sorted(
@@ -288,19 +302,12 @@ async def test_queued_calls_printing_more_than_a_pipe_holds_each_get_their_own(
     wait: read early, every line still goes to its own call's context, in order."""
     cells: dict[str, list[str]] = {tag: [] for tag in "ABCD"}
 
-    async def cell(pool: ashard.Pool, tag: str) -> None:
-        _cell.set(cells[tag])
+    async def calls(pool: ashard.Pool, tag: str) -> None:
         for _ in range(2):
             assert await pool.call(workloads.print_bulk, tag, 3_000) == 3_000
 
     monkeypatch.setattr(sys, "stdout", _PerTaskStream())
-    with anyio.fail_after(60):
-        async with ashard.Pool(1) as pool:
-            await pool.call(abs, -1)
-            async with anyio.create_task_group() as tg:
-                for tag in cells:
-                    tg.start_soon(cell, pool, tag)
-            assert (await _lanes_of(pool)).deepest >= 2
+    await _in_cells(1, cells, calls)
     for tag, chunks in cells.items():
         assert "".join(chunks).splitlines() == _bulk_lines(tag, 3_000) * 2
 

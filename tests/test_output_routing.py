@@ -68,7 +68,8 @@ async def test_redirect_stdout_captures_every_kind_of_worker_output() -> None:
     assert _lines([out.getvalue()], "C") == _expected("C", ("py", "raw", "c"), 1)
 
 
-async def test_a_long_jobs_output_is_written_while_it_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["shard_map", "call"])
+async def test_long_works_output_is_written_while_it_runs(tmp_path: Path, how: str) -> None:
     seen = anyio.Event()
 
     class Watched(io.StringIO):
@@ -80,31 +81,14 @@ async def test_a_long_jobs_output_is_written_while_it_runs(tmp_path: Path) -> No
 
     out = Watched()
     flag = str(tmp_path / "go on")
-    fn = functools.partial(workloads.print_then_wait, flag=flag, line="still running")
-    with anyio.fail_after(30), contextlib.redirect_stdout(out):  # the shard waits 300 s
+    with anyio.fail_after(30), contextlib.redirect_stdout(out):  # the work waits 300 s
         async with ashard.Pool(1) as pool, anyio.create_task_group() as tg:
-            tg.start_soon(functools.partial(pool.shard_map, 1, fn))
-            await seen.wait()  # written while the shard waits for the flag
-            Path(flag).touch()
-    assert out.getvalue().count("still running") == 1
-
-
-async def test_a_long_calls_output_is_written_while_it_runs(tmp_path: Path) -> None:
-    seen = anyio.Event()
-
-    class Watched(io.StringIO):
-        def write(self, text: str) -> int:
-            written = super().write(text)
-            if "still running" in self.getvalue():
-                seen.set()
-            return written
-
-    out = Watched()
-    flag = str(tmp_path / "go on")
-    with anyio.fail_after(30), contextlib.redirect_stdout(out):  # the call waits 300 s
-        async with ashard.Pool(1) as pool, anyio.create_task_group() as tg:
-            tg.start_soon(pool.call, workloads.say_then_wait, flag, "still running")
-            await seen.wait()  # written while the call waits for the flag
+            if how == "shard_map":
+                fn = functools.partial(workloads.print_then_wait, flag=flag, line="still running")
+                tg.start_soon(functools.partial(pool.shard_map, 1, fn))
+            else:
+                tg.start_soon(pool.call, workloads.say_then_wait, flag, "still running")
+            await seen.wait()  # written while the work waits for the flag
             Path(flag).touch()
     assert out.getvalue() == "still running\n"
 
