@@ -21,11 +21,11 @@ runs is interrupted, and killed with its worker after `CANCEL_GRACE` (the calls 
 behind it never ran: they are sent again, at no attempt's cost). When a lane's worker
 dies or hangs, the call it ran is lost (a crash or a timeout) and the others are sent
 again. Each call after the first on a lane is preceded by a MARK, so the worker's output
-is split between the calls exactly (`WorkerOutput.take`) and written by each call's own
-task. The reader also wakes when the worker's stdout or stderr has something to read,
-and reads it, so a worker is never left blocked on a full pipe; the lines of the call
-that runs are written as they come when the reader is that call's own task (it is,
-unless its caller left).
+is split between the calls exactly (`WorkerOutput.take`) and written in each call's
+caller's context, whichever task reads it (a call carries a copy of that context). The
+reader also wakes when the worker's stdout or stderr has something to read, and reads
+it, so a worker is never left blocked on a full pipe; the lines of the call that runs
+are written as they come.
 """
 
 from __future__ import annotations
