@@ -118,6 +118,22 @@ async def test_a_jobs_output_is_read_before_its_pumping_tasks_start(
         ]
 
 
+async def test_a_line_cut_short_by_a_workers_death_is_ended_where_it_stops() -> None:
+    """What a dying worker wrote of a line is written, ended there: the next worker's
+    lines (a call's, a retried shard's) start lines of their own, never glued to it."""
+    buf = io.StringIO()
+    with anyio.fail_after(60), contextlib.redirect_stdout(buf):
+        async with ashard.Pool(1) as pool:
+            with pytest.raises(ashard.WorkerCrashed):
+                await pool.call(workloads.write_then_die, "cut sh")
+            assert await pool.call(workloads.print_tagged, "next", 1) == 1
+            result = await pool.shard_map(1, workloads.cut_short_first_attempt)
+    assert result.results == [0]
+    assert buf.getvalue().splitlines() == [
+        "cut sh", "next py 1", "next raw 1", "cut sh", "attempt 2"
+    ]  # fmt: skip
+
+
 async def test_two_concurrent_calls_keep_their_lines_in_their_own_context() -> None:
     cells: dict[str, list[str]] = {"A": [], "B": []}
 

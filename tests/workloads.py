@@ -116,6 +116,20 @@ def die(how: str) -> None:
     raise AssertionError(how)
 
 
+def write_then_die(text: str) -> None:
+    """Write `text` to fd 1 with no newline, then die by SIGKILL."""
+    os.write(1, text.encode())
+    die("sigkill")
+
+
+def cut_short_first_attempt(shard: Shard) -> int:
+    """Attempt 1: write part of a line, then die; later attempts print a whole one."""
+    if shard.attempt == 1:
+        write_then_die("cut sh")
+    print(f"attempt {shard.attempt}")
+    return shard.id
+
+
 def die_first_attempt(shard: Shard, how: str = "sigkill", victim: int = 2) -> int:
     if shard.id == victim and shard.attempt == 1:
         die(how)

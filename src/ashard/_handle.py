@@ -123,7 +123,7 @@ class WorkerHandle:
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await handle.kill()
-                handle.output.close()  # what it said before it died: why, often
+                handle.output.close(cut_short=True)  # what it said before it died: why, often
             raise
         handle.output.drain()  # what `init` printed
         return handle
@@ -422,7 +422,7 @@ class WorkerHandle:
         self.close_channel()
         code = await self.wait_exit(10.0)
         _live.discard(self)
-        self.output.close()
+        self.output.close(cut_short=True)
         return code if code is not None else -signal.SIGKILL
 
     async def stop(self, grace: float) -> None:

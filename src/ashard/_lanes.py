@@ -40,7 +40,7 @@ import anyio
 
 from ashard._framing import Buffer, ChannelClosed, encode, encode_many
 from ashard._health import PROFILES
-from ashard._output import marker, write_taken
+from ashard._output import ended, marker, write_taken
 from ashard._protocol import MARK, UNCALL, UNREADABLE_CALL, ProtocolViolation
 from ashard._reports import Report, receive_until
 
@@ -367,7 +367,7 @@ class CallLanes:
         lane.outstanding.clear()
         w.output.pull()  # what it printed goes to its callers, not to whoever reads
         for q in pending:
-            q.context.run(write_taken, w.output.take(q.seq))
+            q.context.run(write_taken, ended(w.output.take(q.seq)))
         for i, q in enumerate(pending):
             q.ran = i == 0 and q.sent
         if kill:

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import anyio
 
-__all__ = ["WorkerOutput", "marker", "redirect", "write_taken", "write_text"]
+__all__ = ["WorkerOutput", "ended", "marker", "redirect", "write_taken", "write_text"]
 
 _redirect: contextvars.ContextVar[Callable[[str, str], None] | None] = contextvars.ContextVar(
     "ashard_output", default=None
@@ -142,9 +142,10 @@ class WorkerOutput:
             if len(chunk) < _READ:  # a pipe's read takes all it holds
                 return data
 
-    def drain(self, *, final: bool = False) -> None:
+    def drain(self, *, final: bool = False, cut_short: bool = False) -> None:
         """Write every complete line read so far to the caller's streams (`final`: the
-        rest too, with no newline of its own)."""
+        rest too; `cut_short`: the worker died, so a last line it did not end is ended
+        here, and what another worker prints next starts a line of its own)."""
         if self.closed:
             return
         for i, fd in enumerate(self.fds):
@@ -159,6 +160,9 @@ class WorkerOutput:
             cut = data.rfind(b"\n") + 1
             if final or len(data) - cut > _MAX_PARTIAL:
                 cut = len(data)
+            if cut_short and cut == len(data) and not data.endswith(b"\n"):
+                data += b"\n"
+                cut += 1
             if cut:
                 _write(self._names[i], data[:cut])
             self._partial[i] = data[cut:]
@@ -176,11 +180,11 @@ class WorkerOutput:
             with contextlib.suppress(OSError):
                 f.close()
 
-    def close(self) -> None:
-        """Write what is left and close the pipes."""
+    def close(self, *, cut_short: bool = False) -> None:
+        """Write what is left and close the pipes (`cut_short`: as in `drain`)."""
         if self.closed:
             return
-        self.drain(final=True)
+        self.drain(final=True, cut_short=cut_short)
         self.wake_waiters()
         self.closed = True
         self._ready.close()
@@ -247,6 +251,11 @@ def _split(data: bytes, held: list[tuple[int | None, bytes]]) -> None:
         held.append((owner, b""))
     if start < len(data):
         held.append((owner, data[start:]))
+
+
+def ended(taken: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """What `take` gave a call whose worker died, each stream's last line ended."""
+    return [(name, data if data.endswith(b"\n") else data + b"\n") for name, data in taken]
 
 
 def write_taken(taken: list[tuple[str, bytes]]) -> None:

@@ -477,7 +477,7 @@ class WorkerSet:
         if member:
             self._stopped(w, "crash")
         w.close_channel()
-        w.output.close()  # what it said as it died goes to the call that lost it
+        w.output.close(cut_short=True)  # what it said as it died goes to the call that lost it
         self._wake_for_capacity()
 
     def should_yield(self, tenant: Tenant) -> bool:
