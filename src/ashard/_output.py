@@ -100,10 +100,7 @@ class WorkerOutput:
         ``(stream name, bytes)``."""
         taken: list[tuple[str, bytes]] = []
         for i, held in enumerate(self._held):
-            mine = b""
-            while held and held[0][0] in (None, seq):
-                mine += held.pop(0)[1]
-            if mine:
+            if mine := _own(held, seq):
                 taken.append((self._names[i], mine))
         return taken
 
@@ -112,9 +109,7 @@ class WorkerOutput:
         and what it printed so far is written as it comes rather than held."""
         taken: list[tuple[str, bytes]] = []
         for i, held in enumerate(self._held):
-            mine = b""
-            while held and held[0][0] in (None, seq):
-                mine += held.pop(0)[1]
+            mine = _own(held, seq)
             cut = mine.rfind(b"\n") + 1
             if len(mine) - cut > _MAX_PARTIAL:
                 cut = len(mine)
@@ -231,6 +226,15 @@ class _Readiness:
 def marker(seq: int) -> bytes:
     """What a worker writes to fds 1 and 2 where the output of call `seq` begins."""
     return _MARK + seq.to_bytes(_SEQ, "little", signed=True)
+
+
+def _own(held: list[tuple[int | None, bytes]], seq: int) -> bytes:
+    """Take the pieces of call `seq` (None: the oldest unanswered call's) off the front
+    of `held`."""
+    parts: list[bytes] = []
+    while held and held[0][0] in (None, seq):
+        parts.append(held.pop(0)[1])
+    return b"".join(parts)
 
 
 def _split(data: bytes, held: list[tuple[int | None, bytes]]) -> None:

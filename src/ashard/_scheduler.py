@@ -577,9 +577,9 @@ class Scheduler:
             run.encode_in_thread = run.slow_encodes >= SLOW_ENCODES
         return encoded
 
-    async def _receive(self, lease: _Lease, wake: float | None = None) -> bool:
+    async def _receive(self, lease: _Lease, pump_at: float | None = None) -> bool:
         """Add what the lease's worker reports next to its pending reports; False if
-        `wake` (monotonic: when the pump starts) came first, or if the worker printed
+        `pump_at` (monotonic: when the pump starts) came first, or if the worker printed
         before then: the drive writes that itself, so that a worker that prints more
         than a pipe holds is not left blocked until the pump runs. No frame here keeps
         the reports (their values): once delivered and handed on, the caller alone
@@ -587,9 +587,9 @@ class Scheduler:
         w = lease.worker
         timeout = lease.run.work.opts.timeout
         until = None if timeout is None else lease.last_heard + timeout + KILL_GRACE
-        output = None if wake is None else w.output.fileno()
-        if wake is not None and (until is None or wake < until):
-            reports = await receive_until(w, wake, wake=output)
+        output = None if pump_at is None else w.output.fileno()
+        if pump_at is not None and (until is None or pump_at < until):
+            reports = await receive_until(w, pump_at, wake=output)
         else:
             reports = await receive_until(w, until, wake=output)
             if reports is None:
