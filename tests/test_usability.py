@@ -159,6 +159,36 @@ async def test_a_traceback_shows_the_source_of_a_function_from_a_notebook_cell()
     assert "return x / 0  # the line to show" in res.failures[0].remote_traceback
 
 
+async def test_cells_with_the_same_code_each_show_their_own_name_and_lines() -> None:
+    """Two cells whose functions compile to equal code (they differ in a comment only):
+    code objects compare equal whatever their file, so anything remembered per code
+    object must not hand one cell's name and lines to the other."""
+    import linecache
+
+    names = ["/tmp/ipykernel_0/cell-8.py", "/tmp/ipykernel_0/cell-9.py"]
+    fns = []
+    for k, cell in enumerate(names):
+        source = f"def broken(x):\n    return x / 0  # the line of cell {k}\n"
+        linecache.cache[cell] = (len(source), None, source.splitlines(True), cell)
+        namespace: dict[str, object] = {}
+        exec(compile(source, cell, "exec"), namespace)
+        fns.append(namespace["broken"])
+    assert fns[0].__code__ == fns[1].__code__  # type: ignore[attr-defined]
+    try:
+        with anyio.fail_after(60):
+            texts = []
+            for fn in fns:
+                with pytest.raises(ZeroDivisionError) as info:
+                    await ashard.call(fn, 1)
+                texts.append(str(info.value.__cause__))
+    finally:
+        for cell in names:
+            del linecache.cache[cell]
+    for k, (cell, text) in enumerate(zip(names, texts, strict=True)):
+        assert f'File "{cell}", line 2, in broken' in text
+        assert f"return x / 0  # the line of cell {k}" in text
+
+
 def test_a_traceback_names_the_script_and_shows_the_line(tmp_path: str) -> None:
     import os
     import subprocess

@@ -63,7 +63,7 @@ def with_sources(fn: Any) -> Any:
     code = getattr(target, "__code__", None)
     if not isinstance(code, types.CodeType) or not _by_value(target):
         return fn
-    names, sources = _names_and_sources(code)
+    names, sources = _names_and_sources(code, code.co_filename)
     return _WithSources(fn, names, sources)
 
 
@@ -75,7 +75,12 @@ def _by_value(fn: Any) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _names_and_sources(code: types.CodeType) -> tuple[tuple[str, ...], dict[str, Any]]:
+def _names_and_sources(
+    code: types.CodeType, filename: str
+) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """The file names of `code` and its nested code, and the lines of those only
+    `linecache` holds. Keyed by `filename` too: code objects compare equal whatever
+    their file (two notebook cells differing in a comment), and each keeps its own."""
     names: list[str] = []
     sources: dict[str, Any] = {}
 
