@@ -5,7 +5,9 @@ schemas checked, local and on S3; results="table" and "disk"; shard_reduce."""
 from __future__ import annotations
 
 import functools
+import gc
 import os
+import tempfile
 
 import anyio
 import numpy as np
@@ -242,6 +244,49 @@ async def test_results_disk_none_failures_and_results_path(tmp_path: str) -> Non
             await ashard.shard_map(six, workloads.fail_on, results_path=str(tmp_path) + "/x")
         with pytest.raises(ValueError, match="results must be one of"):
             await ashard.shard_map(six, workloads.fail_on, results="x")  # type: ignore[typeddict-item]
+
+
+def _results_dirs() -> set[str]:
+    tmp = tempfile.gettempdir()
+    return {os.path.join(tmp, n) for n in os.listdir(tmp) if n.startswith("ashard-results-")}
+
+
+def _wrote_a_result(dirs: set[str]) -> bool:
+    return any(n.startswith("result-") for d in dirs for n in os.listdir(d))
+
+
+async def test_a_cancelled_calls_results_go_at_once_and_a_cancelled_retrys_stay() -> None:
+    """A `shard_map` cancelled mid-run gives nobody its results: its temporary directory
+    goes as the cancellation leaves the call, not whenever a reference cycle holding
+    the call is collected (the collector is off here to tell the two apart). A
+    cancelled `retry_failed` writes into its first run's directory: that one stays."""
+    gc.disable()
+    try:
+        with anyio.fail_after(60):
+            async with ashard.Pool(2) as pool:
+                before = _results_dirs()
+                slow = functools.partial(workloads.python_sleep, victim=1)  # 60 s
+                async with anyio.create_task_group() as tg:
+                    call = functools.partial(pool.shard_map, results="disk")
+                    tg.start_soon(call, ashard.shards(6, block_size=1), slow)
+                    while not _wrote_a_result(_results_dirs() - before):  # noqa: ASYNC110
+                        await anyio.sleep(0.01)  # (files: nothing to wait on)
+                    tg.cancel_scope.cancel()
+                assert _results_dirs() == before
+
+                six = ashard.shards(6, block_size=1)
+                first = await pool.shard_map(six, workloads.fail_on, results="disk",
+                                             errors="collect")  # fmt: skip
+                with first:
+                    assert [f.shard_id for f in first.failures] == [3]
+                    stuck = functools.partial(workloads.python_sleep, victim=3)
+                    with anyio.move_on_after(0.5) as scope:
+                        await ashard.retry_failed(first, stuck, pool=pool)
+                    assert scope.cancelled_caught
+                    assert first.results[5] == 5 and first.refs[0] is not None
+                    assert first.refs[0].load() == 0
+    finally:
+        gc.enable()
 
 
 async def test_stream_yields_refs_that_live_until_the_block_ends() -> None:

@@ -251,7 +251,11 @@ async def shard_result(
 ) -> ShardResult:
     """Run a `shard_map` job on `pool`: its `ShardResult` (raising under
     ``errors="raise"``)."""
-    await run_job(await pool.backend(), job, resize)
+    try:
+        await run_job(await pool.backend(), job, resize)
+    except BaseException:
+        await _drop_results(job)
+        raise
     resolved = job.unfinished()
     complete = not job.failures and not job.skipped and resolved.find(0) == -1
     given = None if complete else job.given
@@ -259,6 +263,17 @@ async def shard_result(
     if job.opts.errors == "raise":
         result.raise_for_failures()
     return result
+
+
+async def _drop_results(job: Job) -> None:
+    """The call ended without a result (cancelled, or failed as a whole): nobody will
+    read its temporary results directory, so it goes now rather than whenever a
+    reference cycle holding the job is collected (a cancelled request's files would
+    pile up in a web backend). A `retry_failed`'s directory is its first run's: kept."""
+    store = job.outputs.store
+    if store is not None and store.temporary and not job.outputs.again:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(store.close)
 
 
 _FIXED = ("results", "results_path")
