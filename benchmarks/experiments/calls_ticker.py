@@ -24,7 +24,7 @@ from ashard import _lanes
 if os.environ.get("DEPTH"):
     _lanes.DEPTH = int(os.environ["DEPTH"])
 TASKS = int(os.environ.get("T", "64"))
-CALLS = 10_000
+CALLS = int(os.environ.get("CALLS", "10000"))
 
 
 async def main() -> None:
