@@ -3,7 +3,9 @@ leaves the pool usable."""
 
 from __future__ import annotations
 
+import functools
 import time
+from typing import Any
 
 import anyio
 import pytest
@@ -84,3 +86,37 @@ async def test_cancelling_a_call() -> None:
             await pool.call(workloads.sleep_for, 10)
         assert await pool.call(abs, -1) == 1
         assert pool.pids == [pid]  # interrupted, not killed
+
+
+@pytest.mark.parametrize("after", [0.3, 60.0], ids=["ends-soon", "never-ends"])
+@pytest.mark.parametrize(
+    "fn", [workloads.overrun_leaving_a_writer, workloads.overrun_awaiting_a_writer]
+)
+async def test_a_cancelled_shards_thread_never_writes_after_the_call_returned(
+    fn: Any, after: float
+) -> None:
+    """The caller cancels while shard 0 runs, having started a thread that writes over
+    its slice of an out= buffer later: the cancellation returns only once that thread
+    wrote (it ends within the cancellation's grace) or its worker is gone, so the
+    buffer the caller fills afterwards keeps what the caller put there."""
+    buf = ashard.buffer("int64", 4)
+    try:
+        with anyio.fail_after(60):
+            async with ashard.Pool(1) as pool:
+                await pool.call(abs, -1)
+                pid = pool.pids[0]
+                with anyio.move_on_after(0.2) as scope:  # shard 0 runs by then
+                    four = ashard.shards(4, block_size=1)
+                    await pool.shard_map(four, functools.partial(fn, after=after),
+                                         out={"out": buf})  # fmt: skip
+                assert scope.cancelled_caught
+                if after < 1:
+                    assert buf.array[0] == -1  # the thread wrote before the call returned
+                else:
+                    assert pid not in pool.pids  # it never will: its worker is gone
+                buf.array[:] = 7
+                if after < 1:
+                    await anyio.sleep(after + 0.3)  # when the thread would have written
+                assert buf.array.tolist() == [7, 7, 7, 7]
+    finally:
+        buf.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import traceback
 from typing import Any
@@ -118,3 +119,35 @@ async def test_a_c_hang_has_every_threads_stack_from_a_dump_before_the_kill(fn: 
     assert fn.__name__ in err.stack and "hread 0x" in err.stack
     rows = res.diagnostics.shards_table().to_pylist()
     assert [r["outcome"] for r in rows if r["shard_id"] == 1] == ["timeout"]
+
+
+@pytest.mark.parametrize("after", [0.3, 60.0], ids=["ends-soon", "never-ends"])
+@pytest.mark.parametrize(
+    "fn", [workloads.overrun_leaving_a_writer, workloads.overrun_awaiting_a_writer]
+)
+async def test_a_timed_out_shards_thread_never_writes_after_its_retry(
+    fn: Any, after: float
+) -> None:
+    """A shard stopped at its timeout leaves a thread that writes over its slice of an
+    out= buffer later (a thread cannot be stopped): the retry's value must be the one
+    that stays. Its report waits for the thread (which ends within the parent's grace,
+    or not: then the worker is killed, silent past the timeout, and reaped before the
+    shard runs again). Only shard 0's first attempt is charged."""
+    buf = ashard.buffer("int64", 4)
+    try:
+        with anyio.fail_after(60):
+            async with ashard.Pool(1) as pool:
+                fn_after = functools.partial(fn, after=after)
+                four = ashard.shards(4, block_size=1)
+                res = await pool.shard_map(four, fn_after, out={"out": buf}, timeout=0.2,
+                                           max_retries=1)  # fmt: skip
+                assert res.results == [0, 1, 2, 3]
+                assert buf.array.tolist() == [0, 1, 2, 3]
+                rows = res.diagnostics.shards_table().to_pylist()
+                stopped = [(r["shard_id"], r["attempt"]) for r in rows if r["outcome"] != "ok"]
+                assert stopped == [(0, 1)]
+                if after < 1:
+                    await anyio.sleep(after + 0.3)  # when the thread would have written
+                    assert buf.array.tolist() == [0, 1, 2, 3]
+    finally:
+        buf.close()

@@ -1395,3 +1395,35 @@ def print_then_wait(shard: Shard, flag: str, line: str) -> int:
     os.write(1, f"{line}\n".encode())
     wait_for_file(flag, 300)
     return shard.id
+
+
+def _late_writer(out: np.ndarray, idx: Any, after: float) -> Callable[[], None]:
+    def late() -> None:
+        time.sleep(after)
+        out[idx] = -1
+
+    return late
+
+
+def overrun_leaving_a_writer(shard: Shard, out: np.ndarray, after: float) -> int:
+    """Shard 0's first attempt starts a thread that writes -1 over its slice of `out`
+    `after` seconds later, then runs past any timeout; every attempt that finishes
+    writes the shard's id there."""
+    if shard.id == 0 and shard.attempt == 1:
+        import threading
+
+        threading.Thread(target=_late_writer(out, shard.idx, after), daemon=True).start()
+        time.sleep(60)
+    out[shard.idx] = shard.id
+    return shard.id
+
+
+async def overrun_awaiting_a_writer(shard: Shard, out: np.ndarray, after: float) -> int:
+    """`overrun_leaving_a_writer` in async code: the first attempt awaits the late
+    writer through `asyncio.to_thread`, cancelled at the timeout (the thread is not)."""
+    if shard.id == 0 and shard.attempt == 1:
+        import asyncio
+
+        await asyncio.to_thread(_late_writer(out, shard.idx, after))
+    out[shard.idx] = shard.id
+    return shard.id

@@ -232,6 +232,8 @@ class _Batch:
 
     def finish(self) -> None:
         """After the loop: the rest of each chunk's report, in order."""
+        if self.stopped:
+            self.report.hold()
         while self.chunks:
             self.chunks.popleft().finish()
 

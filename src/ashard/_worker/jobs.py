@@ -27,7 +27,8 @@ class JobContext(NamedTuple):
     table sinks in out= and the results store (results=), which follow each shard;
     `stores_results`: values go to the results store (the parent gets None and makes
     the ref); `read_only`: names of arrays borrowed read-only, for the hint on a
-    failed write. (Not a dataclass: `dataclasses` would add ~5 ms to a worker's start.)"""
+    failed write; `writes_shared`: out= holds buffers, shared memory a shard writes in
+    place. (Not a dataclass: `dataclasses` would add ~5 ms to a worker's start.)"""
 
     kind: int
     fn: Callable[..., Any]
@@ -42,6 +43,7 @@ class JobContext(NamedTuple):
     peak: bool = False  # measure each chunk's peak memory growth (`JobSpec.peak`)
     is_async: bool = False  # fn is an ``async def``: it runs on the worker's loop
     concurrency: int = 1  # async shards in flight at once (`shard_concurrency`)
+    writes_shared: bool = False
 
 
 def load_job(spec: JobSpec, segments: Segments, stdio: StdioGuard) -> JobContext | LoadError:
@@ -79,9 +81,13 @@ def load_job(spec: JobSpec, segments: Segments, stdio: StdioGuard) -> JobContext
         for name, v in (spec.borrow or {}).items()
         if isinstance(v, ArrayRef) and v.mode == "ro"
     )
+    writes_shared = any(
+        isinstance(v, ArrayRef) and v.mode == "rw" for v in (spec.borrow or {}).values()
+    )
     return JobContext(
         spec.kind, fn, kwargs, spec.timeout, spec.seed, spec.layout, audit, outputs,
         spec.results is not None, read_only, spec.peak, is_async_fn(fn), spec.concurrency,
+        writes_shared,
     )  # fmt: skip
 
 

@@ -229,6 +229,7 @@ class Worker:
             if self.hygiene is not None:
                 self.hygiene.begin(order.seq, seeded=False, loaded=True)
             self.report.with_rss = False  # a call's latency is worth more than its memory
+            self.report.fence = False
             if is_async:
                 asyncrun.run_call(order, self.report)
             else:
@@ -273,6 +274,7 @@ class Worker:
             return
         if ctx.peak:
             self.report.peak_from = process.peak_start()
+        self.report.fence = ctx.writes_shared
         if ctx.is_async:
             from ashard._worker import asyncrun  # the loop and anyio: when first used
 

@@ -4,11 +4,23 @@ report a chunk's finished positions (see `ashard._protocol`).
 Values travel packed on their own. A value that cannot be pickled, or a report over the
 parent's frame limit, fails its positions with an error that says so and the worker
 goes on; a large array leaves through a sealed memfd (`large_results`), not the socket.
+
+A shard stopped at its timeout may leave threads running that it started (a thread
+cannot be stopped: `asyncio.to_thread`, an executor), and under `out=` buffers they can
+still write the job's shared memory. Its report is then held until no thread but
+ashard's own runs (`fence`): the parent runs the shard again only once the report came,
+or once it killed this worker for its silence past the timeout and reaped it, so no
+late write lands after the retry's, or after the call returned. The same holds for a
+shard the caller interrupted (`hold`: the parent kills a worker that does not answer a
+cancellation within its grace).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +29,7 @@ from ashard._protocol import (
     INTERRUPTED,
     RAISED,
     RESULT,
+    TIMEOUT,
     ArrayDesc,
     Commit,
     Payload,
@@ -54,6 +67,7 @@ class Reporter:
         # the hygiene check of task `seq`, made as its final report goes (`Hygiene.end`)
         self.on_final: Callable[[int], tuple[list[str], bool] | None] | None = None
         self._item_bytes: float | None = None  # a value's size, pickled, as learned
+        self.fence = False  # the job writes shared memory in place (out= buffers)
 
     def send(self, msg: Any, fds: list[int] | None = None) -> None:
         send_frames(self.sock, encode(msg), fds or [])
@@ -70,8 +84,22 @@ class Reporter:
         commits: list[Commit] | None = None,
     ) -> None:
         """Report positions ``k0 .. k0+len(values)-1`` of chunk `seq`: in pieces of about
-        `PIECE_BYTES` each, pickled, when there are many values."""
+        `PIECE_BYTES` each, pickled, when there are many values. Under `fence`, the
+        positions from the first that timed out on wait while threads run on (see the
+        module docstring); those before it go first."""
         n = len(values)
+        if self.fence and errors:
+            at = next((e[0] for e in errors if e[1] == TIMEOUT), None)
+            if at is not None and _threads_run_on():
+                if at:
+                    head_errors, errors = cut_entries(errors, at)
+                    head_elapsed, elapsed = cut_elapsed(elapsed, at, n)
+                    head_writes, writes = cut_entries(writes, at)
+                    head_commits, commits = cut_entries(commits, at)
+                    self.result(seq, k0, values[:at], head_errors, head_elapsed, False,
+                                head_writes, head_commits)  # fmt: skip
+                    k0, values, n = k0 + at, values[at:], n - at
+                _wait_for_threads()
         step = n if writes or commits else self._piece(values)
         if step >= n:
             self._send_result(seq, k0, values, errors, elapsed, final, writes, commits)
@@ -162,6 +190,13 @@ class Reporter:
         finally:
             close_all(fds)
 
+    def hold(self) -> None:
+        """The caller interrupted the task under way: under `fence`, wait while threads
+        it may have started run on (the parent, cancelling, kills this worker if they
+        do not end within its grace), so that none writes after the call returned."""
+        if self.fence and _threads_run_on():
+            _wait_for_threads()
+
     def fail_all(self, seq: int, count: int, exc: BaseException) -> None:
         """Positions 0..count-1 of chunk `seq` each raised `exc`."""
         record = encode_exception(exc)
@@ -171,6 +206,31 @@ class Reporter:
     def never_ran(self, seq: int) -> None:
         """Chunk `seq` ends before its first position ran: the parent queues it again."""
         self.result(seq, 0, [], [(0, INTERRUPTED, None)], None, True)
+
+
+def _others() -> list[threading.Thread]:
+    """The threads running here that are not ashard's own (the main one, its memory
+    watch): the user's, idle or not - which are idle cannot be told."""
+    main = threading.main_thread()
+    return [
+        t
+        for t in threading.enumerate()
+        if t is not main and not t.name.startswith("ashard-") and t.is_alive()
+    ]
+
+
+def _threads_run_on() -> bool:
+    return threading.active_count() > 1 and bool(_others())
+
+
+def _wait_for_threads() -> None:
+    """Until every thread but ashard's own has ended: if one never does (an idle pool
+    thread, a thread blocked for good), the parent kills this worker, silent past the
+    shard's timeout, which is what this waits for then. An interrupt (the caller
+    cancelled) or a timer's signal does not end the wait."""
+    while _others():  # polled: a thread started outside `threading` cannot be joined
+        with contextlib.suppress(BaseException):  # a signal's exception: wait on
+            time.sleep(0.01)
 
 
 def _in_message(payload: Payload) -> int:

@@ -249,6 +249,7 @@ def _run_each(
             else:
                 errors.append((k - k0, INTERRUPTED, None))
                 values.pop()
+                report.hold()
                 report.result(seq, k0, values, errors, elapsed if shards else sum(elapsed), True,
                               writes, commits or None)  # fmt: skip
                 return
