@@ -112,6 +112,7 @@ async def test_a_cancelled_shards_thread_never_writes_after_the_call_returned(
                 assert scope.cancelled_caught
                 if after < 1:
                     assert buf.array[0] == -1  # the thread wrote before the call returned
+                    assert pool.pids == [pid]  # and its worker goes on
                 else:
                     assert pid not in pool.pids  # it never will: its worker is gone
                 buf.array[:] = 7

@@ -102,6 +102,22 @@ async def test_what_cannot_be_put_back_is_reported_and_recycle_replaces(tmp_path
                 os.kill(int(line), signal.SIGKILL)
 
 
+async def test_the_worker_loops_own_executor_thread_is_not_left_behind() -> None:
+    """`asyncio.to_thread` in an `async def` shard starts a thread of the worker loop's
+    executor, which stays, idle, for the next: the loop's, not the shard's doing. A
+    thread the shard leaves running is still named (the test above)."""
+    with anyio.fail_after(60):
+        async with ashard.Pool(1, hygiene="recycle") as pool:
+            pid = pool.pids or [await pool.call(os.getpid)]
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ashard.HygieneWarning)
+                res = await pool.shard_map(ashard.shards(6, block_size=1),
+                                           workloads.sum_in_a_thread, chunk_size=1)  # fmt: skip
+            assert res.results == [s.idx.start for s in ashard.shards(6, block_size=1)]
+            assert res.diagnostics.hygiene == {}
+            assert pool.pids == pid  # not recycled
+
+
 async def test_off_checks_nothing(tmp_path: Path) -> None:
     async with ashard.Pool(1, hygiene="off") as pool:
         with warnings.catch_warnings():

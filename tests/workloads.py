@@ -1427,3 +1427,10 @@ async def overrun_awaiting_a_writer(shard: Shard, out: np.ndarray, after: float)
         await asyncio.to_thread(_late_writer(out, shard.idx, after))
     out[shard.idx] = shard.id
     return shard.id
+
+
+async def sum_in_a_thread(shard: Shard) -> int:
+    """The shard's indices summed through `asyncio.to_thread`."""
+    import asyncio
+
+    return await asyncio.to_thread(lambda: int(sum(shard.idx)))

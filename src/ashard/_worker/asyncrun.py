@@ -28,10 +28,12 @@ import math
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ashard import _seeding
@@ -86,8 +88,61 @@ def prepare() -> None:
         _loop = uvloop.new_event_loop()
     else:
         _loop = asyncio.new_event_loop()
+    _loop.set_default_executor(_executor)
     asyncio.set_event_loop(_loop)
     _loop.run_until_complete(asyncio.sleep(0))  # a first turn opens what the loop keeps
+
+
+def idle_threads() -> set[threading.Thread]:
+    """The threads of the worker loop's default executor, when none of them runs work
+    (`asyncio.to_thread`): a stopped shard's report need not wait for them."""
+    return _executor.idle()
+
+
+class _Executor(ThreadPoolExecutor):
+    """The worker loop's default executor (`asyncio.to_thread`, `run_in_executor(None,
+    ...)`), which can tell that its threads are idle: a pool keeps its threads, and a
+    thread cannot be told idle from outside (`reports`: a stopped shard's report waits
+    for threads that may still run its work)."""
+
+    def __init__(self) -> None:
+        super().__init__(thread_name_prefix="asyncio")  # as asyncio's own
+        self._lock = threading.Lock()
+        self._busy = 0  # work items submitted and neither finished nor cancelled
+        self._threads: set[threading.Thread] = set()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        def run() -> Any:
+            self._threads.add(threading.current_thread())
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._done()
+
+        with self._lock:
+            self._busy += 1
+        try:
+            future = super().submit(run)
+        except BaseException:
+            self._done()
+            raise
+        future.add_done_callback(self._dropped)
+        return future
+
+    def _dropped(self, future: Any) -> None:
+        if future.cancelled():  # it never ran
+            self._done()
+
+    def _done(self) -> None:
+        with self._lock:
+            self._busy -= 1
+
+    def idle(self) -> set[threading.Thread]:
+        with self._lock:
+            return set(self._threads) if self._busy == 0 else set()
+
+
+_executor = _Executor()
 
 
 def _run(main: Callable[[], Awaitable[None]]) -> None:

@@ -58,6 +58,8 @@ class Hygiene:
         self._touched_signals: dict[int, Any] = {}  # signum -> its handler before
         self._random_set = False
         self._seen_threads: set[int] = set()
+        # threads that run nothing now and belong to the worker's loop (its executor)
+        self.idle_threads: Callable[[], set[threading.Thread]] = set
         self._seen_children: set[int] = set()
         self._children_fd = _open_children()
         self._wrap()
@@ -242,8 +244,9 @@ class Hygiene:
     def _left_behind(self, notes: list[str]) -> bool:
         left = False
         if threading.active_count() > self._threads:
+            idle = self.idle_threads()
             for t in threading.enumerate():
-                if t.ident not in self._seen_threads and t.is_alive():
+                if t.ident not in self._seen_threads and t.is_alive() and t not in idle:
                     if t.ident is not None:
                         self._seen_threads.add(t.ident)
                     if not t.daemon:

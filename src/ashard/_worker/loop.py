@@ -223,9 +223,7 @@ class Worker:
         elif isinstance(order, CallFn):
             is_async = is_async_fn(order.fn)
             if is_async:
-                from ashard._worker import asyncrun  # the loop and anyio: when first used
-
-                asyncrun.prepare()
+                asyncrun = self._prepare_async()
             if self.hygiene is not None:
                 self.hygiene.begin(order.seq, seeded=False, loaded=True)
             self.report.with_rss = False  # a call's latency is worth more than its memory
@@ -256,6 +254,17 @@ class Worker:
             if self.hygiene is not None:  # what importing did is not a task's doing
                 self.hygiene.rebase()
 
+    def _prepare_async(self) -> Any:
+        """`asyncrun`, its loop made (once), and the checks after a task told which of
+        the loop's executor threads are idle (not left running)."""
+        from ashard._worker import asyncrun  # the loop and anyio: when first used
+
+        asyncrun.prepare()
+        self.report.idle_threads = asyncrun.idle_threads
+        if self.hygiene is not None:
+            self.hygiene.idle_threads = asyncrun.idle_threads
+        return asyncrun
+
     def _run(self, chunk: RunChunk) -> None:
         ctx = self.jobs.get(chunk.key)
         if not isinstance(ctx, JobContext):
@@ -276,9 +285,7 @@ class Worker:
             self.report.peak_from = process.peak_start()
         self.report.fence = ctx.writes_shared
         if ctx.is_async:
-            from ashard._worker import asyncrun  # the loop and anyio: when first used
-
-            asyncrun.prepare()
+            asyncrun = self._prepare_async()
         if self.hygiene is not None:
             self.hygiene.begin(chunk.seq, ctx.seed is not None, fds=not ctx.outputs)
         if ctx.is_async and ctx.concurrency > 1 and not ctx.peak and self.tracing is None:

@@ -68,6 +68,8 @@ class Reporter:
         self.on_final: Callable[[int], tuple[list[str], bool] | None] | None = None
         self._item_bytes: float | None = None  # a value's size, pickled, as learned
         self.fence = False  # the job writes shared memory in place (out= buffers)
+        # threads known to run nothing now (the worker loop's executor, once it exists)
+        self.idle_threads: Callable[[], set[threading.Thread]] = set
 
     def send(self, msg: Any, fds: list[int] | None = None) -> None:
         send_frames(self.sock, encode(msg), fds or [])
@@ -90,7 +92,7 @@ class Reporter:
         n = len(values)
         if self.fence and errors:
             at = next((e[0] for e in errors if e[1] == TIMEOUT), None)
-            if at is not None and _threads_run_on():
+            if at is not None and self._threads_run_on():
                 if at:
                     head_errors, errors = cut_entries(errors, at)
                     head_elapsed, elapsed = cut_elapsed(elapsed, at, n)
@@ -99,7 +101,7 @@ class Reporter:
                     self.result(seq, k0, values[:at], head_errors, head_elapsed, False,
                                 head_writes, head_commits)  # fmt: skip
                     k0, values, n = k0 + at, values[at:], n - at
-                _wait_for_threads()
+                self._wait_for_threads()
         step = n if writes or commits else self._piece(values)
         if step >= n:
             self._send_result(seq, k0, values, errors, elapsed, final, writes, commits)
@@ -194,8 +196,20 @@ class Reporter:
         """The caller interrupted the task under way: under `fence`, wait while threads
         it may have started run on (the parent, cancelling, kills this worker if they
         do not end within its grace), so that none writes after the call returned."""
-        if self.fence and _threads_run_on():
-            _wait_for_threads()
+        if self.fence and self._threads_run_on():
+            self._wait_for_threads()
+
+    def _threads_run_on(self) -> bool:
+        return threading.active_count() > 1 and bool(_others(self.idle_threads()))
+
+    def _wait_for_threads(self) -> None:
+        """Until every thread but ashard's own has ended or is idle: if one never is (a
+        pool thread of the user's, a thread blocked for good), the parent kills this
+        worker, silent past the shard's timeout or the cancellation's grace, which is
+        what this waits for then. A signal's exception does not end the wait."""
+        while _others(self.idle_threads()):  # polled: a thread started outside
+            with contextlib.suppress(BaseException):  # `threading` cannot be joined
+                time.sleep(0.01)
 
     def fail_all(self, seq: int, count: int, exc: BaseException) -> None:
         """Positions 0..count-1 of chunk `seq` each raised `exc`."""
@@ -208,29 +222,15 @@ class Reporter:
         self.result(seq, 0, [], [(0, INTERRUPTED, None)], None, True)
 
 
-def _others() -> list[threading.Thread]:
+def _others(idle: set[threading.Thread]) -> list[threading.Thread]:
     """The threads running here that are not ashard's own (the main one, its memory
-    watch): the user's, idle or not - which are idle cannot be told."""
+    watch) nor known to be `idle`: the user's, busy or maybe busy."""
     main = threading.main_thread()
     return [
         t
         for t in threading.enumerate()
-        if t is not main and not t.name.startswith("ashard-") and t.is_alive()
+        if t is not main and not t.name.startswith("ashard-") and t not in idle and t.is_alive()
     ]
-
-
-def _threads_run_on() -> bool:
-    return threading.active_count() > 1 and bool(_others())
-
-
-def _wait_for_threads() -> None:
-    """Until every thread but ashard's own has ended: if one never does (an idle pool
-    thread, a thread blocked for good), the parent kills this worker, silent past the
-    shard's timeout, which is what this waits for then. An interrupt (the caller
-    cancelled) or a timer's signal does not end the wait."""
-    while _others():  # polled: a thread started outside `threading` cannot be joined
-        with contextlib.suppress(BaseException):  # a signal's exception: wait on
-            time.sleep(0.01)
 
 
 def _in_message(payload: Payload) -> int:
