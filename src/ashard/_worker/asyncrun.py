@@ -113,7 +113,8 @@ class _Executor(ThreadPoolExecutor):
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         def run() -> Any:
-            self._threads.add(threading.current_thread())
+            with self._lock:
+                self._threads.add(threading.current_thread())
             try:
                 return fn(*args, **kwargs)
             finally:

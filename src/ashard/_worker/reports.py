@@ -87,8 +87,8 @@ class Reporter:
     ) -> None:
         """Report positions ``k0 .. k0+len(values)-1`` of chunk `seq`: in pieces of about
         `PIECE_BYTES` each, pickled, when there are many values. Under `fence`, the
-        positions from the first that timed out on wait while threads run on (see the
-        module docstring); those before it go first."""
+        first position that timed out, and those after it, wait while threads run on
+        (see the module docstring); the positions before it go first."""
         n = len(values)
         if self.fence and errors:
             at = next((e[0] for e in errors if e[1] == TIMEOUT), None)
