@@ -89,9 +89,7 @@ async def test_cancelling_a_call() -> None:
 
 
 @pytest.mark.parametrize("after", [0.3, 60.0], ids=["ends-soon", "never-ends"])
-@pytest.mark.parametrize(
-    "fn", [workloads.overrun_leaving_a_writer, workloads.overrun_awaiting_a_writer]
-)
+@pytest.mark.parametrize("fn", workloads.LATE_WRITERS)
 async def test_a_cancelled_shards_thread_never_writes_after_the_call_returned(
     fn: Any, after: float
 ) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import socket
+import threading
 import time
 import traceback
 from typing import Any
@@ -122,9 +124,7 @@ async def test_a_c_hang_has_every_threads_stack_from_a_dump_before_the_kill(fn: 
 
 
 @pytest.mark.parametrize("after", [0.3, 60.0], ids=["ends-soon", "never-ends"])
-@pytest.mark.parametrize(
-    "fn", [workloads.overrun_leaving_a_writer, workloads.overrun_awaiting_a_writer]
-)
+@pytest.mark.parametrize("fn", workloads.LATE_WRITERS)
 async def test_a_timed_out_shards_thread_never_writes_after_its_retry(
     fn: Any, after: float
 ) -> None:
@@ -156,3 +156,45 @@ async def test_a_timed_out_shards_thread_never_writes_after_its_retry(
                     assert buf.array.tolist() == [0, 1, 2, 3]
     finally:
         buf.close()
+
+
+async def test_a_report_is_cut_before_its_timed_out_position_and_the_rest_waits() -> None:
+    """The worker's side of the fence, on a real socketpair: a report whose position 1
+    timed out, while a thread of the shard's runs on, sends position 0 at once and the
+    rest only once that thread ended. (Through a pool, the positions before a timed-out
+    one have always been reported already: they started first and would have timed out
+    too, so this cut only guards a race.)"""
+    from ashard._channel import Channel
+    from ashard._protocol import TIMEOUT, parse_result
+    from ashard._worker.reports import Reporter
+
+    parent, child = socket.socketpair()
+    report = Reporter(child)
+    report.fence, report.with_rss = True, False
+    ended = threading.Event()
+    writer = threading.Thread(target=ended.wait, name="late-writer")
+    # this process's other threads (pytest's, trio's thread cache) are none of its doing
+    report.idle_threads = lambda: set(threading.enumerate()) - {writer}
+    writer.start()
+    stopped = (1, TIMEOUT, (0.2, None))
+    sender = threading.Thread(  # ashard's own, as the worker's main thread is
+        target=report.result, name="ashard-sender",
+        args=(7, 0, [10, None, 12], [stopped], [0.1, 0.2, 0.1], True),
+    )  # fmt: skip
+    channel = Channel(parent)
+    try:
+        with anyio.fail_after(30):
+            sender.start()
+            (first,) = [parse_result(m) for m in await channel.receive()]
+            assert (first.k0, first.n, first.final, first.errors) == (0, 1, False, [])
+            await anyio.sleep(0.2)
+            assert channel.receive_nowait() == [] and sender.is_alive()
+            ended.set()
+            (rest,) = [parse_result(m) for m in await channel.receive()]
+            assert (rest.k0, rest.n, rest.final, rest.errors) == (1, 2, True, [(0, *stopped[1:])])
+            assert rest.elapsed == [0.2, 0.1]
+    finally:
+        ended.set()
+        sender.join()
+        channel.close()
+        child.close()

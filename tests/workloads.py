@@ -1434,3 +1434,7 @@ async def sum_in_a_thread(shard: Shard) -> int:
     import asyncio
 
     return await asyncio.to_thread(lambda: int(sum(shard.idx)))
+
+
+LATE_WRITERS = [overrun_leaving_a_writer, overrun_awaiting_a_writer]
+"""Shards whose stopped first attempt leaves a thread that writes late (plain, async)."""

@@ -94,12 +94,10 @@ class Reporter:
             at = next((e[0] for e in errors if e[1] == TIMEOUT), None)
             if at is not None and self._threads_run_on():
                 if at:
-                    head_errors, errors = cut_entries(errors, at)
-                    head_elapsed, elapsed = cut_elapsed(elapsed, at, n)
-                    head_writes, writes = cut_entries(writes, at)
-                    head_commits, commits = cut_entries(commits, at)
-                    self.result(seq, k0, values[:at], head_errors, head_elapsed, False,
-                                head_writes, head_commits)  # fmt: skip
+                    head, (errors, elapsed, writes, commits) = _cut(
+                        at, n, errors, elapsed, writes, commits
+                    )
+                    self.result(seq, k0, values[:at], head[0], head[1], False, head[2], head[3])
                     k0, values, n = k0 + at, values[at:], n - at
                 self._wait_for_threads()
         step = n if writes or commits else self._piece(values)
@@ -150,12 +148,10 @@ class Reporter:
         n = len(values)
         if n > 1 and _in_message(payload) > self.max_frame:
             half = n // 2
-            head_errors, errors = cut_entries(errors, half)
-            head_elapsed, elapsed = cut_elapsed(elapsed, half, n)
-            head_writes, writes = cut_entries(writes, half)
-            head_commits, commits = cut_entries(commits, half)
-            self._send_result(seq, k0, values[:half], head_errors, head_elapsed, False,
-                              head_writes, head_commits)  # fmt: skip
+            head, (errors, elapsed, writes, commits) = _cut(
+                half, n, errors, elapsed, writes, commits
+            )
+            self._send_result(seq, k0, values[:half], head[0], head[1], False, head[2], head[3])
             self._send_result(seq, k0 + half, values[half:], errors, elapsed, final, writes,
                               commits)  # fmt: skip
             return
@@ -220,6 +216,31 @@ class Reporter:
     def never_ran(self, seq: int) -> None:
         """Chunk `seq` ends before its first position ran: the parent queues it again."""
         self.result(seq, 0, [], [(0, INTERRUPTED, None)], None, True)
+
+
+_Entries = tuple[list[Any], Any, list[tuple[int, str]] | None, list[Commit] | None]
+
+
+def _cut(
+    at: int,
+    n: int,
+    errors: list[Any],
+    elapsed: Any,
+    writes: list[tuple[int, str]] | None,
+    commits: list[Commit] | None,
+) -> tuple[_Entries, _Entries]:
+    """A report's errors, run times, writes and commits for its `n` positions, cut at
+    position `at`: those before it, and those from it on (re-indexed from 0)."""
+    head_errors, errors = cut_entries(errors, at)
+    head_elapsed, elapsed = cut_elapsed(elapsed, at, n)
+    head_writes, writes = cut_entries(writes, at)
+    head_commits, commits = cut_entries(commits, at)
+    return (head_errors, head_elapsed, head_writes, head_commits), (
+        errors,
+        elapsed,
+        writes,
+        commits,
+    )
 
 
 def _others(idle: set[threading.Thread]) -> list[threading.Thread]:
