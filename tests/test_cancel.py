@@ -103,11 +103,13 @@ async def test_a_cancelled_shards_thread_never_writes_after_the_call_returned(
             async with ashard.Pool(1) as pool:
                 await pool.call(abs, -1)
                 pid = pool.pids[0]
-                with anyio.move_on_after(0.2) as scope:  # shard 0 runs by then
+                async with anyio.create_task_group() as tg:
                     four = ashard.shards(4, block_size=1)
-                    await pool.shard_map(four, functools.partial(fn, after=after),
-                                         out={"out": buf})  # fmt: skip
-                assert scope.cancelled_caught
+                    call = functools.partial(pool.shard_map, out={"out": buf})
+                    tg.start_soon(call, four, functools.partial(fn, after=after))
+                    while buf.array[0] != -2:  # noqa: ASYNC110 (shared memory: no event)
+                        await anyio.sleep(0.005)  # shard 0's thread is under way
+                    tg.cancel_scope.cancel()
                 if after < 1:
                     assert buf.array[0] == -1  # the thread wrote before the call returned
                     assert pool.pids == [pid]  # and its worker goes on

@@ -1399,6 +1399,7 @@ def print_then_wait(shard: Shard, flag: str, line: str) -> int:
 
 def _late_writer(out: np.ndarray, idx: Any, after: float) -> Callable[[], None]:
     def late() -> None:
+        out[idx] = -2  # under way
         time.sleep(after)
         out[idx] = -1
 
@@ -1406,9 +1407,9 @@ def _late_writer(out: np.ndarray, idx: Any, after: float) -> Callable[[], None]:
 
 
 def overrun_leaving_a_writer(shard: Shard, out: np.ndarray, after: float) -> int:
-    """Shard 0's first attempt starts a thread that writes -1 over its slice of `out`
-    `after` seconds later, then runs past any timeout; every attempt that finishes
-    writes the shard's id there."""
+    """Shard 0's first attempt starts a thread that writes -2 over its slice of `out`
+    (under way), then -1 `after` seconds later, and runs past any timeout; every
+    attempt that finishes writes the shard's id there."""
     if shard.id == 0 and shard.attempt == 1:
         import threading
 
