@@ -8,6 +8,7 @@ import functools
 import gc
 import os
 import tempfile
+from typing import Any
 
 import anyio
 import numpy as np
@@ -460,3 +461,102 @@ async def test_a_sink_used_by_two_concurrent_calls_is_refused() -> None:
             tg.start_soon(run, sink)
         assert len(errors) == 1 and "in use by another call" in str(errors[0])
         assert len(sink.refs) == len(ashard.shards(4))
+
+
+def _contents(path: str) -> dict[str, bytes]:
+    return {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)}
+
+
+async def test_two_sinks_made_on_one_empty_directory_never_overwrite_each_other(
+    tmp_path: str,
+) -> None:
+    """`table_sink()` looks at its directory when it is made; a second sink made there
+    before the first one's call wrote must not replace (or sweep) what that call kept."""
+    path = os.path.join(tmp_path, "rows")
+    first, second = ashard.table_sink(path), ashard.table_sink(path)  # both: empty then
+    layout = ashard.shards(4)
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool:
+            await pool.shard_map(layout, workloads.write_rows, out={"rows": first})
+            kept = _contents(path)
+            other = functools.partial(workloads.write_rows, times=1)  # other files
+            with pytest.raises(ValueError, match=r"out\['rows'\]: table_sink path .* not empty"):
+                await pool.shard_map(layout, other, out={"rows": second})
+            assert _contents(path) == kept  # nothing ran
+            assert second.refs == []
+            assert_exactly_once(first, set(range(len(layout))), layout)
+
+
+@pytest.mark.parametrize("where", ["table_sink", "results_path"])
+async def test_two_running_calls_never_write_one_directory(tmp_path: str, where: str) -> None:
+    """A second call given the directory a running call writes (another sink made on the
+    same path, or the same `results_path`) is refused before it runs, even before the
+    first committed anything: each would otherwise take the other's files for its own.
+    Once the first call is over, its files keep the directory from new calls."""
+    path = os.path.join(tmp_path, "out")
+    started, go = os.path.join(tmp_path, "started"), os.path.join(tmp_path, "go")
+    layout = ashard.shards(2)
+
+    def options() -> dict[str, Any]:
+        if where == "table_sink":
+            return {"out": {"rows": ashard.table_sink(path)}}
+        return {"results": "disk", "results_path": path}
+
+    def fn(tag: int) -> Any:
+        return functools.partial(workloads.write_when_told, tag=tag, started=started, go=go)
+
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool, anyio.create_task_group() as tg:
+            first = options()
+            box: list[ashard.ShardResult] = []
+
+            async def run_first() -> None:
+                box.append(await pool.shard_map(layout, fn(100), **first))
+
+            tg.start_soon(run_first)
+            while not os.path.exists(started):  # noqa: ASYNC110 (a worker writes it)
+                await anyio.sleep(0.01)
+            name = r"out\['rows'\]: table_sink path" if where == "table_sink" else "results_path"
+            with pytest.raises(ValueError, match=f"{name} .* being written by another call"):
+                await pool.shard_map(layout, fn(200), **options())
+            open(go, "w").close()
+        (res,) = box
+        with res:
+            if where == "table_sink":
+                table = first["out"]["rows"].read()
+                assert table.column("tag").to_pylist() == [100, 100]
+                assert res.results == [100, 101]
+            else:
+                assert list(res.results) == [100, 101]
+            with pytest.raises(ValueError, match="not empty"):  # a sink: when made
+                await ashard.shard_map(layout, fn(300), **options())
+
+
+@pytest.mark.parametrize("where", ["table_sink", "results_path"])
+async def test_a_retry_refuses_a_directory_another_call_wrote_since(
+    tmp_path: str, where: str
+) -> None:
+    """A call whose shards all failed leaves its directory empty, so another call may
+    write there; `retry_failed` of the first must then refuse it (it writes beside its
+    own first run's files only, and its end sweeps what it did not keep)."""
+    path = os.path.join(tmp_path, "out")
+    layout = ashard.shards(3)
+    if where == "table_sink":
+        failing = {"out": {"rows": ashard.table_sink(path)}}
+        other = {"out": {"rows": ashard.table_sink(path)}}
+        fails, writes = workloads.write_bad, workloads.write_rows
+        name = r"out\['rows'\]: table_sink path"
+    else:
+        failing = other = {"results": "disk", "results_path": path}
+        fails, writes = workloads.raise_custom, workloads.shard_sum
+        name = "results_path"
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool:
+            first = await pool.shard_map(layout, fails, errors="collect", **failing)
+            assert len(first.failures) == len(layout)
+            assert not os.listdir(path)
+            await pool.shard_map(layout, writes, **other)
+            kept = _contents(path)
+            with pytest.raises(ValueError, match=f"{name} .* did not write"):
+                await pool.retry_failed(first, writes)
+            assert _contents(path) == kept

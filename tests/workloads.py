@@ -579,6 +579,18 @@ def write_bad(shard: Shard, rows: Any) -> None:
     rows.write([1, 2, 3])
 
 
+def write_when_told(shard: Shard, rows: Any = None, *, tag: int, started: str, go: str) -> int:
+    """Mark `started`, wait (a minute at most) until the file `go` exists, then write a
+    row that says `tag` to `rows` (if given) and return ``tag + shard.id``."""
+    open(started, "a").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if rows is not None:
+        rows.write({"id": np.array([shard.id], dtype=np.int64), "tag": [tag]})
+    return tag + shard.id
+
+
 def write_empty(shard: Shard, rows: Any) -> int:
     """Shard 0 writes an empty table; shard 1 writes nothing; the others write a row."""
     if shard.id == 0:

@@ -43,13 +43,18 @@ class Outputs:
     def open(self) -> None:
         """Claim the table sinks and make the results directory (before anything runs)."""
         claimed: list[TableSink] = []
+        started: list[TableSink | ResultStore] = []
         try:
             for name, sink in self._sinks.items():
                 sink.claim(name, again=self.again)
                 claimed.append(sink)
-            for output in self._by_name.values():
-                output.start(again=self.again)
+            for name, output in self._by_name.items():
+                what = f"out[{name!r}]: table_sink path" if name else "results_path"
+                output.start(what, again=self.again)
+                started.append(output)
         except BaseException:  # nothing ran: the sinks are as they were
+            for output in started:
+                output.stop()
             for sink in claimed:
                 sink.unclaim(again=self.again)
             if self.store is not None and self.store.temporary and not self.again:
@@ -63,6 +68,8 @@ class Outputs:
             for output in self._by_name.values():
                 output.sweep()
         finally:
+            for output in self._by_name.values():
+                output.stop()
             for sink in self._sinks.values():
                 sink.release()
             if self.store is not None:

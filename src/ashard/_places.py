@@ -20,11 +20,15 @@ import os
 import pickle
 import re
 import shutil
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Pending", "Place", "commit_all", "file_name", "write_bytes"]
+
+_writing: set[tuple[str, str]] = set()  # the directories running calls write (`Place.claim`)
+_writing_lock = threading.Lock()
 
 
 def file_name(fmt: str, shard_id: int) -> str:
@@ -121,6 +125,40 @@ class Place:
             raise ValueError(
                 f"{what} {self.describe()!r} is a directory that is not empty: ashard writes "
                 "only into a new or empty directory (it never overwrites data)"
+            )
+
+    def claim(self, what: str) -> tuple[str, str]:
+        """Mark the directory as written by a running call of this process, or refuse it
+        if another running call writes there: each would take the other's files for its
+        own (a commit replaces a file of the same name, and a call's end sweeps the
+        files it did not keep). Returns what `unclaim` takes."""
+        local = self.fs is None
+        key = ("", os.path.realpath(self.root)) if local else (self.fs.type_name, self.root)
+        with _writing_lock:
+            if key in _writing:
+                raise ValueError(
+                    f"{what} {self.describe()!r} is being written by another call that is "
+                    "still running: two calls never write into one directory"
+                )
+            _writing.add(key)
+        return key
+
+    @staticmethod
+    def unclaim(key: tuple[str, str]) -> None:
+        """The call that claimed the directory is over (or never ran)."""
+        with _writing_lock:
+            _writing.discard(key)
+
+    def check_own(self, what: str, pattern: re.Pattern[str], kept: Any) -> None:
+        """Refuse a directory that holds a committed-looking file whose shard
+        (`pattern`'s first group) is not in `kept`: a retry writes beside its own first
+        run's files only, and its end would sweep anyone else's."""
+        foreign = [name for name in self.names() if (m := pattern.fullmatch(name)) is not None
+                   and int(m.group(1)) not in kept]  # fmt: skip
+        if foreign:
+            raise ValueError(
+                f"{what} {self.describe()!r} holds {len(foreign)} file(s) the call did not "
+                f"write (such as {sorted(foreign)[0]!r}): ashard never overwrites data"
             )
 
     def create(self) -> None:

@@ -104,17 +104,37 @@ class _Output:
             self._schema_key = schema_bytes(schema)
         self._given_schema = self._schema_key
         self._token = ""
+        self._claim: tuple[str, str] | None = None  # the directory, while a call writes it
         self.closed = False
 
     def spec(self) -> SinkRef:
         """What a worker needs to write here for the running call."""
         return SinkRef(self.kind, self.place, self.format, self._given_schema, self._token)
 
-    def start(self, again: bool = False) -> None:
+    def start(self, what: str, again: bool = False) -> None:
         """A call starts writing here (off the event loop: it may touch the filesystem);
-        `again`: the call's `retry_failed`, writing beside what its first run kept."""
-        self._token = secrets.token_hex(4)
-        self.place.create()
+        `again`: the call's `retry_failed`, writing beside what its first run kept. The
+        directory is the call's alone until `stop` (`Place.claim`), and must hold nothing
+        yet (it may have been filled since the output was made: by another sink's call)
+        or, `again`, nothing but this output's own files. `what` names it in errors."""
+        self._claim = self.place.claim(what)
+        try:
+            if again:
+                self.place.check_own(what, _PATTERN[self.format], self._kept_ids())
+            else:
+                self.place.check_fresh(what)
+            self._token = secrets.token_hex(4)
+            self.place.create()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """The call that started writing here is over, or never ran: others may write
+        the directory (if it is still empty)."""
+        if self._claim is not None:
+            Place.unclaim(self._claim)
+            self._claim = None
 
     def check(self, schema: bytes | None, where: str) -> Exception | None:
         """Why a committed file with `schema` cannot be kept, or None."""
@@ -312,7 +332,7 @@ class ResultStore(_Output):
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._busy = False
 
-    def start(self, again: bool = False) -> None:
+    def start(self, what: str, again: bool = False) -> None:
         if again:  # `retry_failed`: the directory holds the first run's files
             if self.closed:
                 raise ValueError(
@@ -321,16 +341,11 @@ class ResultStore(_Output):
                 )
             if self._busy:
                 raise ValueError("another retry_failed of this result is running")
-            self._busy = True
-            self._token = secrets.token_hex(4)
-            return
-        self._busy = True
-        if self.temporary:
+        elif self.temporary:
             self.place = Place(tempfile.mkdtemp(prefix="ashard-results-"))
             self._finalizer = weakref.finalize(self, self.place.remove_tree)
-        else:
-            self.place.check_fresh("results_path")
-        super().start()
+        super().start(what, again)
+        self._busy = True
 
     def _keep(self, ref: TableRef | ResultRef) -> None:
         shard_id = ref.shard_id
