@@ -189,6 +189,45 @@ async def test_cells_with_the_same_code_each_show_their_own_name_and_lines() -> 
         assert f"return x / 0  # the line of cell {k}" in text
 
 
+async def test_a_method_of_a_class_from_a_cell_runs_and_shows_its_lines() -> None:
+    """A bound method (a classmethod, a partial of one) of a class defined in a notebook
+    cell or a script travels by value, and its function's code gets its file name back
+    in the worker as a plain function's does: a method cannot be given a code object,
+    its function can (the worker failed to load the call before)."""
+    import linecache
+
+    cell = "/tmp/ipykernel_0/cell-10.py"
+    source = (
+        "class Scaler:\n"
+        "    def __init__(self, k):\n"
+        "        self.k = k\n"
+        "\n"
+        "    def scale(self, x):\n"
+        "        return x * self.k / (x != 3)  # the line to show\n"
+        "\n"
+        "    @classmethod\n"
+        "    def twice(cls, x):\n"
+        "        return 2 * x\n"
+    )
+    linecache.cache[cell] = (len(source), None, source.splitlines(True), cell)
+    namespace: dict[str, object] = {"__name__": "__main__"}  # as a cell's or a script's
+    exec(compile(source, cell, "exec"), namespace)
+    scaler = namespace["Scaler"](10)  # type: ignore[operator]
+    try:
+        with anyio.fail_after(60):
+            assert await ashard.call(scaler.scale, 2) == 20
+            assert await ashard.call(functools.partial(scaler.scale, 4)) == 40
+            assert await ashard.call(namespace["Scaler"].twice, 4) == 8  # type: ignore[attr-defined]
+            assert await ashard.map(scaler.scale, [1, 2]) == [10, 20]
+            with pytest.raises(ZeroDivisionError) as info:
+                await ashard.call(scaler.scale, 3)
+    finally:
+        del linecache.cache[cell]
+    text = str(info.value.__cause__)
+    assert f'File "{cell}", line 6, in scale' in text
+    assert "return x * self.k / (x != 3)  # the line to show" in text
+
+
 def test_a_traceback_names_the_script_and_shows_the_line(tmp_path: str) -> None:
     import os
     import subprocess

@@ -41,12 +41,20 @@ class _WithSources:
 def _restore(fn: Any, names: tuple[str, ...], sources: dict[str, Any]) -> Any:
     for name, (size, _, lines, full) in sources.items():
         linecache.cache.setdefault(name, (size, None, lines, full))  # None: never re-read
-    target = fn.func if isinstance(fn, functools.partial) else fn
+    target = _function_of(fn)
     code = getattr(target, "__code__", None)
     if isinstance(code, types.CodeType) and code.co_filename == _DYNAMIC and names:
-        with contextlib.suppress(StopIteration, ValueError, TypeError):  # keep its names
+        # a nicety: whatever goes wrong, `fn` keeps its names and still runs
+        with contextlib.suppress(StopIteration, ValueError, TypeError, AttributeError):
             target.__code__ = _renamed(code, iter(names))
     return fn
+
+
+def _function_of(fn: Any) -> Any:
+    """The function whose code `fn` runs: `fn` itself, a partial's, or a bound method's
+    (a method reads its function's ``__code__`` but cannot be given one)."""
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    return target.__func__ if isinstance(target, types.MethodType) else target
 
 
 def _renamed(code: types.CodeType, names: Iterator[str]) -> types.CodeType:
@@ -59,7 +67,7 @@ def _renamed(code: types.CodeType, names: Iterator[str]) -> types.CodeType:
 
 def with_sources(fn: Any) -> Any:
     """`fn`, or a wrapper carrying what its code needs to be shown (see above)."""
-    target = fn.func if isinstance(fn, functools.partial) else fn
+    target = _function_of(fn)
     code = getattr(target, "__code__", None)
     if not isinstance(code, types.CodeType) or not _by_value(target):
         return fn
