@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import anyio
 import numpy as np
@@ -226,6 +227,32 @@ async def test_a_method_of_a_class_from_a_cell_runs_and_shows_its_lines() -> Non
     text = str(info.value.__cause__)
     assert f'File "{cell}", line 6, in scale' in text
     assert "return x * self.k / (x != 3)  # the line to show" in text
+
+
+async def test_a_cached_function_from_a_cell_runs_with_a_cache_of_its_own() -> None:
+    """A `functools.cache` / `lru_cache` function from a script or a notebook cell: its
+    C wrapper pickles by name only, and a worker has no `__main__` to find it in. It
+    travels by value and gets a cache of its own in the worker, with the same
+    parameters, as a spawned `ProcessPoolExecutor` worker's (loky fails it). A
+    recursive one calls its worker's cached self: fib(90) returns at once only so."""
+    source = (
+        "import functools\n"
+        "\n"
+        "@functools.cache\n"
+        "def fib(n):\n"
+        "    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+        "\n"
+        "@functools.lru_cache(maxsize=3, typed=True)\n"
+        "def parameters(x):\n"
+        "    return parameters.cache_parameters(), parameters.cache_info().currsize\n"
+    )
+    namespace: dict[str, Any] = {"__name__": "__main__"}  # as a cell's or a script's
+    exec(compile(source, "/tmp/ipykernel_0/cell-11.py", "exec"), namespace)
+    fib, parameters = namespace["fib"], namespace["parameters"]
+    with anyio.fail_after(60):
+        assert await ashard.call(fib, 90) == 2880067194370816120
+        assert await ashard.map(fib, [10, 20]) == [55, 6765]
+        assert await ashard.call(parameters, 1) == ({"maxsize": 3, "typed": True}, 0)
 
 
 def test_a_traceback_names_the_script_and_shows_the_line(tmp_path: str) -> None:

@@ -8,6 +8,8 @@ Buffers (numpy arrays) travel out of band, uncopied.
 
 from __future__ import annotations
 
+import functools
+import io
 import pickle
 import traceback
 from typing import TYPE_CHECKING, Any
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
     from ashard._protocol import Payload
 
 __all__ = [
+    "LRU_WRAPPER",
     "MAX_BUFFERS",
     "LoadError",
     "decode_exception",
@@ -27,6 +30,7 @@ __all__ = [
     "pack",
     "pickle_payload",
     "show_error",
+    "travels_by_value",
     "unpack",
 ]
 
@@ -89,13 +93,62 @@ def dumps(obj: Any, buffers: list[pickle.PickleBuffer] | None) -> bytes:
             if buffers is not None:
                 buffers.extend(oob)
             return data
-    import cloudpickle  # only for what the C pickler cannot take
-
     oob.clear()
-    by_value: bytes = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
+    with io.BytesIO() as file:
+        _by_value_pickler()(file, protocol=PROTOCOL, buffer_callback=callback).dump(obj)
+        by_value = file.getvalue()
     if buffers is not None:
         buffers.extend(oob)
     return by_value
+
+
+def travels_by_value(obj: Any) -> bool:
+    """Is `obj` (a function, a class) pickled by value: defined in `__main__` (a script,
+    a notebook cell) or inside a function, so that a worker cannot import it?"""
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", "")
+    return module in (None, "__main__") or "<" in qualname
+
+
+LRU_WRAPPER = type(functools.lru_cache(maxsize=None)(abs))  # functools' C `_lru_cache_wrapper`
+
+
+@functools.cache
+def _by_value_pickler() -> Any:
+    """cloudpickle's pickler (imported for what the C pickler cannot take), which also
+    takes by value a `functools.lru_cache` or `functools.cache` wrapper that travels by
+    value: its C type pickles by name only, and a worker has no `__main__` to look it
+    up in. The worker gets a wrapper of its own, with the same cache parameters and an
+    empty cache, as a spawned `ProcessPoolExecutor` worker does."""
+    import cloudpickle
+
+    class ByValue(cloudpickle.Pickler):  # type: ignore[misc]
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is LRU_WRAPPER and travels_by_value(obj):
+                params = obj.cache_parameters()
+                # the wrapper is made (and memoized) before its function, which may call it
+                made = _new_lru, (params["maxsize"], params["typed"])
+                return *made, obj.__wrapped__, None, None, _set_lru
+            return super().reducer_override(obj)
+
+    return ByValue
+
+
+def _new_lru(maxsize: int | None, typed: bool) -> Any:
+    """A cache wrapper whose function comes later (`_set_lru`)."""
+    target: list[Any] = []
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return target[0](*args, **kwargs)
+
+    wrapper = functools.lru_cache(maxsize=maxsize, typed=typed)(call)
+    wrapper.__dict__["_ashard_target"] = target
+    return wrapper
+
+
+def _set_lru(wrapper: Any, fn: Any) -> None:
+    wrapper.__dict__.pop("_ashard_target").append(fn)
+    functools.update_wrapper(wrapper, fn)
 
 
 def dumps_named(obj: Any, what: str, buffers: list[pickle.PickleBuffer]) -> bytes:

@@ -20,6 +20,8 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
+from ashard._serialize import LRU_WRAPPER, travels_by_value
+
 __all__ = ["with_sources"]
 
 _DYNAMIC = "<dynamic-code>"
@@ -51,10 +53,13 @@ def _restore(fn: Any, names: tuple[str, ...], sources: dict[str, Any]) -> Any:
 
 
 def _function_of(fn: Any) -> Any:
-    """The function whose code `fn` runs: `fn` itself, a partial's, or a bound method's
-    (a method reads its function's ``__code__`` but cannot be given one)."""
+    """The function whose code `fn` runs: `fn` itself, a partial's, a bound method's (a
+    method reads its function's ``__code__`` but cannot be given one), or the one a
+    `functools.lru_cache` wraps."""
     target = fn.func if isinstance(fn, functools.partial) else fn
-    return target.__func__ if isinstance(target, types.MethodType) else target
+    if isinstance(target, types.MethodType):
+        target = target.__func__
+    return getattr(target, "__wrapped__", target) if isinstance(target, LRU_WRAPPER) else target
 
 
 def _renamed(code: types.CodeType, names: Iterator[str]) -> types.CodeType:
@@ -69,17 +74,10 @@ def with_sources(fn: Any) -> Any:
     """`fn`, or a wrapper carrying what its code needs to be shown (see above)."""
     target = _function_of(fn)
     code = getattr(target, "__code__", None)
-    if not isinstance(code, types.CodeType) or not _by_value(target):
+    if not isinstance(code, types.CodeType) or not travels_by_value(target):
         return fn
     names, sources = _names_and_sources(code, code.co_filename)
     return _WithSources(fn, names, sources)
-
-
-def _by_value(fn: Any) -> bool:
-    """Will cloudpickle take `fn` by value (so rename its code)?"""
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", "")
-    return module in (None, "__main__") or "<" in qualname
 
 
 @functools.lru_cache(maxsize=256)
