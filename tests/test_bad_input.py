@@ -108,6 +108,23 @@ def test_pool_refuses_bad_arguments(
         ashard.Pool(**kwargs)
 
 
+async def test_a_pool_too_large_to_start_is_refused_before_anything_starts() -> None:
+    """A pool its caller's file descriptors cannot hold would start worker after worker
+    until memory ran out (10**30 workers: the kernel killed the caller)."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    fds = soft if 0 < soft != resource.RLIM_INFINITY else 1 << 20
+    most = (fds - 64) // 5
+    with pytest.raises(ValueError, match=rf"^workers must be at most {most} here, got {most + 1}"):
+        ashard.Pool(most + 1)
+    with pytest.raises(ValueError, match=r"^workers must be at most .*RLIMIT_NOFILE"):
+        await ashard.map(abs, [1], workers=10**30)
+    with pytest.raises(ValueError, match=r"^max_workers must be at most .*RLIMIT_NOFILE"):
+        ashard.Executor(10**30)
+    assert ashard.Pool(most).workers == most  # made, never started
+
+
 async def test_stream_and_map_refuse_bad_arguments() -> None:
     with pytest.raises(ValueError, match="max_pending must be a positive int"):
         async with ashard.shard_stream(4, workloads.shard_sum, max_pending=0):

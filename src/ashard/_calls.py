@@ -39,6 +39,7 @@ from ashard._options import (
     check_items,
     check_positive_int,
     check_takes,
+    check_workers,
     resolve_shards,
 )
 from ashard._outcomes import warn_hygiene
@@ -436,7 +437,7 @@ def choose_pool(
 ) -> tuple[_P, int | None]:
     """`pool` (a `kind`, or None for `default()`) and the size `workers` asks of the
     default pool; `what` names the pool type the caller takes (for its errors)."""
-    size = check_positive_int("workers", workers, allow_none=True)
+    size = check_workers("workers", workers, local=pool is None)
     if pool is not None:
         if not isinstance(pool, kind):
             raise TypeError(f"pool must be an {what} or None, got {type(pool).__name__}")

@@ -49,6 +49,7 @@ __all__ = [
     "check_timeout",
     "check_worker_loop",
     "check_worker_nice",
+    "check_workers",
     "health_policy",
     "resolve_shards",
     "takes_options",
@@ -89,6 +90,33 @@ def check_positive_int(name: str, value: object, *, allow_none: bool = False) ->
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return int(value)
+
+
+FDS_PER_WORKER = 5
+"""File descriptors of the caller's that each worker holds (its channel, the pipes of
+its output, its process handle), counted on a running pool."""
+_FDS_KEPT = 64  # for the caller's own files
+
+
+def check_workers(name: str, value: object, *, local: bool = True) -> int | None:
+    """`workers` (named `name`): None or a positive int, and for a pool on this machine
+    (`local`) no more than this process's file descriptors can hold: a pool too large
+    to start would otherwise try, worker after worker, until memory or descriptors ran
+    out."""
+    workers = check_positive_int(name, value, allow_none=True)
+    if workers is not None and local:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        fds = soft if 0 < soft != resource.RLIM_INFINITY else 1 << 20
+        most = max(1, (fds - _FDS_KEPT) // FDS_PER_WORKER)
+        if workers > most:
+            raise ValueError(
+                f"{name} must be at most {most} here, got {workers}: each worker holds "
+                f"{FDS_PER_WORKER} of this process's file descriptors, and it may open "
+                f"{fds} (RLIMIT_NOFILE: raise it with `ulimit -n` or resource.setrlimit)"
+            )
+    return workers
 
 
 MAX_SECONDS = 1e8

@@ -32,7 +32,7 @@ from ashard import _calls
 from ashard._asyncfn import is_async_fn
 from ashard._backend import import_supervisor
 from ashard._loopthread import SHARED
-from ashard._options import check_count, check_timeout
+from ashard._options import check_count, check_timeout, check_workers
 from ashard._serialize import LoadError
 from ashard._worker.dropins import apply_star, apply_star_async
 from ashard.errors import (
@@ -427,6 +427,7 @@ class Executor(concurrent.futures.Executor):
                 raise TypeError(f"max_workers must be an int or None, got {max_workers!r}")
             if max_workers <= 0:
                 raise ValueError("max_workers must be greater than 0")
+            check_workers("max_workers", max_workers, local=pool_options.get("cluster") is None)
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if max_tasks_per_child is not None:

@@ -26,11 +26,11 @@ from ashard._options import (
     check_env,
     check_fn,
     check_min_workers,
-    check_positive_int,
     check_size,
     check_timeout,
     check_worker_loop,
     check_worker_nice,
+    check_workers,
     health_policy,
     takes_options,
 )
@@ -200,7 +200,7 @@ class Pool:
         worker_loop: Literal["asyncio", "uvloop", "trio"] = "asyncio",
         worker_nice: int = WORKER_NICE,
     ) -> None:
-        per_node = check_positive_int("workers", workers, allow_none=True)
+        per_node = check_workers("workers", workers, local=cluster is None)
         size = per_node or os.cpu_count() or 1
         fewest = check_min_workers(min_workers, size, idle_timeout)
         if cluster is not None and mem_budget is not None:
