@@ -96,3 +96,19 @@ def test_bad_pause_settings_are_refused_naming_them(
 ) -> None:
     with pytest.raises(error, match=match):
         ashard.Pool(2, mem_cap="1GB", **{option: value})
+
+
+async def test_a_mem_cap_an_idle_worker_is_over_fails_at_start_saying_so() -> None:
+    """A worker over `mem_pause` of `mem_cap` before it ran anything (``mem_cap=1000``:
+    bytes, meant as megabytes?) could never take work: the pool would crawl, recycling
+    one paused worker per health check. Its start fails at once, saying why."""
+    with anyio.fail_after(60):
+        with pytest.raises(ashard.WorkerStartError, match=r"holds [\d.]+ MiB .* before it runs"):
+            async with ashard.Pool(2, mem_cap=1000):
+                pass
+        pool = ashard.Pool(1, mem_cap="1MB")
+        try:
+            with pytest.raises(ashard.WorkerStartError, match="Raise mem_cap"):
+                await pool.call(abs, -1)
+        finally:
+            await pool.aclose()

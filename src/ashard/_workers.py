@@ -559,8 +559,23 @@ class WorkerSet:
                     raise
                 failed.append(exc)
             else:
+                if self.policy.pause_change(w.rss, False):
+                    await w.stop(1.0)
+                    raise WorkerStartError(self._too_large(w))
                 worker_event(INFO, f"worker {w.pid} is ready", w.pid)
                 return w
+
+    def _too_large(self, w: WorkerHandle) -> str:
+        """Why a worker that holds more than `mem_pause` of `mem_cap` before it runs
+        anything cannot work: paused at once, like every worker after it (the pool
+        would crawl, one recycled worker at a time)."""
+        cap = self.policy.mem_cap or 0
+        return (
+            f"worker {w.pid} holds {w.rss / 2**20:.1f} MiB of private memory before it runs "
+            f"anything (after init), over mem_pause x mem_cap "
+            f"({self.policy.mem_pause * cap / 2**20:.1f} MiB): it would take no work. "
+            "Raise mem_cap well above what an idle worker holds"
+        )
 
     async def replenish(self) -> None:
         """Start a replacement for a worker that died, so the pool stays at its size. A
