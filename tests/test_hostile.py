@@ -132,3 +132,8 @@ async def test_max_message_is_checked() -> None:
         ashard.Pool(1, max_message="huge")
     with pytest.raises(TypeError, match="max_message must be a number of bytes"):
         ashard.Pool(1, max_message=None)  # type: ignore[arg-type]
+    # too small for a worker's own messages: its start would fail as a broken protocol
+    with pytest.raises(ValueError, match=r"max_message must be at least 65,536 bytes, got 1\.5"):
+        ashard.Pool(1, max_message=1.5)  # type: ignore[arg-type]
+    async with ashard.Pool(1, max_message=1 << 16) as pool:  # the least works
+        assert await pool.map(abs, range(-50_000, 0)) == list(range(50_000, 0, -1))

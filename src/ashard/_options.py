@@ -665,11 +665,14 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 
-def check_size(name: str, value: object) -> int:
-    """A size that must be given: bytes, or a string such as "2GB"."""
+def check_size(name: str, value: object, least: int = 0) -> int:
+    """A size that must be given, `least` bytes at least: bytes, or a string such as
+    "2GB"."""
     size = parse_bytes(name, value)
     if size is None:
         raise TypeError(f"{name} must be a number of bytes or a size like '2GB', got None")
+    if size < least:
+        raise ValueError(f"{name} must be at least {least:,} bytes, got {value!r}")
     return size
 
 

@@ -217,7 +217,8 @@ class Pool:
         init_payload = None
         if init is not None:
             init_payload = pickle_payload(check_fn(init, "init"), "init")
-        max_frame = check_size("max_message", max_message)
+        # a worker's own messages (its start, reports in pieces of 32 KiB) fit in 64 KiB
+        max_frame = check_size("max_message", max_message, least=1 << 16)
         setup = check_entry_point("otel_setup", otel_setup)
         loop = check_worker_loop(worker_loop)
         nice = check_worker_nice(worker_nice)
