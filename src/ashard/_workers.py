@@ -560,7 +560,8 @@ class WorkerSet:
                 failed.append(exc)
             else:
                 if self.policy.pause_change(w.rss, False):
-                    await w.stop(1.0)
+                    with anyio.CancelScope(shield=True):  # reaped, even if a sibling failed
+                        await w.stop(1.0)
                     raise WorkerStartError(self._too_large(w))
                 worker_event(INFO, f"worker {w.pid} is ready", w.pid)
                 return w
