@@ -37,6 +37,7 @@ async def test_what_a_shard_changes_is_put_back_before_the_next(tmp_path: Path) 
                 TWO, workloads.state_after, borrow={"where": str(tmp_path)}, chunk_size=1
             )
         assert len(caught) == 1  # one warning per call
+        assert caught[0].filename == __file__  # the caller's line, not ashard's
         seen = res.results[1]
         clean = await pool.call(workloads.process_state)
         notes = res.diagnostics.hygiene[0]
@@ -142,8 +143,10 @@ async def test_init_is_the_baseline_and_calls_are_checked_too() -> None:
             res = await pool.shard_map(2, workloads.shard_sum)
             assert await pool.call(workloads.env_of, "ASHARD_TEST_INIT") == "yes"
         assert res.diagnostics.hygiene == {}
-        with pytest.warns(ashard.HygieneWarning, match=r"call changed .*ASHARD_TEST_CALL"):
+        said = r"call changed .*ASHARD_TEST_CALL"
+        with pytest.warns(ashard.HygieneWarning, match=said) as caught:
             await pool.call(workloads.set_env, "ASHARD_TEST_CALL", "1")
+        assert caught[0].filename == __file__
         assert await pool.call(workloads.env_of, "ASHARD_TEST_CALL") is None
 
 

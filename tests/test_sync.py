@@ -93,8 +93,10 @@ def test_inside_a_running_event_loop_like_a_notebook_cell(monkeypatch: pytest.Mo
         return ashard.sync.map(workloads.square, range(5))  # blocks this loop, on purpose
 
     monkeypatch.setattr(ashard.sync, "_warned_in_loop", False)
-    with pytest.warns(RuntimeWarning, match=r"running asyncio event loop.*await ashard.shard_map"):
+    said = r"running asyncio event loop.*await ashard.shard_map"
+    with pytest.warns(RuntimeWarning, match=said) as caught:
         assert asyncio.run(cell()) == [0, 1, 4, 9, 16]
+    assert caught[0].filename == __file__  # the cell's line, not ashard's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert asyncio.run(cell()) == [0, 1, 4, 9, 16]  # once is enough

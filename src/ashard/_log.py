@@ -6,14 +6,24 @@ a shard runs again. Every record names the worker's pid (and the shard and reaso
 where they apply) in its message and carries them as attributes (``record.pid``,
 ``record.shard_id``, ``record.reason``). Silent unless the application configures
 logging, as for any library (a `NullHandler` is attached).
+
+Warnings go to the caller's own line (`warn_user`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import warnings
+from types import FrameType
 from typing import Any
 
-__all__ = ["logger", "worker_event"]
+__all__ = ["logger", "warn_user", "worker_event"]
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_CONTEXTLIB = contextlib.__file__  # ashard's `with` blocks end in its frames
 
 logger = logging.getLogger("ashard")
 logger.addHandler(logging.NullHandler())
@@ -23,3 +33,20 @@ def worker_event(level: int, message: str, pid: int, **attrs: Any) -> None:
     """Log `message` about worker `pid` (with `attrs` as record attributes)."""
     if logger.isEnabledFor(level):
         logger.log(level, message, extra={"pid": pid, **attrs})
+
+
+def warn_user(message: str | Warning, category: type[Warning] | None = None) -> None:
+    """`warnings.warn`, at the first frame outside ashard: the line of the caller's code
+    that made the call, where the shown location and `module=` filters should point
+    (a warning raised on ashard's own loop thread, for `ashard.sync`, has none)."""
+    level = 1
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and _ours(frame):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level + 1)
+
+
+def _ours(frame: FrameType) -> bool:
+    name = frame.f_code.co_filename
+    return name.startswith(_PACKAGE) or name == _CONTEXTLIB

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import signal as _signal
 import traceback
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ashard._log import warn_user
 from ashard._protocol import INTERRUPTED, RAISED, TIMEOUT
 from ashard._serialize import ExcRecord, LoadError, decode_exception
 from ashard._serialize import show_error as _show
@@ -190,11 +190,10 @@ def warn_hygiene(notes: Mapping[int | None, tuple[str, ...]], noun: str) -> None
     (first, said), more = next(iter(notes.items())), len(notes) - 1
     where = noun if first is None else f"{noun} {first}"
     rest = f" ({more} more {noun}s did too: see Diagnostics.hygiene)" if more else ""
-    warnings.warn(
+    warn_user(
         HygieneWarning(
             f"ashard: {where} changed its worker's process-wide state: {'; '.join(said)}{rest}"
-        ),
-        stacklevel=2,
+        )
     )
 
 

@@ -39,7 +39,6 @@ import functools
 import itertools
 import sys
 import time
-import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -58,7 +57,7 @@ from ashard._framing import (
 from ashard._handle import WorkerConfig, WorkerHandle
 from ashard._health import PROFILES, HealthPolicy
 from ashard._lanes import CANCEL_GRACE, KILL_GRACE, CallLanes, Hung, LaneLost
-from ashard._log import logger
+from ashard._log import logger, warn_user
 from ashard._outcomes import (
     CRASHED,
     call_outcome,
@@ -827,11 +826,10 @@ def _warn_oversized(run: _Run) -> None:
     shown = ", ".join(f"{noun} {pos} ({nbytes / 2**20:.0f} MiB)" for pos, nbytes in
                       memory.oversized[:10])  # fmt: skip
     more = f" and {len(memory.oversized) - 10} more" if len(memory.oversized) > 10 else ""
-    warnings.warn(
+    warn_user(
         f"{shown}{more}: footprint larger than the pool's mem_budget "
         f"({run.budget.total / 2**20:.0f} MiB); each ran alone",
         ResourceWarning,
-        stacklevel=1,
     )
 
 

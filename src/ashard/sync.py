@@ -26,7 +26,6 @@ import os
 import queue
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
 
@@ -35,6 +34,7 @@ import sniffio
 from ashard import _spawn
 from ashard import pool as _pool
 from ashard._backend import import_supervisor
+from ashard._log import warn_user
 from ashard._loopthread import CANCEL_WAIT_SECONDS, SHARED
 from ashard._options import (
     MapOptions,
@@ -94,13 +94,12 @@ def _warn_in_a_running_loop() -> None:
     ipython = sys.modules.get("IPython")
     if ipython is not None and ipython.get_ipython() is not None:
         return
-    warnings.warn(
+    warn_user(
         f"ashard.sync was called from async code (a running {library} event loop in this "
         "thread): it blocks that loop until the call returns. In async code await ashard's "
         "own functions instead: `await ashard.shard_map(...)`, `await ashard.map(...)`, "
         "`await pool.call(...)`",
         RuntimeWarning,
-        stacklevel=4,
     )
 
 
