@@ -24,6 +24,8 @@ __all__ = ["logger", "warn_user", "worker_event"]
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _CONTEXTLIB = contextlib.__file__  # ashard's `with` blocks end in its frames
+# where the frames of event loops and threads are, not a caller's (POSIX paths)
+_MACHINERY = ("/asyncio/", "/anyio/", "/trio/", "/concurrent/", "/threading.py")
 
 logger = logging.getLogger("ashard")
 logger.addHandler(logging.NullHandler())
@@ -44,6 +46,8 @@ def warn_user(message: str | Warning, category: type[Warning] | None = None) -> 
     while frame is not None and _ours(frame):
         frame = frame.f_back
         level += 1
+    if frame is None or any(part in frame.f_code.co_filename for part in _MACHINERY):
+        level = 1  # no caller's line in this thread (ashard's loop): ashard's own line
     warnings.warn(message, category, stacklevel=level + 1)
 
 
