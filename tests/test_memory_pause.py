@@ -59,6 +59,18 @@ async def test_when_every_worker_is_paused_the_largest_is_recycled_at_once() -> 
             assert pool.stats.paused == 1
 
 
+async def test_the_last_worker_to_pause_has_the_largest_recycled_at_once() -> None:
+    """Workers that pause one after the other, as their shards end: when the last of
+    them goes idle, paused, the largest is recycled there and then. Waiting for the
+    next health check (100 s here) stalled the call that long, again and again."""
+    with anyio.fail_after(60):
+        async with ashard.Pool(2, mem_cap="800MB", mem_pause=0.25, pause_timeout=600,
+                               health_check_interval=100, recycle=False) as pool:  # fmt: skip
+            hoarders = partial(hoard, mib=250, hold=0.1)  # each shard pauses its worker
+            res = await pool.shard_map(ashard.shards(6, block_size=1), hoarders)
+            assert res.ok and res.diagnostics.memory.recycled["all_paused"] >= 2
+
+
 async def test_a_worker_that_falls_back_below_resumes() -> None:
     with anyio.fail_after(90):
         async with pausing_pool(1, "600MB", 0.5, 600) as pool:

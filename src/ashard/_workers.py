@@ -383,6 +383,8 @@ class WorkerSet:
         w.mark_idle()
         with self._lock:
             self._idle.append(w)
+        if w.paused and self._waiters:  # perhaps the last to pause: no waiter waits for a check
+            self._recycle_largest_if_all_paused()
 
     def pass_slot(self, w: WorkerHandle, tenant: Tenant) -> bool:
         """A worker `tenant` holds can take one more of its calls: hand it, shared, to
