@@ -97,27 +97,20 @@ async def test_a_cancelled_shards_thread_never_writes_after_the_call_returned(
     its slice of an out= buffer later: the cancellation returns only once that thread
     wrote (it ends within the cancellation's grace) or its worker is gone, so the
     buffer the caller fills afterwards keeps what the caller put there."""
-    buf = ashard.buffer("int64", 4)
-    try:
-        with anyio.fail_after(60):
-            async with ashard.Pool(1) as pool:
-                await pool.call(abs, -1)
-                pid = pool.pids[0]
-                async with anyio.create_task_group() as tg:
-                    four = ashard.shards(4, block_size=1)
-                    call = functools.partial(pool.shard_map, out={"out": buf})
-                    tg.start_soon(call, four, functools.partial(fn, after=after))
-                    while buf.array[0] != -2:  # noqa: ASYNC110 (shared memory: no event)
-                        await anyio.sleep(0.005)  # shard 0's thread is under way
-                    tg.cancel_scope.cancel()
-                if after < 1:
-                    assert buf.array[0] == -1  # the thread wrote before the call returned
-                    assert pool.pids == [pid]  # and its worker goes on
-                else:
-                    assert pid not in pool.pids  # it never will: its worker is gone
-                buf.array[:] = 7
-                if after < 1:
-                    await anyio.sleep(after + 0.3)  # when the thread would have written
-                assert buf.array.tolist() == [7, 7, 7, 7]
-    finally:
-        buf.close()
+    async with workloads.late_writer_setup() as (pool, pid, buf):
+        async with anyio.create_task_group() as tg:
+            four = ashard.shards(4, block_size=1)
+            call = functools.partial(pool.shard_map, out={"out": buf})
+            tg.start_soon(call, four, functools.partial(fn, after=after))
+            while buf.array[0] != -2:  # noqa: ASYNC110 (shared memory: no event)
+                await anyio.sleep(0.005)  # shard 0's thread is under way
+            tg.cancel_scope.cancel()
+        if after < 1:
+            assert buf.array[0] == -1  # the thread wrote before the call returned
+            assert pool.pids == [pid]  # and its worker goes on
+        else:
+            assert pid not in pool.pids  # it never will: its worker is gone
+        buf.array[:] = 7
+        if after < 1:
+            await anyio.sleep(after + 0.3)  # when the thread would have written
+        assert buf.array.tolist() == [7, 7, 7, 7]

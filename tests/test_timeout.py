@@ -134,28 +134,21 @@ async def test_a_timed_out_shards_thread_never_writes_after_its_retry(
     or not: then the worker is killed, silent past the timeout, and reaped before the
     shard runs again). Only shard 0's first attempt is charged. A worker whose thread
     ended goes on, although `asyncio.to_thread`'s executor keeps its thread, idle."""
-    buf = ashard.buffer("int64", 4)
-    try:
-        with anyio.fail_after(60):
-            async with ashard.Pool(1) as pool:
-                await pool.call(abs, -1)
-                pid = pool.pids[0]
-                fn_after = functools.partial(fn, after=after)
-                four = ashard.shards(4, block_size=1)
-                res = await pool.shard_map(four, fn_after, out={"out": buf}, timeout=0.2,
-                                           max_retries=1)  # fmt: skip
-                assert res.results == [0, 1, 2, 3]
-                assert buf.array.tolist() == [0, 1, 2, 3]
-                rows = res.diagnostics.shards_table().to_pylist()
-                stopped = [(r["shard_id"], r["attempt"]) for r in rows if r["outcome"] != "ok"]
-                assert stopped == [(0, 1)]
-                # a worker whose thread ended (idle executor threads aside) goes on
-                assert (pool.pids == [pid]) == (after < 1)
-                if after < 1:
-                    await anyio.sleep(after + 0.3)  # when the thread would have written
-                    assert buf.array.tolist() == [0, 1, 2, 3]
-    finally:
-        buf.close()
+    async with workloads.late_writer_setup() as (pool, pid, buf):
+        fn_after = functools.partial(fn, after=after)
+        four = ashard.shards(4, block_size=1)
+        res = await pool.shard_map(four, fn_after, out={"out": buf}, timeout=0.2,
+                                   max_retries=1)  # fmt: skip
+        assert res.results == [0, 1, 2, 3]
+        assert buf.array.tolist() == [0, 1, 2, 3]
+        rows = res.diagnostics.shards_table().to_pylist()
+        stopped = [(r["shard_id"], r["attempt"]) for r in rows if r["outcome"] != "ok"]
+        assert stopped == [(0, 1)]
+        # a worker whose thread ended (idle executor threads aside) goes on
+        assert (pool.pids == [pid]) == (after < 1)
+        if after < 1:
+            await anyio.sleep(after + 0.3)  # when the thread would have written
+            assert buf.array.tolist() == [0, 1, 2, 3]
 
 
 async def test_a_report_is_cut_before_its_timed_out_position_and_the_rest_waits() -> None:

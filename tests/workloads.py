@@ -4,6 +4,7 @@ usually does; tests of closures, lambdas and `__main__` functions build their ow
 from __future__ import annotations
 
 import builtins
+import contextlib
 import ctypes
 import gc
 import logging
@@ -14,7 +15,7 @@ import sys
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -1451,3 +1452,22 @@ async def sum_in_a_thread(shard: Shard) -> int:
 
 LATE_WRITERS = [overrun_leaving_a_writer, overrun_awaiting_a_writer]
 """Shards whose stopped first attempt leaves a thread that writes late (plain, async)."""
+
+
+@contextlib.asynccontextmanager
+async def late_writer_setup() -> AsyncIterator[tuple[Any, int, Any]]:
+    """For the `LATE_WRITERS` tests (the parent's side): a started one-worker pool, its
+    worker's pid and a 4-slot int64 out= buffer, for a minute at most (the buffer is
+    closed after)."""
+    import anyio
+
+    import ashard
+
+    buf = ashard.buffer("int64", 4)
+    try:
+        with anyio.fail_after(60):
+            async with ashard.Pool(1) as pool:
+                await pool.call(abs, -1)
+                yield pool, pool.pids[0], buf
+    finally:
+        buf.close()
