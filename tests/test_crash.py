@@ -15,6 +15,7 @@ import itertools
 import os
 import random
 import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -391,3 +392,66 @@ async def test_pieces_reported_before_a_crash_are_kept_and_the_rest_runs_again()
     first = again[0]
     assert again == list(range(first, n // 2))  # the killed chunk's tail, from one point on
     assert 0 < first <= victim  # what it reported before the kill was kept
+
+
+def fork_a_session_then_exit(shard: ashard.Shard, pidfile: str) -> int:
+    """On its first run shard 1 forks a child that leaves the worker's process group
+    (a session of its own) holding the worker's channel, then the worker exits."""
+    if shard.id == 1 and shard.attempt == 1:
+        if os.fork() == 0:
+            os.setsid()
+            Path(pidfile).write_text(str(os.getpid()))
+            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - {signal.SIGKILL})
+            os.execvp("sleep", ["sleep", "120"])
+        while not Path(pidfile).exists():
+            pass
+        os._exit(3)
+    return shard.id
+
+
+async def test_a_worker_gone_is_seen_gone_while_a_process_it_forked_holds_its_channel(
+    tmp_path: Path,
+) -> None:
+    """The channel's EOF never comes while the forked child lives: the health check sees
+    the worker's exit instead, and the call goes on without waiting for the child."""
+    pidfile = tmp_path / "child"
+    try:
+        with anyio.fail_after(30):  # the child sleeps 120 s: a call that waits for it fails
+            async with ashard.Pool(2) as pool:
+                res = await pool.shard_map(
+                    4, fork_a_session_then_exit, borrow={"pidfile": str(pidfile)}, chunk_size=1
+                )
+        assert res.results == [0, 1, 2, 3]
+        assert res.diagnostics.crashes == 1
+    finally:
+        if pidfile.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+def leave_a_process(shard: ashard.Shard, pidfile: str, then: str) -> int:
+    """On its first run shard 0 starts a process that would sleep 120 s and writes its
+    pid, then its worker ends: killed past the timeout while `os.system` waits (a signal
+    cannot stop it there), or exiting on its own."""
+    if shard.id == 0 and shard.attempt == 1:
+        if then == "timeout":
+            os.system(f"echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile} && exec sleep 120")
+        else:
+            proc = subprocess.Popen(["sleep", "120"])
+            Path(pidfile).write_text(str(proc.pid))
+            os._exit(3)
+    return shard.id
+
+
+@pytest.mark.parametrize("then", ["timeout", "exit"])
+async def test_the_processes_a_worker_started_end_with_it(tmp_path: Path, then: str) -> None:
+    """They are in the worker's process group, which is killed before the worker is
+    reaped: a shard that timed out or crashed leaves nothing running."""
+    pidfile = tmp_path / "left"
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool:
+            res = await pool.shard_map(
+                3, leave_a_process, borrow={"pidfile": str(pidfile), "then": then}, timeout=2
+            )
+        assert res.results == [0, 1, 2]
+    await _exited(int(pidfile.read_text()))  # (an orphan: its zombie waits for init)

@@ -222,6 +222,12 @@ class Channel:
         """The next `count` descriptors the worker sent (its message claims them)."""
         return self._reader.take_fds(count)
 
+    def shut(self) -> None:
+        """End the stream from this side (from any thread): its reader gets what was
+        sent, then EOF, whoever else holds the other end."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
     def disown(self) -> None:
         """Close this process's descriptor of the socket and nothing else (a forked
         child's copy: the parent keeps using its own)."""

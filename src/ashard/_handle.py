@@ -322,7 +322,28 @@ class WorkerHandle:
 
     @property
     def alive(self) -> bool:
-        return not self._disowned and self.proc.poll() is None and not self.channel.broken
+        return not self._disowned and self.poll() is None and not self.channel.broken
+
+    def poll(self) -> int | None:
+        """The exit status once the process has ended (reaped), else None. What is left
+        of its process group (what its shards started or forked and left running) is
+        killed first: the group is named by the worker's pid, which is not reused until
+        the worker is reaped. Safe from any thread."""
+        code = self.proc.returncode
+        if code is None and not self._disowned and _ended_unreaped(self.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            code = self.proc.poll()
+        return code
+
+    def notice_exit(self) -> bool:
+        """Has the process ended? Then end its channel from this side too, so that the
+        channel's reader sees the worker gone now: a process it forked into a session of
+        its own may still hold the worker's end open, and EOF would never come."""
+        if self._disowned or self.poll() is None:
+            return False
+        self.channel.shut()  # (its output's epoll watches the channel: readable now too)
+        return True
 
     def disown(self) -> None:
         """In a forked child: the worker is the parent's. Let go of the child's copies of
@@ -360,12 +381,23 @@ class WorkerHandle:
 
     def reap(self, timeout: float) -> bool:
         """Wait (blocking: not on the event loop) for the process to exit."""
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        if not self._wait_blocking(timeout):
             return False
         _live.discard(self)
         self.output.close()
+        return True
+
+    def _wait_blocking(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the process to end and be reaped (`poll`),
+        blocking; True if it was."""
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while self.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.05)
         return True
 
     def stop_blocking(self) -> None:
@@ -381,7 +413,7 @@ class WorkerHandle:
         None if the process still runs after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         delay = 0.001
-        while (code := self.proc.poll()) is None and time.monotonic() < deadline:
+        while (code := self.poll()) is None and time.monotonic() < deadline:
             await anyio.sleep(delay)
             delay = min(delay * 2, 0.05)
         return code
@@ -462,6 +494,15 @@ def _disown_all() -> None:
 os.register_at_fork(after_in_child=_disown_all)
 
 
+def _ended_unreaped(pid: int) -> bool:
+    """Has child `pid` ended, not reaped yet? (False once reaped: by another thread's
+    `Popen.poll`, say.)"""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return False
+
+
 def _read_dump(fd: int, start: int, wait: float) -> str | None:
     """What faulthandler wrote to `fd` past `start`, once it stops growing (it writes
     in pieces), within `wait` seconds; None if nothing came. Blocking: a thread's."""
@@ -485,11 +526,9 @@ def kill_all_now() -> None:
         h.close_channel()
     deadline = time.monotonic() + 1.0
     for h in handles:
-        try:
-            h.proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            h.proc.kill()
-            h.proc.wait()
+        if not h._wait_blocking(max(0.0, deadline - time.monotonic())):
+            h.signal(signal.SIGKILL)
+            h._wait_blocking(60.0)
         with contextlib.suppress(Exception):  # its last lines, then the pipes (no warning)
             h.output.close()
 

@@ -71,6 +71,7 @@ PROFILES = {
 class Gauged(Protocol):
     """A worker as health sees it (`ashard._handle.WorkerHandle`)."""
 
+    def notice_exit(self) -> bool: ...
     def read_rss(self) -> int: ...
     def observe(self, rss: int) -> None: ...
     def kill_for(self, reason: EndReason) -> None: ...
@@ -192,9 +193,12 @@ class Monitor:
 
 
 def check(watched: Watched) -> None:
-    """One round: read memory, kill runaways, let expired idle workers go."""
+    """One round: see workers gone, read memory, kill runaways, let expired idle
+    workers go."""
     policy = watched.policy
     for w in watched.health_targets():
+        if w.notice_exit():
+            continue
         rss = w.read_rss()
         w.observe(rss)
         if policy.over_hard_cap(rss):

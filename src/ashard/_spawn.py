@@ -1,7 +1,9 @@
 """How a worker process is launched: a fresh interpreter, ``python -m ashard._worker``.
 
 `Popen` runs on one long-lived thread: on Linux a worker asks for SIGKILL when its
-parent *thread* exits, so that thread must live as long as the process does.
+parent *thread* exits, so that thread must live as long as the process does. Each
+worker leads a process group of its own: what its shards start (and fork) stays in it,
+and ends with it (`WorkerHandle.poll`).
 
 `prestart` launches one worker ahead of need. The first call on the default pool does
 it before it imports the supervisor, so that the worker's interpreter starts while
@@ -50,7 +52,7 @@ def _popen(child_fd: int, env_extra: Mapping[str, str]) -> subprocess.Popen[byte
     cmd = [sys.executable, "-u", "-m", "ashard._worker", str(child_fd), str(os.getpid())]
     return subprocess.Popen(
         cmd, pass_fds=(child_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, cwd=os.getcwd(), env=env,
+        stderr=subprocess.PIPE, cwd=os.getcwd(), env=env, process_group=0,
     )  # fmt: skip
 
 

@@ -638,9 +638,9 @@ class WorkerSet:
         w.close_channel()
         self._retired.append(w)
         for r in self._retired:
-            if r.proc.poll() is not None:
+            if r.poll() is not None:
                 r.output.close()
-        self._retired = [r for r in self._retired if r.proc.poll() is None]
+        self._retired = [r for r in self._retired if r.proc.returncode is None]
 
     def resize(self, size: int) -> None:
         """Grow or shrink the pool; extra workers leave as they become idle."""
