@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from typing import Any
 
 import anyio
@@ -560,3 +565,78 @@ async def test_a_retry_refuses_a_directory_another_call_wrote_since(
             with pytest.raises(ValueError, match=f"{name} .* did not write"):
                 await pool.retry_failed(first, writes)
             assert _contents(path) == kept
+
+
+TEMPORARY_DIRS = """
+import asyncio, json, os, signal, sys, tempfile
+import ashard, ashard._places, workloads
+
+async def main(then):
+    async with ashard.Pool(1) as pool:
+        res = await pool.shard_map(4, workloads.shard_sum, results="disk")
+        sink = ashard.table_sink()
+        await pool.shard_map(2, workloads.write_rows, out={"rows": sink})
+    token = ashard._places._own()
+    tmp = tempfile.gettempdir()
+    print(json.dumps(sorted(os.path.join(tmp, n) for n in os.listdir(tmp) if token in n)))
+    sys.stdout.flush()
+    if then == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if then == "wait":
+        sys.stdin.read()
+    if then == "fork":  # a child that exits normally, holding copies of both
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)
+        os.waitpid(child, 0)
+        print(json.dumps([list(res.results), sink.read().num_rows]))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def _start(then: str, **kwargs: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", TEMPORARY_DIRS, then], text=True, stdout=subprocess.PIPE,
+        cwd=os.path.dirname(__file__), **kwargs,
+    )  # fmt: skip
+
+
+def test_the_temporary_directories_of_a_killed_caller_go_with_the_next_callers_first() -> None:
+    """A caller killed (say by the OOM killer) never ran its finalizers; the next process
+    that makes a temporary directory removes what it left, and nothing of a caller that
+    still lives. One that ends normally leaves nothing, not even its lock."""
+    live = _start("wait", stdin=subprocess.PIPE)
+    try:
+        assert live.stdout is not None
+        kept = json.loads(live.stdout.readline())
+        killed = _start("die")
+        gone = json.loads(killed.communicate(timeout=60)[0].splitlines()[0])
+        assert killed.returncode == -signal.SIGKILL
+        assert len(gone) == len(kept) == 3  # results, sink, lock
+        assert all(os.path.exists(p) for p in gone)
+        sweeper = _start("end")
+        mine = json.loads(sweeper.communicate(timeout=60)[0])
+        assert sweeper.returncode == 0
+        deadline = time.monotonic() + 30  # the sweep runs in a thread of the sweeper's
+        while any(os.path.exists(p) for p in gone) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not any(os.path.exists(p) for p in gone)
+        assert all(os.path.exists(p) for p in kept)
+        assert not any(os.path.exists(p) for p in mine)  # it ended normally
+    finally:
+        live.communicate(timeout=60)
+    assert live.returncode == 0
+    assert not any(os.path.exists(p) for p in kept)
+
+
+def test_a_forked_child_that_exits_leaves_its_parents_temporary_results_alone() -> None:
+    """The child's copies of a result and a sink are finalized when it exits; the files
+    are the parent's, and the parent still reads them."""
+    out = subprocess.run(
+        [sys.executable, "-c", TEMPORARY_DIRS, "fork"], capture_output=True, text=True,
+        cwd=os.path.dirname(__file__), timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    results, rows = json.loads(out.stdout.splitlines()[1])
+    assert results == [0, 1, 2, 3] and rows == 4

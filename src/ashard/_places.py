@@ -15,20 +15,119 @@ Used in the parent (resolve, check, sweep, read) and in workers (write, commit).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import fcntl
 import os
 import pickle
 import re
+import secrets
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Pending", "Place", "commit_all", "file_name", "write_bytes"]
+__all__ = ["Pending", "Place", "commit_all", "file_name", "temporary_path", "write_bytes"]
 
 _writing: set[tuple[str, str]] = set()  # the directories running calls write (`Place.claim`)
 _writing_lock = threading.Lock()
+
+
+_OWNER_FILE = re.compile(r"ashard-owner-([0-9a-f]{12})\.lock")
+_owner: tuple[int, str, int] | None = None  # (pid, token, the held lock's fd): `_own`
+_owner_lock = threading.Lock()
+
+
+def temporary_path(kind: str, make: bool) -> str:
+    """A new path for a temporary directory of `kind` ("results", "sink") in the
+    system's temporary directory, made now if `make`. Its name carries this process's
+    owner token, whose lock file the process holds while it lives: once it is gone,
+    even killed, the next process to make one removes what it left (`_sweep_orphans`)."""
+    prefix = f"ashard-{kind}-{_own()}-"
+    if make:
+        return tempfile.mkdtemp(prefix=prefix)
+    return os.path.join(tempfile.gettempdir(), prefix + secrets.token_hex(8))
+
+
+def _own() -> str:
+    """This process's owner token: on first use, a lock file is made (under another name,
+    locked, then renamed: no process ever sees it unlocked while its owner lives), and
+    what processes that are gone left behind is swept in the background."""
+    global _owner
+    with _owner_lock:
+        if _owner is not None and _owner[0] == os.getpid():
+            return _owner[1]
+        token = secrets.token_hex(6)
+        lock = os.path.join(tempfile.gettempdir(), f"ashard-owner-{token}.lock")
+        fd = os.open(lock + ".new", os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(lock + ".new", lock)
+        _owner = (os.getpid(), token, fd)
+    threading.Thread(target=_sweep_orphans, args=(token,), name="ashard-sweep", daemon=True).start()
+    return token
+
+
+def _sweep_orphans(mine: str) -> None:
+    """Remove the temporary directories of owners whose lock is free (their process is
+    gone), then their lock files. Blocking: a thread's."""
+    tmp = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        names = os.listdir(tmp)
+        for name in names:
+            m = _OWNER_FILE.fullmatch(name)
+            if m is None or m[1] == mine:
+                continue
+            try:
+                fd = os.open(os.path.join(tmp, name), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # another sweep removed it
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue  # its process lives
+            try:
+                _remove_owned(tmp, names, m[1])
+                os.unlink(os.path.join(tmp, name))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+
+def _remove_owned(tmp: str, names: list[str], token: str) -> None:
+    for name in names:
+        if name.startswith(("ashard-results-", "ashard-sink-")) and f"-{token}-" in name:
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+
+
+@atexit.register
+def _let_go() -> None:
+    """At exit: what this process still holds goes (its results and sinks would, one by
+    one, as their finalizers run), then its lock file."""
+    if _owner is None or _owner[0] != os.getpid():
+        return
+    _, token, fd = _owner
+    tmp = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        _remove_owned(tmp, os.listdir(tmp), token)
+        os.unlink(os.path.join(tmp, f"ashard-owner-{token}.lock"))
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _after_fork_in_child() -> None:
+    """The parent's lock is the parent's: a child holding its copy would keep it taken."""
+    global _owner, _owner_lock
+    if _owner is not None:
+        with contextlib.suppress(OSError):
+            os.close(_owner[2])
+    _owner, _owner_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def file_name(fmt: str, shard_id: int) -> str:
@@ -187,7 +286,12 @@ class Place:
                 else:
                     self.fs.delete_file(self.path_of(name))
 
-    def remove_tree(self) -> None:
+    def remove_tree(self, made_by: int | None = None) -> None:
+        """Remove the directory and all in it; `made_by`: only in the process of that
+        pid (a forked child's copy of a temporary result, finalized when the child
+        exits, must leave its parent's files alone)."""
+        if made_by is not None and made_by != os.getpid():
+            return
         if self.fs is None:
             shutil.rmtree(self.root, ignore_errors=True)
         else:

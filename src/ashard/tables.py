@@ -17,13 +17,12 @@ import numbers
 import os
 import re
 import secrets
-import tempfile
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Self, overload
 
-from ashard._places import Place, file_name
+from ashard._places import Place, file_name, temporary_path
 from ashard._protocol import SinkRef
 from ashard._serialize import loads
 from ashard.errors import GatherTooLarge
@@ -201,7 +200,9 @@ class TableSink(_Output):
         super().__init__("sink", place, fmt, schema)
         self._refs: dict[int, TableRef] = {}
         self._state: Literal["new", "busy", "used"] = "new"
-        self._finalizer = weakref.finalize(self, place.remove_tree) if temporary else None
+        self._finalizer = (
+            weakref.finalize(self, place.remove_tree, os.getpid()) if temporary else None
+        )
 
     @property
     def path(self) -> str:
@@ -307,8 +308,7 @@ def table_sink(
     if path is None:
         if filesystem is not None:
             raise ValueError("filesystem= needs a path inside it: table_sink(path, filesystem=...)")
-        name = f"ashard-sink-{secrets.token_hex(8)}"  # made when a call starts writing
-        place = Place(os.path.join(tempfile.gettempdir(), name))
+        place = Place(temporary_path("sink", make=False))  # made when a call starts writing
         return TableSink(place, format, checked_schema, temporary=True)
     place = Place.resolve(path, filesystem, "table_sink path")
     place.check_fresh("table_sink path")
@@ -342,8 +342,8 @@ class ResultStore(_Output):
             if self._busy:
                 raise ValueError("another retry_failed of this result is running")
         elif self.temporary:
-            self.place = Place(tempfile.mkdtemp(prefix="ashard-results-"))
-            self._finalizer = weakref.finalize(self, self.place.remove_tree)
+            self.place = Place(temporary_path("results", make=True))
+            self._finalizer = weakref.finalize(self, self.place.remove_tree, os.getpid())
         super().start(what, again)
         self._busy = True
 
