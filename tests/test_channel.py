@@ -89,3 +89,48 @@ def test_a_report_split_in_two_keeps_every_position_in_its_place() -> None:
     assert head.commits is None and tail.commits is None
     total = split_result(report._replace(elapsed=1.2), 3)
     assert [part.elapsed for part in total] == pytest.approx([0.6, 0.6])
+
+
+class _Recording(socket.socket):
+    """A real socket that notes how many bytes each `sendmsg` was offered."""
+
+    offers: list[int]
+
+    def sendmsg(self, buffers: Any, *args: Any) -> int:
+        self.offers.append(sum(memoryview(b).nbytes for b in buffers))
+        return super().sendmsg(buffers, *args)
+
+
+@pytest.mark.anyio
+async def test_a_large_frame_goes_out_in_bounded_sendmsgs_with_the_loop_running_between() -> None:
+    """A reader as fast as the writer keeps the socket from filling: one `sendmsg`
+    offered a whole 64 MB frame would copy it all with the event loop stopped. Each is
+    offered `SEND_BYTES` at most, and every byte arrives in order."""
+    import numpy as np
+
+    from ashard._channel import SEND_BYTES, Channel
+    from ashard._framing import encode
+
+    a, b = socket.socketpair()
+    sock = _Recording(fileno=a.detach())
+    sock.offers = []
+    data = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8)
+    frame = encode(("big", data))
+    received = bytearray()
+
+    def read_all() -> None:
+        while chunk := b.recv(1 << 20):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    try:
+        with anyio.fail_after(60):
+            await Channel(sock).send(frame)
+    finally:
+        sock.close()
+        reader.join()
+        b.close()
+    assert len(sock.offers) >= (64 << 20) // SEND_BYTES
+    assert max(sock.offers) <= SEND_BYTES
+    assert bytes(received) == b"".join(bytes(memoryview(p).cast("B")) for p in frame)

@@ -26,11 +26,11 @@ import anyio.lowlevel
 
 from ashard._framing import (
     DEFAULT_MAX_FRAME,
-    IOV_MAX,
     Buffer,
     ChannelClosed,
     FrameReader,
     advance,
+    offered,
 )
 from ashard._protocol import ProtocolViolation
 
@@ -43,6 +43,11 @@ READ_BYTES = 128 << 10
 is read after the event loop had its turn."""
 WAKE_SECONDS = 0.25
 """How often an asyncio loop waiting on workers wakes, to serve what signals scheduled."""
+SEND_BYTES = 512 << 10
+"""Bytes one `sendmsg` is offered at most. A worker that reads as fast as the parent
+writes keeps the socket from ever filling, so one call offered a whole large frame
+would copy all of it before it returned (a 200 MB argument: a quarter of a second
+with the event loop stopped)."""
 YIELD_SECONDS = 0.0002
 """A reader whose messages are always there already (a fast worker) still lets the event
 loop have its turn this often: `receive` then yields before it reads. The same as the
@@ -79,7 +84,7 @@ class Channel:
         """What the socket did not take of `parts` (all of them when it is full) and the
         fds still to go with the next byte; `ChannelClosed` if the socket is gone."""
         try:
-            return advance(parts, self._sock.sendmsg(parts[:IOV_MAX], anc)), []
+            return advance(parts, self._sock.sendmsg(offered(parts, SEND_BYTES), anc)), []
         except BlockingIOError:
             return parts, anc
         except OSError as exc:
@@ -91,7 +96,7 @@ class Channel:
         if self.broken or self._backlog or self._sock.fileno() < 0:
             return False
         try:
-            self._backlog = advance(parts, self._sock.sendmsg(parts[:IOV_MAX]))
+            self._backlog = advance(parts, self._sock.sendmsg(offered(parts, SEND_BYTES)))
         except BlockingIOError:
             self._backlog = list(parts)
         except OSError:

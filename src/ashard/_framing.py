@@ -100,6 +100,20 @@ def frame_size(parts: list[Buffer]) -> int:
     return sum(map(len, parts))
 
 
+def offered(parts: list[Buffer], limit: int) -> list[Buffer]:
+    """The first `limit` bytes of `parts` (in `IOV_MAX` buffers at most), for one
+    `sendmsg`: `advance` takes what it sent off the whole."""
+    room = limit
+    for i, part in enumerate(parts):
+        if i == IOV_MAX or not room:
+            return parts[:i]
+        size = memoryview(part).nbytes if isinstance(part, memoryview) else len(part)
+        if size > room:
+            return [*parts[:i], memoryview(part).cast("B")[:room]]
+        room -= size
+    return parts
+
+
 def advance(parts: list[Buffer], sent: int) -> list[Buffer]:
     """What remains of `parts` after `sent` bytes went out."""
     i = 0
