@@ -130,6 +130,11 @@ def inc(x: int) -> int:
     return x + 1
 
 
+def nbytes(x: Any) -> int:
+    """The size of an array argument, in bytes."""
+    return int(x.nbytes)
+
+
 def shard_id(shard: Shard) -> int:
     """The shard's id (`bench_caller.py`'s stream of one-item shards)."""
     return shard.id

@@ -12,6 +12,8 @@ Cases (2 workers each, ``--workers`` to change):
 * ``stream``: a `shard_stream` of 200,000 one-item shards, consumed as they come.
 * ``borrow``: a `shard_map` of 8 shards borrowing a 400 MB array.
 * ``calls``: 10,000 `pool.call`s from 64 tasks; peer: `anyio.to_process.run_sync`.
+* ``bigarg``: 5 `pool.call`s one after the other, each with a 200 MB array argument;
+  peer: `anyio.to_process.run_sync`.
 
 Reported per case: loop lateness p50 / p99 / max (ms), the caller's CPU per unit of work
 (µs) and the rate. Medians over ``--rounds`` interpreters.
@@ -109,6 +111,15 @@ async def main():
                     res = await pool.shard_map(8, fns.borrowed_sum, borrow={{"x": array}})
                     assert len(res.results) == 8
                     return 8
+            elif CASE == "bigarg":
+                import numpy as np
+
+                array = np.ones(int(200_000_000 * SCALE), dtype=np.uint8)
+
+                async def run():
+                    for _ in range(5):
+                        assert await pool.call(fns.nbytes, array) == array.nbytes
+                    return 5
             else:
                 n = int(10_000 * SCALE)
 
@@ -137,6 +148,19 @@ async def main():
                     return n
 
                 result = await measure(run)
+        elif CASE == "bigarg":
+            import numpy as np
+            from anyio import to_process
+
+            array = np.ones(int(200_000_000 * SCALE), dtype=np.uint8)
+            await to_process.run_sync(fns.noop, 1)
+
+            async def run():
+                for _ in range(5):
+                    assert await to_process.run_sync(fns.nbytes, array) == array.nbytes
+                return 5
+
+            result = await measure(run)
         else:  # calls
             from anyio import to_process
 
@@ -170,8 +194,9 @@ CASES = {
     "stream": ("ashard",),
     "borrow": ("ashard",),
     "calls": ("ashard", "anyio.to_process"),
+    "bigarg": ("ashard", "anyio.to_process"),
 }
-UNIT = {"map": "item", "stream": "shard", "borrow": "shard", "calls": "call"}
+UNIT = {"map": "item", "stream": "shard", "borrow": "shard", "calls": "call", "bigarg": "call"}
 
 
 def run_case(case: str, side: str, workers: int, scale: float, backend: str) -> dict[str, float]:

@@ -76,19 +76,24 @@ class Channel:
         halfway the channel is marked `broken`."""
         if self._backlog:
             parts, self._backlog = self._backlog + parts, []
-        parts, anc = self._send_some(parts, _rights(fds))
+        parts, anc, full = self._send_some(parts, _rights(fds))
         if parts:
-            await self._send_rest(parts, anc)
+            await self._send_rest(parts, anc, full)
 
-    def _send_some(self, parts: list[Buffer], anc: list[Any]) -> tuple[list[Buffer], list[Any]]:
-        """What the socket did not take of `parts` (all of them when it is full) and the
-        fds still to go with the next byte; `ChannelClosed` if the socket is gone."""
+    def _send_some(
+        self, parts: list[Buffer], anc: list[Any]
+    ) -> tuple[list[Buffer], list[Any], bool]:
+        """What the socket did not take of `parts` (all of them when it is full), the
+        fds still to go with the next byte, and whether the socket is full (it took
+        less than it was offered); `ChannelClosed` if the socket is gone."""
+        offer, size = offered(parts, SEND_BYTES)
         try:
-            return advance(parts, self._sock.sendmsg(offered(parts, SEND_BYTES), anc)), []
+            sent = self._sock.sendmsg(offer, anc)
         except BlockingIOError:
-            return parts, anc
+            return parts, anc, True
         except OSError as exc:
             raise ChannelClosed(str(exc)) from exc
+        return advance(parts, sent), [], sent < size
 
     def post(self, parts: list[Buffer]) -> bool:
         """Send small control frames now, from synchronous code, if no send is under way;
@@ -96,18 +101,23 @@ class Channel:
         if self.broken or self._backlog or self._sock.fileno() < 0:
             return False
         try:
-            self._backlog = advance(parts, self._sock.sendmsg(offered(parts, SEND_BYTES)))
+            self._backlog = advance(parts, self._sock.sendmsg(offered(parts, SEND_BYTES)[0]))
         except BlockingIOError:
             self._backlog = list(parts)
         except OSError:
             return False
         return True
 
-    async def _send_rest(self, parts: list[Buffer], anc: list[Any]) -> None:
+    async def _send_rest(self, parts: list[Buffer], anc: list[Any], full: bool) -> None:
+        """Send the rest of a send: after the loop's turn while the socket takes what it
+        is offered, else once it takes more (reading meanwhile)."""
         self.broken = True
         while parts:
-            await self._wait_writable_draining()
-            parts, anc = self._send_some(parts, anc)
+            if full:
+                await self._wait_writable_draining()
+            else:
+                await anyio.lowlevel.checkpoint()
+            parts, anc, full = self._send_some(parts, anc)
         self.broken = False
 
     async def _wait_writable_draining(self) -> None:

@@ -100,18 +100,18 @@ def frame_size(parts: list[Buffer]) -> int:
     return sum(map(len, parts))
 
 
-def offered(parts: list[Buffer], limit: int) -> list[Buffer]:
+def offered(parts: list[Buffer], limit: int) -> tuple[list[Buffer], int]:
     """The first `limit` bytes of `parts` (in `IOV_MAX` buffers at most), for one
-    `sendmsg`: `advance` takes what it sent off the whole."""
+    `sendmsg`, and their size: `advance` takes what it sent off the whole."""
     room = limit
     for i, part in enumerate(parts):
         if i == IOV_MAX or not room:
-            return parts[:i]
+            return parts[:i], limit - room
         size = memoryview(part).nbytes if isinstance(part, memoryview) else len(part)
         if size > room:
-            return [*parts[:i], memoryview(part).cast("B")[:room]]
+            return [*parts[:i], memoryview(part).cast("B")[:room]], limit
         room -= size
-    return parts
+    return parts, limit - room
 
 
 def advance(parts: list[Buffer], sent: int) -> list[Buffer]:
