@@ -135,6 +135,24 @@ def nbytes(x: Any) -> int:
     return int(x.nbytes)
 
 
+def make_bytes(size: int) -> bytes:
+    return b"y" * size
+
+
+def make_array(size: int) -> Any:
+    import numpy as np
+
+    return np.ones(size, dtype=np.uint8)
+
+
+def borrowed_len(shard: Shard, x: Any) -> int:
+    return len(x)
+
+
+def shard_bytes(shard: Shard, size: int) -> bytes:
+    return b"r" * size
+
+
 def shard_id(shard: Shard) -> int:
     """The shard's id (`bench_caller.py`'s stream of one-item shards)."""
     return shard.id

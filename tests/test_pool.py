@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -183,6 +184,55 @@ async def test_call_round_trip_and_kwargs() -> None:
     async with ashard.Pool(1) as pool:
         assert await pool.call(divmod, 17, 5) == (3, 2)
         assert await pool.call(int, "ff", base=16) == 255
+
+
+def kind_and_digest(*args: object, **kwargs: object) -> list[tuple[str, str]]:
+    import hashlib
+
+    def one(value: object) -> tuple[str, str]:
+        assert isinstance(value, bytes | bytearray)
+        data = value
+        return type(value).__name__, hashlib.sha256(data).hexdigest()
+
+    return [one(v) for v in (*args, *kwargs.values())]
+
+
+class Tagged(bytes):
+    """A bytes subclass: it travels as itself."""
+
+
+def borrowed_kinds(shard: ashard.Shard, big: object, small: object) -> list[tuple[str, str]]:
+    return kind_and_digest(big, small)
+
+
+async def test_large_bytes_arguments_arrive_whole_and_as_their_own_type() -> None:
+    """Large `bytes` and `bytearray` values travel out of band (uncopied by the caller);
+    the worker rebuilds each as the type it was, with every byte, whether an argument, a
+    keyword argument, borrowed or an item of a map; small ones, subclasses and the other
+    items of a mixed list travel as before."""
+    import hashlib
+
+    big = random.Random(0).randbytes(3 << 20)
+    values = [big, bytearray(big[: 2 << 20]), big[:100], Tagged(big[: (1 << 20) + 7])]
+    expected = [(type(v).__name__, hashlib.sha256(v).hexdigest()) for v in values]
+    with anyio.fail_after(60):
+        async with ashard.Pool(1) as pool:
+            got = await pool.call(kind_and_digest, *values[:2], a=values[2], b=values[3])
+            assert got == expected
+            res = await pool.shard_map(
+                2, borrowed_kinds, borrow={"big": values[1], "small": values[2]}
+            )
+            mixed = [*values, "text", 7]
+            got = await pool.map(kind_and_digest, mixed[:4], chunk_size=2)
+            assert got == [[e] for e in expected]
+            assert await pool.map(type_name, mixed, chunk_size=6) == [
+                type(v).__name__ for v in mixed
+            ]
+    assert res.results == [expected[1:3]] * 2
+
+
+def type_name(value: object) -> str:
+    return type(value).__name__
 
 
 FORKED_CHILD = """

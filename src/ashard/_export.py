@@ -17,7 +17,7 @@ import numpy as np
 from ashard._borrowed import BorrowCache, Lease
 from ashard._framing import MAX_FDS
 from ashard._protocol import ArrayRef, IpcRef, Payload, SinkRef
-from ashard._serialize import pickle_payload
+from ashard._serialize import pickle_payload, uncopied
 from ashard._shm import SHAREABLE_KINDS, Segment, is_arrow
 from ashard.shared import Buffer, SharedArray, SharedTable
 from ashard.tables import TableSink
@@ -95,7 +95,7 @@ def _export_borrow(
         if segment not in exported.segments:
             exported.segments.append(segment)
         return IpcRef(segment.id, segment.size, value.kind)  # immutable: no cow modes
-    return pickle_payload(value, f"borrow[{name!r}]")
+    return pickle_payload(uncopied(value), f"borrow[{name!r}]")
 
 
 def _plain_array(value: Any) -> bool:

@@ -82,7 +82,7 @@ from ashard._protocol import (
     split_result,
 )
 from ashard._reports import Report, pump_output, receive, receive_until
-from ashard._serialize import dumps_named, pack
+from ashard._serialize import dumps_named, pack, uncopied, uncopied_items
 from ashard._sources import with_sources
 from ashard._workers import DUMP_WAIT, WorkerSet
 from ashard.errors import ShardError, ShardTimeout
@@ -710,7 +710,8 @@ class Scheduler:
         seq = next(self._seq)
         fn, args, kwargs, timeout = call.fn, call.args, call.kwargs, call.timeout
         try:
-            parts = encode((CALL, seq, with_sources(fn), args, kwargs, timeout), by_value=True)
+            sent = tuple(map(uncopied, args)), {k: uncopied(v) for k, v in kwargs.items()}
+            parts = encode((CALL, seq, with_sources(fn), *sent, timeout), by_value=True)
         except Exception:
             _name_unpicklable(fn, args, kwargs)
             raise
@@ -866,7 +867,7 @@ def _encode_run(
     sizes: list[int] = []
     for c in chunks:
         try:
-            items = None if c.items is None else pack(c.items)
+            items = None if c.items is None else pack(uncopied_items(c.items))
         except Exception as exc:
             unsendable.append((c, exc))
             sizes.append(0)

@@ -3,7 +3,8 @@
 The C pickler is tried first: it is the fastest and handles importable functions by
 reference. Anything it cannot pickle, or that refers to `__main__` (which a worker
 cannot import), goes through cloudpickle, which pickles such objects by value.
-Buffers (numpy arrays) travel out of band, uncopied.
+Buffers (numpy arrays, and large `bytes` given as arguments or borrowed: `uncopied`)
+travel out of band, uncopied.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ __all__ = [
     "pickle_payload",
     "show_error",
     "travels_by_value",
+    "uncopied",
+    "uncopied_items",
     "unpack",
 ]
 
@@ -40,6 +43,39 @@ within half)."""
 
 PROTOCOL = 5
 _MAIN = b"__main__"
+UNCOPIED_BYTES = 1 << 20
+"""`bytes` and `bytearray` values this large are pickled out of band by `uncopied`."""
+
+
+class _Uncopied:
+    """Pickles a `bytes` or `bytearray` out of band: it is sent from where it lies, not
+    copied into the pickle (a copy of 200 MB, and the scan of the pickle for
+    ``__main__``, stop the event loop for a fifth of a second), and the worker rebuilds
+    a value of the same type from the buffer it receives."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return type(self.data), (pickle.PickleBuffer(self.data),)
+
+
+def uncopied(value: Any) -> Any:
+    """`value`, or a stand-in that pickles it out of band if it is a large `bytes` or
+    `bytearray` (exactly those types: a subclass pickles as itself)."""
+    if type(value) in (bytes, bytearray) and len(value) >= UNCOPIED_BYTES:
+        return _Uncopied(value)
+    return value
+
+
+def uncopied_items(items: Any) -> Any:
+    """A chunk's items, with `uncopied` stand-ins when they are `bytes` (looked for in
+    a list whose first item is: a list of numbers costs one check)."""
+    if type(items) is list and items and type(items[0]) in (bytes, bytearray):
+        return [uncopied(x) for x in items]
+    return items
 
 
 class LoadError(pickle.UnpicklingError):
