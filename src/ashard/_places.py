@@ -36,6 +36,7 @@ _writing_lock = threading.Lock()
 
 
 _OWNER_FILE = re.compile(r"ashard-owner-([0-9a-f]{12})\.lock")
+_OWNED_DIR = re.compile(r"ashard-(?:results|sink)-([0-9a-f]{12})-.+")
 _owner: tuple[int, str, int] | None = None  # (pid, token, the held lock's fd): `_own`
 _owner_lock = threading.Lock()
 
@@ -99,8 +100,9 @@ def _sweep_orphans(mine: str) -> None:
 
 def _remove_owned(tmp: str, names: list[str], token: str) -> None:
     for name in names:
-        if name.startswith(("ashard-results-", "ashard-sink-")) and f"-{token}-" in name:
-            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+        m = _OWNED_DIR.fullmatch(name)
+        if m is not None and m[1] == token:
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)  # (never a link's target)
 
 
 @atexit.register
