@@ -496,7 +496,9 @@ os.register_at_fork(after_in_child=_disown_all)
 
 def _ended_unreaped(pid: int) -> bool:
     """Has child `pid` ended, not reaped yet? (False once reaped: by another thread's
-    `Popen.poll`, say.)"""
+    `Popen.poll`, say; and where `os.waitid` is missing.)"""
+    if not hasattr(os, "waitid"):
+        return False
     try:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
