@@ -62,7 +62,11 @@ def _own() -> str:
             return _owner[1]
         token = secrets.token_hex(6)
         lock = os.path.join(tempfile.gettempdir(), f"ashard-owner-{token}.lock")
-        fd = os.open(lock + ".new", os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(lock + ".new", os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        except OSError:  # no lock (a read-only temporary directory): nothing to sweep either
+            _owner = (os.getpid(), token, -1)
+            return token
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.rename(lock + ".new", lock)
         _owner = (os.getpid(), token, fd)
@@ -109,7 +113,7 @@ def _remove_owned(tmp: str, names: list[str], token: str) -> None:
 def _let_go() -> None:
     """At exit: what this process still holds goes (its results and sinks would, one by
     one, as their finalizers run), then its lock file."""
-    if _owner is None or _owner[0] != os.getpid():
+    if _owner is None or _owner[0] != os.getpid() or _owner[2] < 0:
         return
     _, token, fd = _owner
     tmp = tempfile.gettempdir()
@@ -123,7 +127,7 @@ def _let_go() -> None:
 def _after_fork_in_child() -> None:
     """The parent's lock is the parent's: a child holding its copy would keep it taken."""
     global _owner, _owner_lock
-    if _owner is not None:
+    if _owner is not None and _owner[2] >= 0:
         with contextlib.suppress(OSError):
             os.close(_owner[2])
     _owner, _owner_lock = None, threading.Lock()
