@@ -119,6 +119,30 @@ async def test_the_worker_loops_own_executor_thread_is_not_left_behind() -> None
             assert pool.pids == pid  # not recycled
 
 
+async def test_a_task_an_async_shard_leaves_pending_is_named_and_recycle_replaces() -> None:
+    """A task an ``async def`` shard starts and never awaits stays on the worker's loop
+    and runs again during its next ``async def`` task: named once, as a thread is."""
+    with anyio.fail_after(60):
+        for mode in ("check", "recycle"):
+            async with ashard.Pool(1, hygiene=mode) as pool:
+                with pytest.warns(ashard.HygieneWarning, match="left running") as caught:
+                    res = await pool.shard_map(ashard.shards(3, block_size=1),
+                                               workloads.leave_a_task, chunk_size=1)  # fmt: skip
+                assert len(caught) == 1
+                named = "an asyncio task 'left' (leave_a_task.<locals>.ticking_on)"
+                assert res.diagnostics.hygiene == {0: (f"{named} was left running",)}
+                with pytest.warns(ashard.HygieneWarning, match="left running"):
+                    again = await pool.shard_map(ashard.shards(2, block_size=1),
+                                                 workloads.leave_a_task, chunk_size=1)  # fmt: skip
+                after = again.results[0]
+                if mode == "check":  # the same worker: its first task, still there, is not
+                    assert after == res.results[0]  # named again; shard 0 left another
+                    assert again.diagnostics.hygiene == res.diagnostics.hygiene
+                else:
+                    assert after != res.results[0]
+                    assert pool.stats.recycled_by["hygiene"] >= 1
+
+
 async def test_off_checks_nothing(tmp_path: Path) -> None:
     async with ashard.Pool(1, hygiene="off") as pool:
         with warnings.catch_warnings():

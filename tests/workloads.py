@@ -1138,6 +1138,26 @@ def leave_things_behind(shard: Shard, directory: str) -> int:
     return os.getpid()
 
 
+_LEFT_TASKS: list[Any] = []  # tasks a shard leaves pending on purpose (and keeps)
+
+
+async def leave_a_task(shard: Shard) -> int:
+    """Shard 0 leaves a task pending on the worker's loop; it counts while it runs."""
+    import asyncio
+
+    async def ticking_on() -> None:
+        while True:
+            _TICKS[0] += 1
+            await asyncio.sleep(0.001)
+
+    if shard.id == 0:
+        _LEFT_TASKS.append(asyncio.get_running_loop().create_task(ticking_on(), name="left"))
+    return os.getpid()
+
+
+_TICKS = [0]
+
+
 def set_up_in_init() -> None:
     """An `init` that changes the process: its changes are the baseline."""
     os.environ["ASHARD_TEST_INIT"] = "yes"

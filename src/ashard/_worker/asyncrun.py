@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from ashard._worker.jobs import JobContext
     from ashard._worker.reports import Reporter
 
-__all__ = ["Joiner", "configure", "run_call", "run_chunk"]
+__all__ = ["Joiner", "configure", "pending_tasks", "run_call", "run_chunk"]
 
 WATCH_SECONDS = 0.005
 """How often a running chunk looks for the caller's interrupt."""
@@ -91,6 +91,17 @@ def prepare() -> None:
     _loop.set_default_executor(_executor)
     asyncio.set_event_loop(_loop)
     _loop.run_until_complete(asyncio.sleep(0))  # a first turn opens what the loop keeps
+
+
+def pending_tasks() -> list[Any]:
+    """The tasks pending on the worker's asyncio loop. Asked between runs, when
+    ashard's own have all ended: what a shard started and never awaited, which runs on
+    during the next run (hygiene names them). Trio's runs end with their tasks."""
+    if not _loop:
+        return []
+    import asyncio
+
+    return list(asyncio.all_tasks(_loop))
 
 
 def idle_threads() -> set[threading.Thread]:

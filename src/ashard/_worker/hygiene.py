@@ -8,7 +8,9 @@ work done there is not a change): `os.environ`, the working directory, `sys.path
 and the faulthandler of its stack dumps), and the `random` module after `random.seed`
 or `random.setstate` (reseeded from fresh entropy, unless the call has a `seed=`, which
 sets it per shard anyway). Reported, not restored: non-daemon threads left running,
-child processes left running, file descriptors left open.
+tasks left pending on the worker's asyncio loop (a shard's `create_task` never awaited:
+it would run again during the next ``async def`` task), child processes left running,
+file descriptors left open.
 
 Every check is cheap, so the tiny-task cost stays small: dict and list comparisons, one
 `getcwd`, a thread count, one `pread` of the main thread's children, and the lowest free
@@ -26,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +63,9 @@ class Hygiene:
         self._seen_threads: set[int] = set()
         # threads that run nothing now and belong to the worker's loop (its executor)
         self.idle_threads: Callable[[], set[threading.Thread]] = set
+        # the tasks pending on the worker's event loop, once it has one (`asyncrun`)
+        self.loop_tasks: Callable[[], list[Any]] = list
+        self._seen_tasks: weakref.WeakSet[Any] = weakref.WeakSet()
         self._seen_children: set[int] = set()
         self._children_fd = _open_children()
         self._wrap()
@@ -77,6 +83,7 @@ class Hygiene:
         self._trace = sys.gettrace(), sys.getprofile()
         self._threads = threading.active_count()
         self._seen_threads = {t.ident for t in threading.enumerate() if t.ident is not None}
+        self._seen_tasks = weakref.WeakSet(self.loop_tasks())
         self._modules = len(sys.modules)
 
     def _wrap(self) -> None:
@@ -252,6 +259,11 @@ class Hygiene:
                     if not t.daemon:
                         notes.append(f"a non-daemon thread {t.name!r} was left running")
                         left = True
+        for task in self.loop_tasks():
+            if task not in self._seen_tasks:
+                self._seen_tasks.add(task)
+                notes.append(f"an asyncio task {_task_name(task)} was left running")
+                left = True
         if self._children_fd is not None:
             try:
                 listed = os.pread(self._children_fd, 4096, 0)
@@ -279,6 +291,13 @@ class Hygiene:
 
 
 # -- the pieces -----------------------------------------------------------------------
+
+
+def _task_name(task: Any) -> str:
+    """A task as a note names it: what it runs, and its name."""
+    coro = task.get_coro()
+    what = getattr(coro, "__qualname__", None) or type(coro).__name__
+    return f"{task.get_name()!r} ({what})"
 
 
 def _open_children() -> int | None:

@@ -256,13 +256,15 @@ class Worker:
 
     def _prepare_async(self) -> Any:
         """`asyncrun`, its loop made (once), and the checks after a task told which of
-        the loop's executor threads are idle (not left running)."""
+        the loop's executor threads are idle (not left running) and which of its tasks
+        are pending."""
         from ashard._worker import asyncrun  # the loop and anyio: when first used
 
         asyncrun.prepare()
         self.report.idle_threads = asyncrun.idle_threads
         if self.hygiene is not None:
             self.hygiene.idle_threads = asyncrun.idle_threads
+            self.hygiene.loop_tasks = asyncrun.pending_tasks
         return asyncrun
 
     def _run(self, chunk: RunChunk) -> None:
