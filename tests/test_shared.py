@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
@@ -381,6 +382,42 @@ async def test_replacement_worker_gets_the_shared_inputs() -> None:
     )
     assert res.results == [int(X.sum())] * 8
     assert res.diagnostics.crashes >= 1
+
+
+async def test_a_shared_array_closed_during_a_call_still_reaches_a_joining_worker(
+    tmp_path: Path,
+) -> None:
+    """Closed while a call uses it, a `SharedArray` stays that call's until it ends: a
+    worker that joins later (a crashed one's replacement) gets this array's data, never
+    what its descriptor's number names after the close (another array, shared at once)."""
+    X = np.arange(1 << 16, dtype=np.int64)
+    shared = ashard.share(X)
+    borrow = {"X": shared, "directory": str(tmp_path)}
+    got: list[Any] = []
+    with anyio.fail_after(60):
+        async with ashard.Pool(1) as pool:
+            done = anyio.Event()
+
+            async def call() -> None:
+                res = await pool.shard_map(
+                    ashard.shards(4, block_size=1), workloads.sum_once_released, borrow=borrow
+                )
+                got.extend(res.results)
+                assert res.diagnostics.crashes == 1
+                done.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                while not (tmp_path / "started-0").exists():  # noqa: ASYNC110 (a file)
+                    await anyio.sleep(0.01)
+                shared.close()
+                assert shared.closed
+                with ashard.share(np.zeros_like(X)) as other:  # may take the number
+                    (tmp_path / "release").touch()
+                    await done.wait()
+                    assert other.array.sum() == 0
+    assert got == [int(X.sum())] * 4
+    assert await anyio.to_thread.run_sync(count_memfds) == 0
 
 
 async def test_objects_that_are_not_arrays_are_still_pickled() -> None:

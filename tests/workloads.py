@@ -200,6 +200,15 @@ def die_first_attempt_sum(shard: Shard, X: np.ndarray, victim: int = 2) -> int:
     return int(X.sum())
 
 
+def sum_once_released(shard: Shard, X: np.ndarray, directory: str) -> int:
+    """The sum of the borrowed X; shard 0's first attempt waits for ``release`` in
+    `directory` (`waiting_here`), then kills its worker."""
+    if shard.id == 0 and shard.attempt == 1:
+        waiting_here(directory, "0")
+        die("sigkill")
+    return int(X.sum())
+
+
 def shard_sum_plus(shard: Shard, offset: int, table: dict[str, int]) -> int:
     return sum(shard.idx) + offset + table["a"]
 

@@ -18,7 +18,7 @@ from ashard._borrowed import BorrowCache, Lease
 from ashard._framing import MAX_FDS
 from ashard._protocol import ArrayRef, IpcRef, Payload, SinkRef
 from ashard._serialize import pickle_payload, uncopied
-from ashard._shm import SHAREABLE_KINDS, Segment, is_arrow
+from ashard._shm import SHAREABLE_KINDS, Segment, SegmentHold, is_arrow
 from ashard.shared import Buffer, SharedArray, SharedTable
 from ashard.tables import TableSink
 
@@ -33,11 +33,12 @@ class Exported:
 
     kwargs: dict[str, Payload | ArrayRef | IpcRef | SinkRef] = field(default_factory=dict)
     segments: list[Segment] = field(default_factory=list)  # fds every worker needs
-    owned: list[SharedArray | SharedTable | Lease] = field(default_factory=list)  # ours
+    # what this call made, its leases of cached copies, and its holds on every segment
+    owned: list[SharedArray | SharedTable | Lease | SegmentHold] = field(default_factory=list)
 
     def close(self) -> None:
-        """Release what this call shared on its own (not `share()`d or `Buffer`s) and
-        its hold on cached copies of borrowed arrays."""
+        """Release what this call shared on its own (not `share()`d or `Buffer`s), its
+        hold on cached copies of borrowed arrays and on every segment it shares."""
         for shared in self.owned:
             shared.close()
         self.owned.clear()
@@ -58,7 +59,8 @@ def export(
             elif isinstance(value, SinkRef):  # a sink's spec, sent ahead to a cluster node
                 exported.kwargs[name] = value
             else:
-                exported.kwargs[name] = _ref(exported, value.segment, value, "rw")
+                exported.kwargs[name] = _ref(exported, _segment_of(value, f"out[{name!r}]"),
+                                             value, "rw")  # fmt: skip
         if len(exported.segments) > MAX_FDS:
             raise ValueError(
                 f"a call can share at most {MAX_FDS} arrays through borrow and out, "
@@ -74,7 +76,7 @@ def _export_borrow(
     exported: Exported, name: str, value: Any, mode: str, cache: BorrowCache | None
 ) -> Payload | ArrayRef | IpcRef:
     if isinstance(value, SharedArray | Buffer):
-        return _ref(exported, value.segment, value, mode)
+        return _ref(exported, _segment_of(value, f"borrow[{name!r}]"), value, mode)
     if _plain_array(value) and value.dtype.kind in SHAREABLE_KINDS:
         try:
             cached = None if cache is None else cache.lease(value)
@@ -91,9 +93,8 @@ def _export_borrow(
         value = SharedTable.write(value)
         exported.owned.append(value)
     if isinstance(value, SharedTable):
-        segment = value.segment
-        if segment not in exported.segments:
-            exported.segments.append(segment)
+        segment = _segment_of(value, f"borrow[{name!r}]")
+        _share(exported, segment)
         return IpcRef(segment.id, segment.size, value.kind)  # immutable: no cow modes
     return pickle_payload(uncopied(value), f"borrow[{name!r}]")
 
@@ -105,7 +106,19 @@ def _plain_array(value: Any) -> bool:
     return type(value) is np.ndarray or type(value) is np.memmap
 
 
-def _ref(exported: Exported, segment: Segment, array: SharedArray | Buffer, mode: str) -> ArrayRef:
+def _segment_of(value: SharedArray | SharedTable | Buffer, argument: str) -> Segment:
+    if value.closed:
+        raise ValueError(f"{argument} is a closed {type(value).__name__}")
+    return value.segment
+
+
+def _share(exported: Exported, segment: Segment) -> None:
+    """Count `segment` among the call's, held open for it until it ends."""
     if segment not in exported.segments:
+        exported.owned.append(segment.hold())
         exported.segments.append(segment)
+
+
+def _ref(exported: Exported, segment: Segment, array: SharedArray | Buffer, mode: str) -> ArrayRef:
+    _share(exported, segment)
     return ArrayRef(segment.id, segment.size, array.dtype.str, array.shape, mode)

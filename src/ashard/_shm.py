@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SHAREABLE_KINDS",
     "Segment",
+    "SegmentHold",
     "adopt_result",
     "array_view",
     "available",
@@ -106,7 +107,11 @@ class Segment:
 
     `close()` drops ashard's hold: the descriptor is closed and workers are told to let
     go; the memory itself lives until the last mapping (including numpy views the
-    caller still holds) is gone.
+    caller still holds) is gone. A call under way that shares it holds it (`hold`):
+    closed meanwhile, it is closed to new calls at once and for good once the last
+    such call lets go, so a worker that joins the call later (a crashed one's
+    replacement) is still handed this segment, never what its descriptor's number
+    came to name after a close.
     """
 
     def __init__(self, size: int, *, populate: bool = True) -> None:
@@ -124,10 +129,30 @@ class Segment:
             raise
         self.holders: weakref.WeakSet[Any] = weakref.WeakSet()  # WorkerHandles with our fd
         self._finalizer = weakref.finalize(self, _close_fd, self.fd)
+        self._lock = threading.Lock()  # calls share it from threads (`_export`)
+        self._calls = 0  # calls under way that share it
+        self._closing = False
 
     @property
     def closed(self) -> bool:
-        return not self._finalizer.alive
+        """Closed to new use (calls under way may still hold the descriptor)."""
+        return self._closing or not self._finalizer.alive
+
+    def hold(self) -> SegmentHold:
+        """Keep the descriptor open for a call that shares this segment until the call
+        closes the hold, whatever `close()` does meanwhile; `ValueError` if closed."""
+        with self._lock:
+            if self.closed:
+                raise ValueError("this shared memory segment is closed")
+            self._calls += 1
+        return SegmentHold(self)
+
+    def _let_go(self) -> None:
+        with self._lock:
+            self._calls -= 1
+            last = self._calls == 0 and self._closing
+        if last:
+            self._close_now()
 
     def map_in(self, start: int, stop: int) -> None:
         """Map bytes `start`..`stop`, written through the descriptor, into the parent's
@@ -152,7 +177,15 @@ class Segment:
             del view  # the mapping may be closed once no view of it remains
 
     def close(self) -> None:
-        """Close the descriptor and tell every worker holding it to drop it."""
+        """Close the descriptor and tell every worker holding it to drop it: now, or
+        when the last call that holds it lets go."""
+        with self._lock:
+            self._closing = True
+            if self._calls:
+                return
+        self._close_now()
+
+    def _close_now(self) -> None:
         if self._finalizer.alive:
             self._finalizer()
             for holder in list(self.holders):
@@ -160,6 +193,20 @@ class Segment:
             self.holders.clear()
         mapping, self.mmap = self.mmap, None  # numpy views keep it alive; nothing else
         release_later(mapping, self.size)
+
+
+class SegmentHold:
+    """A call's hold on a `Segment` it shares (`Segment.hold`); `close()` lets go, once."""
+
+    __slots__ = ("_segment",)
+
+    def __init__(self, segment: Segment) -> None:
+        self._segment: Segment | None = segment
+
+    def close(self) -> None:
+        segment, self._segment = self._segment, None
+        if segment is not None:
+            segment._let_go()
 
 
 _madvise_fn: Any = None
