@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -71,3 +73,39 @@ async def test_large_inputs_and_results_in_flight_both_ways_do_not_deadlock(
     with anyio.fail_after(60):
         out = await ashard.map(workloads.identity, items, workers=2, chunk_size=100)
     assert out == items
+
+
+async def test_a_pool_busy_on_one_threads_loop_refuses_another_threads_loop(
+    tmp_path: Path,
+) -> None:
+    """A pool serves one event loop at a time: a call from another thread's loop while
+    calls are under way is refused at once, naming why (it used to hang for good); once
+    they are over, that loop may use the pool."""
+
+    async def from_another_loop(pool: ashard.Pool) -> Any:
+        return await pool.call(abs, -7)
+
+    def in_a_thread(pool: ashard.Pool) -> Any:
+        return anyio.run(from_another_loop, pool)
+
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool, anyio.create_task_group() as tg:
+            busy = pool.shard_map(
+                ashard.shards(1, block_size=1), workloads.shard_waiting_here,
+                borrow={"directory": str(tmp_path)},
+            )  # fmt: skip
+            results: list[Any] = []
+
+            async def run() -> None:
+                results.append(await busy)
+
+            tg.start_soon(run)
+            while not (tmp_path / "started-0").exists():  # noqa: ASYNC110 (a worker writes it)
+                await anyio.sleep(0.01)
+            with pytest.raises(RuntimeError, match="event loop in another thread"):
+                await anyio.to_thread.run_sync(in_a_thread, pool)
+            (tmp_path / "release").touch()
+        assert results[0].results == ["0"]
+        async with ashard.Pool(1) as pool:
+            await pool.call(abs, -1)
+            assert await anyio.to_thread.run_sync(in_a_thread, pool) == 7

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -78,6 +79,7 @@ __all__ = [
     "Chunk",
     "JobPort",
     "JobWork",
+    "OneLoop",
     "WorkerInfo",
     "import_supervisor",
     "load_supervisor",
@@ -201,6 +203,38 @@ class JobPort(Protocol):
     def abort(self, exc: BaseException | None = None) -> None: ...
     def notify(self) -> None: ...
     async def wait_change(self) -> None: ...
+
+
+class OneLoop:
+    """The event loop a backend serves: its calls' waits and wake-ups, and its workers'
+    channels, belong to the loop of the calls under way. A backend serves one loop
+    after another (a notebook's, a test's, each `anyio.run`'s), but not two at once: a
+    call from another thread's loop while calls are under way is refused (``with
+    guard:`` raises `RuntimeError` before anything is done), where it would have hung."""
+
+    __slots__ = ("_calls", "_lock", "_thread")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread = 0  # the thread whose loop runs the calls under way
+        self._calls = 0
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            if self._calls and self._thread != me:
+                raise RuntimeError(
+                    "this ashard pool is serving calls of an event loop in another thread, "
+                    "and a pool serves one event loop at a time: give each thread's loop an "
+                    "ashard.Pool of its own (the module-level functions share one default "
+                    "pool), or call from threads through ashard.sync or ashard.Executor"
+                )
+            self._thread = me
+            self._calls += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._calls -= 1
 
 
 class Backend(Protocol):

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from ashard._backend import CallWork, Chunk, JobPort, JobWork
+from ashard._backend import CallWork, Chunk, JobPort, JobWork, OneLoop
 from ashard._budget import Budget
 from ashard._framing import (
     Buffer,
@@ -179,6 +179,7 @@ class Scheduler:
         self, size: int, config: WorkerConfig, policy: HealthPolicy, keep_borrowed: bool = True
     ) -> None:
         self.workers = WorkerSet(size, functools.partial(WorkerHandle.start, config), policy)
+        self.one_loop = OneLoop()
         self.policy = policy
         self.lanes = CallLanes(self.workers, policy)
         self.borrowed: BorrowCache | None = None  # made on the first borrow, if it keeps
@@ -202,12 +203,14 @@ class Scheduler:
         self.workers.resize(size)
 
     async def start(self, up_to: int | None = None) -> None:
-        await self.workers.start_all(up_to)
+        with self.one_loop:
+            await self.workers.start_all(up_to)
 
     async def aclose(self) -> None:
-        if self.borrowed is not None:
-            self.borrowed.close()
-        await self.workers.aclose()
+        with self.one_loop:
+            if self.borrowed is not None:
+                self.borrowed.close()
+            await self.workers.aclose()
 
     def stats(self) -> PoolStats:
         return self.workers.stats()
@@ -220,6 +223,10 @@ class Scheduler:
         its oldest chunk not yet reported; None for a `call`): its faulthandler dumps
         every thread from a signal handler, and the shard goes on undisturbed. The
         text is None where the worker could not answer within `DUMP_WAIT`."""
+        with self.one_loop:
+            return await self._stacks()
+
+    async def _stacks(self) -> dict[int, tuple[int | None, str | None]]:
         busy: dict[WorkerHandle, int | None] = {}
         for w, lease in list(self._leases.items()):
             if lease.inflight and w.alive:
@@ -243,6 +250,10 @@ class Scheduler:
         self, job: JobPort, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run `job` until every position is resolved, it aborts, or the caller cancels."""
+        with self.one_loop:
+            await self._run(job, task_status)
+
+    async def _run(self, job: JobPort, task_status: anyio.abc.TaskStatus[None]) -> None:
         run = await self._prepare(job)
         task_status.started()  # the job is accepted (the pool may resize for it now)
         job.served_by(self.size)
@@ -707,6 +718,10 @@ class Scheduler:
     async def call(self, call: CallWork) -> Any:
         """Run ``fn(*args, **kwargs)`` on a worker; raise what it raises. A call whose
         worker died or hung runs again, on another worker, up to `max_retries` times."""
+        with self.one_loop:
+            return await self._call(call)
+
+    async def _call(self, call: CallWork) -> Any:
         seq = next(self._seq)
         fn, args, kwargs, timeout = call.fn, call.args, call.kwargs, call.timeout
         try:
