@@ -36,6 +36,23 @@ def test_submit_map_and_chunksize() -> None:
             list(ex.map(time.sleep, [5, 5], timeout=0.3))
 
 
+def test_map_over_an_iterator_that_changes_one_object_in_place_maps_each_value() -> None:
+    with ashard.Executor(2) as ex:
+        out = list(ex.map(len, workloads.one_list_growing(200), chunksize=4))
+    assert out == list(range(1, 201))
+
+
+def test_shutdown_right_after_a_map_stops_the_worker_it_was_starting() -> None:
+    """A map can be over while its job still starts a second worker: shutting down
+    then (with ``wait``) returns once that worker too is stopped and reaped (it was
+    left a zombie)."""
+    before = psutil.Process().children()
+    for _ in range(3):
+        with ashard.Executor(2) as ex:
+            assert list(ex.map(abs, range(-100, 0))) == list(range(100, 0, -1))
+        assert psutil.Process().children() == before
+
+
 def test_map_raises_each_error_when_reached_and_stops_when_left(tmp_path: Path) -> None:
     with ashard.Executor(2) as ex:
         results = ex.map(workloads.fail_at, range(10))  # item 5 raises

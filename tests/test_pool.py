@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
+import operator
 import os
 import random
 import subprocess
@@ -178,6 +180,25 @@ async def test_map_reads_its_input_lazily() -> None:
 
     ahead = [k - bisect.bisect_left(finished, t) for k, t in enumerate(pulled)]
     assert max(ahead) <= 2 * 8 * 4 + 4
+
+
+async def test_an_iterator_that_changes_one_object_in_place_maps_each_value() -> None:
+    """Items are read ahead of the workers: an iterator that hands out one object
+    changed in place each time still has each of its values mapped (each is copied as
+    it is drawn), whatever the chunks, and a failed item is reported as it was."""
+    first = operator.itemgetter(0)
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool:
+            for chunk_size in ("auto", 1):
+                out = await pool.map(first, workloads.one_buffer_changed_in_place(300),
+                                     chunk_size=chunk_size)  # fmt: skip
+                assert out == list(range(300))
+            out = await pool.map(len, workloads.one_list_growing(300))
+            assert out == list(range(1, 301))
+            out = await pool.map(functools.partial(workloads.fail_past, limit=2),
+                                 workloads.one_list_growing(4), errors="collect")  # fmt: skip
+            assert out[:2] == [1, 2]
+            assert [e.shard.items for e in out[2:]] == [[[0, 1, 2]], [[0, 1, 2, 3]]]
 
 
 async def test_call_round_trip_and_kwargs() -> None:

@@ -1167,6 +1167,29 @@ async def leave_a_task(shard: Shard) -> int:
 _TICKS = [0]
 
 
+def one_buffer_changed_in_place(n: int) -> Iterator[np.ndarray]:
+    """Yield one array, refilled with k before it is yielded the k-th time (a reader
+    that reuses its buffer)."""
+    buffer = np.zeros(3)
+    for k in range(n):
+        buffer[:] = k
+        yield buffer
+
+
+def one_list_growing(n: int) -> Iterator[list[int]]:
+    """Yield one list, one longer each time."""
+    grown: list[int] = []
+    for k in range(n):
+        grown.append(k)
+        yield grown
+
+
+def fail_past(items: list[int], limit: int) -> int:
+    if len(items) > limit:
+        raise ValueError(len(items))
+    return len(items)
+
+
 def set_up_in_init() -> None:
     """An `init` that changes the process: its changes are the baseline."""
     os.environ["ASHARD_TEST_INIT"] = "yes"

@@ -70,6 +70,7 @@ from ashard._protocol import (
 )
 from ashard._record import CallRecord
 from ashard._rules import RETRY, SKIP, ErrorRules
+from ashard._serialize import undrawn
 from ashard._sizing import ChunkSizer
 from ashard._tracing import CallTrace
 from ashard.errors import ShardError
@@ -370,7 +371,7 @@ class Job(Changes):
                 subject = self.positions.shard_at(pos, 1)
             else:
                 assert chunk.items is not None
-                subject = chunk.items[k]
+                subject = undrawn(chunk.items[k])
             value = given(subject)
             if type(value) is not int or value < 0:
                 raise TypeError(

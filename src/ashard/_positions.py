@@ -7,14 +7,17 @@ read lazily and kept only while their position may run again. The job
 
 from __future__ import annotations
 
+import sys
+from collections import deque
 from collections.abc import Iterable, Sequence, Sized
 from itertools import islice
 from typing import Any
 
 from ashard import _seeding
+from ashard._serialize import drawn, undrawn
 from ashard.shards import Shard, Shards
 
-__all__ = ["ItemPositions", "Positions", "ShardPositions"]
+__all__ = ["ItemPositions", "Positions", "ShardPositions", "drawn_args", "holds_its_items"]
 
 
 class Positions:
@@ -106,6 +109,12 @@ class ShardPositions(Positions):
         return Shard(pos, self.layout.indices(pos), items, rng, attempt)
 
 
+_HOLDERS = frozenset({list, tuple, dict, set, frozenset, deque, str, bytes, bytearray})
+"""Containers whose iteration hands out the objects they hold: their items are taken
+as they are. Any other iterable (a generator, a reader) may hand out one object changed
+in place each time: each of its items that could change is copied as it is drawn."""
+
+
 class ItemPositions(Positions):
     """The items of an iterable (`total`: its length, if it has one), read as they are
     taken; an item is kept only while its position waits to run again."""
@@ -113,6 +122,7 @@ class ItemPositions(Positions):
     def __init__(self, items: Iterable[Any]) -> None:
         self._range = items if type(items) is range else None  # sliced: sent as ranges
         self._items = iter(items)
+        self._held = holds_its_items(items)
         self.total = len(items) if isinstance(items, Sized) else None
         self._again: dict[int, Any] = {}
 
@@ -121,7 +131,10 @@ class ItemPositions(Positions):
             items: Sequence[Any] = self._range[self.next_pos : self.next_pos + size]
         else:
             try:
-                items = list(islice(self._items, size))
+                if self._held:
+                    items = list(islice(self._items, size))
+                else:  # each copied before the iterator goes on
+                    items = [drawn(item) for item in islice(self._items, size)]
             except BaseException:
                 self.exhausted = True
                 raise
@@ -137,4 +150,22 @@ class ItemPositions(Positions):
         return self._again.pop(pos)
 
     def shard_at(self, pos: int, attempt: int, item: Any = None) -> Shard:
-        return Shard(pos, range(pos, pos + 1), [item], None, attempt)
+        return Shard(pos, range(pos, pos + 1), [undrawn(item)], None, attempt)
+
+
+def holds_its_items(items: object) -> bool:
+    """Does iterating `items` hand out objects it holds (see `_HOLDERS`; a numpy
+    array's rows are views of what it holds)? Looked at without importing numpy."""
+    if type(items) in _HOLDERS:
+        return True
+    np = sys.modules.get("numpy")
+    return np is not None and type(items) is np.ndarray
+
+
+def drawn_args(iterables: Sequence[Iterable[Any]]) -> list[Any]:
+    """``list(zip(*iterables))``, each tuple of arguments copied as it is drawn where it
+    could change and an iterable may hand out one object changed in place."""
+    zipped = zip(*iterables, strict=False)
+    if all(holds_its_items(it) for it in iterables):
+        return list(zipped)
+    return [drawn(args) for args in zipped]

@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 __all__ = [
     "LRU_WRAPPER",
     "MAX_BUFFERS",
+    "Drawn",
     "LoadError",
     "decode_exception",
+    "drawn",
     "dumps",
     "dumps_named",
     "encode_exception",
@@ -34,6 +36,7 @@ __all__ = [
     "travels_by_value",
     "uncopied",
     "uncopied_items",
+    "undrawn",
     "unpack",
 ]
 
@@ -68,6 +71,47 @@ def uncopied(value: Any) -> Any:
     if type(value) in (bytes, bytearray) and len(value) >= UNCOPIED_BYTES:
         return _Uncopied(value)
     return value
+
+
+class Drawn:
+    """An item of the caller's iterator, pickled as it was drawn, before the iterator
+    went on: ashard reads items ahead of the workers, and a generator that yields one
+    buffer changed in place each time (or a list it keeps growing) would otherwise
+    have every item of a chunk pickled as its last value. It unpickles as the item
+    (out of band when large); `undrawn` gives it back in the caller."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        data = self.data
+        if len(data) >= UNCOPIED_BYTES:
+            return pickle.loads, (pickle.PickleBuffer(data),)
+        return pickle.loads, (data,)
+
+
+_SETTLED = frozenset({int, float, complex, bool, str, bytes, type(None), range})
+"""Types whose values cannot change: an item of one is sent as it is."""
+
+
+def drawn(item: Any) -> Any:
+    """`item`, or a `Drawn` copy of it if it could change (anything but numbers,
+    strings, bytes and tuples of them); one that does not pickle is kept as it is
+    (sending it then says why)."""
+    kind = type(item)
+    if kind in _SETTLED or (kind is tuple and all(type(x) in _SETTLED for x in item)):
+        return item
+    try:
+        return Drawn(dumps(item, None))
+    except Exception:
+        return item
+
+
+def undrawn(item: Any) -> Any:
+    """The caller's item of a chunk (a `Drawn` unpickled)."""
+    return pickle.loads(item.data) if type(item) is Drawn else item
 
 
 def uncopied_items(items: Any) -> Any:

@@ -529,8 +529,9 @@ class WorkerSet:
         finally:
             self._starting -= 1
             self._wake_for_capacity()  # one more live worker: one more start may go
-        if self.closed:
-            await w.stop(1.0)
+        if self.closed:  # meanwhile; a cancelled caller (the job ended) stops it too
+            with anyio.CancelScope(shield=True):
+                await w.stop(1.0)
             self.check_open()
         with self._lock:
             self._workers.add(w)

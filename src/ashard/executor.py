@@ -104,6 +104,7 @@ class _Core:
         self.shutdown = False
         self.broken: str | None = None
         self.pending: dict[concurrent.futures.Future[Any], anyio.CancelScope | None] = {}
+        self.maps = 0  # map jobs not over yet (their results may all be in)
         self._slots: anyio.Semaphore | None = None
         self._closing: concurrent.futures.Future[None] | None = None
 
@@ -193,7 +194,14 @@ class _Core:
         star = apply_star_async if is_async_fn(fn) else apply_star
         job = _calls.map_job(star, items, {"fn": fn}, options)
         results: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        pumping = self.runner.submit(self._pump(job, len(items), results))
+        with self.lock:
+            self.maps += 1  # `_pump` counts it down, once it started
+        try:
+            pumping = self.runner.submit(self._pump(job, len(items), results))
+        except BaseException:
+            with self.lock:
+                self.maps -= 1
+            raise
         return _results(results, len(items), deadline, pumping)
 
     async def _pump(self, job: Job, n: int, results: queue.SimpleQueue[Any]) -> None:
@@ -212,6 +220,9 @@ class _Core:
         except BaseException as exc:
             results.put(_Failed(exc))
             raise
+        finally:
+            with self.lock:
+                self.maps -= 1
 
     def _break(self, exc: BaseException) -> None:
         with self.lock:
@@ -252,7 +263,9 @@ class _Core:
             closing.result()
 
     async def _close(self) -> None:
-        while self.pending:  # noqa: ASYNC110 - tasks resolve on this loop; no thread here
+        # tasks resolve on this loop; a map's job ends here once its last worker
+        # start is settled (the results may all be in before)
+        while self.pending or self.maps:  # noqa: ASYNC110 - no thread here
             await anyio.sleep(0.005)
         try:
             await self.pool.aclose()
@@ -468,7 +481,8 @@ class Executor(concurrent.futures.Executor):
         """Like `map(fn, *iterables)`: the results in order, each raising its task's
         exception when reached; `timeout` (seconds from this call) bounds the wait.
 
-        Every item is taken at once, as `ProcessPoolExecutor` does, and the items run
+        Every item is taken at once, as `ProcessPoolExecutor` does (each copied as it is
+        drawn from an iterable that may change one object in place), and the items run
         as one ashard job that sizes its own chunks (as ``chunk_size="auto"``): small
         tasks are as cheap with ``chunksize=1`` as with a large one, which is
         accepted and checked but need not be tuned. Leaving the iterator early stops
@@ -476,7 +490,9 @@ class Executor(concurrent.futures.Executor):
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         deadline = None if timeout is None else time.monotonic() + timeout
-        items = list(zip(*iterables, strict=False))
+        from ashard._positions import drawn_args  # the supervisor's: loaded by now
+
+        items = drawn_args(iterables)
         if not items:
             return iter(())
         return self._core.map(fn, items, deadline)
