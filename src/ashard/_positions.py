@@ -14,7 +14,7 @@ from itertools import islice
 from typing import Any
 
 from ashard import _seeding
-from ashard._serialize import drawn, undrawn
+from ashard._serialize import SETTLED, drawn, undrawn
 from ashard.shards import Shard, Shards
 
 __all__ = ["ItemPositions", "Positions", "ShardPositions", "drawn_args", "holds_its_items"]
@@ -134,7 +134,9 @@ class ItemPositions(Positions):
                 if self._held:
                     items = list(islice(self._items, size))
                 else:  # each copied before the iterator goes on
-                    items = [drawn(item) for item in islice(self._items, size)]
+                    items = [
+                        x if type(x) in SETTLED else drawn(x) for x in islice(self._items, size)
+                    ]
             except BaseException:
                 self.exhausted = True
                 raise

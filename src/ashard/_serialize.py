@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LRU_WRAPPER",
     "MAX_BUFFERS",
+    "SETTLED",
     "Drawn",
     "LoadError",
     "decode_exception",
@@ -92,7 +93,7 @@ class Drawn:
         return pickle.loads, (data,)
 
 
-_SETTLED = frozenset({int, float, complex, bool, str, bytes, type(None), range})
+SETTLED = frozenset({int, float, complex, bool, str, bytes, type(None), range})
 """Types whose values cannot change: an item of one is sent as it is."""
 
 
@@ -101,12 +102,16 @@ def drawn(item: Any) -> Any:
     strings, bytes and tuples of them); one that does not pickle is kept as it is
     (sending it then says why)."""
     kind = type(item)
-    if kind in _SETTLED or (kind is tuple and all(type(x) in _SETTLED for x in item)):
+    if kind in SETTLED or (kind is tuple and all(type(x) in SETTLED for x in item)):
         return item
     try:
-        return Drawn(dumps(item, None))
+        data = pickle.dumps(item, protocol=PROTOCOL)
+        return Drawn(data if _MAIN not in data else dumps(item, None))
     except Exception:
-        return item
+        try:
+            return Drawn(dumps(item, None))  # by value (a lambda, say)
+        except Exception:
+            return item
 
 
 def undrawn(item: Any) -> Any:
