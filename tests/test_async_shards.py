@@ -7,6 +7,7 @@ workers, under asyncio and trio in the caller."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import re
@@ -105,6 +106,28 @@ async def test_exceptions_keep_their_type() -> None:
                                  errors="collect", workers=1)  # fmt: skip
     assert [type(f.__cause__) for f in res.failures] == [workloads.CustomError] * 3
     assert [f.__cause__.code for f in res.failures] == [0, 1, 2]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+async def test_a_cancellederror_fn_raises_itself_is_its_outcome_and_a_stopped_loop_goes_on(
+    concurrency: int,
+) -> None:
+    """asyncio's `CancelledError` raised by `fn` (no cancellation asked) is the shard's
+    failure, and ``loop.stop()`` in a shard does not end the worker: both crashed it
+    (five attempts, then "exited with code 1")."""
+    fn, three = workloads.misbehave_on_the_loop, ashard.shards(3, block_size=1)
+    async with ashard.Pool(1) as pool:
+        res = await pool.shard_map(three, fn, borrow={"how": "cancel"}, errors="collect",
+                                   shard_concurrency=concurrency)  # fmt: skip
+        assert res.results == [0, None, 2]
+        assert [type(f.__cause__).__name__ for f in res.failures] == ["CancelledError"]
+        assert "raised by fn" in str(res.failures[0].__cause__)
+        with pytest.raises(asyncio.CancelledError, match="raised by fn"):
+            await pool.call(fn, three[1], "cancel")
+        res = await pool.shard_map(three, fn, borrow={"how": "stop"},
+                                   shard_concurrency=concurrency)  # fmt: skip
+        assert res.results == [0, 1, 2]
+        assert pool.stats.crashed == 0
 
 
 async def test_seeds_per_shard_as_for_a_plain_function() -> None:

@@ -1334,6 +1334,19 @@ async def raise_custom_async(shard: Shard) -> None:
     raise CustomError(shard.id)
 
 
+async def misbehave_on_the_loop(shard: Shard, how: str, victim: int = 1) -> int:
+    """Shard `victim` raises asyncio's `CancelledError` of its own ("cancel"), or stops
+    its worker's event loop ("stop"); every shard then returns its id."""
+    import asyncio
+
+    if shard.id == victim:
+        if how == "cancel":
+            raise asyncio.CancelledError("raised by fn, not a cancellation")
+        asyncio.get_running_loop().stop()
+    await asyncio.sleep(0.01)
+    return shard.id
+
+
 async def draw_async(shard: Shard) -> float:
     import asyncio
 

@@ -158,14 +158,34 @@ _executor = _Executor()
 
 
 def _run(main: Callable[[], Awaitable[None]]) -> None:
-    """Run `main` on the worker's loop."""
+    """Run `main` on the worker's loop, to its end: a shard that stopped the loop
+    (``loop.stop()``) only made `run_until_complete` return early."""
     prepare()
     if _kind == "trio":
         import trio
 
         trio.run(main)
         return
-    _loop.run_until_complete(main())
+    task = _loop.create_task(main())
+    while True:
+        try:
+            _loop.run_until_complete(task)
+            return
+        except RuntimeError:
+            if task.done():
+                raise
+
+
+def _cancel_asked(stopped: bool) -> bool:
+    """Was the running task asked to stop (`stopped`: by the caller; else by a cancel
+    scope, a timeout's), rather than `fn` raising a cancellation of its own (asyncio's
+    `CancelledError` is an exception like any other to create and raise)?"""
+    if stopped or _kind == "trio":  # trio's Cancelled cannot be made by user code
+        return True
+    import asyncio
+
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _is_cancel(exc: BaseException) -> bool:
@@ -535,8 +555,10 @@ async def _one(
         else:
             batch.stop()
             return
-    except anyio.get_cancelled_exc_class():
-        raise  # the caller interrupted the chunk: this shard goes back unreported
+    except anyio.get_cancelled_exc_class() as exc:
+        if _cancel_asked(batch.stopped):
+            raise  # the caller interrupted the chunk: this shard goes back unreported
+        status, detail = RAISED, encode_exception(exc)  # fn raised it: its outcome
     except BaseException as exc:  # user code: SystemExit and KeyboardInterrupt are outcomes too
         status, detail = RAISED, encode_exception(exc)
     finally:
@@ -621,8 +643,10 @@ async def _call(call: CallFn, box: list[tuple[int, Any, float]]) -> None:
         except Interrupted as exc:
             if exc.timeout:
                 box.append((TIMEOUT, (time.perf_counter() - t0, exc.stack), 0.0))
-        except anyio.get_cancelled_exc_class():
-            raise
+        except anyio.get_cancelled_exc_class() as exc:
+            if _cancel_asked(_state.stop_async or _state.stop_call):
+                raise
+            box.append((RAISED, encode_exception(exc), time.perf_counter() - t0))
         except BaseException as exc:  # user code: SystemExit and KeyboardInterrupt too
             box.append((RAISED, encode_exception(exc), time.perf_counter() - t0))
         tg.cancel_scope.cancel()
