@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -466,6 +467,33 @@ async def test_a_sink_used_by_two_concurrent_calls_is_refused() -> None:
             tg.start_soon(run, sink)
         assert len(errors) == 1 and "in use by another call" in str(errors[0])
         assert len(sink.refs) == len(ashard.shards(4))
+
+
+async def test_a_temporary_sink_closed_during_its_call_goes_once_the_call_is_over(
+    tmp_path: Path,
+) -> None:
+    """Closing a temporary sink while its call writes puts the removal off to the call's
+    end: every shard still commits, and then the directory goes (it went at once, and a
+    shard failed naming the part file it could not write)."""
+    with anyio.fail_after(60):
+        sink = ashard.table_sink()
+        fn = functools.partial(workloads.write_rows_once_released, directory=str(tmp_path))
+        async with anyio.create_task_group() as tg:
+            results: list[Any] = []
+
+            async def run() -> None:
+                results.append(await ashard.shard_map(3, fn, out={"rows": sink}, workers=1))
+
+            tg.start_soon(run)
+            while not (tmp_path / "started-0").exists():  # noqa: ASYNC110 (a worker writes it)
+                await anyio.sleep(0.01)
+            sink.close()
+            assert sink.closed and os.path.isdir(sink.path)
+            (tmp_path / "release").touch()
+        assert results[0].ok and len(sink.refs) == len(ashard.shards(3))
+        assert not os.path.exists(sink.path)
+        with pytest.raises(ValueError, match="closed"):
+            sink.read()
 
 
 def _contents(path: str) -> dict[str, bytes]:

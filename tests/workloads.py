@@ -559,6 +559,13 @@ def write_then(
     return shard.id
 
 
+def write_rows_once_released(shard: Shard, rows: Any, directory: str) -> int:
+    """Shard 0 waits for ``release`` in `directory` (`waiting_here`) before it writes."""
+    if shard.id == 0:
+        waiting_here(directory, "0")
+    return write_rows(shard, rows)
+
+
 def write_then_sleep(shard: Shard, rows: Any, quick: int = 2) -> int:
     """Shards below `quick` write and return at once; the others write, then sleep."""
     write_rows(shard, rows)

@@ -229,9 +229,10 @@ class TableSink(_Output):
         return self.dataset().to_table()
 
     def close(self) -> None:
-        """Done with the sink; a temporary directory (``path=None``) is removed."""
+        """Done with the sink; a temporary directory (``path=None``) is removed: now, or
+        once the call writing into it is over (it writes on, and its shards commit)."""
         self.closed = True
-        if self._finalizer is not None:
+        if self._finalizer is not None and self._state != "busy":
             self._finalizer()
 
     def __enter__(self) -> Self:
@@ -271,10 +272,14 @@ class TableSink(_Output):
     def release(self) -> None:
         """The call that claimed the sink is over: its partitions are the sink's."""
         self._state = "used"
+        if self.closed:
+            self.close()  # closed during the call: what was put off
 
     def unclaim(self, again: bool = False) -> None:
         """The call that claimed the sink never ran."""
         self._state = "used" if again else "new"
+        if self.closed:
+            self.close()
 
     def _keep(self, ref: TableRef | ResultRef) -> None:
         assert isinstance(ref, TableRef)
