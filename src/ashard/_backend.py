@@ -51,12 +51,13 @@ what it forwarded with `Chunk.reported` / `Chunk.over`).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import anyio
 import anyio.abc
@@ -83,6 +84,7 @@ __all__ = [
     "WorkerInfo",
     "import_supervisor",
     "load_supervisor",
+    "on_one_loop",
 ]
 
 SUPERVISOR = ("ashard._scheduler", "ashard._calls")
@@ -235,6 +237,28 @@ class OneLoop:
     def __exit__(self, *exc_info: object) -> None:
         with self._lock:
             self._calls -= 1
+
+
+class _ServesOneLoop(Protocol):
+    one_loop: OneLoop
+
+
+_B = TypeVar("_B", bound=_ServesOneLoop)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def on_one_loop(
+    method: Callable[Concatenate[_B, _P], Awaitable[_R]],
+) -> Callable[Concatenate[_B, _P], Coroutine[Any, Any, _R]]:
+    """A backend's async method, run within its `OneLoop`."""
+
+    async def guarded(self: _B, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.one_loop:
+            return await method(self, *args, **kwargs)
+
+    functools.update_wrapper(guarded, method)
+    return guarded
 
 
 class Backend(Protocol):

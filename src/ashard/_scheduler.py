@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from ashard._backend import CallWork, Chunk, JobPort, JobWork, OneLoop
+from ashard._backend import CallWork, Chunk, JobPort, JobWork, OneLoop, on_one_loop
 from ashard._budget import Budget
 from ashard._framing import (
     Buffer,
@@ -202,15 +202,15 @@ class Scheduler:
     def resize(self, size: int) -> None:
         self.workers.resize(size)
 
+    @on_one_loop
     async def start(self, up_to: int | None = None) -> None:
-        with self.one_loop:
-            await self.workers.start_all(up_to)
+        await self.workers.start_all(up_to)
 
+    @on_one_loop
     async def aclose(self) -> None:
-        with self.one_loop:
-            if self.borrowed is not None:
-                self.borrowed.close()
-            await self.workers.aclose()
+        if self.borrowed is not None:
+            self.borrowed.close()
+        await self.workers.aclose()
 
     def stats(self) -> PoolStats:
         return self.workers.stats()
@@ -218,15 +218,12 @@ class Scheduler:
     def pids(self) -> list[int]:
         return self.workers.pids()
 
+    @on_one_loop
     async def stacks(self) -> dict[int, tuple[int | None, str | None]]:
         """Every busy worker's stack now, by pid, with the position it runs (the first of
         its oldest chunk not yet reported; None for a `call`): its faulthandler dumps
         every thread from a signal handler, and the shard goes on undisturbed. The
         text is None where the worker could not answer within `DUMP_WAIT`."""
-        with self.one_loop:
-            return await self._stacks()
-
-    async def _stacks(self) -> dict[int, tuple[int | None, str | None]]:
         busy: dict[WorkerHandle, int | None] = {}
         for w, lease in list(self._leases.items()):
             if lease.inflight and w.alive:
@@ -246,14 +243,11 @@ class Scheduler:
 
     # -- jobs -------------------------------------------------------------------------
 
+    @on_one_loop
     async def run(
         self, job: JobPort, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run `job` until every position is resolved, it aborts, or the caller cancels."""
-        with self.one_loop:
-            await self._run(job, task_status)
-
-    async def _run(self, job: JobPort, task_status: anyio.abc.TaskStatus[None]) -> None:
         run = await self._prepare(job)
         task_status.started()  # the job is accepted (the pool may resize for it now)
         job.served_by(self.size)
@@ -715,13 +709,10 @@ class Scheduler:
 
     # -- one-shot calls ---------------------------------------------------------------
 
+    @on_one_loop
     async def call(self, call: CallWork) -> Any:
         """Run ``fn(*args, **kwargs)`` on a worker; raise what it raises. A call whose
         worker died or hung runs again, on another worker, up to `max_retries` times."""
-        with self.one_loop:
-            return await self._call(call)
-
-    async def _call(self, call: CallWork) -> Any:
         seq = next(self._seq)
         fn, args, kwargs, timeout = call.fn, call.args, call.kwargs, call.timeout
         try:

@@ -105,13 +105,15 @@ def drawn(item: Any) -> Any:
     if kind in SETTLED or (kind is tuple and all(type(x) in SETTLED for x in item)):
         return item
     try:
-        data = pickle.dumps(item, protocol=PROTOCOL)
-        return Drawn(data if _MAIN not in data else dumps(item, None))
-    except Exception:
+        data = pickle.dumps(item, protocol=PROTOCOL)  # `dumps`, less its checks: the
+    except Exception:  # common case, every item of a generator
+        data = _MAIN
+    if _MAIN in data:  # by value (a lambda, or something of `__main__`)
         try:
-            return Drawn(dumps(item, None))  # by value (a lambda, say)
+            data = dumps(item, None)
         except Exception:
             return item
+    return Drawn(data)
 
 
 def undrawn(item: Any) -> Any:

@@ -34,7 +34,7 @@ import anyio.from_thread
 import anyio.lowlevel
 from distributed import Client
 
-from ashard._backend import OneLoop
+from ashard._backend import OneLoop, on_one_loop
 from ashard._dask import wire
 from ashard._dask.landing import landing
 from ashard._dask.node import (
@@ -187,7 +187,7 @@ class DaskBackend:
         self._nodes: dict[str, _Node] = {}
         self._closed = False
         self._lock = anyio.Lock()
-        self._one_loop = OneLoop()
+        self.one_loop = OneLoop()
         self._keys = itertools.count()
         self._seq = itertools.count()
         self._started = self._crashed = self._timed_out = self._done = 0
@@ -293,14 +293,11 @@ class DaskBackend:
 
     # -- jobs -------------------------------------------------------------------------
 
+    @on_one_loop
     async def run(
         self, job: JobPort, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run `job` on the cluster's nodes until it is over (see the module docstring)."""
-        with self._one_loop:
-            await self._run(job, task_status)
-
-    async def _run(self, job: JobPort, task_status: anyio.abc.TaskStatus[None]) -> None:
         await self.start()
         work = job.work()
         check_outputs(work.out)
@@ -471,13 +468,10 @@ class DaskBackend:
 
     # -- one-shot calls ---------------------------------------------------------------
 
+    @on_one_loop
     async def call(self, call: CallWork) -> Any:
         """``fn(*args, **kwargs)`` on a worker of some node; a run lost with its node
         runs again, on another, up to `max_retries` times."""
-        with self._one_loop:
-            return await self._call(call)
-
-    async def _call(self, call: CallWork) -> Any:
         await self.start()
         token = anyio.lowlevel.current_token()
         for attempt in range(1, call.max_retries + 2):
