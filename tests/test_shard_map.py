@@ -48,6 +48,39 @@ async def test_sequence_items_are_the_shard_slices() -> None:
     assert [w for chunk in res.results for w in chunk] == words
 
 
+class _ReadOnce:
+    """A sequence (a dataset, say) that fails when an item is read a second time."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.reads: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: slice) -> list[int]:
+        wanted = range(*key.indices(self.n))
+        for i in wanted:
+            self.reads[i] = self.reads.get(i, 0) + 1
+            if self.reads[i] > 1:
+                raise OSError(f"item {i} was read again")
+        return list(wanted)
+
+
+async def test_a_sequence_is_read_once_per_shard_and_a_rerun_gets_the_same_items() -> None:
+    async with ashard.Pool(2) as pool:
+        data = _ReadOnce(8)
+        res = await pool.shard_map(data, workloads.items_dying_first_attempt, chunk_size=1)
+        assert res.results == [[i] for i in range(8)]
+        assert res.diagnostics.retries == 1
+        assert data.reads == dict.fromkeys(range(8), 1)
+
+        data = _ReadOnce(8)
+        res = await pool.shard_map(data, workloads.fail_odd, errors="collect", chunk_size=1)
+        assert [f.shard.items for f in res.failures] == [[1], [3], [5], [7]]
+        assert data.reads == dict.fromkeys(range(8), 1)
+
+
 async def test_empty_sequence_gives_empty_result() -> None:
     res = await ashard.shard_map([], workloads.shard_items, workers=2)
     assert res.results == [] and res.ok

@@ -137,6 +137,13 @@ def die_first_attempt(shard: Shard, how: str = "sigkill", victim: int = 2) -> in
     return shard.id * 10
 
 
+def items_dying_first_attempt(shard: Shard, victim: int = 2) -> Any:
+    """Shard `victim`'s first run dies; every run returns the items it was given."""
+    if shard.id == victim and shard.attempt == 1:
+        die("sigkill")
+    return list(shard.items)
+
+
 def die_always(shard: Shard, how: str = "sigkill", victim: int = 2) -> int:
     if shard.id == victim:
         die(how)

@@ -368,7 +368,8 @@ class Job(Changes):
         for k in range(chunk.count):
             pos = chunk.first + k
             if self.kind == SHARDS:
-                subject = self.positions.shard_at(pos, 1)
+                item = None if chunk.items is None else chunk.items[k]
+                subject = self.positions.shard_at(pos, 1, item)
             else:
                 assert chunk.items is not None
                 subject = undrawn(chunk.items[k])

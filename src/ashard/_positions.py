@@ -28,6 +28,9 @@ class Positions:
     exhausted = False  # every position has been taken
     has_items = True  # chunks carry their positions' items
 
+    def __init__(self) -> None:
+        self._again: dict[int, Any] = {}  # the items of positions that will run again
+
     @property
     def left(self) -> int | None:
         """How many positions are still to be taken (None: not known)."""
@@ -40,10 +43,11 @@ class Positions:
 
     def keep(self, pos: int, item: Any) -> None:
         """`pos` (whose item is `item`) will run again."""
+        self._again[pos] = item
 
     def item_at(self, pos: int) -> Any:
-        """The item of `pos`, which is about to run again."""
-        raise NotImplementedError
+        """The item of `pos`, which is about to run again (as `keep` was given it)."""
+        return self._again.pop(pos)
 
     def shard_at(self, pos: int, attempt: int, item: Any = None) -> Shard:
         """The `Shard` `fn` saw on run `attempt` of `pos` (`item`: its item, if known)."""
@@ -51,10 +55,13 @@ class Positions:
 
 
 class ShardPositions(Positions):
-    """The shards of `layout`; `sequence`: the items they are cut from; `seed`: each
-    shard's `rng`. `restrict` narrows them to some positions (`retry_failed`)."""
+    """The shards of `layout`; `sequence`: the items they are cut from, each shard's
+    once (a run again gets the items its first run got, and nothing reads the sequence
+    after its shard was taken); `seed`: each shard's `rng`. `restrict` narrows them to
+    some positions (`retry_failed`)."""
 
     def __init__(self, layout: Shards, sequence: Sequence[Any] | None, seed: int | None) -> None:
+        super().__init__()
         self.layout = layout
         self.sequence = sequence
         self.seed = seed
@@ -97,15 +104,13 @@ class ShardPositions(Positions):
             self._moved()
         items = None
         if self.sequence is not None:
-            items = [self.item_at(p) for p in range(first, first + count)]
+            cut, sequence = self.layout.items_of, self.sequence
+            items = [cut(sequence, p) for p in range(first, first + count)]
         return count, items
-
-    def item_at(self, pos: int) -> Any:
-        return self.layout.items_of(self.sequence, pos)
 
     def shard_at(self, pos: int, attempt: int, item: Any = None) -> Shard:
         rng = None if self.seed is None else _seeding.shard_rng(self.seed, pos)
-        items = None if self.sequence is None else self.item_at(pos)
+        items = None if self.sequence is None else item
         return Shard(pos, self.layout.indices(pos), items, rng, attempt)
 
 
@@ -120,11 +125,11 @@ class ItemPositions(Positions):
     taken; an item is kept only while its position waits to run again."""
 
     def __init__(self, items: Iterable[Any]) -> None:
+        super().__init__()
         self._range = items if type(items) is range else None  # sliced: sent as ranges
         self._items = iter(items)
         self._held = holds_its_items(items)
         self.total = len(items) if isinstance(items, Sized) else None
-        self._again: dict[int, Any] = {}
 
     def take(self, size: int) -> tuple[int, Sequence[Any] | None]:
         if self._range is not None:
@@ -144,12 +149,6 @@ class ItemPositions(Positions):
             self.exhausted = True
         self.next_pos += len(items)
         return len(items), items
-
-    def keep(self, pos: int, item: Any) -> None:
-        self._again[pos] = item
-
-    def item_at(self, pos: int) -> Any:
-        return self._again.pop(pos)
 
     def shard_at(self, pos: int, attempt: int, item: Any = None) -> Shard:
         return Shard(pos, range(pos, pos + 1), [undrawn(item)], None, attempt)
