@@ -10,9 +10,12 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
 
 import ashard
+from ashard import _positions
 from ashard._attempts import CRASHED, OK
 from ashard._backend import Chunk
 from ashard._consumers import StreamBuffer
@@ -318,3 +321,45 @@ def test_one_value_larger_than_the_bound_still_goes_alone() -> None:
     assert job.take_chunk(1) is None  # 1000 bytes wait for the consumer
     buffer.take()
     assert job.take_chunk(1) is not None  # nothing held: one goes, never a deadlock
+
+
+@pytest.mark.anyio
+async def test_a_long_lists_copy_is_indexed_and_sliced_as_the_list_was() -> None:
+    """A list longer than `COPY_STEP` is copied in pieces as its call starts; the copy
+    reads as the list did, across the pieces."""
+    step = _positions.COPY_STEP
+    n = 3 * step
+    items = list(range(n))
+    positions = _positions.ShardPositions(ashard.shards(n), items, None)
+    await positions.copy_input()
+    copy = positions.sequence
+    assert isinstance(copy, _positions.ListCopy) and len(copy) == n
+    assert list(copy) == items
+    ends = [0, 1, step - 1, step, step + 1, 2 * step + 7, n - 1, n, n + 5, -1, -step - 2]
+    for start in ends:
+        for stop in ends:
+            for stride in (1, 2, 7, step + 3, -1, -3):
+                assert copy[start:stop:stride] == items[start:stop:stride]
+    for k in (0, step - 1, step, n - 1, -1, -n):
+        assert copy[k] == items[k]
+    with pytest.raises(IndexError):
+        copy[n]
+
+
+@pytest.mark.anyio
+async def test_a_list_cut_short_while_it_is_copied_fails_its_call_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another task that changes a long list's length between two of its pieces being
+    copied: the call fails, saying so, rather than mapping a mix."""
+    items = list(range(3 * _positions.COPY_STEP))
+    real = anyio.lowlevel.checkpoint
+
+    async def cut_then_checkpoint() -> None:
+        del items[-5:]
+        await real()
+
+    monkeypatch.setattr(anyio.lowlevel, "checkpoint", cut_then_checkpoint)
+    positions = _positions.ItemPositions(items)
+    with pytest.raises(RuntimeError, match=r"items: the list changed length"):
+        await positions.copy_input()

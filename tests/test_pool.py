@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import anyio
 import pytest
@@ -199,6 +200,45 @@ async def test_an_iterator_that_changes_one_object_in_place_maps_each_value() ->
                                  workloads.one_list_growing(4), errors="collect")  # fmt: skip
             assert out[:2] == [1, 2]
             assert [e.shard.items for e in out[2:]] == [[[0, 1, 2]], [[0, 1, 2, 3]]]
+
+
+async def _change_once_running(run: Path, items: list[int], how: str) -> None:
+    """Once an item of the call runs (`workloads.held_until_go`), change `items` `how`,
+    then let the items go on."""
+    while not (run / "started").exists():  # noqa: ASYNC110
+        await anyio.sleep(0.005)
+    if how == "refilled":
+        items[:] = [-1] * len(items)
+    elif how == "sorted":
+        items.sort(reverse=True)
+    else:
+        del items[10:]
+    (run / "go").touch()
+
+
+@pytest.mark.parametrize("n", [60, 70_000])  # copied at once, and in steps
+@pytest.mark.parametrize("call", ["map", "shard_map"])
+async def test_a_list_changed_while_its_call_runs_is_mapped_as_it_was(
+    tmp_path: Path, call: str, n: int
+) -> None:
+    """The caller's other tasks run while a call does: a list they refill, sort or cut
+    short meanwhile is still mapped whole, as it was when the call began."""
+    with anyio.fail_after(60):
+        async with ashard.Pool(2) as pool:
+            for how in ("refilled", "sorted", "cut short"):
+                run = tmp_path / how
+                run.mkdir()
+                items = list(range(n))
+                borrow = {"directory": str(run)}
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_change_once_running, run, items, how)
+                    if call == "map":
+                        out = await pool.map(workloads.held_until_go, items, borrow=borrow)
+                    else:
+                        res = await pool.shard_map(items, workloads.shard_items_held_until_go,
+                                                   borrow=borrow, chunk_size=1)  # fmt: skip
+                        out = [x for part in res.results for x in part]
+                assert out == list(range(n)), how
 
 
 async def test_call_round_trip_and_kwargs() -> None:

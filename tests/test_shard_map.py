@@ -81,6 +81,19 @@ async def test_a_sequence_is_read_once_per_shard_and_a_rerun_gets_the_same_items
         assert data.reads == dict.fromkeys(range(8), 1)
 
 
+class _Shrinking(_ReadOnce):
+    """A sequence that loses its last items once its first shard was read."""
+
+    def __len__(self) -> int:
+        return self.n - 3 if self.reads else self.n
+
+
+async def test_a_sequence_that_changes_length_during_its_call_fails_the_call() -> None:
+    async with ashard.Pool(2) as pool:
+        with pytest.raises(RuntimeError, match=r"shards: the sequence changed length \(8 to 5\)"):
+            await pool.shard_map(_Shrinking(8), workloads.shard_items, chunk_size=1)
+
+
 async def test_empty_sequence_gives_empty_result() -> None:
     res = await ashard.shard_map([], workloads.shard_items, workers=2)
     assert res.results == [] and res.ok

@@ -874,6 +874,21 @@ def wait_for_file(path: str, seconds: float) -> None:
         time.sleep(0.005)
 
 
+def held_until_go(x: Any, directory: str) -> Any:
+    """`x`, once the file `directory`/go exists; the first items to run, before it
+    does, make `directory`/started."""
+    go = os.path.join(directory, "go")
+    if not os.path.exists(go):
+        open(os.path.join(directory, "started"), "a").close()
+        wait_for_file(go, 30)
+    return x
+
+
+def shard_items_held_until_go(shard: Shard, directory: str) -> Any:
+    """The shard's items, once the file `directory`/go exists (`held_until_go`)."""
+    return held_until_go(list(shard.items), directory)
+
+
 def payload_past_gate(n: int, gate: str) -> Payload:
     """`Payload(n)` at once for 0; the others once the file `gate` exists."""
     if n:

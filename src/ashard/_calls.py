@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
@@ -43,6 +43,7 @@ from ashard._options import (
     resolve_shards,
 )
 from ashard._outcomes import warn_hygiene
+from ashard._positions import ShardPositions
 from ashard._serialize import pickle_payload
 from ashard._sources import with_sources
 from ashard._stream import ShardStream
@@ -235,9 +236,12 @@ def _call_attributes(job: Job) -> dict[str, Any]:
     return attributes
 
 
-async def run_job(backend: Backend, job: Job, resize: int | None = None) -> None:
-    """Run `job` on `backend` until it is over; raise what ended it. `resize`: the size
-    the default pool takes once the job is accepted (`Accepted`)."""
+async def run_job(pool: Runs, job: Job, resize: int | None = None) -> None:
+    """Run `job` on `pool`'s backend until it is over; raise what ended it. `resize`:
+    the size the default pool takes once the job is accepted (`Accepted`). A list given
+    as the input is copied first, before the pool may take time to start."""
+    await job.positions.copy_input()
+    backend = await pool.backend()
     async with running(job):
         await backend.run(job, task_status=Accepted(backend, resize))
     if job.fatal is not None:
@@ -253,13 +257,20 @@ async def shard_result(
     """Run a `shard_map` job on `pool`: its `ShardResult` (raising under
     ``errors="raise"``)."""
     try:
-        await run_job(await pool.backend(), job, resize)
+        await run_job(pool, job, resize)
     except BaseException:
         await _drop_results(job)
         raise
     resolved = job.unfinished()
     complete = not job.failures and not job.skipped and resolved.find(0) == -1
     given = None if complete else job.given
+    positions = job.positions
+    if (
+        given is not None
+        and isinstance(positions, ShardPositions)
+        and positions.sequence is not None
+    ):
+        given = replace(given, shards=positions.sequence)  # the list as the call copied it
     result = job.result(layout, _Again(pool, given, resolved, dict(job.skipped)))
     if job.opts.errors == "raise":
         result.raise_for_failures()
@@ -381,7 +392,7 @@ def _todo(
 
 async def reduce_result(pool: Runs, job: Job, resize: int | None = None) -> ReduceResult:
     """Run a `shard_reduce` job on `pool`: its `ReduceResult`."""
-    await run_job(await pool.backend(), job, resize)
+    await run_job(pool, job, resize)
     assert job.reducer is not None
     result = ReduceResult(
         job.reducer.value, job.failure_list(), job.diagnostics(), tuple(sorted(job.skipped))
@@ -394,7 +405,7 @@ async def reduce_result(pool: Runs, job: Job, resize: int | None = None) -> Redu
 async def map_result(pool: Runs, job: Job, resize: int | None = None) -> list[Any]:
     """Run a `map` job on `pool`: the values in order (a failed item's `ShardError` in
     its slot under ``errors="collect"``)."""
-    await run_job(await pool.backend(), job, resize)
+    await run_job(pool, job, resize)
     if job.failures and job.opts.errors == "raise":
         result = job.result(Shards(job.next_pos, 1, "contiguous"))
         raise ShardMapError.of(result.failures, result, "item")
@@ -414,6 +425,7 @@ def stream(pool: Runs, job: Job, layout: Shards, resize: int | None = None) -> S
         raise RuntimeError("this ashard.Pool is closed")
 
     async def run(task_status: anyio.abc.TaskStatus[None]) -> None:
+        await job.positions.copy_input()
         backend = await pool.backend()
         status = Accepted(backend, resize, task_status)
         try:

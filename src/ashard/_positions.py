@@ -3,21 +3,106 @@
 read lazily and kept only while their position may run again. The job
 (`ashard._job`) takes new positions from here and asks for a position's items and the
 `Shard` its `fn` saw; which positions are queued, in flight or resolved is the job's.
+
+A list given as the shards or the items is copied as the call starts (`copy_input`):
+the caller's other tasks run while the call does, and one that changes, sorts, clears
+or refills the list would otherwise have the call map some positions as they were and
+others as they became, or drop some. Other sequences are read as their positions are
+taken; one whose length changes fails the call.
 """
 
 from __future__ import annotations
 
 import sys
 from collections import deque
-from collections.abc import Iterable, Sequence, Sized
-from itertools import islice
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence, Sized
+from itertools import chain, islice
+from typing import Any, overload
+
+import anyio.lowlevel
 
 from ashard import _seeding
 from ashard._serialize import SETTLED, drawn, undrawn
 from ashard.shards import Shard, Shards
 
-__all__ = ["ItemPositions", "Positions", "ShardPositions", "drawn_args", "holds_its_items"]
+__all__ = [
+    "ItemPositions",
+    "ListCopy",
+    "Positions",
+    "ShardPositions",
+    "drawn_args",
+    "holds_its_items",
+]
+
+COPY_STEP = 1 << 16
+"""A list given as a call's input is copied at once up to this many items (0.1-0.5 ms);
+a longer one in pieces of this many, one per step of the caller's loop."""
+
+
+class ListCopy(Sequence[Any]):
+    """A long list's copy, made in `pieces` of `COPY_STEP` items; indexed and sliced as
+    the list was."""
+
+    __slots__ = ("_n", "_pieces")
+
+    def __init__(self, pieces: list[list[Any]], n: int) -> None:
+        self._pieces = pieces
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[Any]:
+        return chain.from_iterable(self._pieces)
+
+    @overload
+    def __getitem__(self, key: int) -> Any: ...
+    @overload
+    def __getitem__(self, key: slice) -> list[Any]: ...
+    def __getitem__(self, key: int | slice) -> Any:
+        if not isinstance(key, slice):
+            k = key + self._n if key < 0 else key
+            if not 0 <= k < self._n:
+                raise IndexError("list index out of range")
+            return self._pieces[k // COPY_STEP][k % COPY_STEP]
+        start, stop, step = key.indices(self._n)
+        p, offset = divmod(start, COPY_STEP)
+        if step == 1 and start < stop <= (p + 1) * COPY_STEP:  # within one piece: most
+            return self._pieces[p][offset : offset + stop - start]
+        if step < 0:
+            return [self[k] for k in range(start, stop, step)]
+        out: list[Any] = []
+        while start < stop:  # a slice of each piece it crosses
+            p, offset = divmod(start, COPY_STEP)
+            part = self._pieces[p][offset : min(stop - p * COPY_STEP, COPY_STEP) : step]
+            out += part
+            start += len(part) * step
+        return out
+
+
+def _copied_now(items: Any) -> tuple[Any, list[Any] | None]:
+    """`items` as a call takes it - a copy if it is a list short enough to copy in one
+    step - and the long list still to copy (`copy_input`), if any."""
+    if type(items) is not list:
+        return items, None
+    if len(items) <= COPY_STEP:
+        return items.copy(), None
+    return items, items
+
+
+async def _copied(items: list[Any], what: str) -> ListCopy:
+    """A copy of the long list `items`, a piece per loop step."""
+    n = len(items)
+    pieces = [items[:COPY_STEP]]
+    for start in range(COPY_STEP, n, COPY_STEP):
+        await anyio.lowlevel.checkpoint()
+        pieces.append(items[start : start + COPY_STEP])
+    if len(items) != n:
+        raise RuntimeError(
+            f"{what}: the list changed length ({n} to {len(items)}) while the call copied "
+            "it, as it starts; change it only once the call has begun, or pass a copy"
+        )
+    return ListCopy(pieces, n)
 
 
 class Positions:
@@ -27,9 +112,22 @@ class Positions:
     next_pos = 0  # the first position not taken yet
     exhausted = False  # every position has been taken
     has_items = True  # chunks carry their positions' items
+    argument = "items"  # the argument the input was given as
 
     def __init__(self) -> None:
         self._again: dict[int, Any] = {}  # the items of positions that will run again
+        self._uncopied: list[Any] | None = None  # a long list the call still has to copy
+
+    async def copy_input(self) -> None:
+        """Before any position is taken: copy a long list given as the input, a piece
+        per loop step (shorter ones were copied when the call was made)."""
+        if self._uncopied is not None:
+            self._adopt(await _copied(self._uncopied, self.argument))
+            self._uncopied = None
+
+    def _adopt(self, copy: ListCopy) -> None:
+        """The input from now on is `copy` (of the list given)."""
+        raise NotImplementedError
 
     @property
     def left(self) -> int | None:
@@ -63,13 +161,18 @@ class ShardPositions(Positions):
     def __init__(self, layout: Shards, sequence: Sequence[Any] | None, seed: int | None) -> None:
         super().__init__()
         self.layout = layout
-        self.sequence = sequence
+        self.sequence, self._uncopied = _copied_now(sequence)
         self.seed = seed
         self.total = len(layout)
         self.exhausted = not self.total
         self.has_items = sequence is not None
         self._only: Sequence[int] | None = None  # sorted; None: every position
         self._at = 0  # into `_only`
+
+    argument = "shards"
+
+    def _adopt(self, copy: ListCopy) -> None:
+        self.sequence = copy
 
     def restrict(self, only: Sequence[int]) -> None:
         """Take only these positions (sorted, none taken yet), consecutive ones together."""
@@ -90,6 +193,7 @@ class ShardPositions(Positions):
         return len(self._only) - self._at
 
     def take(self, size: int) -> tuple[int, Sequence[Any] | None]:
+        assert self._uncopied is None, "copy_input() comes before take()"
         first = self.next_pos
         if self._only is None:
             count = min(size, len(self.layout) - first)
@@ -103,8 +207,15 @@ class ShardPositions(Positions):
             self._at += count
             self._moved()
         items = None
-        if self.sequence is not None:
-            cut, sequence = self.layout.items_of, self.sequence
+        sequence = self.sequence
+        if sequence is not None:
+            if len(sequence) != self.layout.n:
+                raise RuntimeError(
+                    f"shards: the sequence changed length ({self.layout.n} to "
+                    f"{len(sequence)}) during the call, which reads each shard's items as "
+                    "it sends the shard; change it only once the call is over, or pass a copy"
+                )
+            cut = self.layout.items_of
             items = [cut(sequence, p) for p in range(first, first + count)]
         return count, items
 
@@ -126,14 +237,20 @@ class ItemPositions(Positions):
 
     def __init__(self, items: Iterable[Any]) -> None:
         super().__init__()
-        self._range = items if type(items) is range else None  # sliced: sent as ranges
-        self._items = iter(items)
         self._held = holds_its_items(items)
         self.total = len(items) if isinstance(items, Sized) else None
+        source, self._uncopied = _copied_now(items)
+        # a range (sent as ranges) and a list's copy are sliced; anything else iterated
+        self._sliced: Sequence[Any] | None = source if type(source) in (range, list) else None
+        self._items = iter(source)
+
+    def _adopt(self, copy: ListCopy) -> None:
+        self._sliced = copy
 
     def take(self, size: int) -> tuple[int, Sequence[Any] | None]:
-        if self._range is not None:
-            items: Sequence[Any] = self._range[self.next_pos : self.next_pos + size]
+        assert self._uncopied is None, "copy_input() comes before take()"
+        if self._sliced is not None:
+            items: Sequence[Any] = self._sliced[self.next_pos : self.next_pos + size]
         else:
             try:
                 if self._held:

@@ -207,7 +207,7 @@ class _Core:
     async def _pump(self, job: Job, n: int, results: queue.SimpleQueue[Any]) -> None:
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_calls.run_job, await self.pool.backend(), job)
+                tg.start_soon(_calls.run_job, self.pool, job)
                 pos = 0
                 while pos < n:
                     values = job.resolved_from(pos)
