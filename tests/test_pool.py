@@ -241,6 +241,20 @@ async def test_a_list_changed_while_its_call_runs_is_mapped_as_it_was(
                 assert out == list(range(n)), how
 
 
+async def test_a_caller_whose_working_directory_was_removed_still_starts_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process may go on in a directory removed under it; so do its workers (they
+    start in the caller's working directory)."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    async with ashard.Pool(1) as pool:
+        assert await pool.call(abs, -2) == 2
+        assert await pool.map(workloads.square, range(3)) == [0, 1, 4]
+
+
 async def test_call_round_trip_and_kwargs() -> None:
     async with ashard.Pool(1) as pool:
         assert await pool.call(divmod, 17, 5) == (3, 2)

@@ -52,8 +52,17 @@ def _popen(child_fd: int, env_extra: Mapping[str, str]) -> subprocess.Popen[byte
     cmd = [sys.executable, "-u", "-m", "ashard._worker", str(child_fd), str(os.getpid())]
     return subprocess.Popen(
         cmd, pass_fds=(child_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, cwd=os.getcwd(), env=env, process_group=0,
+        stderr=subprocess.PIPE, cwd=_cwd(), env=env, process_group=0,
     )  # fmt: skip
+
+
+def _cwd() -> str | None:
+    """The caller's working directory; None (the worker inherits it) if it was removed:
+    a process may go on in a removed directory, and so may its workers."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return None
 
 
 def _above_stdio(sock: socket.socket) -> socket.socket:
