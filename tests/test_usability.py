@@ -304,12 +304,34 @@ def test_progress_outside_a_notebook_is_tqdms_text_bar_never_a_widget() -> None:
 
     from ashard._progress import Progress
 
-    bar = Progress(3, "shards")
+    bar = Progress(3, "shards", Progress.load())
     try:
         assert type(bar._bar) is tqdm.std.tqdm and bar._shown is None  # no ipywidgets needed
     finally:
         bar._bar.fp = io.StringIO()  # what it draws is not the test's output
         bar.close()
+
+
+@pytest.mark.parametrize("tqdm", ["tqdm", "no tqdm"])
+async def test_a_progress_bar_with_no_stderr_to_draw_on_never_fails_the_call(
+    monkeypatch: pytest.MonkeyPatch, tqdm: str
+) -> None:
+    """Under pythonw or a service `sys.stderr` is None; a daemon may have closed it.
+    The bar is not drawn, and the call goes on."""
+    import io
+    import sys
+
+    if tqdm == "no tqdm":
+        monkeypatch.setitem(sys.modules, "tqdm.std", None)
+    closed = io.StringIO()
+    closed.close()
+    async with ashard.Pool(2) as pool:
+        for stderr in (None, closed):
+            monkeypatch.setattr(sys, "stderr", stderr)
+            res = await pool.shard_map(ashard.shards(30, block_size=1), workloads.attempt_of,
+                                       progress=True)  # fmt: skip
+            monkeypatch.undo()
+            assert res.results == [1] * 30
 
 
 def test_a_sigkill_names_the_out_of_memory_killer_only_near_a_memory_limit() -> None:

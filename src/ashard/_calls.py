@@ -239,8 +239,8 @@ def _call_attributes(job: Job) -> dict[str, Any]:
 async def run_job(pool: Runs, job: Job, resize: int | None = None) -> None:
     """Run `job` on `pool`'s backend until it is over; raise what ended it. `resize`:
     the size the default pool takes once the job is accepted (`Accepted`). A list given
-    as the input is copied first, before the pool may take time to start."""
-    await job.positions.copy_input()
+    as the input is copied first, before the pool may take time to start (`Job.prepare`)."""
+    await job.prepare()
     backend = await pool.backend()
     async with running(job):
         await backend.run(job, task_status=Accepted(backend, resize))
@@ -425,7 +425,7 @@ def stream(pool: Runs, job: Job, layout: Shards, resize: int | None = None) -> S
         raise RuntimeError("this ashard.Pool is closed")
 
     async def run(task_status: anyio.abc.TaskStatus[None]) -> None:
-        await job.positions.copy_input()
+        await job.prepare()
         backend = await pool.backend()
         status = Accepted(backend, resize, task_status)
         try:

@@ -120,7 +120,7 @@ class Job(Changes):
             self.positions = ItemPositions(items)
         self.total = total
         self.stream = stream
-        self.progress = Progress(total, f"{self.noun}s") if opts.progress else None
+        self.progress: Progress | None = None  # made by `prepare`
         self.reducer = reducer
         # a stream hands values to its consumer and keeps none of them; a reduce
         # combines them
@@ -252,6 +252,15 @@ class Job(Changes):
     def over(self) -> bool:
         """Nothing more will be dispatched: finished, aborted or failed."""
         return self.finished or self.aborted or self.fatal is not None
+
+    async def prepare(self) -> None:
+        """Before the call runs, what would hold the caller's loop if done in one step:
+        a list given as the input is copied, a piece per loop step, and the progress
+        bar's modules (tqdm, IPython's display) are imported in a thread."""
+        await self.positions.copy_input()
+        if self.opts.progress and self.progress is None:
+            tqdm = await anyio.to_thread.run_sync(Progress.load)
+            self.progress = Progress(self.total, f"{self.noun}s", tqdm)
 
     def close(self) -> None:
         """The call is over: close its progress display."""

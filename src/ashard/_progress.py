@@ -3,10 +3,13 @@ updated in place in the calling cell: an HTML progress bar with the counts, no
 ipywidgets needed, and a saved notebook keeps its final state (not every frame).
 Elsewhere tqdm's text bar on stderr when tqdm is installed, else a text bar of ashard's
 own, so a fresh install shows one too. (tqdm stays optional: the runtime dependencies
-are kept to what the engine needs.)"""
+are kept to what the engine needs.) A bar that cannot be drawn (no stderr, as under
+pythonw or a service; stderr closed, or a pipe nobody reads any more) is not drawn:
+a progress bar never fails a call."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Any
@@ -34,32 +37,57 @@ def _notebook_display() -> Any:
     return display
 
 
-class Progress:
-    """Counts finished shards; redraws at most ten times a second."""
+_UNDRAWABLE = (OSError, ValueError)
+"""What writing to a closed stream, or a pipe nobody reads, raises."""
 
-    def __init__(self, total: int | None, desc: str) -> None:
+
+class Progress:
+    """Counts finished shards; redraws at most ten times a second. `load()` first, off
+    the caller's loop: importing tqdm takes tens of milliseconds."""
+
+    @staticmethod
+    def load() -> Any:
+        """tqdm's bar, where it is installed and no notebook shows ashard's own; else
+        None. Called in a thread (`ashard._job.Job.prepare`)."""
+        if _notebook_display() is not None:
+            return None
+        try:
+            from tqdm.std import tqdm  # optional
+        except ImportError:
+            return None
+        return tqdm
+
+    def __init__(self, total: int | None, desc: str, tqdm: Any = None) -> None:
+        """`tqdm`: the class `load()` gave, or None for ashard's own text bar."""
         self.total = total
         self.done = 0
         self._desc = desc
         self._bar: Any = None  # tqdm's
         self._shown: Any = None  # the notebook display's handle
+        self._stream: Any = None  # where ashard's own text bar goes; None: nowhere
         self._last = 0.0
         self._t0 = time.monotonic()
         display = _notebook_display()
         if display is not None:
             self._shown = display(self._bundle(), raw=True, display_id=True)
             return
-        try:
-            from tqdm.std import tqdm  # optional
-        except ImportError:
+        stream = sys.stderr
+        if stream is None:
             return
-        self._bar = tqdm(total=total, desc=desc, unit=desc, file=sys.stderr,
-                         mininterval=_REDRAW_SECONDS)  # fmt: skip
+        if tqdm is None:
+            self._stream = stream
+            return
+        with contextlib.suppress(*_UNDRAWABLE):
+            self._bar = tqdm(total=total, desc=desc, unit=desc, file=stream,
+                             mininterval=_REDRAW_SECONDS)  # fmt: skip
 
     def update(self, n: int) -> None:
         self.done += n
         if self._bar is not None:
-            self._bar.update(n)
+            try:
+                self._bar.update(n)
+            except _UNDRAWABLE:
+                self._bar = None
             return
         now = time.monotonic()
         if now - self._last >= _REDRAW_SECONDS:
@@ -70,8 +98,13 @@ class Progress:
         if self._shown is not None:
             self._shown.update(self._bundle(), raw=True)
             return
-        sys.stderr.write(f"\r{self.line()}{end}")
-        sys.stderr.flush()
+        if self._stream is None:
+            return
+        try:
+            self._stream.write(f"\r{self.line()}{end}")
+            self._stream.flush()
+        except _UNDRAWABLE:
+            self._stream = None
 
     def _bundle(self) -> dict[str, str]:
         """The notebook display: an HTML bar with the line beside it, and the line."""
@@ -103,6 +136,8 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.close()
+            bar, self._bar = self._bar, None
+            with contextlib.suppress(*_UNDRAWABLE):
+                bar.close()
         else:
             self._draw(end="\n")
