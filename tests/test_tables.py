@@ -668,3 +668,30 @@ def test_a_forked_child_that_exits_leaves_its_parents_temporary_results_alone() 
     assert out.returncode == 0, out.stderr[-3000:]
     results, rows = json.loads(out.stdout.splitlines()[1])
     assert results == [0, 1, 2, 3] and rows == 4
+
+
+_NO_PYARROW_IN_THE_CALLER = """
+import asyncio, sys, ashard
+def table_of(shard):
+    return {"id": list(shard.idx)}
+def write(shard, rows):
+    rows.write({"id": list(shard.idx)})
+async def main():
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(ashard.shards(6, block_size=1), table_of, results="table")
+        with ashard.table_sink() as sink:
+            await pool.shard_map(ashard.shards(6, block_size=1), write, out={"rows": sink})
+            during = "pyarrow" in sys.modules
+            print(during, res.table().num_rows, sink.read().num_rows, sink.schema.names)
+asyncio.run(main())
+"""
+
+
+def test_a_table_call_never_imports_pyarrow_in_the_caller() -> None:
+    """Workers write the tables; the caller keeps their schemas as bytes until asked.
+    pyarrow's import holds the GIL for a tenth of a second: in the caller, during a
+    call, it would stall the event loop that long, whatever thread ran it."""
+    out = subprocess.run([sys.executable, "-c", _NO_PYARROW_IN_THE_CALLER],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "6", "6", "['id']"]

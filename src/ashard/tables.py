@@ -95,7 +95,7 @@ class _Output:
         self.kind = kind
         self.place = place
         self.format = fmt
-        self.schema = schema
+        self._schema = schema
         self._schema_key: bytes | None = None
         if schema is not None:
             from ashard._tabular import schema_bytes  # pyarrow, on first use
@@ -105,6 +105,17 @@ class _Output:
         self._token = ""
         self._claim: tuple[str, str] | None = None  # the directory, while a call writes it
         self.closed = False
+
+    @property
+    def schema(self) -> pa.Schema | None:
+        """Every partition's schema: the one given, else the first committed one's (read
+        from its bytes on first use, not as partitions are accepted: pyarrow's import
+        holds the GIL for a tenth of a second, which no thread may spend during a call)."""
+        if self._schema is None and self._schema_key is not None:
+            from ashard._tabular import schema_from_bytes  # pyarrow, on first use
+
+            self._schema = schema_from_bytes(self._schema_key)
+        return self._schema
 
     def spec(self) -> SinkRef:
         """What a worker needs to write here for the running call."""
@@ -151,9 +162,6 @@ class _Output:
         """Keep shard `shard_id`'s committed file (checked with `check`)."""
         if self._schema_key is None and schema is not None:
             self._schema_key = schema
-            from ashard._tabular import schema_from_bytes  # pyarrow, on first use
-
-            self.schema = schema_from_bytes(schema)
         path = self.place.path_of(file_name(self.format, shard_id))
         ref: TableRef | ResultRef
         if rows < 0:
@@ -307,9 +315,11 @@ def table_sink(
     first committed partition's schema is the sink's."""
     if format not in _FORMATS:
         raise ValueError(f"format must be 'parquet' or 'arrow', got {format!r}")
-    from ashard._tabular import read_schema_arg  # pyarrow, on first use
+    checked_schema = None
+    if schema is not None:  # (pyarrow, imported by whoever made the schema; not before)
+        from ashard._tabular import read_schema_arg
 
-    checked_schema = read_schema_arg(schema)
+        checked_schema = read_schema_arg(schema)
     if path is None:
         if filesystem is not None:
             raise ValueError("filesystem= needs a path inside it: table_sink(path, filesystem=...)")
