@@ -21,7 +21,6 @@ from typing import Any, overload
 
 import anyio.lowlevel
 
-from ashard import _seeding
 from ashard._serialize import SETTLED, drawn, undrawn
 from ashard.shards import Shard, Shards
 
@@ -220,9 +219,8 @@ class ShardPositions(Positions):
         return count, items
 
     def shard_at(self, pos: int, attempt: int, item: Any = None) -> Shard:
-        rng = None if self.seed is None else _seeding.shard_rng(self.seed, pos)
         items = None if self.sequence is None else item
-        return Shard(pos, self.layout.indices(pos), items, rng, attempt)
+        return Shard(pos, self.layout.indices(pos), items, None, attempt, self.seed)
 
 
 _HOLDERS = frozenset({list, tuple, dict, set, frozenset, deque, str, bytes, bytearray})

@@ -36,7 +36,7 @@ class Shard:
     """
 
     __module__ = "ashard"
-    __slots__ = ("_rng", "attempt", "id", "idx", "items")
+    __slots__ = ("_rng", "_seed", "attempt", "id", "idx", "items")
 
     id: int
     # `range` or an int ndarray: typed Any so that code written for either (``idx.start``
@@ -45,6 +45,7 @@ class Shard:
     items: Any
     attempt: int
     _rng: np.random.Generator | None
+    _seed: int | None
 
     def __init__(
         self,
@@ -53,22 +54,33 @@ class Shard:
         items: Any = None,
         rng: np.random.Generator | None = None,
         attempt: int = 1,
+        seed: int | None = None,
     ) -> None:
+        """`seed`: the call's, from which `rng` is derived (when first used) if no `rng`
+        is given."""
         set_ = object.__setattr__
         set_(self, "id", id)
         set_(self, "idx", idx)
         set_(self, "items", items)
         set_(self, "_rng", rng)
         set_(self, "attempt", attempt)
+        set_(self, "_seed", seed)
 
     @property
     def rng(self) -> np.random.Generator:
-        """This shard's random generator (seeded by the call's `seed`, if it has one)."""
+        """This shard's random generator (seeded by the call's `seed`, if it has one),
+        made when first used: making one costs about 20 us, and the caller's copies of a
+        shard (in a `ShardDone`, a `ShardError`) must not import numpy on its loop."""
         rng: np.random.Generator | None = self._rng
         if rng is None:
-            import numpy as np  # numpy on first use: a worker and `import ashard` start without it
+            if self._seed is not None:
+                from ashard._seeding import shard_rng
 
-            rng = np.random.default_rng()
+                rng = shard_rng(self._seed, self.id)
+            else:
+                import numpy as np  # on first use: a worker and `import ashard` start without it
+
+                rng = np.random.default_rng()
             object.__setattr__(self, "_rng", rng)
         return rng
 
@@ -79,7 +91,7 @@ class Shard:
         raise AttributeError(f"a Shard is immutable: cannot delete {name!r}")
 
     def __reduce__(self) -> Any:
-        return Shard, (self.id, self.idx, self.items, self._rng, self.attempt)
+        return Shard, (self.id, self.idx, self.items, self._rng, self.attempt, self._seed)
 
     def __len__(self) -> int:
         return len(self.idx)

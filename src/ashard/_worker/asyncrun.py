@@ -513,8 +513,8 @@ async def _one(
     item = items[k] if items is not None else None
     if ctx.kind == SHARDS:
         assert ctx.layout is not None
-        rng = None if ctx.seed is None else _seeding.shard_rng(ctx.seed, pos)
-        args: tuple[Any, ...] = (Shard(pos, ctx.layout.indices(pos), item, rng, attempt),)
+        shard = Shard(pos, ctx.layout.indices(pos), item, None, attempt, ctx.seed)
+        args: tuple[Any, ...] = (shard,)
     else:
         args = (item,)
     if ctx.seed is not None:
