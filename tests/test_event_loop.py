@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import anyio
@@ -137,3 +139,44 @@ def test_everything_runs_on_uvloop() -> None:
                     assert res.results == [float(X.sum())] * 4
 
     anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+
+
+_IMPORTS_ON_THE_LOOP = """
+import asyncio, sys, threading, ashard
+import numpy as np
+def ident(shard, **kwargs):
+    return shard.id
+def table_of(shard):
+    return {"id": [shard.id]}
+def fail(shard):
+    raise ValueError(shard.id)
+loop_thread = threading.get_ident()
+seen = []
+def on_import(event, args):
+    if event == "import" and threading.get_ident() == loop_thread:
+        seen.append(args[0])
+async def main():
+    shards = ashard.shards(4, block_size=1)
+    async with ashard.Pool(2) as pool:
+        await pool.shard_map(shards, ident)  # the supervisor and cloudpickle: loaded
+        X, buf = np.ones(1 << 18), ashard.buffer("f8", (4,))
+        sys.addaudithook(on_import)
+        await pool.shard_map(shards, ident, borrow={"X": X}, out={"out": buf})
+        await pool.shard_map(shards, table_of, results="table")
+        await pool.shard_map(shards, ident, results="disk")
+        async with pool.shard_stream(shards, fail, seed=1, errors="collect") as stream:
+            errors = [done.error.shard.id async for done in stream]
+        print(len(errors), seen)
+        buf.close()
+asyncio.run(main())
+"""
+
+
+def test_a_calls_first_use_of_a_feature_imports_nothing_on_the_callers_loop() -> None:
+    """A module a call needs is loaded in a thread (pure-Python modules let the loop
+    run between their steps) or not at all (pyarrow and numpy, whose imports hold the
+    GIL for 80-100 ms: the caller never needs them for tables or seeds)."""
+    out = subprocess.run([sys.executable, "-c", _IMPORTS_ON_THE_LOOP],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "4 []"

@@ -302,14 +302,16 @@ class Accepted(anyio.abc.TaskStatus[None]):
         self._status.started(value)
 
 
-async def load_supervisor() -> None:
-    """Import the supervisor in a thread, if it is not yet: its first import would stall
-    the caller's event loop for ~100 ms (the first request of a web app, say)."""
-    if not all(name in sys.modules for name in SUPERVISOR):
-        await anyio.to_thread.run_sync(import_supervisor)
+async def load_supervisor(*also: str) -> None:
+    """Import the supervisor (and the modules `also`, which a call needs) in a thread,
+    if they are not yet: a first import would stall the caller's event loop (~100 ms for
+    the supervisor: the first request of a web app, say)."""
+    if not all(name in sys.modules for name in (*SUPERVISOR, *also)):
+        await anyio.to_thread.run_sync(import_supervisor, *also)
 
 
-def import_supervisor() -> None:
-    """Import the supervisor here and now (`load_supervisor` is the async way)."""
-    for name in SUPERVISOR:
+def import_supervisor(*also: str) -> None:
+    """Import the supervisor (and `also`) here and now (`load_supervisor`: the async
+    way)."""
+    for name in (*SUPERVISOR, *also):
         importlib.import_module(name)

@@ -21,6 +21,7 @@ import math
 import numbers
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypedDict, TypeVar, cast, get_args, get_type_hints
@@ -431,8 +432,12 @@ def check_borrow(
     outputs = _check_names("out", out)
     if not inputs and not outputs:
         return inputs, outputs
-    from ashard.shared import Buffer, SegmentBacked  # numpy: only for calls that share
-    from ashard.tables import TableSink
+    # Buffers, shared objects and sinks exist only once their modules are loaded (by the
+    # caller that made them): nothing is imported here, on the event loop (15 ms).
+    shared, tables = sys.modules.get("ashard.shared"), sys.modules.get("ashard.tables")
+    Buffer = shared.Buffer if shared is not None else ()
+    SegmentBacked = shared.SegmentBacked if shared is not None else ()
+    TableSink = tables.TableSink if tables is not None else ()
 
     for name, value in inputs.items():
         if isinstance(value, SegmentBacked) and value.closed:

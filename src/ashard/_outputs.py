@@ -11,6 +11,7 @@ filesystem: callers run them in a thread.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -111,10 +112,9 @@ class Outputs:
 
 
 def _sinks_in(out: Mapping[str, Any]) -> dict[str, TableSink]:
-    """The table sinks among a call's outputs (`ashard.tables` loads only when there
-    are outputs: a plain call does not need it)."""
-    if not out:
+    """The table sinks among a call's outputs: none unless `ashard.tables` is loaded
+    (by the caller that made them; nothing is imported here, on the event loop)."""
+    tables = sys.modules.get("ashard.tables")
+    if not out or tables is None:
         return {}
-    from ashard.tables import TableSink  # pyarrow: calls with outputs only
-
-    return {name: v for name, v in out.items() if isinstance(v, TableSink)}
+    return {name: v for name, v in out.items() if isinstance(v, tables.TableSink)}

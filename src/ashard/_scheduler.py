@@ -46,7 +46,15 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from ashard._backend import CallWork, Chunk, JobPort, JobWork, OneLoop, on_one_loop
+from ashard._backend import (
+    CallWork,
+    Chunk,
+    JobPort,
+    JobWork,
+    OneLoop,
+    load_supervisor,
+    on_one_loop,
+)
 from ashard._budget import Budget
 from ashard._framing import (
     Buffer,
@@ -280,7 +288,8 @@ class Scheduler:
         work = job.work()
         exported = None
         if work.borrow or work.out:
-            from ashard._borrowed import BorrowCache  # numpy and shared memory: when used
+            await load_supervisor("ashard._borrowed", "ashard._export")  # 15 ms, once
+            from ashard._borrowed import BorrowCache  # loaded just now, off the loop
             from ashard._export import export
 
             if self._keep_borrowed and self.borrowed is None:

@@ -59,6 +59,11 @@ def _kill_all_at_exit() -> None:
         handles.kill_all_now()
 
 
+def _stores(options: Mapping[str, object]) -> tuple[str, ...]:
+    """The module a call that keeps its values in a table or on disk needs loaded."""
+    return ("ashard.tables",) if options.get("results") in ("table", "disk") else ()
+
+
 def _open_backend(
     size: int,
     per_node: int | None,
@@ -344,7 +349,7 @@ class Pool:
         **options: Unpack[ShardOptions],
     ) -> ShardResult:
         """Run ``fn(shard, **borrow)`` for every shard; see `ashard.shard_map`."""
-        await load_supervisor()
+        await load_supervisor(*_stores(options))
         from ashard import _calls  # loaded just now, off the loop (`load_supervisor`)
 
         job, layout = _calls.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
@@ -414,7 +419,7 @@ class Pool:
     ) -> ShardResult:
         """Run the failed (and skipped) shards of `result` again on this pool; see
         `ashard.retry_failed`."""
-        await load_supervisor()
+        await load_supervisor(*_stores(options))
         from ashard import _calls  # loaded just now, off the loop (`load_supervisor`)
 
         return await _calls.retry_result(result, fn, only, options, self)
