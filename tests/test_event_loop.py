@@ -158,7 +158,7 @@ def on_import(event, args):
 async def main():
     shards = ashard.shards(4, block_size=1)
     async with ashard.Pool(2) as pool:
-        await pool.shard_map(shards, ident)  # the supervisor and cloudpickle: loaded
+        await pool.map(abs, [-1])  # the supervisor is loaded; cloudpickle is not yet
         X, buf = np.ones(1 << 18), ashard.buffer("f8", (4,))
         sys.addaudithook(on_import)
         await pool.shard_map(shards, ident, borrow={"X": X}, out={"out": buf})
@@ -173,9 +173,10 @@ asyncio.run(main())
 
 
 def test_a_calls_first_use_of_a_feature_imports_nothing_on_the_callers_loop() -> None:
-    """A module a call needs is loaded in a thread (pure-Python modules let the loop
-    run between their steps) or not at all (pyarrow and numpy, whose imports hold the
-    GIL for 80-100 ms: the caller never needs them for tables or seeds)."""
+    """A module a call needs (cloudpickle for functions from `__main__`, ashard's
+    shared-memory and table modules) is loaded in a thread (pure-Python modules let the
+    loop run between their steps) or not at all (pyarrow and numpy, whose imports hold
+    the GIL for 80-100 ms: the caller never needs them for tables or seeds)."""
     out = subprocess.run([sys.executable, "-c", _IMPORTS_ON_THE_LOOP],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -83,8 +83,11 @@ async def shutdown() -> None:
 
 
 @contextlib.asynccontextmanager
-async def _supervisor(pool: object) -> AsyncIterator[None]:
-    """Within: the supervisor is imported (`load_supervisor`). On the default pool's
+async def _supervisor(
+    pool: object, fn: object = None, options: Mapping[str, object] | None = None
+) -> AsyncIterator[None]:
+    """Within: the supervisor is imported, and what a call of `fn` with `options` needs
+    (`load_supervisor`, `needed_by`). On the default pool's
     first call, a worker is launched first and the import runs in a thread while it
     starts; the worker is ended when the call leaves without having taken it (its
     arguments were bad)."""
@@ -92,9 +95,9 @@ async def _supervisor(pool: object) -> AsyncIterator[None]:
     if ahead:
         _spawn.prestart()
     try:
-        from ashard._backend import load_supervisor  # cold start: after the launch
+        from ashard._backend import load_supervisor, needed_by  # cold start: after the launch
 
-        await load_supervisor()
+        await load_supervisor(*needed_by(fn, options))
         yield
     finally:
         done = _spawn.discard() if ahead else None
@@ -125,7 +128,7 @@ async def shard_map(
     ``errors="raise"`` the first permanent failure cancels the rest and raises
     `ShardMapError`; under ``"collect"`` every shard runs and failures are listed.
     """
-    async with _supervisor(pool):
+    async with _supervisor(pool, fn, options):
         from ashard import _calls  # loaded just now, off the loop (`_supervisor`)
 
         target, size = _target(pool, workers)
@@ -180,7 +183,7 @@ async def shard_reduce(
     first value starts `acc`). ``ordered=True`` combines in shard order, so a float sum
     is bit-identical whatever the workers, chunking or retries; at most `max_pending`
     values (default 1024) ever wait uncombined. No value is kept once combined."""
-    async with _supervisor(pool):
+    async with _supervisor(pool, fn, options):
         from ashard import _calls  # loaded just now, off the loop (`_supervisor`)
 
         target, size = _target(pool, workers)
@@ -204,7 +207,7 @@ async def map(
     is never materialised. Under ``errors="collect"`` a failed item's slot holds its
     `ShardError` instead of a value.
     """
-    async with _supervisor(pool):
+    async with _supervisor(pool, fn):
         from ashard import _calls  # loaded just now, off the loop (`_supervisor`)
 
         target, size = _target(pool, workers)
@@ -232,9 +235,9 @@ async def retry_failed(
     reused and the new result shares the first's directory: close one when done with
     both), the rerun shards' outcomes merged in; its `diagnostics` tell of the rerun.
     It runs on the pool the call ran on, or on `pool`."""
-    from ashard._backend import load_supervisor  # cold start: see the module docstring
+    from ashard._backend import load_supervisor, needed_by  # cold start: see the docstring
 
-    await load_supervisor()
+    await load_supervisor(*needed_by(fn, options))
     from ashard import _calls  # loaded just now, off the loop
 
     return await _calls.retry_result(result, fn, only, options, pool)

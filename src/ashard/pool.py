@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 import anyio
 
-from ashard._backend import Backend, CallWork, load_supervisor
+from ashard._backend import Backend, CallWork, load_supervisor, needed_by
 from ashard._options import (
     MapOptions,
     ReduceOptions,
@@ -57,11 +57,6 @@ def _kill_all_at_exit() -> None:
     handles = sys.modules.get("ashard._handle")
     if handles is not None:
         handles.kill_all_now()
-
-
-def _stores(options: Mapping[str, object]) -> tuple[str, ...]:
-    """The module a call that keeps its values in a table or on disk needs loaded."""
-    return ("ashard.tables",) if options.get("results") in ("table", "disk") else ()
 
 
 def _open_backend(
@@ -349,7 +344,7 @@ class Pool:
         **options: Unpack[ShardOptions],
     ) -> ShardResult:
         """Run ``fn(shard, **borrow)`` for every shard; see `ashard.shard_map`."""
-        await load_supervisor(*_stores(options))
+        await load_supervisor(*needed_by(fn, options))
         from ashard import _calls  # loaded just now, off the loop (`load_supervisor`)
 
         job, layout = _calls.shard_job(shards, fn, borrow, out, options, ShardOptions, "shard_map")
@@ -387,7 +382,7 @@ class Pool:
         **options: Unpack[ReduceOptions],
     ) -> ReduceResult:
         """Combine every shard's value as it arrives; see `ashard.shard_reduce`."""
-        await load_supervisor()
+        await load_supervisor(*needed_by(fn, options))
         from ashard import _calls  # loaded just now, off the loop (`load_supervisor`)
 
         job, _ = _calls.reduce_job(shards, fn, combine, init, ordered, borrow, out, options)
@@ -403,7 +398,7 @@ class Pool:
         **options: Unpack[MapOptions],
     ) -> list[Any]:
         """``[fn(item) for item in items]`` on the workers, in order; see `ashard.map`."""
-        await load_supervisor()
+        await load_supervisor(*needed_by(fn))
         from ashard import _calls  # loaded just now, off the loop (`load_supervisor`)
 
         return await _calls.map_result(self, _calls.map_job(fn, items, borrow, options))
@@ -419,7 +414,7 @@ class Pool:
     ) -> ShardResult:
         """Run the failed (and skipped) shards of `result` again on this pool; see
         `ashard.retry_failed`."""
-        await load_supervisor(*_stores(options))
+        await load_supervisor(*needed_by(fn, options))
         from ashard import _calls  # loaded just now, off the loop (`load_supervisor`)
 
         return await _calls.retry_result(result, fn, only, options, self)
@@ -437,6 +432,9 @@ class Pool:
         fn = check_fn(fn)
         seconds = None if timeout is None else check_timeout("timeout", timeout)
         retries = check_count("max_retries", max_retries)
+        needs = needed_by(fn)
+        if needs:
+            await load_supervisor(*needs)
         backend = await self.backend()
         trace = call_trace("call", **{"ashard.max_retries": retries})
         work = CallWork(fn, args, kwargs, seconds, retries, trace)
