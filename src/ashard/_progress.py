@@ -55,6 +55,7 @@ class Progress:
             from tqdm.std import tqdm  # optional
         except ImportError:
             return None
+        tqdm.get_lock()  # its first bar makes a multiprocessing lock: imports, a semaphore
         return tqdm
 
     def __init__(self, total: int | None, desc: str, tqdm: Any = None) -> None:
