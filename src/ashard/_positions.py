@@ -73,7 +73,10 @@ class ListCopy(Sequence[Any]):
         out: list[Any] = []
         while start < stop:  # a slice of each piece it crosses
             p, offset = divmod(start, COPY_STEP)
-            part = self._pieces[p][offset : min(stop - p * COPY_STEP, COPY_STEP) : step]
+            piece, end = self._pieces[p], min(stop - p * COPY_STEP, COPY_STEP)
+            part = (
+                piece if step == 1 and offset == 0 and end == COPY_STEP else piece[offset:end:step]
+            )
             out += part
             start += len(part) * step
         return out
