@@ -237,18 +237,23 @@ async def test_outputs_of_async_shards_each_their_own(tmp_path: Path, together: 
             assert sorted(stored.table().column("id").to_pylist()) == list(range(8))
 
 
+@pytest.mark.parametrize("cow", ["audit", "allow"])
+@pytest.mark.parametrize("size", [1 << 18, 1 << 20])  # 2 and 8 MiB: each way to see writes
 @pytest.mark.parametrize("together", [1, 3])
-async def test_cow_audit_names_the_async_shard_that_wrote(together: int) -> None:
-    """Under cow="audit" each async shard sees the original data, even while another
-    shard of its worker that wrote to it is in flight, and only the writer is named."""
+async def test_cow_keeps_async_shards_apart_and_audit_names_the_writer(
+    together: int, size: int, cow: str
+) -> None:
+    """Under cow="audit" or "allow" each async shard sees the original data, even while
+    another shard of its worker that wrote to it is in flight, or once it ended; audit
+    names the writer."""
     import numpy as np
 
-    X = np.zeros(1 << 18)  # 2 MiB: shared, not pickled
+    X = np.zeros(size)
     res = await ashard.shard_map(ashard.shards(3, block_size=1), workloads.write_borrowed_async,
-                                 borrow={"X": X}, cow="audit", workers=1, chunk_size=3,
+                                 borrow={"X": X}, cow=cow, workers=1, chunk_size=3,
                                  shard_concurrency=together)  # fmt: skip
     assert res.results == [0.0, 99.0, 0.0] and X[0] == 0.0  # private, and seen only by shard 1
-    assert res.diagnostics.cow_writes == ((1, "X"),)
+    assert res.diagnostics.cow_writes == (((1, "X"),) if cow == "audit" else ())
 
 
 def test_a_worker_loop_that_cannot_be_had_is_refused_naming_it() -> None:

@@ -125,14 +125,19 @@ async def test_borrowed_arrays_are_read_only_under_deny() -> None:
     assert X[0] == 0
 
 
-async def test_allow_writes_stay_private_to_the_worker() -> None:
+@pytest.mark.parametrize("chunk_size", [1, "auto"])
+async def test_allow_writes_stay_private_to_the_shard(chunk_size: int | str) -> None:
+    """Under cow="allow" a shard writes to a private copy: never seen by another shard
+    (not even a later one of its worker's, in the same call), another call or the
+    parent."""
     X = np.arange(10, dtype=np.int64)
     with ashard.share(X) as shared:
         async with ashard.Pool(2) as pool:
-            res = await pool.shard_map(
-                ashard.shards(20, block_size=1), first_then_write, borrow={"X": shared}, cow="allow"
-            )
-            assert set(res.results) <= {0, -1}  # a worker may see its own earlier write
+            res = await pool.shard_map(ashard.shards(20, block_size=1), first_then_write,
+                                       borrow={"X": shared}, cow="allow",
+                                       chunk_size=chunk_size)  # fmt: skip
+            assert res.results == [0] * 20
+            assert res.diagnostics.cow_writes == ()
             seen = await pool.shard_map(
                 ashard.shards(20, block_size=1), read_first, borrow={"X": shared}
             )

@@ -527,9 +527,6 @@ async def _one(
         kwargs.update((a.name, a.array) for a in audit)
     for output in outputs:
         output.begin(pos, attempt)
-    dirty = None
-    if audit:  # a shard's own fresh mapping has nothing written yet: no smaps read for it
-        dirty = [0] * len(audit) if audit is not ctx.audit else [a.dirty() for a in audit]
     t0 = time.perf_counter()
     deadline = None if timeout is None else time.monotonic() + timeout
     batch.started(pos)
@@ -567,12 +564,12 @@ async def _one(
             limiter.release()
     if outputs:
         status, detail = _settle(ctx, status, detail, k, state, outputs)
-    if dirty is not None:
-        for audited, before in zip(audit, dirty, strict=True):
-            if audited.dirty() > before:
+    for audited in audit:
+        if audited.written():
+            if audited.reports:
                 state.writes.setdefault(k, []).append(audited.name)
-                if audit is ctx.audit:  # the job's own mapping: the next shard's is fresh
-                    ctx.kwargs[audited.name] = audited.refresh()
+            if audit is ctx.audit:  # the job's own mapping: the next shard's is fresh
+                ctx.kwargs[audited.name] = audited.refresh()
     stalled = time.perf_counter() - batch.tick
     if stalled >= BLOCKED_SECONDS + WATCH_SECONDS:  # it ended the step that held the loop
         batch.held([pos], stalled)

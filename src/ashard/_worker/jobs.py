@@ -23,8 +23,9 @@ __all__ = ["JobContext", "load_error", "load_job"]
 
 class JobContext(NamedTuple):
     """A registered job, as the worker holds it: its function and keyword arguments,
-    timeout, seed and layout; `audit`: arrays borrowed under cow="audit"; `outputs`:
-    table sinks in out= and the results store (results=), which follow each shard;
+    timeout, seed and layout; `audit`: arrays borrowed under cow="audit" or "allow"
+    (remapped after a shard wrote to them); `outputs`: table sinks in out= and the
+    results store (results=), which follow each shard;
     `stores_results`: values go to the results store (the parent gets None and makes
     the ref); `read_only`: names of arrays borrowed read-only, for the hint on a
     failed write; `writes_shared`: out= holds buffers, shared memory a shard writes in
@@ -59,7 +60,7 @@ def load_job(spec: JobSpec, segments: Segments, stdio: StdioGuard) -> JobContext
         fn = unpack(spec.fn)
         for name, value in (spec.borrow or {}).items():
             what = f"borrow[{name!r}]"
-            if isinstance(value, ArrayRef) and value.mode == "audit" and value.size:
+            if isinstance(value, ArrayRef) and value.mode in ("audit", "cow") and value.size:
                 audit.append(Audited(name, segments, value))
                 kwargs[name] = audit[-1].array
             elif isinstance(value, ArrayRef):

@@ -217,7 +217,6 @@ def _run_each(
             args = (item,)
         if ctx.seed is not None:
             _seeding.seed_globals(ctx.seed, pos)
-        dirty = [a.dirty() for a in ctx.audit]
         for output in outputs:
             output.begin(pos, attempt)
         t0 = time.perf_counter()
@@ -227,9 +226,10 @@ def _run_each(
         if outputs:
             status, out = _settle_outputs(ctx, status, out, k - k0, commits)
         t1 = time.perf_counter()
-        for audited, before in zip(ctx.audit, dirty, strict=True):
-            if audited.dirty() > before:
-                writes.append((k - k0, audited.name))
+        for audited in ctx.audit:
+            if audited.written():
+                if audited.reports:
+                    writes.append((k - k0, audited.name))
                 ctx.kwargs[audited.name] = audited.refresh()
         took = t1 - t0
         if status == _OK:
