@@ -75,6 +75,36 @@ async def test_what_a_shard_changes_is_put_back_before_the_next(tmp_path: Path) 
         assert seen["pid"] == clean["pid"]  # check: the worker stays
 
 
+async def test_settings_a_later_shard_would_compute_under_are_put_back() -> None:
+    """decimal's precision and traps, numpy's error handling and print options, the
+    umask, socket's timeout, the time zone (TZ with `time.tzset()`), the garbage
+    collector and the locale: what one shard set, the next shard of its worker does not
+    compute or write under (it would give other results by where it ran)."""
+    import time
+
+    async with ashard.Pool(1) as pool:
+        ctype = await pool.call(workloads.locale_ctype)
+        with pytest.warns(ashard.HygieneWarning, match="shard 0 changed its worker"):
+            res = await pool.shard_map(TWO, workloads.settings_after, chunk_size=1)
+        seen = res.results[1]
+        notes = res.diagnostics.hygiene[0]
+    assert seen["third"] == "0.3333333333333333333333333333"  # 28 digits, no trap
+    assert seen["divide"] == "warn" and seen["printed"] == "[0.33333333]"
+    assert seen["umask"] == os.umask(os.umask(0o022)) and seen["timeout"] is None
+    assert seen["zone"] == time.tzname and seen["gc"] and seen["ctype"] == ctype
+    for note in (
+        "os.environ['TZ'] was set; restored",
+        "the umask was changed to 077; restored",
+        "decimal's context (precision, rounding, traps) was changed; restored",
+        "numpy's floating-point error handling (numpy.seterr) was changed; restored",
+        "numpy's print options was changed; restored",
+        "socket's default timeout was changed; restored",
+        "the garbage collector's switch or thresholds was changed; restored",
+        "the locale was changed; restored",
+    ):
+        assert note in notes
+
+
 async def test_what_cannot_be_put_back_is_reported_and_recycle_replaces(tmp_path: Path) -> None:
     try:
         for mode in ("check", "recycle"):

@@ -1149,6 +1149,47 @@ def process_state(_: Any = None) -> dict[str, Any]:
     }
 
 
+def settings_after(shard: Shard) -> Any:
+    """Shard 0 changes settings later shards compute or write under (importing numpy and
+    decimal itself, as a shard's own code does); shard 1 reports them (run them in order
+    on one worker)."""
+    import decimal
+    import gc
+    import locale
+    import socket
+
+    if shard.id == 0:
+        decimal.getcontext().prec = 3
+        decimal.getcontext().traps[decimal.Inexact] = True
+        np.seterr(all="raise")
+        np.set_printoptions(precision=2)
+        os.umask(0o077)
+        socket.setdefaulttimeout(0.5)
+        os.environ["TZ"] = "Asia/Tokyo"
+        time.tzset()
+        gc.disable()
+        locale.setlocale(locale.LC_ALL, "C.UTF-8" if locale_ctype() == "C" else "C")
+        return None
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return {
+        "third": str(decimal.Decimal(1) / decimal.Decimal(3)),
+        "divide": np.geterr()["divide"],
+        "printed": str(np.array([1 / 3])),
+        "umask": mask,
+        "timeout": socket.getdefaulttimeout(),
+        "zone": time.tzname,
+        "gc": gc.isenabled(),
+        "ctype": locale_ctype(),
+    }
+
+
+def locale_ctype(_: Any = None) -> str:
+    import locale
+
+    return locale.setlocale(locale.LC_CTYPE)
+
+
 def state_after(shard: Shard, where: str) -> Any:
     """Shard 0 changes the state; shard 1 reports it (run them in order on one worker)."""
     if shard.id == 0:

@@ -2,26 +2,33 @@
 changed in process-wide state that is cheap to restore, and say what it cannot.
 
 Restored, each to its *baseline* (the state after `init` and after a job was loaded:
-work done there is not a change): `os.environ`, the working directory, `sys.path`, the
-`warnings` filters, the root logger's handlers and level, `sys.settrace` /
-`sys.setprofile`, signal handlers (ashard's own too: its timeout and interrupt handlers,
-and the faulthandler of its stack dumps), and the `random` module after `random.seed`
-or `random.setstate` (reseeded from fresh entropy, unless the call has a `seed=`, which
-sets it per shard anyway). Reported, not restored: non-daemon threads left running,
+work done there is not a change): `os.environ` (and the time zone, when `TZ` was
+changed), the working directory, `sys.path`, the `warnings` filters, the root logger's
+handlers and level, `sys.settrace` / `sys.setprofile`, signal handlers (ashard's own
+too: its timeout and interrupt handlers, and the faulthandler of its stack dumps), the
+`random` module after `random.seed` or `random.setstate` (reseeded from fresh entropy,
+unless the call has a `seed=`, which sets it per shard anyway), and the settings a
+later shard would compute or write differently under (`_SETTINGS`): decimal's context,
+numpy's error handling and print options, the locale, the umask, socket's default
+timeout, the garbage collector's switch and thresholds. Reported, not restored:
+non-daemon threads left running,
 tasks left pending on the worker's asyncio loop (a shard's `create_task` never awaited:
 it would run again during the next ``async def`` task), child processes left running,
 file descriptors left open.
 
 Every check is cheap, so the tiny-task cost stays small: dict and list comparisons, one
-`getcwd`, a thread count, one `pread` of the main thread's children, and the lowest free
-descriptor number before and after (a descriptor left open takes the lowest free
+`getcwd`, a thread count, one `pread` of the main thread's children, a few microseconds
+of settings (those of modules loaded only), and the lowest free descriptor number before
+and after (a descriptor left open takes the lowest free
 number, so it moves). Signal handlers and the `random` seeding are watched by wrapping
 `signal.signal`, `random.seed` and `random.setstate`: nothing to compare per chunk.
 """
 
 from __future__ import annotations
 
+import _locale  # noqa: F401  # (with gc: loaded here, so `_SETTINGS` has them from the start)
 import faulthandler
+import gc  # noqa: F401
 import os
 import random
 import signal
@@ -30,7 +37,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from ashard._protocol import DUMP_SIGNAL, INTERRUPT_SIGNAL
 
@@ -85,6 +92,12 @@ class Hygiene:
         self._seen_threads = {t.ident for t in threading.enumerate() if t.ident is not None}
         self._seen_tasks = weakref.WeakSet(self.loop_tasks())
         self._modules = len(sys.modules)
+        self._umask = _umask()
+        self._settings = {
+            i: setting.get(module)
+            for i, setting in enumerate(_SETTINGS)
+            if (module := sys.modules.get(setting.module)) is not None
+        }
 
     def _wrap(self) -> None:
         """Watch `signal.signal`, `random.seed` and `random.setstate` from now on."""
@@ -177,7 +190,10 @@ class Hygiene:
     def _restore(self, notes: list[str]) -> None:
         env = os.environ._data  # type: ignore[attr-defined]
         if env != self._env:
+            zone = env.get(b"TZ")
             _restore_env(env, self._env, notes)
+            if env.get(b"TZ") != zone:
+                time.tzset()  # the zone a `time.tzset()` took from the TZ put back
         if (cwd := _cwd()) != self._cwd and self._cwd is not None:
             try:
                 os.chdir(self._cwd)
@@ -200,6 +216,7 @@ class Hygiene:
                     mutated()
                 notes.append("the warnings filters were changed; restored")
         self._restore_logging(notes)
+        self._restore_settings(notes)
         if (sys.gettrace(), sys.getprofile()) != self._trace:
             sys.settrace(self._trace[0])
             sys.setprofile(self._trace[1])
@@ -214,6 +231,26 @@ class Hygiene:
                     "random.seed or random.setstate was called; the random module was "
                     "reseeded from fresh entropy"
                 )
+
+    def _restore_settings(self, notes: list[str]) -> None:
+        if (mask := os.umask(self._umask)) != self._umask:
+            notes.append(f"the umask was changed to {mask:03o}; restored")
+        for i, setting in enumerate(_SETTINGS):
+            module = sys.modules.get(setting.module)
+            if module is None:
+                continue
+            now = setting.get(module)
+            base = self._settings.get(i, _UNSEEN)
+            if base is _UNSEEN:  # the task loaded the module: what a fresh one starts with
+                base = self._settings[i] = setting.fresh(module) if setting.fresh else now
+            if now == base:
+                continue
+            try:
+                setting.put(module, base)
+            except Exception as exc:  # (a locale that cannot be set again, say)
+                notes.append(f"{setting.what} was changed; not restored: {exc}")
+                continue
+            notes.append(f"{setting.what} was changed; restored")
 
     def _restore_logging(self, notes: list[str]) -> None:
         logging = sys.modules.get("logging")
@@ -291,6 +328,71 @@ class Hygiene:
 
 
 # -- the pieces -----------------------------------------------------------------------
+
+
+class _Setting(NamedTuple):
+    """A process-wide setting of `module`, looked at once the module is loaded: `get`
+    and `put` its value; `fresh` gives the value a fresh process has (the baseline when
+    a task loaded the module itself), None: as first seen."""
+
+    module: str
+    what: str
+    get: Callable[[Any], Any]
+    put: Callable[[Any, Any], None]
+    fresh: Callable[[Any], Any] | None = None
+
+
+def _decimal_of(context: Any) -> tuple[Any, ...]:
+    """A decimal context's settings (not its flags: ordinary arithmetic raises those)."""
+    return (context.prec, context.rounding, context.Emin, context.Emax, context.capitals,
+            context.clamp, dict(context.traps))  # fmt: skip
+
+
+def _put_decimal(decimal: Any, value: tuple[Any, ...]) -> None:
+    context = decimal.getcontext()
+    (context.prec, context.rounding, context.Emin, context.Emax, context.capitals,
+     context.clamp, traps) = value  # fmt: skip
+    context.traps.update(traps)
+
+
+def _put_gc(module: Any, value: tuple[bool, tuple[int, ...]]) -> None:
+    (module.enable if value[0] else module.disable)()
+    module.set_threshold(*value[1])
+
+
+_NUMPY_PRINT = {"edgeitems": 3, "threshold": 1000, "floatmode": "maxprec", "precision": 8,
+                "suppress": False, "linewidth": 75, "nanstr": "nan", "infstr": "inf",
+                "sign": "-", "formatter": None, "legacy": False}  # fmt: skip
+"""numpy's documented print options by default."""
+
+_SETTINGS = (
+    _Setting("decimal", "decimal's context (precision, rounding, traps)",
+             lambda d: _decimal_of(d.getcontext()), _put_decimal,
+             lambda d: _decimal_of(d.DefaultContext)),
+    _Setting("numpy", "numpy's floating-point error handling (numpy.seterr)",
+             lambda np: np.geterr(), lambda np, v: np.seterr(**v),
+             lambda np: {"divide": "warn", "over": "warn", "under": "ignore", "invalid": "warn"}),
+    _Setting("numpy", "numpy's print options", lambda np: np.get_printoptions(),
+             lambda np, v: np.set_printoptions(**v),
+             lambda np: {k: _NUMPY_PRINT.get(k, v) for k, v in np.get_printoptions().items()}),
+    _Setting("_locale", "the locale", lambda m: m.setlocale(m.LC_ALL, None),
+             lambda m, v: m.setlocale(m.LC_ALL, v)),
+    _Setting("socket", "socket's default timeout", lambda m: m.getdefaulttimeout(),
+             lambda m, v: m.setdefaulttimeout(v), lambda m: None),
+    _Setting("gc", "the garbage collector's switch or thresholds",
+             lambda m: (m.isenabled(), m.get_threshold()), _put_gc),
+)  # fmt: skip
+"""What a later shard would compute or write differently under (`decimal` precision,
+numpy raising instead of warning, a locale's number format, file modes), if one shard's
+change to it stayed with its worker."""
+
+_UNSEEN = object()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _task_name(task: Any) -> str:
