@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -92,6 +93,27 @@ async def test_a_sequence_that_changes_length_during_its_call_fails_the_call() -
     async with ashard.Pool(2) as pool:
         with pytest.raises(RuntimeError, match=r"shards: the sequence changed length \(8 to 5\)"):
             await pool.shard_map(_Shrinking(8), workloads.shard_items, chunk_size=1)
+
+
+@pytest.mark.parametrize("kind", ["small", "large", "list", "nested"])
+async def test_a_value_its_function_changes_again_later_comes_back_as_it_was(kind: str) -> None:
+    """A worker sends its shards' values in batches: a function that returns one object
+    it changes in place for every shard (a buffer it reuses) still has each shard's
+    value come back as that shard left it."""
+
+    def first(value: Any) -> int:
+        return int((value["a"] if kind == "nested" else value)[0])
+
+    shards, borrow = ashard.shards(20, block_size=1), {"kind": kind}
+    async with ashard.Pool(1) as pool:
+        res = await pool.shard_map(shards, workloads.reused_buffer, borrow=borrow)
+        assert [first(v) for v in res.results] == list(range(20))
+        res = await pool.shard_map(shards, workloads.reused_buffer_async, borrow=borrow)
+        assert [first(v) for v in res.results] == list(range(20))
+        async with pool.shard_stream(shards, workloads.reused_buffer, borrow=borrow) as stream:
+            seen = {done.shard.id: first(done.value) async for done in stream}
+        assert seen == {k: k for k in range(20)}
+        assert await pool.map(workloads.reused_list, range(300)) == [[x] for x in range(300)]
 
 
 async def test_empty_sequence_gives_empty_result() -> None:

@@ -1149,6 +1149,34 @@ def process_state(_: Any = None) -> dict[str, Any]:
     }
 
 
+_REUSED: dict[str, Any] = {}  # objects a task returns again and again, changed in place
+
+
+def reused_buffer(shard: Shard, kind: str) -> Any:
+    """Shard `shard.id` written into one object kept across calls and returned: an
+    array (`"small"`, or `"large"`: over 1 MiB, which leaves by shared memory), a
+    list, or a dict holding the array."""
+    if kind == "list":
+        kept = _REUSED.setdefault(kind, [0])
+        kept[0] = shard.id
+        return kept
+    size = (1 << 18) if kind == "large" else 4
+    array = _REUSED.setdefault(kind, np.zeros(size))
+    array[0] = shard.id
+    return {"a": array} if kind == "nested" else array
+
+
+def reused_list(x: int) -> list[int]:
+    """`[x]`, in one list kept across items and returned each time."""
+    kept = _REUSED.setdefault("item", [0])
+    kept[0] = x
+    return kept
+
+
+async def reused_buffer_async(shard: Shard, kind: str) -> Any:
+    return reused_buffer(shard, kind)
+
+
 def settings_after(shard: Shard) -> Any:
     """Shard 0 changes settings later shards compute or write under (importing numpy and
     decimal itself, as a shard's own code does); shard 1 reports them (run them in order

@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import io
 import pickle
+import sys
 import traceback
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ __all__ = [
     "loads",
     "pack",
     "pickle_payload",
+    "settled",
     "show_error",
     "travels_by_value",
     "uncopied",
@@ -114,6 +117,39 @@ def drawn(item: Any) -> Any:
         except Exception:
             return item
     return Drawn(data)
+
+
+_SMALL = (list, dict, set)
+_IS_SETTLED = SETTLED.__contains__
+_ALONE = 3
+"""`sys.getrefcount` of a value that only the caller of `settled` holds: in one variable
+(which it must: a value passed straight from a call counts one less), the parameter,
+the count's own argument."""
+
+
+def settled(value: Any) -> Any:
+    """A task's value, safe from what its worker runs next, before it is sent: values
+    are sent in batches, and a function that returns one object it changes in place
+    (a buffer it reuses, a list it keeps) would otherwise have every value of a batch
+    sent as its last state. `value` itself if it cannot change (numbers, strings,
+    Arrow tables) or nothing else holds it (an array of its own data that only the
+    caller has); else a copy: an array's, or the value pickled now (`drawn`)."""
+    kind = type(value)
+    if kind in SETTLED or (kind is tuple and all(type(x) in SETTLED for x in value)):
+        return value
+    if kind in _SMALL and len(value) <= 16 and sys.getrefcount(value) <= _ALONE:
+        parts = chain(value, value.values()) if kind is dict else value
+        if all(map(_IS_SETTLED, map(type, parts))):  # a small container of its own
+            return value
+    np = sys.modules.get("numpy")
+    if np is not None and kind is np.ndarray and not value.dtype.hasobject:
+        if value.base is None and sys.getrefcount(value) <= _ALONE:
+            return value
+        return value.copy(order="K")
+    pa = sys.modules.get("pyarrow")
+    if pa is not None and kind in (pa.Table, pa.RecordBatch):
+        return value
+    return drawn(value)
 
 
 def undrawn(item: Any) -> Any:

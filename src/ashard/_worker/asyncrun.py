@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ashard import _seeding
 from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT, CallFn, RunChunk
-from ashard._serialize import encode_exception
+from ashard._serialize import encode_exception, settled
 from ashard._worker.running import _ERR, FLUSH_INTERVAL, Interrupted, _settle_outputs, _state
 from ashard._worker.running import _OK as SYNC_OK
 from ashard.shards import Shard
@@ -573,6 +573,8 @@ async def _one(
     stalled = time.perf_counter() - batch.tick
     if stalled >= BLOCKED_SECONDS + WATCH_SECONDS:  # it ended the step that held the loop
         batch.held([pos], stalled)
+    if status == _OK and not state.flush_each:  # sent with others, later: safe from them
+        detail = settled(detail)
     state.ended(k, status, detail, time.perf_counter() - t0)
 
 

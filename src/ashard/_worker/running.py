@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ashard import _seeding
 from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT, CallFn, Commit, RunChunk
-from ashard._serialize import encode_exception
+from ashard._serialize import SETTLED, encode_exception, settled
 from ashard._worker.jobs import JobContext
 from ashard._worker.reports import Reporter
 from ashard.shards import Shard
@@ -162,20 +162,41 @@ def run_chunk(
         _run_each(ctx, chunk, items, report)
 
 
+_NO_ITEM = object()
+
+
 def _run_items_fast(ctx: JobContext, seq: int, items: Sequence[Any], report: Reporter) -> None:
-    """The `map` path with no timeout or seed: a tight loop, errors recorded in place."""
+    """The `map` path with no timeout or seed: a tight loop, errors recorded in place.
+    Values are sent once the chunk is done: if the first is one that could change (a
+    list, an array), each is `settled` as it is made; else (numbers, strings) the loop
+    runs in C."""
     fn = functools.partial(ctx.fn, **ctx.kwargs) if ctx.kwargs else ctx.fn
     values: list[Any] = []
     errors: list[Any] = []
     it = iter(items)
     t0 = time.perf_counter()
+    careful = False  # each value `settled` as it is made, before the next item runs
     while True:
         try:
             try:
                 _state.running = True
                 # The loop runs in C; on an exception `extend` keeps what came before
                 # and `it` has moved past the failed item, so the rest can go on.
-                values.extend(map(fn, it))
+                if careful:
+                    keep = values.append
+                    for item in it:
+                        value = fn(item)
+                        keep(settled(value))  # (`settled` counts `value`'s reference)
+                elif not values:  # the first value says whether the values can change
+                    item = next(it, _NO_ITEM)
+                    if item is _NO_ITEM:
+                        break
+                    value = fn(item)
+                    values.append(settled(value))
+                    careful = type(value) not in SETTLED
+                    continue
+                else:
+                    values.extend(map(fn, it))
                 break
             finally:
                 _state.running = False
@@ -233,7 +254,7 @@ def _run_each(
                 ctx.kwargs[audited.name] = audited.refresh()
         took = t1 - t0
         if status == _OK:
-            values.append(out)
+            values.append(out if timeout is not None else settled(out))  # (timeout: sent now)
         else:
             values.append(None)
             if status == _ERR:
