@@ -93,11 +93,13 @@ class Hygiene:
         self._seen_tasks = weakref.WeakSet(self.loop_tasks())
         self._modules = len(sys.modules)
         self._umask = _umask()
-        self._settings = {
-            i: setting.get(module)
-            for i, setting in enumerate(_SETTINGS)
+        # (setting, its module, its baseline) for the settings of the modules loaded
+        self._watched = [
+            (setting, module, setting.get(module))
+            for setting in _SETTINGS
             if (module := sys.modules.get(setting.module)) is not None
-        }
+        ]
+        self._watched_at = len(sys.modules)
 
     def _wrap(self) -> None:
         """Watch `signal.signal`, `random.seed` and `random.setstate` from now on."""
@@ -235,15 +237,10 @@ class Hygiene:
     def _restore_settings(self, notes: list[str]) -> None:
         if (mask := os.umask(self._umask)) != self._umask:
             notes.append(f"the umask was changed to {mask:03o}; restored")
-        for i, setting in enumerate(_SETTINGS):
-            module = sys.modules.get(setting.module)
-            if module is None:
-                continue
-            now = setting.get(module)
-            base = self._settings.get(i, _UNSEEN)
-            if base is _UNSEEN:  # the task loaded the module: what a fresh one starts with
-                base = self._settings[i] = setting.fresh(module) if setting.fresh else now
-            if now == base:
+        if len(sys.modules) != self._watched_at:
+            self._watch_new()
+        for setting, module, base in self._watched:
+            if setting.same(module, base):
                 continue
             try:
                 setting.put(module, base)
@@ -251,6 +248,18 @@ class Hygiene:
                 notes.append(f"{setting.what} was changed; not restored: {exc}")
                 continue
             notes.append(f"{setting.what} was changed; restored")
+
+    def _watch_new(self) -> None:
+        """Watch the settings of modules loaded since: a task loaded them, so their
+        baseline is what a fresh process starts with (or, if that is not known, what
+        the task left)."""
+        self._watched_at = len(sys.modules)
+        known = {setting for setting, _, _ in self._watched}
+        for setting in _SETTINGS:
+            module = sys.modules.get(setting.module)
+            if module is not None and setting not in known:
+                fresh = setting.fresh(module) if setting.fresh else setting.get(module)
+                self._watched.append((setting, module, fresh))
 
     def _restore_logging(self, notes: list[str]) -> None:
         logging = sys.modules.get("logging")
@@ -333,19 +342,30 @@ class Hygiene:
 class _Setting(NamedTuple):
     """A process-wide setting of `module`, looked at once the module is loaded: `get`
     and `put` its value; `fresh` gives the value a fresh process has (the baseline when
-    a task loaded the module itself), None: as first seen."""
+    a task loaded the module itself), None: as first seen; `equal`, if given, tells
+    whether the value is a baseline more cheaply than `get` and ``==``."""
 
     module: str
     what: str
     get: Callable[[Any], Any]
     put: Callable[[Any, Any], None]
     fresh: Callable[[Any], Any] | None = None
+    equal: Callable[[Any, Any], bool] | None = None
+
+    def same(self, module: Any, base: Any) -> bool:
+        return self.equal(module, base) if self.equal else bool(self.get(module) == base)
 
 
 def _decimal_of(context: Any) -> tuple[Any, ...]:
     """A decimal context's settings (not its flags: ordinary arithmetic raises those)."""
     return (context.prec, context.rounding, context.Emin, context.Emax, context.capitals,
             context.clamp, dict(context.traps))  # fmt: skip
+
+
+def _decimal_is(decimal: Any, base: tuple[Any, ...]) -> bool:
+    c = decimal.getcontext()
+    return bool(c.traps == base[6]) and (c.prec, c.rounding, c.Emin, c.Emax, c.capitals,
+                                         c.clamp) == base[:6]  # fmt: skip
 
 
 def _put_decimal(decimal: Any, value: tuple[Any, ...]) -> None:
@@ -368,7 +388,7 @@ _NUMPY_PRINT = {"edgeitems": 3, "threshold": 1000, "floatmode": "maxprec", "prec
 _SETTINGS = (
     _Setting("decimal", "decimal's context (precision, rounding, traps)",
              lambda d: _decimal_of(d.getcontext()), _put_decimal,
-             lambda d: _decimal_of(d.DefaultContext)),
+             lambda d: _decimal_of(d.DefaultContext), _decimal_is),
     _Setting("numpy", "numpy's floating-point error handling (numpy.seterr)",
              lambda np: np.geterr(), lambda np, v: np.seterr(**v),
              lambda np: {"divide": "warn", "over": "warn", "under": "ignore", "invalid": "warn"}),
@@ -385,8 +405,6 @@ _SETTINGS = (
 """What a later shard would compute or write differently under (`decimal` precision,
 numpy raising instead of warning, a locale's number format, file modes), if one shard's
 change to it stayed with its worker."""
-
-_UNSEEN = object()
 
 
 def _umask() -> int:
