@@ -36,12 +36,17 @@ from collections.abc import Awaitable, Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ashard import _seeding
 from ashard._protocol import INTERRUPTED, RAISED, SHARDS, TIMEOUT, CallFn, RunChunk
 from ashard._serialize import encode_exception, settled
-from ashard._worker.running import _ERR, FLUSH_INTERVAL, Interrupted, _settle_outputs, _state
+from ashard._worker.running import (
+    _ERR,
+    FLUSH_INTERVAL,
+    Interrupted,
+    _settle_outputs,
+    _state,
+    args_of,
+)
 from ashard._worker.running import _OK as SYNC_OK
-from ashard.shards import Shard
 
 if TYPE_CHECKING:
     from ashard._worker.jobs import JobContext
@@ -511,14 +516,7 @@ async def _one(
     batch = state.batch
     attempt = chunk.attempts[k] if chunk.attempts else 1
     item = items[k] if items is not None else None
-    if ctx.kind == SHARDS:
-        assert ctx.layout is not None
-        shard = Shard(pos, ctx.layout.indices(pos), item, None, attempt, ctx.seed)
-        args: tuple[Any, ...] = (shard,)
-    else:
-        args = (item,)
-    if ctx.seed is not None:
-        _seeding.seed_globals(ctx.seed, pos)  # shared by the shards in flight: see DESIGN 2.7
+    args = args_of(ctx, pos, item, attempt)  # seeded globals: shared in flight (DESIGN 2.7)
     timeout = ctx.timeout
     kwargs, outputs, audit = ctx.kwargs, ctx.outputs, ctx.audit
     if ctx.concurrency > 1 and (outputs or audit):  # shards at once: each its own

@@ -211,6 +211,17 @@ def _run_items_fast(ctx: JobContext, seq: int, items: Sequence[Any], report: Rep
     report.result(seq, 0, values, errors, time.perf_counter() - t0, True)
 
 
+def args_of(ctx: JobContext, pos: int, item: Any, attempt: int) -> tuple[Any, ...]:
+    """What `fn` is called with for position `pos` (run `attempt`): its `Shard`, or its
+    item; the `random` and numpy globals seeded for it first, under a `seed=`."""
+    if ctx.seed is not None:
+        _seeding.seed_globals(ctx.seed, pos)
+    if ctx.kind != SHARDS:
+        return (item,)
+    assert ctx.layout is not None
+    return (Shard(pos, ctx.layout.indices(pos), item, None, attempt, ctx.seed),)
+
+
 def _run_each(
     ctx: JobContext, chunk: RunChunk, items: Sequence[Any] | None, report: Reporter
 ) -> None:
@@ -230,14 +241,7 @@ def _run_each(
         pos = first + k
         attempt = attempts[k] if attempts else 1
         item = items[k] if items is not None else None
-        if shards:
-            assert ctx.layout is not None
-            shard = Shard(pos, ctx.layout.indices(pos), item, None, attempt, ctx.seed)
-            args: tuple[Any, ...] = (shard,)
-        else:
-            args = (item,)
-        if ctx.seed is not None:
-            _seeding.seed_globals(ctx.seed, pos)
+        args = args_of(ctx, pos, item, attempt)
         for output in outputs:
             output.begin(pos, attempt)
         t0 = time.perf_counter()
