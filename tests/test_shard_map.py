@@ -116,6 +116,32 @@ async def test_a_value_its_function_changes_again_later_comes_back_as_it_was(kin
         assert await pool.map(workloads.reused_list, range(300)) == [[x] for x in range(300)]
 
 
+def test_a_value_is_kept_when_nothing_else_holds_it_and_copied_when_something_does() -> None:
+    """`settled` (what a worker does with each value as its task ends): a fresh array
+    or small list is kept as it is, one held elsewhere too is copied, and a copy has
+    the value as it was."""
+    import numpy as np
+
+    from ashard._serialize import settled, undrawn
+
+    kept = [np.arange(4.0), [1, "a"]]
+
+    def fresh_array() -> bool:
+        value = np.arange(4.0)
+        return settled(value) is value
+
+    def fresh_list() -> bool:
+        value = [1, "a"]
+        return settled(value) is value
+
+    assert fresh_array() and fresh_list()
+    for value in kept:
+        copy = settled(value)
+        assert copy is not value
+        value[0] = 99
+        assert undrawn(copy)[0] != 99
+
+
 async def test_empty_sequence_gives_empty_result() -> None:
     res = await ashard.shard_map([], workloads.shard_items, workers=2)
     assert res.results == [] and res.ok
