@@ -335,10 +335,10 @@ async def test_a_long_lists_copy_is_indexed_and_sliced_as_the_list_was() -> None
     copy = positions.sequence
     assert isinstance(copy, _positions.ListCopy) and len(copy) == n
     assert list(copy) == items
-    ends = [0, 1, step - 1, step, step + 1, 2 * step + 7, n - 1, n, n + 5, -1, -step - 2]
+    ends = [0, step - 1, step, step + 1, 2 * step + 7, n, -step - 2]
     for start in ends:
         for stop in ends:
-            for stride in (1, 2, 7, step + 3, -1, -3):
+            for stride in (1, 7, step + 3, -3):
                 assert copy[start:stop:stride] == items[start:stop:stride]
     for k in (0, step - 1, step, n - 1, -1, -n):
         assert copy[k] == items[k]
