@@ -257,8 +257,9 @@ def _run_each(
                     writes.append((k - k0, audited.name))
                 ctx.kwargs[audited.name] = audited.refresh()
         took = t1 - t0
-        if status == _OK:
-            values.append(out if timeout is not None else settled(out))  # (timeout: sent now)
+        last = k == count - 1
+        if status == _OK:  # (sent at once with a timeout, or as the chunk's last: as it is)
+            values.append(out if timeout is not None or last else settled(out))
         else:
             values.append(None)
             if status == _ERR:
@@ -277,7 +278,6 @@ def _run_each(
                               writes, commits or None)  # fmt: skip
                 return
         elapsed.append(took)
-        last = k == count - 1
         if last or timeout is not None or t1 - last_flush >= FLUSH_INTERVAL:
             report.result(seq, k0, values, errors, elapsed if shards else sum(elapsed), last,
                           writes, commits or None)  # fmt: skip

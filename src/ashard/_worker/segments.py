@@ -105,6 +105,7 @@ class Audited:
         self.array = self.refresh()
         if ref.size <= PAGEMAP_MAX:
             _open_pagemap()  # now, as the job is loaded: a descriptor no shard opened
+        self._by_pages = ref.size <= PAGEMAP_MAX and _pagemap is not None and _pagemap >= 0
 
     def fork(self) -> Audited:
         """A mapping of its own for one shard, when several shards of a worker run at
@@ -123,9 +124,13 @@ class Audited:
         """Did a shard write to the mapping since the last look (or since it was made)?
         One read of the page table's flags, or of smaps, per shard: not a pass over the
         data."""
-        now = self._written_pages() if self._ref.size <= PAGEMAP_MAX else None
-        if now is None:
+        if not self._by_pages:
             now = self._dirty()
+        elif (pages := self._written_pages()) is not None:
+            now = pages
+        else:  # pagemap failed: smaps from now on (counted in kB), and remapped to be sure
+            self._by_pages = False
+            return True
         grew, self._seen = now > self._seen, now
         return grew
 
@@ -133,11 +138,10 @@ class Audited:
         """Pages of the mapping that writes have copied (a private anonymous page where
         the file's was, in memory or swapped), from /proc/self/pagemap; None where it
         cannot be read."""
-        if _pagemap is None or _pagemap < 0:
-            return None
         import numpy as np  # loaded: the mapping is an array's
 
         first, count = self._pages
+        assert _pagemap is not None
         try:
             raw = os.pread(_pagemap, count * 8, first * 8)
         except OSError:
