@@ -31,7 +31,12 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(scope="session")
 def dask_cluster() -> Iterator[Any]:
-    """Two Dask worker processes (one thread each) on 127.0.0.1, for the session."""
+    """Two Dask worker processes (one thread each) on 127.0.0.1, for the session. It
+    loads what making a cluster pool loads (`Pool(cluster=...)` connects as it is
+    made, a sync call by design), so that no test depends on one run before it."""
+    import ashard._dask.backend
+    import ashard._handle  # noqa: F401
+
     with distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     ) as cluster:
@@ -76,6 +81,21 @@ async def test_results_seeds_map_call_and_hosts(dask_cluster: Any) -> None:
     assert set(table.column("host").to_pylist()) == {"127.0.0.1"}
     assert len(res.diagnostics.per_worker) == len(res.diagnostics.workers) >= 1
     assert f"{len(res.results)} shards" in res.diagnostics.summary()
+
+
+async def test_long_shards_of_a_list_reach_the_nodes_whole(
+    dask_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Long shards, which the local scheduler sends a piece at a time, go to a Dask node
+    whole: each shard's items are its slice of the list."""
+    from ashard import _positions
+
+    monkeypatch.setattr(_positions, "CUT_FROM", 100)  # shards of 375 items count as long
+    data = [f"s{i}" for i in range(3000)]
+    layout = ashard.shards(len(data))
+    async with ashard.Pool(cluster=dask_cluster) as pool:
+        res = await pool.shard_map(data, workloads.shard_items)
+    assert res.results == [data[layout.where(k)] for k in range(len(layout))]
 
 
 async def test_worker_output_reaches_the_callers_streams(dask_cluster: Any) -> None:
