@@ -158,6 +158,11 @@ def shard_id(shard: Shard) -> int:
     return shard.id
 
 
+def items_len(shard: Shard) -> int:
+    """How many items the shard was given."""
+    return len(shard.items)
+
+
 def borrowed_sum(shard: Shard, x: Any) -> float:
     """A strided sum over the borrowed array `x`: it touches the pages the shard reads."""
     return float(x[shard.id :: 4096].sum())

@@ -14,6 +14,8 @@ Cases (2 workers each, ``--workers`` to change):
 * ``calls``: 10,000 `pool.call`s from 64 tasks; peer: `anyio.to_process.run_sync`.
 * ``bigarg``: 5 `pool.call`s one after the other, each with a 200 MB array argument;
   peer: `anyio.to_process.run_sync`.
+* ``biglist``: a `shard_map` over a list of 2M short strings (the default shards, 4 per
+  CPU); peer: `multiprocessing.Pool.map` over the same slices, run in a thread.
 
 Reported per case: loop lateness p50 / p99 / max (ms), the caller's CPU per unit of work
 (µs) and the rate. Medians over ``--rounds`` interpreters.
@@ -78,6 +80,16 @@ async def measure(run):
     }}
 
 
+def big_list():
+    # 2M short strings, made old: the collector's young collections would walk a list
+    # made just now, whoever triggers them
+    import gc
+
+    words = [f"https://example.com/item/{{i}}" for i in range(int(2_000_000 * SCALE))]
+    gc.collect()
+    return words
+
+
 async def main():
     if SIDE == "ashard":
         async with ashard.Pool(WORKERS) as pool:
@@ -120,6 +132,13 @@ async def main():
                     for _ in range(5):
                         assert await pool.call(fns.nbytes, array) == array.nbytes
                     return 5
+            elif CASE == "biglist":
+                words = big_list()
+
+                async def run():
+                    res = await pool.shard_map(words, fns.items_len)
+                    assert sum(res.results) == len(words)
+                    return len(words)
             else:
                 n = int(10_000 * SCALE)
 
@@ -146,6 +165,21 @@ async def main():
                     assert out[-1] == n
                     KEEP.append(out)
                     return n
+
+                result = await measure(run)
+        elif CASE == "biglist":
+            import multiprocessing
+
+            words = big_list()
+            cut = ashard.shards(len(words))
+            with multiprocessing.get_context("forkserver").Pool(WORKERS) as mp:
+                mp.map(fns.noop, range(10))
+
+                async def run():
+                    parts = [cut.items_of(words, k) for k in range(len(cut))]
+                    out = await anyio.to_thread.run_sync(mp.map, len, parts, 1)
+                    assert sum(out) == len(words)
+                    return len(words)
 
                 result = await measure(run)
         elif CASE == "bigarg":
@@ -195,8 +229,9 @@ CASES = {
     "borrow": ("ashard",),
     "calls": ("ashard", "anyio.to_process"),
     "bigarg": ("ashard", "anyio.to_process"),
+    "biglist": ("ashard", "multiprocessing.Pool"),
 }
-UNIT = {"map": "item", "stream": "shard", "borrow": "shard", "calls": "call", "bigarg": "call"}
+UNIT = {"map": "item", "stream": "shard", "borrow": "shard", "calls": "call", "bigarg": "call", "biglist": "item"}
 
 
 def run_case(case: str, side: str, workers: int, scale: float, backend: str) -> dict[str, float]:

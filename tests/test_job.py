@@ -347,6 +347,35 @@ async def test_a_long_lists_copy_is_indexed_and_sliced_as_the_list_was() -> None
 
 
 @pytest.mark.anyio
+async def test_a_long_lists_copy_is_made_old_and_let_go_a_piece_per_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The copy's pieces are made in the collector's oldest generation (a young one
+    would cost the next young collection a walk of every item), and go once the call
+    is over, a piece per loop step."""
+    import gc
+
+    items = list(range(3 * _positions.COPY_STEP + 5))
+    positions = _positions.ItemPositions(items)
+    await positions.copy_input()
+    copy = positions._sliced
+    assert isinstance(copy, _positions.ListCopy)
+    pieces = list(copy._pieces)
+    old = {id(o) for o in gc.get_objects(generation=2)}
+    assert len(pieces) == 4 and all(id(p) in old for p in pieces)
+    steps = []
+    real = anyio.lowlevel.checkpoint
+
+    async def counted() -> None:
+        steps.append(len(copy._pieces))
+        await real()
+
+    monkeypatch.setattr(anyio.lowlevel, "checkpoint", counted)
+    await positions.let_go()
+    assert steps == [3, 2, 1, 0] and len(copy) == 0
+
+
+@pytest.mark.anyio
 async def test_a_list_cut_short_while_it_is_copied_fails_its_call_naming_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

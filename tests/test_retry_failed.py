@@ -124,17 +124,19 @@ async def test_skipped_shards_run_again_and_a_new_fn_and_options_apply(tmp_path:
     assert final.results[3] == {"id": [3], "value": [3.0]}  # the fn the last retry was given
 
 
-async def test_a_list_changed_after_its_call_is_rerun_as_the_call_had_it() -> None:
+@pytest.mark.parametrize("n", [40, 50_000])
+async def test_a_list_changed_after_its_call_is_rerun_as_the_call_had_it(n: int) -> None:
     """`retry_failed` runs the call's shards again: a list given as the shards and
-    changed since (cleared and refilled) gives the reruns the items the call had."""
-    words = [f"w{i}" for i in range(40)]
+    changed since (cleared and refilled) gives the reruns the items the call had (a
+    long one's copy is kept for them)."""
+    words = [f"w{i}" for i in range(n)]
     async with ashard.Pool(2) as pool:
         res = await pool.shard_map(words, workloads.fail_odd, errors="collect", chunk_size=1)
         failed = [f.shard_id for f in res.failures]
         assert failed and all(k % 2 for k in failed)
         words[:] = ["changed"] * 5
         again = await pool.retry_failed(res, workloads.shard_items)
-    layout = ashard.shards(40)
+    layout = ashard.shards(n)
     cut = [[f"w{i}" for i in shard.idx] for shard in layout]
     assert again.ok
     assert [again.results[k] for k in failed] == [cut[k] for k in failed]

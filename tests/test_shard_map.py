@@ -95,6 +95,86 @@ async def test_a_sequence_that_changes_length_during_its_call_fails_the_call() -
             await pool.shard_map(_Shrinking(8), workloads.shard_items, chunk_size=1)
 
 
+@pytest.fixture
+def long_shards(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Shards of a list or tuple count as long from 100 items, and go in pieces of at
+    most 256 (`_positions.CUT_FROM`, `_scheduler.MAX_PIECE`): the path a 16k-item shard
+    takes, with inputs small enough to check item by item. The number of items to give
+    a call: a list of it is copied in pieces."""
+    from ashard import _positions, _scheduler
+
+    monkeypatch.setattr(_positions, "CUT_FROM", 100)
+    monkeypatch.setattr(_scheduler, "FIRST_PIECE", 64)
+    monkeypatch.setattr(_scheduler, "MIN_PIECE", 16)
+    monkeypatch.setattr(_scheduler, "MAX_PIECE", 256)
+    return _positions.COPY_STEP + 3_000
+
+
+def _long_input(kind: type, n: int) -> Any:
+    """`n` items of many sorts: strings and numbers, a large `bytes` first (sent out of
+    band), an array, None and a tuple."""
+    import numpy as np
+
+    items: list[Any] = [f"s{i}" if i % 3 else i for i in range(n)]
+    items[0], items[5], items[300], items[301] = b"x" * (1 << 20), np.arange(3), None, ("t", 1)
+    return kind(items)
+
+
+def _described(items: Any) -> tuple[str, list[Any]]:
+    return type(items).__name__, [x.tolist() if hasattr(x, "tolist") else x for x in items]
+
+
+@pytest.mark.parametrize("kind", [list, tuple])
+async def test_long_shards_reach_fn_whole_in_order_and_of_the_inputs_type(
+    long_shards: int, kind: type
+) -> None:
+    """A shard of many items of a list or a tuple is sent a piece at a time: fn gets the
+    slice of the input, a list for a list and a tuple for a tuple, whatever its items."""
+    data = _long_input(kind, long_shards)
+    layout = ashard.shards(len(data))
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(data, workloads.items_described)
+    assert res.results == [_described(data[layout.where(k)]) for k in range(len(layout))]
+
+
+@pytest.mark.parametrize("kind", [list, tuple])
+async def test_a_long_shard_is_sent_again_as_it_was_and_shown_whole_in_the_caller(
+    long_shards: int, kind: type
+) -> None:
+    """A long shard's rerun (its worker died) gets its items again; the `Shard` of a
+    failure and of a streamed result holds its slice of the input as the call began,
+    of the input's type."""
+    data = _long_input(kind, long_shards)
+    layout = ashard.shards(len(data))
+    cut = [_described(data[layout.where(k)]) for k in range(len(layout))]
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(data, workloads.items_dying_first_attempt, borrow={"victim": 1})
+        assert [_described(v)[1] for v in res.results] == [c[1] for c in cut]
+        assert res.diagnostics.retries == 1
+        res = await pool.shard_map(data, workloads.fail_odd, errors="collect")
+        assert [_described(f.shard.items) for f in res.failures] == cut[1::2]
+        async with pool.shard_stream(data, workloads.shard_ids) as stream:
+            if kind is list:
+                data.clear()
+            seen = {done.shard.id: _described(done.shard.items) async for done in stream}
+    assert seen == dict(enumerate(cut))
+
+
+async def test_a_long_shard_whose_items_cannot_be_pickled_fails_alone(long_shards: int) -> None:
+    import threading
+
+    data: list[Any] = list(range(long_shards))
+    layout = ashard.shards(len(data))
+    data[layout.where(1).start + 150] = threading.Lock()
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(data, workloads.shard_ids, errors="collect")
+    assert [f.shard_id for f in res.failures] == [1]
+    assert "could not be pickled" in str(res.failures[0])
+    assert [r[0] for k, r in enumerate(res.results) if k != 1] == [
+        k for k in range(len(layout)) if k != 1
+    ]
+
+
 @pytest.mark.parametrize("kind", ["small", "large", "list", "nested"])
 async def test_a_value_its_function_changes_again_later_comes_back_as_it_was(kind: str) -> None:
     """A worker sends its shards' values in batches: a function that returns one object

@@ -48,6 +48,13 @@ def shard_items(shard: Shard) -> Any:
     return shard.items
 
 
+def items_described(shard: Shard) -> tuple[str, list[Any]]:
+    """The type of the shard's items, and the items (arrays as lists)."""
+    return type(shard.items).__name__, [
+        x.tolist() if isinstance(x, np.ndarray) else x for x in shard.items
+    ]
+
+
 def pid_of(shard: Shard) -> int:
     return os.getpid()
 

@@ -246,6 +246,7 @@ async def run_job(pool: Runs, job: Job, resize: int | None = None) -> None:
         await backend.run(job, task_status=Accepted(backend, resize))
     if job.fatal is not None:
         raise job.fatal
+    await job.let_go()
 
 
 # -- answer -----------------------------------------------------------------------------

@@ -29,7 +29,6 @@ tell of. A backend sees the job only as `ashard._backend.JobPort`.
 
 from __future__ import annotations
 
-import gc
 import heapq
 import sys
 import time
@@ -57,7 +56,7 @@ from ashard._outcomes import (
     unsendable_items,
 )
 from ashard._outputs import LOCAL, Outputs
-from ashard._positions import ItemPositions, Positions, ShardPositions
+from ashard._positions import ItemPositions, Positions, ShardPositions, make_old
 from ashard._progress import Progress
 from ashard._protocol import (
     INTERRUPTED,
@@ -262,6 +261,13 @@ class Job(Changes):
             tqdm = await anyio.to_thread.run_sync(Progress.load)
             self.progress = Progress(self.total, f"{self.noun}s", tqdm)
 
+    async def let_go(self) -> None:
+        """The call ran to its end: its copy of the input goes (`Positions.let_go`),
+        unless `retry_failed` may run some of its shards again."""
+        if self.kind == SHARDS and (self.failures or self.skipped or self._resolved.find(0) != -1):
+            return
+        await self.positions.let_go()
+
     def close(self) -> None:
         """The call is over: close its progress display."""
         if self.progress is not None:
@@ -415,7 +421,7 @@ class Job(Changes):
             if not count:
                 return None
             if len(self.results) < OLD_AT <= len(self.results) + count:
-                _make_old(self.results)
+                make_old(self.results)
             self.results.extend(repeat(None, count))
             self._resolved.extend(bytes(count))
         return Chunk(seq, first, count, None, items)
@@ -822,27 +828,13 @@ class Job(Changes):
 
 def _slots(n: int, values: Iterable[Any] | None = None) -> list[Any]:
     """A results list of `n` slots (`values`, else Nones), made old before it is filled
-    if it is long (`_make_old`)."""
+    if it is long (`make_old`)."""
     if n < OLD_AT:
         return [None] * n if values is None else list(values)
     results: list[Any] = []
-    _make_old(results)
+    make_old(results)
     results.extend(repeat(None, n) if values is None else values)
     return results
-
-
-def _make_old(results: list[Any]) -> None:
-    """Move `results` (still short) to the garbage collector's oldest generation.
-
-    A collection walks every slot of every list in the generations it collects. A
-    results list made young and grown to a million slots before the next young
-    collection (the job's own objects die as fast as they are made, so that can be a
-    long while) cost that collection 8-12 ms on the loop, each time; in the oldest
-    generation only a full collection walks it. A user who turned the collector off
-    (`gc.disable()`, or a threshold of 0) is left alone: the young generations may then
-    hold any number of objects, and nothing walks the list anyway."""
-    if gc.isenabled() and gc.get_threshold()[0] > 0:
-        gc.collect(1)  # what survives generations 0 and 1 moves to the oldest
 
 
 def _pick(elapsed: Any, k: int) -> float:

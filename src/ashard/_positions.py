@@ -13,29 +13,36 @@ taken; one whose length changes fails the call.
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from itertools import chain, islice
 from typing import Any, overload
 
+import anyio
 import anyio.lowlevel
 
 from ashard._serialize import SETTLED, drawn, undrawn
 from ashard.shards import Shard, Shards
 
 __all__ = [
+    "Cut",
     "ItemPositions",
     "ListCopy",
     "Positions",
     "ShardPositions",
     "drawn_args",
     "holds_its_items",
+    "make_old",
 ]
 
-COPY_STEP = 1 << 16
-"""A list given as a call's input is copied at once up to this many items (0.1-0.5 ms);
+COPY_STEP = 1 << 14
+"""A list given as a call's input is copied at once up to this many items (0.1-0.3 ms);
 a longer one in pieces of this many, one per step of the caller's loop."""
+CUT_FROM = 1 << 14
+"""Shards of this many items or more, from the call's copy of a list (or from a tuple),
+are cut from it as they are sent, a piece per loop step (`Cut`)."""
 
 
 class ListCopy(Sequence[Any]):
@@ -53,6 +60,15 @@ class ListCopy(Sequence[Any]):
 
     def __iter__(self) -> Iterator[Any]:
         return chain.from_iterable(self._pieces)
+
+    async def let_go(self) -> None:
+        """Empty it, a piece per loop step: freeing a 5M-item copy at once holds the
+        loop 10 ms. Nothing may read it after."""
+        self._n = 0
+        pieces = self._pieces
+        while pieces:
+            pieces.pop()
+            await anyio.lowlevel.checkpoint()
 
     @overload
     def __getitem__(self, key: int) -> Any: ...
@@ -95,16 +111,61 @@ def _copied_now(items: Any) -> tuple[Any, list[Any] | None]:
 async def _copied(items: list[Any], what: str) -> ListCopy:
     """A copy of the long list `items`, a piece per loop step."""
     n = len(items)
-    pieces = [items[:COPY_STEP]]
-    for start in range(COPY_STEP, n, COPY_STEP):
-        await anyio.lowlevel.checkpoint()
-        pieces.append(items[start : start + COPY_STEP])
+    pieces: list[list[Any]] = [[] for _ in range(0, n, COPY_STEP)]
+    make_old(pieces)  # made old empty: the collector's young collections never walk them
+    for i, start in enumerate(range(0, n, COPY_STEP)):
+        if i:
+            await anyio.lowlevel.checkpoint()
+        pieces[i] += items[start : start + COPY_STEP]
     if len(items) != n:
         raise RuntimeError(
             f"{what}: the list changed length ({n} to {len(items)}) while the call copied "
             "it, as it starts; change it only once the call has begun, or pass a copy"
         )
     return ListCopy(pieces, n)
+
+
+def make_old(young: list[Any]) -> None:
+    """Move `young` (a list just made, still short: it is filled once it is old) to the
+    garbage collector's oldest generation.
+
+    A collection walks every slot of every list in the generations it collects. A list
+    made young and grown to a million slots before the next young collection (a call's
+    own objects die as fast as they are made, so that can be a long while) cost that
+    collection 8-12 ms on the loop; the young copy of a 5M-item list, 50 ms. In the
+    oldest generation only a full collection walks it. A user who turned the collector
+    off (`gc.disable()`, or a threshold of 0) is left alone: the young generations may
+    then hold any number of objects, and nothing walks the list anyway."""
+    if gc.isenabled() and gc.get_threshold()[0] > 0:
+        gc.collect(1)  # what survives generations 0 and 1 moves to the oldest
+
+
+class Cut:
+    """A long shard's items, left where they are (the call's copy of its list, or a
+    tuple: neither changes) until they are sent: the scheduler pickles them a `piece`
+    at a time, a piece per loop step, and the `Shard` a caller sees gets them `whole`."""
+
+    __slots__ = ("_at", "source")
+
+    def __init__(self, source: Sequence[Any], where: slice) -> None:
+        self.source = source
+        self._at = range(len(source))[where]
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def piece(self, start: int, stop: int) -> Sequence[Any]:
+        """Items ``start .. stop-1`` of the shard's."""
+        at = self._at[start:stop]
+        return self.source[at.start : at.stop : at.step]
+
+    def whole(self) -> Sequence[Any]:
+        """The shard's items, as slicing the input gives them (a list, or a tuple)."""
+        return self.piece(0, len(self._at))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # sent whole where the scheduler does not cut
+        whole = self.whole()
+        return type(whole), (whole,)
 
 
 class Positions:
@@ -119,13 +180,23 @@ class Positions:
     def __init__(self) -> None:
         self._again: dict[int, Any] = {}  # the items of positions that will run again
         self._uncopied: list[Any] | None = None  # a long list the call still has to copy
+        self._copy: ListCopy | None = None  # and its copy, once made
 
     async def copy_input(self) -> None:
         """Before any position is taken: copy a long list given as the input, a piece
         per loop step (shorter ones were copied when the call was made)."""
         if self._uncopied is not None:
-            self._adopt(await _copied(self._uncopied, self.argument))
+            self._copy = await _copied(self._uncopied, self.argument)
+            self._adopt(self._copy)
             self._uncopied = None
+
+    async def let_go(self) -> None:
+        """The call is over, and nothing will read its input again: the long list's
+        copy goes, a piece per loop step."""
+        copy, self._copy = self._copy, None
+        if copy is not None:
+            with anyio.CancelScope(shield=True):  # the call's result is ready: not lost
+                await copy.let_go()
 
     def _adopt(self, copy: ListCopy) -> None:
         """The input from now on is `copy` (of the list given)."""
@@ -217,13 +288,30 @@ class ShardPositions(Positions):
                     f"{len(sequence)}) during the call, which reads each shard's items as "
                     "it sends the shard; change it only once the call is over, or pass a copy"
                 )
-            cut = self.layout.items_of
-            items = [cut(sequence, p) for p in range(first, first + count)]
+            layout = self.layout
+            if type(sequence) in _CUTTABLE and layout.block_size >= CUT_FROM:
+                items = [_cut(sequence, layout.where(p)) for p in range(first, first + count)]
+            else:
+                cut = layout.items_of
+                items = [cut(sequence, p) for p in range(first, first + count)]
         return count, items
 
     def shard_at(self, pos: int, attempt: int, item: Any = None) -> Shard:
         items = None if self.sequence is None else item
+        if type(items) is Cut:
+            items = items.whole()
         return Shard(pos, self.layout.indices(pos), items, None, attempt, self.seed)
+
+
+_CUTTABLE = (ListCopy, list, tuple)
+"""Inputs whose shards are sent as `Cut`s when long: the call's copy of a list (a `list`
+here is always one) and tuples, which cannot change."""
+
+
+def _cut(sequence: Sequence[Any], where: slice) -> Any:
+    """A shard's items: a `Cut` if there are many, else the slice."""
+    cut = Cut(sequence, where)
+    return cut if len(cut) >= CUT_FROM else sequence[where]
 
 
 _HOLDERS = frozenset({list, tuple, dict, set, frozenset, deque, str, bytes, bytearray})

@@ -40,11 +40,13 @@ import itertools
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ashard._backend import (
     CallWork,
@@ -74,6 +76,7 @@ from ashard._outcomes import (
     unreadable_result,
     warn_hygiene,
 )
+from ashard._positions import Cut
 from ashard._protocol import (
     CALL,
     CANCEL,
@@ -90,7 +93,7 @@ from ashard._protocol import (
     split_result,
 )
 from ashard._reports import Report, pump_output, receive, receive_until
-from ashard._serialize import dumps_named, pack, uncopied, uncopied_items
+from ashard._serialize import MAX_BUFFERS, Joined, dumps_named, pack, uncopied, uncopied_items
 from ashard._sources import with_sources
 from ashard._workers import DUMP_WAIT, WorkerSet
 from ashard.errors import ShardError, ShardTimeout
@@ -121,6 +124,10 @@ ENCODE_INLINE_SECONDS = 0.002
 SLOW_ENCODES = 3
 """...once this many sends in a row did (the clock is the wall's: on a busy machine the
 OS pauses the caller for milliseconds at a time, and one paused send says nothing)."""
+PIECE_SECONDS = 0.0004
+"""A long shard's items are pickled a piece per loop step, each piece sized to take about
+this long (from `FIRST_PIECE` items, within `MIN_PIECE` and `MAX_PIECE`)."""
+FIRST_PIECE, MIN_PIECE, MAX_PIECE = 4096, 1024, 1 << 16
 STALL_SECONDS = 0.002
 """A worker silent this long with single shards queued behind the one it runs, while
 the job has nothing left for an idle worker, is asked to give the queued ones back."""
@@ -579,10 +586,15 @@ class Scheduler:
         """The frames of `msgs` and of a RUN per chunk (its items pickled on their own),
         the chunks whose items cannot be pickled, and each chunk's pickled items' size;
         off the event loop once that got slow."""
+        wire: list[Any] = [c.items for c in chunks]
+        for i, c in enumerate(chunks):
+            items = c.items
+            if type(items) is list and items and type(items[0]) is Cut:  # all long, or none
+                wire[i] = await _in_pieces(items)
         if run.encode_in_thread:
-            return await anyio.to_thread.run_sync(_encode_run, run.key, msgs, chunks)
+            return await anyio.to_thread.run_sync(_encode_run, run.key, msgs, chunks, wire)
         t0 = time.perf_counter()
-        encoded = _encode_run(run.key, msgs, chunks)
+        encoded = _encode_run(run.key, msgs, chunks, wire)
         if time.perf_counter() - t0 <= ENCODE_INLINE_SECONDS:
             run.slow_encodes = 0
         else:  # a pickle is slow, or the OS paused this one: slow several times in a row
@@ -874,15 +886,49 @@ def _ends(report: Result, chunk: Chunk) -> bool:
     return end == chunk.count or interrupted
 
 
+async def _in_pieces(items: Sequence[Any]) -> Any:
+    """A chunk's items as they go: each long shard's (a `Cut`) pickled a piece per loop
+    step, about `PIECE_SECONDS` each, into a `Joined`; or what a piece raised, if one
+    cannot be pickled. The rest are pickled whole with their message."""
+    wire: list[Any] = []
+    buffers = 0
+    for item in items:
+        if type(item) is not Cut:  # the last shard may be short
+            wire.append(item)
+            continue
+        pieces: list[Payload] = []
+        at, size, n = 0, FIRST_PIECE, len(item)
+        while at < n:
+            t0 = time.perf_counter()
+            try:
+                piece = pack(uncopied_items(item.piece(at, at + size)))
+            except Exception as exc:
+                return exc
+            pieces.append(piece)
+            buffers += 1 + len(piece[1])
+            if buffers > MAX_BUFFERS // 4:  # thousands of arrays: whole, as `pack` sends them
+                return [x.whole() if type(x) is Cut else x for x in items]
+            at += size
+            took = time.perf_counter() - t0
+            size = max(MIN_PIECE, min(MAX_PIECE, int(size * PIECE_SECONDS / max(took, 1e-6))))
+            await anyio.lowlevel.checkpoint()
+        wire.append(Joined(pieces, type(item.source) is tuple))
+    return wire
+
+
 def _encode_run(
-    key: int, msgs: list[Any], chunks: list[Chunk]
+    key: int, msgs: list[Any], chunks: list[Chunk], wire: list[Any]
 ) -> tuple[list[Buffer], list[tuple[Chunk, Exception]], list[int]]:
+    """The frames of `msgs` and of a RUN per chunk, with its items as `wire` has them
+    (`_in_pieces`)."""
     parts = encode_many(msgs)
     unsendable: list[tuple[Chunk, Exception]] = []
     sizes: list[int] = []
-    for c in chunks:
+    for c, given in zip(chunks, wire, strict=True):
         try:
-            items = None if c.items is None else pack(uncopied_items(c.items))
+            if isinstance(given, Exception):
+                raise given
+            items = None if given is None else pack(uncopied_items(given))
         except Exception as exc:
             unsendable.append((c, exc))
             sizes.append(0)

@@ -25,12 +25,14 @@ __all__ = [
     "MAX_BUFFERS",
     "SETTLED",
     "Drawn",
+    "Joined",
     "LoadError",
     "decode_exception",
     "drawn",
     "dumps",
     "dumps_named",
     "encode_exception",
+    "joined",
     "load_failure",
     "loads",
     "pack",
@@ -325,6 +327,34 @@ def pack(obj: object) -> Payload:
         buffers = []
         data = dumps(obj, None)
     return pickle.PickleBuffer(data), buffers
+
+
+class Joined:
+    """A long list or tuple pickled a piece at a time (`pieces`: a `Payload` of each
+    slice of it, in order), so that no one step of the caller's loop pickles all of
+    it; unpickled as the one list (or tuple, `as_tuple`). The pieces travel out of
+    band, uncopied."""
+
+    __slots__ = ("as_tuple", "pieces")
+
+    def __init__(self, pieces: list[Payload], as_tuple: bool) -> None:
+        self.pieces = pieces
+        self.as_tuple = as_tuple
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        pieces = [
+            (data if isinstance(data, pickle.PickleBuffer) else pickle.PickleBuffer(data), bufs)
+            for data, bufs in self.pieces
+        ]
+        return joined, (self.as_tuple, *pieces)
+
+
+def joined(as_tuple: bool, *pieces: Payload) -> list[Any] | tuple[Any, ...]:
+    """What a `Joined` was made of: its pieces unpickled, one after the other."""
+    out: list[Any] = []
+    for piece in pieces:
+        out += unpack(piece)
+    return tuple(out) if as_tuple else out
 
 
 def unpack(payload: Payload) -> Any:

@@ -183,12 +183,16 @@ class Shards(Sequence[Shard]):
 
         return np.arange(k, self.n, self._count)
 
-    def items_of(self, seq: Any, k: int) -> Any:
-        """The items of shard `k` taken from `seq` (slicing when the sequence allows it)."""
+    def where(self, k: int) -> slice:
+        """Where shard `k`'s items lie in a sequence of `n`."""
         if self.strategy == "contiguous":
             start = k * self.block_size
-            return _take(seq, slice(start, min(start + self.block_size, self.n)))
-        return _take(seq, slice(k, self.n, self._count))
+            return slice(start, min(start + self.block_size, self.n))
+        return slice(k, self.n, self._count)
+
+    def items_of(self, seq: Any, k: int) -> Any:
+        """The items of shard `k` taken from `seq` (slicing when the sequence allows it)."""
+        return _take(seq, self.where(k))
 
 
 def _take(seq: Any, sl: slice) -> Any:
