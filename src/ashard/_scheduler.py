@@ -124,6 +124,9 @@ ENCODE_INLINE_SECONDS = 0.002
 SLOW_ENCODES = 3
 """...once this many sends in a row did (the clock is the wall's: on a busy machine the
 OS pauses the caller for milliseconds at a time, and one paused send says nothing)."""
+APART_FROM = 1 << 13
+"""Chunks that list this many items between them are pickled in a loop step of their
+own, after the one that took them (each can take half a millisecond at 32k items)."""
 PIECE_SECONDS = 0.0004
 """A long shard's items are pickled a piece per loop step, each piece sized to take about
 this long (from `FIRST_PIECE` items, within `MIN_PIECE` and `MAX_PIECE`)."""
@@ -587,10 +590,15 @@ class Scheduler:
         the chunks whose items cannot be pickled, and each chunk's pickled items' size;
         off the event loop once that got slow."""
         wire: list[Any] = [c.items for c in chunks]
+        listed = 0
         for i, c in enumerate(chunks):
             items = c.items
-            if type(items) is list and items and type(items[0]) is Cut:  # all long, or none
-                wire[i] = await _in_pieces(items)
+            if type(items) is list and items:
+                listed += len(items)
+                if type(items[0]) is Cut:  # a layout's shards are all long, or none
+                    wire[i] = await _in_pieces(items)
+        if listed >= APART_FROM:
+            await anyio.lowlevel.checkpoint()  # the loop's turn between taking and pickling
         if run.encode_in_thread:
             return await anyio.to_thread.run_sync(_encode_run, run.key, msgs, chunks, wire)
         t0 = time.perf_counter()
