@@ -142,6 +142,25 @@ async def test_a_list_changed_after_its_call_is_rerun_as_the_call_had_it(n: int)
     assert [again.results[k] for k in failed] == [cut[k] for k in failed]
 
 
+async def test_a_call_of_many_shards_and_its_retry_of_many_resolve_each_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call of more shards than `_job.SLOTS_STEP` (here 500) makes its lists of results
+    and of resolved shards a piece per loop step, as does a `retry_failed` of more than
+    that many: every shard's value lands in its own slot, each once."""
+    from ashard import _job
+
+    monkeypatch.setattr(_job, "SLOTS_STEP", 500)
+    layout = ashard.shards(3_001, block_size=1)
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(layout, workloads.fail_odd, errors="collect")
+        assert [f.shard_id for f in res.failures] == list(range(1, 3_001, 2))
+        assert res.results == [None if k % 2 else k for k in range(3_001)]
+        again = await pool.retry_failed(res, workloads.shard_ids)
+    assert again.ok and again.diagnostics.shards == 3_001
+    assert again.results == [(k, [k]) if k % 2 else k for k in range(3_001)]
+
+
 @pytest.mark.parametrize("mode", ["table", "disk"])
 async def test_stored_successes_are_reused_not_recomputed(tmp_path: Path, mode: str) -> None:
     state = Armed(tmp_path)

@@ -34,12 +34,13 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence, Sized
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import repeat
 from logging import WARNING
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 from ashard._backend import Changes, Chunk, JobWork, WorkerInfo
 from ashard._budget import MemoryLog
@@ -85,6 +86,8 @@ _OUTCOMES = {RAISED: "error", TIMEOUT: "timeout", INTERRUPTED: "cancelled"}
 """A report's error kinds as attempt outcomes (`ashard._tracing`)."""
 OLD_AT = 1 << 14
 """Slots from which a results list is moved out of the collector's young generations."""
+SLOTS_STEP = 1 << 16
+"""A longer results list is made a piece of this many slots per loop step."""
 
 
 class Job(Changes):
@@ -124,8 +127,11 @@ class Job(Changes):
         # a stream hands values to its consumer and keeps none of them; a reduce
         # combines them
         keep = kind == SHARDS and stream is None and reducer is None
-        self.results: list[Any] = _slots(total or 0) if keep else []
-        self._resolved = bytearray(total if kind == SHARDS and total else 0)
+        self._resolved = bytearray()  # a byte per position (shards): 1 once resolved
+        self.results: list[Any] = []
+        self._due: _Due | None = None  # those still to make (`prepare`)
+        if kind == SHARDS:
+            self._make_results(_Due(total or 0, None, (), keep))
         self.n_resolved = 0
         self.runs: dict[int, int] = {}  # position -> its latest run, if past the first
         self.rules = ErrorRules(opts.max_retries, opts.retry_errors, opts.on_error)
@@ -183,11 +189,7 @@ class Job(Changes):
         value (or its stored file's ref) in `earlier`, its failure or its skip."""
         assert self.kind == SHARDS and self.stream is None and self.reducer is None
         assert isinstance(self.positions, ShardPositions) and self.total is not None
-        self.results = _slots(self.total, earlier)
-        self._resolved = bytearray(b"\x01") * self.total
-        for pos in todo:
-            self._resolved[pos] = 0
-            self.results[pos] = None
+        self._make_results(_Due(self.total, earlier, todo, True))
         self.n_resolved = self.total - len(todo)
         rerun = set(todo)
         self.failures = {p: e for p, e in failures.items() if p not in rerun}
@@ -257,9 +259,20 @@ class Job(Changes):
         a list given as the input is copied, a piece per loop step, and the progress
         bar's modules (tqdm, IPython's display) are imported in a thread."""
         await self.positions.copy_input()
+        if self._due is not None:
+            due, self._due = self._due, None
+            self._resolved, self.results = await due.made()
         if self.opts.progress and self.progress is None:
             tqdm = await anyio.to_thread.run_sync(Progress.load)
             self.progress = Progress(self.total, f"{self.noun}s", tqdm)
+
+    def _make_results(self, due: _Due) -> None:
+        """Its results list and its list of resolved positions: made now if short, else
+        by `prepare`, a piece per loop step (5M slots at once hold the loop 25 ms)."""
+        if due.n > SLOTS_STEP or len(due.todo) > SLOTS_STEP:
+            self._due = due
+        else:
+            self._resolved, self.results = due.made_now()
 
     async def let_go(self) -> None:
         """The call ran to its end: its copy of the input goes (`Positions.let_go`),
@@ -826,15 +839,53 @@ class Job(Changes):
         return bytes(self._resolved)
 
 
-def _slots(n: int, values: Iterable[Any] | None = None) -> list[Any]:
-    """A results list of `n` slots (`values`, else Nones), made old before it is filled
-    if it is long (`make_old`)."""
-    if n < OLD_AT:
-        return [None] * n if values is None else list(values)
-    results: list[Any] = []
-    make_old(results)
-    results.extend(repeat(None, n) if values is None else values)
-    return results
+@dataclass(frozen=True, slots=True)
+class _Due:
+    """A shard job's list of resolved positions and (`keep`) its results list, still to
+    make: `n` positions, resolved and holding `earlier`'s values if it is given (else
+    unresolved, None), but for those of `todo` (unresolved, None)."""
+
+    n: int
+    earlier: Sequence[Any] | None
+    todo: Sequence[int]
+    keep: bool
+
+    def made_now(self) -> tuple[bytearray, list[Any]]:
+        n, earlier = self.n, self.earlier
+        resolved = bytearray(n) if earlier is None else bytearray(b"\x01") * n
+        results: list[Any] = []
+        if self.keep:
+            if n < OLD_AT:
+                results = [None] * n if earlier is None else list(earlier)
+            else:
+                make_old(results)
+                results += repeat(None, n) if earlier is None else earlier
+        for pos in self.todo:
+            resolved[pos] = 0
+            results[pos] = None
+        return resolved, results
+
+    async def made(self) -> tuple[bytearray, list[Any]]:
+        """The same, a piece of `SLOTS_STEP` positions per loop step, the results list
+        made old before it is filled (`make_old`)."""
+        n, earlier, todo, keep = self.n, self.earlier, self.todo, self.keep
+        resolved = bytearray()
+        results: list[Any] = []
+        if keep:
+            make_old(results)
+        mark = b"\x00" if earlier is None else b"\x01"
+        for start in range(0, n, SLOTS_STEP):
+            await anyio.lowlevel.checkpoint()
+            end = min(n, start + SLOTS_STEP)
+            resolved += mark * (end - start)
+            if keep:
+                results += repeat(None, end - start) if earlier is None else earlier[start:end]
+        for start in range(0, len(todo), SLOTS_STEP):
+            await anyio.lowlevel.checkpoint()
+            for pos in todo[start : start + SLOTS_STEP]:
+                resolved[pos] = 0
+                results[pos] = None
+        return resolved, results
 
 
 def _pick(elapsed: Any, k: int) -> float:
