@@ -160,6 +160,26 @@ async def test_a_long_shard_is_sent_again_as_it_was_and_shown_whole_in_the_calle
     assert seen == dict(enumerate(cut))
 
 
+async def test_a_long_shards_items_read_after_its_call_are_still_its_own(long_shards: int) -> None:
+    """A `Shard` handed to the caller during a call (here to `footprint=`) takes a long
+    shard's items when they are first read: read after the call is over, and its copy
+    of the list let go, they are still that shard's slice."""
+    data = [f"w{i}" for i in range(long_shards)]
+    layout = ashard.shards(len(data))
+    handed: list[ashard.Shard] = []
+
+    def footprint(shard: ashard.Shard) -> int:
+        handed.append(shard)
+        return 0
+
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(data, workloads.attempt_of, footprint=footprint)
+    assert res.ok
+    want = {k: data[layout.where(k)] for k in range(len(layout))}
+    data.clear()
+    assert {shard.id: shard.items for shard in handed} == want
+
+
 async def test_a_long_shard_whose_items_cannot_be_pickled_fails_alone(long_shards: int) -> None:
     import threading
 

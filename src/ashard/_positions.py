@@ -24,7 +24,7 @@ import anyio
 import anyio.lowlevel
 
 from ashard._serialize import SETTLED, drawn, undrawn
-from ashard.shards import Shard, Shards
+from ashard.shards import LazyItems, Shard, Shards
 
 __all__ = [
     "Cut",
@@ -61,9 +61,21 @@ class ListCopy(Sequence[Any]):
     def __iter__(self) -> Iterator[Any]:
         return chain.from_iterable(self._pieces)
 
+    def covering(self, where: slice) -> tuple[Sequence[Any], slice]:
+        """A copy of the pieces `where` (a slice of it) crosses, and where it lies in
+        them: what a `Cut` keeps, so that it holds its own pieces, not all of them, and
+        does not see this copy emptied (`let_go`)."""
+        start, stop, step = where.indices(self._n)
+        if step != 1 or start >= stop:
+            return self, where
+        first, last = start // COPY_STEP, (stop - 1) // COPY_STEP
+        base = first * COPY_STEP
+        n = min(self._n, (last + 1) * COPY_STEP) - base
+        return ListCopy(self._pieces[first : last + 1], n), slice(start - base, stop - base)
+
     async def let_go(self) -> None:
         """Empty it, a piece per loop step: freeing a 5M-item copy at once holds the
-        loop 10 ms. Nothing may read it after."""
+        loop 10 ms. Nothing may read it after (a `Cut` holds its own pieces)."""
         self._n = 0
         pieces = self._pieces
         while pieces:
@@ -140,14 +152,17 @@ def make_old(young: list[Any]) -> None:
         gc.collect(1)  # what survives generations 0 and 1 moves to the oldest
 
 
-class Cut:
-    """A long shard's items, left where they are (the call's copy of its list, or a
-    tuple: neither changes) until they are sent: the scheduler pickles them a `piece`
-    at a time, a piece per loop step, and the `Shard` a caller sees gets them `whole`."""
+class Cut(LazyItems):
+    """A long shard's items, left where they are (the pieces of the call's copy of its
+    list, or a tuple: neither changes) until they are sent: the scheduler pickles them
+    a `piece` at a time, a piece per loop step; a `Shard` in the caller takes them
+    `whole` if they are read."""
 
     __slots__ = ("_at", "source")
 
     def __init__(self, source: Sequence[Any], where: slice) -> None:
+        if type(source) is ListCopy:
+            source, where = source.covering(where)
         self.source = source
         self._at = range(len(source))[where]
 
@@ -298,8 +313,6 @@ class ShardPositions(Positions):
 
     def shard_at(self, pos: int, attempt: int, item: Any = None) -> Shard:
         items = None if self.sequence is None else item
-        if type(items) is Cut:
-            items = items.whole()
         return Shard(pos, self.layout.indices(pos), items, None, attempt, self.seed)
 
 

@@ -22,6 +22,19 @@ _STRATEGIES = ("contiguous", "strided")
 SHARDS_PER_WORKER = 4
 
 
+class LazyItems:
+    """A shard's items, not yet taken from where they lie: a `Shard` made in the caller
+    (of a streamed result, of a failure) holds them so, and takes them `whole` when
+    they are first read, so that no one step of the caller's loop copies a long shard's
+    items that nobody reads."""
+
+    __slots__ = ()
+
+    def whole(self) -> Any:
+        """The items, as slicing the call's sequence gives them."""
+        raise NotImplementedError
+
+
 class Shard:
     """One unit of work handed to `fn`.
 
@@ -36,13 +49,13 @@ class Shard:
     """
 
     __module__ = "ashard"
-    __slots__ = ("_rng", "_seed", "attempt", "id", "idx", "items")
+    __slots__ = ("_items", "_rng", "_seed", "attempt", "id", "idx")
 
     id: int
     # `range` or an int ndarray: typed Any so that code written for either (``idx.start``
     # for contiguous shards, fancy indexing with strided ones) type-checks as it is.
     idx: Any
-    items: Any
+    _items: Any
     attempt: int
     _rng: np.random.Generator | None
     _seed: int | None
@@ -61,7 +74,7 @@ class Shard:
         set_ = object.__setattr__
         set_(self, "id", id)
         set_(self, "idx", idx)
-        set_(self, "items", items)
+        set_(self, "_items", items)
         set_(self, "_rng", rng)
         set_(self, "attempt", attempt)
         set_(self, "_seed", seed)
@@ -83,6 +96,16 @@ class Shard:
                 rng = np.random.default_rng()
             object.__setattr__(self, "_rng", rng)
         return rng
+
+    @property
+    def items(self) -> Any:
+        """The shard's slice of the call's sequence, if it was given one (else None);
+        the caller's copy of a long one is made when first read (`LazyItems`)."""
+        items = self._items
+        if isinstance(items, LazyItems):
+            items = items.whole()
+            object.__setattr__(self, "_items", items)
+        return items
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"a Shard is immutable: cannot set {name!r}")
