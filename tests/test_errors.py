@@ -114,6 +114,19 @@ async def test_map_raises_and_collects() -> None:
     assert isinstance(out[2].__cause__, ZeroDivisionError)
 
 
+async def test_a_map_that_fails_early_reports_only_the_items_it_took() -> None:
+    """A map over a range or a list has its results list made ahead, a slot per item; one
+    that fails before it took them all raises with a result of the items it took, each
+    slot its item's value or None, and no slot for an item never taken."""
+    for items in (range(300_000), list(range(300_000))):
+        with pytest.raises(ashard.ShardMapError) as info:
+            await ashard.map(workloads.fail_on_one, items, workers=2, chunk_size=1_000)
+        result = info.value.result
+        assert 0 < len(result.results) == len(result.shards) < 300_000
+        assert all(v in (k, None) for k, v in enumerate(result.results))
+        assert [f.shard_id for f in result.failures] == [1]
+
+
 async def test_call_raises_the_original_exception_with_remote_traceback() -> None:
     with pytest.raises(ZeroDivisionError) as info:
         await ashard.call(divmod, 1, 0)

@@ -407,6 +407,7 @@ async def map_result(pool: Runs, job: Job, resize: int | None = None) -> list[An
     """Run a `map` job on `pool`: the values in order (a failed item's `ShardError` in
     its slot under ``errors="collect"``)."""
     await run_job(pool, job, resize)
+    del job.results[job.next_pos :]  # slots made ahead for items never taken (it failed)
     if job.failures and job.opts.errors == "raise":
         result = job.result(Shards(job.next_pos, 1, "contiguous"))
         raise ShardMapError.of(result.failures, result, "item")

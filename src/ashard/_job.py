@@ -127,11 +127,13 @@ class Job(Changes):
         # a stream hands values to its consumer and keeps none of them; a reduce
         # combines them
         keep = kind == SHARDS and stream is None and reducer is None
-        self._resolved = bytearray()  # a byte per position (shards): 1 once resolved
+        self._resolved = bytearray()  # a byte per position taken (or made ahead): 1 once resolved
         self.results: list[Any] = []
         self._due: _Due | None = None  # those still to make (`prepare`)
         if kind == SHARDS:
             self._make_results(_Due(total or 0, None, (), keep))
+        elif type(items) in (range, list) and total:  # a length that holds: made ahead,
+            self._make_results(_Due(total, None, (), True))  # never grown (a copy each time)
         self.n_resolved = 0
         self.runs: dict[int, int] = {}  # position -> its latest run, if past the first
         self.rules = ErrorRules(opts.max_retries, opts.retry_errors, opts.on_error)
@@ -433,10 +435,11 @@ class Job(Changes):
                 self.notify()  # the end is known now
             if not count:
                 return None
-            if len(self.results) < OLD_AT <= len(self.results) + count:
-                make_old(self.results)
-            self.results.extend(repeat(None, count))
-            self._resolved.extend(bytes(count))
+            if len(self._resolved) < first + count:  # not made ahead (`_make_results`)
+                if len(self.results) < OLD_AT <= len(self.results) + count:
+                    make_old(self.results)
+                self.results.extend(repeat(None, count))
+                self._resolved.extend(bytes(count))
         return Chunk(seq, first, count, None, items)
 
     # -- outcomes ---------------------------------------------------------------------
