@@ -779,6 +779,14 @@ def fail_on_one(x: int) -> int:
     return x
 
 
+def fail_on_one_slowly(x: int) -> int:
+    """`fail_on_one`, each other item taking a millisecond."""
+    if x == 1:
+        raise ValueError("one is bad")
+    time.sleep(0.001)
+    return x
+
+
 def raise_system_exit(code: int) -> None:
     raise SystemExit(code)
 
