@@ -126,8 +126,8 @@ KINDS = ["sigkill", "exit", "segfault", "hang-python", "hang-c", "hostile", "mem
 MEM_CAP = "150MB"  # the "memory" kind is stopped at 1.5 x this
 
 SHARDS = 4
-TIMEOUT = 2.0
-START_TIMEOUT = 3.0
+TIMEOUT = 1.0
+START_TIMEOUT = 2.0
 
 FAILS_TODAY: dict[tuple[str, str], tuple[type[BaseException], str]] = {}
 """Cells that fail, with the exception they raise and why (none, since issue 11)."""

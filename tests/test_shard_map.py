@@ -160,6 +160,23 @@ async def test_a_long_shard_is_sent_again_as_it_was_and_shown_whole_in_the_calle
     assert seen == dict(enumerate(cut))
 
 
+async def test_long_shards_of_many_arrays_are_sent_whole_and_right(
+    long_shards: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pieces whose arrays would need more out-of-band buffers than a frame should carry
+    (here over 16) give way to the shard pickled whole, as before: the same items."""
+    import numpy as np
+
+    from ashard import _scheduler
+
+    monkeypatch.setattr(_scheduler, "MAX_BUFFERS", 64)
+    data = [np.full(2, i) for i in range(long_shards)]
+    layout = ashard.shards(len(data))
+    async with ashard.Pool(2) as pool:
+        res = await pool.shard_map(data, workloads.items_described)
+    assert res.results == [_described(data[layout.where(k)]) for k in range(len(layout))]
+
+
 async def test_a_long_shards_items_read_after_its_call_are_still_its_own(long_shards: int) -> None:
     """A `Shard` handed to the caller during a call (here to `footprint=`) takes a long
     shard's items when they are first read: read after the call is over, and its copy
