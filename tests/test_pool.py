@@ -11,8 +11,10 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import ashard
@@ -259,6 +261,70 @@ async def test_call_round_trip_and_kwargs() -> None:
     async with ashard.Pool(1) as pool:
         assert await pool.call(divmod, 17, 5) == (3, 2)
         assert await pool.call(int, "ff", base=16) == 255
+
+
+@pytest.fixture
+def long_args(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list or tuple argument of 100 items or more counts as long and goes in pieces of
+    at most 64 (`_scheduler.CUT_FROM`, `MAX_PIECE`): the path of a 16k-item one."""
+    from ashard import _scheduler
+
+    monkeypatch.setattr(_scheduler, "CUT_FROM", 100)
+    monkeypatch.setattr(_scheduler, "FIRST_PIECE", 32)
+    monkeypatch.setattr(_scheduler, "MIN_PIECE", 8)
+    monkeypatch.setattr(_scheduler, "MAX_PIECE", 64)
+
+
+async def test_long_arguments_of_a_call_arrive_whole_and_as_given(long_args: None) -> None:
+    """Long list and tuple arguments are pickled a piece per loop step: the function gets
+    each whole, of its type, and one object given twice as one object."""
+    import numpy as np
+
+    items: list[Any] = [f"s{i}" if i % 3 else i for i in range(1_000)]
+    items[0], items[7] = b"x" * (1 << 20), None
+    arrays = [np.full(2, i) for i in range(300)]
+    as_tuple = tuple(items)
+    async with ashard.Pool(1) as pool:
+        kinds, alias, args, kwargs = await pool.call(
+            workloads.args_seen, items, items, as_tuple, 5, named=as_tuple, arrays=arrays
+        )
+    assert kinds == ["list", "list", "tuple", "int", "tuple", "list"]
+    assert alias
+    assert args == [items, items, as_tuple, 5]
+    assert kwargs["named"] == as_tuple
+    assert [a.tolist() for a in kwargs["arrays"]] == [[i, i] for i in range(300)]
+
+
+async def test_a_long_argument_that_changes_length_while_it_is_sent_arrives_as_it_became(
+    long_args: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another task that grows a long argument between two of its pieces: the call sends
+    the list whole as it is then, never a mix of pieces."""
+    items = list(range(1_000))
+    real = anyio.lowlevel.checkpoint
+
+    async def grow_then_checkpoint() -> None:
+        if len(items) == 1_000:
+            items.append(-1)
+        await real()
+
+    async with ashard.Pool(1) as pool:
+        await pool.call(abs, -1)
+        monkeypatch.setattr(anyio.lowlevel, "checkpoint", grow_then_checkpoint)
+        _, _, args, _ = await pool.call(workloads.args_seen, items)
+        monkeypatch.undo()
+    assert args == [[*range(1_000), -1]]
+
+
+async def test_a_long_argument_that_cannot_be_pickled_is_named(long_args: None) -> None:
+    import threading
+
+    items: list[Any] = list(range(1_000))
+    items[500] = threading.Lock()
+    async with ashard.Pool(1) as pool:
+        with pytest.raises(TypeError, match="argument 1 of the call cannot be sent"):
+            await pool.call(workloads.args_seen, 1, items)
+        assert await pool.call(abs, -1) == 1
 
 
 def kind_and_digest(*args: object, **kwargs: object) -> list[tuple[str, str]]:

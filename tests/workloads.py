@@ -55,6 +55,14 @@ def items_described(shard: Shard) -> tuple[str, list[Any]]:
     ]
 
 
+def args_seen(*args: Any, **kwargs: Any) -> tuple[list[str], bool, list[Any], dict[str, Any]]:
+    """A call's arguments as its function got them: their types, whether the first two
+    are one object, and the arguments themselves."""
+    values = (*args, *kwargs.values())
+    alias = len(args) > 1 and args[0] is args[1]
+    return [type(v).__name__ for v in values], alias, list(args), kwargs
+
+
 def pid_of(shard: Shard) -> int:
     return os.getpid()
 

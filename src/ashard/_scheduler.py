@@ -40,7 +40,7 @@ import itertools
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +76,7 @@ from ashard._outcomes import (
     unreadable_result,
     warn_hygiene,
 )
-from ashard._positions import Cut
+from ashard._positions import CUT_FROM, Cut
 from ashard._protocol import (
     CALL,
     CANCEL,
@@ -744,8 +744,11 @@ class Scheduler:
         worker died or hung runs again, on another worker, up to `max_retries` times."""
         seq = next(self._seq)
         fn, args, kwargs, timeout = call.fn, call.args, call.kwargs, call.timeout
+        given, named = args, kwargs
+        if _any_long(args) or (kwargs and _any_long(kwargs.values())):
+            given, named = await _long_args_in_pieces(args, kwargs)
         try:
-            sent = tuple(map(uncopied, args)), {k: uncopied(v) for k, v in kwargs.items()}
+            sent = tuple(map(uncopied, given)), {k: uncopied(v) for k, v in named.items()}
             parts = encode((CALL, seq, with_sources(fn), *sent, timeout), by_value=True)
         except Exception:
             _name_unpicklable(fn, args, kwargs)
@@ -896,32 +899,80 @@ def _ends(report: Result, chunk: Chunk) -> bool:
 
 async def _in_pieces(items: Sequence[Any]) -> Any:
     """A chunk's items as they go: each long shard's (a `Cut`) pickled a piece per loop
-    step, about `PIECE_SECONDS` each, into a `Joined`; or what a piece raised, if one
-    cannot be pickled. The rest are pickled whole with their message."""
+    step into a `Joined` (`_pieces`); or what a piece raised, if one cannot be pickled.
+    The rest are pickled whole with their message."""
     wire: list[Any] = []
-    buffers = 0
+    budget = [MAX_BUFFERS // 4]  # the out-of-band buffers the pieces may take, between them
     for item in items:
         if type(item) is not Cut:  # the last shard may be short
             wire.append(item)
             continue
-        pieces: list[Payload] = []
-        at, size, n = 0, FIRST_PIECE, len(item)
-        while at < n:
-            t0 = time.perf_counter()
-            try:
-                piece = pack(uncopied_items(item.piece(at, at + size)))
-            except Exception as exc:
-                return exc
-            pieces.append(piece)
-            buffers += 1 + len(piece[1])
-            if buffers > MAX_BUFFERS // 4:  # thousands of arrays: whole, as `pack` sends them
-                return [x.whole() if type(x) is Cut else x for x in items]
-            at += size
-            took = time.perf_counter() - t0
-            size = max(MIN_PIECE, min(MAX_PIECE, int(size * PIECE_SECONDS / max(took, 1e-6))))
-            await anyio.lowlevel.checkpoint()
+        try:
+            pieces = await _pieces(item.piece, len(item), budget)
+        except Exception as exc:
+            return exc
+        if pieces is None:  # thousands of arrays: whole, as `pack` sends them
+            return [x.whole() if type(x) is Cut else x for x in items]
         wire.append(Joined(pieces, type(item.source) is tuple))
     return wire
+
+
+async def _pieces(
+    piece: Callable[[int, int], Sequence[Any]], n: int, budget: list[int]
+) -> list[Payload] | None:
+    """`n` items pickled a piece per loop step (``piece(start, stop)``: those items),
+    each piece sized to take about `PIECE_SECONDS`; None once they would take more
+    out-of-band buffers than `budget` (which they draw on) has left."""
+    pieces: list[Payload] = []
+    at, size = 0, FIRST_PIECE
+    while at < n:
+        t0 = time.perf_counter()
+        packed = pack(uncopied_items(piece(at, at + size)))
+        pieces.append(packed)
+        budget[0] -= 1 + len(packed[1])
+        if budget[0] < 0:
+            return None
+        at += size
+        took = time.perf_counter() - t0
+        size = max(MIN_PIECE, min(MAX_PIECE, int(size * PIECE_SECONDS / max(took, 1e-6))))
+        await anyio.lowlevel.checkpoint()
+    return pieces
+
+
+def _any_long(values: Iterable[Any]) -> bool:
+    """Is one of `values` a list or tuple of `CUT_FROM` items or more?"""
+    return any(type(v) in (list, tuple) and len(v) >= CUT_FROM for v in values)
+
+
+def _slice_of(items: Sequence[Any], start: int, stop: int) -> Sequence[Any]:
+    return items[start:stop]
+
+
+async def _long_args_in_pieces(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A call's arguments, each list or tuple of `CUT_FROM` items or more pickled a piece
+    per loop step into a `Joined` (one for an object given twice, which the worker gets
+    as one object); one that cannot be pickled so, or changes length meanwhile, goes as
+    it is (its message names or raises the error)."""
+    values = (*args, *kwargs.values())
+    joined: dict[int, Any] = {}
+    budget = [MAX_BUFFERS // 4]
+    for v in values:
+        if type(v) in (list, tuple) and len(v) >= CUT_FROM and id(v) not in joined:
+            n = len(v)
+            try:
+                pieces = await _pieces(functools.partial(_slice_of, v), n, budget)
+            except Exception:
+                pieces = None
+            if pieces is not None and len(v) == n:
+                joined[id(v)] = Joined(pieces, type(v) is tuple)
+    if not joined:
+        return args, kwargs
+    return (
+        tuple(joined.get(id(a), a) for a in args),
+        {k: joined.get(id(v), v) for k, v in kwargs.items()},
+    )
 
 
 def _encode_run(
