@@ -287,6 +287,20 @@ async def test_borrow_reaches_fn_as_keyword_arguments() -> None:
     assert res.results == [20, 21, 22, 23]
 
 
+async def test_a_large_borrowed_object_reaches_every_worker_whole() -> None:
+    """A borrowed object whose pickle is large travels beside the message that names
+    it, uncopied, to each worker: each shard sees all of it, call after call."""
+    table = {f"k{i}": i for i in range(20_000)}  # about 300 kB pickled
+    async with ashard.Pool(2) as pool:
+        for _ in range(2):
+            res = await pool.shard_map(
+                ashard.shards(8, block_size=1),
+                lambda sh, table: (len(table), sum(table.values()), table[f"k{sh.id}"]),
+                borrow={"table": table},
+            )
+            assert res.results == [(20_000, sum(range(20_000)), k) for k in range(8)]
+
+
 class _CountsLoads:
     """Appends the unpickling process id to a file: counts how often it was sent."""
 
