@@ -295,6 +295,17 @@ async def test_long_arguments_of_a_call_arrive_whole_and_as_given(long_args: Non
     assert [a.tolist() for a in kwargs["arrays"]] == [[i, i] for i in range(300)]
 
 
+async def test_long_items_of_a_map_arrive_whole_and_as_given(long_args: None) -> None:
+    """A map whose items are long lists or tuples (batches) sends each a piece per loop
+    step: each arrives whole and of its type, the same object given twice included."""
+    batch = [f"s{i}" for i in range(1_000)]
+    items = [batch, tuple(range(500)), batch, list(range(300)), 7]
+    async with ashard.Pool(2) as pool:
+        seen = await pool.map(workloads.args_seen, items)
+    assert [s[0] for s in seen] == [["list"], ["tuple"], ["list"], ["list"], ["int"]]
+    assert [s[2] for s in seen] == [[item] for item in items]
+
+
 async def test_a_long_argument_that_changes_length_while_it_is_sent_arrives_as_it_became(
     long_args: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -127,6 +127,9 @@ OS pauses the caller for milliseconds at a time, and one paused send says nothin
 APART_FROM = 1 << 13
 """Chunks that list this many items between them are pickled in a loop step of their
 own, after the one that took them (each can take half a millisecond at 32k items)."""
+FEW_ITEMS = 64
+"""A chunk of at most this many items (a map's chunks are this short when its items are
+large) has its long lists and tuples among them pickled a piece per loop step."""
 PIECE_SECONDS = 0.0004
 """A long shard's items are pickled a piece per loop step, each piece sized to take about
 this long (from `FIRST_PIECE` items, within `MIN_PIECE` and `MAX_PIECE`)."""
@@ -597,6 +600,9 @@ class Scheduler:
                 listed += len(items)
                 if type(items[0]) is Cut:  # a layout's shards are all long, or none
                     wire[i] = await _in_pieces(items)
+                elif len(items) <= FEW_ITEMS and _any_long(items):  # a map of long items
+                    joined = await _long_ones_in_pieces(items)
+                    wire[i] = [joined.get(id(x), x) for x in items]
         if listed >= APART_FROM:
             await anyio.lowlevel.checkpoint()  # the loop's turn between taking and pickling
         if run.encode_in_thread:
@@ -746,7 +752,9 @@ class Scheduler:
         fn, args, kwargs, timeout = call.fn, call.args, call.kwargs, call.timeout
         given, named = args, kwargs
         if _any_long(args) or (kwargs and _any_long(kwargs.values())):
-            given, named = await _long_args_in_pieces(args, kwargs)
+            joined = await _long_ones_in_pieces((*args, *kwargs.values()))
+            given = tuple(joined.get(id(a), a) for a in args)
+            named = {k: joined.get(id(v), v) for k, v in kwargs.items()}
         try:
             sent = tuple(map(uncopied, given)), {k: uncopied(v) for k, v in named.items()}
             parts = encode((CALL, seq, with_sources(fn), *sent, timeout), by_value=True)
@@ -948,15 +956,13 @@ def _slice_of(items: Sequence[Any], start: int, stop: int) -> Sequence[Any]:
     return items[start:stop]
 
 
-async def _long_args_in_pieces(
-    args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A call's arguments, each list or tuple of `CUT_FROM` items or more pickled a piece
-    per loop step into a `Joined` (one for an object given twice, which the worker gets
-    as one object); one that cannot be pickled so, or changes length meanwhile, goes as
-    it is (its message names or raises the error)."""
-    values = (*args, *kwargs.values())
-    joined: dict[int, Any] = {}
+async def _long_ones_in_pieces(values: Iterable[Any]) -> dict[int, Joined]:
+    """Each list or tuple of `CUT_FROM` items or more among `values` (a call's arguments,
+    a chunk's items) pickled a piece per loop step into a `Joined`, by `id`: one for an
+    object given twice, which the worker then gets as one object. One that cannot be
+    pickled so, or changes length meanwhile, is left out: it goes as it is (its message
+    names or raises the error)."""
+    joined: dict[int, Joined] = {}
     budget = [MAX_BUFFERS // 4]
     for v in values:
         if type(v) in (list, tuple) and len(v) >= CUT_FROM and id(v) not in joined:
@@ -967,12 +973,7 @@ async def _long_args_in_pieces(
                 pieces = None
             if pieces is not None and len(v) == n:
                 joined[id(v)] = Joined(pieces, type(v) is tuple)
-    if not joined:
-        return args, kwargs
-    return (
-        tuple(joined.get(id(a), a) for a in args),
-        {k: joined.get(id(v), v) for k, v in kwargs.items()},
-    )
+    return joined
 
 
 def _encode_run(
