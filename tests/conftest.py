@@ -87,10 +87,12 @@ def no_leaks() -> Iterator[None]:
     for p in left:
         p.kill()
     assert not left, f"test left child processes behind: {[p.pid for p in left]}"
-    gc.collect()  # views the test held are gone with its frame; cycles may keep some
-    deadline = time.monotonic() + 3.0  # large mappings are unmapped on a helper thread
-    while (leaked := _shm_segments() - shm_before) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    leaked = _shm_segments() - shm_before
+    if leaked:  # a full collection costs 30-50 ms: only when something seems left
+        gc.collect()  # views the test held are gone with its frame; cycles may keep some
+        deadline = time.monotonic() + 3.0  # large mappings are unmapped on a helper thread
+        while (leaked := _shm_segments() - shm_before) and time.monotonic() < deadline:
+            time.sleep(0.02)
     assert not leaked, f"test left shared-memory segments behind: {leaked}"
     left_dirs = _result_dirs() - dirs_before
     for path in left_dirs:
