@@ -517,8 +517,8 @@ def _answer(outcome: wire.Outcome) -> Any:
     raise RemoteTraceback.attach(outcome.exc, outcome.traceback)
 
 
-def _finish(task: _Task, answer: Any, error: BaseException | None) -> None:
-    task.answer, task.error, task.finished = answer, error, True
+def _finish(task: _Task, box: list[Any], error: BaseException | None) -> None:
+    task.answer, task.error, task.finished = box.pop(), error, True
     task.event.set()
     if task.on_done is not None:
         task.on_done()
@@ -541,8 +541,10 @@ def _when_done(task: _Task, token: Any) -> Callable[[Any], None]:
                 error = f.exception()
         except BaseException as exc:  # cancelled or released meanwhile
             error = exc
+        box = [answer]  # the loop takes the answer out: this thread, still waiting on
+        del answer  # it, holds none of the values the caller may have let go by then
         with contextlib.suppress(Exception):  # the caller's loop is gone: nobody waits
-            anyio.from_thread.run_sync(_finish, task, answer, error, token=token)
+            anyio.from_thread.run_sync(_finish, task, box, error, token=token)
 
     return done
 
