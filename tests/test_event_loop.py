@@ -181,3 +181,54 @@ def test_a_calls_first_use_of_a_feature_imports_nothing_on_the_callers_loop() ->
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "4 []"
+
+
+_A_STREAM_FIRST = """
+import asyncio, sys, threading, ashard
+def table_of(shard):
+    return {"id": [shard.id]}
+lock = threading.Lock()
+def holds_a_lock(shard):
+    return lock is not None
+loop_thread = threading.get_ident()
+seen, watching = [], True
+def on_import(event, args):
+    if event == "import" and watching and threading.get_ident() == loop_thread:
+        seen.append(args[0])
+async def main():
+    global watching
+    shards = ashard.shards(4, block_size=1)
+    async with ashard.Pool(2) as pool:
+        await pool.map(abs, [-1])  # the supervisor is loaded; cloudpickle and tables not
+        assert "cloudpickle" not in sys.modules and "ashard.tables" not in sys.modules
+        sys.addaudithook(on_import)
+        stream = pool.shard_stream(shards, table_of, results="table")
+        built = "cloudpickle" in sys.modules or "ashard.tables" in sys.modules
+        async with stream:
+            refs = [done.value async for done in stream]
+            watching = False
+            ids = sorted(ref.read().column("id")[0].as_py() for ref in refs)
+        watching = True
+        started = pool.stats.started
+        refused = pool.shard_stream(shards, holds_a_lock)  # built: its fn is pickled later
+        try:
+            async with refused:
+                pass
+        except TypeError as exc:
+            refusal = "fn" in str(exc)
+        else:
+            refusal = "nothing"
+        print(built, ids, refusal, pool.stats.started == started, seen)
+asyncio.run(main())
+"""
+
+
+def test_a_streams_first_use_of_a_feature_imports_nothing_on_the_callers_loop() -> None:
+    """`shard_stream` is built in sync code, on the caller's loop: what it needs first
+    (cloudpickle for a function from `__main__`, the table modules for
+    ``results="table"``) is loaded in a thread once the stream is entered, and the
+    function is pickled then; one that cannot be is refused by ``async with``."""
+    out = subprocess.run([sys.executable, "-c", _A_STREAM_FIRST],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False [0, 1, 2, 3] True True []"

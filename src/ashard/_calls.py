@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import anyio
 import anyio.abc
 
-from ashard._backend import Accepted, Backend
+from ashard._backend import Accepted, Backend, load_supervisor, needed_by
 from ashard._consumers import Reducer, StreamBuffer
-from ashard._job import Job
+from ashard._job import UNSETTLED, Job
 from ashard._options import (
     CallOptions,
     MapOptions,
@@ -53,6 +53,7 @@ from ashard.results import ReduceResult, ShardResult
 from ashard.shards import Shards
 
 if TYPE_CHECKING:
+    from ashard._places import Place
     from ashard.errors import ShardError
     from ashard.tables import ResultStore
 
@@ -111,12 +112,16 @@ def shard_job(
     inputs, outputs = check_borrow(borrow, out, again=earlier is not None)
     check_takes(checked_fn, inputs, outputs, "shard")
     check_concurrency_fn(opts, checked_fn, where)
-    store = results_store(opts) if earlier is None else earlier._store
-    payload = pickle_payload(with_sources(checked_fn), "fn")
+    place = results_place(opts)
     buffer = None
-    if accepted is StreamOptions:
+    if accepted is StreamOptions:  # built in sync code, on the loop: made once entered
         buffer = StreamBuffer(opts.ordered, opts.max_pending or DEFAULT_MAX_PENDING)
-    job = Job.of_shards(payload, opts, layout, sequence, inputs, outputs, buffer, store, reducer)
+        job = Job.of_shards(UNSETTLED, opts, layout, sequence, inputs, outputs, buffer, None)
+        job.unsettled = _Unsettled(checked_fn, opts.results, place)
+    else:
+        store = _made_store(opts.results, place) if earlier is None else earlier._store
+        payload = pickle_payload(with_sources(checked_fn), "fn")
+        job = Job.of_shards(payload, opts, layout, sequence, inputs, outputs, None, store, reducer)
     job.api = where
     if accepted is ShardOptions and reducer is None:
         job.given = _Given(checked_fn, shards, borrow, out, dict(options))
@@ -147,8 +152,9 @@ class _Again:
     skipped: Mapping[int, ShardError]
 
 
-def results_store(opts: CallOptions) -> ResultStore | None:
-    """The store of a call's values under ``results="table"`` / ``"disk"``."""
+def results_place(opts: CallOptions) -> Place | None:
+    """Where a call's values go under ``results="table"`` / ``"disk"`` (None: a
+    temporary directory, or nowhere under ``"memory"``), checked."""
     if opts.results == "memory":
         if opts.results_path is not None:
             raise ValueError(
@@ -156,14 +162,37 @@ def results_store(opts: CallOptions) -> ResultStore | None:
                 "the values come back to the caller: drop results_path or choose a mode"
             )
         return None
-    # Only a call that keeps its values in a table or on disk needs these (pyarrow).
-    from ashard._places import Place
-    from ashard.tables import ResultStore
+    if opts.results_path is None:
+        return None
+    from ashard._places import Place  # only a call that keeps its values
 
-    place = None
-    if opts.results_path is not None:  # checked for being empty when the call starts
-        place = Place.resolve(opts.results_path, None, "results_path")
-    return ResultStore(opts.results, place)
+    return Place.resolve(opts.results_path, None, "results_path")  # emptiness: at the start
+
+
+def _made_store(results: str, place: Place | None) -> ResultStore | None:
+    if results == "memory":
+        return None
+    from ashard.tables import ResultStore  # pyarrow: only a call that keeps its values
+
+    return ResultStore(results, place)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Unsettled:
+    """What a `shard_stream` makes once it is entered rather than when it is built, in
+    sync code on the caller's loop: its function pickled (a first one that travels by
+    value imports cloudpickle: 7 ms) and its results store (pyarrow: 15 ms). The modules
+    are loaded in a thread first. A function that cannot be pickled is refused by
+    ``async with``, as a borrow that cannot be."""
+
+    fn: Callable[..., Any]
+    results: str
+    place: Place | None
+
+    async def settle(self, job: Job) -> None:
+        await load_supervisor(*needed_by(self.fn, {"results": self.results}))
+        payload = pickle_payload(with_sources(self.fn), "fn")
+        job.settle(payload, _made_store(self.results, self.place))
 
 
 def reduce_job(
@@ -427,6 +456,8 @@ def stream(pool: Runs, job: Job, layout: Shards, resize: int | None = None) -> S
         raise RuntimeError("this ashard.Pool is closed")
 
     async def run(task_status: anyio.abc.TaskStatus[None]) -> None:
+        if job.unsettled is not None:
+            await job.unsettled.settle(job)
         await job.prepare()
         backend = await pool.backend()
         status = Accepted(backend, resize, task_status)

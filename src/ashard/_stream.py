@@ -1,8 +1,8 @@
 """`ShardStream`: results as they complete, through an async context manager.
 
 `shard_stream(...)` checks its arguments at once and returns the stream; entering it
-runs the job (`ashard._calls.stream`: outputs opened, shared inputs prepared) in a
-task group the stream owns; iterating takes finished shards from the job's
+runs the job (`ashard._calls.stream`: function pickled, outputs opened, shared inputs
+prepared) in a task group the stream owns; iterating takes finished shards from the job's
 `StreamBuffer`. The buffer is bounded
 (`max_pending`): the job dispatches only while finished-but-unconsumed plus in-flight
 shards stay under it, so a slow consumer slows the workers instead of growing memory.
