@@ -232,3 +232,84 @@ def test_a_streams_first_use_of_a_feature_imports_nothing_on_the_callers_loop() 
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False [0, 1, 2, 3] True True []"
+
+
+_A_FIRST_STREAM = """
+import asyncio, sys, threading, ashard
+def ident(shard):
+    return shard.id
+loop_thread = threading.get_ident()
+seen = []
+def on_import(event, args):
+    if event == "import" and threading.get_ident() == loop_thread:
+        seen.append(args[0])
+async def main():
+    sys.addaudithook(on_import)
+    pool = ashard.Pool(1) if sys.argv[1] == "pool" else None
+    make = ashard.shard_stream if pool is None else pool.shard_stream
+    try:
+        make(4, ident, max_pending=0)
+    except ValueError as exc:
+        refused = "max_pending" in str(exc)
+    else:
+        refused = "nothing"
+    stream = make(ashard.shards(4, block_size=1), ident)
+    built = "ashard._calls" in sys.modules
+    async with stream:
+        ids = sorted([done.value async for done in stream])
+    await (ashard.shutdown() if pool is None else pool.aclose())
+    layer = ("ashard._calls", "ashard._job", "ashard._scheduler", "ashard.pool")
+    print(refused, built, ids, [name for name in seen if name in layer])
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("where", ["default", "pool"])
+def test_a_first_stream_checks_its_arguments_at_once_and_loads_the_call_layer_off_the_loop(
+    where: str,
+) -> None:
+    """The first `shard_stream` of a process (on the default pool, or on a pool never
+    used yet) is built before anything of the call layer is loaded: it checks its
+    arguments at once, and the call layer (~50 ms of imports) loads in a thread once
+    it is entered."""
+    out = subprocess.run([sys.executable, "-c", _A_FIRST_STREAM, where],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True False [0, 1, 2, 3] []"
+
+
+_A_FIRST_CALL = """
+import sys, threading, ashard
+def ident(shard):
+    return shard.id
+loop_thread = threading.get_ident()
+seen = []
+def on_import(event, args):
+    if event == "import" and threading.get_ident() == loop_thread:
+        seen.append(args[0])
+async def main():
+    shard_map, call, shutdown = ashard.shard_map, ashard.call, ashard.shutdown
+    sys.addaudithook(on_import)
+    ids = (await shard_map(ashard.shards(4, block_size=1), ident)).results
+    answer = await call(abs, -3)
+    await shutdown()
+    print(ids, answer, [name for name in seen if name.startswith(("ashard", "anyio"))])
+if sys.argv[1] == "trio":
+    import trio
+    trio.run(main)
+else:
+    import asyncio
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_processes_first_call_imports_nothing_on_the_callers_loop(loop: str) -> None:
+    """A process's first module-level call, in an app that has not imported anyio,
+    imports anyio's backend, ashard's backend seam and the supervisor in a thread of
+    the loop's own (asyncio's default executor, trio's threads): 30-70 ms of imports
+    that otherwise ran in one step of the caller's loop."""
+    out = subprocess.run([sys.executable, "-c", _A_FIRST_CALL, loop],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[0, 1, 2, 3] 3 []"

@@ -88,10 +88,11 @@ __all__ = [
     "on_one_loop",
 ]
 
-SUPERVISOR = ("ashard._scheduler", "ashard._calls")
+SUPERVISOR = ("ashard._scheduler", "ashard._calls", "ashard.pool")
 """The modules that bring in the supervisor (the local backend, the call layer and
 everything they use: ~100 ms of imports): loaded off the event loop on a pool's first
-async use, never when `ashard.Pool` is touched."""
+async use, never when `ashard.Pool` is touched. `ashard.pool` is there for the
+module-level calls, whose default pool is made once they run."""
 
 
 @dataclass(slots=True, eq=False)

@@ -38,9 +38,9 @@ from ashard._options import (
     check_fn,
     check_items,
     check_positive_int,
+    check_shard_args,
     check_takes,
     check_workers,
-    resolve_shards,
 )
 from ashard._outcomes import warn_hygiene
 from ashard._positions import ShardPositions
@@ -106,13 +106,10 @@ def shard_job(
     """The job of a `shard_map`, `shard_stream` or `shard_reduce` call, every
     argument checked (nothing is made on disk yet); `earlier`: the result of the
     `shard_map` this call runs part of again (`retry_job`), whose outputs it writes to."""
-    opts = CallOptions.build(options, accepted, where)
-    checked_fn = check_fn(fn)
-    layout, sequence = resolve_shards(shards)
-    inputs, outputs = check_borrow(borrow, out, again=earlier is not None)
-    check_takes(checked_fn, inputs, outputs, "shard")
-    check_concurrency_fn(opts, checked_fn, where)
-    place = results_place(opts)
+    opts, checked_fn, layout, sequence, inputs, outputs = check_shard_args(
+        shards, fn, borrow, out, options, accepted, where, again=earlier is not None
+    )
+    place = results_place(opts) if earlier is None else None
     buffer = None
     if accepted is StreamOptions:  # built in sync code, on the loop: made once entered
         buffer = StreamBuffer(opts.ordered, opts.max_pending or DEFAULT_MAX_PENDING)
@@ -155,14 +152,7 @@ class _Again:
 def results_place(opts: CallOptions) -> Place | None:
     """Where a call's values go under ``results="table"`` / ``"disk"`` (None: a
     temporary directory, or nowhere under ``"memory"``), checked."""
-    if opts.results == "memory":
-        if opts.results_path is not None:
-            raise ValueError(
-                'results_path is where results="table" or "disk" go; with results="memory" '
-                "the values come back to the caller: drop results_path or choose a mode"
-            )
-        return None
-    if opts.results_path is None:
+    if opts.results == "memory" or opts.results_path is None:  # (checked: `check_shard_args`)
         return None
     from ashard._places import Place  # only a call that keeps its values
 

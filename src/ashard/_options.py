@@ -46,6 +46,7 @@ __all__ = [
     "check_fn",
     "check_items",
     "check_positive_int",
+    "check_shard_args",
     "check_size",
     "check_timeout",
     "check_worker_loop",
@@ -492,6 +493,33 @@ def check_takes(fn: Callable[..., Any], inputs: Mapping[str, Any], outputs: Mapp
                     f"called as fn({first}, **borrow, **out) and its parameters are "
                     f"({', '.join(params)}){_nearest(name, keywords)}"
                 )
+
+
+def check_shard_args(
+    shards: object,
+    fn: object,
+    borrow: object,
+    out: object,
+    options: Mapping[str, object],
+    accepted: type,
+    where: str,
+    again: bool = False,
+) -> tuple[CallOptions, Callable[..., Any], Shards, Any, dict[str, Any], dict[str, Any]]:
+    """Every argument of a `shard_map`, `shard_stream` or `shard_reduce` call checked
+    (`again`: a `retry_failed`'s): its options, `fn`, its layout and sequence (or None),
+    its borrowed objects and its outputs. Nothing is made, pickled or imported."""
+    opts = CallOptions.build(options, accepted, where)
+    checked_fn = check_fn(fn)
+    layout, sequence = resolve_shards(shards)
+    inputs, outputs = check_borrow(borrow, out, again=again)
+    check_takes(checked_fn, inputs, outputs, "shard")
+    check_concurrency_fn(opts, checked_fn, where)
+    if opts.results == "memory" and opts.results_path is not None:
+        raise ValueError(
+            'results_path is where results="table" or "disk" go; with results="memory" '
+            "the values come back to the caller: drop results_path or choose a mode"
+        )
+    return opts, checked_fn, layout, sequence, inputs, outputs
 
 
 def _name_of(fn: Callable[..., Any]) -> str:

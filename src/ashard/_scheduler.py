@@ -68,6 +68,7 @@ from ashard._handle import WorkerConfig, WorkerHandle
 from ashard._health import PROFILES, HealthPolicy
 from ashard._lanes import CANCEL_GRACE, KILL_GRACE, CallLanes, Hung, LaneLost
 from ashard._log import logger, warn_user
+from ashard._memory import available_bytes
 from ashard._outcomes import (
     CRASHED,
     call_outcome,
@@ -343,8 +344,6 @@ class Scheduler:
             if isinstance(given, int):
                 budget = Budget(given, "given")
             else:
-                from ashard._memory import available_bytes
-
                 room, source = await anyio.to_thread.run_sync(available_bytes)
                 budget = Budget(max(1, int(AUTO_BUDGET_SHARE * room)), source)
             if self.budget is None:  # no other call made it meanwhile

@@ -17,13 +17,11 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.abc
 
-from ashard._outcomes import interrupt_in
-from ashard.errors import ShardMapError
-from ashard.results import ShardDone
-from ashard.shards import Shard
-
 if TYPE_CHECKING:
     from ashard._job import Job
+    from ashard.errors import ShardMapError
+    from ashard.results import ShardDone
+    from ashard.shards import Shard
 
 __all__ = ["ShardStream"]
 
@@ -50,10 +48,26 @@ class ShardStream:
         self._job = job
         self._shards = shards
         self._tg: anyio.abc.TaskGroup | None = None
+        self._build: Callable[[], Awaitable[ShardStream]] | None = None
+
+    @classmethod
+    def later(cls, build: Callable[[], Awaitable[ShardStream]]) -> ShardStream:
+        """A stream whose arguments were checked, built by `build` once entered: the
+        first one of a process, before the call layer was loaded (importing it would
+        hold the caller's loop; `build` loads it in a thread). This module imports
+        nothing more until then."""
+        stream = cls.__new__(cls)
+        stream._tg = None
+        stream._build = build
+        return stream
 
     async def __aenter__(self) -> ShardStream:
         if self._tg is not None:
             raise RuntimeError("a ShardStream can be entered only once")
+        if self._build is not None:
+            build, self._build = self._build, None
+            built = await build()
+            self._run, self._job, self._shards = built._run, built._job, built._shards
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         try:
@@ -73,6 +87,8 @@ class ShardStream:
         try:
             await self._tg.__aexit__(None, None, None)
         except BaseExceptionGroup as group:
+            from ashard._outcomes import interrupt_in  # loaded with the call layer
+
             interrupt = interrupt_in(group)
             if interrupt is not None:
                 raise interrupt from None
@@ -114,10 +130,14 @@ class ShardStream:
             await job.wait_change()
 
     def _failure_error(self) -> ShardMapError:
+        from ashard.errors import ShardMapError  # loaded with the call layer
+
         return ShardMapError.of(self._job.failure_list(), self._job.result(self._shards))
 
     @property
     def pending(self) -> int:
         """Finished shards waiting to be consumed."""
+        if self._build is not None:  # not built yet
+            return 0
         assert self._job.stream is not None
         return self._job.stream.pending

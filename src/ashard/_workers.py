@@ -33,6 +33,7 @@ import anyio
 from ashard._health import PROFILES as _PROFILES
 from ashard._health import Gauged, HealthPolicy, Monitor
 from ashard._log import logger, worker_event
+from ashard._memory import oom_kills
 from ashard._outcomes import Loss, describe_exit, first_error
 from ashard.errors import WorkerStartError
 from ashard.results import PoolStats
@@ -463,8 +464,6 @@ class WorkerSet:
         if hung or violation is not None or await w.wait_exit(1.0) is None:
             await w.kill()
         if self._oom_seen is not None:  # did the kernel's OOM killer count a kill since?
-            from ashard._memory import oom_kills
-
             seen, self._oom_seen = self._oom_seen, await anyio.to_thread.run_sync(oom_kills)
             w.oom_counted = self._oom_seen > seen
         self.count_death(w, timed_out=hung)
@@ -522,8 +521,6 @@ class WorkerSet:
         self._starting += 1  # before any wait: `_may_start` counts it from now on
         try:
             if self._oom_seen is None:  # where out-of-memory kills are counted from
-                from ashard._memory import oom_kills
-
                 self._oom_seen = await anyio.to_thread.run_sync(oom_kills)
             w = await self._start_worker()
         finally:

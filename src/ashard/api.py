@@ -12,7 +12,9 @@ before the worker is launched would delay its start by ~30 ms.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
@@ -22,6 +24,8 @@ from ashard._options import (
     ReduceOptions,
     ShardOptions,
     StreamOptions,
+    check_shard_args,
+    check_workers,
     takes_options,
 )
 
@@ -95,9 +99,7 @@ async def _supervisor(
     if ahead:
         _spawn.prestart()
     try:
-        from ashard._backend import load_supervisor, needed_by  # cold start: after the launch
-
-        await load_supervisor(*needed_by(fn, options))
+        await _load(fn, options)  # cold start: after the launch
         yield
     finally:
         done = _spawn.discard() if ahead else None
@@ -106,6 +108,42 @@ async def _supervisor(
 
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(done.result)
+
+
+async def _load(fn: object = None, options: Mapping[str, object] | None = None) -> None:
+    """Import the supervisor and what a call of `fn` with `options` needs off the
+    event loop (`load_supervisor`, `needed_by`). A process's first call imports anyio
+    and `ashard._backend` (10-50 ms, as anyio's backend modules load) in a thread too,
+    through the running loop's own: asyncio's default executor, or trio's threads."""
+    await _import_in_a_thread("ashard._backend", "ashard._serialize")
+    from ashard._backend import load_supervisor, needed_by  # loaded (above)
+
+    await load_supervisor(*needed_by(fn, options))
+
+
+async def _import_in_a_thread(*modules: str) -> None:
+    """Import `modules`, and anyio's backend for the running event loop (anyio loads it
+    on first use), in a thread of that loop's own: anyio is not used for it."""
+    asyncio = sys.modules.get("asyncio")
+    loop = asyncio._get_running_loop() if asyncio is not None else None
+    backend = "anyio._backends._asyncio" if loop is not None else "anyio._backends._trio"
+    names = (*modules, backend)
+    if all(n in sys.modules for n in names):
+        return
+    if loop is None:  # trio: anyio's other backend
+        import trio
+
+        await trio.to_thread.run_sync(_import_all, names)
+        return
+    try:
+        await loop.run_in_executor(None, _import_all, names)
+    except RuntimeError:  # its default executor was shut down
+        _import_all(names)
+
+
+def _import_all(names: tuple[str, ...]) -> None:
+    for name in names:
+        importlib.import_module(name)
 
 
 @takes_options(ShardOptions)
@@ -157,7 +195,19 @@ def shard_stream(
     for the consumer (default 1024); a slow consumer pauses dispatch. Leaving the
     block early cancels the shards still running.
     """
-    from ashard import _calls  # not async: on the loop if nothing loaded it yet
+    if pool is None and "ashard._calls" not in sys.modules:  # the call layer: once entered
+        check_workers("workers", workers)
+        check_shard_args(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
+        from ashard._stream import ShardStream  # imports nothing more
+
+        async def build() -> ShardStream:
+            await _load(fn, options)
+            return shard_stream(
+                shards, fn, borrow=borrow, out=out, pool=pool, workers=workers, **options
+            )
+
+        return ShardStream.later(build)
+    from ashard import _calls  # loaded (but by a pool= not used yet: then here)
 
     target, size = _target(pool, workers)
     job, layout = _calls.shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
@@ -235,9 +285,7 @@ async def retry_failed(
     reused and the new result shares the first's directory: close one when done with
     both), the rerun shards' outcomes merged in; its `diagnostics` tell of the rerun.
     It runs on the pool the call ran on, or on `pool`."""
-    from ashard._backend import load_supervisor, needed_by  # cold start: see the docstring
-
-    await load_supervisor(*needed_by(fn, options))
+    await _load(fn, options)
     from ashard import _calls  # loaded just now, off the loop
 
     return await _calls.retry_result(result, fn, only, options, pool)

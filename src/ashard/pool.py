@@ -26,6 +26,7 @@ from ashard._options import (
     check_env,
     check_fn,
     check_min_workers,
+    check_shard_args,
     check_size,
     check_timeout,
     check_worker_loop,
@@ -361,7 +362,18 @@ class Pool:
         **options: Unpack[StreamOptions],
     ) -> ShardStream:
         """``async with pool.shard_stream(...) as stream: async for done in stream``."""
-        from ashard import _calls  # on the loop if it is the pool's first use: not async
+        if "ashard._calls" not in sys.modules:  # not async: the call layer loads once entered
+            if self.closed:
+                raise RuntimeError("this ashard.Pool is closed")
+            check_shard_args(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
+            from ashard._stream import ShardStream  # imports nothing more
+
+            async def build() -> ShardStream:
+                await load_supervisor(*needed_by(fn, options))
+                return self.shard_stream(shards, fn, borrow=borrow, out=out, **options)
+
+            return ShardStream.later(build)
+        from ashard import _calls  # loaded by now
 
         job, layout = _calls.shard_job(
             shards, fn, borrow, out, options, StreamOptions, "shard_stream"
