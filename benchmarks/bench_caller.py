@@ -16,6 +16,7 @@ Cases (2 workers each, ``--workers`` to change):
   peer: `anyio.to_process.run_sync`.
 * ``biglist``: a `shard_map` over a list of 2M short strings (the default shards, 4 per
   CPU); peer: `multiprocessing.Pool.map` over the same slices, run in a thread.
+* ``bigdict``: a `shard_map` of 8 shards borrowing a dict of 1M entries (int to str).
 
 Reported per case: loop lateness p50 / p99 / max (ms), the caller's CPU per unit of work
 (µs) and the rate. Medians over ``--rounds`` interpreters.
@@ -132,6 +133,16 @@ async def main():
                     for _ in range(5):
                         assert await pool.call(fns.nbytes, array) == array.nbytes
                     return 5
+            elif CASE == "bigdict":
+                import gc
+
+                table = {{i: str(i) for i in range(int(1_000_000 * SCALE))}}
+                gc.collect()
+
+                async def run():
+                    res = await pool.shard_map(8, fns.borrowed_len, borrow={{"x": table}})
+                    assert res.results == [len(table)] * 8
+                    return 8
             elif CASE == "biglist":
                 words = big_list()
 
@@ -230,8 +241,10 @@ CASES = {
     "calls": ("ashard", "anyio.to_process"),
     "bigarg": ("ashard", "anyio.to_process"),
     "biglist": ("ashard", "multiprocessing.Pool"),
+    "bigdict": ("ashard",),
 }
-UNIT = {"map": "item", "stream": "shard", "borrow": "shard", "calls": "call", "bigarg": "call", "biglist": "item"}
+UNIT = {"map": "item", "stream": "shard", "borrow": "shard", "calls": "call", "bigarg": "call",
+        "biglist": "item", "bigdict": "shard"}  # fmt: skip
 
 
 def run_case(case: str, side: str, workers: int, scale: float, backend: str) -> dict[str, float]:

@@ -338,6 +338,71 @@ async def test_a_long_argument_that_cannot_be_pickled_is_named(long_args: None) 
         assert await pool.call(abs, -1) == 1
 
 
+def _long_dict() -> dict[Any, Any]:
+    entries: dict[Any, Any] = {}
+    for i in range(1_000):  # keys of several types, in an order that is not sorted
+        entries[(-i, "t") if i % 5 == 0 else f"k{999 - i}" if i % 2 else 999 - i] = (
+            None if i % 7 == 0 else [i] if i % 3 == 0 else f"v{i}"
+        )
+    return entries
+
+
+async def test_long_dict_arguments_and_borrows_arrive_whole_in_order_and_as_given(
+    long_args: None,
+) -> None:
+    """A dict of 100 entries or more (here; 16k in use), as a call's argument or as what
+    a call borrows, is pickled a piece of entries per loop step: it arrives whole, in
+    its order, as a dict (a call's argument given twice, as one object). A subclass
+    (an OrderedDict) goes whole, as itself."""
+    import collections
+
+    entries = _long_dict()
+    ordered = collections.OrderedDict((k, k) for k in range(300))
+    async with ashard.Pool(2) as pool:
+        kinds, alias, args, _ = await pool.call(workloads.args_seen, entries, entries, ordered)
+        assert kinds == ["dict", "dict", "OrderedDict"]
+        assert alias
+        assert args == [entries, entries, ordered]
+        assert list(args[0].items()) == list(entries.items())
+        res = await pool.shard_map(2, workloads.borrowed_seen, borrow={"d": entries, "e": entries})
+    lent, seen = res.results[0]
+    assert lent == {"d": "dict", "e": "dict"}
+    assert seen == list(entries.items())
+
+
+async def test_a_long_borrowed_dict_that_changes_size_while_it_is_sent_arrives_as_it_became(
+    long_args: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another task adds an entry between two pieces of a borrowed dict: the call lends
+    the dict whole, as it is then, never a mix of pieces."""
+    entries = _long_dict()
+    real = anyio.lowlevel.checkpoint
+
+    async def grow_then_checkpoint() -> None:
+        if "late" not in entries:
+            entries["late"] = "entry"
+        await real()
+
+    async with ashard.Pool(1) as pool:
+        await pool.call(abs, -1)
+        monkeypatch.setattr(anyio.lowlevel, "checkpoint", grow_then_checkpoint)
+        res = await pool.shard_map(1, workloads.borrowed_seen, borrow={"d": entries})
+        monkeypatch.undo()
+    assert res.results[0][1] == list(entries.items())
+    assert res.results[0][1][-1] == ("late", "entry")
+
+
+async def test_a_long_borrowed_dict_that_cannot_be_pickled_is_named(long_args: None) -> None:
+    import threading
+
+    entries = _long_dict()
+    entries["lock"] = threading.Lock()
+    async with ashard.Pool(1) as pool:
+        with pytest.raises(TypeError, match=r"borrow\['d'\]"):
+            await pool.shard_map(2, workloads.borrowed_seen, borrow={"d": entries})
+        assert await pool.call(abs, -1) == 1
+
+
 def kind_and_digest(*args: object, **kwargs: object) -> list[tuple[str, str]]:
     import hashlib
 

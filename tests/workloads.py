@@ -63,6 +63,14 @@ def args_seen(*args: Any, **kwargs: Any) -> tuple[list[str], bool, list[Any], di
     return [type(v).__name__ for v in values], alias, list(args), kwargs
 
 
+def borrowed_seen(shard: Shard, **borrowed: Any) -> tuple[dict[str, str], list[Any]] | None:
+    """What shard 0 was lent: each object's type, and the entries of the one named "d"
+    in their order (None from the other shards)."""
+    if shard.id != 0:
+        return None
+    return {name: type(v).__name__ for name, v in borrowed.items()}, list(borrowed["d"].items())
+
+
 def pid_of(shard: Shard) -> int:
     return os.getpid()
 

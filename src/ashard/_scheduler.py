@@ -40,7 +40,7 @@ import itertools
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -312,9 +312,13 @@ class Scheduler:
             if modules:
                 self.workers.preload(modules)  # while the data is copied, not after
             made: list[Exported] = []
+            given = work.borrow
+            if _any_long(given.values()):  # pickled in a thread, they would hold the GIL
+                joined = await _long_ones_in_pieces(given.values())
+                given = {name: joined.get(id(v), v) for name, v in given.items()}
 
             def share() -> Exported:
-                made.append(export(work.borrow, work.out, work.opts.cow, self.borrowed))
+                made.append(export(given, work.out, work.opts.cow, self.borrowed))
                 return made[-1]
 
             try:
@@ -920,12 +924,12 @@ async def _in_pieces(items: Sequence[Any]) -> Any:
             return exc
         if pieces is None:  # thousands of arrays: whole, as `pack` sends them
             return [x.whole() if type(x) is Cut else x for x in items]
-        wire.append(Joined(pieces, type(item.source) is tuple))
+        wire.append(Joined(pieces, tuple if type(item.source) is tuple else list))
     return wire
 
 
 async def _pieces(
-    piece: Callable[[int, int], Sequence[Any]], n: int, budget: list[int]
+    piece: Callable[[int, int], Any], n: int, budget: list[int]
 ) -> list[Payload] | None:
     """`n` items pickled a piece per loop step (``piece(start, stop)``: those items),
     each piece sized to take about `PIECE_SECONDS`; None once they would take more
@@ -946,32 +950,47 @@ async def _pieces(
     return pieces
 
 
+_LONG_KINDS = (list, tuple, dict)
+
+
 def _any_long(values: Iterable[Any]) -> bool:
-    """Is one of `values` a list or tuple of `CUT_FROM` items or more?"""
-    return any(type(v) in (list, tuple) and len(v) >= CUT_FROM for v in values)
+    """Is one of `values` a list, tuple or dict of `CUT_FROM` items or more?"""
+    return any(type(v) in _LONG_KINDS and len(v) >= CUT_FROM for v in values)
 
 
 def _slice_of(items: Sequence[Any], start: int, stop: int) -> Sequence[Any]:
     return items[start:stop]
 
 
+def _entries_of(entries: Iterator[tuple[Any, Any]], start: int, stop: int) -> dict[Any, Any]:
+    """The next ``stop - start`` entries of a dict, as a dict (`entries`: its items,
+    read in order from one piece to the next; it raises if the dict changes size)."""
+    return dict(itertools.islice(entries, stop - start))
+
+
 async def _long_ones_in_pieces(values: Iterable[Any]) -> dict[int, Joined]:
-    """Each list or tuple of `CUT_FROM` items or more among `values` (a call's arguments,
-    a chunk's items) pickled a piece per loop step into a `Joined`, by `id`: one for an
-    object given twice, which the worker then gets as one object. One that cannot be
-    pickled so, or changes length meanwhile, is left out: it goes as it is (its message
-    names or raises the error)."""
+    """Each list, tuple or dict of `CUT_FROM` items or more among `values` (a call's
+    arguments, a chunk's items, what a call borrows) pickled a piece per loop step into
+    a `Joined`, by `id`: one for an object given twice, which the worker then gets as
+    one object. One that cannot be pickled so, or changes length meanwhile, is left out:
+    it goes as it is (its message names or raises the error)."""
     joined: dict[int, Joined] = {}
     budget = [MAX_BUFFERS // 4]
     for v in values:
-        if type(v) in (list, tuple) and len(v) >= CUT_FROM and id(v) not in joined:
+        kind = type(v)
+        if kind in _LONG_KINDS and len(v) >= CUT_FROM and id(v) not in joined:
             n = len(v)
+            piece = (
+                functools.partial(_entries_of, iter(v.items()))
+                if kind is dict
+                else functools.partial(_slice_of, v)
+            )
             try:
-                pieces = await _pieces(functools.partial(_slice_of, v), n, budget)
-            except Exception:
+                pieces = await _pieces(piece, n, budget)
+            except Exception:  # (a dict that changed size: RuntimeError)
                 pieces = None
             if pieces is not None and len(v) == n:
-                joined[id(v)] = Joined(pieces, type(v) is tuple)
+                joined[id(v)] = Joined(pieces, kind)
     return joined
 
 

@@ -334,31 +334,36 @@ def pack(obj: object) -> Payload:
 
 
 class Joined:
-    """A long list or tuple pickled a piece at a time (`pieces`: a `Payload` of each
-    slice of it, in order), so that no one step of the caller's loop pickles all of
-    it; unpickled as the one list (or tuple, `as_tuple`). The pieces travel out of
-    band, uncopied."""
+    """A long list, tuple or dict pickled a piece at a time (`pieces`: a `Payload` of
+    each slice of it, in order: a list of items, or a dict of entries), so that no one
+    step of the caller's loop pickles all of it; unpickled as the one `kind` of object.
+    The pieces travel out of band, uncopied."""
 
-    __slots__ = ("as_tuple", "pieces")
+    __slots__ = ("kind", "pieces")
 
-    def __init__(self, pieces: list[Payload], as_tuple: bool) -> None:
+    def __init__(self, pieces: list[Payload], kind: type) -> None:
         self.pieces = pieces
-        self.as_tuple = as_tuple
+        self.kind = kind
 
     def __reduce__(self) -> tuple[Any, ...]:
         pieces = [
             (data if isinstance(data, pickle.PickleBuffer) else pickle.PickleBuffer(data), bufs)
             for data, bufs in self.pieces
         ]
-        return joined, (self.as_tuple, *pieces)
+        return joined, (self.kind, *pieces)
 
 
-def joined(as_tuple: bool, *pieces: Payload) -> list[Any] | tuple[Any, ...]:
+def joined(kind: type, *pieces: Payload) -> list[Any] | tuple[Any, ...] | dict[Any, Any]:
     """What a `Joined` was made of: its pieces unpickled, one after the other."""
+    if kind is dict:
+        entries: dict[Any, Any] = {}
+        for piece in pieces:
+            entries.update(unpack(piece))
+        return entries
     out: list[Any] = []
     for piece in pieces:
         out += unpack(piece)
-    return tuple(out) if as_tuple else out
+    return tuple(out) if kind is tuple else out
 
 
 def unpack(payload: Payload) -> Any:
