@@ -238,6 +238,10 @@ async def test_a_refused_call_changes_nothing(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"borrow\['lock'\].*pickled"):
         async with ashard.shard_stream(3, fn, workers=1, borrow=lock):
             pass
+    with pytest.raises(ValueError, match="results_path 'nosuch://x' is not a URI"):
+        async with ashard.shard_stream(3, workloads.shard_sum, workers=1, results="disk",
+                                       results_path="nosuch://x"):  # fmt: skip
+            pass
     with pytest.raises(ValueError, match="not empty"):
         await ashard.shard_map(3, workloads.shard_sum, workers=1, results="disk",
                                results_path=_a_file_in(tmp_path))  # fmt: skip

@@ -109,13 +109,13 @@ def shard_job(
     opts, checked_fn, layout, sequence, inputs, outputs = check_shard_args(
         shards, fn, borrow, out, options, accepted, where, again=earlier is not None
     )
-    place = results_place(opts) if earlier is None else None
     buffer = None
     if accepted is StreamOptions:  # built in sync code, on the loop: made once entered
         buffer = StreamBuffer(opts.ordered, opts.max_pending or DEFAULT_MAX_PENDING)
         job = Job.of_shards(UNSETTLED, opts, layout, sequence, inputs, outputs, buffer, None)
-        job.unsettled = _Unsettled(checked_fn, opts.results, place)
+        job.unsettled = _Unsettled(checked_fn, opts.results, opts.results_path)
     else:
+        place = results_place(opts.results, opts.results_path) if earlier is None else None
         store = _made_store(opts.results, place) if earlier is None else earlier._store
         payload = pickle_payload(with_sources(checked_fn), "fn")
         job = Job.of_shards(payload, opts, layout, sequence, inputs, outputs, None, store, reducer)
@@ -149,14 +149,14 @@ class _Again:
     skipped: Mapping[int, ShardError]
 
 
-def results_place(opts: CallOptions) -> Place | None:
+def results_place(results: str, path: object) -> Place | None:
     """Where a call's values go under ``results="table"`` / ``"disk"`` (None: a
-    temporary directory, or nowhere under ``"memory"``), checked."""
-    if opts.results == "memory" or opts.results_path is None:  # (checked: `check_shard_args`)
+    temporary directory, or nowhere under ``"memory"``): `path` resolved."""
+    if results == "memory" or path is None:  # (a path with "memory": `check_shard_args`)
         return None
     from ashard._places import Place  # only a call that keeps its values
 
-    return Place.resolve(opts.results_path, None, "results_path")  # emptiness: at the start
+    return Place.resolve(path, None, "results_path")  # emptiness: when the call starts
 
 
 def _made_store(results: str, place: Place | None) -> ResultStore | None:
@@ -171,18 +171,20 @@ def _made_store(results: str, place: Place | None) -> ResultStore | None:
 class _Unsettled:
     """What a `shard_stream` makes once it is entered rather than when it is built, in
     sync code on the caller's loop: its function pickled (a first one that travels by
-    value imports cloudpickle: 7 ms) and its results store (pyarrow: 15 ms). The modules
-    are loaded in a thread first. A function that cannot be pickled is refused by
-    ``async with``, as a borrow that cannot be."""
+    value imports cloudpickle: 7 ms), its `results_path` resolved and its results store
+    made (pyarrow: 15 ms). The modules are loaded in a thread first. A function that
+    cannot be pickled, or a path that does not resolve, is refused by ``async with``,
+    as a borrow that cannot be pickled."""
 
     fn: Callable[..., Any]
     results: str
-    place: Place | None
+    path: object
 
     async def settle(self, job: Job) -> None:
         await load_supervisor(*needed_by(self.fn, {"results": self.results}))
         payload = pickle_payload(with_sources(self.fn), "fn")
-        job.settle(payload, _made_store(self.results, self.place))
+        place = results_place(self.results, self.path)
+        job.settle(payload, _made_store(self.results, place))
 
 
 def reduce_job(

@@ -64,10 +64,10 @@ class ShardStream:
     async def __aenter__(self) -> ShardStream:
         if self._tg is not None:
             raise RuntimeError("a ShardStream can be entered only once")
-        if self._build is not None:
-            build, self._build = self._build, None
-            built = await build()
+        if self._build is not None:  # (a build that fails leaves it to build again)
+            built = await self._build()
             self._run, self._job, self._shards = built._run, built._job, built._shards
+            self._build = None
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         try:
