@@ -392,6 +392,49 @@ async def test_a_long_borrowed_dict_that_changes_size_while_it_is_sent_arrives_a
     assert res.results[0][1][-1] == ("late", "entry")
 
 
+async def test_a_long_dict_whose_key_is_replaced_while_it_is_sent_arrives_as_it_became(
+    long_args: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another task takes a key out of a dict argument and puts another in between two
+    of its pieces (its size unchanged): the call sends it whole as it is then, never
+    with both keys."""
+    entries = _long_dict()
+    first = next(iter(entries))
+    real = anyio.lowlevel.checkpoint
+
+    async def swap_then_checkpoint() -> None:
+        if first in entries:
+            del entries[first]
+            entries["new"] = "key"
+        await real()
+
+    async with ashard.Pool(1) as pool:
+        await pool.call(abs, -1)
+        monkeypatch.setattr(anyio.lowlevel, "checkpoint", swap_then_checkpoint)
+        _, _, args, _ = await pool.call(workloads.args_seen, entries)
+        monkeypatch.undo()
+    assert first not in args[0]
+    assert list(args[0].items()) == list(entries.items())
+
+
+def test_a_dicts_entries_read_in_pieces_tell_a_key_replaced_after_the_last_piece() -> None:
+    """The last piece read exactly the dict's size in entries, then a key was replaced
+    (the dict has room: it is not rebuilt): the pieces hold the old key and not the new
+    one, so they are not the dict."""
+    from ashard._scheduler import _Entries
+
+    table = {i: -i for i in range(8)}
+    entries = _Entries(table)
+    assert entries(0, 5) == {i: -i for i in range(5)}
+    assert entries(5, 8) == {i: -i for i in range(5, 8)}
+    del table[0]
+    table["new"] = 1
+    assert not entries.read_whole(8)
+    unchanged = _Entries({i: -i for i in range(8)})
+    assert len(unchanged(0, 16)) == 8
+    assert unchanged.read_whole(8)
+
+
 async def test_a_long_borrowed_dict_that_cannot_be_pickled_is_named(long_args: None) -> None:
     import threading
 

@@ -962,10 +962,27 @@ def _slice_of(items: Sequence[Any], start: int, stop: int) -> Sequence[Any]:
     return items[start:stop]
 
 
-def _entries_of(entries: Iterator[tuple[Any, Any]], start: int, stop: int) -> dict[Any, Any]:
-    """The next ``stop - start`` entries of a dict, as a dict (`entries`: its items,
-    read in order from one piece to the next; it raises if the dict changes size)."""
-    return dict(itertools.islice(entries, stop - start))
+class _Entries:
+    """A dict's entries read in order, a piece at a time (``entries(start, stop)``: the
+    next ``stop - start`` of them, as a dict), counted: reading raises if the dict
+    changes size meanwhile, and a key taken out and another put in shows as one entry
+    too many (`read_whole`)."""
+
+    def __init__(self, entries: dict[Any, Any]) -> None:
+        self._items: Iterator[tuple[Any, Any]] = iter(entries.items())
+        self._count = 0
+
+    def __call__(self, start: int, stop: int) -> dict[Any, Any]:
+        piece = dict(itertools.islice(self._items, stop - start))
+        self._count += len(piece)
+        return piece
+
+    def read_whole(self, n: int) -> bool:
+        """Were exactly the dict's `n` entries read, each once, and nothing more is left?"""
+        try:
+            return self._count == n and next(self._items, None) is None
+        except RuntimeError:  # it changed after its last piece
+            return False
 
 
 async def _long_ones_in_pieces(values: Iterable[Any]) -> dict[int, Joined]:
@@ -980,16 +997,14 @@ async def _long_ones_in_pieces(values: Iterable[Any]) -> dict[int, Joined]:
         kind = type(v)
         if kind in _LONG_KINDS and len(v) >= CUT_FROM and id(v) not in joined:
             n = len(v)
-            piece = (
-                functools.partial(_entries_of, iter(v.items()))
-                if kind is dict
-                else functools.partial(_slice_of, v)
-            )
+            entries = _Entries(v) if kind is dict else None
+            piece = entries if entries is not None else functools.partial(_slice_of, v)
             try:
                 pieces = await _pieces(piece, n, budget)
             except Exception:  # (a dict that changed size: RuntimeError)
                 pieces = None
-            if pieces is not None and len(v) == n:
+            whole = entries is None or entries.read_whole(n)
+            if pieces is not None and len(v) == n and whole:
                 joined[id(v)] = Joined(pieces, kind)
     return joined
 
