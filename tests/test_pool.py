@@ -419,8 +419,8 @@ async def test_a_long_dict_whose_key_is_replaced_while_it_is_sent_arrives_as_it_
 
 def test_a_dicts_entries_read_in_pieces_tell_a_key_replaced_after_the_last_piece() -> None:
     """The last piece read exactly the dict's size in entries, then a key was replaced
-    (the dict has room: it is not rebuilt): the pieces hold the old key and not the new
-    one, so they are not the dict."""
+    (in a dict with room, and in one Python rebuilds for it): the pieces hold the old
+    key and not the new one, so they are not the dict."""
     from ashard._scheduler import _Entries
 
     table = {i: -i for i in range(8)}
@@ -430,6 +430,12 @@ def test_a_dicts_entries_read_in_pieces_tell_a_key_replaced_after_the_last_piece
     del table[0]
     table["new"] = 1
     assert not entries.read_whole(8)
+    full = {i: -i for i in range(10)}  # no room: replacing a key rebuilds it
+    entries = _Entries(full)
+    assert len(entries(0, 10)) == 10
+    del full[0]
+    full["new"] = 1
+    assert not entries.read_whole(10)
     unchanged = _Entries({i: -i for i in range(8)})
     assert len(unchanged(0, 16)) == 8
     assert unchanged.read_whole(8)

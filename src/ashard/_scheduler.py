@@ -965,10 +965,13 @@ def _slice_of(items: Sequence[Any], start: int, stop: int) -> Sequence[Any]:
 class _Entries:
     """A dict's entries read in order, a piece at a time (``entries(start, stop)``: the
     next ``stop - start`` of them, as a dict), counted: reading raises if the dict
-    changes size meanwhile, and a key taken out and another put in shows as one entry
-    too many (`read_whole`)."""
+    changes size meanwhile, a key taken out and another put in shows as one entry too
+    many, and one that made Python rebuild the dict as a change of its memory
+    (`read_whole`)."""
 
     def __init__(self, entries: dict[Any, Any]) -> None:
+        self._dict = entries
+        self._bytes = sys.getsizeof(entries)
         self._items: Iterator[tuple[Any, Any]] = iter(entries.items())
         self._count = 0
 
@@ -979,6 +982,8 @@ class _Entries:
 
     def read_whole(self, n: int) -> bool:
         """Were exactly the dict's `n` entries read, each once, and nothing more is left?"""
+        if sys.getsizeof(self._dict) != self._bytes:  # rebuilt: its iteration may not say
+            return False
         try:
             return self._count == n and next(self._items, None) is None
         except RuntimeError:  # it changed after its last piece
