@@ -141,6 +141,24 @@ def test_everything_runs_on_uvloop() -> None:
     anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
 
 
+_SEEN = """
+import sys, threading
+loop_thread = threading.get_ident()
+seen, watching = [], True
+def on_import(event, args):  # sys.addaudithook(on_import): imports on the loop's thread
+    if event == "import" and watching and threading.get_ident() == loop_thread:
+        seen.append(args[0])
+"""
+
+
+def run_fresh(script: str, *args: str) -> str:
+    """What `script` prints, run in a fresh interpreter after `_SEEN`."""
+    out = subprocess.run([sys.executable, "-c", _SEEN + script, *args],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 _IMPORTS_ON_THE_LOOP = """
 import asyncio, sys, threading, ashard
 import numpy as np
@@ -150,11 +168,6 @@ def table_of(shard):
     return {"id": [shard.id]}
 def fail(shard):
     raise ValueError(shard.id)
-loop_thread = threading.get_ident()
-seen = []
-def on_import(event, args):
-    if event == "import" and threading.get_ident() == loop_thread:
-        seen.append(args[0])
 async def main():
     shards = ashard.shards(4, block_size=1)
     async with ashard.Pool(2) as pool:
@@ -177,10 +190,7 @@ def test_a_calls_first_use_of_a_feature_imports_nothing_on_the_callers_loop() ->
     shared-memory and table modules) is loaded in a thread (pure-Python modules let the
     loop run between their steps) or not at all (pyarrow and numpy, whose imports hold
     the GIL for 80-100 ms: the caller never needs them for tables or seeds)."""
-    out = subprocess.run([sys.executable, "-c", _IMPORTS_ON_THE_LOOP],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "4 []"
+    assert run_fresh(_IMPORTS_ON_THE_LOOP) == "4 []"
 
 
 _A_STREAM_FIRST = """
@@ -190,11 +200,6 @@ def table_of(shard):
 lock = threading.Lock()
 def holds_a_lock(shard):
     return lock is not None
-loop_thread = threading.get_ident()
-seen, watching = [], True
-def on_import(event, args):
-    if event == "import" and watching and threading.get_ident() == loop_thread:
-        seen.append(args[0])
 async def main():
     global watching
     shards = ashard.shards(4, block_size=1)
@@ -228,21 +233,13 @@ def test_a_streams_first_use_of_a_feature_imports_nothing_on_the_callers_loop() 
     (cloudpickle for a function from `__main__`, the table modules for
     ``results="table"``) is loaded in a thread once the stream is entered, and the
     function is pickled then; one that cannot be is refused by ``async with``."""
-    out = subprocess.run([sys.executable, "-c", _A_STREAM_FIRST],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False [0, 1, 2, 3] True True []"
+    assert run_fresh(_A_STREAM_FIRST) == "False [0, 1, 2, 3] True True []"
 
 
 _A_FIRST_STREAM = """
 import asyncio, sys, threading, ashard
 def ident(shard):
     return shard.id
-loop_thread = threading.get_ident()
-seen = []
-def on_import(event, args):
-    if event == "import" and threading.get_ident() == loop_thread:
-        seen.append(args[0])
 async def main():
     sys.addaudithook(on_import)
     pool = ashard.Pool(1) if sys.argv[1] == "pool" else None
@@ -272,21 +269,13 @@ def test_a_first_stream_checks_its_arguments_at_once_and_loads_the_call_layer_of
     used yet) is built before anything of the call layer is loaded: it checks its
     arguments at once, and the call layer (~50 ms of imports) loads in a thread once
     it is entered."""
-    out = subprocess.run([sys.executable, "-c", _A_FIRST_STREAM, where],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "True False [0, 1, 2, 3] []"
+    assert run_fresh(_A_FIRST_STREAM, where) == "True False [0, 1, 2, 3] []"
 
 
 _A_FIRST_CALL = """
 import sys, threading, ashard
 def ident(shard):
     return shard.id
-loop_thread = threading.get_ident()
-seen = []
-def on_import(event, args):
-    if event == "import" and threading.get_ident() == loop_thread:
-        seen.append(args[0])
 async def main():
     shard_map, call, shutdown = ashard.shard_map, ashard.call, ashard.shutdown
     sys.addaudithook(on_import)
@@ -309,7 +298,4 @@ def test_a_processes_first_call_imports_nothing_on_the_callers_loop(loop: str) -
     imports anyio's backend, ashard's backend seam and the supervisor in a thread of
     the loop's own (asyncio's default executor, trio's threads): 30-70 ms of imports
     that otherwise ran in one step of the caller's loop."""
-    out = subprocess.run([sys.executable, "-c", _A_FIRST_CALL, loop],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[0, 1, 2, 3] 3 []"
+    assert run_fresh(_A_FIRST_CALL, loop) == "[0, 1, 2, 3] 3 []"
