@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import anyio
 import anyio.abc
 
-from ashard._backend import Accepted, Backend, load_supervisor, needed_by
+from ashard._backend import Accepted, Backend
 from ashard._consumers import Reducer, StreamBuffer
-from ashard._job import UNSETTLED, Job
+from ashard._job import Job
 from ashard._options import (
     CallOptions,
     MapOptions,
@@ -109,16 +109,13 @@ def shard_job(
     opts, checked_fn, layout, sequence, inputs, outputs = check_shard_args(
         shards, fn, borrow, out, options, accepted, where, again=earlier is not None
     )
+    place = results_place(opts.results, opts.results_path) if earlier is None else None
+    store = _made_store(opts.results, place) if earlier is None else earlier._store
+    payload = pickle_payload(with_sources(checked_fn), "fn")
     buffer = None
-    if accepted is StreamOptions:  # built in sync code, on the loop: made once entered
+    if accepted is StreamOptions:
         buffer = StreamBuffer(opts.ordered, opts.max_pending or DEFAULT_MAX_PENDING)
-        job = Job.of_shards(UNSETTLED, opts, layout, sequence, inputs, outputs, buffer, None)
-        job.unsettled = _Unsettled(checked_fn, opts.results, opts.results_path)
-    else:
-        place = results_place(opts.results, opts.results_path) if earlier is None else None
-        store = _made_store(opts.results, place) if earlier is None else earlier._store
-        payload = pickle_payload(with_sources(checked_fn), "fn")
-        job = Job.of_shards(payload, opts, layout, sequence, inputs, outputs, None, store, reducer)
+    job = Job.of_shards(payload, opts, layout, sequence, inputs, outputs, buffer, store, reducer)
     job.api = where
     if accepted is ShardOptions and reducer is None:
         job.given = _Given(checked_fn, shards, borrow, out, dict(options))
@@ -165,26 +162,6 @@ def _made_store(results: str, place: Place | None) -> ResultStore | None:
     from ashard.tables import ResultStore  # pyarrow: only a call that keeps its values
 
     return ResultStore(results, place)
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class _Unsettled:
-    """What a `shard_stream` makes once it is entered rather than when it is built, in
-    sync code on the caller's loop: its function pickled (a first one that travels by
-    value imports cloudpickle: 7 ms), its `results_path` resolved and its results store
-    made (pyarrow: 15 ms). The modules are loaded in a thread first. A function that
-    cannot be pickled, or a path that does not resolve, is refused by ``async with``,
-    as a borrow that cannot be pickled."""
-
-    fn: Callable[..., Any]
-    results: str
-    path: object
-
-    async def settle(self, job: Job) -> None:
-        await load_supervisor(*needed_by(self.fn, {"results": self.results}))
-        payload = pickle_payload(with_sources(self.fn), "fn")
-        place = results_place(self.results, self.path)
-        job.settle(payload, _made_store(self.results, place))
 
 
 def reduce_job(
@@ -448,8 +425,6 @@ def stream(pool: Runs, job: Job, layout: Shards, resize: int | None = None) -> S
         raise RuntimeError("this ashard.Pool is closed")
 
     async def run(task_status: anyio.abc.TaskStatus[None]) -> None:
-        if job.unsettled is not None:
-            await job.unsettled.settle(job)
         await job.prepare()
         backend = await pool.backend()
         status = Accepted(backend, resize, task_status)

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, replace
 from itertools import repeat
 from logging import WARNING
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -88,16 +88,6 @@ OLD_AT = 1 << 14
 """Slots from which a results list is moved out of the collector's young generations."""
 SLOTS_STEP = 1 << 16
 """A longer results list is made a piece of this many slots per loop step."""
-
-
-UNSETTLED: Payload = (b"", [])
-"""The function of a job built `unsettled`: `Job.settle` gives it the real one."""
-
-
-class Unsettled(Protocol):
-    """What a job still makes once its call is entered (`ashard._calls`)."""
-
-    async def settle(self, job: Job) -> None: ...
 
 
 class Job(Changes):
@@ -166,7 +156,6 @@ class Job(Changes):
         self.given: Any = None  # a shard_map's arguments, for `retry_failed` (`ashard._calls`)
         self.api = "map" if kind != SHARDS else "shard_map"  # the call's name, for its span
         self.trace: CallTrace | None = None  # its spans, when the caller traces
-        self.unsettled: Unsettled | None = None  # a stream's: made once entered (`settle`)
 
     @classmethod
     def of_shards(
@@ -224,12 +213,6 @@ class Job(Changes):
             kind=ITEMS, fn=fn, opts=opts, borrow=borrow, out={}, layout=None, sequence=None,
             items=items, total=total, stream=None,
         )  # fmt: skip
-
-    def settle(self, fn: Payload, store: ResultStore | None) -> None:
-        """Give a job built `UNSETTLED` its pickled function and its results store."""
-        self.unsettled = None
-        self._what = replace(self._what, fn=fn)
-        self.outputs.take_store(store)
 
     def work(self) -> JobWork:
         """What to run (once the call's outputs are open: the results store's spec

@@ -37,12 +37,6 @@ class Outputs:
         if store is not None:
             self._by_name[""] = store
 
-    def take_store(self, store: ResultStore | None) -> None:
-        """The results store, made after the rest (a stream's, once entered)."""
-        self.store = store
-        if store is not None:
-            self._by_name[""] = store
-
     def __bool__(self) -> bool:
         """Has the call any output to open and close?"""
         return bool(self._by_name)

@@ -1,8 +1,9 @@
 """`ShardStream`: results as they complete, through an async context manager.
 
-`shard_stream(...)` checks its arguments at once and returns the stream; entering it
-runs the job (`ashard._calls.stream`: function pickled, outputs opened, shared inputs
-prepared) in a task group the stream owns; iterating takes finished shards from the job's
+`shard_stream(...)` checks its arguments at once and returns the stream (`later`);
+entering it builds the job (what the call needs loaded in a thread, the function
+pickled) and runs it (`ashard._calls.stream`: outputs opened, shared inputs prepared)
+in a task group the stream owns; iterating takes finished shards from the job's
 `StreamBuffer`. The buffer is bounded
 (`max_pending`): the job dispatches only while finished-but-unconsumed plus in-flight
 shards stay under it, so a slow consumer slows the workers instead of growing memory.
@@ -52,10 +53,11 @@ class ShardStream:
 
     @classmethod
     def later(cls, build: Callable[[], Awaitable[ShardStream]]) -> ShardStream:
-        """A stream whose arguments were checked, built by `build` once entered: the
-        first one of a process, before the call layer was loaded (importing it would
-        hold the caller's loop; `build` loads it in a thread). This module imports
-        nothing more until then."""
+        """A stream whose arguments were checked, built by `build` once entered:
+        `shard_stream(...)` is sync, called on the caller's loop, and building imports
+        the call layer on a process's first call, cloudpickle for a function from
+        `__main__` and pyarrow for a results store (`build` loads them in a thread
+        first). This module imports nothing more until then."""
         stream = cls.__new__(cls)
         stream._tg = None
         stream._build = build

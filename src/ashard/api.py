@@ -195,23 +195,24 @@ def shard_stream(
     for the consumer (default 1024); a slow consumer pauses dispatch. Leaving the
     block early cancels the shards still running.
     """
-    if pool is None and "ashard._calls" not in sys.modules:  # the call layer: once entered
+    if pool is None:
         check_workers("workers", workers)
-        check_shard_args(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
-        from ashard._stream import ShardStream  # imports nothing more
+    elif _target(pool, workers)[0].closed:  # (a pool given: checked now)
+        raise RuntimeError("this ashard.Pool is closed")
+    check_shard_args(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
+    from ashard._stream import ShardStream  # imports nothing more
 
-        async def build() -> ShardStream:
-            await _load(fn, options)
-            return shard_stream(
-                shards, fn, borrow=borrow, out=out, pool=pool, workers=workers, **options
-            )
+    async def build() -> ShardStream:
+        await _load(fn, options)
+        from ashard import _calls  # loaded just now, off the loop (`_load`)
 
-        return ShardStream.later(build)
-    from ashard import _calls  # loaded (but by a pool= not used yet: then here)
+        target, size = _target(pool, workers)
+        job, layout = _calls.shard_job(
+            shards, fn, borrow, out, options, StreamOptions, "shard_stream"
+        )
+        return _calls.stream(target, job, layout, size)
 
-    target, size = _target(pool, workers)
-    job, layout = _calls.shard_job(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
-    return _calls.stream(target, job, layout, size)
+    return ShardStream.later(build)
 
 
 @takes_options(ReduceOptions)

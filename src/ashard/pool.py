@@ -362,23 +362,21 @@ class Pool:
         **options: Unpack[StreamOptions],
     ) -> ShardStream:
         """``async with pool.shard_stream(...) as stream: async for done in stream``."""
-        if "ashard._calls" not in sys.modules:  # not async: the call layer loads once entered
-            if self.closed:
-                raise RuntimeError("this ashard.Pool is closed")
-            check_shard_args(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
-            from ashard._stream import ShardStream  # imports nothing more
+        if self.closed:
+            raise RuntimeError("this ashard.Pool is closed")
+        check_shard_args(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
+        from ashard._stream import ShardStream  # imports nothing more
 
-            async def build() -> ShardStream:
-                await load_supervisor(*needed_by(fn, options))
-                return self.shard_stream(shards, fn, borrow=borrow, out=out, **options)
+        async def build() -> ShardStream:
+            await load_supervisor(*needed_by(fn, options))
+            from ashard import _calls  # loaded just now, off the loop (`load_supervisor`)
 
-            return ShardStream.later(build)
-        from ashard import _calls  # loaded by now
+            job, layout = _calls.shard_job(
+                shards, fn, borrow, out, options, StreamOptions, "shard_stream"
+            )
+            return _calls.stream(self, job, layout)
 
-        job, layout = _calls.shard_job(
-            shards, fn, borrow, out, options, StreamOptions, "shard_stream"
-        )
-        return _calls.stream(self, job, layout)
+        return ShardStream.later(build)
 
     @takes_options(ReduceOptions)
     async def shard_reduce(

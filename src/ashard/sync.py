@@ -41,6 +41,7 @@ from ashard._options import (
     ReduceOptions,
     ShardOptions,
     StreamOptions,
+    check_shard_args,
     takes_options,
 )
 from ashard._stream import ShardStream as AsyncShardStream
@@ -394,10 +395,15 @@ def shard_stream(
     with _supervised(pool, ahead=False):  # the stream starts once entered
         from ashard import _calls  # loaded just now (`_supervised`)
 
-        job, layout = _calls.shard_job(shards, fn, borrow, out, options, StreamOptions,
-                                      "shard_stream")  # fmt: skip
+        check_shard_args(shards, fn, borrow, out, options, StreamOptions, "shard_stream")
         target, size = _target(pool, workers)
-        return ShardStream(lambda: _calls.stream(target, job, layout, size))
+
+        def start() -> AsyncShardStream:  # once entered, as `ashard.shard_stream` builds
+            job, layout = _calls.shard_job(shards, fn, borrow, out, options, StreamOptions,
+                                          "shard_stream")  # fmt: skip
+            return _calls.stream(target, job, layout, size)
+
+        return ShardStream(start)
 
 
 @takes_options(ReduceOptions)
