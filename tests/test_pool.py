@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -306,22 +307,32 @@ async def test_long_items_of_a_map_arrive_whole_and_as_given(long_args: None) ->
     assert [s[2] for s in seen] == [[item] for item in items]
 
 
+def change_at_each_checkpoint(monkeypatch: pytest.MonkeyPatch, change: Callable[[], None]) -> None:
+    """`change()` (another task's, in effect) before every loop checkpoint from now on:
+    between two pieces of what a call sends. `monkeypatch.undo()` ends it."""
+    real = anyio.lowlevel.checkpoint
+
+    async def change_then_checkpoint() -> None:
+        change()
+        await real()
+
+    monkeypatch.setattr(anyio.lowlevel, "checkpoint", change_then_checkpoint)
+
+
 async def test_a_long_argument_that_changes_length_while_it_is_sent_arrives_as_it_became(
     long_args: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another task that grows a long argument between two of its pieces: the call sends
     the list whole as it is then, never a mix of pieces."""
     items = list(range(1_000))
-    real = anyio.lowlevel.checkpoint
 
-    async def grow_then_checkpoint() -> None:
+    def grow() -> None:
         if len(items) == 1_000:
             items.append(-1)
-        await real()
 
     async with ashard.Pool(1) as pool:
         await pool.call(abs, -1)
-        monkeypatch.setattr(anyio.lowlevel, "checkpoint", grow_then_checkpoint)
+        change_at_each_checkpoint(monkeypatch, grow)
         _, _, args, _ = await pool.call(workloads.args_seen, items)
         monkeypatch.undo()
     assert args == [[*range(1_000), -1]]
@@ -376,16 +387,14 @@ async def test_a_long_borrowed_dict_that_changes_size_while_it_is_sent_arrives_a
     """Another task adds an entry between two pieces of a borrowed dict: the call lends
     the dict whole, as it is then, never a mix of pieces."""
     entries = _long_dict()
-    real = anyio.lowlevel.checkpoint
 
-    async def grow_then_checkpoint() -> None:
+    def grow() -> None:
         if "late" not in entries:
             entries["late"] = "entry"
-        await real()
 
     async with ashard.Pool(1) as pool:
         await pool.call(abs, -1)
-        monkeypatch.setattr(anyio.lowlevel, "checkpoint", grow_then_checkpoint)
+        change_at_each_checkpoint(monkeypatch, grow)
         res = await pool.shard_map(1, workloads.borrowed_seen, borrow={"d": entries})
         monkeypatch.undo()
     assert res.results[0][1] == list(entries.items())
@@ -400,17 +409,15 @@ async def test_a_long_dict_whose_key_is_replaced_while_it_is_sent_arrives_as_it_
     with both keys."""
     entries = _long_dict()
     first = next(iter(entries))
-    real = anyio.lowlevel.checkpoint
 
-    async def swap_then_checkpoint() -> None:
+    def swap() -> None:
         if first in entries:
             del entries[first]
             entries["new"] = "key"
-        await real()
 
     async with ashard.Pool(1) as pool:
         await pool.call(abs, -1)
-        monkeypatch.setattr(anyio.lowlevel, "checkpoint", swap_then_checkpoint)
+        change_at_each_checkpoint(monkeypatch, swap)
         _, _, args, _ = await pool.call(workloads.args_seen, entries)
         monkeypatch.undo()
     assert first not in args[0]
