@@ -297,5 +297,45 @@ def test_a_processes_first_call_imports_nothing_on_the_callers_loop(loop: str) -
     """A process's first module-level call, in an app that has not imported anyio,
     imports anyio's backend, ashard's backend seam and the supervisor in a thread of
     the loop's own (asyncio's default executor, trio's threads): 30-70 ms of imports
-    that otherwise ran in one step of the caller's loop."""
-    assert run_fresh(_A_FIRST_CALL, loop) == "[0, 1, 2, 3] 3 []"
+    that otherwise ran in one step of the caller's loop. Only what launches the first
+    worker ahead loads on the loop (`ashard._spawn`: under a millisecond, it imports
+    nothing of ashard's supervisor)."""
+    assert run_fresh(_A_FIRST_CALL, loop) == "[0, 1, 2, 3] 3 ['ashard._spawn', 'ashard._fds']"
+
+
+_A_FIRST_TOUCH = """
+import sys, threading, ashard
+def ident(shard):
+    return shard.id
+async def main():
+    sys.addaudithook(on_import)
+    try:
+        await ashard.map(abs, [1], chunk_size=0)  # the first name read: a stand-in
+    except ValueError as exc:
+        refused = "chunk_size" in str(exc)
+    else:
+        refused = "nothing"
+    ids = (await ashard.shard_map(ashard.shards(4, block_size=1), ident)).results
+    answer = await ashard.call(abs, -3)
+    real = ashard.shard_map is sys.modules["ashard.api"].shard_map
+    await ashard.shutdown()
+    print(refused, ids, answer, real, [n for n in seen if n.startswith(("ashard", "anyio"))])
+if sys.argv[1] == "trio":
+    import trio
+    trio.run(main)
+else:
+    import asyncio
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_module_level_call_first_read_on_the_loop_loads_its_module_off_the_loop(
+    loop: str,
+) -> None:
+    """``await ashard.shard_map(...)`` (or `call`, `map`...) read first inside a coroutine,
+    before `ashard.api` is loaded: the name is a stand-in that imports `ashard.api`
+    (10-30 ms) in a thread of the loop's own, then runs the function itself, with its
+    own refusals; once loaded, the name is the function itself."""
+    launch = "['ashard._spawn', 'ashard._fds']"  # launches the first worker ahead: light
+    assert run_fresh(_A_FIRST_TOUCH, loop) == f"True [0, 1, 2, 3] 3 True {launch}"

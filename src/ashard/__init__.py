@@ -8,8 +8,10 @@ or anything it does not need: a worker's start is part of a cold start.
 """
 
 import importlib as _importlib
+import sys as _sys
 import typing as _typing
 
+from ashard import _offloop
 from ashard._version import __version__ as __version__
 
 __all__ = [
@@ -151,6 +153,8 @@ def __getattr__(name: str) -> _typing.Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'ashard' has no attribute {name!r}")
+    if name in _offloop.STAND_INS and module not in _sys.modules and _offloop.on_a_loop():
+        return _offloop.stand_in(module, name)  # not kept: the function, once loaded
     value = getattr(_importlib.import_module(module), name)
     globals()[name] = value
     return value

@@ -12,13 +12,12 @@ before the worker is launched would delay its start by ~30 ms.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
-import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
 from ashard import _spawn
+from ashard._offloop import anyio_backend, import_in_a_thread
 from ashard._options import (
     MapOptions,
     ReduceOptions,
@@ -115,35 +114,10 @@ async def _load(fn: object = None, options: Mapping[str, object] | None = None) 
     event loop (`load_supervisor`, `needed_by`). A process's first call imports anyio
     and `ashard._backend` (10-50 ms, as anyio's backend modules load) in a thread too,
     through the running loop's own: asyncio's default executor, or trio's threads."""
-    await _import_in_a_thread("ashard._backend", "ashard._serialize")
+    await import_in_a_thread("ashard._backend", "ashard._serialize", anyio_backend())
     from ashard._backend import load_supervisor, needed_by  # loaded (above)
 
     await load_supervisor(*needed_by(fn, options))
-
-
-async def _import_in_a_thread(*modules: str) -> None:
-    """Import `modules`, and anyio's backend for the running event loop (anyio loads it
-    on first use), in a thread of that loop's own: anyio is not used for it."""
-    asyncio = sys.modules.get("asyncio")
-    loop = asyncio._get_running_loop() if asyncio is not None else None
-    backend = "anyio._backends._asyncio" if loop is not None else "anyio._backends._trio"
-    names = (*modules, backend)
-    if all(n in sys.modules for n in names):
-        return
-    if loop is None:  # trio: anyio's other backend
-        import trio
-
-        await trio.to_thread.run_sync(_import_all, names)
-        return
-    try:
-        await loop.run_in_executor(None, _import_all, names)
-    except RuntimeError:  # its default executor was shut down
-        _import_all(names)
-
-
-def _import_all(names: tuple[str, ...]) -> None:
-    for name in names:
-        importlib.import_module(name)
 
 
 @takes_options(ShardOptions)
