@@ -177,6 +177,39 @@ def test_a_first_call_cancelled_at_once_leaves_no_process() -> None:
     assert out == "ok"
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_first_call_cancelled_while_it_loads_has_ended_its_worker_when_it_returns(
+    backend: str,
+) -> None:
+    """`ashard.call` read in a coroutine before anything loaded it launches the first
+    worker, then imports the call layer in a thread: cancelled then, it ends that worker
+    and waits until it is reaped before it returns."""
+    out = run_fresh(
+        """
+        import importlib.abc, threading, time
+        import anyio
+        gate = threading.Event()
+        class Gate(importlib.abc.MetaPathFinder):  # holds the import of the call layer
+            def find_spec(self, name, path, target=None):
+                if name == "ashard.api":
+                    gate.wait(30)
+        sys.meta_path.insert(0, Gate())
+        async def main():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ashard.call, time.sleep, 30)
+                while not launched:
+                    await anyio.sleep(0)
+                loaded = "ashard.api" in sys.modules
+                tg.cancel_scope.cancel()
+                gate.set()
+            print(loaded, len(launched), psutil.Process().children())
+        asyncio.run(main())
+        """,
+        backend,
+    )
+    assert out == "False 1 []"
+
+
 def test_an_explicit_pool_launches_nothing_ahead() -> None:
     out = run_fresh(
         """

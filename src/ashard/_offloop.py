@@ -14,7 +14,14 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-__all__ = ["STAND_INS", "anyio_backend", "import_in_a_thread", "on_a_loop", "stand_in"]
+__all__ = [
+    "STAND_INS",
+    "anyio_backend",
+    "end_launched_ahead",
+    "import_in_a_thread",
+    "on_a_loop",
+    "stand_in",
+]
 
 
 def on_a_loop() -> bool:
@@ -55,6 +62,19 @@ def _import_all(names: tuple[str, ...]) -> None:
         importlib.import_module(name)
 
 
+async def end_launched_ahead() -> None:
+    """End the worker launched ahead (`ashard._spawn.prestart`) if no pool took it, and
+    wait until it is reaped, cancelled or not: a call that leaves leaves no process."""
+    from ashard import _spawn
+
+    done = _spawn.discard()
+    if done is not None:
+        import anyio  # (loaded, but where the call failed before it)
+
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(done.result)
+
+
 # The module-level async functions: read on a running loop before `ashard.api` is
 # loaded, each is a stand-in (`stand_in`). True: it runs on the default pool unless
 # given ``pool=``, so its stand-in launches that pool's first worker ahead.
@@ -74,7 +94,7 @@ def stand_in(module: str, name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
     loaded (the package's attribute is the function itself once it is). On the
     default pool, the pool's first worker is launched first, so that its interpreter
     starts while `module` loads (`ashard._spawn`; the call itself takes it or ends it
-    once it runs); if the import fails or is cancelled, the worker is ended here."""
+    once it runs); if the import fails or is cancelled, it is ended here."""
 
     async def deferred(*args: Any, **kwargs: Any) -> Any:
         ahead = STAND_INS[name] and kwargs.get("pool") is None and module not in sys.modules
@@ -86,7 +106,7 @@ def stand_in(module: str, name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
             await import_in_a_thread(module)
         except BaseException:
             if ahead:
-                _spawn.discard()  # (reaped in the spawner's thread)
+                await end_launched_ahead()
             raise
         return await getattr(sys.modules[module], name)(*args, **kwargs)
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Unpack
 
 from ashard import _spawn
-from ashard._offloop import anyio_backend, import_in_a_thread
+from ashard._offloop import anyio_backend, end_launched_ahead, import_in_a_thread
 from ashard._options import (
     MapOptions,
     ReduceOptions,
@@ -101,12 +101,8 @@ async def _supervisor(
         await _load(fn, options)  # cold start: after the launch
         yield
     finally:
-        done = _spawn.discard() if ahead else None
-        if done is not None:
-            import anyio  # cold start: anyio is loaded by now (`load_supervisor`)
-
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(done.result)
+        if ahead:
+            await end_launched_ahead()
 
 
 async def _load(fn: object = None, options: Mapping[str, object] | None = None) -> None:
