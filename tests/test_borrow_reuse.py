@@ -1,13 +1,15 @@
 """A pool shares a borrowed array once and reuses it while unchanged, and never hands it
 back stale: changed in place, other data under the same name or at the same address,
 views, two calls at once, writes a worker made under ``cow="allow"``. Its copies go with
-the pool (the default pool keeps none)."""
+the pool (the default pool keeps none). A large array that `fn` captured (a closure's,
+a notebook's global) travels the same way."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -228,6 +230,86 @@ async def test_copies_go_with_the_pool_and_the_default_pool_keeps_none() -> None
     assert first.results[0][1] != again.results[0][1]  # a copy each call
     with pytest.raises(TypeError, match="keep_borrowed must be True or False"):
         ashard.Pool(keep_borrowed="yes")  # type: ignore[arg-type]
+
+
+def closing_over(X: np.ndarray) -> Callable[[ashard.Shard], tuple[float, str]]:
+    """A function that captured `X`: a closure, pickled by value with `X` in it."""
+
+    def run(shard: ashard.Shard) -> tuple[float, str]:
+        return total_and_segment(shard, X)
+
+    return run
+
+
+async def test_an_array_a_function_captured_is_shared_once_and_a_changed_one_again() -> None:
+    X = np.arange(N, dtype=np.float64)
+    fn = closing_over(X)
+    async with ashard.Pool(2) as pool:
+        first = await pool.shard_map(4, fn)
+        assert "0" not in {s for _, s in first.results}  # in a segment, not a private copy
+        memfds = await anyio.to_thread.run_sync(count_memfds)
+        again = await pool.shard_map(4, fn)
+        assert {s for _, s in again.results} == {s for _, s in first.results}
+        assert await anyio.to_thread.run_sync(count_memfds) == memfds
+        assert [t for t, _ in again.results] == [float(X.sum())] * 4
+
+        X *= 3
+        changed = await pool.shard_map(4, fn)
+        assert [t for t, _ in changed.results] == [float(X.sum())] * 4
+        assert {s for _, s in changed.results}.isdisjoint({s for _, s in first.results})
+        del X, fn
+        gc.collect()
+        assert await anyio.to_thread.run_sync(count_memfds) == 0  # gone with the array
+
+
+async def test_a_function_writes_to_its_own_copy_of_an_array_it_captured() -> None:
+    """As with the copy it unpickled from its channel: a worker's writes reach neither
+    the caller's array, nor another call, nor the pool's kept copy."""
+    X = np.ones(N)
+
+    def overwrite_captured(shard: ashard.Shard) -> float:
+        X[:] = -1.0
+        return float(X.sum())
+
+    def total_captured(shard: ashard.Shard) -> float:
+        return float(X.sum())
+
+    async with ashard.Pool(2) as pool:
+        assert (await pool.shard_map(4, overwrite_captured)).results == [-float(N)] * 4
+        assert (await pool.shard_map(4, total_captured)).results == [float(N)] * 4
+        assert (await pool.shard_map(4, overwrite_captured)).results == [-float(N)] * 4
+    assert X.sum() == N
+
+
+async def test_other_data_captured_under_the_same_name_or_at_the_same_address() -> None:
+    async with ashard.Pool(2) as pool:
+        for k in range(4):
+            X = np.full(N, float(k))  # often lands where the last one was freed
+            got = await pool.shard_map(2, closing_over(X))
+            assert [t for t, _ in got.results] == [k * N] * 2
+            del X
+    for k in range(2):  # the default pool: a copy for each call, let go when it ends
+        X = np.full(N, float(k))
+        got = await ashard.shard_map(2, closing_over(X), workers=1)
+        assert [t for t, _ in got.results] == [k * N] * 2
+        assert await anyio.to_thread.run_sync(count_memfds) == 0
+
+
+async def test_captured_arrays_past_the_descriptors_a_call_may_send_go_in_its_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ashard import _export
+
+    monkeypatch.setattr(_export, "MAX_FDS", 2)
+    arrays = [np.full(N, float(k)) for k in range(3)]
+    B = np.full(N, 10.0)
+
+    def totals(shard: ashard.Shard, B: np.ndarray) -> list[float]:
+        return [float(a.sum()) for a in (*arrays, B)]
+
+    async with ashard.Pool(1) as pool:
+        got = await pool.shard_map(1, totals, borrow={"B": B})
+    assert got.results == [[0.0, float(N), 2.0 * N, 10.0 * N]]
 
 
 def test_the_memory_limit_is_the_tightest_cgroup_limit_above(tmp_path: Path) -> None:

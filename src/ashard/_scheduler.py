@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import pickle
 import sys
 import time
 from collections import deque
@@ -94,7 +95,15 @@ from ashard._protocol import (
     split_result,
 )
 from ashard._reports import Report, pump_output, receive, receive_until
-from ashard._serialize import MAX_BUFFERS, Joined, dumps_named, pack, uncopied, uncopied_items
+from ashard._serialize import (
+    INLINE_PACK_BYTES,
+    MAX_BUFFERS,
+    Joined,
+    dumps_named,
+    pack,
+    uncopied,
+    uncopied_items,
+)
 from ashard._sources import with_sources
 from ashard._workers import DUMP_WAIT, WorkerSet
 from ashard.errors import ShardError, ShardTimeout
@@ -301,7 +310,8 @@ class Scheduler:
         if that fails or is cancelled."""
         work = job.work()
         exported = None
-        if work.borrow or work.out:
+        fn_arrays = _large_buffers(work.fn)
+        if work.borrow or work.out or fn_arrays:
             await load_supervisor("ashard._borrowed", "ashard._export")  # 15 ms, once
             from ashard._borrowed import BorrowCache  # loaded just now, off the loop
             from ashard._export import export
@@ -318,7 +328,8 @@ class Scheduler:
                 given = {name: joined.get(id(v), v) for name, v in given.items()}
 
             def share() -> Exported:
-                made.append(export(given, work.out, work.opts.cow, self.borrowed))
+                fn = work.fn if fn_arrays else None
+                made.append(export(given, work.out, work.opts.cow, self.borrowed, fn))
                 return made[-1]
 
             try:
@@ -329,7 +340,8 @@ class Scheduler:
                 raise
         opts = work.opts
         borrow = exported.kwargs if exported else None
-        spec = JobSpec(work.kind, work.fn, borrow, opts.timeout, opts.seed, work.layout,
+        fn = work.fn if exported is None or exported.fn is None else exported.fn
+        spec = JobSpec(work.kind, fn, borrow, opts.timeout, opts.seed, work.layout,
                        work.sys_path, work.results, opts.footprint == "learn",
                        opts.shard_concurrency)  # fmt: skip
         run = _Run(job, work, next(self._keys), spec, exported)
@@ -951,6 +963,15 @@ async def _pieces(
 
 
 _LONG_KINDS = (list, tuple, dict)
+
+
+def _large_buffers(fn: Payload) -> bool:
+    """Does the pickled `fn` carry a large out-of-band buffer: an array it captured,
+    which may travel as a segment (`ashard._export.captured`) instead of in its JOB?"""
+    return any(
+        isinstance(b, pickle.PickleBuffer) and memoryview(b).nbytes > INLINE_PACK_BYTES
+        for b in fn[1]
+    )
 
 
 def _any_long(values: Iterable[Any]) -> bool:
