@@ -2,7 +2,7 @@
 back stale: changed in place, other data under the same name or at the same address,
 views, two calls at once, writes a worker made under ``cow="allow"``. Its copies go with
 the pool (the default pool keeps none). A large array that `fn` captured (a closure's,
-a notebook's global) travels the same way."""
+a notebook's global), or that a `call` passes, travels the same way."""
 
 from __future__ import annotations
 
@@ -31,13 +31,18 @@ def total(shard: ashard.Shard, X: np.ndarray) -> float:
 
 def total_and_segment(shard: ashard.Shard, X: np.ndarray) -> tuple[float, str]:
     """The sum and the inode of the segment `X` lies in, as this worker maps it."""
+    return float(X.sum()), segment_of(X)
+
+
+def segment_of(X: np.ndarray) -> str:
+    """The inode of the mapping `X` lies in ("0": private memory)."""
     address = X.__array_interface__["data"][0]
     with open("/proc/self/maps") as maps:
         for line in maps:
             span, _, _, _, inode, *_ = line.split()
             lo, hi = (int(x, 16) for x in span.split("-"))
             if lo <= address < hi:
-                return float(X.sum()), inode
+                return inode
     raise AssertionError("X is not in any mapping")
 
 
@@ -310,6 +315,70 @@ async def test_captured_arrays_past_the_descriptors_a_call_may_send_go_in_its_jo
     async with ashard.Pool(1) as pool:
         got = await pool.shard_map(1, totals, borrow={"B": B})
     assert got.results == [[0.0, float(N), 2.0 * N, 10.0 * N]]
+
+
+def sum_and_segment(X: np.ndarray, scale: float = 1.0) -> tuple[float, str]:
+    return float(X.sum()) * scale, segment_of(X)
+
+
+async def test_an_array_a_call_passes_is_shared_once_and_a_changed_one_again() -> None:
+    X = np.arange(N, dtype=np.float64)
+    async with ashard.Pool(1) as pool:
+        total, first = await pool.call(sum_and_segment, X)
+        assert total == float(X.sum())
+        memfds = await anyio.to_thread.run_sync(count_memfds)
+        assert await pool.call(sum_and_segment, X, scale=2.0) == (2.0 * X.sum(), first)
+        assert await anyio.to_thread.run_sync(count_memfds) == memfds
+        X *= 3
+        total, changed = await pool.call(sum_and_segment, X)
+        assert total == float(X.sum()) and changed != first
+        assert await pool.call(closing_over(X), None) == (float(X.sum()), changed)
+    assert await anyio.to_thread.run_sync(count_memfds) == 0
+
+
+def overwrite_arg(X: np.ndarray) -> float:
+    X[:] = -1.0
+    return float(X.sum())
+
+
+def writeable(X: np.ndarray) -> bool:
+    return bool(X.flags.writeable)
+
+
+async def test_a_call_writes_to_its_own_copy_of_an_array_it_was_passed() -> None:
+    X = np.ones(N)
+    async with ashard.Pool(1) as pool:
+        assert await pool.call(overwrite_arg, X) == -float(N)
+        assert (await pool.call(sum_and_segment, X))[0] == float(N)
+        assert await pool.call(writeable, X)
+        X.flags.writeable = False
+        assert not await pool.call(writeable, X)  # as pickle gives it back: read-only
+    assert X.sum() == N
+
+
+async def test_calls_with_one_array_at_once_and_after_their_worker_died(tmp_path: Path) -> None:
+    X = np.arange(N, dtype=np.float64)
+    async with ashard.Pool(2) as pool:
+        sums: list[float] = []
+
+        async def run() -> None:
+            sums.append((await pool.call(sum_and_segment, X))[0])
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(12):
+                tg.start_soon(run)
+        assert sums == [float(X.sum())] * 12
+        marker = tmp_path / "died"
+        assert await pool.call(dies_once_then_sums, X, str(marker), max_retries=1) == X.sum()
+        assert marker.exists()
+
+
+def dies_once_then_sums(X: np.ndarray, marker: str) -> float:
+    """Kill this worker the first time (the retry runs on a new one), then sum `X`."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(3)
+    return float(X.sum())
 
 
 def test_the_memory_limit_is_the_tightest_cgroup_limit_above(tmp_path: Path) -> None:

@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 
 from ashard._memory import limit_bytes
+from ashard._serialize import SHARED_ARRAY_BYTES
 from ashard._shm import same_bytes
 from ashard.shared import SharedArray
 
 __all__ = ["BorrowCache", "Lease"]
 
-MIN_BYTES = 1 << 20
+MIN_BYTES = SHARED_ARRAY_BYTES
 """Smaller arrays are copied for every call: copying them costs less than keeping them."""
 
 IDLE_FRACTION = 0.25

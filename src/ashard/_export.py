@@ -53,10 +53,11 @@ def export(
     cow: str,
     cache: BorrowCache | None,
     fn: Payload | None = None,
+    what: str = "fn",
 ) -> Exported:
     """Share or pickle every borrowed and output value (arrays through `cache`, the
-    pool's, if it keeps copies), and the large arrays of the pickled `fn` (`captured`);
-    undo everything on failure."""
+    pool's, if it keeps copies), and the large arrays of the pickled `fn` (`captured`;
+    `what` it is, for errors); undo everything on failure."""
     exported = Exported()
     try:
         for name, value in borrow.items():
@@ -75,7 +76,7 @@ def export(
                 f"got {len(exported.segments)}"
             )
         if fn is not None:
-            exported.fn = _export_fn(exported, fn, cache)
+            exported.fn = _export_fn(exported, fn, cache, what)
     except BaseException:
         exported.close()
         raise
@@ -119,7 +120,7 @@ def captured(fn: Payload) -> list[np.ndarray[Any, Any] | None]:
     return found
 
 
-def _export_fn(exported: Exported, fn: Payload, cache: BorrowCache | None) -> Payload:
+def _export_fn(exported: Exported, fn: Payload, cache: BorrowCache | None, what: str) -> Payload:
     """`fn` with each of its `captured` arrays replaced by the `ArrayRef` of a shared
     copy (a cached one while unchanged, as a borrowed array's), which the worker maps
     privately, copy-on-write, where it unpickles `fn`: its writes stay its own, as
@@ -134,7 +135,7 @@ def _export_fn(exported: Exported, fn: Payload, cache: BorrowCache | None) -> Pa
         if array is None or len(exported.segments) >= MAX_FDS:  # (the rest: in the JOB)
             sent.append(buffer)
             continue
-        shared = _shared_copy(exported, array, "fn (an array it captured)", cache)
+        shared = _shared_copy(exported, array, f"{what} (a large array it holds)", cache)
         sent.append(_ref(exported, shared.segment, shared, "cow"))
     return data, sent
 

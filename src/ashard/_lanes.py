@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextvars
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,12 +42,13 @@ import anyio
 from ashard._framing import Buffer, ChannelClosed, encode, encode_many
 from ashard._health import PROFILES
 from ashard._output import ended, marker, write_taken
-from ashard._protocol import MARK, UNCALL, UNREADABLE_CALL, ProtocolViolation
+from ashard._protocol import MARK, SEGMENTS, UNCALL, UNREADABLE_CALL, ProtocolViolation
 from ashard._reports import Report, receive_until
 
 if TYPE_CHECKING:
     from ashard._handle import WorkerHandle
     from ashard._health import HealthPolicy
+    from ashard._shm import Segment
     from ashard._workers import WorkerSet
 
 __all__ = ["CANCEL_GRACE", "DEPTH", "KILL_GRACE", "SHORT", "CallLanes", "Hung", "LaneLost"]
@@ -89,6 +91,7 @@ class _Lane:
     reading: bool = False
     sending: bool = False
     outbox: list[Buffer] = field(default_factory=list)
+    outbox_fds: list[int] = field(default_factory=list)  # sent with the outbox's first byte
     lost: Exception | None = None
     head_since: float = 0.0  # when the oldest outstanding call started
     last_took: float = SHORT  # seconds the last answered call ran (unknown: not short)
@@ -116,9 +119,14 @@ class CallLanes:
         workers.slot_unused = self._slot_unused
 
     async def call_once(
-        self, seq: int, parts: list[Buffer], timeout: float | None
+        self,
+        seq: int,
+        parts: list[Buffer],
+        timeout: float | None,
+        segments: Sequence[Segment] = (),
     ) -> Report | LaneLost:
-        """Send one call on a lane and wait for its answer (or the lane's loss)."""
+        """Send one call on a lane, after the `segments` it maps that its worker lacks
+        (`SharedCall`), and wait for its answer (or the lane's loss)."""
         lane = self._joinable()
         if lane is None:
             w = await self.workers.acquire(self)
@@ -131,6 +139,9 @@ class CallLanes:
         w = lane.worker
         p = _Pending(seq, timeout)
         msgs = w.take_control() if w.has_control else []
+        new = w.hand_segments(segments) if segments else []
+        if new:
+            msgs.append((SEGMENTS, [seg.id for seg in new]))
         if lane.outstanding:
             msgs.append((MARK, marker(seq)))
         else:
@@ -139,7 +150,8 @@ class CallLanes:
         self.deepest = max(self.deepest, len(lane.outstanding))
         w.hand(None, 1)
         try:
-            await self._send(lane, encode_many(msgs) + parts if msgs else parts)
+            await self._send(lane, encode_many(msgs) + parts if msgs else parts,
+                             [seg.fd for seg in new])  # fmt: skip
             await self._wait(lane, p)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -209,23 +221,27 @@ class CallLanes:
 
     # -- sending ------------------------------------------------------------------------
 
-    async def _send(self, lane: _Lane, parts: list[Buffer]) -> None:
-        """Send `parts` on the lane's channel after what waits in its outbox. What other
-        tasks send meanwhile waits in the outbox and goes with the next write, in order.
-        A send cancelled before its first byte went puts its frames back, first in line."""
+    async def _send(self, lane: _Lane, parts: list[Buffer], fds: Sequence[int] = ()) -> None:
+        """Send `parts` on the lane's channel after what waits in its outbox (`fds` with
+        them, passed in order). What other tasks send meanwhile waits in the outbox and
+        goes with the next write, in order. A send cancelled before its first byte went
+        puts its frames and fds back, first in line."""
         lane.outbox += parts
+        lane.outbox_fds += fds
         if lane.sending:
             return
         lane.sending = True
         try:
             while lane.outbox:
                 parts, lane.outbox = lane.outbox, []
+                fds, lane.outbox_fds = lane.outbox_fds, []
                 batch = [q for q in lane.outstanding if not q.sent]
                 try:
-                    await lane.worker.channel.send(parts)
+                    await lane.worker.channel.send(parts, fds)
                 except BaseException:
                     if not lane.worker.channel.broken:
                         lane.outbox[:0] = parts
+                        lane.outbox_fds[:0] = fds
                     raise
                 for q in batch:
                     q.sent = True

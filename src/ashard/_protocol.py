@@ -56,11 +56,14 @@ User objects (items, result values) travel as a `Payload` pickled on their own, 
 from their message: a message can always be read, and an object that cannot be
 unpickled fails its shard, not the channel. A CALL carries its function and arguments
 itself (the fastest round trip); a worker that cannot load one answers with seq -1,
-which stands for the one call it was given. The parent trusts nothing
-a worker sends: `parse_result` checks every RESULT, and a message that does not parse
-is a `ProtocolViolation` that breaks that worker. The worker trusts its parent, but
-reads each message through `parse_order` all the same: one place knows the shape of
-every kind, and the loop works with named fields.
+which stands for the one call it was given. A CALL whose arguments (or whose function's
+captures) hold large arrays carries instead a `SharedCall` as its function: the three
+pickled together, each such array a segment sent ahead (SEGMENTS) in its place.
+
+The parent trusts nothing a worker sends: `parse_result` checks every RESULT, and a
+message that does not parse is a `ProtocolViolation` that breaks that worker. The
+worker trusts its parent, but reads each message through `parse_order` all the same:
+one place knows the shape of every kind, and the loop works with named fields.
 """
 
 from __future__ import annotations
@@ -413,6 +416,13 @@ class CallFn(NamedTuple):
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     timeout: float | None
+
+
+class SharedCall(NamedTuple):
+    """A CALL's function and arguments as one `Payload` of ``(fn, args, kwargs)``, its
+    large arrays as `ArrayRef`s among the payload's buffers, mapped by the worker."""
+
+    payload: Payload
 
 
 class CancelJob(NamedTuple):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import pickle
 import sys
 import time
 from collections import deque
@@ -92,15 +91,17 @@ from ashard._protocol import (
     Payload,
     ProtocolViolation,
     Result,
+    SharedCall,
     split_result,
 )
 from ashard._reports import Report, pump_output, receive, receive_until
 from ashard._serialize import (
-    INLINE_PACK_BYTES,
     MAX_BUFFERS,
     Joined,
     dumps_named,
+    holds_shared_arrays,
     pack,
+    pickle_payload,
     uncopied,
     uncopied_items,
 )
@@ -112,6 +113,7 @@ from ashard.results import PoolStats
 if TYPE_CHECKING:
     from ashard._borrowed import BorrowCache
     from ashard._export import Exported
+    from ashard._shm import Segment
 
 __all__ = ["Scheduler"]
 
@@ -310,14 +312,9 @@ class Scheduler:
         if that fails or is cancelled."""
         work = job.work()
         exported = None
-        fn_arrays = _large_buffers(work.fn)
+        fn_arrays = holds_shared_arrays(work.fn[1])
         if work.borrow or work.out or fn_arrays:
-            await load_supervisor("ashard._borrowed", "ashard._export")  # 15 ms, once
-            from ashard._borrowed import BorrowCache  # loaded just now, off the loop
-            from ashard._export import export
-
-            if self._keep_borrowed and self.borrowed is None:
-                self.borrowed = BorrowCache()
+            export = await self._exporter()
             modules = _imports_for((*work.borrow.values(), *work.out.values()))
             if modules:
                 self.workers.preload(modules)  # while the data is copied, not after
@@ -350,6 +347,17 @@ class Scheduler:
             run.budget = await self._budget()
             job.memory.budget, job.memory.budget_source = run.budget.total, run.budget.source
         return run
+
+    async def _exporter(self) -> Callable[..., Exported]:
+        """`ashard._export.export`, loaded in a thread (15 ms, once), and the pool's
+        cache of borrowed arrays made, if it keeps one."""
+        await load_supervisor("ashard._borrowed", "ashard._export")
+        from ashard._borrowed import BorrowCache  # loaded just now, off the loop
+        from ashard._export import export
+
+        if self._keep_borrowed and self.borrowed is None:
+            self.borrowed = BorrowCache()
+        return export
 
     async def _budget(self) -> Budget:
         """The pool's memory budget, made on first use: `mem_budget` bytes, or ("auto",
@@ -776,13 +784,28 @@ class Scheduler:
         except Exception:
             _name_unpicklable(fn, args, kwargs)
             raise
+        shared = None
+        if holds_shared_arrays(parts[2:]):
+            shared = await self._share_call(seq, with_sources(fn), sent, timeout)
+        segments: Sequence[Segment] = ()
+        if shared is not None:
+            parts, segments = shared[1], shared[0].segments
+        try:
+            return await self._call_attempts(call, seq, parts, segments)
+        finally:
+            if shared is not None:
+                shared[0].close()  # tells the workers that mapped them to DROP its segments
+
+    async def _call_attempts(
+        self, call: CallWork, seq: int, parts: list[Buffer], segments: Sequence[Segment]
+    ) -> Any:
         attempt, undelivered = 1, 0
-        trace = call.trace
+        trace, timeout = call.trace, call.timeout
         while True:
             if trace is None:
-                outcome = await self._call_once(seq, parts, timeout, attempt)
+                outcome = await self._call_once(seq, parts, timeout, attempt, segments)
             else:
-                outcome = await self._traced_call(trace, seq, parts, timeout, attempt)
+                outcome = await self._traced_call(trace, seq, parts, timeout, attempt, segments)
             if not isinstance(outcome, _Lost):
                 return outcome
             if not outcome.delivered and undelivered < MAX_UNDELIVERED:
@@ -792,14 +815,47 @@ class Scheduler:
             else:
                 raise outcome.error
 
+    async def _share_call(
+        self, seq: int, fn: Any, sent: tuple[Any, ...], timeout: float | None
+    ) -> tuple[Exported, list[Buffer]] | None:
+        """The CALL of a call whose function or arguments hold large arrays: the three
+        pickled together, each array that `export` shares (kept and compared as a
+        borrowed one) a segment in its place (`SharedCall`), made in a thread; and what
+        it shares, to close once the call is over. None if it shares no array."""
+        payload = pickle_payload((fn, *sent), "the call")
+        export = await self._exporter()
+        made: list[Exported] = []
+
+        def share() -> Exported:
+            made.append(export({}, {}, "deny", self.borrowed, payload, "the call"))
+            return made[-1]
+
+        try:
+            exported = await anyio.to_thread.run_sync(share)
+        except BaseException:
+            for e in made:
+                e.close()
+            raise
+        if exported.fn is payload:
+            exported.close()
+            return None
+        assert exported.fn is not None
+        return exported, encode((CALL, seq, SharedCall(exported.fn), (), {}, timeout))
+
     async def _traced_call(
-        self, trace: Any, seq: int, parts: list[Buffer], timeout: float | None, attempt: int
+        self,
+        trace: Any,
+        seq: int,
+        parts: list[Buffer],
+        timeout: float | None,
+        attempt: int,
+        segments: Sequence[Segment],
     ) -> Any:
         """`_call_once`, in an attempt span of the call's trace."""
         key = (seq, attempt, object())  # a run that never started is tried again as itself
         trace.call_attempt(key, attempt)
         try:
-            outcome = await self._call_once(seq, parts, timeout, attempt)
+            outcome = await self._call_once(seq, parts, timeout, attempt, segments)
         except BaseException as exc:
             cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
             trace.ended(key, None, "cancelled" if cancelled else "error")
@@ -814,10 +870,15 @@ class Scheduler:
         return outcome
 
     async def _call_once(
-        self, seq: int, parts: list[Buffer], timeout: float | None, attempt: int
+        self,
+        seq: int,
+        parts: list[Buffer],
+        timeout: float | None,
+        attempt: int,
+        segments: Sequence[Segment],
     ) -> Any:
         """The value of one run of a call, or `_Lost` if its worker died or hung."""
-        answer = await self.lanes.call_once(seq, parts, timeout)
+        answer = await self.lanes.call_once(seq, parts, timeout, segments)
         if isinstance(answer, LaneLost):
             hung = isinstance(answer.why, Hung)
             loss = self.workers.loss_of(answer.worker)
@@ -963,15 +1024,6 @@ async def _pieces(
 
 
 _LONG_KINDS = (list, tuple, dict)
-
-
-def _large_buffers(fn: Payload) -> bool:
-    """Does the pickled `fn` carry a large out-of-band buffer: an array it captured,
-    which may travel as a segment (`ashard._export.captured`) instead of in its JOB?"""
-    return any(
-        isinstance(b, pickle.PickleBuffer) and memoryview(b).nbytes > INLINE_PACK_BYTES
-        for b in fn[1]
-    )
 
 
 def _any_long(values: Iterable[Any]) -> bool:

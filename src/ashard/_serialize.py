@@ -14,6 +14,7 @@ import io
 import pickle
 import sys
 import traceback
+from collections.abc import Iterable
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "LRU_WRAPPER",
     "MAX_BUFFERS",
     "SETTLED",
+    "SHARED_ARRAY_BYTES",
     "Drawn",
     "Joined",
     "LoadError",
@@ -32,6 +34,7 @@ __all__ = [
     "dumps",
     "dumps_named",
     "encode_exception",
+    "holds_shared_arrays",
     "joined",
     "load_failure",
     "loads",
@@ -318,6 +321,25 @@ def loads(data: Any, buffers: Any = ()) -> Any:
 INLINE_PACK_BYTES = 1 << 16
 """Packed objects up to this size ride inside their message (one small copy); larger
 ones, and any with out-of-band buffers, travel beside it, uncopied."""
+
+SHARED_ARRAY_BYTES = 1 << 20
+"""A plain ndarray this large in a call's `borrow`, or pickled with its function or a
+`call`'s arguments, travels as a shared-memory copy kept while it is unchanged
+(`ashard._borrowed`); a smaller one is copied for each call: that costs less."""
+
+
+def holds_shared_arrays(buffers: Iterable[Any]) -> bool:
+    """Do `buffers` (a pickle's out-of-band ones) include one of an ndarray of
+    `SHARED_ARRAY_BYTES` or more, which may travel as a segment instead
+    (`ashard._export.captured` decides)? No ndarray exists before numpy is imported."""
+    np = sys.modules.get("numpy")
+    if np is None:
+        return False
+    for buffer in buffers:
+        view = memoryview(buffer)
+        if view.nbytes >= SHARED_ARRAY_BYTES and isinstance(view.obj, np.ndarray):
+            return True
+    return False
 
 
 def pack(obj: object) -> Payload:

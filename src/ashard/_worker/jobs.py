@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ashard._asyncfn import is_async_fn
 from ashard._fds import StdioGuard
-from ashard._protocol import ArrayRef, IpcRef, JobSpec, Payload, SinkRef
+from ashard._protocol import ArrayRef, IpcRef, JobSpec, SinkRef
 from ashard._serialize import LoadError, load_failure, unpack
 from ashard._worker.segments import Audited, Segments
 from ashard.shards import Shards
@@ -57,7 +57,7 @@ def load_job(spec: JobSpec, segments: Segments, stdio: StdioGuard) -> JobContext
     outputs: list[Any] = []
     what = "fn"
     try:
-        fn = unpack(_mapped(spec.fn, segments))
+        fn = segments.unpack(spec.fn)
         for name, value in (spec.borrow or {}).items():
             what = f"borrow[{name!r}]"
             if isinstance(value, ArrayRef) and value.mode in ("audit", "cow") and value.size:
@@ -90,15 +90,6 @@ def load_job(spec: JobSpec, segments: Segments, stdio: StdioGuard) -> JobContext
         spec.results is not None, read_only, spec.peak, is_async_fn(fn), spec.concurrency,
         writes_shared,
     )  # fmt: skip
-
-
-def _mapped(fn: Payload, segments: Segments) -> Payload:
-    """`fn`'s pickle with each array it captured that came as a segment (an `ArrayRef`
-    among its buffers: `ashard._export.captured`) mapped privately, copy-on-write."""
-    data, buffers = fn
-    if not any(isinstance(b, ArrayRef) for b in buffers):
-        return fn
-    return data, [segments.view(b) if isinstance(b, ArrayRef) else b for b in buffers]
 
 
 def _writer(name: str, ref: SinkRef, stdio: StdioGuard) -> Any:

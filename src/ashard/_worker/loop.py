@@ -44,6 +44,7 @@ from ashard._protocol import (
     RecallChunks,
     RegisterJob,
     RunChunk,
+    SharedCall,
     parse_order,
 )
 from ashard._serialize import LoadError, encode_exception, load_failure, unpack
@@ -221,6 +222,14 @@ class Worker:
             error = load_error("the call's function or arguments", order.error)
             self.report.fail_all(UNREADABLE_CALL, 1, error)
         elif isinstance(order, CallFn):
+            if isinstance(order.fn, SharedCall):
+                try:
+                    fn, args, kwargs = self.segments.unpack(order.fn.payload)
+                except (Exception, SystemExit) as exc:
+                    error = load_error("the call's function or arguments", load_failure(exc))
+                    self.report.fail_all(UNREADABLE_CALL, 1, error)
+                    return
+                order = order._replace(fn=fn, args=args, kwargs=kwargs)
             is_async = is_async_fn(order.fn)
             if is_async:
                 asyncrun = self._prepare_async()

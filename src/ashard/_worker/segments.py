@@ -7,7 +7,8 @@ import mmap
 import os
 from typing import Any
 
-from ashard._protocol import ArrayRef, IpcRef
+from ashard._protocol import ArrayRef, IpcRef, Payload
+from ashard._serialize import unpack
 
 __all__ = ["Audited", "Segments"]
 
@@ -56,6 +57,15 @@ class Segments:
             fd = self._fds[ref.seg_id]
             mm = self._shared[key] = mmap.mmap(fd, ref.size, prot=mmap.PROT_READ)
         return open_ipc(mm, ref.kind)
+
+    def unpack(self, payload: Payload) -> Any:
+        """The object in `payload`, each `ArrayRef` among its buffers (a large array it
+        held, sent as a segment: `ashard._export.captured`) mapped privately,
+        copy-on-write, in its place: what a copy unpickled from the channel would be."""
+        data, buffers = payload
+        if any(isinstance(b, ArrayRef) for b in buffers):
+            buffers = [self.view(b) if isinstance(b, ArrayRef) else b for b in buffers]
+        return unpack((data, buffers))
 
     def view(self, ref: ArrayRef) -> Any:
         """An ndarray over the segment: read-only, private copy-on-write or shared rw."""
