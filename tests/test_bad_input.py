@@ -184,6 +184,10 @@ async def test_call_arguments_that_cannot_be_loaded_say_so() -> None:
     with pytest.raises(pickle.UnpicklingError, match="function or arguments could not be loaded"):
         await ashard.call(workloads.identity, workloads.RebuildFails())
     assert await ashard.call(abs, -3) == 3
+    large = np.ones(1 << 18)  # 2 MiB: it goes as a segment, the rest with the call
+    with pytest.raises(pickle.UnpicklingError, match="function or arguments could not be loaded"):
+        await ashard.call(workloads.identity, (large, workloads.RebuildFails()))
+    assert (await ashard.call(workloads.identity, large)).sum() == large.size
 
 
 @pytest.mark.parametrize(
