@@ -40,7 +40,7 @@ import itertools
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -314,27 +314,15 @@ class Scheduler:
         exported = None
         fn_arrays = holds_shared_arrays(work.fn[1])
         if work.borrow or work.out or fn_arrays:
-            export = await self._exporter()
             modules = _imports_for((*work.borrow.values(), *work.out.values()))
             if modules:
                 self.workers.preload(modules)  # while the data is copied, not after
-            made: list[Exported] = []
             given = work.borrow
             if _any_long(given.values()):  # pickled in a thread, they would hold the GIL
                 joined = await _long_ones_in_pieces(given.values())
                 given = {name: joined.get(id(v), v) for name, v in given.items()}
-
-            def share() -> Exported:
-                fn = work.fn if fn_arrays else None
-                made.append(export(given, work.out, work.opts.cow, self.borrowed, fn))
-                return made[-1]
-
-            try:
-                exported = await anyio.to_thread.run_sync(share)
-            except BaseException:
-                for e in made:
-                    e.close()
-                raise
+            fn = work.fn if fn_arrays else None
+            exported = await self._export(given, work.out, work.opts.cow, fn, "fn")
         opts = work.opts
         borrow = exported.kwargs if exported else None
         fn = work.fn if exported is None or exported.fn is None else exported.fn
@@ -348,16 +336,35 @@ class Scheduler:
             job.memory.budget, job.memory.budget_source = run.budget.total, run.budget.source
         return run
 
-    async def _exporter(self) -> Callable[..., Exported]:
-        """`ashard._export.export`, loaded in a thread (15 ms, once), and the pool's
-        cache of borrowed arrays made, if it keeps one."""
+    async def _export(
+        self,
+        borrow: Mapping[str, Any],
+        out: Mapping[str, Any],
+        cow: str,
+        fn: Payload | None,
+        what: str,
+    ) -> Exported:
+        """`ashard._export.export` of these, in a thread (loaded first: 15 ms, once), with
+        the pool's cache of borrowed arrays if it keeps one; nothing leaks if that fails
+        or is cancelled."""
         await load_supervisor("ashard._borrowed", "ashard._export")
         from ashard._borrowed import BorrowCache  # loaded just now, off the loop
         from ashard._export import export
 
         if self._keep_borrowed and self.borrowed is None:
             self.borrowed = BorrowCache()
-        return export
+        made: list[Exported] = []
+
+        def share() -> Exported:
+            made.append(export(borrow, out, cow, self.borrowed, fn, what))
+            return made[-1]
+
+        try:
+            return await anyio.to_thread.run_sync(share)
+        except BaseException:
+            for e in made:
+                e.close()
+            raise
 
     async def _budget(self) -> Budget:
         """The pool's memory budget, made on first use: `mem_budget` bytes, or ("auto",
@@ -823,19 +830,7 @@ class Scheduler:
         borrowed one) a segment in its place (`SharedCall`), made in a thread; and what
         it shares, to close once the call is over. None if it shares no array."""
         payload = pickle_payload((fn, *sent), "the call")
-        export = await self._exporter()
-        made: list[Exported] = []
-
-        def share() -> Exported:
-            made.append(export({}, {}, "deny", self.borrowed, payload, "the call"))
-            return made[-1]
-
-        try:
-            exported = await anyio.to_thread.run_sync(share)
-        except BaseException:
-            for e in made:
-                e.close()
-            raise
+        exported = await self._export({}, {}, "deny", payload, "the call")
         if exported.fn is payload:
             exported.close()
             return None
