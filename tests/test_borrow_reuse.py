@@ -381,6 +381,27 @@ def dies_once_then_sums(X: np.ndarray, marker: str) -> float:
     return float(X.sum())
 
 
+async def test_an_array_with_no_room_for_a_segment_goes_with_its_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A captured array, or a call's argument, that cannot be copied into shared memory
+    (ENOSPC, say) travels through the worker's channel, as it always could."""
+    import errno
+
+    def no_room(cls: type, array: np.ndarray) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ashard.SharedArray, "copy_of", classmethod(no_room))
+    X = np.arange(N, dtype=np.float64)
+    async with ashard.Pool(1) as pool:
+        got = await pool.shard_map(2, closing_over(X))
+        assert [t for t, _ in got.results] == [float(X.sum())] * 2
+        assert (await pool.call(sum_and_segment, X))[0] == float(X.sum())
+        assert await anyio.to_thread.run_sync(count_memfds) == 0
+        with pytest.raises(OSError, match=r"borrow\['X'\]: No space left"):
+            await pool.shard_map(1, total, borrow={"X": X})  # a borrow still says so
+
+
 def test_the_memory_limit_is_the_tightest_cgroup_limit_above(tmp_path: Path) -> None:
     """`limit_bytes` (what bounds the idle copies) inside a cgroup with a memory limit."""
     import subprocess

@@ -53,11 +53,10 @@ def export(
     cow: str,
     cache: BorrowCache | None,
     fn: Payload | None = None,
-    what: str = "fn",
 ) -> Exported:
     """Share or pickle every borrowed and output value (arrays through `cache`, the
-    pool's, if it keeps copies), and the large arrays of the pickled `fn` (`captured`;
-    `what` it is, for errors); undo everything on failure."""
+    pool's, if it keeps copies), and the large arrays of the pickled `fn` (`captured`);
+    undo everything on failure."""
     exported = Exported()
     try:
         for name, value in borrow.items():
@@ -76,7 +75,7 @@ def export(
                 f"got {len(exported.segments)}"
             )
         if fn is not None:
-            exported.fn = _export_fn(exported, fn, cache, what)
+            exported.fn = _export_fn(exported, fn, cache)
     except BaseException:
         exported.close()
         raise
@@ -120,23 +119,26 @@ def captured(fn: Payload) -> list[np.ndarray[Any, Any] | None]:
     return found
 
 
-def _export_fn(exported: Exported, fn: Payload, cache: BorrowCache | None, what: str) -> Payload:
+def _export_fn(exported: Exported, fn: Payload, cache: BorrowCache | None) -> Payload:
     """`fn` with each of its `captured` arrays replaced by the `ArrayRef` of a shared
     copy (a cached one while unchanged, as a borrowed array's), which the worker maps
     privately, copy-on-write, where it unpickles `fn`: its writes stay its own, as
     they would in a copy unpickled from the channel, which the array no longer
     crosses for every call."""
     data, buffers = fn
-    arrays = captured(fn)
-    if not any(a is not None for a in arrays):
-        return fn
     sent: list[Any] = []
-    for buffer, array in zip(buffers, arrays, strict=True):
+    for buffer, array in zip(buffers, captured(fn), strict=True):
         if array is None or len(exported.segments) >= MAX_FDS:  # (the rest: in the JOB)
             sent.append(buffer)
             continue
-        shared = _shared_copy(exported, array, f"{what} (a large array it holds)", cache)
+        try:
+            shared = _shared_copy(exported, array, "fn", cache)
+        except OSError:  # no room for a segment: it goes in the message, as it always could
+            sent.append(buffer)
+            continue
         sent.append(_ref(exported, shared.segment, shared, "cow"))
+    if all(a is b for a, b in zip(sent, buffers, strict=True)):
+        return fn
     return data, sent
 
 

@@ -308,8 +308,8 @@ class Scheduler:
             _warn_oversized(run)
 
     async def _prepare(self, job: JobPort) -> _Run:
-        """Share or pickle the job's borrow and out, off the event loop; nothing leaks
-        if that fails or is cancelled."""
+        """Share or pickle the job's borrow and out, and share the large arrays its `fn`
+        captured, off the event loop; nothing leaks if that fails or is cancelled."""
         work = job.work()
         exported = None
         fn_arrays = holds_shared_arrays(work.fn[1])
@@ -322,7 +322,7 @@ class Scheduler:
                 joined = await _long_ones_in_pieces(given.values())
                 given = {name: joined.get(id(v), v) for name, v in given.items()}
             fn = work.fn if fn_arrays else None
-            exported = await self._export(given, work.out, work.opts.cow, fn, "fn")
+            exported = await self._export(given, work.out, work.opts.cow, fn)
         opts = work.opts
         borrow = exported.kwargs if exported else None
         fn = work.fn if exported is None or exported.fn is None else exported.fn
@@ -342,7 +342,6 @@ class Scheduler:
         out: Mapping[str, Any],
         cow: str,
         fn: Payload | None,
-        what: str,
     ) -> Exported:
         """`ashard._export.export` of these, in a thread (loaded first: 15 ms, once), with
         the pool's cache of borrowed arrays if it keeps one; nothing leaks if that fails
@@ -356,7 +355,7 @@ class Scheduler:
         made: list[Exported] = []
 
         def share() -> Exported:
-            made.append(export(borrow, out, cow, self.borrowed, fn, what))
+            made.append(export(borrow, out, cow, self.borrowed, fn))
             return made[-1]
 
         try:
@@ -806,6 +805,8 @@ class Scheduler:
     async def _call_attempts(
         self, call: CallWork, seq: int, parts: list[Buffer], segments: Sequence[Segment]
     ) -> Any:
+        """Run the call (its CALL `parts`, after the `segments` it maps) until it has an
+        outcome: a worker lost before it started the call costs no attempt."""
         attempt, undelivered = 1, 0
         trace, timeout = call.trace, call.timeout
         while True:
@@ -830,7 +831,7 @@ class Scheduler:
         borrowed one) a segment in its place (`SharedCall`), made in a thread; and what
         it shares, to close once the call is over. None if it shares no array."""
         payload = pickle_payload((fn, *sent), "the call")
-        exported = await self._export({}, {}, "deny", payload, "the call")
+        exported = await self._export({}, {}, "deny", payload)
         if exported.fn is payload:
             exported.close()
             return None
