@@ -196,6 +196,16 @@ class _Lease:
 
 
 @dataclass(frozen=True, slots=True)
+class _Sent:
+    """A call as each attempt sends it: its seq, its CALL frames, and the segments it
+    maps (`SharedCall`)."""
+
+    seq: int
+    parts: list[Buffer]
+    segments: Sequence[Segment] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class _Lost:
     """A call whose worker died or hung, or that ran past its timeout, and the error
     that says so. `delivered` False: the call never started (the worker was dead
@@ -793,27 +803,23 @@ class Scheduler:
         shared = None
         if holds_shared_arrays(parts[2:]):
             shared = await self._share_call(seq, with_sources(fn), sent, timeout)
-        segments: Sequence[Segment] = ()
-        if shared is not None:
-            parts, segments = shared[1], shared[0].segments
+        message = _Sent(seq, parts) if shared is None else _Sent(seq, shared[1], shared[0].segments)
         try:
-            return await self._call_attempts(call, seq, parts, segments)
+            return await self._call_attempts(call, message)
         finally:
             if shared is not None:
                 shared[0].close()  # tells the workers that mapped them to DROP its segments
 
-    async def _call_attempts(
-        self, call: CallWork, seq: int, parts: list[Buffer], segments: Sequence[Segment]
-    ) -> Any:
-        """Run the call (its CALL `parts`, after the `segments` it maps) until it has an
-        outcome: a worker lost before it started the call costs no attempt."""
+    async def _call_attempts(self, call: CallWork, message: _Sent) -> Any:
+        """Run the call until it has an outcome: a worker lost before it started the
+        call costs no attempt."""
         attempt, undelivered = 1, 0
         trace, timeout = call.trace, call.timeout
         while True:
             if trace is None:
-                outcome = await self._call_once(seq, parts, timeout, attempt, segments)
+                outcome = await self._call_once(message, timeout, attempt)
             else:
-                outcome = await self._traced_call(trace, seq, parts, timeout, attempt, segments)
+                outcome = await self._traced_call(trace, message, timeout, attempt)
             if not isinstance(outcome, _Lost):
                 return outcome
             if not outcome.delivered and undelivered < MAX_UNDELIVERED:
@@ -839,19 +845,13 @@ class Scheduler:
         return exported, encode((CALL, seq, SharedCall(exported.fn), (), {}, timeout))
 
     async def _traced_call(
-        self,
-        trace: Any,
-        seq: int,
-        parts: list[Buffer],
-        timeout: float | None,
-        attempt: int,
-        segments: Sequence[Segment],
+        self, trace: Any, message: _Sent, timeout: float | None, attempt: int
     ) -> Any:
         """`_call_once`, in an attempt span of the call's trace."""
-        key = (seq, attempt, object())  # a run that never started is tried again as itself
+        key = (message.seq, attempt, object())  # a run never started is tried again as itself
         trace.call_attempt(key, attempt)
         try:
-            outcome = await self._call_once(seq, parts, timeout, attempt, segments)
+            outcome = await self._call_once(message, timeout, attempt)
         except BaseException as exc:
             cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
             trace.ended(key, None, "cancelled" if cancelled else "error")
@@ -865,16 +865,9 @@ class Scheduler:
             trace.ended(key, None)
         return outcome
 
-    async def _call_once(
-        self,
-        seq: int,
-        parts: list[Buffer],
-        timeout: float | None,
-        attempt: int,
-        segments: Sequence[Segment],
-    ) -> Any:
+    async def _call_once(self, message: _Sent, timeout: float | None, attempt: int) -> Any:
         """The value of one run of a call, or `_Lost` if its worker died or hung."""
-        answer = await self.lanes.call_once(seq, parts, timeout, segments)
+        answer = await self.lanes.call_once(message.seq, message.parts, timeout, message.segments)
         if isinstance(answer, LaneLost):
             hung = isinstance(answer.why, Hung)
             loss = self.workers.loss_of(answer.worker)
