@@ -3,8 +3,8 @@
 A module's import holds the loop's thread for as long as it runs (ashard's call layer
 takes 10-50 ms), so what a first call needs is imported in a thread of the running
 loop's own: asyncio's default executor, or trio's threads (anyio is not used for it:
-it may be among what is loaded). This module imports nothing itself, so that the
-package's lazy names can use it before anything else of ashard is loaded.
+it may be among what is loaded). This module imports nothing as it is imported, so
+that the package's lazy names can use it before anything else of ashard is loaded.
 """
 
 from __future__ import annotations
@@ -30,7 +30,13 @@ def on_a_loop() -> bool:
     if asyncio is not None and asyncio._get_running_loop() is not None:
         return True
     trio = sys.modules.get("trio")
-    return trio is not None and bool(trio.lowlevel.in_trio_run())
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_trio_token()  # (`in_trio_run` is trio 0.23's and later)
+    except RuntimeError:
+        return False
+    return True
 
 
 def anyio_backend() -> str:
