@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import select
 import socket
 import sys
 import time
@@ -35,6 +36,9 @@ from ashard._framing import (
 from ashard._protocol import ProtocolViolation
 
 __all__ = ["FRAME_STALL_SECONDS", "Channel"]
+
+_EITHER = select.EPOLLIN | select.EPOLLOUT if hasattr(select, "epoll") else 0
+"""What a full socket's sender waits for, in one epoll wait (Linux): room or an answer."""
 
 FRAME_STALL_SECONDS = 10.0
 """Seconds a frame may stay incomplete with nothing more arriving."""
@@ -65,6 +69,7 @@ class Channel:
         self._eof = False
         self._early: list[Any] = []  # messages read while a send was waiting
         self._backlog: list[Buffer] = []  # the rest of a `post` the socket did not take
+        self._either: Any = None  # `_wait_either`'s epoll set (Linux)
         self._yielded = 0.0  # time.monotonic() when this reader last let the loop run
         self.broken = False
 
@@ -129,6 +134,26 @@ class Channel:
         if self._eof:
             await anyio.wait_writable(self._sock)
             return
+        if _EITHER:
+            readable = await self._wait_either()
+        else:
+            readable = await self._wait_both_ways()
+        if readable:
+            with contextlib.suppress(ChannelClosed):  # the next send or receive reports it
+                self._early.extend(self._read_available())
+
+    async def _wait_either(self) -> bool:
+        """Wait until the socket is writable or readable, with one wait: on an epoll set
+        of the socket for both (made once). True if it is readable (or hung up)."""
+        if self._either is None:
+            self._either = select.epoll()
+            self._either.register(self._sock.fileno(), _EITHER)
+        await anyio.wait_readable(self._either.fileno())
+        return any(events & ~select.EPOLLOUT for _, events in self._either.poll(0))
+
+    async def _wait_both_ways(self) -> bool:
+        """`_wait_either` without epoll: a task waits for the socket to be readable
+        while this one waits for it to be writable."""
         readable = False
         async with anyio.create_task_group() as tg:
 
@@ -141,9 +166,7 @@ class Channel:
             tg.start_soon(wait_readable)
             await anyio.wait_writable(self._sock)
             tg.cancel_scope.cancel()
-        if readable:
-            with contextlib.suppress(ChannelClosed):  # the next send or receive reports it
-                self._early.extend(self._read_available())
+        return readable
 
     async def receive(self, *, wait_first: bool = False, wake: int | None = None) -> list[Any]:
         """At least one message; raises `ChannelClosed` once the stream has ended.
@@ -247,6 +270,7 @@ class Channel:
         """Close this process's descriptor of the socket and nothing else (a forked
         child's copy: the parent keeps using its own)."""
         self.broken = True
+        self._close_either()
         with contextlib.suppress(OSError):
             self._sock.close()
 
@@ -258,7 +282,14 @@ class Channel:
             return
         with contextlib.suppress(Exception):  # no event loop at interpreter exit
             anyio.notify_closing(self._sock)
+            if self._either is not None:
+                anyio.notify_closing(self._either.fileno())
+        self._close_either()
         self._sock.close()
+
+    def _close_either(self) -> None:
+        if self._either is not None:
+            self._either.close()
 
 
 class _Ticker:
